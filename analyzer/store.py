@@ -1,0 +1,298 @@
+"""The capture store: SQLAlchemy Core schema, engine set-up and batched writes.
+
+SQLite by default (WAL, one writer); any SQLAlchemy URL works, and the SQL stays
+portable so PostgreSQL needs no rewrite. Credential headers arrive here already
+fingerprinted (see `analyzer.secrets`); the HMAC key lives in the `meta` table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as _random
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from analyzer.model import Exchange
+
+SCHEMA_VERSION = 1
+DEFAULT_DB = "redirect-audit.db"
+DB_ENV = "REDIRECT_AUDIT_DB"
+BATCH_SIZE = 2000
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+captures = Table(
+    "captures",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("source", String(16), nullable=False),  # har | flows | proxy
+    Column("path", Text),
+    Column("sha256", String(64)),
+    Column("creator", Text),
+    Column("browser", Text),
+    Column("format_version", String(16)),
+    Column("imported_at", Float, nullable=False),
+    Column("entries", Integer, nullable=False, default=0),
+    Column("warnings", Integer, nullable=False, default=0),
+)
+
+exchanges = Table(
+    "exchanges",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("capture_id", Integer, ForeignKey("captures.id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("flow_id", String(64)),
+    Column("client", Text, nullable=False),
+    Column("connection", Text),
+    Column("started_at", Float),
+    Column("response_started_at", Float),
+    Column("method", String(32), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("url_norm", Text, nullable=False),
+    Column("http_version", String(32)),
+    Column("status", Integer),
+    Column("status_text", Text),
+    Column("location", Text),
+    Column("location_resolved", Text),
+    Column("location_error", Text),
+    Column("synthetic", Boolean, nullable=False, default=False),
+    Column("from_cache", Boolean, nullable=False, default=False),
+    Column("error", Text),
+    Column("request_headers", Text, nullable=False),  # JSON [[name, value], ...]
+    Column("response_headers", Text, nullable=False),
+    Column("req_body_len", Integer),
+    Column("req_body_sha256", String(64)),
+    Column("req_content_type", Text),
+    Column("req_body", LargeBinary),
+    Column("resp_body_len", Integer),
+    Column("resp_body_sha256", String(64)),
+    Column("resp_content_type", Text),
+    Column("resp_body", LargeBinary),
+    Column("user_agent", Text),
+    Column("idempotency_key", Text),
+    Index("ix_exchanges_capture_seq", "capture_id", "seq"),
+)
+
+chains = Table(
+    "chains",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("root_exchange_id", Integer, ForeignKey("exchanges.id", ondelete="CASCADE"), nullable=False),
+    Column("hops", Integer, nullable=False),
+    Column("end_reason", String(32), nullable=False),
+    Column("client", Text, nullable=False),
+    Column("started_at", Float),
+)
+
+hops = Table(
+    "hops",
+    metadata,
+    Column("chain_id", Integer, ForeignKey("chains.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("from_exchange_id", Integer, nullable=False),
+    Column("to_exchange_id", Integer),
+    Column("status", Integer, nullable=False),
+    Column("link", String(32), nullable=False),
+    Column("confidence", Float, nullable=False),
+)
+
+findings = Table(
+    "findings",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("rule", String(64), nullable=False),
+    Column("rule_id", String(16), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("severity_rank", Integer, nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("chain_id", Integer, ForeignKey("chains.id", ondelete="CASCADE")),
+    Column("hop", Integer, nullable=False),
+    Column("exchange_id", Integer, nullable=False),
+    Column("observed_at", Float),
+    Column("evidence", Text, nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+)
+
+
+class StoreError(Exception):
+    """The store cannot be opened or has the wrong shape; the message is one line."""
+
+
+def resolve_db_url(db: str | None) -> str:
+    """--db value, else $REDIRECT_AUDIT_DB, else ./redirect-audit.db; plain paths become SQLite URLs."""
+    value = db or os.environ.get(DB_ENV) or DEFAULT_DB
+    if "://" in value:
+        return value
+    return f"sqlite:///{Path(value).expanduser()}"
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+@dataclass
+class Store:
+    """An open store: the engine plus the key that fingerprints credentials."""
+
+    engine: Engine
+    url: str
+    secret_key: bytes
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(db: str | None = None, *, create: bool = True) -> Store:
+    """Open (and if needed create) the store at a URL or path."""
+    url = resolve_db_url(db)
+    try:
+        engine = create_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        with engine.begin() as conn:
+            if create:
+                metadata.create_all(conn)
+            key = _schema_key(conn)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot open store {url}: {_first_line(exc)}") from None
+    return Store(engine=engine, url=url, secret_key=key)
+
+
+def _schema_key(conn: Connection) -> bytes:
+    rows = dict(conn.execute(select(meta.c.key, meta.c.value)).all())
+    if "schema_version" not in rows:
+        conn.execute(
+            insert(meta),
+            [
+                {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                {"key": "hmac_key", "value": _random.token_hex(32)},
+            ],
+        )
+        return bytes.fromhex(conn.execute(select(meta.c.value).where(meta.c.key == "hmac_key")).scalar_one())
+    if rows["schema_version"] != str(SCHEMA_VERSION):
+        raise StoreError(
+            f"store has schema version {rows['schema_version']}, this redirect-audit expects {SCHEMA_VERSION}"
+        )
+    return bytes.fromhex(rows["hmac_key"])
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
+# ---- writes -----------------------------------------------------------------
+
+
+def add_capture(conn: Connection, **values) -> int:
+    values.setdefault("imported_at", time.time())
+    return conn.execute(insert(captures).values(**values)).inserted_primary_key[0]
+
+
+def finish_capture(conn: Connection, capture_id: int, **values) -> None:
+    conn.execute(update(captures).where(captures.c.id == capture_id).values(**values))
+
+
+def exchange_row(ex: Exchange) -> dict:
+    """The exchanges-table row for one Exchange (its capture_id must be set)."""
+    rb, sb = ex.request_body, ex.response_body
+    return {
+        "capture_id": ex.capture_id,
+        "seq": ex.seq,
+        "flow_id": ex.flow_id,
+        "client": ex.client,
+        "connection": ex.connection,
+        "started_at": ex.started_at,
+        "response_started_at": ex.response_started_at,
+        "method": ex.method,
+        "url": ex.url,
+        "url_norm": ex.url_norm,
+        "http_version": ex.http_version,
+        "status": ex.status,
+        "status_text": ex.status_text,
+        "location": ex.location,
+        "location_resolved": ex.location_resolved,
+        "location_error": ex.location_error,
+        "synthetic": ex.synthetic,
+        "from_cache": ex.from_cache,
+        "error": ex.error,
+        "request_headers": json.dumps(ex.request_headers, ensure_ascii=False),
+        "response_headers": json.dumps(ex.response_headers, ensure_ascii=False),
+        "req_body_len": rb.length,
+        "req_body_sha256": rb.sha256,
+        "req_content_type": rb.content_type,
+        "req_body": rb.raw,
+        "resp_body_len": sb.length,
+        "resp_body_sha256": sb.sha256,
+        "resp_content_type": sb.content_type,
+        "resp_body": sb.raw,
+        "user_agent": ex.user_agent,
+        "idempotency_key": ex.idempotency_key,
+    }
+
+
+def write_exchanges(conn: Connection, rows: Iterable[dict], batch_size: int = BATCH_SIZE) -> int:
+    """Insert rows in executemany batches; return how many were written."""
+    stmt = insert(exchanges)
+    batch: list[dict] = []
+    count = 0
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= batch_size:
+            conn.execute(stmt, batch)
+            count += len(batch)
+            batch = []
+    if batch:
+        conn.execute(stmt, batch)
+        count += len(batch)
+    return count
+
+
+def clear_analysis(conn: Connection) -> None:
+    """Drop previous analysis results; `analyze` is idempotent."""
+    for table in (findings, hops, chains):
+        conn.execute(delete(table))

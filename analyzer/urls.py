@@ -1,0 +1,54 @@
+"""URL rules for linking hops: RFC 3986 resolution plus design.md's normalization.
+
+Normalization lower-cases scheme and host, drops the default port and the fragment,
+and turns an empty path into "/". Percent-escapes and `;params` are kept exactly as
+they are: two URLs that differ only in escaping are different requests on the wire.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class BadURL(ValueError):
+    """A URL (or a Location) that cannot be parsed or resolved."""
+
+
+def normalize_url(url: str) -> str:
+    """Return the comparison form of an absolute URL; raise BadURL if it is not one."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise BadURL(f"{url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if not scheme or not host:
+        raise BadURL(f"{url!r} is not an absolute URL")
+    if ":" in host:  # IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    if port is not None and port != DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{port}"
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}" if userinfo else host
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+
+
+def resolve_location(base: str, location: str) -> str:
+    """Resolve a Location value against the request URL (RFC 9110 10.2.2, RFC 3986 5)."""
+    value = location.strip()
+    if not value:
+        raise BadURL("empty Location")
+    try:
+        joined = urljoin(base, value)
+    except ValueError as exc:
+        raise BadURL(f"Location {location!r}: {exc}") from None
+    return normalize_url(joined)
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of a normalized URL."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
