@@ -130,7 +130,7 @@ class Finding:
     severity: Severity
     confidence: float
     message: str
-    chain: Chain
+    chain: Chain | None  # None for a finding about a request that was not part of a chain
     hop: int
     evidence: dict[str, Any]
     exchange: Exchange  # the exchange the finding points at (usually the follow-up)

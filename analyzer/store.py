@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from analyzer.model import Exchange
+from analyzer.model import Body, Exchange
 
 SCHEMA_VERSION = 1
 DEFAULT_DB = "redirect-audit.db"
@@ -142,7 +142,8 @@ findings = Table(
     Column("message", Text, nullable=False),
     Column("chain_id", Integer, ForeignKey("chains.id", ondelete="CASCADE")),
     Column("hop", Integer, nullable=False),
-    Column("exchange_id", Integer, nullable=False),
+    Column("from_exchange_id", Integer, nullable=False),
+    Column("to_exchange_id", Integer, nullable=False),
     Column("observed_at", Float),
     Column("evidence", Text, nullable=False),
     Column("fingerprint", String(64), nullable=False),
@@ -296,3 +297,50 @@ def clear_analysis(conn: Connection) -> None:
     """Drop previous analysis results; `analyze` is idempotent."""
     for table in (findings, hops, chains):
         conn.execute(delete(table))
+
+
+# ---- reads ------------------------------------------------------------------
+
+LINK_COLUMNS = (
+    "id", "capture_id", "seq", "client", "connection", "started_at", "url_norm", "status",
+    "location", "location_resolved", "synthetic", "method",
+)
+
+
+def load_exchanges(conn: Connection, where=None, *, light: bool = False) -> list[Exchange]:
+    """Exchanges matching a SQLAlchemy condition; `light` loads only what linking needs."""
+    cols = [exchanges.c[name] for name in LINK_COLUMNS] if light else list(exchanges.c)
+    stmt = select(*cols)
+    if where is not None:
+        stmt = stmt.where(where)
+    result = conn.execute(stmt)
+    if light:
+        return [_light_exchange(row) for row in result]
+    return [exchange_from_row(row._mapping) for row in result]
+
+
+def _light_exchange(row) -> Exchange:
+    ex_id, capture_id, seq, client, connection, started, url_norm, status, loc, loc_res, synthetic, method = row
+    return Exchange(
+        capture_id=capture_id, seq=seq, method=method, url=url_norm, url_norm=url_norm, started_at=started,
+        client=client, connection=connection, status=status, location=loc, location_resolved=loc_res,
+        synthetic=bool(synthetic), id=ex_id,
+    )
+
+
+def exchange_from_row(row) -> Exchange:
+    """The Exchange a full exchanges-table row describes."""
+    return Exchange(
+        id=row["id"], capture_id=row["capture_id"], seq=row["seq"], flow_id=row["flow_id"],
+        client=row["client"], connection=row["connection"], started_at=row["started_at"],
+        response_started_at=row["response_started_at"], method=row["method"], url=row["url"],
+        url_norm=row["url_norm"], http_version=row["http_version"], status=row["status"],
+        status_text=row["status_text"], location=row["location"], location_resolved=row["location_resolved"],
+        location_error=row["location_error"], synthetic=bool(row["synthetic"]), from_cache=bool(row["from_cache"]),
+        error=row["error"],
+        request_headers=[tuple(h) for h in json.loads(row["request_headers"])],
+        response_headers=[tuple(h) for h in json.loads(row["response_headers"])],
+        request_body=Body(row["req_body_len"], row["req_body_sha256"], row["req_content_type"], row["req_body"]),
+        response_body=Body(row["resp_body_len"], row["resp_body_sha256"], row["resp_content_type"], row["resp_body"]),
+        user_agent=row["user_agent"], idempotency_key=row["idempotency_key"],
+    )

@@ -1,0 +1,111 @@
+"""`analyze`: rebuild every chain in the store, run the rules, store the results.
+
+Idempotent: previous chains, hops and findings are replaced in the same transaction.
+Only what the rules need is loaded: redirects, the requests that could have followed
+them, and write requests. A store of a million exchanges is mostly never turned into
+Python objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Connection
+
+from analyzer.chains import LinkOptions, assemble_chains, link_redirects
+from analyzer.detectors import DetectorOptions, run_detectors
+from analyzer.detectors.base import WRITE_METHODS
+from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
+from analyzer.store import Store, chains as chains_t, clear_analysis, exchanges as ex_t, findings as findings_t
+from analyzer.store import hops as hops_t, load_exchanges
+
+ID_CHUNK = 500  # ids per IN (...) list: well under every backend's parameter limit
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    link: LinkOptions = field(default_factory=LinkOptions)
+    detect: DetectorOptions = field(default_factory=DetectorOptions)
+
+
+@dataclass
+class AnalysisResult:
+    chains: list[Chain]
+    findings: list[Finding]
+
+    @property
+    def by_severity(self) -> Counter:
+        return Counter(str(f.severity) for f in self.findings)
+
+
+def analyze(store: Store, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
+    """Rebuild chains and findings for the whole store, replacing earlier results."""
+    with store.begin() as conn:
+        chains, writes = rebuild_chains(conn, options.link)
+        found = run_detectors(chains, writes, options.detect)
+        clear_analysis(conn)
+        save_results(conn, chains, found)
+    return AnalysisResult(chains, found)
+
+
+def rebuild_chains(conn: Connection, options: LinkOptions) -> tuple[list[Chain], list[Exchange]]:
+    redirects = load_exchanges(conn, ex_t.c.status.in_(REDIRECT_STATUSES))
+    targets = select(ex_t.c.location_resolved).where(
+        ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None)
+    )
+    candidates = load_exchanges(conn, ex_t.c.url_norm.in_(targets), light=True)
+    links = link_redirects(redirects, candidates, options)
+    writes = load_exchanges(conn, ex_t.c.method.in_(WRITE_METHODS))
+    by_id = {ex.id: ex for ex in redirects}
+    by_id.update((ex.id, ex) for ex in writes if ex.id not in by_id)
+    writes = [by_id[ex.id] for ex in writes]  # one object per exchange
+    missing = [link.target_id for link in links.values() if link.target_id not in by_id]
+    for start in range(0, len(missing), ID_CHUNK):
+        chunk = missing[start : start + ID_CHUNK]
+        by_id.update((ex.id, ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk)))
+    return assemble_chains(by_id, links), writes
+
+
+def save_results(conn: Connection, chains: list[Chain], found: list[Finding]) -> None:
+    chain_rows, hop_rows = [], []
+    for number, chain in enumerate(chains, start=1):
+        chain.id = number
+        chain_rows.append({
+            "id": number, "root_exchange_id": chain.root.id, "hops": len(chain.hops), "end_reason": chain.end,
+            "client": chain.root.client, "started_at": chain.root.started_at,
+        })
+        hop_rows.extend(
+            {
+                "chain_id": number, "idx": hop.index, "from_exchange_id": hop.source.id,
+                "to_exchange_id": hop.target.id if hop.target else None, "status": hop.source.status,
+                "link": hop.link, "confidence": hop.confidence,
+            }
+            for hop in chain.hops
+        )
+    if chain_rows:
+        conn.execute(insert(chains_t), chain_rows)
+        conn.execute(insert(hops_t), hop_rows)
+    if found:
+        conn.execute(insert(findings_t), [_finding_row(n, f) for n, f in enumerate(found, start=1)])
+
+
+def _finding_row(number: int, finding: Finding) -> dict:
+    source = finding.chain.hops[finding.hop].source if finding.chain else finding.exchange
+    return {
+        "id": number, "rule": finding.rule, "rule_id": finding.rule_id, "severity": str(finding.severity),
+        "severity_rank": int(finding.severity), "confidence": finding.confidence, "message": finding.message,
+        "chain_id": finding.chain.id if finding.chain else None, "hop": finding.hop,
+        "from_exchange_id": source.id, "to_exchange_id": finding.exchange.id,
+        "observed_at": finding.exchange.started_at, "evidence": json.dumps(finding.evidence, sort_keys=True),
+        "fingerprint": finding_fingerprint(finding.rule, source, finding.exchange),
+    }
+
+
+def finding_fingerprint(rule: str, source: Exchange, target: Exchange) -> str:
+    """Stable identity of a finding across captures and re-imports, for baselines."""
+    parts = [rule, str(source.status), source.method, target.method, source.url_norm, target.url_norm]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]

@@ -1,0 +1,195 @@
+"""Rebuilding redirect chains: which request did the client send after each 3xx?
+
+A hop links redirect A to request B (design.md, "Rebuilding chains") when:
+
+* B's normalized URL equals A's `Location` resolved against A's URL;
+* B comes from the same client and starts after A, within a window (default 30 s);
+* B is not claimed by another hop and is neither A itself nor earlier than A.
+
+Redirects are taken in time order; among the unclaimed candidates inside the window a
+request on A's own connection wins, then the earliest. Candidates for one (client, URL)
+sit in a time-sorted list with a "next unclaimed" union-find over it, so finding the
+first free candidate after A costs a bisect plus near-constant time however many
+twins were claimed before: linking is O(n log n) in the number of exchanges.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Hop
+
+DEFAULT_LINK_WINDOW = 30.0  # seconds
+CONNECTION_SCAN_LIMIT = 16  # unclaimed candidates inspected for a same-connection match
+
+# Link kinds and their confidence; an ambiguous pick (several candidates in the window)
+# or an undated exchange lowers it.
+SAME_CONNECTION = "same-connection"
+SAME_CLIENT = "same-client"
+BROWSER_INTERNAL = "browser-internal"
+LINK_CONFIDENCE = {SAME_CONNECTION: 1.0, SAME_CLIENT: 0.9, BROWSER_INTERNAL: 1.0}
+AMBIGUITY_FACTOR = 0.8
+UNDATED_FACTOR = 0.5
+UNDATED = -1.0
+
+
+class Linkable(Protocol):
+    """What linking needs to know of an exchange (an Exchange has all of it)."""
+
+    id: int | None
+    capture_id: int
+    seq: int
+    client: str
+    connection: str | None
+    started_at: float | None
+    url_norm: str
+    status: int | None
+    location_resolved: str | None
+    synthetic: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    target_id: int
+    how: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    window: float = DEFAULT_LINK_WINDOW
+
+    def __post_init__(self) -> None:
+        if self.window <= 0:
+            raise ValueError("link window must be > 0 seconds")
+
+
+def order_key(ex: Linkable) -> tuple[float, int, int]:
+    """Total order of exchanges: start time, then capture and position in it."""
+    start = ex.started_at if ex.started_at is not None else UNDATED
+    return (start, ex.capture_id, ex.seq)
+
+
+def is_followable(ex: Linkable) -> bool:
+    return ex.status in REDIRECT_STATUSES and ex.location_resolved is not None
+
+
+class _Candidates:
+    """Time-sorted requests for one (client, URL), with next-unclaimed lookup."""
+
+    __slots__ = ("keys", "items", "parent")
+
+    def __init__(self, items: list[Linkable]) -> None:
+        self.items = items
+        self.keys = [order_key(x) for x in items]
+        self.parent = list(range(len(items) + 1))  # index len(items) means "none left"
+
+    def first_free(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:  # path compression
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def claim(self, i: int) -> None:
+        self.parent[i] = i + 1
+
+
+def link_redirects(
+    redirects: Iterable[Linkable], candidates: Iterable[Linkable], options: LinkOptions = LinkOptions()
+) -> dict[int, Link]:
+    """Map each followable redirect's id to the request that followed it."""
+    groups: dict[tuple[str, str], list[Linkable]] = {}
+    for ex in candidates:
+        groups.setdefault((ex.client, ex.url_norm), []).append(ex)
+    index = {key: _Candidates(sorted(items, key=order_key)) for key, items in groups.items()}
+    links: dict[int, Link] = {}
+    for source in sorted((r for r in redirects if is_followable(r)), key=order_key):
+        pool = index.get((source.client, source.location_resolved))
+        if pool is not None:
+            link = _pick(source, pool, options)
+            if link is not None:
+                links[source.id] = link
+    return links
+
+
+def _pick(source: Linkable, pool: _Candidates, options: LinkOptions) -> Link | None:
+    source_key = order_key(source)
+    undated = source.started_at is None
+    i = pool.first_free(bisect_right(pool.keys, source_key))
+    chosen, seen = None, 0
+    while i < len(pool.items) and seen < CONNECTION_SCAN_LIMIT:
+        cand = pool.items[i]
+        if not undated and cand.started_at is not None and cand.started_at - source.started_at > options.window:
+            break
+        if chosen is None:
+            chosen = i
+        seen += 1
+        if source.connection is not None and cand.connection == source.connection:
+            chosen = i
+            break
+        i = pool.first_free(i + 1)
+    if chosen is None:
+        return None
+    pool.claim(chosen)
+    target = pool.items[chosen]
+    return Link(target.id, *_grade(source, target, ambiguous=seen > 1))
+
+
+def _grade(source: Linkable, target: Linkable, *, ambiguous: bool) -> tuple[str, float]:
+    if source.synthetic:
+        how = BROWSER_INTERNAL
+    elif source.connection is not None and source.connection == target.connection:
+        how = SAME_CONNECTION
+    else:
+        how = SAME_CLIENT
+    confidence = LINK_CONFIDENCE[how]
+    if ambiguous and how != SAME_CONNECTION:
+        confidence *= AMBIGUITY_FACTOR
+    if source.started_at is None or target.started_at is None:
+        confidence *= UNDATED_FACTOR
+    return how, round(confidence, 3)
+
+
+def assemble_chains(exchanges: dict[int, Exchange], links: dict[int, Link]) -> list[Chain]:
+    """Turn links into chains, each from a redirect nobody redirected to, to its end."""
+    targets = {link.target_id for link in links.values()}
+    roots = [ex for ex in exchanges.values() if ex.is_redirect and ex.id not in targets]
+    chains = [_walk(root, exchanges, links) for root in sorted(roots, key=order_key)]
+    return chains
+
+
+def _walk(root: Exchange, exchanges: dict[int, Exchange], links: dict[int, Link]) -> Chain:
+    hops: list[Hop] = []
+    current = root
+    while True:
+        link = links.get(current.id)
+        if link is None:
+            hops.append(Hop(len(hops), current, None, _unfollowed(current), 0.0))
+            return Chain(hops=hops, end=hops[-1].link)
+        target = exchanges[link.target_id]
+        hops.append(Hop(len(hops), current, target, link.how, link.confidence))
+        if not target.is_redirect:
+            return Chain(hops=hops, end="final" if target.status is not None else "error")
+        current = target
+
+
+def _unfollowed(ex: Exchange) -> str:
+    if ex.location is None:
+        return "no-location"
+    if ex.location_resolved is None:
+        return "bad-location"
+    return "not-followed"
+
+
+def build_chains(exchanges: Sequence[Exchange], options: LinkOptions = LinkOptions()) -> list[Chain]:
+    """Link and assemble in one call; exchanges must carry distinct ids."""
+    by_id = {ex.id: ex for ex in exchanges}
+    wanted = {(ex.client, ex.location_resolved) for ex in exchanges if is_followable(ex)}
+    candidates = [ex for ex in exchanges if (ex.client, ex.url_norm) in wanted]
+    links = link_redirects((ex for ex in exchanges if ex.is_redirect), candidates, options)
+    return assemble_chains(by_id, links)
