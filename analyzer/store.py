@@ -35,7 +35,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from analyzer.model import Body, Exchange
@@ -200,7 +200,9 @@ def open_store(db: str | None = None, *, create: bool = True) -> Store:
                 metadata.create_all(conn)
             key = _schema_key(conn)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot open store {url}: {_first_line(exc)}") from None
+        raise StoreError(f"cannot open store {_safe_url(url)}: {_first_line(exc)}") from None
+    except ImportError as exc:
+        raise StoreError(f"cannot open store {_safe_url(url)}: database driver missing ({exc.name})") from None
     return Store(engine=engine, url=url, secret_key=key)
 
 
@@ -220,6 +222,14 @@ def _schema_key(conn: Connection) -> bytes:
             f"store has schema version {rows['schema_version']}, this redirect-audit expects {SCHEMA_VERSION}"
         )
     return bytes.fromhex(rows["hmac_key"])
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL we cannot parse is shown as given
+        return url
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,227 @@
+"""The `redirect-audit` command line (contract in design.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+from analyzer.analysis import AnalysisOptions, analyze
+from analyzer.chains import DEFAULT_LINK_WINDOW, LinkOptions
+from analyzer.detectors import RULES, DetectorOptions
+from analyzer.detectors.base import DEFAULT_DUPLICATE_WINDOW, DEFAULT_STALE_AFTER_DAYS
+from analyzer.ingest import CaptureOptions, ImportError_, import_har
+from analyzer.ingest.common import DEFAULT_BODY_CAP
+from analyzer.model import Severity
+from analyzer.report import (
+    chain_records,
+    finding_records,
+    print_chain_trees,
+    print_findings_table,
+    write_json,
+    write_jsonl,
+)
+from analyzer.store import DB_ENV, Store, StoreError, open_store
+
+DEMO_DB = "redirect-audit-demo.db"
+EXIT_ERROR = 2
+
+app = typer.Typer(
+    name="redirect-audit",
+    help="Rebuild HTTP redirect chains from captures and say which hop went wrong, why, and how to fix it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help=f"SQLAlchemy URL or SQLite path [default: ${DB_ENV}, else ./redirect-audit.db]"),
+]
+
+
+class FindingFormat(StrEnum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class ChainFormat(StrEnum):
+    tree = "tree"
+    json = "json"
+
+
+class UserError(Exception):
+    """Reported as one line, exit status 2."""
+
+
+@app.command("import-har")
+def import_har_cmd(
+    files: Annotated[list[Path], typer.Argument(help="HAR files (1.1 or 1.2)", show_default=False)],
+    db: DbOption = None,
+    keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
+    body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
+) -> None:
+    """Import HAR files; each file is one transaction, a bad file leaves nothing behind."""
+    store = _open(db)
+    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
+    failed = 0
+    for path in files:
+        try:
+            result = _import_one(store, path, options)
+        except ImportError_ as exc:
+            _error(str(exc))
+            failed += 1
+            continue
+        note = f", {result.warnings} field(s) unreadable and left empty" if result.warnings else ""
+        click.echo(f"imported {result.entries} entries from {path}{note}")
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _import_one(store: Store, path: Path, options: CaptureOptions):
+    if not sys.stderr.isatty():
+        return import_har(store, path, options)
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        size = path.stat().st_size if path.exists() else None
+        task = bar.add_task(path.name, total=size)
+        return import_har(store, path, options, progress=lambda n: bar.advance(task, n))
+
+
+@app.command("analyze")
+def analyze_cmd(
+    db: DbOption = None,
+    link_window: Annotated[float, typer.Option(help="Seconds within which a follow-up must start")] = DEFAULT_LINK_WINDOW,
+    stale_days: Annotated[float, typer.Option(help="Days after which a temporary redirect is stale")] = DEFAULT_STALE_AFTER_DAYS,
+    duplicate_window: Annotated[float, typer.Option(help="Seconds between two deliveries of one write")] = DEFAULT_DUPLICATE_WINDOW,
+) -> None:
+    """Rebuild chains and run every rule (re-running replaces earlier results)."""
+    options = AnalysisOptions(
+        link=LinkOptions(window=link_window),
+        detect=DetectorOptions(stale_after_days=stale_days, duplicate_window=duplicate_window),
+    )
+    result = analyze(_open(db), options)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.by_severity.items(), key=lambda kv: -Severity.parse(kv[0])))
+    hops = sum(len(c.hops) for c in result.chains)
+    click.echo(f"{len(result.chains)} chain(s), {hops} hop(s), {len(result.findings)} finding(s)"
+               + (f": {counts}" if counts else ""))
+
+
+@app.command("findings")
+def findings_cmd(
+    db: DbOption = None,
+    format: Annotated[FindingFormat, typer.Option("--format", "-f")] = FindingFormat.table,
+    min_severity: Annotated[str, typer.Option(help="info, low, medium or high")] = "info",
+) -> None:
+    """List the findings of the last `analyze`."""
+    floor = _severity(min_severity)
+    with _open(db).begin() as conn:
+        records = finding_records(conn, floor)
+    if format is FindingFormat.json:
+        write_json(records, sys.stdout)
+    elif format is FindingFormat.jsonl:
+        write_jsonl(records, sys.stdout)
+    else:
+        print_findings_table(records, out)
+
+
+@app.command("chains")
+def chains_cmd(
+    db: DbOption = None,
+    url: Annotated[str | None, typer.Option(help="Only chains with a URL containing this")] = None,
+    format: Annotated[ChainFormat, typer.Option("--format", "-f")] = ChainFormat.tree,
+) -> None:
+    """Show chains hop by hop: method, status, body and what changed."""
+    with _open(db).begin() as conn:
+        records = chain_records(conn, url)
+    if format is ChainFormat.json:
+        write_json(records, sys.stdout)
+    else:
+        print_chain_trees(records, out)
+
+
+@app.command("rules")
+def rules_cmd() -> None:
+    """Describe every rule: id, slug, default severity and its documentation."""
+    for rule in RULES:
+        out.rule(f"{rule.id} {rule.slug} ({rule.severity})")
+        out.print(rule.doc, markup=False, highlight=False)
+
+
+@app.command("demo")
+def demo_cmd(
+    db: Annotated[str, typer.Option("--db", help="Store to (re)create for the demo")] = DEMO_DB,
+) -> None:
+    """Import the bundled sample capture, analyze it and print the findings."""
+    if "://" not in db and os.path.exists(db):
+        for suffix in ("", "-wal", "-shm"):
+            Path(db + suffix).unlink(missing_ok=True)
+    store = _open(db)
+    demo_dir = resources.files("analyzer") / "demo"
+    for entry in sorted(demo_dir.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".har"):
+            with resources.as_file(entry) as path:
+                result = import_har(store, path)
+            click.echo(f"imported {result.entries} entries from demo/{entry.name}")
+    result = analyze(store)
+    click.echo(f"{len(result.chains)} chain(s), {len(result.findings)} finding(s)\n")
+    with store.begin() as conn:
+        print_findings_table(finding_records(conn), out)
+    click.echo(f"\nExplore it: redirect-audit chains --db {db}   |   redirect-audit findings --db {db} --format json")
+
+
+def _error(message: str) -> None:
+    """One line on stderr, never wrapped."""
+    click.echo(f"redirect-audit: error: {' '.join(message.split())}", err=True)
+
+
+def _open(db: str | None) -> Store:
+    return open_store(db)
+
+
+def _severity(text: str) -> Severity:
+    try:
+        return Severity.parse(text)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def main() -> None:
+    """Console entry point: errors are one line on stderr and exit status 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.Abort:
+        err.print("redirect-audit: aborted")
+        sys.exit(130)
+    except (UserError, StoreError, ImportError_, ValueError) as exc:
+        _error(str(exc))
+        sys.exit(EXIT_ERROR)
+    except OSError as exc:
+        _error(f"{exc.filename or ''}: {exc.strerror or exc}")
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # a bug of ours: still one line, the details on request
+        if os.environ.get("REDIRECT_AUDIT_DEBUG"):
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (set REDIRECT_AUDIT_DEBUG=1 for the traceback)")
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()
