@@ -7,11 +7,12 @@ Records are plain dicts in the JSON contract of design.md; the terminal renderer
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 from rich.tree import Tree
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
@@ -38,7 +39,7 @@ def finding_records(conn: Connection, min_severity: Severity = Severity.INFO) ->
     a, b = aliased(exchanges), aliased(exchanges)
     stmt = (
         select(findings, a.c.status, a.c.method.label("m0"), b.c.method.label("m1"), a.c.url.label("u0"),
-               b.c.url.label("u1"), b.c.client, b.c.seq, b.c.flow_id, captures.c.source, captures.c.path)
+               b.c.url.label("u1"), a.c.location_resolved, b.c.client, b.c.seq, b.c.flow_id, captures.c.source, captures.c.path)
         .join(a, a.c.id == findings.c.from_exchange_id)
         .join(b, b.c.id == findings.c.to_exchange_id)
         .join(captures, captures.c.id == b.c.capture_id)
@@ -49,10 +50,12 @@ def finding_records(conn: Connection, min_severity: Severity = Severity.INFO) ->
 
 
 def _finding_record(r) -> dict:
+    about_redirect = r["from_exchange_id"] == r["to_exchange_id"] and r["location_resolved"] is not None
     return {
         "rule": r["rule"], "rule_id": r["rule_id"], "severity": r["severity"], "confidence": r["confidence"],
         "message": r["message"], "chain_id": r["chain_id"], "hop": r["hop"], "status": r["status"],
-        "method_before": r["m0"], "method_after": r["m1"], "from_url": r["u0"], "to_url": r["u1"],
+        "method_before": r["m0"], "method_after": None if about_redirect else r["m1"], "from_url": r["u0"],
+        "to_url": r["location_resolved"] if about_redirect else r["u1"],
         "client": r["client"], "observed_at": iso(r["observed_at"]), "evidence": json.loads(r["evidence"]),
         "fingerprint": r["fingerprint"],
         "capture": capture_pointer(r["source"], r["path"], r["seq"], r["flow_id"]),
@@ -142,20 +145,23 @@ def write_jsonl(records: Iterable[dict], out) -> None:
 
 
 def print_findings_table(records: list[dict], console: Console) -> None:
+    """One block per finding: severity and rule, the hop, then what happened."""
     if not records:
         console.print("No findings.")
         return
-    table = Table(title=f"{len(records)} finding(s)", show_lines=False, expand=True)
-    for name, kw in (("sev", {"no_wrap": True}), ("rule", {"no_wrap": True}), ("chain:hop", {"no_wrap": True}),
-                     ("conf", {"no_wrap": True}), ("what happened", {"ratio": 1}), ("capture", {"no_wrap": True})):
-        table.add_column(name, **kw)
     for r in records:
-        where = f"{r['chain_id']}:{r['hop']}" if r["chain_id"] is not None else "-"
-        table.add_row(
-            f"[{SEVERITY_STYLE[r['severity']]}]{r['severity']}[/]", r["rule"], where, f"{r['confidence']:.2f}",
-            r["message"], _pointer_text(r["capture"]),
+        where = f"chain {r['chain_id']} hop {r['hop']}" if r["chain_id"] is not None else "no chain"
+        style = SEVERITY_STYLE[r["severity"]]
+        console.print(
+            f"[{style}]{r['severity'].upper():<6}[/] [bold]{r['rule']}[/] ({r['rule_id']}) · {where} · "
+            f"confidence {r['confidence']:.2f} · {escape(_pointer_text(r['capture']))}"
         )
-    console.print(table)
+        hop = f"{r['method_before']} {r['from_url']} → {r['status']} → {r['method_after'] or 'Location'} {r['to_url']}"
+        console.print(f"       {escape(hop)}", style="dim", highlight=False)
+        console.print(f"       {escape(r['message'])}", highlight=False)
+    counts = Counter(r["severity"] for r in records)
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
+    console.print(f"\n{len(records)} finding(s): {summary}")
 
 
 def _pointer_text(capture: dict) -> str:
