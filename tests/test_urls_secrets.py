@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from analyzer.secrets import fingerprint, protect_headers, protect_url, redact_body
+from analyzer.urls import BadURL, normalize_url, resolve_location
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("HTTP://Example.COM", "http://example.com/"),
+    ("https://example.com:443/a#top", "https://example.com/a"),
+    ("https://example.com:8443/a", "https://example.com:8443/a"),
+    ("http://example.com/a%2Fb;p=1?q=%7E", "http://example.com/a%2Fb;p=1?q=%7E"),
+    ("http://[::1]:8080/x", "http://[::1]:8080/x"),
+])
+def test_normalize(raw, norm):
+    assert normalize_url(raw) == norm
+
+
+@pytest.mark.parametrize("location, resolved", [
+    ("/b", "https://h/b"),
+    ("b?x=1", "https://h/dir/b?x=1"),
+    ("//other:443/c", "https://other/c"),
+    ("http://X/", "http://x/"),
+])
+def test_resolve(location, resolved):
+    assert resolve_location("https://h/dir/a", location) == resolved
+
+
+@pytest.mark.parametrize("location", ["", "   ", "http://[bad"])
+def test_bad_locations(location):
+    with pytest.raises(BadURL):
+        resolve_location("https://h/", location)
+
+
+def test_credential_headers_are_fingerprinted_consistently():
+    key = b"k" * 32
+    out = protect_headers([("Authorization", "Bearer s3cret"), ("Accept", "*/*"), ("cookie", "sid=1")], key)
+    assert out[1] == ("Accept", "*/*")
+    assert out[0][1] == fingerprint(key, "Bearer s3cret") and "s3cret" not in out[0][1]
+    assert "sid=1" not in out[2][1]
+    assert fingerprint(b"other" * 8, "Bearer s3cret") != out[0][1]
+
+
+def test_secret_query_values_are_fingerprinted():
+    url = protect_url("https://h/cb?code=1&access_token=abc.def&x=2", b"k" * 32)
+    assert "abc.def" not in url and "x=2" in url and "access_token=hmac:" in url
+
+
+def test_kept_bodies_are_redacted():
+    assert b"hunter2" not in redact_body(b"user=ada&password=hunter2", "application/x-www-form-urlencoded")
+    assert b"zq9x" not in redact_body(b'{"a": {"token": "zq9x"}, "b": 1}', "application/json; charset=utf-8")
