@@ -201,7 +201,7 @@ def _severity(text: str) -> Severity:
 def main() -> None:
     """Console entry point: errors are one line on stderr and exit status 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns an Exit's code instead of raising it here
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -221,6 +221,7 @@ def main() -> None:
             raise
         _error(f"internal error: {type(exc).__name__}: {exc} (set REDIRECT_AUDIT_DEBUG=1 for the traceback)")
         sys.exit(EXIT_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

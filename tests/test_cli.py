@@ -1,0 +1,99 @@
+"""The command line as users run it: a child process, real files, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import CORPUS, RULE_FIXTURES, run_cli
+
+FINDING_FIELDS = {"rule", "rule_id", "severity", "confidence", "message", "chain_id", "hop", "status",
+                  "method_before", "method_after", "from_url", "to_url", "client", "observed_at", "evidence",
+                  "capture"}
+
+
+def test_import_analyze_findings_json(db_path):
+    fixture = RULE_FIXTURES / "md-307-post-to-get.har"
+    assert run_cli("import-har", "--db", db_path, str(fixture)).returncode == 0
+    done = run_cli("analyze", "--db", db_path)
+    assert done.returncode == 0 and "1 finding(s): 1 high" in done.stdout
+    listed = run_cli("findings", "--db", db_path, "--format", "json")
+    [finding] = json.loads(listed.stdout)
+    assert FINDING_FIELDS <= finding.keys()
+    assert (finding["rule"], finding["method_before"], finding["method_after"], finding["status"]) == (
+        "method-downgrade", "POST", "GET", 307)
+    assert finding["capture"] == {"source": "har", "file": str(fixture.resolve()), "entry_index": 1}
+    assert finding["observed_at"].startswith("2026-03-01T12:00:00")
+
+
+def test_jsonl_and_min_severity(db_path):
+    for name in ("md-301-post-to-get.har", "md-307-post-to-get.har"):
+        run_cli("import-har", "--db", db_path, str(RULE_FIXTURES / name))
+    run_cli("analyze", "--db", db_path)
+    lines = run_cli("findings", "--db", db_path, "--format", "jsonl").stdout.splitlines()
+    assert sorted(json.loads(x)["severity"] for x in lines) == ["high", "low"]
+    high = run_cli("findings", "--db", db_path, "--format", "jsonl", "--min-severity", "high").stdout.splitlines()
+    assert [json.loads(x)["severity"] for x in high] == ["high"]
+
+
+def test_db_from_environment(tmp_path):
+    env = {"REDIRECT_AUDIT_DB": str(tmp_path / "env.db")}
+    assert run_cli("import-har", str(RULE_FIXTURES / "db-307-empty.har"), env=env).returncode == 0
+    assert (tmp_path / "env.db").exists()
+
+
+def test_chains_json_points_back_to_capture(db_path):
+    fixture = RULE_FIXTURES / "md-second-hop.har"
+    run_cli("import-har", "--db", db_path, str(fixture))
+    run_cli("analyze", "--db", db_path)
+    [chain] = json.loads(run_cli("chains", "--db", db_path, "--format", "json").stdout)
+    assert [h["status"] for h in chain["hops"]] == [308, 307]
+    pointers = [(h["from"]["capture"]["entry_index"], h["to"]["capture"]["entry_index"]) for h in chain["hops"]]
+    assert pointers == [(0, 1), (1, 2)]
+    assert chain["hops"][1]["changes"][0] == "method POST -> GET"
+
+
+def test_chains_tree_and_url_filter(db_path):
+    run_cli("import-har", "--db", db_path, str(RULE_FIXTURES / "db-307-empty.har"),
+            str(RULE_FIXTURES / "md-303-post-to-get.har"))
+    run_cli("analyze", "--db", db_path)
+    tree = run_cli("chains", "--db", db_path, "--url", "/b").stdout
+    assert "chain 1" in tree and "body dropped" in tree
+    assert "No chains." in run_cli("chains", "--db", db_path, "--url", "nowhere").stdout
+
+
+def test_bad_files_one_line_each_exit_2_good_ones_kept(db_path):
+    bad = sorted((CORPUS / "bad").glob("*.har"))
+    good = RULE_FIXTURES / "dw-failover.har"
+    done = run_cli("import-har", "--db", db_path, str(good), *map(str, bad))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(bad) and "Traceback" not in done.stderr
+    for line, path in zip(lines, bad):
+        assert line.startswith(f"redirect-audit: error: {path}: ")
+    assert "imported 3 entries" in done.stdout
+
+
+def test_usage_and_store_errors_are_one_line(tmp_path):
+    for args in (("findings", "--db", str(tmp_path / "x.db"), "--min-severity", "bogus"),
+                 ("findings", "--db", "/nonexistent/dir/x.db"),
+                 ("import-har", "--db", str(tmp_path / "y.db"), str(tmp_path / "missing.har"))):
+        done = run_cli(*args)
+        assert done.returncode == 2, args
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_demo_shows_all_four_mission_rules(tmp_path):
+    done = run_cli("demo", "--db", str(tmp_path / "demo.db"))
+    assert done.returncode == 0, done.stderr
+    for slug in ("method-downgrade", "dropped-body", "duplicate-write", "stale-temporary-redirect"):
+        assert slug in done.stdout
+    again = run_cli("demo", "--db", str(tmp_path / "demo.db"))  # re-running starts fresh
+    assert again.stdout.count("finding(s)") == done.stdout.count("finding(s)")
+    assert again.stdout.splitlines()[-3] == done.stdout.splitlines()[-3]
+
+
+def test_rules_lists_every_rule_with_docs():
+    out = run_cli("rules").stdout
+    for rule_id in ("RA101", "RA102", "RA103", "RA104"):
+        assert rule_id in out
+    assert "RFC 9110" in out
