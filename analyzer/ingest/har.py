@@ -25,7 +25,6 @@ from analyzer.ingest.common import (
     CaptureOptions,
     ImportError_,
     ImportResult,
-    header,
     summarize_body,
 )
 from analyzer.model import Body, Exchange
@@ -164,8 +163,8 @@ class _HarEntries:
     def convert(self, index: int, entry: dict) -> Exchange:
         request = _as_dict(entry.get("request"))
         response = _as_dict(entry.get("response"))
-        req_headers = protect_headers(_headers(request.get("headers")), self.key)
-        resp_headers = protect_headers(_headers(response.get("headers")), self.key)
+        req_headers, req_h = _protected_headers(request.get("headers"), self.key)
+        resp_headers, resp_h = _protected_headers(response.get("headers"), self.key)
         url = protect_url(str(request.get("url") or ""), self.key)
         started = self._timestamp(entry.get("startedDateTime"))
         ex = Exchange(
@@ -181,12 +180,12 @@ class _HarEntries:
             http_version=_text(request.get("httpVersion")),
             request_headers=req_headers,
             response_headers=resp_headers,
-            user_agent=header(req_headers, "user-agent"),
-            idempotency_key=next(filter(None, (header(req_headers, h) for h in IDEMPOTENCY_HEADERS)), None),
+            user_agent=req_h.get("user-agent"),
+            idempotency_key=next(filter(None, (req_h.get(h) for h in IDEMPOTENCY_HEADERS)), None),
             from_cache=bool(entry.get("_fromCache")),
         )
-        ex.request_body = self._request_body(request, req_headers)
-        self._fill_response(ex, entry, response, resp_headers)
+        ex.request_body = self._request_body(request, req_h)
+        self._fill_response(ex, entry, response, resp_h)
         return ex
 
     def _normalize(self, url: str) -> str:
@@ -208,8 +207,8 @@ class _HarEntries:
             moment = moment.replace(tzinfo=UTC)
         return moment.timestamp()
 
-    def _request_body(self, request: dict, headers: list[tuple[str, str]]) -> Body:
-        content_type = header(headers, "content-type")
+    def _request_body(self, request: dict, headers: dict[str, str]) -> Body:
+        content_type = headers.get("content-type")
         post = request.get("postData")
         if isinstance(post, dict):
             content_type = content_type or _text(post.get("mimeType")) or None
@@ -218,7 +217,7 @@ class _HarEntries:
                 return summarize_body(raw, content_type, self.options)
         # No postData: the exporter did not show us the body. Length may still be known.
         declared = _int(request.get("bodySize"))
-        length = _int(header(headers, "content-length"))
+        length = _int(headers.get("content-length"))
         if length is None and declared is not None and declared > 0:
             length = declared
         if length == 0:
@@ -241,7 +240,7 @@ class _HarEntries:
             return "&".join(pairs).encode("utf-8", "surrogatepass")
         return b""
 
-    def _fill_response(self, ex: Exchange, entry: dict, response: dict, headers: list[tuple[str, str]]) -> None:
+    def _fill_response(self, ex: Exchange, entry: dict, response: dict, headers: dict[str, str]) -> None:
         status = _int(response.get("status"))
         if not status or status < 100:
             ex.error = _text(entry.get("_error")) or _text(response.get("_error")) or "no response"
@@ -249,12 +248,12 @@ class _HarEntries:
         ex.status = status
         ex.status_text = _text(response.get("statusText"))
         content = _as_dict(response.get("content"))
-        ex.response_body = self._response_body(content, header(headers, "content-type"))
-        location = header(headers, "location") or _text(response.get("redirectURL")) or None
+        ex.response_body = self._response_body(content, headers.get("content-type"))
+        location = headers.get("location") or _text(response.get("redirectURL")) or None
         if location is not None:
             ex.location = protect_url(location, self.key)
         ex.synthetic = status == 307 and (
-            (ex.status_text or "").lower() == "internal redirect" or header(headers, SYNTHETIC_REASON) is not None
+            (ex.status_text or "").lower() == "internal redirect" or SYNTHETIC_REASON in headers
         )
         if ex.is_redirect and ex.location is not None:
             try:
@@ -287,10 +286,17 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _headers(value: Any) -> list[tuple[str, str]]:
+def _protected_headers(value: Any, key: bytes) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
     if not isinstance(value, list):
-        return []
-    return [(str(h.get("name", "")), str(h.get("value", ""))) for h in value if isinstance(h, dict)]
+        return [], {}
+    pairs = protect_headers(
+        [(str(h.get("name", "")), str(h.get("value", ""))) for h in value if isinstance(h, dict)], key
+    )
+    lookup: dict[str, str] = {}
+    for name, val in pairs:
+        lookup.setdefault(name.lower(), val)
+    return pairs, lookup
 
 
 def _client(capture_id: int, pageref: Any) -> str:

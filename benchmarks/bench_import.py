@@ -1,0 +1,100 @@
+"""HAR import throughput and peak memory on a generated HAR.
+
+    uv run python benchmarks/bench_import.py --entries 100000
+    uv run python benchmarks/bench_import.py --megabytes 200
+
+The HAR is written to a temporary directory, then imported by a child process so its
+peak RSS is the importer's alone. Prints entries/s, MB/s and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+HEADERS = [("Accept", "text/html,application/xhtml+xml"), ("Accept-Encoding", "gzip, deflate, br"),
+           ("Accept-Language", "en-US,en;q=0.9"), ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/130.0"),
+           ("Cookie", "sid=abcdef0123456789; theme=dark"), ("Sec-Fetch-Mode", "navigate")]
+
+
+def entry(i: int, start: datetime, filler: str) -> dict:
+    t = start + timedelta(milliseconds=i * 20)
+    redirect = i % 10 == 0
+    post = i % 7 == 0
+    url = f"https://shop{i % 50}.example.test/p/{i % 5000}?q={i}"
+    req = {"method": "POST" if post else "GET", "url": url, "httpVersion": "h2",
+           "headers": [{"name": k, "value": v} for k, v in HEADERS], "queryString": [], "cookies": [],
+           "headersSize": -1, "bodySize": 0}
+    if post:
+        req["postData"] = {"mimeType": "application/json", "text": json.dumps({"item": i, "qty": 1})}
+    resp_headers = [{"name": "content-type", "value": "text/html"}, {"name": "cache-control", "value": "no-cache"}]
+    if redirect:
+        resp_headers.append({"name": "location", "value": f"/p/{i % 5000}/next"})
+    return {"pageref": "page_1", "startedDateTime": t.isoformat().replace("+00:00", "Z"), "time": 12.5,
+            "request": req,
+            "response": {"status": 302 if redirect else 200, "statusText": "", "httpVersion": "h2",
+                         "headers": resp_headers, "cookies": [], "redirectURL": "",
+                         "content": {"size": len(filler), "mimeType": "text/html", "text": filler},
+                         "headersSize": -1, "bodySize": -1},
+            "cache": {}, "timings": {"blocked": 1, "dns": -1, "connect": -1, "ssl": -1, "send": 0.1, "wait": 10,
+                                     "receive": 1.4}, "connection": str(i % 6)}
+
+
+def write_har(path: Path, entries: int | None, megabytes: int | None) -> int:
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    filler = "x" * (1800 if megabytes else 200)
+    target = megabytes * 1024 * 1024 if megabytes else None
+    written = count = 0
+    with path.open("w") as fh:
+        fh.write('{"log": {"version": "1.2", "creator": {"name": "bench", "version": "1"}, "pages": [], "entries": [\n')
+        while (entries is not None and count < entries) or (target is not None and written < target):
+            text = ("," if count else "") + json.dumps(entry(count, start, filler))
+            fh.write(text)
+            written += len(text)
+            count += 1
+        fh.write("\n]}}\n")
+    return count
+
+
+CHILD = """
+import sys, time
+from analyzer.store import open_store
+from analyzer.ingest import import_har
+store = open_store(sys.argv[2])
+t = time.perf_counter()
+result = import_har(store, sys.argv[1])
+print(result.entries, time.perf_counter() - t)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int)
+    parser.add_argument("--megabytes", type=int)
+    args = parser.parse_args()
+    if not args.entries and not args.megabytes:
+        args.entries = 100_000
+    with tempfile.TemporaryDirectory() as tmp:
+        har = Path(tmp) / "bench.har"
+        count = write_har(har, args.entries, args.megabytes)
+        size_mb = har.stat().st_size / 1e6
+        done = subprocess.run([sys.executable, "-c", CHILD, str(har), str(Path(tmp) / "bench.db")],
+                              capture_output=True, text=True, check=True)
+        entries, seconds = done.stdout.split()
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    seconds = float(seconds)
+    print(f"file: {size_mb:.1f} MB, {count} entries")
+    print(f"import: {int(entries)} entries in {seconds:.2f} s = {int(entries) / seconds:,.0f} entries/s, "
+          f"{size_mb / seconds:.1f} MB/s")
+    print(f"peak RSS of the importing process: {peak_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
