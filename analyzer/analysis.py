@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
 from analyzer.chains import LinkOptions, assemble_chains, link_redirects
@@ -59,15 +59,39 @@ def rebuild_chains(conn: Connection, options: LinkOptions) -> tuple[list[Chain],
     )
     candidates = load_exchanges(conn, ex_t.c.url_norm.in_(targets), light=True)
     links = link_redirects(redirects, candidates, options)
-    writes = load_exchanges(conn, ex_t.c.method.in_(WRITE_METHODS))
+    # The mission rules read headers of redirects only (Retry-After, caching); skip the rest.
+    writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes()), headers=False)
     by_id = {ex.id: ex for ex in redirects}
     by_id.update((ex.id, ex) for ex in writes if ex.id not in by_id)
     writes = [by_id[ex.id] for ex in writes]  # one object per exchange
     missing = [link.target_id for link in links.values() if link.target_id not in by_id]
     for start in range(0, len(missing), ID_CHUNK):
         chunk = missing[start : start + ID_CHUNK]
-        by_id.update((ex.id, ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk)))
+        by_id.update((ex.id, ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk), headers=False))
     return assemble_chains(by_id, links), writes
+
+
+def repeated_writes():
+    """Ids of accepted writes whose (client, method, body hash) occurs more than once.
+
+    Only these can be duplicate deliveries, so only these are loaded; portable SQL.
+    """
+    accepted = (
+        ex_t.c.method.in_(WRITE_METHODS), ex_t.c.status >= 200, ex_t.c.status < 300,
+        ex_t.c.req_body_sha256.is_not(None), ex_t.c.req_body_len > 0,
+    )
+    repeated = (
+        select(ex_t.c.client, ex_t.c.method, ex_t.c.req_body_sha256)
+        .where(*accepted)
+        .group_by(ex_t.c.client, ex_t.c.method, ex_t.c.req_body_sha256)
+        .having(func.count() > 1)
+        .subquery()
+    )
+    return select(ex_t.c.id).join(
+        repeated,
+        (repeated.c.client == ex_t.c.client) & (repeated.c.method == ex_t.c.method)
+        & (repeated.c.req_body_sha256 == ex_t.c.req_body_sha256),
+    ).where(*accepted)
 
 
 def save_results(conn: Connection, chains: list[Chain], found: list[Finding]) -> None:

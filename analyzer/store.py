@@ -317,9 +317,15 @@ LINK_COLUMNS = (
 )
 
 
-def load_exchanges(conn: Connection, where=None, *, light: bool = False) -> list[Exchange]:
-    """Exchanges matching a SQLAlchemy condition; `light` loads only what linking needs."""
+def load_exchanges(conn: Connection, where=None, *, light: bool = False, headers: bool = True) -> list[Exchange]:
+    """Exchanges matching a SQLAlchemy condition.
+
+    `light` loads only what linking needs; `headers=False` skips the header lists (the
+    costliest part of a row to decode) for callers that do not read them.
+    """
     cols = [exchanges.c[name] for name in LINK_COLUMNS] if light else list(exchanges.c)
+    if not light and not headers:
+        cols = [c for c in cols if c.name not in ("request_headers", "response_headers")]
     stmt = select(*cols)
     if where is not None:
         stmt = stmt.where(where)
@@ -327,6 +333,11 @@ def load_exchanges(conn: Connection, where=None, *, light: bool = False) -> list
     if light:
         return [_light_exchange(row) for row in result]
     return [exchange_from_row(row._mapping) for row in result]
+
+
+def _header_list(row, name: str) -> list[tuple[str, str]]:
+    text = row.get(name)
+    return [tuple(h) for h in json.loads(text)] if text else []
 
 
 def _light_exchange(row) -> Exchange:
@@ -348,8 +359,8 @@ def exchange_from_row(row) -> Exchange:
         status_text=row["status_text"], location=row["location"], location_resolved=row["location_resolved"],
         location_error=row["location_error"], synthetic=bool(row["synthetic"]), from_cache=bool(row["from_cache"]),
         error=row["error"],
-        request_headers=[tuple(h) for h in json.loads(row["request_headers"])],
-        response_headers=[tuple(h) for h in json.loads(row["response_headers"])],
+        request_headers=_header_list(row, "request_headers"),
+        response_headers=_header_list(row, "response_headers"),
         request_body=Body(row["req_body_len"], row["req_body_sha256"], row["req_content_type"], row["req_body"]),
         response_body=Body(row["resp_body_len"], row["resp_body_sha256"], row["resp_content_type"], row["resp_body"]),
         user_agent=row["user_agent"], idempotency_key=row["idempotency_key"],

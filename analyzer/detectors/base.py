@@ -32,7 +32,7 @@ class Context:
     """Everything a check may look at besides the chains."""
 
     options: DetectorOptions = field(default_factory=DetectorOptions)
-    writes: Sequence[Exchange] = ()  # every write request in the store, chained or not
+    writes: Sequence[Exchange] = ()  # accepted write requests that may repeat, chained or not
     # exchange id -> (chain, hop index) where that exchange is the follow-up
     arrivals: dict[int, tuple[Chain, int]] = field(default_factory=dict)
 
