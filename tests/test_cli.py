@@ -97,3 +97,22 @@ def test_rules_lists_every_rule_with_docs():
     for rule_id in ("RA101", "RA102", "RA103", "RA104"):
         assert rule_id in out
     assert "RFC 9110" in out
+
+
+def test_bodies_kept_only_on_request_capped_and_redacted(tmp_path):
+    import sqlite3
+
+    har = tmp_path / "login.har"
+    body = "user=ada&password=hunter2&note=" + "n" * 500
+    har.write_text(json.dumps({"log": {"version": "1.2", "entries": [{
+        "startedDateTime": "2026-01-01T00:00:00Z",
+        "request": {"method": "POST", "url": "https://h.test/login", "headers": [],
+                    "postData": {"mimeType": "application/x-www-form-urlencoded", "text": body}},
+        "response": {"status": 303, "headers": [{"name": "Location", "value": "/home"}]}}]}}))
+    plain, kept = str(tmp_path / "plain.db"), str(tmp_path / "kept.db")
+    assert run_cli("import-har", "--db", plain, str(har)).returncode == 0
+    assert run_cli("import-har", "--db", kept, "--keep-bodies", "--body-cap", "100", str(har)).returncode == 0
+    [(length, raw)] = sqlite3.connect(plain).execute("select req_body_len, req_body from exchanges").fetchall()
+    assert length == len(body) and raw is None
+    [(length, raw)] = sqlite3.connect(kept).execute("select req_body_len, req_body from exchanges").fetchall()
+    assert length == len(body) and b"user=ada" in raw and b"hunter2" not in raw and len(raw) < 120
