@@ -12,6 +12,14 @@ from typing import Any
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
+def header(headers: list[tuple[str, str]], name: str) -> str | None:
+    """First value of a header, case-insensitively (`name` must be lower-case)."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
 class Severity(enum.IntEnum):
     """Ordered so that `>=` means "at least as bad"."""
 

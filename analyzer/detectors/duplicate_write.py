@@ -29,7 +29,6 @@ How to fix
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 
 from analyzer.detectors.base import Context

@@ -24,15 +24,13 @@ How to fix
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from analyzer.detectors.base import Context
-from analyzer.ingest.common import header
-from analyzer.model import Chain, Exchange, Finding, Hop, Severity
+from analyzer.model import Chain, Exchange, Finding, Hop, Severity, header
 
 RULE_ID = "RA104"
 SLUG = "stale-temporary-redirect"

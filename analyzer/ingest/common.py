@@ -37,14 +37,6 @@ class ImportResult:
     warnings: int
 
 
-def header(headers: list[tuple[str, str]], name: str) -> str | None:
-    """First value of a header, case-insensitively (`name` must be lower-case)."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
 def summarize_body(raw: bytes, content_type: str | None, options: CaptureOptions) -> Body:
     """Length + SHA-256 always; the bytes themselves only on opt-in, capped and redacted."""
     kept = None

@@ -118,7 +118,6 @@ def _scan_head(name: str) -> dict[str, str | None]:
 def _walk_head(name: str, reader: _CountingReader) -> dict[str, Any]:
     found: dict[str, Any] = {}
     top_keys: list[str] = []
-    builder_prefix, builder = None, None
     for prefix, event, value in ijson.parse(reader, use_float=True):
         if reader.read_bytes > HEAD_SCAN_LIMIT:
             break
