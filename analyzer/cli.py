@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -71,6 +72,9 @@ def import_har_cmd(
     db: DbOption = None,
     keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
     body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes converting entries (default: one per CPU for files over 16 MB; 0: none)",
+        show_default=False, min=0)] = None,
 ) -> None:
     """Import HAR files; each file is one transaction, a bad file leaves nothing behind."""
     store = _open(db)
@@ -78,7 +82,7 @@ def import_har_cmd(
     failed = 0
     for path in files:
         try:
-            result = _import_one(store, path, options)
+            result = _import_one(store, path, options, workers)
         except ImportError_ as exc:
             _error(str(exc))
             failed += 1
@@ -89,15 +93,25 @@ def import_har_cmd(
         raise typer.Exit(EXIT_ERROR)
 
 
-def _import_one(store: Store, path: Path, options: CaptureOptions):
+def _import_one(store: Store, path: Path, options: CaptureOptions, workers: int | None):
     if not sys.stderr.isatty():
-        return import_har(store, path, options)
+        return import_har(store, path, options, workers=workers)
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    # No refresh thread: the importer may fork its workers, which wants a single thread.
+    with Progress(*columns, console=err, transient=True, auto_refresh=False) as bar:
         size = path.stat().st_size if path.exists() else None
         task = bar.add_task(path.name, total=size)
-        return import_har(store, path, options, progress=lambda n: bar.advance(task, n))
+        shown = [0.0]
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            now = time.monotonic()
+            if now - shown[0] > 0.1:
+                shown[0] = now
+                bar.refresh()
+
+        return import_har(store, path, options, progress=advance, workers=workers)
 
 
 @app.command("analyze")

@@ -8,7 +8,6 @@ without the token itself ever being written down.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import re
@@ -60,6 +59,7 @@ SECRET_FIELDS = frozenset(
     }
 )
 FINGERPRINT_PREFIX = "hmac:"
+_SECRET_FIELD_LIST = tuple(SECRET_FIELDS)
 REDACTED = "[redacted]"
 _QUERY_SECRET = re.compile(
     r"(?i)(^|[?&;])(" + "|".join(sorted(SECRET_FIELDS, key=len, reverse=True)) + r")=([^&;#]*)"
@@ -68,8 +68,7 @@ _QUERY_SECRET = re.compile(
 
 def fingerprint(key: bytes, value: str) -> str:
     """Keyed, non-reversible stand-in for a secret value."""
-    digest = hmac.new(key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
-    return FINGERPRINT_PREFIX + digest[:32]
+    return FINGERPRINT_PREFIX + hmac.digest(key, value.encode("utf-8", "surrogatepass"), "sha256")[:16].hex()
 
 
 def is_credential_header(name: str) -> bool:
@@ -87,6 +86,13 @@ def protect_headers(headers: list[tuple[str, str]], key: bytes) -> list[tuple[st
 def protect_url(url: str, key: bytes) -> str:
     """Fingerprint the values of well-known secret query parameters (access_token=...)."""
     if "=" not in url:
+        return url
+    # Cheap test first: most URLs do not even contain a secret field name.
+    lowered = url.lower()
+    for name in _SECRET_FIELD_LIST:
+        if name in lowered:
+            break
+    else:
         return url
     return _QUERY_SECRET.sub(lambda m: f"{m[1]}{m[2]}={fingerprint(key, m[3])}", url)
 

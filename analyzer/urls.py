@@ -7,9 +7,14 @@ they are: two URLs that differ only in escaping are different requests on the wi
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+# The everyday shape (scheme://host[:port]... with a plain host, no userinfo, no IPv6
+# literal, no characters urlsplit would strip) takes a fast path with the same result.
+_PLAIN = re.compile(r"(?i)(https?|wss?)://([a-z0-9.\-_]+)(?::([0-9]{1,5}))?(?=[/?#]|\Z)")
+_URL_JUNK = re.compile(r"[\t\r\n]")
 
 
 class BadURL(ValueError):
@@ -18,6 +23,18 @@ class BadURL(ValueError):
 
 def normalize_url(url: str) -> str:
     """Return the comparison form of an absolute URL; raise BadURL if it is not one."""
+    plain = _PLAIN.match(url)
+    if plain is not None and url == url.strip() and not _URL_JUNK.search(url):
+        scheme, host, port = plain[1].lower(), plain[2].lower(), plain[3]
+        if port is None or int(port) <= 65535:
+            if port is not None and int(port) != DEFAULT_PORTS[scheme]:
+                host = f"{host}:{int(port)}"
+            path, _, query = url[plain.end():].partition("#")[0].partition("?")
+            return f"{scheme}://{host}{path or '/'}{'?' + query if query else ''}"
+    return _normalize_general(url)
+
+
+def _normalize_general(url: str) -> str:
     try:
         parts = urlsplit(url.strip())
         port = parts.port

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from analyzer.secrets import fingerprint, protect_headers, protect_url, redact_body
@@ -50,3 +52,27 @@ def test_secret_query_values_are_fingerprinted():
 def test_kept_bodies_are_redacted():
     assert b"hunter2" not in redact_body(b"user=ada&password=hunter2", "application/x-www-form-urlencoded")
     assert b"zq9x" not in redact_body(b'{"a": {"token": "zq9x"}, "b": 1}', "application/json; charset=utf-8")
+
+
+def test_fast_url_normalization_agrees_with_the_general_one():
+    from analyzer.urls import _normalize_general
+    from conftest import CORPUS
+
+    urls = ["http://A.example:80", "https://a.example:0443/x?y#z", "http://a:65536/", "http://a:/", "HTTP://a.b/c?",
+            "http://a/b?#c", "http://a?x", "https://a.b_c-d.e/%7e?q=%41", " http://a/", "http://a/\t", "http://a\n.b/",
+            "wss://x:443", "ws://x:443/a", "http://a.example:8080?x=1", "http://a/b#?c", "http://1.2.3.4:99999",
+            "https://h.test:00080/", "http://a.example\u3000", "http://[::1]:8080/x", "http://u:p@h/"]
+    for har in sorted((CORPUS / "good").glob("*.har")):
+        for entry in json.loads(har.read_text(encoding="utf-8-sig"))["log"].get("entries") or []:
+            url = ((entry or {}).get("request") or {}).get("url")
+            if isinstance(url, str):
+                urls.append(url)
+    assert len(urls) > 1000
+
+    def outcome(fn, url):
+        try:
+            return fn(url)
+        except BadURL:
+            return "BadURL"
+
+    assert [outcome(normalize_url, u) for u in urls] == [outcome(_normalize_general, u) for u in urls]

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gc
 import hashlib
+import multiprocessing
 import os
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import ijson
+import msgspec
 
 from analyzer.ingest.common import (
     EMPTY_SHA256,
@@ -27,17 +34,23 @@ from analyzer.ingest.common import (
     ImportResult,
     summarize_body,
 )
+from analyzer.ingest.harsplit import BLOCK, Blocks, Unsure, entries_offset
 from analyzer.model import Body, Exchange
-from analyzer.secrets import protect_headers, protect_url
-from analyzer.store import Store, add_capture, exchange_row, finish_capture, write_exchanges
+from analyzer.secrets import CREDENTIAL_HEADERS, fingerprint, protect_url
+from analyzer.store import Store, add_capture, drop_exchanges, exchange_row, finish_capture, write_exchanges
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
 UTF8_BOM = b"\xef\xbb\xbf"
 HEAD_SCAN_LIMIT = 64 * 1024 * 1024  # bytes of metadata we accept before log.entries
 TIMING_PHASES = ("blocked", "dns", "connect", "send", "wait")  # ssl is inside connect (HAR 1.2)
 SYNTHETIC_REASON = "non-authoritative-reason"  # Chrome's header on its internal redirects
+PARALLEL_MIN_BYTES = 16 << 20  # smaller files are converted in-process
+WORKERS_ENV = "REDIRECT_AUDIT_IMPORT_WORKERS"
 
 Progress = Callable[[int], None]
+
+
+_ANY_JSON = msgspec.json.Decoder()
 
 
 def import_har(
@@ -45,12 +58,22 @@ def import_har(
     path: str | os.PathLike,
     options: CaptureOptions = CaptureOptions(),
     progress: Progress | None = None,
+    *,
+    workers: int | None = None,
+    block_size: int = BLOCK,
+    fast: bool = True,
 ) -> ImportResult:
-    """Import one HAR file in one transaction; raise ImportError_ and store nothing if it is bad."""
+    """Import one HAR file in one transaction; raise ImportError_ and store nothing if it is bad.
+
+    Entries are cut into blocks of whole entries and converted by `workers` processes
+    (default: one per CPU for files over 16 MB, none for smaller ones). A file the
+    block cutter cannot vouch for is read again by the streaming parser instead;
+    `fast=False` goes to the streaming parser straight away.
+    """
     name = str(path)
     try:
         head = _scan_head(name)
-        with store.begin() as conn:
+        with _no_cycle_collection(), store.begin() as conn:
             capture_id = add_capture(
                 conn,
                 source="har",
@@ -59,8 +82,20 @@ def import_har(
                 browser=head.get("browser"),
                 format_version=head.get("version"),
             )
-            reader = _HarEntries(name, capture_id, store.secret_key, options, progress)
-            count = write_exchanges(conn, (exchange_row(ex) for ex in reader))
+            converter = _HarEntries(name, capture_id, store.secret_key, options)
+            reader = _FastImport(name, converter, progress, _worker_count(name, workers), block_size)
+            try:
+                if not fast:
+                    raise Unsure("streaming parser asked for")
+                count = write_exchanges(conn, reader)
+            except Unsure:
+                # Start over with the streaming parser; it imports the file or names the problem.
+                drop_exchanges(conn, capture_id)
+                if progress is not None:
+                    progress(-reader.read_bytes)
+                converter = _HarEntries(name, capture_id, store.secret_key, options)
+                reader = _StreamImport(converter, progress)
+                count = write_exchanges(conn, reader)
             finish_capture(conn, capture_id, entries=count, warnings=reader.warnings, sha256=reader.sha256)
     except ImportError_:
         raise
@@ -71,6 +106,134 @@ def import_har(
     return ImportResult(name, capture_id, count, reader.warnings)
 
 
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Pause the cycle collector: an import allocates millions of acyclic objects
+    (parsed entries, rows) that reference counting frees, and each collector pass
+    would walk all of them again. Measured: about a third of the import time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _worker_count(name: str, workers: int | None) -> int:
+    if workers is None and os.environ.get(WORKERS_ENV):
+        workers = int(os.environ[WORKERS_ENV])
+    if workers is not None:
+        return max(0, workers)
+    if os.path.getsize(name) < PARALLEL_MIN_BYTES:
+        return 0
+    return min(os.cpu_count() or 1, 4) if (os.cpu_count() or 1) > 1 else 0
+
+
+class _FastImport:
+    """Rows from verified blocks of entries, converted in-process or by worker processes."""
+
+    def __init__(self, name: str, converter: _HarEntries, progress: Progress | None, workers: int, block: int):
+        self.name = name
+        self.converter = converter
+        self.progress = progress
+        self.workers = workers
+        self.block = block
+        self.warnings = 0
+        self.sha256: str | None = None
+        self.read_bytes = 0
+
+    def __iter__(self) -> Iterator[tuple]:
+        with open(self.name, "rb") as fh:
+            start = entries_offset(fh, HEAD_SCAN_LIMIT)
+            fh.seek(0)
+            reader = _CountingReader(fh, self.progress, skip_bom=False)
+            try:
+                reader.read(start)
+                blocks = iter(Blocks(reader, start, self.block))
+                if self.workers:
+                    yield from self._parallel(blocks)
+                else:
+                    for first, block, _, _ in blocks:
+                        rows, warnings = self.converter.convert_block(first, block)
+                        self.warnings += warnings
+                        yield from rows
+            finally:
+                self.read_bytes = reader.read_bytes
+            reader.read()  # hash whatever trails the document
+            self.sha256 = reader.sha.hexdigest()
+
+    def _parallel(self, blocks: Iterator[tuple[int, bytes, int, int]]) -> Iterator[tuple]:
+        """Workers read their blocks from the file themselves: only offsets cross the pipe."""
+        # fork starts workers at once and shares the imported code; it is only safe
+        # while this process has no other thread (a lock held by one would be copied).
+        if threading.active_count() == 1:
+            context = multiprocessing.get_context("fork")
+        else:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+        conv = self.converter
+        with ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_init_worker,
+            initargs=(conv.name, conv.capture_id, conv.key, conv.options),
+        ) as pool:
+            pending: deque[Future] = deque()
+            try:
+                for first, block, _, offset in blocks:
+                    pending.append(pool.submit(_convert_in_worker, first, offset, len(block)))
+                    if len(pending) > 2 * self.workers:
+                        yield from self._collect(pending.popleft())
+                while pending:
+                    yield from self._collect(pending.popleft())
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _collect(self, future: Future) -> list[tuple]:
+        rows, warnings = future.result()
+        self.warnings += warnings
+        return rows
+
+
+_worker_converter: _HarEntries | None = None
+
+
+def _init_worker(name: str, capture_id: int, key: bytes, options: CaptureOptions) -> None:
+    global _worker_converter
+    gc.disable()  # see _no_cycle_collection; a worker lives only for one import
+    _worker_converter = _HarEntries(name, capture_id, key, options)
+
+
+def _convert_in_worker(first: int, offset: int, length: int) -> tuple[list[tuple], int]:
+    assert _worker_converter is not None
+    with open(_worker_converter.name, "rb") as fh:
+        block = os.pread(fh.fileno(), length, offset)
+    if len(block) != length:
+        raise ImportError_(f"{_worker_converter.name}: the file changed while it was being imported")
+    return _worker_converter.convert_block(first, block)
+
+
+class _StreamImport:
+    """Rows from the entries as ijson streams them: slower, but takes any valid JSON."""
+
+    def __init__(self, converter: _HarEntries, progress: Progress | None):
+        self.converter = converter
+        self.progress = progress
+        self.sha256: str | None = None
+
+    @property
+    def warnings(self) -> int:
+        return self.converter.warnings
+
+    def __iter__(self) -> Iterator[tuple]:
+        name = self.converter.name
+        with open(name, "rb") as fh:
+            reader = _CountingReader(fh, self.progress)
+            for index, entry in enumerate(ijson.items(reader, "log.entries.item", use_float=True)):
+                yield exchange_row(self.converter.convert_checked(index, entry))
+            self.sha256 = reader.sha.hexdigest()
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -79,14 +242,16 @@ def _one_line(exc: BaseException) -> str:
 class _CountingReader:
     """File wrapper that skips a UTF-8 BOM, hashes what it reads and reports progress."""
 
-    def __init__(self, fh: IO[bytes], progress: Progress | None) -> None:
+    def __init__(self, fh: IO[bytes], progress: Progress | None, skip_bom: bool = True) -> None:
         self._fh = fh
         self._progress = progress
         self.sha = hashlib.sha256()
         self.read_bytes = 0
-        first = fh.read(3)
-        self.sha.update(first)
-        self._pending = b"" if first == UTF8_BOM else first
+        self._pending = b""
+        if skip_bom:
+            first = fh.read(3)
+            self.sha.update(first)
+            self._pending = b"" if first == UTF8_BOM else first
 
     def read(self, size: int = -1) -> bytes:
         if size == 0:  # ijson probes the stream type with read(0)
@@ -139,53 +304,97 @@ def _walk_head(name: str, reader: _CountingReader) -> dict[str, Any]:
 
 
 class _HarEntries:
-    """Iterates the entries of one HAR file as Exchanges, counting quirks as warnings."""
+    """Turns the entries of one HAR file into Exchanges, counting quirks as warnings."""
 
-    def __init__(self, name: str, capture_id: int, key: bytes, options: CaptureOptions, progress: Progress | None):
+    def __init__(self, name: str, capture_id: int, key: bytes, options: CaptureOptions):
         self.name = name
         self.capture_id = capture_id
         self.key = key
         self.options = options
-        self.progress = progress
         self.warnings = 0
-        self.sha256: str | None = None
+        self._client_ids: dict[Any, str] = {}
 
-    def __iter__(self) -> Iterator[Exchange]:
-        with open(self.name, "rb") as fh:
-            reader = _CountingReader(fh, self.progress)
-            for index, entry in enumerate(ijson.items(reader, "log.entries.item", use_float=True)):
-                if not isinstance(entry, dict):
-                    raise ImportError_(f"{self.name}: entry {index} is not an object")
-                yield self.convert(index, entry)
-            self.sha256 = reader.sha.hexdigest()
+    def convert_block(self, first: int, block: bytes) -> tuple[list[tuple], int]:
+        """Rows for a verified block of entries, and the warnings it raised."""
+        before = self.warnings
+        try:
+            entries = _ANY_JSON.decode(b"[" + block + b"]")
+        except msgspec.DecodeError as exc:  # valid JSON msgspec will not build (1e400)
+            raise Unsure(str(exc)) from None
+        rows = [exchange_row(self.convert_checked(first + i, entry)) for i, entry in enumerate(entries)]
+        return rows, self.warnings - before
+
+    def convert_checked(self, index: int, entry: Any) -> Exchange:
+        if not isinstance(entry, dict):
+            raise ImportError_(f"{self.name}: entry {index} is not an object")
+        return self.convert(index, entry)
 
     def convert(self, index: int, entry: dict) -> Exchange:
-        request = _as_dict(entry.get("request"))
-        response = _as_dict(entry.get("response"))
-        req_headers, req_h = _protected_headers(request.get("headers"), self.key)
-        resp_headers, resp_h = _protected_headers(response.get("headers"), self.key)
-        url = protect_url(str(request.get("url") or ""), self.key)
-        started = self._timestamp(entry.get("startedDateTime"))
+        get = entry.get
+        request = get("request")
+        if type(request) is not dict:
+            request = {}
+        response = get("response")
+        if type(response) is not dict:
+            response = {}
+        req_headers, req_h = self._headers(request.get("headers"))
+        resp_headers, resp_h = self._headers(response.get("headers"))
+        url = request.get("url")
+        url = protect_url(url if type(url) is str else str(url or ""), self.key)
+        started = self._timestamp(get("startedDateTime"))
+        method = request.get("method")
         ex = Exchange(
             capture_id=self.capture_id,
             seq=index,
-            method=str(request.get("method") or "GET").upper(),
+            method=method.upper() if type(method) is str and method else str(method or "GET").upper(),
             url=url,
             url_norm=self._normalize(url),
             started_at=started,
-            response_started_at=_response_start(started, entry.get("timings")),
-            client=_client(self.capture_id, entry.get("pageref")),
-            connection=_text(entry.get("connection")),
+            response_started_at=_response_start(started, get("timings")),
+            client=self._client(get("pageref")),
+            connection=_text(get("connection")),
             http_version=_text(request.get("httpVersion")),
             request_headers=req_headers,
             response_headers=resp_headers,
             user_agent=req_h.get("user-agent"),
-            idempotency_key=next(filter(None, (req_h.get(h) for h in IDEMPOTENCY_HEADERS)), None),
-            from_cache=bool(entry.get("_fromCache")),
+            idempotency_key=req_h.get(IDEMPOTENCY_HEADERS[0]) or req_h.get(IDEMPOTENCY_HEADERS[1]) or None,
+            from_cache=bool(get("_fromCache")),
+            request_body=self._request_body(request, req_h),
         )
-        ex.request_body = self._request_body(request, req_h)
         self._fill_response(ex, entry, response, resp_h)
         return ex
+
+    def _headers(self, value: Any) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
+        pairs: list[tuple[str, str]] = []
+        lookup: dict[str, str] = {}
+        if not isinstance(value, list):
+            return pairs, lookup
+        for h in value:
+            if not isinstance(h, dict):
+                continue
+            name, val = h.get("name", ""), h.get("value", "")
+            if type(name) is not str:
+                name = str(name)
+            if type(val) is not str:
+                val = str(val)
+            lname = name.lower()
+            if lname in CREDENTIAL_HEADERS:
+                val = fingerprint(self.key, val)
+            pairs.append((name, val))
+            if lname not in lookup:
+                lookup[lname] = val
+        return pairs, lookup
+
+    def _client(self, pageref: Any) -> str:
+        """HAR entries of one file and one page (tab) come from one client."""
+        try:
+            return self._client_ids[pageref]
+        except (KeyError, TypeError):
+            client = f"har:{self.capture_id}/{pageref}" if pageref else f"har:{self.capture_id}"
+            if isinstance(pageref, str | int | None):
+                self._client_ids[pageref] = client
+            return client
 
     def _normalize(self, url: str) -> str:
         try:
@@ -280,27 +489,10 @@ def _text(value: Any) -> str | None:
 
 def _int(value: Any) -> int | None:
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
         return None
-
-
-def _protected_headers(value: Any, key: bytes) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
-    if not isinstance(value, list):
-        return [], {}
-    pairs = protect_headers(
-        [(str(h.get("name", "")), str(h.get("value", ""))) for h in value if isinstance(h, dict)], key
-    )
-    lookup: dict[str, str] = {}
-    for name, val in pairs:
-        lookup.setdefault(name.lower(), val)
-    return pairs, lookup
-
-
-def _client(capture_id: int, pageref: Any) -> str:
-    """HAR entries of one file and one page (tab) come from one client."""
-    return f"har:{capture_id}/{pageref}" if pageref else f"har:{capture_id}"
+    return number if -(2**63) <= number < 2**63 else None  # what a database column holds
 
 
 def _response_start(started: float | None, timings: Any) -> float | None:
