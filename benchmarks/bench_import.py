@@ -3,15 +3,17 @@
     uv run python benchmarks/bench_import.py --entries 100000
     uv run python benchmarks/bench_import.py --megabytes 200
 
-The HAR is written to a temporary directory, then imported by a child process so its
-peak RSS is the importer's alone. Prints entries/s, MB/s and peak RSS.
+The HAR is written to a temporary directory, then imported --runs times, each by a
+fresh child process into a new store, so peak RSS is the importer's alone (its worker
+processes are reported apart). Prints entries/s, MB/s, CPU time and peak RSS per run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,13 +65,17 @@ def write_har(path: Path, entries: int | None, megabytes: int | None) -> int:
 
 
 CHILD = """
-import sys, time
+import sys, time, resource
 from analyzer.store import open_store
 from analyzer.ingest import import_har
 store = open_store(sys.argv[2])
 t = time.perf_counter()
-result = import_har(store, sys.argv[1])
-print(result.entries, time.perf_counter() - t)
+result = import_har(store, sys.argv[1], workers=None if sys.argv[3] == "auto" else int(sys.argv[3]))
+seconds = time.perf_counter() - t
+own = resource.getrusage(resource.RUSAGE_SELF)
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(result.entries, seconds, own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime,
+      own.ru_maxrss / 1024, kids.ru_maxrss / 1024)
 """
 
 
@@ -77,22 +83,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int)
     parser.add_argument("--megabytes", type=int)
+    parser.add_argument("--runs", type=int, default=3, help="imports of the same file, each into a new store")
+    parser.add_argument("--workers", default="auto", help="converter processes (auto: the importer decides)")
     args = parser.parse_args()
     if not args.entries and not args.megabytes:
         args.entries = 100_000
     with tempfile.TemporaryDirectory() as tmp:
         har = Path(tmp) / "bench.har"
         count = write_har(har, args.entries, args.megabytes)
+        os.sync()  # let writeback of the new file finish before the clock starts
         size_mb = har.stat().st_size / 1e6
-        done = subprocess.run([sys.executable, "-c", CHILD, str(har), str(Path(tmp) / "bench.db")],
-                              capture_output=True, text=True, check=True)
-        entries, seconds = done.stdout.split()
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    seconds = float(seconds)
-    print(f"file: {size_mb:.1f} MB, {count} entries")
-    print(f"import: {int(entries)} entries in {seconds:.2f} s = {int(entries) / seconds:,.0f} entries/s, "
-          f"{size_mb / seconds:.1f} MB/s")
-    print(f"peak RSS of the importing process: {peak_mb:.0f} MB")
+        print(f"file: {size_mb:.1f} MB, {count} entries; workers: {args.workers}")
+        rates = []
+        for run in range(1, args.runs + 1):
+            db = Path(tmp) / f"bench{run}.db"
+            done = subprocess.run([sys.executable, "-c", CHILD, str(har), str(db), args.workers],
+                                  capture_output=True, text=True, check=True)
+            entries, seconds, own_cpu, kids_cpu, own_rss, kids_rss = (float(x) for x in done.stdout.split())
+            rates.append(entries / seconds)
+            print(f"run {run}: {int(entries)} entries in {seconds:.2f} s = {entries / seconds:,.0f} entries/s, "
+                  f"{size_mb / seconds:.1f} MB/s; CPU {own_cpu:.2f} s main + {kids_cpu:.2f} s workers; "
+                  f"peak RSS {own_rss:.0f} MB main, {kids_rss:.0f} MB largest worker")
+        print(f"median: {statistics.median(rates):,.0f} entries/s")
 
 
 if __name__ == "__main__":

@@ -368,12 +368,13 @@ class _HarEntries:
         """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
         pairs: list[tuple[str, str]] = []
         lookup: dict[str, str] = {}
-        if not isinstance(value, list):
+        if type(value) is not list:
             return pairs, lookup
         for h in value:
-            if not isinstance(h, dict):
+            if type(h) is not dict:
                 continue
-            name, val = h.get("name", ""), h.get("value", "")
+            name = h.get("name", "")
+            val = h.get("value", "")
             if type(name) is not str:
                 name = str(name)
             if type(val) is not str:
@@ -501,6 +502,6 @@ def _response_start(started: float | None, timings: Any) -> float | None:
     spent = 0.0
     for phase in TIMING_PHASES:
         value = timings.get(phase)
-        if isinstance(value, int | float) and value > 0:
+        if isinstance(value, (int, float)) and value > 0:  # noqa: UP038 - the tuple form is faster
             spent += value
     return started + spent / 1000.0
