@@ -137,10 +137,10 @@ def _pick(source: Linkable, pool: _Candidates, options: LinkOptions) -> Link | N
         return None
     pool.claim(chosen)
     target = pool.items[chosen]
-    return Link(target.id, *_grade(source, target, ambiguous=seen > 1))
+    return Link(target.id, *grade_link(source, target, ambiguous=seen > 1))
 
 
-def _grade(source: Linkable, target: Linkable, *, ambiguous: bool) -> tuple[str, float]:
+def grade_link(source: Linkable, target: Linkable, *, ambiguous: bool) -> tuple[str, float]:
     if source.synthetic:
         how = BROWSER_INTERNAL
     elif source.connection is not None and source.connection == target.connection:
@@ -169,7 +169,7 @@ def _walk(root: Exchange, exchanges: dict[int, Exchange], links: dict[int, Link]
     while True:
         link = links.get(current.id)
         if link is None:
-            hops.append(Hop(len(hops), current, None, _unfollowed(current), 0.0))
+            hops.append(Hop(len(hops), current, None, unfollowed_end(current), 0.0))
             return Chain(hops=hops, end=hops[-1].link)
         target = exchanges[link.target_id]
         hops.append(Hop(len(hops), current, target, link.how, link.confidence))
@@ -178,7 +178,7 @@ def _walk(root: Exchange, exchanges: dict[int, Exchange], links: dict[int, Link]
         current = target
 
 
-def _unfollowed(ex: Exchange) -> str:
+def unfollowed_end(ex: Exchange) -> str:
     if ex.location is None:
         return "no-location"
     if ex.location_resolved is None:

@@ -30,7 +30,7 @@ from analyzer.report import (
     write_json,
     write_jsonl,
 )
-from analyzer.store import DB_ENV, Store, StoreError, open_store
+from analyzer.store import DB_ENV, Store, StoreError, open_store, resolve_db_url
 
 DEMO_DB = "redirect-audit-demo.db"
 EXIT_ERROR = 2
@@ -112,6 +112,63 @@ def _import_one(store: Store, path: Path, options: CaptureOptions, workers: int 
                 bar.refresh()
 
         return import_har(store, path, options, progress=advance, workers=workers)
+
+
+@app.command("import-flows")
+def import_flows_cmd(
+    files: Annotated[list[Path], typer.Argument(help="Files saved by mitmdump -w or mitmweb", show_default=False)],
+    db: DbOption = None,
+    keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
+    body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
+) -> None:
+    """Import saved mitmproxy flows; each file is one transaction, a bad file leaves nothing behind."""
+    from analyzer.ingest.flows import import_flows  # the one module that needs mitmproxy
+
+    store = _open(db)
+    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
+    failed = 0
+    for path in files:
+        try:
+            result = import_flows(store, path, options)
+        except ImportError_ as exc:
+            _error(str(exc))
+            failed += 1
+            continue
+        click.echo(f"imported {result.entries} flows from {path}")
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command("proxy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def proxy_cmd(
+    ctx: typer.Context,
+    db: DbOption = None,
+    listen_host: Annotated[str, typer.Option(help="Address the proxy listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="Port the proxy listens on")] = 8080,
+    mode: Annotated[list[str] | None, typer.Option(
+        "--mode", "-m", help="mitmproxy mode, repeatable (regular, reverse:URL, socks5, upstream:URL, ...)",
+        show_default=False)] = None,
+    web: Annotated[bool, typer.Option("--web", help="Run mitmweb (flows in a browser UI) instead of mitmdump")] = False,
+    keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
+    body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
+    live: Annotated[bool, typer.Option(help="Link chains and run the rules while traffic flows")] = True,
+    confdir: Annotated[Path, typer.Option(help="mitmproxy's directory for its CA and settings")] = Path("~/.mitmproxy"),
+) -> None:
+    """Run mitmproxy with the recorder; anything after the options goes to mitmdump/mitmweb as is."""
+    from analyzer.proxy import ProxyError, ProxyPlan
+
+    plan = ProxyPlan(
+        db_url=resolve_db_url(db), listen_host=listen_host, port=port, modes=mode or [], web=web,
+        keep_bodies=keep_bodies, body_cap=body_cap, live=live, confdir=confdir.expanduser(), extra=list(ctx.args),
+    )
+    _open(db).close()  # a store that cannot be opened is reported here, in one line
+    try:
+        plan.argv()
+    except ProxyError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(plan.banner())
+    sys.stdout.flush()
+    plan.exec()
 
 
 @app.command("analyze")

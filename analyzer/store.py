@@ -201,9 +201,9 @@ def open_store(db: str | None = None, *, create: bool = True) -> Store:
                 metadata.create_all(conn)
             key = _schema_key(conn)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot open store {_safe_url(url)}: {_first_line(exc)}") from None
+        raise StoreError(f"cannot open store {safe_url(url)}: {_first_line(exc)}") from None
     except ImportError as exc:
-        raise StoreError(f"cannot open store {_safe_url(url)}: database driver missing ({exc.name})") from None
+        raise StoreError(f"cannot open store {safe_url(url)}: database driver missing ({exc.name})") from None
     return Store(engine=engine, url=url, secret_key=key)
 
 
@@ -225,7 +225,7 @@ def _schema_key(conn: Connection) -> bytes:
     return bytes.fromhex(rows["hmac_key"])
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, for messages."""
     try:
         return make_url(url).render_as_string(hide_password=True)

@@ -45,8 +45,8 @@ METHOD_SEVERITY = {"POST": Severity.HIGH, "PATCH": Severity.HIGH, "PUT": Severit
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
     groups: dict[tuple, list[Exchange]] = {}
     for ex in context.writes:
-        if ex.method in METHOD_SEVERITY and _succeeded(ex) and ex.request_body.sha256 and ex.request_body.length:
-            key = (ex.client, ex.method, _logical_target(ex, context), ex.request_body.sha256)
+        if ex.method in METHOD_SEVERITY and succeeded(ex) and ex.request_body.sha256 and ex.request_body.length:
+            key = (ex.client, ex.method, logical_target(ex, context), ex.request_body.sha256)
             groups.setdefault(key, []).append(ex)
     for deliveries in groups.values():
         if len(deliveries) > 1:
@@ -54,11 +54,11 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
             yield from _clusters(deliveries, context)
 
 
-def _succeeded(ex: Exchange) -> bool:
+def succeeded(ex: Exchange) -> bool:
     return ex.status is not None and 200 <= ex.status < 300
 
 
-def _logical_target(ex: Exchange, context: Context) -> str:
+def logical_target(ex: Exchange, context: Context) -> str:
     arrival = context.arrivals.get(ex.id)
     return arrival[0].root.url_norm if arrival else ex.url_norm
 
@@ -67,7 +67,7 @@ def _clusters(deliveries: list[Exchange], context: Context) -> Iterator[Finding]
     window = context.options.duplicate_window
     start = 0
     for i in range(1, len(deliveries) + 1):
-        if i == len(deliveries) or _gap(deliveries[start], deliveries[i]) > window:
+        if i == len(deliveries) or gap(deliveries[start], deliveries[i]) > window:
             if i - start > 1:
                 finding = _judge(deliveries[start:i], context)
                 if finding is not None:
@@ -75,7 +75,7 @@ def _clusters(deliveries: list[Exchange], context: Context) -> Iterator[Finding]
             start = i
 
 
-def _gap(first: Exchange, later: Exchange) -> float:
+def gap(first: Exchange, later: Exchange) -> float:
     if first.started_at is None or later.started_at is None:
         return 0.0
     return later.started_at - first.started_at
@@ -104,7 +104,7 @@ def _judge(group: list[Exchange], context: Context) -> Finding | None:
         severity=severity,
         confidence=_confidence(group, chain, hop),
         message=(
-            f"{first.method} {_logical_target(first, context)} with the same body was accepted "
+            f"{first.method} {logical_target(first, context)} with the same body was accepted "
             f"{len(group)} times ({', '.join(routes)}; statuses {', '.join(str(ex.status) for ex in group)}); "
             f"{key_note}"
         ),
@@ -119,7 +119,7 @@ def _judge(group: list[Exchange], context: Context) -> Finding | None:
             "body_sha256": first.request_body.sha256,
             "idempotency_key": sorted(k for k in keys if k) or None,
             "first_at": first.started_at,
-            "span_seconds": _gap(first, group[-1]),
+            "span_seconds": gap(first, group[-1]),
         },
         exchange=repeat,
     )

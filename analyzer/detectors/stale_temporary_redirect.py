@@ -58,7 +58,7 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
     for chain in chains:
         for hop in chain.hops:
             ex = hop.source
-            if _is_temporary(ex) and (ex.location_resolved or ex.location):
+            if is_temporary(ex) and (ex.location_resolved or ex.location):
                 groups.setdefault((ex.url_norm, ex.location_resolved or ex.location), _Sightings()).add(chain, hop)
     for (source, target), sightings in groups.items():
         finding = _judge(source, target, sightings, context)
@@ -66,7 +66,7 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
             yield finding
 
 
-def _is_temporary(ex: Exchange) -> bool:
+def is_temporary(ex: Exchange) -> bool:
     return not ex.synthetic and (
         ex.status in ALWAYS_TEMPORARY or (ex.status == 303 and ex.method in SAFE_METHODS)
     )
@@ -109,13 +109,13 @@ def _outlived_retry_after(sightings: _Sightings, last: float | None) -> float | 
         return None
     worst = None
     for _, hop in sightings.hops:
-        deadline = _retry_deadline(hop.source)
+        deadline = retry_deadline(hop.source)
         if deadline is not None and last > deadline:
             worst = max(worst or 0.0, last - deadline)
     return worst
 
 
-def _retry_deadline(ex: Exchange) -> float | None:
+def retry_deadline(ex: Exchange) -> float | None:
     value = header(ex.response_headers, "retry-after")
     if value is None or ex.started_at is None:
         return None

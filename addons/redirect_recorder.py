@@ -1,0 +1,188 @@
+"""redirect-audit's recorder: every HTTP exchange through this proxy, into the store.
+
+    mitmdump -s addons/redirect_recorder.py --set redirect_audit_db=capture.db
+    redirect-audit proxy            # the same, with the options below set for you
+
+Options (all prefixed `redirect_audit_`): `db` (SQLAlchemy URL or path; default
+$REDIRECT_AUDIT_DB, else ./redirect-audit.db), `batch` (rows per commit), `flush`
+(seconds before a partial batch is committed), `bodies` and `body_cap` (keep request
+and response bodies, capped and with secret fields redacted; off by default), `live`
+(link chains and run the rules while traffic flows; on by default).
+
+The hooks only convert a flow and queue it; a writer thread owns the database. When
+the proxy stops, the queue is drained and the addon logs how many exchanges it saw
+and how many it stored. Findings known while traffic flows are logged at once, and
+the flows involved are marked and commented, so they stand out in mitmweb.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.hooks import UpdateHook
+
+from analyzer.analysis import AnalysisOptions
+from analyzer.chains import LinkOptions
+from analyzer.detectors import DetectorOptions
+from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
+from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
+from analyzer.ingest.recorder import Recorder, RecorderSettings
+from analyzer.live import LiveAnalyzer
+from analyzer.model import Finding
+from analyzer.store import StoreError, exchanges, load_exchanges, open_store, safe_url
+
+log = logging.getLogger("redirect_audit")
+
+PREFIX = "redirect_audit_"
+MARK = ":warning:"
+RECORDED = "redirect_audit_recorded"  # flow.metadata key: this flow is already in the queue
+TEMPORARY = (302, 303, 307)
+
+
+class RedirectRecorder:
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+        self.converter: FlowConverter | None = None
+        self.live: LiveAnalyzer | None = None
+        self.flows: weakref.WeakValueDictionary[int, http.HTTPFlow] = weakref.WeakValueDictionary()
+        self.findings = 0
+        self.store = None
+        self.settings = RecorderSettings()
+        self.capture = CaptureOptions()
+        self.analysis = AnalysisOptions()
+        self._ticker: asyncio.Task | None = None
+
+    # ---- options -------------------------------------------------------------
+
+    def load(self, loader) -> None:
+        loader.add_option(PREFIX + "db", str, "", "Store for the exchanges: SQLAlchemy URL or file path "
+                          "(default: $REDIRECT_AUDIT_DB, else ./redirect-audit.db).")
+        loader.add_option(PREFIX + "batch", int, 500, "Exchanges committed per transaction.")
+        loader.add_option(PREFIX + "flush", float, 0.5, "Seconds before a partial batch is committed.")
+        loader.add_option(PREFIX + "bodies", bool, False, "Also store request and response bodies "
+                          "(capped, well-known secret fields redacted).")
+        loader.add_option(PREFIX + "body_cap", int, DEFAULT_BODY_CAP, "Bytes kept per body when bodies are stored.")
+        loader.add_option(PREFIX + "live", bool, True, "Link chains and run the rules while traffic flows; "
+                          "log findings and mark the flows involved.")
+        loader.add_option(PREFIX + "link_window", float, LinkOptions().window,
+                          "Seconds within which a follow-up must start after its redirect.")
+
+    def configure(self, updated: set[str]) -> None:
+        if not any(name.startswith(PREFIX) for name in updated):
+            return
+        opts = ctx.options
+        try:
+            self.settings = RecorderSettings(batch_size=opts.redirect_audit_batch,
+                                             flush_interval=opts.redirect_audit_flush)
+            self.capture = CaptureOptions(keep_bodies=opts.redirect_audit_bodies,
+                                          body_cap=opts.redirect_audit_body_cap)
+            self.analysis = AnalysisOptions(link=LinkOptions(window=opts.redirect_audit_link_window),
+                                            detect=DetectorOptions())
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"redirect_audit: {exc}") from None
+        if self.recorder is not None:
+            if PREFIX + "db" in updated or PREFIX + "live" in updated:
+                raise exceptions.OptionsError("redirect_audit_db and redirect_audit_live cannot change while "
+                                              "the proxy runs")
+            self.converter.options = self.capture
+            return
+        if PREFIX + "db" in updated or self.store is None:
+            try:  # opened now so that a bad store stops the proxy at start, with one line
+                self.store = open_store(opts.redirect_audit_db or None)
+            except StoreError as exc:
+                raise exceptions.OptionsError(f"redirect_audit_db: {exc}") from None
+
+    def running(self) -> None:
+        if self.store is None or self.recorder is not None:
+            return
+        store = self.store
+        self.recorder = Recorder(store, self.settings, creator=f"mitmproxy {MITMPROXY_VERSION}")
+        self.converter = FlowConverter(self.recorder.capture_id, store.secret_key, self.capture)
+        if ctx.options.redirect_audit_live:
+            with store.begin() as conn:
+                history = load_exchanges(conn, exchanges.c.status.in_(TEMPORARY)
+                                         & (exchanges.c.capture_id != self.recorder.capture_id))
+            self.live = LiveAnalyzer(self.analysis, history)
+            try:
+                self._ticker = asyncio.get_running_loop().create_task(self._tick())
+            except RuntimeError:  # no event loop: driven by hand (tests); expire() is called explicitly
+                self._ticker = None
+        log.info("redirect-audit: recording into %s (capture %d)", safe_url(store.url), self.recorder.capture_id)
+
+    # ---- traffic -------------------------------------------------------------
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def _record(self, flow: http.HTTPFlow) -> None:
+        if self.recorder is None or flow.metadata.get(RECORDED):
+            return
+        flow.metadata[RECORDED] = True
+        exchange = self.converter.convert(self.recorder.next_seq(), flow)
+        self.recorder.submit(exchange)
+        if self.live is not None:
+            found = self.live.add(exchange)
+            self.flows[exchange.id] = flow
+            if found:
+                self._report(found)
+
+    def _report(self, found: list[Finding]) -> None:
+        touched: dict[str, http.HTTPFlow] = {}
+        for finding in found:
+            self.findings += 1
+            target = finding.exchange
+            source = target
+            if finding.chain is not None and finding.hop < len(finding.chain.hops):
+                source = finding.chain.hops[finding.hop].source
+            log.warning("redirect-audit %s %s [%s] %s %s -> %s -> %s %s: %s", finding.rule_id, finding.rule,
+                        finding.severity, source.method, source.url, source.status, target.method, target.url,
+                        finding.message)
+            involved = [source, target] if source is not target else [target]
+            for ex in involved:
+                flow = self.flows.get(ex.id)
+                if flow is None:
+                    continue
+                flow.marked = MARK
+                note = f"{finding.rule_id} {finding.rule} ({finding.severity}): {finding.message}"
+                if note not in flow.comment:
+                    flow.comment = f"{flow.comment}\n{note}".strip()
+                touched[flow.id] = flow
+        if touched:
+            ctx.master.addons.trigger(UpdateHook(list(touched.values())))
+
+    # ---- time passing ----------------------------------------------------------
+
+    async def _tick(self) -> None:
+        """A redirect nobody follows is a finding too; notice it without waiting for traffic."""
+        while self.live is not None:
+            await asyncio.sleep(1.0)
+            if self.live is not None:
+                found = self.live.expire()
+                if found:
+                    self._report(found)
+
+    # ---- shutdown ------------------------------------------------------------
+
+    def done(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.recorder is None:
+            return
+        if self.live is not None:
+            found = self.live.close()
+            if found:
+                self._report(found)
+        seen, stored = self.recorder.close()
+        level = logging.INFO if seen == stored else logging.ERROR
+        log.log(level, "redirect-audit: saw %d exchanges, stored %d; %d findings while running",
+                seen, stored, self.findings)
+        self.recorder = None
+
+
+addons = [RedirectRecorder()]

@@ -1,0 +1,106 @@
+"""The proxy's writer: one thread owns the database and commits exchanges in batches.
+
+The proxy's hooks only convert a flow and hand the Exchange over (`submit`), so a slow
+disk never stalls traffic. The writer thread takes what is queued, up to `batch_size`
+rows or whatever arrived within `flush_interval` seconds, and commits it in one
+transaction. `close()` drains the queue before it returns, so every exchange that was
+submitted is stored, and says how many were seen and how many were stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from analyzer.model import Exchange
+from analyzer.store import Store, add_capture, captures, exchange_row, finish_capture, write_exchanges
+
+log = logging.getLogger("redirect_audit")
+
+_STOP = object()
+RETRIES = 5  # attempts at a batch the database refused (locked, full disk) before giving up
+
+
+@dataclass(frozen=True)
+class RecorderSettings:
+    batch_size: int = 500
+    flush_interval: float = 0.5  # seconds
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {self.batch_size}")
+        if not 0 < self.flush_interval <= 60:
+            raise ValueError(f"flush interval must be in (0, 60] seconds, not {self.flush_interval}")
+
+
+class Recorder:
+    """Queue plus writer thread for one capture (one proxy run)."""
+
+    def __init__(self, store: Store, settings: RecorderSettings = RecorderSettings(), *, creator: str | None = None):
+        self.store = store
+        self.settings = settings
+        self.seen = 0
+        self.stored = 0
+        self.lost = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        with store.begin() as conn:
+            self.capture_id = add_capture(conn, source="proxy", creator=creator)
+        self._thread = threading.Thread(target=self._run, name="redirect-audit-writer", daemon=True)
+        self._thread.start()
+
+    def next_seq(self) -> int:
+        """Position of the next exchange in this capture (call from one thread only)."""
+        return self.seen
+
+    def submit(self, exchange: Exchange) -> None:
+        self.seen += 1
+        self._queue.put(exchange)
+
+    def close(self) -> tuple[int, int]:
+        """Drain the queue, record the totals; returns (seen, stored)."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        with self.store.begin() as conn:
+            finish_capture(conn, self.capture_id, entries=self.stored)
+        return self.seen, self.stored
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            batch = [item]
+            deadline = time.monotonic() + self.settings.flush_interval
+            while len(batch) < self.settings.batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list[Exchange]) -> None:
+        rows = [exchange_row(ex) for ex in batch]
+        for attempt in range(1, RETRIES + 1):
+            try:
+                with self.store.begin() as conn:
+                    write_exchanges(conn, rows)
+                    conn.execute(captures.update().where(captures.c.id == self.capture_id)
+                                 .values(entries=self.stored + len(rows)))
+            except Exception as exc:  # noqa: BLE001 - the database, whatever it says, must not kill the proxy
+                log.error("redirect-audit: writing %d exchanges failed (attempt %d of %d): %s",
+                          len(rows), attempt, RETRIES, str(exc).splitlines()[0])
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+                continue
+            self.stored += len(rows)
+            return
+        self.lost += len(rows)
+        log.error("redirect-audit: gave up on %d exchanges; the store is not taking writes", len(rows))

@@ -1,0 +1,107 @@
+"""`redirect-audit proxy`: mitmdump (or mitmweb) with the recorder addon loaded.
+
+The proxy runs as mitmproxy's own program, in place of this process (exec), so its
+signals, exit status and options are exactly mitmproxy's. This module only decides
+the command line and says, before handing over, where the proxy listens, where the
+exchanges go, and how a client is made to trust mitmproxy's CA for HTTPS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from analyzer.store import safe_url
+
+ADDON_MODULE = "addons.redirect_recorder"
+CA_FILE = "mitmproxy-ca-cert.pem"
+
+
+class ProxyError(Exception):
+    """mitmproxy or the addon cannot be found; one line."""
+
+
+def addon_path() -> Path:
+    """The recorder addon's file, located without importing it (it imports mitmproxy)."""
+    spec = importlib.util.find_spec(ADDON_MODULE)
+    if spec is None or spec.origin is None:
+        raise ProxyError(f"the recorder addon ({ADDON_MODULE}) is not installed with this redirect-audit")
+    return Path(spec.origin)
+
+
+def mitmproxy_program(name: str) -> str:
+    """mitmdump/mitmweb from this environment first, then from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ProxyError(f"{name} not found: mitmproxy is a dependency of redirect-audit, reinstall it")
+    return found
+
+
+@dataclass
+class ProxyPlan:
+    db_url: str
+    listen_host: str = "127.0.0.1"
+    port: int = 8080
+    modes: list[str] = field(default_factory=list)
+    web: bool = False
+    keep_bodies: bool = False
+    body_cap: int = 64 * 1024
+    live: bool = True
+    confdir: Path = Path("~/.mitmproxy").expanduser()
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def program(self) -> str:
+        return "mitmweb" if self.web else "mitmdump"
+
+    def argv(self) -> list[str]:
+        args = [mitmproxy_program(self.program), "--listen-host", self.listen_host, "--listen-port", str(self.port),
+                "--set", f"confdir={self.confdir}", "-s", str(addon_path()),
+                "--set", f"redirect_audit_db={self.db_url}",
+                "--set", f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
+                "--set", f"redirect_audit_body_cap={self.body_cap}",
+                "--set", f"redirect_audit_live={str(self.live).lower()}"]
+        for mode in self.modes:
+            args += ["--mode", mode]
+        if self.web:
+            args += ["--set", "web_open_browser=false"]
+        else:
+            args += ["--set", "flow_detail=1"]
+        return args + self.extra
+
+    def banner(self) -> str:
+        ca = self.confdir / CA_FILE
+        proxy = f"http://{self.listen_host}:{self.port}"
+        where = "exists" if ca.exists() else "created when the proxy first starts"
+        modes = ", ".join(self.modes) or "regular (clients set it as their HTTP/HTTPS proxy)"
+        lines = [
+            f"redirect-audit proxy: {self.program} listening on {self.listen_host}:{self.port}, mode {modes}",
+            f"  exchanges go to  {safe_url(self.db_url)}",
+            f"  mitmproxy CA     {ca} ({where})",
+            "  make a client use the proxy and trust the CA:",
+            f"    export HTTP_PROXY={proxy} HTTPS_PROXY={proxy}",
+            f"    curl --proxy {proxy} --cacert {ca} https://...",
+            f"    Python requests/httpx/urllib: SSL_CERT_FILE={ca} REQUESTS_CA_BUNDLE={ca}",
+            f"    Node.js: NODE_EXTRA_CA_CERTS={ca}",
+            "    system-wide (Debian/Ubuntu): cp the CA to /usr/local/share/ca-certificates/mitmproxy.crt"
+            " and run update-ca-certificates",
+        ]
+        if self.web:
+            lines.append("  flows in the browser: http://127.0.0.1:8081 (findings are marked and commented)")
+        lines.append("  stop with Ctrl-C; then: redirect-audit analyze && redirect-audit findings")
+        return "\n".join(lines)
+
+    def command_line(self) -> str:
+        return shlex.join(self.argv())
+
+    def exec(self) -> None:
+        argv = self.argv()
+        os.execv(argv[0], argv)

@@ -1,0 +1,119 @@
+"""The recorder addon inside mitmproxy's own addon test harness (taddons): options,
+what is stored, live findings marking and commenting the flows involved."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow
+from sqlalchemy import select
+
+from addons.redirect_recorder import MARK, RedirectRecorder
+from analyzer.store import captures, exchanges, open_store
+
+T0 = 1_790_000_000.0
+
+
+def make_flow(method: str, url: str, *, status: int | None = None, location: str | None = None,
+              body: bytes = b"", at: float = T0, conn=None, headers: dict | None = None) -> http.HTTPFlow:
+    client = conn or tflow.tclient_conn()
+    client.peername = ("127.0.0.1", 40000)
+    request = http.Request.make(method, url, body, headers or {})
+    request.timestamp_start, request.timestamp_end = at, at + 0.01
+    flow = tflow.tflow(client_conn=client, req=request)
+    if status is not None:
+        response = http.Response.make(status, b"ok", {"Location": location} if location else {})
+        response.timestamp_start, response.timestamp_end = at + 0.02, at + 0.03
+        flow.response = response
+    return flow
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    # Loading the addon configures it with every default, the default store included.
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    addon = RedirectRecorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, redirect_audit_db=str(tmp_path / "addon.db"), redirect_audit_flush=0.05)
+        addon.running()
+        yield addon
+        addon.done()
+
+
+def stored(tmp_path) -> list:
+    store = open_store(str(tmp_path / "addon.db"))
+    with store.begin() as conn:
+        return conn.execute(select(exchanges).order_by(exchanges.c.seq)).mappings().all()
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("redirect_audit_batch", 0, "batch size must be at least 1"),
+    ("redirect_audit_flush", 0.0, "flush interval"),
+    ("redirect_audit_body_cap", -1, "body cap"),
+    ("redirect_audit_link_window", 0.0, "link window"),
+])
+def test_options_are_checked_in_configure(tmp_path, option, value, problem):
+    addon = RedirectRecorder()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=problem):
+            tctx.configure(addon, redirect_audit_db=str(tmp_path / "x.db"), **{option: value})
+
+
+def test_a_store_that_cannot_be_opened_is_an_option_error(tmp_path):
+    addon = RedirectRecorder()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="redirect_audit_db"):
+            tctx.configure(addon, redirect_audit_db=str(tmp_path / "no" / "such" / "dir" / "x.db"))
+
+
+def test_a_finding_marks_and_comments_both_flows_and_is_logged(recorder, tmp_path, caplog):
+    conn = tflow.tclient_conn()
+    first = make_flow("PUT", "http://api.test/items/1", status=302, location="/items/1/v2", body=b'{"n":1}', conn=conn)
+    second = make_flow("GET", "http://api.test/items/1/v2", status=200, at=T0 + 0.1, conn=conn)
+    quiet = make_flow("GET", "http://api.test/other", status=200, at=T0 + 0.2, conn=conn)
+    with caplog.at_level(logging.WARNING, logger="redirect_audit"):
+        for flow in (first, second, quiet):
+            recorder.response(flow)
+    assert first.marked == second.marked == MARK and not quiet.marked
+    assert "RA101 method-downgrade (medium)" in first.comment and "RA101" in second.comment
+    assert "redirect-audit RA101 method-downgrade [medium] PUT http://api.test/items/1 -> 302 -> GET" in caplog.text
+
+
+def test_every_flow_is_stored_once_with_secrets_fingerprinted(recorder, tmp_path, caplog):
+    answered = make_flow("POST", "http://api.test/login?access_token=abc123", status=200, body=b"user=a",
+                         headers={"Authorization": "Bearer s3cret-token"})
+    broken = make_flow("GET", "http://api.test/slow", at=T0 + 1)
+    broken.error = tflow.terr("connection reset")
+    recorder.response(answered)
+    recorder.error(answered)  # an error after the response: still one exchange
+    recorder.error(broken)
+    with caplog.at_level(logging.INFO, logger="redirect_audit"):
+        recorder.done()
+    assert "saw 2 exchanges, stored 2" in caplog.text
+    rows = stored(tmp_path)
+    assert [r["flow_id"] for r in rows] == [answered.id, broken.id]
+    assert rows[1]["error"] == "connection reset" and rows[1]["status"] is None
+    assert rows[0]["req_body_len"] == 6 and rows[0]["status"] == 200
+    assert "s3cret-token" not in rows[0]["request_headers"] and "hmac:" in rows[0]["request_headers"]
+    assert "abc123" not in rows[0]["url"]
+    raw = (tmp_path / "addon.db").read_bytes()
+    assert b"s3cret-token" not in raw and b"abc123" not in raw
+    store = open_store(str(tmp_path / "addon.db"))
+    with store.begin() as conn:
+        capture = conn.execute(select(captures)).mappings().one()
+    assert capture["source"] == "proxy" and capture["entries"] == 2
+
+
+def test_a_redirect_nobody_follows_is_judged_when_its_window_closes(recorder, tmp_path, caplog):
+    lost = make_flow("POST", "http://api.test/pay", status=307, location="/pay/v2", body=b"amount=5")
+    recorder.response(lost)
+    assert recorder.live.expire(T0 + 1) == []  # still inside the window
+    with caplog.at_level(logging.INFO, logger="redirect_audit"):
+        recorder.done()
+    assert "saw 1 exchanges, stored 1" in caplog.text
