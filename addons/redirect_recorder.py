@@ -4,8 +4,8 @@
     redirect-audit proxy            # the same, with the options below set for you
 
 Options (all prefixed `redirect_audit_`): `db` (SQLAlchemy URL or path; default
-$REDIRECT_AUDIT_DB, else ./redirect-audit.db), `batch` (rows per commit), `flush`
-(seconds before a partial batch is committed), `bodies` and `body_cap` (keep request
+$REDIRECT_AUDIT_DB, else ./redirect-audit.db), `batch` (rows per commit), `flush_ms`
+(milliseconds before a partial batch is committed), `bodies` and `body_cap` (keep request
 and response bodies, capped and with secret fields redacted; off by default), `live`
 (link chains and run the rules while traffic flows; on by default).
 
@@ -61,13 +61,13 @@ class RedirectRecorder:
         loader.add_option(PREFIX + "db", str, "", "Store for the exchanges: SQLAlchemy URL or file path "
                           "(default: $REDIRECT_AUDIT_DB, else ./redirect-audit.db).")
         loader.add_option(PREFIX + "batch", int, 500, "Exchanges committed per transaction.")
-        loader.add_option(PREFIX + "flush", float, 0.5, "Seconds before a partial batch is committed.")
+        loader.add_option(PREFIX + "flush_ms", int, 500, "Milliseconds before a partial batch is committed.")
         loader.add_option(PREFIX + "bodies", bool, False, "Also store request and response bodies "
                           "(capped, well-known secret fields redacted).")
         loader.add_option(PREFIX + "body_cap", int, DEFAULT_BODY_CAP, "Bytes kept per body when bodies are stored.")
         loader.add_option(PREFIX + "live", bool, True, "Link chains and run the rules while traffic flows; "
                           "log findings and mark the flows involved.")
-        loader.add_option(PREFIX + "link_window", float, LinkOptions().window,
+        loader.add_option(PREFIX + "link_window", int, int(LinkOptions().window),
                           "Seconds within which a follow-up must start after its redirect.")
 
     def configure(self, updated: set[str]) -> None:
@@ -76,7 +76,7 @@ class RedirectRecorder:
         opts = ctx.options
         try:
             self.settings = RecorderSettings(batch_size=opts.redirect_audit_batch,
-                                             flush_interval=opts.redirect_audit_flush)
+                                             flush_interval=opts.redirect_audit_flush_ms / 1000)
             self.capture = CaptureOptions(keep_bodies=opts.redirect_audit_bodies,
                                           body_cap=opts.redirect_audit_body_cap)
             self.analysis = AnalysisOptions(link=LinkOptions(window=opts.redirect_audit_link_window),

@@ -40,7 +40,7 @@ def in_tmp(tmp_path, monkeypatch):
 def recorder(tmp_path):
     addon = RedirectRecorder()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, redirect_audit_db=str(tmp_path / "addon.db"), redirect_audit_flush=0.05)
+        tctx.configure(addon, redirect_audit_db=str(tmp_path / "addon.db"), redirect_audit_flush_ms=50)
         addon.running()
         yield addon
         addon.done()
@@ -54,9 +54,9 @@ def stored(tmp_path) -> list:
 
 @pytest.mark.parametrize("option, value, problem", [
     ("redirect_audit_batch", 0, "batch size must be at least 1"),
-    ("redirect_audit_flush", 0.0, "flush interval"),
+    ("redirect_audit_flush_ms", 0, "flush interval"),
     ("redirect_audit_body_cap", -1, "body cap"),
-    ("redirect_audit_link_window", 0.0, "link window"),
+    ("redirect_audit_link_window", 0, "link window"),
 ])
 def test_options_are_checked_in_configure(tmp_path, option, value, problem):
     addon = RedirectRecorder()
