@@ -96,6 +96,9 @@ class RedirectRecorder:
                 raise exceptions.OptionsError(f"redirect_audit_db: {exc}") from None
 
     def running(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
         if self.store is None or self.recorder is not None:
             return
         store = self.store
@@ -121,7 +124,11 @@ class RedirectRecorder:
         self._record(flow)
 
     def _record(self, flow: http.HTTPFlow) -> None:
-        if self.recorder is None or flow.metadata.get(RECORDED):
+        if self.recorder is None:
+            self._start()  # traffic can arrive before the running hook
+            if self.recorder is None:
+                return
+        if flow.metadata.get(RECORDED):
             return
         flow.metadata[RECORDED] = True
         exchange = self.converter.convert(self.recorder.next_seq(), flow)

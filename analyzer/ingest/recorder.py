@@ -1,17 +1,19 @@
 """The proxy's writer: one thread owns the database and commits exchanges in batches.
 
 The proxy's hooks only convert a flow and hand the Exchange over (`submit`), so a slow
-disk never stalls traffic. The writer thread takes what is queued, up to `batch_size`
-rows or whatever arrived within `flush_interval` seconds, and commits it in one
-transaction. `close()` drains the queue before it returns, so every exchange that was
-submitted is stored, and says how many were seen and how many were stored.
+disk never stalls traffic. The writer thread sleeps until `batch_size` exchanges are
+waiting or `flush_interval` seconds have passed, then commits what is waiting, a batch
+per transaction. It is never woken once per exchange: a wake-up per request would cost
+the proxy a thread switch and a GIL hand-over each time, which is most of what
+recording would cost. `close()` drains the queue before it returns, so every exchange
+that was submitted is stored, and says how many were seen and how many were stored.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 import time
 from dataclasses import dataclass
 
@@ -20,7 +22,6 @@ from analyzer.store import Store, add_capture, captures, exchange_row, finish_ca
 
 log = logging.getLogger("redirect_audit")
 
-_STOP = object()
 RETRIES = 5  # attempts at a batch the database refused (locked, full disk) before giving up
 
 
@@ -45,7 +46,9 @@ class Recorder:
         self.seen = 0
         self.stored = 0
         self.lost = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[Exchange] = deque()  # append/popleft are atomic: no lock needed
+        self._wake = threading.Event()
+        self._closing = False
         with store.begin() as conn:
             self.capture_id = add_capture(conn, source="proxy", creator=creator)
         self._thread = threading.Thread(target=self._run, name="redirect-audit-writer", daemon=True)
@@ -57,35 +60,31 @@ class Recorder:
 
     def submit(self, exchange: Exchange) -> None:
         self.seen += 1
-        self._queue.put(exchange)
+        self._waiting.append(exchange)
+        if len(self._waiting) >= self.settings.batch_size and not self._wake.is_set():
+            self._wake.set()
 
     def close(self) -> tuple[int, int]:
         """Drain the queue, record the totals; returns (seen, stored)."""
-        self._queue.put(_STOP)
+        self._closing = True
+        self._wake.set()
         self._thread.join()
         with self.store.begin() as conn:
             finish_capture(conn, self.capture_id, entries=self.stored)
         return self.seen, self.stored
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            batch = [item]
-            deadline = time.monotonic() + self.settings.flush_interval
-            while len(batch) < self.settings.batch_size:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._write(batch)
+        while True:
+            self._wake.wait(self.settings.flush_interval)
+            self._wake.clear()
+            closing = self._closing  # read before draining: whatever was submitted before close() is drained
+            while self._waiting:
+                batch = []
+                while self._waiting and len(batch) < self.settings.batch_size:
+                    batch.append(self._waiting.popleft())
+                self._write(batch)
+            if closing:
+                return
 
     def _write(self, batch: list[Exchange]) -> None:
         rows = [exchange_row(ex) for ex in batch]

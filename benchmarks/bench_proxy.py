@@ -1,0 +1,194 @@
+"""What the recorder costs the proxy: mitmdump with and without it, under the same load.
+
+    apt-get install nginx-light hey        # the upstream and the load generator
+    uv run python benchmarks/bench_proxy.py --requests 10000 --rounds 10
+
+A local nginx answers every request; `hey` sends requests through mitmdump (regular
+proxy mode, loopback only). Two mitmdump processes run side by side, one plain, one
+with the recorder, and the load alternates between them in --rounds bursts (the order
+flips every round), so drifting machine load hits both alike. For each burst it takes
+the mitmdump process's CPU time (user + sys, psutil) from just before the burst to one
+second after it (the writer thread commits within that second), and prints CPU time
+per request per round, then totals: CPU/request, median throughput and latency, and
+the exchanges stored against the requests the recorder answered. Throughput swings
+from run to run on a shared machine; CPU time per request is the figure to judge by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from sqlalchemy import func, select
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from proxyrun import free_port, wait_for_port  # noqa: E402
+
+from analyzer.store import exchanges, open_store  # noqa: E402
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 100000;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def start_nginx(tmp: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    return proc, port
+
+
+RECORDER = ROOT / "addons" / "redirect_recorder.py"
+RECORDER_SET: list[str] = []  # extra --set NAME=VALUE for the recorder runs
+SCRIPT = [str(RECORDER)]  # --script swaps in another addon, to measure what any addon costs
+
+
+def start_mitmdump(tmp: Path, recorder: bool, db: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    args = [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
+            "--listen-port", str(port), "--set", f"confdir={tmp / 'mitm'}"]
+    if recorder:
+        args += ["-s", SCRIPT[0], *RECORDER_SET]
+        if SCRIPT[0] == str(RECORDER):
+            args += ["--set", f"redirect_audit_db={db}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    return proc, port
+
+
+def hey(proxy_port: int, target: int, requests: int, concurrency: int) -> dict:
+    done = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-x", f"http://127.0.0.1:{proxy_port}",
+                           f"http://127.0.0.1:{target}/"], capture_output=True, text=True, timeout=900, check=True)
+    text = done.stdout
+    ok = re.search(r"\[200\]\s+(\d+) responses", text)
+
+    def number(label: str) -> float:
+        m = re.search(label + r":\s+([\d.]+)", text)
+        return float(m.group(1)) if m else float("nan")
+
+    p99 = re.search(r"99%+ in ([\d.]+) secs", text)
+    return {"ok": int(ok.group(1)) if ok else 0, "rps": number("Requests/sec"), "avg": number("Average"),
+            "p99": float(p99.group(1)) if p99 else float("nan")}
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def sys_seconds(proc: psutil.Process) -> float:
+    return proc.cpu_times().system
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10_000, help="requests through each proxy, in all")
+    parser.add_argument("--rounds", type=int, default=10, help="alternations; each sends requests/rounds per proxy")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a recorder option, e.g. redirect_audit_live=false")
+    parser.add_argument("--script", help="run this addon instead of the recorder (a no-op addon shows the floor)")
+    args = parser.parse_args()
+    if args.script:
+        SCRIPT[0] = str(Path(args.script).resolve())
+    for option in args.set:
+        RECORDER_SET.extend(["--set", option])
+    for tool in ("nginx", "hey"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install nginx-light hey")
+    chunk = args.requests // args.rounds
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        db = tmp / "recorder.db"
+        nginx, target = start_nginx(tmp)
+        procs = {}
+        try:
+            procs["plain"] = start_mitmdump(tmp, False, db)
+            procs["recorder"] = start_mitmdump(tmp, True, db)
+            answered = {"plain": 0, "recorder": 0}
+            for label, (proc, port) in procs.items():
+                answered[label] += hey(port, target, 20 * args.concurrency, args.concurrency)["ok"]  # warm-up
+            totals = {label: {"cpu": 0.0, "ok": 0, "rps": [], "avg": [], "p99": []} for label in procs}
+            ratios = []
+            time.sleep(1)
+            for round_ in range(1, args.rounds + 1):
+                order = ["plain", "recorder"] if round_ % 2 else ["recorder", "plain"]
+                per = {}
+                for label in order:
+                    proc, port = procs[label]
+                    me = psutil.Process(proc.pid)
+                    before, sys_before, faults_before = cpu_seconds(me), sys_seconds(me), me.memory_info()
+                    ctx_before = me.num_ctx_switches()
+                    r = hey(port, target, chunk, args.concurrency)
+                    time.sleep(1.0)  # let the writer thread commit what this burst queued
+                    per[label] = (cpu_seconds(me) - before) * 1000 / chunk
+                    ctx_after = me.num_ctx_switches()
+                    t_sys = (sys_seconds(me) - sys_before) * 1000 / chunk
+                    switches = (ctx_after.voluntary + ctx_after.involuntary
+                                - ctx_before.voluntary - ctx_before.involuntary) / chunk
+                    per[label + "_detail"] = f"sys {t_sys:.3f} ms, {switches:.1f} ctx switches"
+                    t = totals[label]
+                    t["cpu"] += per[label] * chunk
+                    t["ok"] += r["ok"]
+                    answered[label] += r["ok"]
+                    for key in ("rps", "avg", "p99"):
+                        t[key].append(r[key])
+                ratios.append(per["recorder"] / per["plain"])
+                print(f"round {round_:2d}: plain {per['plain']:.3f} ms CPU/request ({per['plain_detail']}), "
+                      f"recorder {per['recorder']:.3f} ({per['recorder_detail']}) ({(ratios[-1] - 1) * 100:+.1f}%)",
+                      flush=True)
+        finally:
+            for proc, _ in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc, _ in procs.values():
+                proc.wait(timeout=120)
+            nginx.send_signal(signal.SIGQUIT)
+            nginx.wait(timeout=30)
+        stored = 0
+        if SCRIPT[0] == str(RECORDER):
+            store = open_store(str(db))
+            with store.begin() as conn:
+                stored = conn.execute(select(func.count()).select_from(exchanges)).scalar_one()
+            store.close()
+    for label in ("plain", "recorder"):
+        t = totals[label]
+        print(f"{label:8s}: {t['ok']} requests answered 200, {t['cpu'] / t['ok']:.3f} ms CPU/request, "
+              f"{statistics.median(t['rps']):.0f} req/s, latency avg {statistics.median(t['avg']) * 1000:.1f} ms, "
+              f"p99 {statistics.median(t['p99']) * 1000:.1f} ms (medians over rounds)")
+    overall = totals["recorder"]["cpu"] / totals["recorder"]["ok"] / (totals["plain"]["cpu"] / totals["plain"]["ok"])
+    print(f"recorder CPU/request vs plain: {(overall - 1) * 100:+.1f}% overall, "
+          f"{(statistics.median(ratios) - 1) * 100:+.1f}% median of paired rounds")
+    if SCRIPT[0] == str(RECORDER):
+        print(f"exchanges stored {stored} of {answered['recorder']} answered through the recorder "
+              f"(lost: {answered['recorder'] - stored})")
+
+
+if __name__ == "__main__":
+    main()
