@@ -19,9 +19,10 @@ from sqlalchemy.engine import Connection
 from analyzer.chains import LinkOptions, assemble_chains, link_redirects
 from analyzer.detectors import DetectorOptions, run_detectors
 from analyzer.detectors.base import WRITE_METHODS
+from analyzer.gcpause import cycle_collection_paused
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
 from analyzer.store import Store, chains as chains_t, clear_analysis, exchanges as ex_t, findings as findings_t
-from analyzer.store import hops as hops_t, load_exchanges
+from analyzer.store import hops as hops_t, insert_tuples, load_exchanges
 
 ID_CHUNK = 500  # ids per IN (...) list: well under every backend's parameter limit
 
@@ -44,7 +45,7 @@ class AnalysisResult:
 
 def analyze(store: Store, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
     """Rebuild chains and findings for the whole store, replacing earlier results."""
-    with store.begin() as conn:
+    with cycle_collection_paused(), store.begin() as conn:
         chains, writes = rebuild_chains(conn, options.link)
         found = run_detectors(chains, writes, options.detect)
         clear_analysis(conn)
@@ -94,25 +95,23 @@ def repeated_writes():
     ).where(*accepted)
 
 
+CHAIN_COLUMNS = ("id", "root_exchange_id", "hops", "end_reason", "client", "started_at")
+HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status", "link", "confidence")
+
+
 def save_results(conn: Connection, chains: list[Chain], found: list[Finding]) -> None:
     chain_rows, hop_rows = [], []
     for number, chain in enumerate(chains, start=1):
         chain.id = number
-        chain_rows.append({
-            "id": number, "root_exchange_id": chain.root.id, "hops": len(chain.hops), "end_reason": chain.end,
-            "client": chain.root.client, "started_at": chain.root.started_at,
-        })
+        root = chain.root
+        chain_rows.append((number, root.id, len(chain.hops), chain.end, root.client, root.started_at))
         hop_rows.extend(
-            {
-                "chain_id": number, "idx": hop.index, "from_exchange_id": hop.source.id,
-                "to_exchange_id": hop.target.id if hop.target else None, "status": hop.source.status,
-                "link": hop.link, "confidence": hop.confidence,
-            }
+            (number, hop.index, hop.source.id, hop.target.id if hop.target else None, hop.source.status,
+             hop.link, hop.confidence)
             for hop in chain.hops
         )
-    if chain_rows:
-        conn.execute(insert(chains_t), chain_rows)
-        conn.execute(insert(hops_t), hop_rows)
+    insert_tuples(conn, chains_t, CHAIN_COLUMNS, chain_rows)
+    insert_tuples(conn, hops_t, HOP_COLUMNS, hop_rows)
     if found:
         conn.execute(insert(findings_t), [_finding_row(n, f) for n, f in enumerate(found, start=1)])
 

@@ -113,6 +113,31 @@ def test_proxy_command_prints_where_things_are_and_records(tmp_path, upstream):
     assert len(stored_urls(db)) == 2
 
 
+def test_reverse_mode_is_passed_through(tmp_path, upstream):
+    db = tmp_path / "reverse.db"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "analyzer.cli", "proxy", "--db", str(db), "-p", str(port),
+         "--confdir", str(tmp_path / "conf"), "--mode", f"reverse:{upstream.origin}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )
+    try:
+        wait_for_port(port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # talks to the proxy as if to the server
+        conn.request("POST", "/r/302/rev-case", body=b"n=1")
+        assert conn.getresponse().read() and True
+        conn.request("GET", "/echo/rev-case")  # the relative Location, followed with GET
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    store = open_store(str(db))
+    found = analyze(store).findings
+    assert [(f.rule_id, str(f.severity)) for f in found] == [("RA101", "low")]
+    assert len(stored_urls(db)) == 2
+
+
 def test_proxy_command_refuses_a_bad_store_in_one_line(tmp_path):
     done = run_cli("proxy", "--db", str(tmp_path / "missing-dir" / "x.db"), "-p", str(free_port()))
     assert done.returncode == 2

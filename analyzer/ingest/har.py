@@ -17,7 +17,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import IO, Any
 import ijson
 import msgspec
 
+from analyzer.gcpause import cycle_collection_paused
 from analyzer.ingest.common import (
     EMPTY_SHA256,
     IDEMPOTENCY_HEADERS,
@@ -73,7 +73,7 @@ def import_har(
     name = str(path)
     try:
         head = _scan_head(name)
-        with _no_cycle_collection(), store.begin() as conn:
+        with cycle_collection_paused(), store.begin() as conn:
             capture_id = add_capture(
                 conn,
                 source="har",
@@ -104,20 +104,6 @@ def import_har(
     except OSError as exc:
         raise ImportError_(f"{name}: cannot read: {exc.strerror or exc}") from None
     return ImportResult(name, capture_id, count, reader.warnings)
-
-
-@contextmanager
-def _no_cycle_collection() -> Iterator[None]:
-    """Pause the cycle collector: an import allocates millions of acyclic objects
-    (parsed entries, rows) that reference counting frees, and each collector pass
-    would walk all of them again. Measured: about a third of the import time."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _worker_count(name: str, workers: int | None) -> int:
@@ -200,7 +186,7 @@ _worker_converter: _HarEntries | None = None
 
 def _init_worker(name: str, capture_id: int, key: bytes, options: CaptureOptions) -> None:
     global _worker_converter
-    gc.disable()  # see _no_cycle_collection; a worker lives only for one import
+    gc.disable()  # see analyzer.gcpause; a worker lives only for one import
     _worker_converter = _HarEntries(name, capture_id, key, options)
 
 
