@@ -1,0 +1,282 @@
+"""The store as tidy pandas DataFrames, for notebooks and reports.
+
+Every function takes a store URL or path (None: `$REDIRECT_AUDIT_DB`, else
+`./redirect-audit.db`) and only reads. Large tables are read in chunks of selected
+columns, with repeated strings as categoricals, so a store of a million exchanges fits
+comfortably in memory. Timestamps are timezone-aware UTC.
+
+    exchanges()            one row per request/response (no header lists, no bodies)
+    hops()                 one row per hop: what changed between the redirect and its follow-up
+    chains()               one row per chain: root, client, length, end, method path
+    findings()             one row per finding (the JSON contract's fields)
+    clients()              one row per client: User-Agent family, traffic, redirects met
+    temporary_redirects()  one row per temporary source -> target: statuses, first/last seen,
+                           count, cache headers, age
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import pandas as pd
+from sqlalchemy import case, create_engine, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import aliased
+
+from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, WRITE_METHODS
+from analyzer.model import REDIRECT_STATUSES, header
+from analyzer.report import finding_records
+from analyzer.store import captures, chains as chains_t, exchanges as ex_t, hops as hops_t, resolve_db_url
+from analyzer.urls import origin_of
+
+CHUNK = 100_000
+EXCHANGE_COLUMNS = (
+    "id", "capture_id", "seq", "client", "connection", "started_at", "method", "url_norm", "status",
+    "location_resolved", "synthetic", "error", "req_body_len", "req_body_sha256", "req_content_type",
+    "resp_body_len", "user_agent",
+)
+CATEGORIES = ("client", "method", "req_content_type", "user_agent", "host")
+TEMPORARY = (302, 303, 307)
+CREDENTIALS = ("authorization", "proxy-authorization", "cookie")
+
+
+def engine(db: str | None = None) -> Engine:
+    """A read-only engine (SQLite is opened with mode=ro: a notebook cannot change the store)."""
+    url = resolve_db_url(db)
+    if url.startswith("sqlite:///") and "?" not in url and not url.endswith(":memory:"):
+        url = f"sqlite:///file:{url.removeprefix('sqlite:///')}?mode=ro&uri=true"
+    return create_engine(url)
+
+
+def _utc(series: pd.Series) -> pd.Series:
+    return pd.to_datetime(series, unit="s", utc=True)
+
+
+def _read(stmt, db: str | None) -> pd.DataFrame:
+    eng = engine(db)
+    try:
+        with eng.connect() as conn:
+            parts = list(pd.read_sql(stmt, conn, chunksize=CHUNK))
+    finally:
+        eng.dispose()
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[c.name for c in stmt.selected_columns])
+
+
+def _categorize(frame: pd.DataFrame) -> pd.DataFrame:
+    for name in CATEGORIES:
+        if name in frame:
+            frame[name] = frame[name].astype("category")
+    return frame
+
+
+@lru_cache(maxsize=4096)
+def host_of(url: str | None) -> str | None:
+    if not url:
+        return None
+    return origin_of(url).split("://", 1)[-1]
+
+
+def exchanges(db: str | None = None, columns: tuple[str, ...] = EXCHANGE_COLUMNS) -> pd.DataFrame:
+    frame = _read(select(*(ex_t.c[name] for name in columns)).order_by(ex_t.c.id), db)
+    if "started_at" in frame:
+        frame["started"] = _utc(frame.pop("started_at"))
+    if "url_norm" in frame:
+        frame["host"] = frame["url_norm"].map(host_of)
+    return _categorize(frame)
+
+
+def hops(db: str | None = None) -> pd.DataFrame:
+    """Each hop with both sides: methods, URLs and origins, bodies, credentials, verdict."""
+    a, b = aliased(ex_t), aliased(ex_t)
+    stmt = (
+        select(
+            hops_t.c.chain_id, hops_t.c.idx.label("hop"), hops_t.c.status, hops_t.c.link, hops_t.c.confidence,
+            a.c.client, a.c.user_agent, a.c.started_at, a.c.method.label("method_before"),
+            b.c.method.label("method_after"), a.c.url_norm.label("from_url"),
+            func.coalesce(b.c.url_norm, a.c.location_resolved).label("to_url"),
+            a.c.req_body_len.label("body_len_before"), b.c.req_body_len.label("body_len_after"),
+            a.c.req_body_sha256.label("body_sha256_before"), b.c.req_body_sha256.label("body_sha256_after"),
+            a.c.req_content_type.label("content_type_before"), b.c.req_content_type.label("content_type_after"),
+            a.c.request_headers.label("headers_before"), b.c.request_headers.label("headers_after"),
+            hops_t.c.to_exchange_id, captures.c.creator, captures.c.browser, captures.c.source,
+        )
+        .join(a, a.c.id == hops_t.c.from_exchange_id)
+        .outerjoin(b, b.c.id == hops_t.c.to_exchange_id)
+        .join(captures, captures.c.id == a.c.capture_id)
+        .order_by(hops_t.c.chain_id, hops_t.c.idx)
+    )
+    frame = _read(stmt, db)
+    frame["followed"] = frame.pop("to_exchange_id").notna()
+    frame["started"] = _utc(frame.pop("started_at"))
+    frame["from_origin"] = frame["from_url"].map(lambda u: origin_of(u) if u else None)
+    frame["to_origin"] = frame["to_url"].map(lambda u: origin_of(u) if u else None)
+    frame["cross_origin"] = frame["from_origin"] != frame["to_origin"]
+    frame["https_to_http"] = frame["from_url"].str.startswith("https:") & frame["to_url"].fillna("").str.startswith(
+        "http:")
+    for side in ("before", "after"):
+        creds = frame.pop(f"headers_{side}").map(_credential_fingerprints)
+        frame[f"credentials_{side}"] = creds
+    frame["credentials_forwarded"] = [
+        sorted(set(before) & set(after)) if followed else []
+        for before, after, followed in zip(frame["credentials_before"], frame["credentials_after"], frame["followed"])
+    ]
+    frame["client_name"] = [client_name(ua, creator, browser, source) for ua, creator, browser, source in
+                            zip(frame["user_agent"], frame["creator"], frame["browser"], frame["source"])]
+    frame["verdict"] = [verdict(s, mb, ma, f, lb, la, sb, sa) for s, mb, ma, f, lb, la, sb, sa in zip(
+        frame["status"], frame["method_before"], frame["method_after"], frame["followed"],
+        frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"], frame["body_sha256_after"])]
+    return _categorize(frame)
+
+
+def _credential_fingerprints(text: str | None) -> list[str]:
+    """'name=fingerprint' of each credential header (values are already keyed fingerprints)."""
+    if not text:
+        return []
+    pairs = json.loads(text)
+    return [f"{name.lower()}={value}" for name, value in pairs if name.lower() in CREDENTIALS]
+
+
+def verdict(status, before, after, followed, len_before, len_after, sha_before, sha_after) -> str:
+    """What RFC 9110 / Fetch say of one hop: 'as specified', 'deviated' or 'not followed'."""
+    if not followed:
+        return "not followed"
+    if status == 303:  # RFC 9110 15.4.4, Fetch: GET, and HEAD stays HEAD
+        return "as specified" if after == ("HEAD" if before == "HEAD" else "GET") else "deviated"
+    if before != after:
+        if status in (301, 302) and before == "POST" and after == "GET":
+            return "as specified"  # allowed for historical reasons, flagged at low severity
+        return "deviated"
+    had_body = pd.notna(len_before) and len_before and before in WRITE_METHODS
+    if had_body and status in (301, 302, 307, 308):
+        if pd.isna(len_after):
+            return "as specified"  # the capture did not see the body: no verdict against the client
+        if not len_after or (sha_before and sha_after and sha_before != sha_after):
+            return "deviated"
+    return "as specified"
+
+
+def client_name(user_agent: str | None, creator: str | None = None, browser: str | None = None,
+                source: str | None = None) -> str:
+    """User-Agent family and major version ('curl 7', 'Chrome 130'), else the HAR's browser/creator."""
+    if isinstance(user_agent, str) and user_agent:
+        return _ua_family(user_agent)
+    if source == "har" and (browser or creator):
+        return str(browser or creator)
+    return "unknown"
+
+
+@lru_cache(maxsize=2048)
+def _ua_family(user_agent: str) -> str:
+    from ua_parser import parse
+
+    agent = parse(user_agent).user_agent
+    if agent is not None and agent.family != "Other":
+        return f"{agent.family} {agent.major}" if agent.major else agent.family
+    product = user_agent.split()[0]
+    name, _, version = product.partition("/")
+    return f"{name} {version.split('.')[0]}" if version else name
+
+
+def chains(db: str | None = None) -> pd.DataFrame:
+    frame = hops(db)
+    if frame.empty:
+        return pd.DataFrame(columns=["chain_id", "client", "root_url", "final_url", "hops", "end", "methods",
+                                     "started", "cross_origin"])
+    ends = _read(select(chains_t.c.id.label("chain_id"), chains_t.c.end_reason.label("end")), db)
+    grouped = frame.groupby("chain_id", observed=True, sort=True)
+    out = pd.DataFrame({
+        "client": grouped["client"].first(),
+        "client_name": grouped["client_name"].first(),
+        "root_url": grouped["from_url"].first(),
+        "final_url": grouped["to_url"].last(),
+        "hops": grouped.size(),
+        "methods": grouped.apply(_method_path, include_groups=False),
+        "started": grouped["started"].min(),
+        "cross_origin": grouped["cross_origin"].any(),
+    }).reset_index()
+    return out.merge(ends, on="chain_id", how="left")
+
+
+def _method_path(group: pd.DataFrame) -> str:
+    methods = [str(group["method_before"].iloc[0])]
+    methods += [str(m) if isinstance(m, str) else "-" for m in group["method_after"]]
+    return " -> ".join(methods)
+
+
+def findings(db: str | None = None) -> pd.DataFrame:
+    eng = engine(db)
+    try:
+        with eng.connect() as conn:
+            records = finding_records(conn)
+    finally:
+        eng.dispose()
+    frame = pd.DataFrame.from_records(records, columns=[
+        "rule", "rule_id", "severity", "confidence", "message", "chain_id", "hop", "status", "method_before",
+        "method_after", "from_url", "to_url", "client", "observed_at", "evidence", "fingerprint", "capture"])
+    frame["observed_at"] = pd.to_datetime(frame["observed_at"], utc=True, format="ISO8601")
+    order = ["info", "low", "medium", "high"]
+    frame["severity"] = pd.Categorical(frame["severity"], categories=order, ordered=True)
+    return frame
+
+
+def clients(db: str | None = None) -> pd.DataFrame:
+    """One row per client: how it is known, how much it sent, what redirects it met."""
+    stmt = (
+        select(ex_t.c.client, ex_t.c.user_agent, captures.c.creator, captures.c.browser, captures.c.source,
+               func.count().label("exchanges"), func.min(ex_t.c.started_at).label("first_seen"),
+               func.max(ex_t.c.started_at).label("last_seen"),
+               func.sum(case((ex_t.c.status.in_(REDIRECT_STATUSES), 1), else_=0)).label("redirects"))
+        .join(captures, captures.c.id == ex_t.c.capture_id)
+        .group_by(ex_t.c.client, ex_t.c.user_agent, captures.c.creator, captures.c.browser, captures.c.source)
+    )
+    raw = _read(stmt, db)
+    if raw.empty:
+        return pd.DataFrame(columns=["client", "client_name", "user_agent", "exchanges", "redirects", "first_seen",
+                                     "last_seen", "hops_followed", "deviations"])
+    raw["client_name"] = [client_name(ua, c, b, s) for ua, c, b, s in
+                          zip(raw["user_agent"], raw["creator"], raw["browser"], raw["source"])]
+    per = raw.groupby("client", sort=True).agg(
+        client_name=("client_name", lambda s: s.mode().iloc[0]),
+        user_agent=("user_agent", lambda s: s.dropna().mode().iloc[0] if s.notna().any() else None),
+        exchanges=("exchanges", "sum"), redirects=("redirects", "sum"),
+        first_seen=("first_seen", "min"), last_seen=("last_seen", "max"),
+    ).reset_index()
+    per["first_seen"], per["last_seen"] = _utc(per["first_seen"]), _utc(per["last_seen"])
+    hop_frame = hops(db)
+    if not hop_frame.empty:
+        hop_frame["client"] = hop_frame["client"].astype(str)
+        counts = hop_frame.groupby("client", observed=True).agg(
+            hops_followed=("followed", "sum"), deviations=("verdict", lambda v: int((v == "deviated").sum())))
+        per = per.merge(counts, left_on="client", right_index=True, how="left")
+    else:
+        per["hops_followed"], per["deviations"] = 0, 0
+    return per.fillna({"hops_followed": 0, "deviations": 0}).astype({"hops_followed": int, "deviations": int})
+
+
+def temporary_redirects(db: str | None = None, stale_after_days: float = DEFAULT_STALE_AFTER_DAYS) -> pd.DataFrame:
+    """One row per temporary redirect source -> target, across every capture in the store."""
+    stmt = select(ex_t.c.url_norm, ex_t.c.location_resolved, ex_t.c.location, ex_t.c.status, ex_t.c.method,
+                  ex_t.c.started_at, ex_t.c.response_headers, ex_t.c.synthetic).where(ex_t.c.status.in_(TEMPORARY))
+    raw = _read(stmt, db)
+    columns = ["source", "target", "statuses", "count", "first_seen", "last_seen", "age_days", "cache_control",
+               "expires", "retry_after", "stale"]
+    if raw.empty:
+        return pd.DataFrame(columns=columns)
+    raw = raw[~raw["synthetic"].astype(bool) & ((raw["status"] != 303) | raw["method"].isin(["GET", "HEAD"]))]
+    raw = raw.assign(target=raw["location_resolved"].fillna(raw["location"]))
+    headers = raw.pop("response_headers").map(lambda t: json.loads(t) if t else [])
+    for name in ("cache-control", "expires", "retry-after"):
+        raw[name] = headers.map(lambda h, n=name: header([tuple(x) for x in h], n))
+    grouped = raw.groupby(["url_norm", "target"], sort=True)
+    out = grouped.agg(
+        statuses=("status", lambda s: sorted(set(int(x) for x in s))),
+        count=("status", "size"), first_seen=("started_at", "min"), last_seen=("started_at", "max"),
+        cache_control=("cache-control", lambda s: s.dropna().iloc[-1] if s.notna().any() else None),
+        expires=("expires", lambda s: s.dropna().iloc[-1] if s.notna().any() else None),
+        retry_after=("retry-after", lambda s: s.dropna().iloc[-1] if s.notna().any() else None),
+    ).reset_index().rename(columns={"url_norm": "source"})
+    out["age_days"] = (out["last_seen"] - out["first_seen"]) / 86400.0
+    out["first_seen"], out["last_seen"] = _utc(out["first_seen"]), _utc(out["last_seen"])
+    out["stale"] = out["age_days"] >= stale_after_days
+    return out[columns]

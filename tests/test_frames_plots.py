@@ -1,0 +1,116 @@
+"""pandas frames and matplotlib figures over a real store (the bundled demo capture)."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from sqlalchemy import text
+
+from analyzer import frames, plots
+from analyzer.analysis import analyze
+from analyzer.ingest import import_har
+from analyzer.store import open_store
+
+
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("frames") / "demo.db")
+    store = open_store(path)
+    for entry in sorted(resources.files("analyzer").joinpath("demo").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".har"):
+            with resources.as_file(entry) as har:
+                import_har(store, har)
+    analyze(store)
+    store.close()
+    return path
+
+
+def test_exchanges_are_tidy(demo_db):
+    ex = frames.exchanges(demo_db)
+    assert len(ex) == 25
+    assert str(ex["started"].dt.tz) == "UTC"
+    assert isinstance(ex["method"].dtype, pd.CategoricalDtype) and isinstance(ex["host"].dtype, pd.CategoricalDtype)
+    assert "request_headers" not in ex and "req_body" not in ex  # neither header lists nor bodies
+
+
+def test_hops_say_what_changed_and_whether_it_conforms(demo_db):
+    h = frames.hops(demo_db).set_index("from_url")
+    put = h.loc["https://api.shop.example.test/v1/profile"]
+    assert (put["status"], put["method_before"], put["method_after"], put["verdict"]) == (302, "PUT", "GET", "deviated")
+    assert put["credentials_forwarded"] and all("hmac:" in c for c in put["credentials_forwarded"])
+    login = h.loc["https://shop.example.test/login"]
+    assert (login["status"], login["method_after"], login["verdict"]) == (303, "GET", "as specified")
+    failover = h.loc["https://api.shop.example.test/v1/orders"]
+    assert bool(failover["cross_origin"]) and failover["verdict"] == "deviated"  # 307 followed without the body
+
+
+@pytest.mark.parametrize("status, before, after, followed, len0, len1, expected", [
+    (303, "HEAD", "GET", True, None, None, "deviated"),       # urllib3 on 303; Fetch keeps HEAD
+    (303, "PUT", "GET", True, 5, 0, "as specified"),
+    (302, "POST", "GET", True, 5, 0, "as specified"),          # historical, reported at low severity
+    (302, "DELETE", "GET", True, None, None, "deviated"),
+    (307, "POST", "POST", True, 5, 0, "deviated"),
+    (307, "POST", "POST", True, 5, None, "as specified"),      # body not captured: no verdict against the client
+    (308, "PUT", None, False, 5, None, "not followed"),
+])
+def test_verdicts(status, before, after, followed, len0, len1, expected):
+    assert frames.verdict(status, before, after, followed, len0, len1, None, None) == expected
+
+
+def test_chains_findings_clients(demo_db):
+    ch = frames.chains(demo_db)
+    assert len(ch) == 11 and set(ch["end"]) == {"final"}
+    assert "PUT -> GET" in set(ch["methods"])
+    fi = frames.findings(demo_db)
+    assert len(fi) == 7 and fi["severity"].cat.ordered
+    assert fi["severity"].value_counts().to_dict() == {"high": 3, "medium": 3, "low": 1, "info": 0}
+    cl = frames.clients(demo_db).set_index("client")
+    assert set(cl["client_name"]) == {"Firefox 133"}
+    assert cl.loc["har:1/page_1", "deviations"] == 3 and cl.loc["har:1/page_1", "exchanges"] == 21
+
+
+def test_temporary_redirects(demo_db):
+    tr = frames.temporary_redirects(demo_db).set_index("source")
+    docs = tr.loc["https://shop.example.test/docs"]
+    assert docs["count"] == 2 and bool(docs["stale"]) and docs["age_days"] == pytest.approx(49.31, abs=0.01)
+    assert "max-age=2592000" in tr.loc["https://shop.example.test/sale", "cache_control"]
+    assert "https://shop.example.test/login" not in tr.index  # 303 after POST is Post/Redirect/Get, not a detour
+
+
+def test_frames_cannot_change_the_store(demo_db):
+    with frames.engine(demo_db).connect() as conn:
+        with pytest.raises(Exception, match="readonly"):
+            conn.execute(text("DELETE FROM findings"))
+
+
+def test_figures(demo_db):
+    f, c, h, t = (frames.findings(demo_db), frames.chains(demo_db), frames.hops(demo_db),
+                  frames.temporary_redirects(demo_db))
+    fig = plots.findings_by_rule(f)
+    assert isinstance(fig, Figure)
+    assert sum(bar.get_width() for bar in fig.axes[0].patches) == 7
+    lengths = plots.chain_lengths(c)
+    assert sum(p.get_height() for p in lengths.axes[0].patches) == 11
+    graph = plots.redirect_graph(h)
+    colors = {tuple(np.round(p.get_edgecolor(), 2)) for p in graph.axes[0].patches if hasattr(p, "get_arrowstyle")}
+    assert len(colors) == 2  # same-origin and cross-origin edges drawn apart
+    timeline = plots.temporary_timeline(t)
+    assert len(timeline.axes[0].get_yticklabels()) == len(t)
+    heat = plots.conformance_heatmap(h)
+    image = heat.axes[0].images[0].get_array()
+    assert image.shape == (1, h.assign(c=h["status"].astype(str) + h["method_before"].astype(str))["c"].nunique())
+    for figure in (fig, lengths, graph, timeline, heat):
+        figure.savefig("/dev/null", format="png")
+
+
+def test_figures_of_an_empty_store(tmp_path):
+    db = str(tmp_path / "empty.db")
+    open_store(db).close()
+    for fig in (plots.findings_by_rule(frames.findings(db)), plots.chain_lengths(frames.chains(db)),
+                plots.redirect_graph(frames.hops(db)), plots.temporary_timeline(frames.temporary_redirects(db)),
+                plots.conformance_heatmap(frames.hops(db))):
+        assert "no " in fig.axes[0].texts[0].get_text()
