@@ -144,7 +144,7 @@ def main() -> None:
                 for label in order:
                     proc, port = procs[label]
                     me = psutil.Process(proc.pid)
-                    before, sys_before, faults_before = cpu_seconds(me), sys_seconds(me), me.memory_info()
+                    before, sys_before = cpu_seconds(me), sys_seconds(me)
                     ctx_before = me.num_ctx_switches()
                     r = hey(port, target, chunk, args.concurrency)
                     time.sleep(1.0)  # let the writer thread commit what this burst queued
