@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
+from analyzer import exports
 from analyzer.analysis import AnalysisOptions, analyze
 from analyzer.chains import DEFAULT_LINK_WINDOW, LinkOptions
 from analyzer.detectors import RULES, DetectorOptions
@@ -34,6 +36,7 @@ from analyzer.store import DB_ENV, Store, StoreError, open_store, resolve_db_url
 
 DEMO_DB = "redirect-audit-demo.db"
 EXIT_ERROR = 2
+EXIT_FINDINGS = 1
 
 app = typer.Typer(
     name="redirect-audit",
@@ -55,6 +58,9 @@ class FindingFormat(StrEnum):
     table = "table"
     json = "json"
     jsonl = "jsonl"
+    sarif = "sarif"
+    junit = "junit"
+    markdown = "markdown"
 
 
 class ChainFormat(StrEnum):
@@ -196,16 +202,59 @@ def findings_cmd(
     format: Annotated[FindingFormat, typer.Option("--format", "-f")] = FindingFormat.table,
     min_severity: Annotated[str, typer.Option(help="info, low, medium or high")] = "info",
 ) -> None:
-    """List the findings of the last `analyze`."""
+    """List the findings of the last `analyze` (sarif: SARIF 2.1.0; junit: a test case per chain)."""
     floor = _severity(min_severity)
     with _open(db).begin() as conn:
         records = finding_records(conn, floor)
+        chain_list = chain_records(conn) if format is FindingFormat.junit else []
     if format is FindingFormat.json:
         write_json(records, sys.stdout)
     elif format is FindingFormat.jsonl:
         write_jsonl(records, sys.stdout)
+    elif format is FindingFormat.sarif:
+        json.dump(exports.sarif(records), sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    elif format is FindingFormat.junit:
+        sys.stdout.write(exports.junit(records, chain_list))
+    elif format is FindingFormat.markdown:
+        sys.stdout.write(exports.markdown(records))
     else:
         print_findings_table(records, out)
+
+
+@app.command("check")
+def check_cmd(
+    db: DbOption = None,
+    fail_on: Annotated[str, typer.Option(help="Lowest severity that fails: info, low, medium or high")] = "medium",
+    baseline: Annotated[Path | None, typer.Option(help="Findings recorded here are known and do not fail")] = None,
+    write_baseline: Annotated[Path | None, typer.Option(
+        help="Record the current findings as the baseline and exit 0", show_default=False)] = None,
+    reanalyze: Annotated[bool, typer.Option("--analyze/--no-analyze", help="Run analyze first")] = True,
+) -> None:
+    """CI gate: exit 1 when a finding at or above --fail-on is not in the baseline, else 0."""
+    floor = _severity(fail_on)
+    store = _open(db)
+    if reanalyze:
+        analyze(store)
+    with store.begin() as conn:
+        records = finding_records(conn)
+    if write_baseline is not None:
+        count = exports.write_baseline(records, write_baseline)
+        click.echo(f"baseline: {count} finding(s) recorded in {write_baseline}")
+        return
+    try:
+        known = exports.read_baseline(baseline) if baseline is not None else set()
+    except exports.BaselineError as exc:
+        raise UserError(str(exc)) from None
+    failing = exports.gate(records, floor, known)
+    for r in failing:
+        click.echo(f"NEW {r['severity']:6} {r['rule_id']} {r['rule']}: {r['method_before']} {r['from_url']} -> "
+                   f"{r['status']} -> {r['method_after'] or ''} {r['to_url']}")
+    quiet = len(records) - len(failing)
+    click.echo(f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
+               f" ({quiet} other finding(s) known or below the bar)")
+    if failing:
+        raise typer.Exit(EXIT_FINDINGS)
 
 
 @app.command("chains")
