@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ class FindingFormat(StrEnum):
     sarif = "sarif"
     junit = "junit"
     markdown = "markdown"
+    html = "html"
 
 
 class ChainFormat(StrEnum):
@@ -201,13 +203,32 @@ def findings_cmd(
     db: DbOption = None,
     format: Annotated[FindingFormat, typer.Option("--format", "-f")] = FindingFormat.table,
     min_severity: Annotated[str, typer.Option(help="info, low, medium or high")] = "info",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout",
+                                                show_default=False)] = None,
 ) -> None:
-    """List the findings of the last `analyze` (sarif: SARIF 2.1.0; junit: a test case per chain)."""
+    """List the findings of the last `analyze`.
+
+    sarif: SARIF 2.1.0; junit: a test case per chain; markdown; html: one self-contained
+    file with the plots and a table per rule.
+    """
     floor = _severity(min_severity)
     with _open(db).begin() as conn:
         records = finding_records(conn, floor)
         chain_list = chain_records(conn) if format is FindingFormat.junit else []
-    if format is FindingFormat.json:
+    if output is not None:
+        with output.open("w", encoding="utf-8") as fh, contextlib.redirect_stdout(fh):
+            _write_findings(format, records, chain_list, db)
+        click.echo(f"wrote {len(records)} finding(s) to {output}", err=True)
+        return
+    _write_findings(format, records, chain_list, db)
+
+
+def _write_findings(format: FindingFormat, records: list[dict], chain_list: list[dict], db: str | None) -> None:
+    if format is FindingFormat.html:
+        from analyzer.htmlreport import render  # pandas and matplotlib, only when asked for
+
+        sys.stdout.write(render(db, records))
+    elif format is FindingFormat.json:
         write_json(records, sys.stdout)
     elif format is FindingFormat.jsonl:
         write_jsonl(records, sys.stdout)
