@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from enum import StrEnum
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from analyzer import exports
 from analyzer.analysis import AnalysisOptions, analyze
+from analyzer.demo_store import DEMO_DB, build_demo_store
 from analyzer.chains import DEFAULT_LINK_WINDOW, LinkOptions
 from analyzer.detectors import RULES, DetectorOptions
 from analyzer.detectors.base import DEFAULT_DUPLICATE_WINDOW, DEFAULT_STALE_AFTER_DAYS
@@ -35,7 +35,6 @@ from analyzer.report import (
 )
 from analyzer.store import DB_ENV, Store, StoreError, open_store, resolve_db_url
 
-DEMO_DB = "redirect-audit-demo.db"
 EXIT_ERROR = 2
 EXIT_FINDINGS = 1
 
@@ -306,20 +305,13 @@ def demo_cmd(
     db: Annotated[str, typer.Option("--db", help="Store to (re)create for the demo")] = DEMO_DB,
 ) -> None:
     """Import the bundled sample capture, analyze it and print the findings."""
-    if "://" not in db and os.path.exists(db):
-        for suffix in ("", "-wal", "-shm"):
-            Path(db + suffix).unlink(missing_ok=True)
+    build_demo_store(db, report=click.echo)
     store = _open(db)
-    demo_dir = resources.files("analyzer") / "demo"
-    for entry in sorted(demo_dir.iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".har"):
-            with resources.as_file(entry) as path:
-                result = import_har(store, path)
-            click.echo(f"imported {result.entries} entries from demo/{entry.name}")
-    result = analyze(store)
-    click.echo(f"{len(result.chains)} chain(s), {len(result.findings)} finding(s)\n")
     with store.begin() as conn:
-        print_findings_table(finding_records(conn), out)
+        records = finding_records(conn)
+        chain_count = len(chain_records(conn))
+    click.echo(f"{chain_count} chain(s), {len(records)} finding(s)\n")
+    print_findings_table(records, out)
     click.echo(f"\nExplore it: redirect-audit chains --db {db}   |   redirect-audit findings --db {db} --format json")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import pandas as pd
 from sqlalchemy import case, create_engine, func, select
@@ -45,7 +46,10 @@ def engine(db: str | None = None) -> Engine:
     """A read-only engine (SQLite is opened with mode=ro: a notebook cannot change the store)."""
     url = resolve_db_url(db)
     if url.startswith("sqlite:///") and "?" not in url and not url.endswith(":memory:"):
-        url = f"sqlite:///file:{url.removeprefix('sqlite:///')}?mode=ro&uri=true"
+        path = url.removeprefix("sqlite:///")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no redirect-audit store at {path} (set REDIRECT_AUDIT_DB, or pass db=)")
+        url = f"sqlite:///file:{path}?mode=ro&uri=true"
     return create_engine(url)
 
 

