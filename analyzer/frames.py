@@ -74,19 +74,12 @@ def _categorize(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-@lru_cache(maxsize=4096)
-def host_of(url: str | None) -> str | None:
-    if not url:
-        return None
-    return origin_of(url).split("://", 1)[-1]
-
-
 def exchanges(db: str | None = None, columns: tuple[str, ...] = EXCHANGE_COLUMNS) -> pd.DataFrame:
     frame = _read(select(*(ex_t.c[name] for name in columns)).order_by(ex_t.c.id), db)
     if "started_at" in frame:
         frame["started"] = _utc(frame.pop("started_at"))
-    if "url_norm" in frame:
-        frame["host"] = frame["url_norm"].map(host_of)
+    if "url_norm" in frame:  # normalized URLs: scheme://host[:port]/..., no userinfo left to strip
+        frame["host"] = frame["url_norm"].str.extract(r"^[^:/?#]+://(?:[^@/?#]*@)?([^/?#]*)", expand=False)
     return _categorize(frame)
 
 
@@ -195,17 +188,23 @@ def chains(db: str | None = None) -> pd.DataFrame:
         "root_url": grouped["from_url"].first(),
         "final_url": grouped["to_url"].last(),
         "hops": grouped.size(),
-        "methods": grouped.apply(_method_path, include_groups=False),
         "started": grouped["started"].min(),
         "cross_origin": grouped["cross_origin"].any(),
-    }).reset_index()
-    return out.merge(ends, on="chain_id", how="left")
+    })
+    out["methods"] = pd.Series(_method_paths(frame), dtype="str").reindex(out.index)
+    return out.reset_index().merge(ends, on="chain_id", how="left")
 
 
-def _method_path(group: pd.DataFrame) -> str:
-    methods = [str(group["method_before"].iloc[0])]
-    methods += [str(m) if isinstance(m, str) else "-" for m in group["method_after"]]
-    return " -> ".join(methods)
+def _method_paths(frame: pd.DataFrame) -> dict[int, str]:
+    """'POST -> GET -> GET' per chain (hops come sorted by chain and index)."""
+    paths: dict[int, list[str]] = {}
+    for chain_id, before, after in zip(frame["chain_id"], frame["method_before"].astype(str),
+                                       frame["method_after"].astype(object)):
+        path = paths.get(chain_id)
+        if path is None:
+            path = paths[chain_id] = [before]
+        path.append(after if isinstance(after, str) else "-")
+    return {chain_id: " -> ".join(path) for chain_id, path in paths.items()}
 
 
 def findings(db: str | None = None) -> pd.DataFrame:
@@ -240,12 +239,14 @@ def clients(db: str | None = None) -> pd.DataFrame:
                                      "last_seen", "hops_followed", "deviations"])
     raw["client_name"] = [client_name(ua, c, b, s) for ua, c, b, s in
                           zip(raw["user_agent"], raw["creator"], raw["browser"], raw["source"])]
-    per = raw.groupby("client", sort=True).agg(
-        client_name=("client_name", lambda s: s.mode().iloc[0]),
-        user_agent=("user_agent", lambda s: s.dropna().mode().iloc[0] if s.notna().any() else None),
-        exchanges=("exchanges", "sum"), redirects=("redirects", "sum"),
-        first_seen=("first_seen", "min"), last_seen=("last_seen", "max"),
-    ).reset_index()
+    # The name and User-Agent a client is known by: those of most of its exchanges.
+    ranked = raw.sort_values(["client", "exchanges"], ascending=[True, False], kind="stable")
+    grouped = ranked.groupby("client", sort=True)
+    per = pd.DataFrame({
+        "client_name": grouped["client_name"].first(), "user_agent": grouped["user_agent"].first(),
+        "exchanges": grouped["exchanges"].sum(), "redirects": grouped["redirects"].sum(),
+        "first_seen": grouped["first_seen"].min(), "last_seen": grouped["last_seen"].max(),
+    }).reset_index()
     per["first_seen"], per["last_seen"] = _utc(per["first_seen"]), _utc(per["last_seen"])
     hop_frame = hops(db)
     if not hop_frame.empty:
@@ -272,14 +273,17 @@ def temporary_redirects(db: str | None = None, stale_after_days: float = DEFAULT
     headers = raw.pop("response_headers").map(lambda t: json.loads(t) if t else [])
     for name in ("cache-control", "expires", "retry-after"):
         raw[name] = headers.map(lambda h, n=name: header([tuple(x) for x in h], n))
-    grouped = raw.groupby(["url_norm", "target"], sort=True)
-    out = grouped.agg(
-        statuses=("status", lambda s: sorted(set(int(x) for x in s))),
-        count=("status", "size"), first_seen=("started_at", "min"), last_seen=("started_at", "max"),
-        cache_control=("cache-control", lambda s: s.dropna().iloc[-1] if s.notna().any() else None),
-        expires=("expires", lambda s: s.dropna().iloc[-1] if s.notna().any() else None),
-        retry_after=("retry-after", lambda s: s.dropna().iloc[-1] if s.notna().any() else None),
-    ).reset_index().rename(columns={"url_norm": "source"})
+    keys = ["url_norm", "target"]
+    grouped = raw.groupby(keys, sort=True)
+    out = pd.DataFrame({
+        "count": grouped.size(), "first_seen": grouped["started_at"].min(), "last_seen": grouped["started_at"].max(),
+        # the latest value each header had (last() skips missing ones)
+        "cache_control": grouped["cache-control"].last(), "expires": grouped["expires"].last(),
+        "retry_after": grouped["retry-after"].last(),
+    })
+    statuses = raw[[*keys, "status"]].drop_duplicates().sort_values("status").groupby(keys)["status"].agg(list)
+    out["statuses"] = statuses.map(lambda values: [int(v) for v in values])
+    out = out.reset_index().rename(columns={"url_norm": "source"})
     out["age_days"] = (out["last_seen"] - out["first_seen"]) / 86400.0
     out["first_seen"], out["last_seen"] = _utc(out["first_seen"]), _utc(out["last_seen"])
     out["stale"] = out["age_days"] >= stale_after_days
