@@ -46,7 +46,7 @@ class Recorder:
         self.seen = 0
         self.stored = 0
         self.lost = 0
-        self._waiting: deque[Exchange] = deque()  # append/popleft are atomic: no lock needed
+        self._waiting: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
         self._wake = threading.Event()
         self._closing = False
         with store.begin() as conn:
@@ -59,8 +59,11 @@ class Recorder:
         return self.seen
 
     def submit(self, exchange: Exchange) -> None:
+        """Queue one exchange. It is queued as its row, a flat tuple of strings and numbers:
+        the cycle collector stops tracking such tuples, while an Exchange (with its header
+        lists) would be walked by every collection for as long as it waits."""
         self.seen += 1
-        self._waiting.append(exchange)
+        self._waiting.append(exchange_row(exchange))
         if len(self._waiting) >= self.settings.batch_size and not self._wake.is_set():
             self._wake.set()
 
@@ -86,8 +89,7 @@ class Recorder:
             if closing:
                 return
 
-    def _write(self, batch: list[Exchange]) -> None:
-        rows = [exchange_row(ex) for ex in batch]
+    def _write(self, rows: list[tuple]) -> None:
         for attempt in range(1, RETRIES + 1):
             try:
                 with self.store.begin() as conn:
