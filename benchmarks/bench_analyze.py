@@ -4,7 +4,8 @@
 
 Fills a fresh SQLite store directly (rows shaped like a busy proxy capture: 10% of
 requests are redirects followed by their client, 1 in 7 is a POST, a few thousand
-clients), then times `analyze` in a child process and prints seconds and peak RSS.
+clients, and enough misbehaviour for three of the four rules to fire), then times
+`analyze` in a child process and prints seconds, findings and peak RSS.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ CLIENTS = 5000
 
 
 def rows(n: int):
+    """Exchanges; every 10th starts a redirect. Of the redirected POSTs (1 in 7), a third get a
+    302 followed with GET (method-downgrade fires), the others a 307 followed with the body;
+    every 50th GET redirect is a cacheable 302 (stale-temporary-redirect fires), and every
+    1000th exchange re-sends the previous POST's body (duplicate-write fires)."""
     body = Body(length=24, sha256=hashlib.sha256(b"x").hexdigest(), content_type="application/json")
     t0 = 1_790_000_000.0
     i = 0
@@ -33,19 +38,30 @@ def rows(n: int):
         url = f"https://svc{i % 40}.example.test/r/{i}"
         post = i % 7 == 0
         redirect = i % 10 == 0 and i + 1 < n
-        status = (307 if post else 302) if redirect else 200
+        downgrade = post and i % 3 == 0
+        status = (302 if downgrade else 307 if post else 302) if redirect else 200
+        cacheable = redirect and not post and i % 50 == 0
         target = f"https://svc{i % 40}.example.test/r/{i}/next"
         yield exchange_row(Exchange(
             capture_id=1, seq=i, method="POST" if post else "GET", url=url, url_norm=url, started_at=t0 + i * 0.001,
             client=client, connection=f"c{i}", status=status, location=target if redirect else None,
             location_resolved=target if redirect else None, request_body=body if post else Body(),
+            response_headers=[("Cache-Control", "max-age=3600")] if cacheable else [],
         ))
         i += 1
         if redirect:
+            follow = "GET" if downgrade else ("POST" if post else "GET")
             yield exchange_row(Exchange(
-                capture_id=1, seq=i, method="POST" if post else "GET", url=target, url_norm=target,
-                started_at=t0 + i * 0.001, client=client, connection=f"c{i - 1}", status=201 if post else 200,
-                request_body=body if post else Body(),
+                capture_id=1, seq=i, method=follow, url=target, url_norm=target,
+                started_at=t0 + i * 0.001, client=client, connection=f"c{i - 1}", status=201 if follow == "POST" else 200,
+                request_body=body if follow == "POST" else Body(),
+            ))
+            i += 1
+        elif i % 1000 == 0 and i < n:  # the same order again, from the same client, accepted again
+            yield exchange_row(Exchange(
+                capture_id=1, seq=i, method="POST", url="https://svc0.example.test/orders",
+                url_norm="https://svc0.example.test/orders", started_at=t0 + i * 0.001, client="10.9.9.9",
+                connection=f"c{i}", status=201, request_body=body,
             ))
             i += 1
 
