@@ -27,6 +27,7 @@ from mitmproxy.hooks import UpdateHook
 from analyzer.analysis import AnalysisOptions
 from analyzer.chains import LinkOptions
 from analyzer.detectors import DetectorOptions
+from analyzer.detectors.base import WRITE_METHODS
 from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
 from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
@@ -135,7 +136,10 @@ class RedirectRecorder:
         self.recorder.submit(exchange)
         if self.live is not None:
             found = self.live.add(exchange)
-            self.flows[exchange.id] = flow
+            # Only flows a later finding can point back at are remembered (redirects and
+            # writes); a plain GET is marked, if at all, by the finding it completes now.
+            if found or exchange.is_redirect or exchange.method in WRITE_METHODS:
+                self.flows[exchange.id] = flow
             if found:
                 self._report(found)
 

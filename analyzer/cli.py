@@ -86,16 +86,21 @@ def import_har_cmd(
     """Import HAR files; each file is one transaction, a bad file leaves nothing behind."""
     store = _open(db)
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
+    _import_files(files, lambda path: _import_one(store, path, options, workers), "entries")
+
+
+def _import_files(files: list[Path], import_one, noun: str) -> None:
+    """Import each file in turn; a bad one is reported in one line and the others still go in."""
     failed = 0
     for path in files:
         try:
-            result = _import_one(store, path, options, workers)
+            result = import_one(path)
         except ImportError_ as exc:
             _error(str(exc))
             failed += 1
             continue
         note = f", {result.warnings} field(s) unreadable and left empty" if result.warnings else ""
-        click.echo(f"imported {result.entries} entries from {path}{note}")
+        click.echo(f"imported {result.entries} {noun} from {path}{note}")
     if failed:
         raise typer.Exit(EXIT_ERROR)
 
@@ -133,17 +138,7 @@ def import_flows_cmd(
 
     store = _open(db)
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
-    failed = 0
-    for path in files:
-        try:
-            result = import_flows(store, path, options)
-        except ImportError_ as exc:
-            _error(str(exc))
-            failed += 1
-            continue
-        click.echo(f"imported {result.entries} flows from {path}")
-    if failed:
-        raise typer.Exit(EXIT_ERROR)
+    _import_files(files, lambda path: import_flows(store, path, options), "flows")
 
 
 @app.command("proxy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -31,6 +31,13 @@ VERDICTS = ["as specified", "deviated", "not followed"]
 VERDICT_COLORS = ["#27ae60", "#c0392b", "#bdc3c7"]
 
 
+def _figure(size: tuple[float, float], title: str):
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    return fig, ax
+
+
 def _empty(fig: Figure, ax, text: str) -> Figure:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
     ax.set_axis_off()
@@ -38,9 +45,7 @@ def _empty(fig: Figure, ax, text: str) -> Figure:
 
 
 def findings_by_rule(findings: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(8, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title("Findings by rule and severity")
+    fig, ax = _figure((8, 4), "Findings by rule and severity")
     if findings.empty:
         return _empty(fig, ax, "no findings")
     table = (findings.assign(severity=findings["severity"].astype(str), label=findings["rule_id"] + " " + findings["rule"])
@@ -57,9 +62,7 @@ def findings_by_rule(findings: pd.DataFrame) -> Figure:
 
 
 def chain_lengths(chains: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title("Chain length")
+    fig, ax = _figure((6, 4), "Chain length")
     if chains.empty:
         return _empty(fig, ax, "no chains")
     longest = int(chains["hops"].max())
@@ -71,9 +74,7 @@ def chain_lengths(chains: pd.DataFrame) -> Figure:
 
 
 def redirect_graph(hops: pd.DataFrame, max_hosts: int = 30) -> Figure:
-    fig = Figure(figsize=(8, 8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title("Redirects between hosts")
+    fig, ax = _figure((8, 8), "Redirects between hosts")
     if hops.empty:
         return _empty(fig, ax, "no redirects")
     frame = hops.assign(src=hops["from_origin"].astype(str), dst=hops["to_origin"].astype(str))
@@ -112,9 +113,8 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 30) -> Figure:
 def temporary_timeline(temporary: pd.DataFrame, stale_after_days: float = DEFAULT_STALE_AFTER_DAYS,
                        max_rows: int = 40) -> Figure:
     rows = temporary.sort_values("first_seen").tail(max_rows)
-    fig = Figure(figsize=(9, 1.5 + 0.35 * max(len(rows), 1)), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(f"Temporary redirects over time (stale after {stale_after_days:g} days)")
+    fig, ax = _figure((9, 1.5 + 0.35 * max(len(rows), 1)),
+                      f"Temporary redirects over time (stale after {stale_after_days:g} days)")
     if rows.empty:
         return _empty(fig, ax, "no temporary redirects")
     labels = [f"{s.split('://')[-1]} -> {t.split('://')[-1]}" for s, t in zip(rows["source"], rows["target"])]
@@ -136,9 +136,7 @@ def temporary_timeline(temporary: pd.DataFrame, stale_after_days: float = DEFAUL
 
 
 def conformance_heatmap(hops: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title("Client conformance (RFC 9110 / Fetch) by redirect status and method")
+    fig, ax = _figure((10, 4), "Client conformance (RFC 9110 / Fetch) by redirect status and method")
     if hops.empty:
         return _empty(fig, ax, "no redirects")
     frame = hops.assign(case=hops["status"].astype(int).astype(str) + " " + hops["method_before"].astype(str),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlencode
 
 CREDENTIAL_HEADERS = frozenset(
@@ -75,12 +76,23 @@ def is_credential_header(name: str) -> bool:
     return name.lower() in CREDENTIAL_HEADERS
 
 
-def protect_headers(headers: list[tuple[str, str]], key: bytes) -> list[tuple[str, str]]:
+def protect_headers(headers: Iterable[tuple[str, str]], key: bytes) -> list[tuple[str, str]]:
     """Replace every credential header value with its fingerprint."""
-    return [
-        (name, fingerprint(key, value) if name.lower() in CREDENTIAL_HEADERS else value)
-        for name, value in headers
-    ]
+    return protect_and_index(headers, key)[0]
+
+
+def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
+    pairs: list[tuple[str, str]] = []
+    lookup: dict[str, str] = {}
+    for name, value in headers:
+        lname = name.lower()
+        if lname in CREDENTIAL_HEADERS:
+            value = fingerprint(key, value)
+        pairs.append((name, value))
+        if lname not in lookup:
+            lookup[lname] = value
+    return pairs, lookup
 
 
 def protect_url(url: str, key: bytes) -> str:

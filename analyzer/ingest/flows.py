@@ -25,7 +25,7 @@ from analyzer.ingest.common import (
     summarize_body,
 )
 from analyzer.model import Body, Exchange
-from analyzer.secrets import CREDENTIAL_HEADERS, fingerprint, protect_url
+from analyzer.secrets import protect_and_index, protect_url
 from analyzer.store import Store, add_capture, exchange_row, finish_capture, write_exchanges
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
@@ -49,7 +49,7 @@ class FlowConverter:
 
     def convert(self, seq: int, flow: http.HTTPFlow) -> Exchange:
         request = flow.request
-        req_headers, req_h = self._headers(request.headers.items(multi=True))
+        req_headers, req_h = protect_and_index(request.headers.items(multi=True), self.key)
         url = protect_url(request.url, self.key)
         try:
             url_norm = normalize_url(url)
@@ -76,7 +76,7 @@ class FlowConverter:
         if response is None:
             ex.error = flow.error.msg if flow.error else "no response"
             return ex
-        resp_headers, resp_h = self._headers(response.headers.items(multi=True))
+        resp_headers, resp_h = protect_and_index(response.headers.items(multi=True), self.key)
         ex.response_started_at = response.timestamp_start
         ex.status = response.status_code
         ex.status_text = response.reason
@@ -93,18 +93,6 @@ class FlowConverter:
                 except BadURL as exc:
                     ex.location_error = str(exc)
         return ex
-
-    def _headers(self, items) -> tuple[list[tuple[str, str]], dict[str, str]]:
-        pairs: list[tuple[str, str]] = []
-        lookup: dict[str, str] = {}
-        for name, value in items:
-            lname = name.lower()
-            if lname in CREDENTIAL_HEADERS:
-                value = fingerprint(self.key, value)
-            pairs.append((name, value))
-            if lname not in lookup:
-                lookup[lname] = value
-        return pairs, lookup
 
     def _body(self, message: http.Message, headers: dict[str, str]) -> Body:
         content_type = headers.get("content-type")

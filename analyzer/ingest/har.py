@@ -351,7 +351,12 @@ class _HarEntries:
         return ex
 
     def _headers(self, value: Any) -> tuple[list[tuple[str, str]], dict[str, str]]:
-        """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
+        """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values.
+
+        `secrets.protect_and_index` in one pass with the HAR clean-up (objects only, names
+        and values as text): feeding it a cleaned list or a generator costs this, the
+        importer's hottest loop, about a third more (measured).
+        """
         pairs: list[tuple[str, str]] = []
         lookup: dict[str, str] = {}
         if type(value) is not list:
