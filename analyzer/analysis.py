@@ -60,15 +60,15 @@ def rebuild_chains(conn: Connection, options: LinkOptions) -> tuple[list[Chain],
     )
     candidates = load_exchanges(conn, ex_t.c.url_norm.in_(targets), light=True)
     links = link_redirects(redirects, candidates, options)
-    # The mission rules read headers of redirects only (Retry-After, caching); skip the rest.
-    writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes()), headers=False)
     by_id = {ex.id: ex for ex in redirects}
-    by_id.update((ex.id, ex) for ex in writes if ex.id not in by_id)
-    writes = [by_id[ex.id] for ex in writes]  # one object per exchange
+    # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
     missing = [link.target_id for link in links.values() if link.target_id not in by_id]
     for start in range(0, len(missing), ID_CHUNK):
         chunk = missing[start : start + ID_CHUNK]
-        by_id.update((ex.id, ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk), headers=False))
+        by_id.update((ex.id, ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk)))
+    # Writes are compared by body, not headers: skip decoding those where not loaded already.
+    writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes()), headers=False)
+    writes = [by_id.setdefault(ex.id, ex) for ex in writes]  # one object per exchange
     return assemble_chains(by_id, links), writes
 
 

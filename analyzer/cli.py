@@ -21,7 +21,7 @@ from analyzer.analysis import AnalysisOptions, analyze
 from analyzer.demo_store import DEMO_DB, build_demo_store
 from analyzer.chains import DEFAULT_LINK_WINDOW, LinkOptions
 from analyzer.detectors import RULES, DetectorOptions
-from analyzer.detectors.base import DEFAULT_DUPLICATE_WINDOW, DEFAULT_STALE_AFTER_DAYS
+from analyzer.detectors.base import DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_REDIRECTS, DEFAULT_STALE_AFTER_DAYS
 from analyzer.ingest import CaptureOptions, ImportError_, import_har
 from analyzer.ingest.common import DEFAULT_BODY_CAP
 from analyzer.model import Severity
@@ -29,6 +29,7 @@ from analyzer.report import (
     chain_records,
     finding_records,
     print_chain_trees,
+    print_conformance_table,
     print_findings_table,
     write_json,
     write_jsonl,
@@ -179,12 +180,17 @@ def analyze_cmd(
     link_window: Annotated[float, typer.Option(help="Seconds within which a follow-up must start")] = DEFAULT_LINK_WINDOW,
     stale_days: Annotated[float, typer.Option(help="Days after which a temporary redirect is stale")] = DEFAULT_STALE_AFTER_DAYS,
     duplicate_window: Annotated[float, typer.Option(help="Seconds between two deliveries of one write")] = DEFAULT_DUPLICATE_WINDOW,
+    max_redirects: Annotated[int, typer.Option(help="Follow-ups in one chain before too-many-redirects")] = DEFAULT_MAX_REDIRECTS,
 ) -> None:
     """Rebuild chains and run every rule (re-running replaces earlier results)."""
-    options = AnalysisOptions(
-        link=LinkOptions(window=link_window),
-        detect=DetectorOptions(stale_after_days=stale_days, duplicate_window=duplicate_window),
-    )
+    try:
+        options = AnalysisOptions(
+            link=LinkOptions(window=link_window),
+            detect=DetectorOptions(stale_after_days=stale_days, duplicate_window=duplicate_window,
+                                   max_redirects=max_redirects),
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     result = analyze(_open(db), options)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.by_severity.items(), key=lambda kv: -Severity.parse(kv[0])))
     hops = sum(len(c.hops) for c in result.chains)
@@ -285,6 +291,29 @@ def chains_cmd(
         write_json(records, sys.stdout)
     else:
         print_chain_trees(records, out)
+
+
+class ClientFormat(StrEnum):
+    table = "table"
+    json = "json"
+
+
+@app.command("clients")
+def clients_cmd(
+    db: DbOption = None,
+    format: Annotated[ClientFormat, typer.Option("--format", "-f")] = ClientFormat.table,
+) -> None:
+    """Per-client conformance: what each client did on every (status, method) it met, next to RFC 9110 / Fetch."""
+    from analyzer import frames
+
+    try:
+        rows = frames.clients(resolve_db_url(db)).to_dict("records")
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    if format is ClientFormat.json:
+        write_json(rows, sys.stdout)
+    else:
+        print_conformance_table(rows, out)
 
 
 @app.command("rules")

@@ -9,7 +9,9 @@ comfortably in memory. Timestamps are timezone-aware UTC.
     hops()                 one row per hop: what changed between the redirect and its follow-up
     chains()               one row per chain: root, client, length, end, method path
     findings()             one row per finding (the JSON contract's fields)
-    clients()              one row per client: User-Agent family, traffic, redirects met
+    clients()              per-client conformance: one row per (client, status, method) met, what
+                           the client did on the follow-up next to what RFC 9110 / Fetch prescribe
+    client_summary()       one row per client: User-Agent family, traffic, redirects met
     temporary_redirects()  one row per temporary source -> target: statuses, first/last seen,
                            count, cache headers, age
 """
@@ -25,10 +27,11 @@ from sqlalchemy import case, create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
-from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, WRITE_METHODS
+from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, REQUEST_BODY_HEADERS, SAFE_RETRIEVAL, WRITE_METHODS
 from analyzer.model import REDIRECT_STATUSES, header
 from analyzer.report import finding_records
-from analyzer.store import captures, chains as chains_t, exchanges as ex_t, hops as hops_t, resolve_db_url
+from analyzer.store import captures, chains as chains_t, exchanges as ex_t, findings as findings_t, hops as hops_t
+from analyzer.store import resolve_db_url
 from analyzer.urls import origin_of
 
 CHUNK = 100_000
@@ -111,6 +114,7 @@ def hops(db: str | None = None) -> pd.DataFrame:
     frame["cross_origin"] = frame["from_origin"] != frame["to_origin"]
     frame["https_to_http"] = frame["from_url"].str.startswith("https:") & frame["to_url"].fillna("").str.startswith(
         "http:")
+    frame["body_headers_after"] = frame["headers_after"].map(_body_headers)
     for side in ("before", "after"):
         creds = frame.pop(f"headers_{side}").map(_credential_fingerprints)
         frame[f"credentials_{side}"] = creds
@@ -118,12 +122,59 @@ def hops(db: str | None = None) -> pd.DataFrame:
         sorted(set(before) & set(after)) if followed else []
         for before, after, followed in zip(frame["credentials_before"], frame["credentials_after"], frame["followed"])
     ]
+    frame["credentials_cross_origin"] = [
+        forwarded if cross else [] for forwarded, cross in zip(frame["credentials_forwarded"], frame["cross_origin"])
+    ]
+    frame["body_after"] = [body_change(f, lb, la, sb, sa) for f, lb, la, sb, sa in zip(
+        frame["followed"], frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"],
+        frame["body_sha256_after"])]
     frame["client_name"] = [client_name(ua, creator, browser, source) for ua, creator, browser, source in
                             zip(frame["user_agent"], frame["creator"], frame["browser"], frame["source"])]
-    frame["verdict"] = [verdict(s, mb, ma, f, lb, la, sb, sa) for s, mb, ma, f, lb, la, sb, sa in zip(
-        frame["status"], frame["method_before"], frame["method_after"], frame["followed"],
-        frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"], frame["body_sha256_after"])]
+    frame["verdict"] = [
+        verdict(s, mb, ma, f, lb, la, sb, sa, bh, cc) for s, mb, ma, f, lb, la, sb, sa, bh, cc in zip(
+            frame["status"], frame["method_before"], frame["method_after"], frame["followed"],
+            frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"],
+            frame["body_sha256_after"], frame["body_headers_after"], frame["credentials_cross_origin"])]
     return _categorize(frame)
+
+
+def _body_headers(text: str | None) -> list[str]:
+    """Request-body headers a follow-up carries (Content-Length only when above 0)."""
+    if not text:
+        return []
+    found = []
+    for name, value in json.loads(text):
+        lname = name.lower()
+        if lname in REQUEST_BODY_HEADERS or (lname == "content-length" and str(value).strip() not in ("", "0")):
+            if lname not in found:
+                found.append(lname)
+    return found
+
+
+def prescribed_method(status, method: str) -> str:
+    """The follow-up's method per RFC 9110 15.4 and Fetch's HTTP-redirect fetch."""
+    if status in (301, 302) and method == "POST":
+        return "GET"  # "for historical reasons"; Fetch rewrites POST only
+    if status == 303 and method not in SAFE_RETRIEVAL:
+        return "GET"
+    return method
+
+
+def body_change(followed, len_before, len_after, sha_before, sha_after) -> str:
+    """What happened to the request body on one hop: kept, changed, dropped, added, none."""
+    if not followed:
+        return "-"
+    had = pd.notna(len_before) and len_before > 0
+    if not had:
+        return "added" if pd.notna(len_after) and len_after > 0 else "none"
+    if pd.isna(len_after):
+        return "not captured"
+    if not len_after:
+        return "dropped"
+    if (sha_before and sha_after and sha_before != sha_after) or (not (sha_before and sha_after)
+                                                                  and len_before != len_after):
+        return "changed"
+    return "kept"
 
 
 def _credential_fingerprints(text: str | None) -> list[str]:
@@ -134,12 +185,18 @@ def _credential_fingerprints(text: str | None) -> list[str]:
     return [f"{name.lower()}={value}" for name, value in pairs if name.lower() in CREDENTIALS]
 
 
-def verdict(status, before, after, followed, len_before, len_after, sha_before, sha_after) -> str:
+def verdict(status, before, after, followed, len_before, len_after, sha_before, sha_after,
+            body_headers_after=(), credentials_cross_origin=()) -> str:
     """What RFC 9110 / Fetch say of one hop: 'as specified', 'deviated' or 'not followed'."""
     if not followed:
         return "not followed"
+    if len(credentials_cross_origin):
+        return "deviated"  # Fetch drops Authorization on a new origin; RFC 9110 15.4 credentials
+    if after != before and after in SAFE_RETRIEVAL and (len(body_headers_after) or (pd.notna(len_after)
+                                                                                   and len_after > 0)):
+        return "deviated"  # RFC 9110 15.4, Fetch step 12: the body and its headers go with the method
     if status == 303:  # RFC 9110 15.4.4, Fetch: GET, and HEAD stays HEAD
-        return "as specified" if after == ("HEAD" if before == "HEAD" else "GET") else "deviated"
+        return "as specified" if after == prescribed_method(status, before) else "deviated"
     if before != after:
         if status in (301, 302) and before == "POST" and after == "GET":
             return "as specified"  # allowed for historical reasons, flagged at low severity
@@ -223,7 +280,75 @@ def findings(db: str | None = None) -> pd.DataFrame:
     return frame
 
 
+CONFORMANCE_COLUMNS = [
+    "client_name", "status", "method", "hops", "followed", "did_method", "should_method", "did_body",
+    "should_body", "body_headers_kept", "cross_origin_hops", "credentials_cross_origin", "verdict", "deviated",
+    "rules",
+]
+
+
 def clients(db: str | None = None) -> pd.DataFrame:
+    """Per-client redirect conformance, for an SDK maintainer to read their client off a capture.
+
+    One row per (client, status, method) the capture shows it met. `did_*` is what the
+    client did on the follow-ups (a value, or each value with its count when it varied),
+    `should_*` what RFC 9110 15.4 and Fetch's HTTP-redirect fetch prescribe.
+    `body_headers_kept` counts follow-ups switched to GET/HEAD that still carried
+    Content-* headers; `credentials_cross_origin` counts follow-ups to another origin
+    that carried an Authorization, Proxy-Authorization or Cookie value sent before (Fetch
+    drops Authorization there). `rules` lists the findings on these hops.
+    """
+    frame = hops(db)
+    if frame.empty:
+        return pd.DataFrame(columns=CONFORMANCE_COLUMNS)
+    rules = _hop_rules(db)
+    frame["rules"] = [rules.get((c, h), ()) for c, h in zip(frame["chain_id"], frame["hop"])]
+    frame["client_name"] = frame["client_name"].astype(str)
+    frame["method_before"] = frame["method_before"].astype(str)
+    rows = []
+    for (name, status, method), group in frame.groupby(["client_name", "status", "method_before"], sort=True):
+        followed = group[group["followed"]]
+        had_body = bool((group["body_len_before"].fillna(0) > 0).any())
+        should = prescribed_method(status, method)
+        switched = followed["method_after"].astype(str).isin(SAFE_RETRIEVAL) & (
+            followed["method_after"].astype(str) != method)
+        verdicts = set(group["verdict"].astype(str))
+        rows.append({
+            "client_name": name, "status": int(status), "method": method, "hops": len(group),
+            "followed": len(followed),
+            "did_method": _tally(followed["method_after"].astype(str)) if len(followed) else "not followed",
+            "should_method": should,
+            "did_body": _tally(followed["body_after"]) if len(followed) else "-",
+            "should_body": ("kept" if should == method else "dropped") if had_body else "none",
+            "body_headers_kept": int((switched & followed["body_headers_after"].map(len).gt(0)).sum()),
+            "cross_origin_hops": int(followed["cross_origin"].sum()),
+            "credentials_cross_origin": int(followed["credentials_cross_origin"].map(len).gt(0).sum()),
+            "verdict": "deviated" if "deviated" in verdicts else (
+                "as specified" if "as specified" in verdicts else "not followed"),
+            "deviated": int((group["verdict"] == "deviated").sum()),
+            "rules": sorted({r for found in group["rules"] for r in found}),
+        })
+    return pd.DataFrame(rows, columns=CONFORMANCE_COLUMNS)
+
+
+def _tally(values: pd.Series) -> str:
+    counts = values.value_counts()
+    if len(counts) == 1:
+        return str(counts.index[0])
+    return ", ".join(f"{value} ({count})" for value, count in counts.items())
+
+
+def _hop_rules(db: str | None) -> dict[tuple[int, int], tuple[str, ...]]:
+    got = _read(select(findings_t.c.chain_id, findings_t.c.hop, findings_t.c.rule)
+                .where(findings_t.c.chain_id.is_not(None)), db)
+    out: dict[tuple[int, int], tuple[str, ...]] = {}
+    for chain_id, hop, rule in zip(got["chain_id"], got["hop"], got["rule"]):
+        key = (int(chain_id), int(hop))
+        out[key] = (*out.get(key, ()), rule)
+    return out
+
+
+def client_summary(db: str | None = None) -> pd.DataFrame:
     """One row per client: how it is known, how much it sent, what redirects it met."""
     stmt = (
         select(ex_t.c.client, ex_t.c.user_agent, captures.c.creator, captures.c.browser, captures.c.source,

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from rich.tree import Tree
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
@@ -200,3 +201,46 @@ def _body_text(body: dict) -> str:
         return "[dim]body: empty[/]"
     digest = (body["sha256"] or "?")[:12]
     return f"[dim]body: {body['length']} B sha256:{digest} {body['content_type'] or ''}[/]"
+
+
+def print_conformance_table(rows: list[dict], console: Console) -> None:
+    """frames.clients() as one table per client: what it did on each redirect next to the spec."""
+    if not rows:
+        console.print("No redirect hops in the store (import a capture, then run `redirect-audit analyze`).")
+        return
+    by_client: dict[str, list[dict]] = {}
+    for row in rows:
+        by_client.setdefault(row["client_name"], []).append(row)
+    for name, cases in by_client.items():
+        table = Table(title=f"{escape(name)}: what it did (spec: RFC 9110 / Fetch)", title_justify="left",
+                      header_style="bold")
+        for column in ("case", "seen", "method", "body", "body hdrs", "creds x-origin", "verdict"):
+            table.add_column(column, overflow="fold")
+        for r in cases:
+            style = {"deviated": "red", "not followed": "yellow"}.get(r["verdict"], "green")
+            table.add_row(
+                f"{r['status']} {r['method']}", f"{r['followed']}/{r['hops']}",
+                _against(r["did_method"], r["should_method"], r["followed"]),
+                _against(r["did_body"], r["should_body"], r["followed"]),
+                str(r["body_headers_kept"]) if r["body_headers_kept"] else "-",
+                f"{r['credentials_cross_origin']}/{r['cross_origin_hops']}" if r["cross_origin_hops"] else "-",
+                f"[{style}]{r['verdict']}[/]",
+            )
+        console.print(table)
+        fired = sorted({rule for r in cases for rule in r["rules"]})
+        if fired:
+            console.print(f"  rules fired: {', '.join(fired)}", highlight=False)
+    deviating = sorted({r["client_name"] for r in rows if r["verdict"] == "deviated"})
+    console.print(f"{len(by_client)} client(s), {len(rows)} (status, method) case(s); "
+                  f"deviating: {', '.join(deviating) if deviating else 'none'}", highlight=False)
+    console.print("seen: followed/hops · creds x-origin: follow-ups that carried a credential to a new origin"
+                  " / follow-ups to a new origin", style="dim", highlight=False)
+
+
+def _against(did: str, should: str, followed: int) -> str:
+    """'GET' when the client did what the spec says, else 'did [spec: should]'."""
+    if not followed:
+        return "[yellow]not followed[/]"
+    if did == should or (should == "dropped" and did == "not captured"):
+        return escape(did)
+    return f"[red]{escape(did)}[/] [dim]\\[spec: {escape(should)}][/]"

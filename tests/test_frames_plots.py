@@ -68,7 +68,7 @@ def test_chains_findings_clients(demo_db):
     fi = frames.findings(demo_db)
     assert len(fi) == 7 and fi["severity"].cat.ordered
     assert fi["severity"].value_counts().to_dict() == {"high": 3, "medium": 3, "low": 1, "info": 0}
-    cl = frames.clients(demo_db).set_index("client")
+    cl = frames.client_summary(demo_db).set_index("client")
     assert set(cl["client_name"]) == {"Firefox 133"}
     assert cl.loc["har:1/page_1", "deviations"] == 3 and cl.loc["har:1/page_1", "exchanges"] == 21
 

@@ -31,7 +31,10 @@ def test_fixture_produces_exactly_its_expected_findings(store, path):
 def test_every_rule_has_firing_and_quiet_fixtures():
     fired = {row[0] for p in FIXTURES for row in expected(p)}
     prefixes = {"method-downgrade": "md-", "dropped-body": "db-", "duplicate-write": "dw-",
-                "stale-temporary-redirect": "st-"}
+                "stale-temporary-redirect": "st-", "credential-cross-origin": "cc-", "https-downgrade": "hd-",
+                "body-on-get": "bg-", "head-to-get": "hg-", "non-get-after-303": "ng-", "redirect-loop": "rl-",
+                "too-many-redirects": "tm-", "missing-location": "ml-", "lost-write": "lw-",
+                "open-redirect-pattern": "or-"}
     for rule in RULES:
         assert rule.slug in fired, f"{rule.slug} has no firing fixture"
         quiet = [p for p in FIXTURES if p.name.startswith(prefixes[rule.slug]) and not expected(p)]

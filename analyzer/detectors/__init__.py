@@ -4,12 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from analyzer.detectors import dropped_body, duplicate_write, method_downgrade, stale_temporary_redirect
+from analyzer.detectors import (
+    body_on_get,
+    credential_cross_origin,
+    dropped_body,
+    duplicate_write,
+    head_to_get,
+    https_downgrade,
+    lost_write,
+    method_downgrade,
+    missing_location,
+    non_get_after_303,
+    open_redirect_pattern,
+    redirect_loop,
+    stale_temporary_redirect,
+    too_many_redirects,
+)
 from analyzer.detectors.base import Context, DetectorOptions, Rule, rule_from_module
 from analyzer.model import Chain, Exchange, Finding
 
 RULES: tuple[Rule, ...] = tuple(
-    rule_from_module(m) for m in (method_downgrade, dropped_body, duplicate_write, stale_temporary_redirect)
+    rule_from_module(m)
+    for m in (
+        method_downgrade, dropped_body, duplicate_write, stale_temporary_redirect,  # the mission's four
+        credential_cross_origin, https_downgrade, body_on_get, head_to_get, non_get_after_303,
+        redirect_loop, too_many_redirects, missing_location, lost_write, open_redirect_pattern,
+    )
 )
 RULES_BY_SLUG = {rule.slug: rule for rule in RULES}
 

@@ -6,11 +6,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from analyzer.model import Chain, Exchange, Finding, Hop, Severity
+from analyzer.model import Chain, Exchange, Finding, Hop, Severity, header
+from analyzer.urls import DEFAULT_PORTS
 
 DEFAULT_STALE_AFTER_DAYS = 7.0
 DEFAULT_DUPLICATE_WINDOW = 600.0  # seconds between two deliveries of one logical write
+DEFAULT_MAX_REDIRECTS = 20  # Fetch, HTTP-redirect fetch: a network error once 20 redirects were followed
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SAFE_RETRIEVAL = frozenset({"GET", "HEAD"})
+# Headers that describe a request body; Fetch's "request-body-header names" (HTTP-redirect
+# fetch step 12) plus Content-Length, which RFC 9110 15.4 lists with them.
+REQUEST_BODY_HEADERS = ("content-type", "content-encoding", "content-language", "content-location")
 
 
 @dataclass(frozen=True)
@@ -19,12 +25,15 @@ class DetectorOptions:
 
     stale_after_days: float = DEFAULT_STALE_AFTER_DAYS
     duplicate_window: float = DEFAULT_DUPLICATE_WINDOW
+    max_redirects: int = DEFAULT_MAX_REDIRECTS
 
     def __post_init__(self) -> None:
         if self.stale_after_days <= 0:
             raise ValueError("stale threshold must be > 0 days")
         if self.duplicate_window <= 0:
             raise ValueError("duplicate window must be > 0 seconds")
+        if self.max_redirects < 1:
+            raise ValueError("redirect limit must be at least 1")
 
 
 @dataclass
@@ -92,3 +101,40 @@ def media_type(value: str | None) -> str | None:
     if not value:
         return None
     return ";".join(part.strip() for part in value.lower().split(";") if part.strip())
+
+
+def endpoint(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a normalized URL, the default port spelled out."""
+    scheme, _, rest = url.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    host, colon, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
+    if not colon:
+        host, port = authority, ""
+    scheme = scheme.lower()
+    return scheme, host.lower(), int(port) if port.isdigit() else DEFAULT_PORTS.get(scheme)
+
+
+def origin(url: str) -> str:
+    scheme, host, port = endpoint(url)
+    return f"{scheme}://{host}:{port}"
+
+
+def is_upgrade(before: str, after: str) -> bool:
+    """Same host, http on its default port to https on its default port (RFC 9110 4.2)."""
+    b, a = endpoint(before), endpoint(after)
+    return b == ("http", a[1], 80) and a == ("https", b[1], 443)
+
+
+def carries_body_headers(ex: Exchange) -> list[str]:
+    """The request-body headers a request carries (Content-Length only when > 0)."""
+    present = [name for name in REQUEST_BODY_HEADERS if header(ex.request_headers, name) is not None]
+    length = header(ex.request_headers, "content-length")
+    if length is not None and length.strip() not in ("", "0"):
+        present.append("content-length")
+    return present
+
+
+def every_hop(chains: Sequence[Chain]) -> Iterator[tuple[Chain, Hop]]:
+    for chain in chains:
+        for hop in chain.hops:
+            yield chain, hop

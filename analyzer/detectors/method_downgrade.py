@@ -11,8 +11,8 @@ What fires
     * any other method change on 301/302 (medium).
 
 Not flagged here
-    303 (a switch to GET is its meaning; a non-GET after 303 is another rule) and HEAD
-    becoming GET (its own rule).
+    303 (a switch to GET is its meaning; a non-GET after 303 is non-get-after-303) and
+    HEAD becoming GET on 301/302 (head-to-get). On 307/308 every change is this rule's.
 
 How to fix
     If the resource moved and the request must arrive as sent, answer 307 (temporary) or
