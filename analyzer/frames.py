@@ -109,8 +109,8 @@ def hops(db: str | None = None) -> pd.DataFrame:
     frame = _read(stmt, db)
     frame["followed"] = frame.pop("to_exchange_id").notna()
     frame["started"] = _utc(frame.pop("started_at"))
-    frame["from_origin"] = frame["from_url"].map(lambda u: origin_of(u) if u else None)
-    frame["to_origin"] = frame["to_url"].map(lambda u: origin_of(u) if u else None)
+    frame["from_origin"] = frame["from_url"].map(lambda u: origin_of(u) if isinstance(u, str) and u else None)
+    frame["to_origin"] = frame["to_url"].map(lambda u: origin_of(u) if isinstance(u, str) and u else None)
     frame["cross_origin"] = frame["from_origin"] != frame["to_origin"]
     frame["https_to_http"] = frame["from_url"].str.startswith("https:") & frame["to_url"].fillna("").str.startswith(
         "http:")
@@ -140,7 +140,7 @@ def hops(db: str | None = None) -> pd.DataFrame:
 
 def _body_headers(text: str | None) -> list[str]:
     """Request-body headers a follow-up carries (Content-Length only when above 0)."""
-    if not text:
+    if not isinstance(text, str) or not text:
         return []
     found = []
     for name, value in json.loads(text):
@@ -179,7 +179,7 @@ def body_change(followed, len_before, len_after, sha_before, sha_after) -> str:
 
 def _credential_fingerprints(text: str | None) -> list[str]:
     """'name=fingerprint' of each credential header (values are already keyed fingerprints)."""
-    if not text:
+    if not isinstance(text, str) or not text:
         return []
     pairs = json.loads(text)
     return [f"{name.lower()}={value}" for name, value in pairs if name.lower() in CREDENTIALS]

@@ -84,3 +84,35 @@ def test_analyze_is_idempotent(store):
     with store.begin() as conn:
         assert conn.execute(select(func.count()).select_from(findings)).scalar_one() == 1
         assert conn.execute(select(func.count()).select_from(chains)).scalar_one() == 1
+
+
+def _one_hop(source, target=None):
+    from analyzer.model import Chain, Hop
+
+    return Chain(hops=[Hop(0, source, target, "same-client" if target else "not-followed", 0.9)],
+                 end="final" if target else "not-followed")
+
+
+@pytest.mark.parametrize("ctype, raw, fires", [
+    ("application/x-www-form-urlencoded", b"user=a&next=https%3A%2F%2Fevil.test%2Fx", True),
+    ("application/json", b'{"return_to": "//evil.test/x"}', True),
+    ("application/json", b'{"return_to": "/account"}', False),
+    ("text/plain", b"next=https://evil.test/x", False),  # not a format whose fields we read
+])
+def test_open_redirect_reads_kept_bodies(ctype, raw, fires):
+    """With --keep-bodies the target may be named in a form or JSON field instead of the query."""
+    from analyzer.detectors import RULES_BY_SLUG, run_detectors
+    from analyzer.model import Body, Exchange
+
+    post = Exchange(capture_id=1, seq=0, method="POST", url="https://site.test/login",
+                    url_norm="https://site.test/login", started_at=1.0, status=303, location="https://evil.test/x",
+                    location_resolved="https://evil.test/x", request_body=Body(len(raw), None, ctype, raw), id=1)
+    found = run_detectors([_one_hop(post)], rules=[RULES_BY_SLUG["open-redirect-pattern"]])
+    assert [(f.rule, f.evidence.get("in")) for f in found] == ([("open-redirect-pattern", "body")] if fires else [])
+
+
+def test_credential_evidence_names_the_header_never_the_value(store):
+    import_har(store, RULE_FIXTURES / "cc-authorization-other-host.har")
+    finding = analyze(store).findings[0]
+    text = json.dumps(finding.evidence) + finding.message
+    assert finding.evidence["header"] == "authorization" and "s3cr3t" not in text and "hmac:" not in text

@@ -3,12 +3,19 @@
     GET|POST|... /r/<status>/<case>?to=<url>[&cache=<seconds>]
         answers <status> with `Location: <url>` (default /echo/<case>), a short body,
         and, with cache=, `Cache-Control: max-age=<seconds>`;
+    GET|POST|... /r/<status>/<case>?via=<peer>
+        the same, to /echo/<case> on a peer origin the test named (`peers`), so the
+        request does not spell out where it is sent; with `nolocation`, no Location at all;
+    GET|POST|... /loop/<status>/<k>/<case>
+        a two-step cycle: answers <status> to /loop/<status>/<1-k>/<case>;
+    GET|POST|... /hops/<status>/<k>/<case>
+        a chain of k redirects: to /hops/<status>/<k-1>/<case>, the last to /echo/<case>;
     GET|POST|... /echo/<case>
         answers 200 with JSON: what arrived (method, path, headers, body length and
         SHA-256), so a test can compare what the client sent with what was recorded.
 
 HTTP/1.1 with keep-alive; TLS with a throwaway self-signed certificate when asked.
-Binds to 127.0.0.1 only.
+Binds to a loopback address only (127.0.0.1 unless told 127.0.0.2).
 """
 
 from __future__ import annotations
@@ -61,9 +68,22 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         segments = parts.path.strip("/").split("/")
+        if segments[0] in ("loop", "hops") and len(segments) == 4:
+            status, step, case = int(segments[1]), int(segments[2]), segments[3]
+            if segments[0] == "loop":
+                location = f"/loop/{status}/{1 - step}/{case}"
+            else:
+                location = f"/hops/{status}/{step - 1}/{case}" if step > 1 else f"/echo/{case}"
+            self._send(status, b"moved\n", {"Location": location, "Content-Type": "text/plain"})
+            return
         if segments[0] == "r" and len(segments) >= 3:
             status, case = int(segments[1]), segments[2]
-            headers = {"Location": query.get("to", [f"/echo/{case}"])[0], "Content-Type": "text/plain"}
+            default = f"/echo/{case}"
+            if "via" in query:
+                default = f"{self.server.peers[query['via'][0]]}/echo/{case}"
+            headers = {"Location": query.get("to", [default])[0], "Content-Type": "text/plain"}
+            if "nolocation" in query:  # a broken server
+                del headers["Location"]
             if "cache" in query:
                 headers["Cache-Control"] = f"max-age={int(query['cache'][0])}"
             self._send(status, b"moved\n", headers)
@@ -83,9 +103,11 @@ class _Handler(BaseHTTPRequestHandler):
 class Upstream:
     """One origin: a threaded server on a free loopback port, optionally TLS."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.server = ThreadingHTTPServer((LOOPBACK, 0), _Handler)
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = LOOPBACK) -> None:
+        self.host = host
+        self.server = ThreadingHTTPServer((host, 0), _Handler)
         self.server.daemon_threads = True
+        self.server.peers = {}  # name -> origin, for /r/...?via=name
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.scheme = "https" if tls is not None else "http"
@@ -95,7 +117,11 @@ class Upstream:
 
     @property
     def origin(self) -> str:
-        return f"{self.scheme}://{LOOPBACK}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def peers(self) -> dict[str, str]:
+        return self.server.peers
 
     def close(self) -> None:
         self.server.shutdown()
