@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import ModuleType
 
 from analyzer.model import Chain, Exchange, Finding, Hop, Severity, header
@@ -138,3 +139,21 @@ def every_hop(chains: Sequence[Chain]) -> Iterator[tuple[Chain, Hop]]:
     for chain in chains:
         for hop in chain.hops:
             yield chain, hop
+
+
+@lru_cache(maxsize=4096)
+def site(host: str) -> str:
+    """The registrable domain of a host (Public Suffix List snapshot, never fetched), else the host.
+
+    `www.example.co.uk` and `api.example.co.uk` share the site `example.co.uk`; IP
+    addresses, `localhost` and private names are their own site.
+    """
+    return _extractor()(host).top_domain_under_public_suffix or host
+
+
+@lru_cache(maxsize=1)
+def _extractor():
+    import tldextract
+
+    # The bundled snapshot only: no network fetch and no cache directory written.
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)

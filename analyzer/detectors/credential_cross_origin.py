@@ -10,11 +10,13 @@ What fires
     one hop that comes back on a later hop to a new origin counts too: the client kept it
     and re-attached it.
 
-    Severity: `Authorization` and `Proxy-Authorization` high; `Cookie` medium when the
-    host changed and low when only the port or scheme did (RFC 6265 8.5: cookies do not
-    isolate ports, so a cookie jar may send the same cookie there on its own). A same-host
-    upgrade from http (port 80) to https (port 443) is reported apart, low: several
-    clients treat it as the same site on purpose (requests, httpx).
+    Severity: `Authorization` and `Proxy-Authorization` high. `Cookie` medium when it
+    went to another site (registrable domain, by the Public Suffix List), and low when it
+    stayed on the site: a cookie jar sends a `Domain=example.com` cookie to both
+    `example.com` and `www.example.com` on its own (RFC 6265 5.4), and cookies do not
+    isolate ports (RFC 6265 8.5), so there only a caller-set header is a leak. A
+    same-host upgrade from http (port 80) to https (port 443) is reported apart, low:
+    several clients treat it as the same site on purpose (requests, httpx).
 
 Not flagged
     Credentials that differ from those sent before (a new token the client got for the
@@ -34,7 +36,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 
-from analyzer.detectors.base import Context, endpoint, hop_finding, is_upgrade, origin
+from analyzer.detectors.base import Context, endpoint, hop_finding, is_upgrade, origin, site
 from analyzer.model import Chain, Exchange, Finding, Severity
 
 RULE_ID = "RA105"
@@ -79,13 +81,15 @@ def _finding(module, chain: Chain, hop, name: str, before: str, after: str) -> F
             f"{_title(name)} was sent again after an upgrade from {origin(before)} to {origin(after)}: the same "
             "host over https, which several clients treat as the same site on purpose; Fetch counts it as "
             "another origin and drops Authorization", evidence, severity=Severity.LOW)
-    evidence["kind"] = "other-host" if b[1] != a[1] else "other-port-or-scheme"
+    other_site = site(b[1]) != site(a[1])
+    evidence["kind"] = "other-site" if other_site else ("other-host" if b[1] != a[1] else "other-port-or-scheme")
     if name == "cookie":
-        severity = Severity.MEDIUM if b[1] != a[1] else Severity.LOW
-        why = ("a Cookie header set by the caller leaks this way; a cookie jar would send a domain cookie here "
-               "only if its Domain attribute covers both hosts (RFC 6265 5.4)") if b[1] != a[1] else (
-               "cookies do not isolate ports (RFC 6265 8.5), but a Cookie header set by the caller should not "
-               "follow the request to another origin")
+        severity = Severity.MEDIUM if other_site else Severity.LOW
+        why = ("a Cookie header set by the caller leaks this way; no cookie jar sends one site's cookie to "
+               "another site (RFC 6265 5.4)") if other_site else (
+               "a cookie jar may send a domain cookie to every host of the site and cookies do not isolate ports "
+               "(RFC 6265 5.4, 8.5), but a Cookie header set by the caller should not follow the request to "
+               "another origin")
     else:
         severity = Severity.HIGH
         why = ("Fetch removes Authorization when a redirect changes origin (HTTP-redirect fetch step 13) and "
