@@ -222,7 +222,7 @@ def expected_findings(case: Case) -> list[tuple[str, str]]:
         keeps_body = status in (307, 308) or (status in (301, 302) and before in BODY_METHODS)
         if before in BODY_METHODS and keeps_body and not follow.body:
             found.append(("RA102", "high"))
-    if before == "HEAD" and after == "GET" and status in (301, 302, 303):
+    if before == "HEAD" and after == "GET":
         found.append(("RA108", "medium"))
     if status == 303 and after not in ("GET", "HEAD"):
         found.append(("RA109", "high" if follow.body else "medium"))

@@ -1,14 +1,16 @@
-"""head-to-get (RA108): a HEAD request was turned into GET by a 301, 302 or 303.
+"""head-to-get (RA108): a HEAD request came back from a redirect as GET.
 
 What fires
-    A hop on 301, 302 or 303 whose original request was HEAD and whose follow-up is GET.
-    RFC 9110 15.4.2/15.4.3 allow only POST to be rewritten on 301/302; on 303 the client
-    performs a retrieval request, and Fetch (HTTP-redirect fetch step 12) keeps HEAD as
-    HEAD. A GET downloads the whole representation the caller only wanted the headers of,
-    and answers a question the caller did not ask.
+    Any hop whose original request was HEAD and whose follow-up is GET. RFC 9110
+    15.4.2/15.4.3 allow only POST to be rewritten on 301/302; on 303 the client performs
+    a retrieval request, and Fetch (HTTP-redirect fetch step 12) keeps HEAD as HEAD;
+    307/308 forbid any change (there method-downgrade reports it as well, high). A GET
+    downloads the whole representation the caller only wanted the headers of, and
+    answers a question the caller did not ask.
 
 Not flagged
-    307/308, where any method change is already a method-downgrade (high).
+    HEAD staying HEAD, and every other method change (method-downgrade,
+    non-get-after-303).
 
 How to fix
     Clients: keep HEAD on every redirect (urllib before CPython 3.13 and urllib3 on 303
@@ -28,13 +30,10 @@ SLUG = "head-to-get"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A HEAD request came back from a redirect as GET."
 
-STATUSES = frozenset({301, 302, 303})
-
-
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
     module = sys.modules[__name__]
     for chain, hop, source, target in followed_hops(chains):
-        if source.method == "HEAD" and target.method == "GET" and source.status in STATUSES:
+        if source.method == "HEAD" and target.method == "GET":
             yield hop_finding(module, hop, chain,
                 f"{source.status} after HEAD was followed with GET: HEAD must stay HEAD (RFC 9110 15.4, Fetch "
                 "HTTP-redirect fetch step 12); the client fetched a body it never asked for",

@@ -12,7 +12,8 @@ What fires
 
 Not flagged here
     303 (a switch to GET is its meaning; a non-GET after 303 is non-get-after-303) and
-    HEAD becoming GET on 301/302 (head-to-get). On 307/308 every change is this rule's.
+    HEAD becoming GET on 301/302 (head-to-get). On 307/308 every change is this rule's,
+    HEAD -> GET included (head-to-get reports that hop too).
 
 How to fix
     If the resource moved and the request must arrive as sent, answer 307 (temporary) or
