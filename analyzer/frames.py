@@ -27,7 +27,15 @@ from sqlalchemy import case, create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
-from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, REQUEST_BODY_HEADERS, SAFE_RETRIEVAL, WRITE_METHODS
+from analyzer.detectors.base import (
+    DEFAULT_STALE_AFTER_DAYS,
+    REQUEST_BODY_HEADERS,
+    SAFE_RETRIEVAL,
+    WRITE_METHODS,
+    endpoint,
+    is_upgrade,
+    site,
+)
 from analyzer.model import REDIRECT_STATUSES, header
 from analyzer.report import finding_records
 from analyzer.store import captures, chains as chains_t, exchanges as ex_t, findings as findings_t, hops as hops_t
@@ -134,8 +142,23 @@ def hops(db: str | None = None) -> pd.DataFrame:
         verdict(s, mb, ma, f, lb, la, sb, sa, bh, cc) for s, mb, ma, f, lb, la, sb, sa, bh, cc in zip(
             frame["status"], frame["method_before"], frame["method_after"], frame["followed"],
             frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"],
-            frame["body_sha256_after"], frame["body_headers_after"], frame["credentials_cross_origin"])]
+            frame["body_sha256_after"], frame["body_headers_after"],
+            [_leaked(creds, a, b) for creds, a, b in zip(frame["credentials_cross_origin"], frame["from_url"],
+                                                          frame["to_url"])])]
     return _categorize(frame)
+
+
+def _leaked(forwarded: list[str], before, after) -> list[str]:
+    """The forwarded credentials a conforming client would have dropped.
+
+    Authorization and Proxy-Authorization on a new origin (Fetch), except a same-host
+    http -> https upgrade; a Cookie only when it left its site (a cookie jar sends
+    `Domain=` cookies to every host of a site, RFC 6265 5.4).
+    """
+    if not forwarded or not isinstance(before, str) or not isinstance(after, str) or is_upgrade(before, after):
+        return []
+    other_site = site(endpoint(before)[1]) != site(endpoint(after)[1])
+    return [c for c in forwarded if not c.startswith("cookie=") or other_site]
 
 
 def _body_headers(text: str | None) -> list[str]:
@@ -186,12 +209,12 @@ def _credential_fingerprints(text: str | None) -> list[str]:
 
 
 def verdict(status, before, after, followed, len_before, len_after, sha_before, sha_after,
-            body_headers_after=(), credentials_cross_origin=()) -> str:
+            body_headers_after=(), credentials_leaked=()) -> str:
     """What RFC 9110 / Fetch say of one hop: 'as specified', 'deviated' or 'not followed'."""
     if not followed:
         return "not followed"
-    if len(credentials_cross_origin):
-        return "deviated"  # Fetch drops Authorization on a new origin; RFC 9110 15.4 credentials
+    if len(credentials_leaked):
+        return "deviated"  # Fetch drops Authorization on a new origin; RFC 9110 15.4 credentials (see _leaked)
     if after != before and after in SAFE_RETRIEVAL and (len(body_headers_after) or (pd.notna(len_after)
                                                                                    and len_after > 0)):
         return "deviated"  # RFC 9110 15.4, Fetch step 12: the body and its headers go with the method

@@ -114,3 +114,15 @@ def test_figures_of_an_empty_store(tmp_path):
                 plots.redirect_graph(frames.hops(db)), plots.temporary_timeline(frames.temporary_redirects(db)),
                 plots.conformance_heatmap(frames.hops(db))):
         assert "no " in fig.axes[0].texts[0].get_text()
+
+
+@pytest.mark.parametrize("forwarded, before, after, leaked", [
+    (["authorization=hmac:1"], "https://api.test/a", "https://cdn.test/b", ["authorization=hmac:1"]),
+    (["authorization=hmac:1"], "http://api.test/a", "https://api.test/a", []),  # same-host upgrade
+    (["cookie=hmac:2"], "https://yahoo.com/", "https://www.yahoo.com/", []),  # one site: a jar does this
+    (["cookie=hmac:2"], "https://shop.co.uk/", "https://pay.co.uk/", ["cookie=hmac:2"]),  # two sites
+])
+def test_which_forwarded_credentials_count_as_a_deviation(forwarded, before, after, leaked):
+    assert frames._leaked(forwarded, before, after) == leaked
+    verdict = frames.verdict(302, "GET", "GET", True, None, None, None, None, (), leaked)
+    assert verdict == ("deviated" if leaked else "as specified")
