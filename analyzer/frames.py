@@ -27,15 +27,8 @@ from sqlalchemy import case, create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
-from analyzer.detectors.base import (
-    DEFAULT_STALE_AFTER_DAYS,
-    REQUEST_BODY_HEADERS,
-    SAFE_RETRIEVAL,
-    WRITE_METHODS,
-    endpoint,
-    is_upgrade,
-    site,
-)
+from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, WRITE_METHODS, body_headers
+from analyzer.detectors.credential_cross_origin import conforming_client_drops, watched
 from analyzer.model import REDIRECT_STATUSES, header
 from analyzer.report import finding_records
 from analyzer.store import captures, chains as chains_t, exchanges as ex_t, findings as findings_t, hops as hops_t
@@ -50,7 +43,6 @@ EXCHANGE_COLUMNS = (
 )
 CATEGORIES = ("client", "method", "req_content_type", "user_agent", "host")
 TEMPORARY = (302, 303, 307)
-CREDENTIALS = ("authorization", "proxy-authorization", "cookie")
 
 
 def engine(db: str | None = None) -> Engine:
@@ -149,29 +141,15 @@ def hops(db: str | None = None) -> pd.DataFrame:
 
 
 def _leaked(forwarded: list[str], before, after) -> list[str]:
-    """The forwarded credentials a conforming client would have dropped.
-
-    Authorization and Proxy-Authorization on a new origin (Fetch), except a same-host
-    http -> https upgrade; a Cookie only when it left its site (a cookie jar sends
-    `Domain=` cookies to every host of a site, RFC 6265 5.4).
-    """
-    if not forwarded or not isinstance(before, str) or not isinstance(after, str) or is_upgrade(before, after):
+    """The forwarded credentials ('name=fingerprint') a conforming client would have dropped."""
+    if not forwarded or not isinstance(before, str) or not isinstance(after, str):
         return []
-    other_site = site(endpoint(before)[1]) != site(endpoint(after)[1])
-    return [c for c in forwarded if not c.startswith("cookie=") or other_site]
+    return [c for c in forwarded if conforming_client_drops(c.partition("=")[0], before, after)]
 
 
 def _body_headers(text: str | None) -> list[str]:
     """Request-body headers a follow-up carries (Content-Length only when above 0)."""
-    if not isinstance(text, str) or not text:
-        return []
-    found = []
-    for name, value in json.loads(text):
-        lname = name.lower()
-        if lname in REQUEST_BODY_HEADERS or (lname == "content-length" and str(value).strip() not in ("", "0")):
-            if lname not in found:
-                found.append(lname)
-    return found
+    return body_headers(json.loads(text)) if isinstance(text, str) and text else []
 
 
 def prescribed_method(status, method: str) -> str:
@@ -204,8 +182,7 @@ def _credential_fingerprints(text: str | None) -> list[str]:
     """'name=fingerprint' of each credential header (values are already keyed fingerprints)."""
     if not isinstance(text, str) or not text:
         return []
-    pairs = json.loads(text)
-    return [f"{name.lower()}={value}" for name, value in pairs if name.lower() in CREDENTIALS]
+    return [f"{name}={value}" for name, value in watched(json.loads(text))]
 
 
 def verdict(status, before, after, followed, len_before, len_after, sha_before, sha_after,

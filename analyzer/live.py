@@ -29,6 +29,7 @@ from analyzer.analysis import AnalysisOptions
 from analyzer.chains import grade_link, unfollowed_end, is_followable, order_key
 from analyzer.detectors import RULES, Context, run_detectors
 from analyzer.detectors import duplicate_write, stale_temporary_redirect
+from analyzer.detectors.base import site
 from analyzer.model import Chain, Exchange, Finding, Hop
 
 CHAIN_RULES = tuple(rule for rule in RULES if rule.slug not in (duplicate_write.SLUG, stale_temporary_redirect.SLUG))
@@ -65,6 +66,9 @@ class LiveAnalyzer:
         self._stale_reported: set[tuple[str, str]] = set()
         for ex in history:
             self._sight(Chain(hops=[Hop(0, ex, None, "history", 0.0)], end="history"), 0)
+        # The Public Suffix List snapshot takes ~0.3 s to load: load it now, at start-up,
+        # not on the proxy's event loop when the first credential finding needs a site.
+        site("localhost")
 
     # ---- the one entry point -------------------------------------------------
 

@@ -69,3 +69,20 @@ def origin_of(url: str) -> str:
     """scheme://host[:port] of a normalized URL."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def endpoint(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the default port spelled out (IPv6 hosts keep brackets)."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, f"[{host}]" if ":" in host else host, port if port is not None else DEFAULT_PORTS.get(scheme)
+
+
+def origin_with_port(url: str) -> str:
+    """scheme://host:port, the port always written: two origins compare as strings."""
+    scheme, host, port = endpoint(url)
+    return f"{scheme}://{host}:{port}"

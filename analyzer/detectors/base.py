@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import ModuleType
 
-from analyzer.model import Chain, Exchange, Finding, Hop, Severity, header
-from analyzer.urls import DEFAULT_PORTS
+from analyzer.model import Chain, Exchange, Finding, Hop, Severity
+from analyzer.urls import endpoint, origin_with_port as origin
 
 DEFAULT_STALE_AFTER_DAYS = 7.0
 DEFAULT_DUPLICATE_WINDOW = 600.0  # seconds between two deliveries of one logical write
@@ -104,35 +104,25 @@ def media_type(value: str | None) -> str | None:
     return ";".join(part.strip() for part in value.lower().split(";") if part.strip())
 
 
-def endpoint(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) of a normalized URL, the default port spelled out."""
-    scheme, _, rest = url.partition("://")
-    authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
-    host, colon, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
-    if not colon:
-        host, port = authority, ""
-    scheme = scheme.lower()
-    return scheme, host.lower(), int(port) if port.isdigit() else DEFAULT_PORTS.get(scheme)
-
-
-def origin(url: str) -> str:
-    scheme, host, port = endpoint(url)
-    return f"{scheme}://{host}:{port}"
-
-
 def is_upgrade(before: str, after: str) -> bool:
     """Same host, http on its default port to https on its default port (RFC 9110 4.2)."""
     b, a = endpoint(before), endpoint(after)
     return b == ("http", a[1], 80) and a == ("https", b[1], 443)
 
 
+def body_headers(headers: Iterable[tuple[str, str]]) -> list[str]:
+    """The request-body headers among these, lower-cased, once each (Content-Length only when > 0)."""
+    found: list[str] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in REQUEST_BODY_HEADERS or (lname == "content-length" and str(value).strip() not in ("", "0")):
+            if lname not in found:
+                found.append(lname)
+    return found
+
+
 def carries_body_headers(ex: Exchange) -> list[str]:
-    """The request-body headers a request carries (Content-Length only when > 0)."""
-    present = [name for name in REQUEST_BODY_HEADERS if header(ex.request_headers, name) is not None]
-    length = header(ex.request_headers, "content-length")
-    if length is not None and length.strip() not in ("", "0"):
-        present.append("content-length")
-    return present
+    return body_headers(ex.request_headers)
 
 
 def every_hop(chains: Sequence[Chain]) -> Iterator[tuple[Chain, Hop]]:

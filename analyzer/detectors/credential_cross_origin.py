@@ -34,7 +34,7 @@ How to fix
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from analyzer.detectors.base import Context, endpoint, hop_finding, is_upgrade, origin, site
 from analyzer.model import Chain, Exchange, Finding, Severity
@@ -47,9 +47,26 @@ SUMMARY = "A credential header was forwarded on a redirect to another origin."
 WATCHED = ("authorization", "proxy-authorization", "cookie")
 
 
+def watched(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(lower-case header, fingerprint) of each watched credential header, in order."""
+    return [(name.lower(), value) for name, value in headers if name.lower() in WATCHED]
+
+
 def credentials(ex: Exchange) -> set[tuple[str, str]]:
-    """(header, fingerprint) of each watched credential header on a request."""
-    return {(name.lower(), value) for name, value in ex.request_headers if name.lower() in WATCHED}
+    return set(watched(ex.request_headers))
+
+
+def conforming_client_drops(name: str, before: str, after: str) -> bool:
+    """Would a conforming client have dropped this credential on the hop before -> after?
+
+    Authorization and Proxy-Authorization on any new origin but a same-host http -> https
+    upgrade (Fetch); a Cookie only when it leaves its site (a cookie jar sends `Domain=`
+    cookies to every host of a site, RFC 6265 5.4). The rule's severity and the
+    conformance verdict (`frames`) both come from here.
+    """
+    if is_upgrade(before, after):
+        return False
+    return name != "cookie" or site(endpoint(before)[1]) != site(endpoint(after)[1])
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
@@ -74,19 +91,19 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
 def _finding(module, chain: Chain, hop, name: str, before: str, after: str) -> Finding:
     evidence = {"header": name, "from_origin": origin(before), "to_origin": origin(after),
                 "status": hop.source.status, "hop_source_url": hop.source.url_norm}
-    b, a = endpoint(before), endpoint(after)
     if is_upgrade(before, after):
         evidence["kind"] = "https-upgrade"
         return hop_finding(module, hop, chain,
             f"{_title(name)} was sent again after an upgrade from {origin(before)} to {origin(after)}: the same "
             "host over https, which several clients treat as the same site on purpose; Fetch counts it as "
             "another origin and drops Authorization", evidence, severity=Severity.LOW)
-    other_site = site(b[1]) != site(a[1])
-    evidence["kind"] = "other-site" if other_site else ("other-host" if b[1] != a[1] else "other-port-or-scheme")
+    b, a = endpoint(before)[1], endpoint(after)[1]
+    dropped = conforming_client_drops(name, before, after)
+    evidence["kind"] = "other-site" if site(b) != site(a) else ("other-host" if b != a else "other-port-or-scheme")
     if name == "cookie":
-        severity = Severity.MEDIUM if other_site else Severity.LOW
+        severity = Severity.MEDIUM if dropped else Severity.LOW
         why = ("a Cookie header set by the caller leaks this way; no cookie jar sends one site's cookie to "
-               "another site (RFC 6265 5.4)") if other_site else (
+               "another site (RFC 6265 5.4)") if dropped else (
                "a cookie jar may send a domain cookie to every host of the site and cookies do not isolate ports "
                "(RFC 6265 5.4, 8.5), but a Cookie header set by the caller should not follow the request to "
                "another origin")

@@ -42,8 +42,7 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
             key = (target.method, target.url_norm)
             first = seen.get(key)
             if first is not None:
-                earlier = chain.hops[first].source if first < len(chain.hops) else None
-                if earlier is not None and _same_answer(earlier, target):
+                if _same_answer(chain.hops[first].source, target):  # exchange `first` of the chain
                     yield hop_finding(module, hop, chain,
                         f"{target.method} {target.url_norm} was requested again after {hop.index + 1 - first} "
                         f"redirect(s) and answered with the same {target.status} to {target.location_resolved}: "
