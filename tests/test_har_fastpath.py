@@ -159,9 +159,10 @@ def test_what_the_block_parser_refuses_goes_to_the_streaming_parser(store, tmp_p
 
 
 def test_a_number_neither_parser_can_hold_is_refused_cleanly(store, tmp_path):
+    # In a field the importer reads; one it skips (`time`) the typed block decoder never parses.
     path = tmp_path / "huge-number.har"
     write_har(path, [entry(i) for i in range(300)])
-    path.write_text(path.read_text().replace('"time": 1,', '"time": 1e400,', 1))
+    path.write_text(path.read_text().replace('"wait": 1,', '"wait": 1e400,', 1))
     with pytest.raises(ImportError_, match="huge-number.har: not valid JSON: .*overflow"):
         import_har(store, path, workers=0, block_size=1024)
     with store.begin() as conn:
@@ -178,3 +179,33 @@ def test_integers_beyond_64_bits_are_left_empty_not_fatal(store, tmp_path):
     with store.begin() as conn:
         sizes = conn.execute(select(exchanges.c.resp_body_len).order_by(exchanges.c.seq)).scalars().all()
     assert sizes[0] is None and sizes[1:] == [3] * 9
+
+
+def test_containers_of_the_wrong_type_are_read_as_absent_by_both_paths(store, tmp_path):
+    # The block decoder is typed; one odd container sends its block to the generic
+    # decoder, which must read it exactly as the streaming parser does.
+    odd = [
+        entry(0, {"request": "GET /"}),
+        entry(1, {"response": ["200"]}),
+        entry(2, {"timings": "fast"}),
+        entry(3),
+        entry(4),
+    ]
+    odd[3]["request"]["headers"] = [{"name": "X-Count", "value": 5}, "Accept: */*", {"name": "Accept"}]
+    odd[3]["request"]["postData"] = ["a=1"]
+    odd[4]["response"]["headers"] = {"Location": "/elsewhere"}
+    odd[4]["response"]["content"] = "abc"
+    path = tmp_path / "odd-shapes.har"
+    write_har(path, odd + [entry(i) for i in range(5, 300)])
+    fast, slow = both_ways(store, path, workers=0, block_size=1024)
+    assert fast.entries == slow.entries == 300
+    rows = stored_rows(store, fast.capture_id)
+    assert rows == stored_rows(store, slow.capture_id)
+    col = {name: COMPARED.index(name) for name in COMPARED}
+    first, second, third, fourth, fifth = rows[:5]
+    assert (first[col["method"]], first[col["url"]], first[col["status"]]) == ("GET", "", 302)
+    assert (second[col["status"]], second[col["error"]]) == (None, "no response")
+    assert third[col["response_started_at"]] == third[col["started_at"]]
+    assert json.loads(fourth[col["request_headers"]]) == [["X-Count", "5"], ["Accept", ""]]
+    assert (fourth[col["req_body_len"]], fourth[col["req_body_sha256"]]) == (None, None)
+    assert (fifth[col["status"]], fifth[col["location"]], fifth[col["resp_body_len"]]) == (302, None, None)

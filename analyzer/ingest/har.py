@@ -42,7 +42,6 @@ from analyzer.urls import BadURL, normalize_url, resolve_location
 
 UTF8_BOM = b"\xef\xbb\xbf"
 HEAD_SCAN_LIMIT = 64 * 1024 * 1024  # bytes of metadata we accept before log.entries
-TIMING_PHASES = ("blocked", "dns", "connect", "send", "wait")  # ssl is inside connect (HAR 1.2)
 SYNTHETIC_REASON = "non-authoritative-reason"  # Chrome's header on its internal redirects
 PARALLEL_MIN_BYTES = 16 << 20  # smaller files are converted in-process
 WORKERS_ENV = "REDIRECT_AUDIT_IMPORT_WORKERS"
@@ -50,7 +49,93 @@ WORKERS_ENV = "REDIRECT_AUDIT_IMPORT_WORKERS"
 Progress = Callable[[int], None]
 
 
+class _Header(msgspec.Struct, gc=False):
+    name: Any = ""
+    value: Any = ""
+
+
+class _PostData(msgspec.Struct, gc=False):
+    mimeType: Any = None  # noqa: N815 - HAR's names
+    text: Any = None
+    encoding: Any = None
+    params: Any = None
+
+
+class _Request(msgspec.Struct, gc=False):
+    method: Any = None
+    url: Any = None
+    httpVersion: Any = None  # noqa: N815
+    headers: list[_Header] | None = None
+    postData: _PostData | None = None  # noqa: N815
+    bodySize: Any = None  # noqa: N815
+
+
+class _Content(msgspec.Struct, gc=False):
+    mimeType: Any = None  # noqa: N815
+    text: Any = None
+    encoding: Any = None
+    size: Any = None
+
+
+class _Response(msgspec.Struct, gc=False):
+    status: Any = None
+    statusText: Any = None  # noqa: N815
+    headers: list[_Header] | None = None
+    content: _Content | None = None
+    redirectURL: Any = None  # noqa: N815
+    error: Any = msgspec.field(default=None, name="_error")
+
+
+class _Timings(msgspec.Struct, gc=False):
+    blocked: Any = None
+    dns: Any = None
+    connect: Any = None  # ssl is inside connect (HAR 1.2)
+    send: Any = None
+    wait: Any = None
+
+
+class _Entry(msgspec.Struct, gc=False):
+    """The part of a HAR entry the importer reads. Scalars are `Any` (exporters put
+    anything there and the converter copes); only the containers are typed, so that
+    msgspec builds no dicts and skips what is not read (cookies, queryString, cache)."""
+
+    pageref: Any = None
+    startedDateTime: Any = None  # noqa: N815
+    request: _Request | None = None
+    response: _Response | None = None
+    timings: _Timings | None = None
+    connection: Any = None
+    fromCache: Any = msgspec.field(default=None, name="_fromCache")  # noqa: N815
+    error: Any = msgspec.field(default=None, name="_error")
+
+
+_NO_REQUEST = _Request()
+_NO_RESPONSE = _Response()
+_NO_CONTENT = _Content()
+_ENTRIES = msgspec.json.Decoder(list[_Entry])
 _ANY_JSON = msgspec.json.Decoder()
+
+
+def _as_entry(entry: dict) -> _Entry:
+    """An _Entry from a generic JSON object, with every container of the wrong type
+    dropped (a string `request`, a header that is not an object...), as the converter
+    has always read them."""
+    request = _obj(entry.get("request"))
+    if request is not None:
+        request = {**request, "headers": _objects(request.get("headers")), "postData": _obj(request.get("postData"))}
+    response = _obj(entry.get("response"))
+    if response is not None:
+        response = {**response, "headers": _objects(response.get("headers")), "content": _obj(response.get("content"))}
+    shaped = {**entry, "request": request, "response": response, "timings": _obj(entry.get("timings"))}
+    return msgspec.convert(shaped, _Entry)
+
+
+def _obj(value: Any) -> dict | None:
+    return value if type(value) is dict else None
+
+
+def _objects(value: Any) -> list[dict] | None:
+    return [v for v in value if type(v) is dict] if type(value) is list else None
 
 
 def import_har(
@@ -216,7 +301,7 @@ class _StreamImport:
         with open(name, "rb") as fh:
             reader = _CountingReader(fh, self.progress)
             for index, entry in enumerate(ijson.items(reader, "log.entries.item", use_float=True)):
-                yield exchange_row(self.converter.convert_checked(index, entry))
+                yield exchange_row(self.converter.convert(index, self.converter.checked(index, entry)))
             self.sha256 = reader.sha.hexdigest()
 
 
@@ -303,32 +388,32 @@ class _HarEntries:
     def convert_block(self, first: int, block: bytes) -> tuple[list[tuple], int]:
         """Rows for a verified block of entries, and the warnings it raised."""
         before = self.warnings
+        data = b"[" + block + b"]"
         try:
-            entries = _ANY_JSON.decode(b"[" + block + b"]")
+            try:
+                entries = _ENTRIES.decode(data)
+            except msgspec.ValidationError:  # a container of the wrong type somewhere in the block
+                entries = [self.checked(first + i, entry) for i, entry in enumerate(_ANY_JSON.decode(data))]
         except msgspec.DecodeError as exc:  # valid JSON msgspec will not build (1e400)
             raise Unsure(str(exc)) from None
-        rows = [exchange_row(self.convert_checked(first + i, entry)) for i, entry in enumerate(entries)]
+        rows = [exchange_row(self.convert(first + i, entry)) for i, entry in enumerate(entries)]
         return rows, self.warnings - before
 
-    def convert_checked(self, index: int, entry: Any) -> Exchange:
+    def checked(self, index: int, entry: Any) -> _Entry:
+        """The typed form of an entry that came out of a generic JSON parser."""
         if not isinstance(entry, dict):
             raise ImportError_(f"{self.name}: entry {index} is not an object")
-        return self.convert(index, entry)
+        return _as_entry(entry)
 
-    def convert(self, index: int, entry: dict) -> Exchange:
-        get = entry.get
-        request = get("request")
-        if type(request) is not dict:
-            request = {}
-        response = get("response")
-        if type(response) is not dict:
-            response = {}
-        req_headers, req_h = self._headers(request.get("headers"))
-        resp_headers, resp_h = self._headers(response.get("headers"))
-        url = request.get("url")
+    def convert(self, index: int, entry: _Entry) -> Exchange:
+        request = entry.request or _NO_REQUEST
+        response = entry.response or _NO_RESPONSE
+        req_headers, req_h = self._headers(request.headers)
+        resp_headers, resp_h = self._headers(response.headers)
+        url = request.url
         url = protect_url(url if type(url) is str else str(url or ""), self.key)
-        started = self._timestamp(get("startedDateTime"))
-        method = request.get("method")
+        started = self._timestamp(entry.startedDateTime)
+        method = request.method
         ex = Exchange(
             capture_id=self.capture_id,
             seq=index,
@@ -336,36 +421,34 @@ class _HarEntries:
             url=url,
             url_norm=self._normalize(url),
             started_at=started,
-            response_started_at=_response_start(started, get("timings")),
-            client=self._client(get("pageref")),
-            connection=_text(get("connection")),
-            http_version=_text(request.get("httpVersion")),
+            response_started_at=_response_start(started, entry.timings),
+            client=self._client(entry.pageref),
+            connection=_text(entry.connection),
+            http_version=_text(request.httpVersion),
             request_headers=req_headers,
             response_headers=resp_headers,
             user_agent=req_h.get("user-agent"),
             idempotency_key=req_h.get(IDEMPOTENCY_HEADERS[0]) or req_h.get(IDEMPOTENCY_HEADERS[1]) or None,
-            from_cache=bool(get("_fromCache")),
+            from_cache=bool(entry.fromCache),
             request_body=self._request_body(request, req_h),
         )
         self._fill_response(ex, entry, response, resp_h)
         return ex
 
-    def _headers(self, value: Any) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    def _headers(self, value: list[_Header] | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
         """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values.
 
-        `secrets.protect_and_index` in one pass with the HAR clean-up (objects only, names
-        and values as text): feeding it a cleaned list or a generator costs this, the
-        importer's hottest loop, about a third more (measured).
+        `secrets.protect_and_index` in one pass with the HAR clean-up (names and values
+        as text): feeding it a cleaned list or a generator costs this, the importer's
+        hottest loop, about a third more (measured).
         """
         pairs: list[tuple[str, str]] = []
         lookup: dict[str, str] = {}
-        if type(value) is not list:
+        if not value:
             return pairs, lookup
         for h in value:
-            if type(h) is not dict:
-                continue
-            name = h.get("name", "")
-            val = h.get("value", "")
+            name = h.name
+            val = h.value
             if type(name) is not str:
                 name = str(name)
             if type(val) is not str:
@@ -407,16 +490,14 @@ class _HarEntries:
             moment = moment.replace(tzinfo=UTC)
         return moment.timestamp()
 
-    def _request_body(self, request: dict, headers: dict[str, str]) -> Body:
+    def _request_body(self, request: _Request, headers: dict[str, str]) -> Body:
         content_type = headers.get("content-type")
-        post = request.get("postData")
-        if isinstance(post, dict):
-            content_type = content_type or _text(post.get("mimeType")) or None
-            raw = self._post_bytes(post)
-            if raw is not None:
-                return summarize_body(raw, content_type, self.options)
+        post = request.postData
+        if post is not None:
+            content_type = content_type or _text(post.mimeType) or None
+            return summarize_body(self._post_bytes(post), content_type, self.options)
         # No postData: the exporter did not show us the body. Length may still be known.
-        declared = _int(request.get("bodySize"))
+        declared = _int(request.bodySize)
         length = _int(headers.get("content-length"))
         if length is None and declared is not None and declared > 0:
             length = declared
@@ -424,32 +505,35 @@ class _HarEntries:
             return Body(length=0, sha256=EMPTY_SHA256, content_type=content_type)
         return Body(length=length, content_type=content_type)
 
-    def _post_bytes(self, post: dict) -> bytes | None:
-        text = post.get("text")
+    def _post_bytes(self, post: _PostData) -> bytes:
+        text = post.text
         if isinstance(text, str) and text:
-            if str(post.get("encoding") or "").lower() == "base64":
-                try:
-                    return base64.b64decode(text, validate=False)
-                except (binascii.Error, ValueError):
-                    self.warnings += 1
-            return text.encode("utf-8", "surrogatepass")
-        params = post.get("params")
+            return self._text_bytes(text, post.encoding)
+        params = post.params
         if isinstance(params, list) and params:
             # Charles and others give only the parsed fields; hash a canonical form of them.
             pairs = [f"{_as_dict(p).get('name', '')}={_as_dict(p).get('value', '')}" for p in params]
             return "&".join(pairs).encode("utf-8", "surrogatepass")
         return b""
 
-    def _fill_response(self, ex: Exchange, entry: dict, response: dict, headers: dict[str, str]) -> None:
-        status = _int(response.get("status"))
+    def _text_bytes(self, text: str, encoding: Any) -> bytes:
+        """The bytes of a HAR `text` field, base64-decoded when `encoding` says so."""
+        if str(encoding or "").lower() == "base64":
+            try:
+                return base64.b64decode(text, validate=False)
+            except (binascii.Error, ValueError):
+                self.warnings += 1
+        return text.encode("utf-8", "surrogatepass")
+
+    def _fill_response(self, ex: Exchange, entry: _Entry, response: _Response, headers: dict[str, str]) -> None:
+        status = _int(response.status)
         if not status or status < 100:
-            ex.error = _text(entry.get("_error")) or _text(response.get("_error")) or "no response"
+            ex.error = _text(entry.error) or _text(response.error) or "no response"
             return
         ex.status = status
-        ex.status_text = _text(response.get("statusText"))
-        content = _as_dict(response.get("content"))
-        ex.response_body = self._response_body(content, headers.get("content-type"))
-        location = headers.get("location") or _text(response.get("redirectURL")) or None
+        ex.status_text = _text(response.statusText)
+        ex.response_body = self._response_body(response.content or _NO_CONTENT, headers.get("content-type"))
+        location = headers.get("location") or _text(response.redirectURL) or None
         if location is not None:
             ex.location = protect_url(location, self.key)
         ex.synthetic = status == 307 and (
@@ -461,13 +545,12 @@ class _HarEntries:
             except BadURL as exc:
                 ex.location_error = str(exc)
 
-    def _response_body(self, content: dict, content_type: str | None) -> Body:
-        content_type = content_type or _text(content.get("mimeType")) or None
-        text = content.get("text")
+    def _response_body(self, content: _Content, content_type: str | None) -> Body:
+        content_type = content_type or _text(content.mimeType) or None
+        text = content.text
         if isinstance(text, str) and text:
-            raw = self._post_bytes({"text": text, "encoding": content.get("encoding")}) or b""
-            return summarize_body(raw, content_type, self.options)
-        size = _int(content.get("size"))
+            return summarize_body(self._text_bytes(text, content.encoding), content_type, self.options)
+        size = _int(content.size)
         return Body(length=size if size is not None and size >= 0 else None, content_type=content_type)
 
 
@@ -487,12 +570,11 @@ def _int(value: Any) -> int | None:
     return number if -(2**63) <= number < 2**63 else None  # what a database column holds
 
 
-def _response_start(started: float | None, timings: Any) -> float | None:
-    if started is None or not isinstance(timings, dict):
+def _response_start(started: float | None, timings: _Timings | None) -> float | None:
+    if started is None or timings is None:
         return started
     spent = 0.0
-    for phase in TIMING_PHASES:
-        value = timings.get(phase)
+    for value in (timings.blocked, timings.dns, timings.connect, timings.send, timings.wait):
         if isinstance(value, (int, float)) and value > 0:  # noqa: UP038 - the tuple form is faster
             spent += value
     return started + spent / 1000.0
