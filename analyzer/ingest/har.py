@@ -151,9 +151,9 @@ def import_har(
     """Import one HAR file in one transaction; raise ImportError_ and store nothing if it is bad.
 
     Entries are cut into blocks of whole entries and converted by `workers` processes
-    (default: one per CPU for files over 16 MB, none for smaller ones). A file the
-    block cutter cannot vouch for is read again by the streaming parser instead;
-    `fast=False` goes to the streaming parser straight away.
+    (default: one per CPU but this process's own, at most 4, for files over 16 MB;
+    none for smaller ones). A file the block cutter cannot vouch for is read again by
+    the streaming parser instead; `fast=False` goes to the streaming parser straight away.
     """
     name = str(path)
     try:
@@ -196,9 +196,13 @@ def _worker_count(name: str, workers: int | None) -> int:
         workers = int(os.environ[WORKERS_ENV])
     if workers is not None:
         return max(0, workers)
-    if os.path.getsize(name) < PARALLEL_MIN_BYTES:
+    cpus = os.cpu_count() or 1
+    if os.path.getsize(name) < PARALLEL_MIN_BYTES or cpus == 1:
         return 0
-    return min(os.cpu_count() or 1, 4) if (os.cpu_count() or 1) > 1 else 0
+    # This process is busy too (reading, verifying, inserting): one core is its own.
+    # On 2 cores, a second worker beside it cost 15-30% more CPU in all and was not
+    # faster (benchmarks/bench_import.py --workers 1 and 2, alternated).
+    return min(cpus - 1, 4)
 
 
 class _FastImport:
@@ -260,10 +264,10 @@ class _FastImport:
                 for future in pending:
                     future.cancel()
 
-    def _collect(self, future: Future) -> list[tuple]:
+    def _collect(self, future: Future) -> list:
         rows, warnings = future.result()
         self.warnings += warnings
-        return rows
+        return _ROWS.decode(rows) if type(rows) is bytes else rows
 
 
 _worker_converter: _HarEntries | None = None
@@ -275,13 +279,22 @@ def _init_worker(name: str, capture_id: int, key: bytes, options: CaptureOptions
     _worker_converter = _HarEntries(name, capture_id, key, options)
 
 
-def _convert_in_worker(first: int, offset: int, length: int) -> tuple[list[tuple], int]:
+def _convert_in_worker(first: int, offset: int, length: int) -> tuple[bytes | list[tuple], int]:
+    """Rows for one block, as MessagePack: half the CPU of pickling them, on both sides."""
     assert _worker_converter is not None
     with open(_worker_converter.name, "rb") as fh:
         block = os.pread(fh.fileno(), length, offset)
     if len(block) != length:
         raise ImportError_(f"{_worker_converter.name}: the file changed while it was being imported")
-    return _worker_converter.convert_block(first, block)
+    rows, warnings = _worker_converter.convert_block(first, block)
+    try:
+        return _ROWS_OUT.encode(rows), warnings
+    except (UnicodeEncodeError, msgspec.EncodeError):  # a lone surrogate: pickle carries it
+        return rows, warnings
+
+
+_ROWS_OUT = msgspec.msgpack.Encoder()
+_ROWS = msgspec.msgpack.Decoder(list[tuple])
 
 
 class _StreamImport:
