@@ -81,7 +81,7 @@ def import_har_cmd(
     keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
     body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
     workers: Annotated[int | None, typer.Option(
-        help="Processes converting entries (default: one per CPU but the importer's own, at most 4, for files over 16 MB; 0: none)",
+        help="Processes converting entries (default: one per CPU, at most 4, for files over 16 MB; 0: none)",
         show_default=False, min=0)] = None,
 ) -> None:
     """Import HAR files; each file is one transaction, a bad file leaves nothing behind."""

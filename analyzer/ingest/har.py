@@ -151,9 +151,9 @@ def import_har(
     """Import one HAR file in one transaction; raise ImportError_ and store nothing if it is bad.
 
     Entries are cut into blocks of whole entries and converted by `workers` processes
-    (default: one per CPU but this process's own, at most 4, for files over 16 MB;
-    none for smaller ones). A file the block cutter cannot vouch for is read again by
-    the streaming parser instead; `fast=False` goes to the streaming parser straight away.
+    (default: one per CPU, at most 4, for files over 16 MB; none for smaller ones). A
+    file the block cutter cannot vouch for is read again by the streaming parser
+    instead; `fast=False` goes to the streaming parser straight away.
     """
     name = str(path)
     try:
@@ -199,10 +199,10 @@ def _worker_count(name: str, workers: int | None) -> int:
     cpus = os.cpu_count() or 1
     if os.path.getsize(name) < PARALLEL_MIN_BYTES or cpus == 1:
         return 0
-    # This process is busy too (reading, verifying, inserting): one core is its own.
-    # On 2 cores, a second worker beside it cost 15-30% more CPU in all and was not
-    # faster (benchmarks/bench_import.py --workers 1 and 2, alternated).
-    return min(cpus - 1, 4)
+    # This process is busy too (reading, verifying, inserting), but one worker per CPU
+    # still wins: on 2 cores, 2 workers beat 1 in 6 of 8 alternated runs of
+    # benchmarks/bench_import.py, though they spend 15-30% more CPU in all.
+    return min(cpus, 4)
 
 
 class _FastImport:
