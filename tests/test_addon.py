@@ -3,6 +3,7 @@ what is stored, live findings marking and commenting the flows involved."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -117,3 +118,40 @@ def test_a_redirect_nobody_follows_is_judged_when_its_window_closes(recorder, tm
     with caplog.at_level(logging.INFO, logger="redirect_audit"):
         recorder.done()
     assert "saw 1 exchanges, stored 1" in caplog.text
+
+
+def test_bytes_that_are_not_utf8_are_stored_escaped_and_lose_no_batch(recorder, tmp_path, caplog):
+    # mitmproxy hands such bytes over as lone surrogates, which no database stores as
+    # text; they once failed the whole batch they were in.
+    odd = make_flow("GET", "http://api.test/ok", status=200)
+    odd.request.headers[b"X-Name"] = b"caf\xe9"
+    odd.request.path = b"/caf\xe9"
+    odd.response.reason = b"Fine \xff"
+    plain = make_flow("GET", "http://api.test/plain", status=200, at=T0 + 1)
+    recorder.response(odd)
+    recorder.response(plain)
+    with caplog.at_level(logging.INFO, logger="redirect_audit"):
+        recorder.done()
+    assert "saw 2 exchanges, stored 2" in caplog.text
+    rows = stored(tmp_path)
+    assert ["X-Name", "caf\\xe9"] in json.loads(rows[0]["request_headers"])
+    assert rows[0]["url"] == "http://api.test/caf\\xe9"
+    assert rows[0]["status_text"] == "Fine \u00ff"  # reason phrases are Latin-1 to mitmproxy
+    assert rows[1]["url"] == "http://api.test/plain"
+
+
+def test_a_row_the_store_refuses_costs_only_itself(recorder, tmp_path, caplog):
+    flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(9)]
+    for flow in flows[:4]:
+        recorder.response(flow)
+    bad = recorder.converter.convert(recorder.recorder.next_seq(), flows[4])
+    bad.url = "http://api.test/\udce9"  # what no UTF-8 database takes as text
+    recorder.recorder.submit(bad)
+    for flow in flows[5:]:
+        recorder.response(flow)
+    with caplog.at_level(logging.INFO, logger="redirect_audit"):
+        recorder.done()
+    assert "saw 9 exchanges, stored 8" in caplog.text
+    assert "exchange 4 (http://api.test/\\udce9) cannot be stored: 'utf-8' codec can't encode" in caplog.text
+    assert "attempt" not in caplog.text  # a bad row is not retried
+    assert [r["url"] for r in stored(tmp_path)] == [f"http://api.test/{n}" for n in range(9) if n != 4]

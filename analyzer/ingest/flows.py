@@ -49,8 +49,8 @@ class FlowConverter:
 
     def convert(self, seq: int, flow: http.HTTPFlow) -> Exchange:
         request = flow.request
-        req_headers, req_h = protect_and_index(request.headers.items(multi=True), self.key)
-        url = protect_url(request.url, self.key)
+        req_headers, req_h = protect_and_index(_pairs(request.headers), self.key)
+        url = protect_url(_clean(request.url), self.key)
         try:
             url_norm = normalize_url(url)
         except BadURL:
@@ -59,7 +59,7 @@ class FlowConverter:
         ex = Exchange(
             capture_id=self.capture_id,
             seq=seq,
-            method=request.method.upper(),
+            method=_clean(request.method).upper(),
             url=url,
             url_norm=url_norm,
             started_at=request.timestamp_start,
@@ -76,7 +76,7 @@ class FlowConverter:
         if response is None:
             ex.error = flow.error.msg if flow.error else "no response"
             return ex
-        resp_headers, resp_h = protect_and_index(response.headers.items(multi=True), self.key)
+        resp_headers, resp_h = protect_and_index(_pairs(response.headers), self.key)
         ex.response_started_at = response.timestamp_start
         ex.status = response.status_code
         ex.status_text = response.reason
@@ -102,6 +102,23 @@ class FlowConverter:
         if not raw:
             return Body(length=0, sha256=EMPTY_SHA256, content_type=content_type)
         return summarize_body(raw, content_type, self.options)
+
+
+def _pairs(headers: http.Headers) -> list[tuple[str, str]]:
+    """The header fields as text, bytes that are not UTF-8 written as `\\xNN`.
+
+    mitmproxy's own `items(multi=True)` decodes with surrogateescape, and a lone
+    surrogate cannot be stored as text: one such header used to fail its whole batch.
+    One list comprehension over `fields`, too: this runs on the proxy's event loop for
+    every exchange, and the generator costs twice as much."""
+    return [(k.decode("utf-8", "backslashreplace"), v.decode("utf-8", "backslashreplace")) for k, v in headers.fields]
+
+
+def _clean(text: str) -> str:
+    """A mitmproxy string (URL, method) as storable text: undecodable bytes as `\\xNN`."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_flows(path: str) -> Iterator[http.HTTPFlow]:

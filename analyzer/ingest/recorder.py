@@ -17,8 +17,18 @@ from collections import deque
 import time
 from dataclasses import dataclass
 
+from sqlalchemy.exc import OperationalError
+
 from analyzer.model import Exchange
-from analyzer.store import Store, add_capture, captures, exchange_row, finish_capture, write_exchanges
+from analyzer.store import (
+    EXCHANGE_COLUMNS,
+    Store,
+    add_capture,
+    captures,
+    exchange_row,
+    finish_capture,
+    write_exchanges,
+)
 
 log = logging.getLogger("redirect_audit")
 
@@ -97,6 +107,9 @@ class Recorder:
                     conn.execute(captures.update().where(captures.c.id == self.capture_id)
                                  .values(entries=self.stored + len(rows)))
             except Exception as exc:  # noqa: BLE001 - the database, whatever it says, must not kill the proxy
+                if not isinstance(exc, OperationalError):  # not the store (locked, full) but a row: no retry helps
+                    self._isolate(rows, exc)
+                    return
                 log.error("redirect-audit: writing %d exchanges failed (attempt %d of %d): %s",
                           len(rows), attempt, RETRIES, str(exc).splitlines()[0])
                 time.sleep(min(0.2 * 2**attempt, 5.0))
@@ -105,3 +118,18 @@ class Recorder:
             return
         self.lost += len(rows)
         log.error("redirect-audit: gave up on %d exchanges; the store is not taking writes", len(rows))
+
+    def _isolate(self, rows: list[tuple], exc: Exception) -> None:
+        """A batch failed because of what is in it: store the rows around the bad one."""
+        if len(rows) > 1:
+            half = len(rows) // 2
+            self._write(rows[:half])
+            self._write(rows[half:])
+            return
+        self.lost += 1
+        url = str(rows[0][_URL])[:200].encode("utf-8", "backslashreplace").decode()
+        log.error("redirect-audit: exchange %s (%s) cannot be stored: %s", rows[0][_SEQ], url,
+                  str(exc).splitlines()[0])
+
+
+_SEQ, _URL = EXCHANGE_COLUMNS.index("seq"), EXCHANGE_COLUMNS.index("url")
