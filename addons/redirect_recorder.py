@@ -62,8 +62,8 @@ class RedirectRecorder:
     def load(self, loader) -> None:
         loader.add_option(PREFIX + "db", str, "", "Store for the exchanges: SQLAlchemy URL or file path "
                           "(default: $REDIRECT_AUDIT_DB, else ./redirect-audit.db).")
-        loader.add_option(PREFIX + "batch", int, 500, "Exchanges committed per transaction.")
-        loader.add_option(PREFIX + "flush_ms", int, 500, "Milliseconds before a partial batch is committed.")
+        loader.add_option(PREFIX + "batch", int, 2000, "Exchanges committed per transaction.")
+        loader.add_option(PREFIX + "flush_ms", int, 2000, "Milliseconds before a partial batch is committed.")
         loader.add_option(PREFIX + "bodies", bool, False, "Also store request and response bodies "
                           "(capped, well-known secret fields redacted).")
         loader.add_option(PREFIX + "body_cap", int, DEFAULT_BODY_CAP, "Bytes kept per body when bodies are stored.")

@@ -13,7 +13,7 @@ import secrets as _random
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -291,35 +291,84 @@ def insert_tuples(conn: Connection, table: Table, columns: tuple[str, ...], rows
                   batch_size: int = BATCH_SIZE) -> int:
     """Bulk insert, skipping SQLAlchemy's per-row parameter processing.
 
-    The single-row statement is compiled once for the connection's dialect, so the SQL
-    stays what SQLAlchemy would send. With a positional driver (SQLite's qmark) rows go
-    in multi-row `INSERT ... VALUES (...), (...)` statements: one statement step per
-    200 rows instead of one per row. That matters beyond speed: the sqlite3 module
-    releases the GIL around every step, and in the proxy, where a writer thread inserts
-    while the event loop serves traffic, each release is a thread hand-over; per row,
-    those hand-overs cost the proxy more CPU than the recording itself. Named-parameter
-    drivers (psycopg) get the driver's executemany. Every column type used here (int,
-    float, text, bool, bytes) needs no bind processing.
+    The single-row statement is compiled once per dialect, so the SQL stays what
+    SQLAlchemy would send. With a positional driver (SQLite's qmark) rows go in
+    multi-row `INSERT ... VALUES (...), (...)` statements: one statement step per 200
+    rows instead of one per row. That matters beyond speed: the sqlite3 module releases
+    the GIL around every step, and in the proxy, where a writer thread inserts while the
+    event loop serves traffic, each release is a thread hand-over; per row, those
+    hand-overs cost the proxy more CPU than the recording itself. Fewer than 200 rows go
+    in chunks of 128, 64, ... 1, so that only nine statement shapes exist and the
+    driver's statement cache always has them prepared (a batch of any other size would
+    parse and prepare a statement of thousands of parameters). Named-parameter drivers
+    (psycopg) get the driver's executemany. Every column type used here (int, float,
+    text, bool, bytes) needs no bind processing.
     """
-    compiled = insert(table).compile(dialect=conn.dialect, column_keys=list(columns))
+    plan = _insert_plan(conn, table, columns)
     count = 0
-    if compiled.positional and compiled.string.rstrip().endswith(")"):
-        order = [columns.index(name) for name in compiled.positiontup]
-        identity = order == list(range(len(columns)))
-        head, values = _split_values(compiled.string)
-        statements: dict[int, str] = {}
+    if plan.multi_row:
+        order = plan.order
         for batch in _batches(rows, MULTI_ROW_LIMIT):
-            n = len(batch)
-            sql = statements.get(n) or statements.setdefault(n, head + ", ".join([values] * n))
-            flat = [v for r in batch for v in r] if identity else [r[i] for r in batch for i in order]
-            conn.exec_driver_sql(sql, tuple(flat))
-            count += n
+            start = 0
+            for n in _chunk_sizes(len(batch)):
+                chunk = batch[start : start + n]
+                start += n
+                flat = [v for r in chunk for v in r] if order is None else [r[i] for r in chunk for i in order]
+                conn.exec_driver_sql(plan.statement(n), tuple(flat))
+            count += len(batch)
         return count
-    shape = lambda r: dict(zip(columns, r)) if not compiled.positional else r  # noqa: E731
+    shape = lambda r: dict(zip(columns, r)) if not plan.positional else r  # noqa: E731
     for batch in _batches(rows, batch_size):
-        conn.exec_driver_sql(compiled.string, [shape(r) for r in batch])
+        conn.exec_driver_sql(plan.sql, [shape(r) for r in batch])
         count += len(batch)
     return count
+
+
+@dataclass
+class _InsertPlan:
+    sql: str  # the single-row statement
+    positional: bool
+    multi_row: bool
+    order: list[int] | None  # driver parameter order as indexes into a row, None if the same
+    _statements: dict[int, str] = field(default_factory=dict)
+
+    def statement(self, rows: int) -> str:
+        sql = self._statements.get(rows)
+        if sql is None:
+            head, values = _split_values(self.sql)
+            sql = self._statements[rows] = head + ", ".join([values] * rows)
+        return sql
+
+
+_PLANS: dict[tuple, _InsertPlan] = {}
+
+
+def _insert_plan(conn: Connection, table: Table, columns: tuple[str, ...]) -> _InsertPlan:
+    key = (conn.dialect.name, conn.dialect.paramstyle, table.name, columns)
+    plan = _PLANS.get(key)
+    if plan is None:
+        compiled = insert(table).compile(dialect=conn.dialect, column_keys=list(columns))
+        positional = bool(compiled.positional)
+        order = [columns.index(name) for name in compiled.positiontup] if positional else None
+        plan = _PLANS[key] = _InsertPlan(
+            sql=compiled.string,
+            positional=positional,
+            multi_row=positional and compiled.string.rstrip().endswith(")"),
+            order=None if order == list(range(len(columns))) else order,
+        )
+    return plan
+
+
+def _chunk_sizes(n: int) -> Iterator[int]:
+    """n (at most MULTI_ROW_LIMIT) as MULTI_ROW_LIMIT or as falling powers of two."""
+    if n == MULTI_ROW_LIMIT:
+        yield n
+        return
+    bit = 1 << (n.bit_length() - 1) if n else 0
+    while bit:
+        if n & bit:
+            yield bit
+        bit >>= 1
 
 
 def _split_values(sql: str) -> tuple[str, str]:

@@ -8,9 +8,10 @@ proxy mode, loopback only). Two mitmdump processes run side by side, one plain, 
 with the recorder, and the load alternates between them in --rounds bursts (the order
 flips every round), so drifting machine load hits both alike. For each burst it takes
 the mitmdump process's CPU time (user + sys, psutil) from just before the burst to one
-second after it (the writer thread commits within that second), and prints CPU time
-per request per round, then totals: CPU/request, median throughput and latency, and
-the exchanges stored against the requests the recorder answered. Throughput swings
+second past the recorder's flush interval after it (by then the writer thread has
+committed what the burst queued), and prints CPU time per request per round, then
+totals: CPU/request, median throughput and latency, and the exchanges stored against
+the requests the recorder answered. Throughput swings
 from run to run on a shared machine; CPU time per request is the figure to judge by.
 """
 
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from proxyrun import free_port, wait_for_port  # noqa: E402
 
+from analyzer.ingest.recorder import RecorderSettings  # noqa: E402
 from analyzer.store import exchanges, open_store  # noqa: E402
 
 NGINX_CONF = """
@@ -124,6 +126,12 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install nginx-light hey")
     chunk = args.requests // args.rounds
+    flush = RecorderSettings().flush_interval
+    for option in args.set:
+        name, _, value = option.partition("=")
+        if name == "redirect_audit_flush_ms":
+            flush = int(value) / 1000
+    settle = flush + 1.0
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         db = tmp / "recorder.db"
@@ -147,7 +155,7 @@ def main() -> None:
                     before, sys_before = cpu_seconds(me), sys_seconds(me)
                     ctx_before = me.num_ctx_switches()
                     r = hey(port, target, chunk, args.concurrency)
-                    time.sleep(1.0)  # let the writer thread commit what this burst queued
+                    time.sleep(settle)  # the writer commits what this burst queued within its flush interval
                     per[label] = (cpu_seconds(me) - before) * 1000 / chunk
                     ctx_after = me.num_ctx_switches()
                     t_sys = (sys_seconds(me) - sys_before) * 1000 / chunk

@@ -37,8 +37,10 @@ RETRIES = 5  # attempts at a batch the database refused (locked, full disk) befo
 
 @dataclass(frozen=True)
 class RecorderSettings:
-    batch_size: int = 500
-    flush_interval: float = 0.5  # seconds
+    # Under load a transaction costs the proxy about 6 ms of CPU beyond its rows; at
+    # 1,000 requests/s, 2,000 rows / 2 s halves what 500 / 0.5 s cost per row (measured).
+    batch_size: int = 2000
+    flush_interval: float = 2.0  # seconds
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
