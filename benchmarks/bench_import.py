@@ -2,10 +2,13 @@
 
     uv run python benchmarks/bench_import.py --entries 100000
     uv run python benchmarks/bench_import.py --megabytes 200
+    uv run python benchmarks/bench_import.py --megabytes 200 --filler 200   # the 100k file's entries
+    uv run python benchmarks/bench_import.py --entries 100000 --pss         # memory of all processes
 
 The HAR is written to a temporary directory, then imported --runs times, each by a
 fresh child process into a new store, so peak RSS is the importer's alone (its worker
-processes are reported apart). Prints entries/s, MB/s, CPU time and peak RSS per run.
+processes are reported apart). Prints entries/s, MB/s, CPU time and peak RSS per run;
+with --pss also the peak of the processes' summed PSS (shared pages counted once).
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import psutil
 
 HEADERS = [("Accept", "text/html,application/xhtml+xml"), ("Accept-Encoding", "gzip, deflate, br"),
            ("Accept-Language", "en-US,en;q=0.9"), ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/130.0"),
@@ -48,9 +54,9 @@ def entry(i: int, start: datetime, filler: str) -> dict:
                                      "receive": 1.4}, "connection": str(i % 6)}
 
 
-def write_har(path: Path, entries: int | None, megabytes: int | None) -> int:
+def write_har(path: Path, entries: int | None, megabytes: int | None, filler_bytes: int | None = None) -> int:
     start = datetime(2026, 11, 1, tzinfo=UTC)
-    filler = "x" * (1800 if megabytes else 200)
+    filler = "x" * (filler_bytes if filler_bytes is not None else 1800 if megabytes else 200)
     target = megabytes * 1024 * 1024 if megabytes else None
     written = count = 0
     with path.open("w") as fh:
@@ -79,31 +85,66 @@ print(result.entries, seconds, own.ru_utime + own.ru_stime, kids.ru_utime + kids
 """
 
 
+def run_sampling_pss(command: list[str]) -> tuple[str, float]:
+    """Run the importer; return its stdout and the peak of its and its workers' summed PSS.
+
+    RSS counts the pages forked workers share with their parent once per process; PSS
+    splits shared pages between the processes that map them, so the sum is the memory
+    the import really occupies. Sampled every 20 ms.
+    """
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    peak = 0.0
+    try:
+        me = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            total = 0
+            try:
+                for p in [me, *me.children(recursive=True)]:
+                    total += p.memory_full_info().pss
+            except psutil.Error:  # a worker came or went between listing and reading
+                pass
+            peak = max(peak, total / 2**20)
+            time.sleep(0.02)
+    finally:
+        stdout, _ = proc.communicate(timeout=600)
+    if proc.returncode:
+        raise SystemExit(f"importer failed with status {proc.returncode}")
+    return stdout, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int)
     parser.add_argument("--megabytes", type=int)
     parser.add_argument("--runs", type=int, default=3, help="imports of the same file, each into a new store")
     parser.add_argument("--workers", default="auto", help="converter processes (auto: the importer decides)")
+    parser.add_argument("--pss", action="store_true", help="also sample the summed PSS of the importer and its "
+                        "workers every 20 ms (the sampling costs CPU: judge speed without it)")
+    parser.add_argument("--filler", type=int, help="bytes of response text per entry (default: 200 with "
+                        "--entries, about 1.3 KB entries; 1800 with --megabytes, about 2.9 KB entries)")
     args = parser.parse_args()
     if not args.entries and not args.megabytes:
         args.entries = 100_000
     with tempfile.TemporaryDirectory() as tmp:
         har = Path(tmp) / "bench.har"
-        count = write_har(har, args.entries, args.megabytes)
+        count = write_har(har, args.entries, args.megabytes, args.filler)
         os.sync()  # let writeback of the new file finish before the clock starts
         size_mb = har.stat().st_size / 1e6
         print(f"file: {size_mb:.1f} MB, {count} entries; workers: {args.workers}")
         rates = []
         for run in range(1, args.runs + 1):
             db = Path(tmp) / f"bench{run}.db"
-            done = subprocess.run([sys.executable, "-c", CHILD, str(har), str(db), args.workers],
-                                  capture_output=True, text=True, check=True)
-            entries, seconds, own_cpu, kids_cpu, own_rss, kids_rss = (float(x) for x in done.stdout.split())
+            command = [sys.executable, "-c", CHILD, str(har), str(db), args.workers]
+            if args.pss:
+                stdout, pss = run_sampling_pss(command)
+            else:
+                stdout = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            entries, seconds, own_cpu, kids_cpu, own_rss, kids_rss = (float(x) for x in stdout.split())
             rates.append(entries / seconds)
             print(f"run {run}: {int(entries)} entries in {seconds:.2f} s = {entries / seconds:,.0f} entries/s, "
                   f"{size_mb / seconds:.1f} MB/s; CPU {own_cpu:.2f} s main + {kids_cpu:.2f} s workers; "
-                  f"peak RSS {own_rss:.0f} MB main, {kids_rss:.0f} MB largest worker")
+                  f"peak RSS {own_rss:.0f} MB main, {kids_rss:.0f} MB largest worker"
+                  + (f"; peak PSS of all processes together {pss:.0f} MB" if args.pss else ""))
         print(f"median: {statistics.median(rates):,.0f} entries/s")
 
 
