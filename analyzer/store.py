@@ -13,6 +13,7 @@ import secrets as _random
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,8 +314,8 @@ def insert_tuples(conn: Connection, table: Table, columns: tuple[str, ...], rows
             for n in _chunk_sizes(len(batch)):
                 chunk = batch[start : start + n]
                 start += n
-                flat = [v for r in chunk for v in r] if order is None else [r[i] for r in chunk for i in order]
-                conn.exec_driver_sql(plan.statement(n), tuple(flat))
+                flat = tuple(chain.from_iterable(chunk)) if order is None else tuple(r[i] for r in chunk for i in order)
+                conn.exec_driver_sql(plan.statement(n), flat)
             count += len(batch)
         return count
     shape = lambda r: dict(zip(columns, r)) if not plan.positional else r  # noqa: E731

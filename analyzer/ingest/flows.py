@@ -69,7 +69,7 @@ class FlowConverter:
             http_version=request.http_version,
             request_headers=req_headers,
             user_agent=req_h.get("user-agent"),
-            idempotency_key=next((req_h[h] for h in IDEMPOTENCY_HEADERS if req_h.get(h)), None),
+            idempotency_key=req_h.get(IDEMPOTENCY_HEADERS[0]) or req_h.get(IDEMPOTENCY_HEADERS[1]) or None,
             request_body=self._body(request, req_h),
         )
         response = flow.response
