@@ -416,7 +416,10 @@ class _HarEntries:
         """The typed form of an entry that came out of a generic JSON parser."""
         if not isinstance(entry, dict):
             raise ImportError_(f"{self.name}: entry {index} is not an object")
-        return _as_entry(entry)
+        try:
+            return _as_entry(entry)
+        except msgspec.ValidationError as exc:  # not expected: _as_entry drops what does not fit
+            raise ImportError_(f"{self.name}: entry {index} cannot be read: {exc}") from None
 
     def convert(self, index: int, entry: _Entry) -> Exchange:
         request = entry.request or _NO_REQUEST
