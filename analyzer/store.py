@@ -11,7 +11,7 @@ import json
 import os
 import secrets as _random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from dataclasses import dataclass, field
@@ -285,6 +285,11 @@ def write_exchanges(conn: Connection, rows: Iterable[tuple], batch_size: int = B
     return insert_tuples(conn, exchanges, EXCHANGE_COLUMNS, rows, batch_size)
 
 
+def write_exchange_blocks(conn: Connection, blocks: Iterable[Sequence[tuple]]) -> int:
+    """write_exchanges() for rows that come in lists already (a HAR import's blocks)."""
+    return insert_blocks(conn, exchanges, EXCHANGE_COLUMNS, blocks)
+
+
 MULTI_ROW_LIMIT = 200  # rows per multi-row INSERT (x 31 columns stays far under SQLite's 32766 variables)
 
 
@@ -306,22 +311,30 @@ def insert_tuples(conn: Connection, table: Table, columns: tuple[str, ...], rows
     text, bool, bytes) needs no bind processing.
     """
     plan = _insert_plan(conn, table, columns)
+    return insert_blocks(conn, table, columns, _batches(rows, MULTI_ROW_LIMIT if plan.multi_row else batch_size))
+
+
+def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]) -> int:
+    """insert_tuples() for rows that come in lists already: no per-row regrouping."""
+    plan = _insert_plan(conn, table, columns)
     count = 0
     if plan.multi_row:
         order = plan.order
-        for batch in _batches(rows, MULTI_ROW_LIMIT):
-            start = 0
-            for n in _chunk_sizes(len(batch)):
-                chunk = batch[start : start + n]
-                start += n
-                flat = tuple(chain.from_iterable(chunk)) if order is None else tuple(r[i] for r in chunk for i in order)
-                conn.exec_driver_sql(plan.statement(n), flat)
-            count += len(batch)
+        for block in blocks:
+            for start in range(0, len(block), MULTI_ROW_LIMIT):
+                piece = block[start : start + MULTI_ROW_LIMIT]
+                at = 0
+                for n in _chunk_sizes(len(piece)):
+                    chunk = piece[at : at + n]
+                    at += n
+                    flat = tuple(chain.from_iterable(chunk)) if order is None else tuple(r[i] for r in chunk for i in order)
+                    conn.exec_driver_sql(plan.statement(n), flat)
+            count += len(block)
         return count
-    shape = lambda r: dict(zip(columns, r)) if not plan.positional else r  # noqa: E731
-    for batch in _batches(rows, batch_size):
-        conn.exec_driver_sql(plan.sql, [shape(r) for r in batch])
-        count += len(batch)
+    for block in blocks:
+        if block:
+            conn.exec_driver_sql(plan.sql, [dict(zip(columns, r)) if not plan.positional else r for r in block])
+            count += len(block)
     return count
 
 
