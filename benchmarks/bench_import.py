@@ -7,7 +7,8 @@
 
 The HAR is written to a temporary directory, then imported --runs times, each by a
 fresh child process into a new store, so peak RSS is the importer's alone (its worker
-processes are reported apart). Prints entries/s, MB/s, CPU time and peak RSS per run;
+processes are reported apart). Prints entries/s, MB/s, CPU time and peak RSS per run,
+and how long a fixed CPU-bound loop took just after it (the machine's speed then);
 with --pss also the peak of the processes' summed PSS (shared pages counted once).
 """
 
@@ -85,6 +86,18 @@ print(result.entries, seconds, own.ru_utime + own.ru_stime, kids.ru_utime + kids
 """
 
 
+def calibration_ms() -> float:
+    """CPU milliseconds of a fixed pure-Python loop: the machine's speed right now.
+
+    A shared VM runs the same work 1.5 times slower in some minutes than in others; an
+    import measured in a slow minute shows it here too, so runs can be compared."""
+    start = time.process_time()
+    total = 0
+    for i in range(2_000_000):
+        total += i * i % 7
+    return (time.process_time() - start) * 1000
+
+
 def run_sampling_pss(command: list[str]) -> tuple[str, float]:
     """Run the importer; return its stdout and the peak of its and its workers' summed PSS.
 
@@ -141,7 +154,7 @@ def main() -> None:
                 stdout = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             entries, seconds, own_cpu, kids_cpu, own_rss, kids_rss = (float(x) for x in stdout.split())
             rates.append(entries / seconds)
-            print(f"run {run}: {int(entries)} entries in {seconds:.2f} s = {entries / seconds:,.0f} entries/s, "
+            print(f"run {run} (calibration loop {calibration_ms():.0f} ms): {int(entries)} entries in {seconds:.2f} s = {entries / seconds:,.0f} entries/s, "
                   f"{size_mb / seconds:.1f} MB/s; CPU {own_cpu:.2f} s main + {kids_cpu:.2f} s workers; "
                   f"peak RSS {own_rss:.0f} MB main, {kids_rss:.0f} MB largest worker"
                   + (f"; peak PSS of all processes together {pss:.0f} MB" if args.pss else ""))
