@@ -201,6 +201,7 @@ class RedirectRecorder:
         log.log(level, "redirect-audit: saw %d exchanges, stored %d; %d findings while running",
                 seen, stored, self.findings)
         self.recorder = None
+        gc.unfreeze()  # what start-up froze is collectable again (the proxy may live on: tests, reloads)
 
 
 addons = [RedirectRecorder()]

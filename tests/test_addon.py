@@ -3,6 +3,7 @@ what is stored, live findings marking and commenting the flows involved."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 
@@ -155,3 +156,13 @@ def test_a_row_the_store_refuses_costs_only_itself(recorder, tmp_path, caplog):
     assert "exchange 4 (http://api.test/\\udce9) cannot be stored: 'utf-8' codec can't encode" in caplog.text
     assert "attempt" not in caplog.text  # a bad row is not retried
     assert [r["url"] for r in stored(tmp_path)] == [f"http://api.test/{n}" for n in range(9) if n != 4]
+
+
+def test_the_start_up_heap_is_frozen_while_recording_and_thawed_after(tmp_path):
+    addon = RedirectRecorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, redirect_audit_db=str(tmp_path / "addon.db"))
+        addon.running()
+        assert gc.get_freeze_count() > 10_000  # mitmproxy, SQLAlchemy, the Public Suffix List
+        addon.done()
+    assert gc.get_freeze_count() == 0
