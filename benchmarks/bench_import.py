@@ -7,9 +7,10 @@
 
 The HAR is written to a temporary directory, then imported --runs times, each by a
 fresh child process into a new store, so peak RSS is the importer's alone (its worker
-processes are reported apart). Prints entries/s, MB/s, CPU time and peak RSS per run,
-and how long a fixed CPU-bound loop took just after it (the machine's speed then);
-with --pss also the peak of the processes' summed PSS (shared pages counted once).
+processes are reported apart); the previous run's store is deleted and synced to disk
+first. Prints entries/s, MB/s, CPU time and peak RSS per run, and how long a fixed
+CPU-bound loop took just after it (the machine's speed then); with --pss also the peak
+of the processes' summed PSS (shared pages counted once).
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def main() -> None:
         print(f"file: {size_mb:.1f} MB, {count} entries; workers: {args.workers}")
         rates = []
         for run in range(1, args.runs + 1):
+            for old in Path(tmp).glob("bench*.db*"):  # the previous run's store
+                old.unlink()
+            os.sync()  # and its writeback, which would otherwise compete with this run
             db = Path(tmp) / f"bench{run}.db"
             command = [sys.executable, "-c", CHILD, str(har), str(db), args.workers]
             if args.pss:
