@@ -1,7 +1,7 @@
 """Cut the `log.entries` array of a HAR file into blocks of whole entries, fast.
 
-ijson walks a file event by event at about 100 MB/s; orjson parses a block of bytes
-(msgspec) several times faster but needs to know where whole values start and end. This module
+ijson walks a file event by event at about 100 MB/s; msgspec parses a block of bytes
+several times faster but needs to know where whole values start and end. This module
 finds those places without a byte-by-byte scan:
 
 * the offset of the entries array comes from a tokenizer over the (small) head;
@@ -13,7 +13,7 @@ finds those places without a byte-by-byte scan:
 * what follows the array is checked too, so a file truncated after the entries is
   still refused.
 
-When something does not fit (no candidate verifies, orjson refuses what a streaming
+When something does not fit (no candidate verifies, msgspec refuses what a streaming
 parser would accept), `Unsure` is raised and the importer falls back to ijson, which
 either imports the file or names the real problem.
 """
