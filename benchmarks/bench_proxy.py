@@ -18,6 +18,7 @@ from run to run on a shared machine; CPU time per request is the figure to judge
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import shutil
 import signal
@@ -109,6 +110,13 @@ def sys_seconds(proc: psutil.Process) -> float:
     return proc.cpu_times().system
 
 
+def median_interval(values: list[float], draws: int = 2000, seed: int = 1) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval for the median of `values`."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000, help="requests through each proxy, in all")
@@ -193,6 +201,9 @@ def main() -> None:
     overall = totals["recorder"]["cpu"] / totals["recorder"]["ok"] / (totals["plain"]["cpu"] / totals["plain"]["ok"])
     print(f"recorder CPU/request vs plain: {(overall - 1) * 100:+.1f}% overall, "
           f"{(statistics.median(ratios) - 1) * 100:+.1f}% median of paired rounds")
+    low, high = median_interval(ratios)
+    print(f"  95% bootstrap interval of that median: {(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}% "
+          f"(what one invocation can tell apart on this machine)")
     if SCRIPT[0] == str(RECORDER):
         print(f"exchanges stored {stored} of {answered['recorder']} answered through the recorder "
               f"(lost: {answered['recorder'] - stored})")
