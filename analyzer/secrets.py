@@ -92,11 +92,13 @@ def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes) -> tuple[l
     """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
     pairs: list[tuple[str, str]] = []
     lookup: dict[str, str] = {}
-    for name, value in headers:
+    for pair in headers:
+        name, value = pair
         lname = name.lower()
         if lname in CREDENTIAL_HEADERS:
             value = fingerprint(key, value)
-        pairs.append((name, value))
+            pair = (name, value)
+        pairs.append(pair)  # the caller's own pair unless it was a credential: the proxy's hot path
         if lname not in lookup:
             lookup[lname] = value
     return pairs, lookup

@@ -310,8 +310,7 @@ def insert_tuples(conn: Connection, table: Table, columns: tuple[str, ...], rows
     (psycopg) get the driver's executemany. Every column type used here (int, float,
     text, bool, bytes) needs no bind processing.
     """
-    plan = _insert_plan(conn, table, columns)
-    return insert_blocks(conn, table, columns, _batches(rows, MULTI_ROW_LIMIT if plan.multi_row else batch_size))
+    return insert_blocks(conn, table, columns, _batches(rows, batch_size))
 
 
 def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]) -> int:
@@ -333,7 +332,7 @@ def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], bloc
         return count
     for block in blocks:
         if block:
-            conn.exec_driver_sql(plan.sql, [dict(zip(columns, r)) if not plan.positional else r for r in block])
+            conn.exec_driver_sql(plan.sql, list(block) if plan.positional else [dict(zip(columns, r)) for r in block])
             count += len(block)
     return count
 
@@ -347,6 +346,7 @@ class _InsertPlan:
     _statements: dict[int, str] = field(default_factory=dict)
 
     def statement(self, rows: int) -> str:
+        """The multi-row form of `sql` for this many rows (built once per size)."""
         sql = self._statements.get(rows)
         if sql is None:
             head, values = _split_values(self.sql)
