@@ -7,7 +7,10 @@ A hop links redirect A to request B (design.md, "Rebuilding chains") when:
 * B is not claimed by another hop and is neither A itself nor earlier than A.
 
 Redirects are taken in time order; among the unclaimed candidates inside the window a
-request on A's own connection wins, then the earliest. Candidates for one (client, URL)
+request on A's own connection wins, then the earliest. A's connection counts only while
+it has not carried another redirect of the client since A: a client that alternates
+connections through a redirect loop (undici does) would otherwise have A linked to a
+request on its connection that answers a later redirect. Candidates for one (client, URL)
 sit in a time-sorted list with a "next unclaimed" union-find over it, so finding the
 first free candidate after A costs a bisect plus near-constant time however many
 twins were claimed before: linking is O(n log n) in the number of exchanges.
@@ -15,7 +18,7 @@ twins were claimed before: linking is O(n log n) in the number of exchanges.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -107,17 +110,25 @@ def link_redirects(
     for ex in candidates:
         groups.setdefault((ex.client, ex.url_norm), []).append(ex)
     index = {key: _Candidates(sorted(items, key=order_key)) for key, items in groups.items()}
+    redirects = list(redirects)
+    on_connection: dict[tuple[str, str], list[tuple]] = {}  # redirects per (client, connection), in order
+    for r in redirects:
+        if r.connection is not None:
+            on_connection.setdefault((r.client, r.connection), []).append(order_key(r))
+    for keys in on_connection.values():
+        keys.sort()
     links: dict[int, Link] = {}
     for source in sorted((r for r in redirects if is_followable(r)), key=order_key):
         pool = index.get((source.client, source.location_resolved))
         if pool is not None:
-            link = _pick(source, pool, options)
+            link = _pick(source, pool, options, on_connection.get((source.client, source.connection), []))
             if link is not None:
                 links[source.id] = link
     return links
 
 
-def _pick(source: Linkable, pool: _Candidates, options: LinkOptions) -> Link | None:
+def _pick(source: Linkable, pool: _Candidates, options: LinkOptions, connection_redirects: list[tuple]) -> Link | None:
+    """`connection_redirects`: order keys of the client's redirects on source's connection."""
     source_key = order_key(source)
     undated = source.started_at is None
     i = pool.first_free(bisect_right(pool.keys, source_key))
@@ -130,7 +141,8 @@ def _pick(source: Linkable, pool: _Candidates, options: LinkOptions) -> Link | N
             chosen = i
         seen += 1
         if source.connection is not None and cand.connection == source.connection:
-            chosen = i
+            if bisect_left(connection_redirects, order_key(cand)) <= bisect_right(connection_redirects, source_key):
+                chosen = i  # the connection carried no other redirect in between
             break
         i = pool.first_free(i + 1)
     if chosen is None:

@@ -6,7 +6,8 @@ slice of traffic that is still open:
 
 * a redirect with a usable `Location` waits for its follow-up: the next request of the
   same client to the resolved URL, starting after it and within the link window (on
-  the redirect's own connection first, then the earliest waiting redirect);
+  the redirect's own connection first, unless it has carried another redirect of the
+  client since, then the earliest waiting redirect);
 * when a chain ends (a final answer, an error, a redirect with no usable Location, or
   a redirect nobody followed within the window) the chain rules run on it;
 * an accepted write is checked against the same client's recent writes (`duplicate-
@@ -42,6 +43,7 @@ class _Waiting:
 
     redirect: Exchange
     chain: Chain
+    moved_on: bool = False  # its connection has carried another redirect of the client since
 
 
 @dataclass
@@ -58,6 +60,7 @@ class LiveAnalyzer:
         self._next_id = 1
         self._waiting: dict[tuple[str, str], list[_Waiting]] = {}
         self._expiry: deque[_Waiting] = deque()  # in arrival order
+        self._on_connection: dict[tuple[str, str], list[_Waiting]] = {}  # waiting, by (client, connection)
         self._arrivals: dict[int, tuple[Chain, int]] = {}
         self._arrival_times: deque[tuple[float, int]] = deque()
         self._writes: dict[tuple, _WriteGroup] = {}
@@ -89,6 +92,11 @@ class LiveAnalyzer:
             chain = Chain(hops=[], end=PENDING)
         else:
             chain = None
+        if ex.is_redirect and ex.connection is not None:
+            me = order_key(ex)
+            for other in self._on_connection.get((ex.client, ex.connection), ()):
+                if order_key(other.redirect) < me:
+                    other.moved_on = True
         if chain is not None:
             if ex.is_redirect:
                 found += self._continue(chain, ex)
@@ -130,11 +138,13 @@ class LiveAnalyzer:
         ]
         if not eligible:
             return None
-        same = [w for w in eligible if w.redirect.connection is not None and w.redirect.connection == ex.connection]
+        same = [w for w in eligible if w.redirect.connection is not None and w.redirect.connection == ex.connection
+                and not w.moved_on]
         chosen = min(same or eligible, key=lambda w: order_key(w.redirect))
         queue.remove(chosen)
         if not queue:
             del self._waiting[key]
+        self._off_connection(chosen)
         return chosen
 
     def _continue(self, chain: Chain, ex: Exchange) -> list[Finding]:
@@ -144,6 +154,8 @@ class LiveAnalyzer:
             waiting = _Waiting(ex, chain)
             self._waiting.setdefault((ex.client, ex.location_resolved), []).append(waiting)
             self._expiry.append(waiting)
+            if ex.connection is not None:
+                self._on_connection.setdefault((ex.client, ex.connection), []).append(waiting)
             return found
         chain.hops.append(Hop(len(chain.hops), ex, None, unfollowed_end(ex), 0.0))
         chain.end = chain.hops[-1].link
@@ -160,9 +172,18 @@ class LiveAnalyzer:
             queue.remove(waiting)
             if not queue:
                 self._waiting.pop(key, None)
+        self._off_connection(waiting)
         chain.hops[-1] = Hop(last.index, ex, None, unfollowed_end(ex), 0.0)
         chain.end = chain.hops[-1].link
         return self._chain_done(chain)
+
+    def _off_connection(self, waiting: _Waiting) -> None:
+        key = (waiting.redirect.client, waiting.redirect.connection)
+        waiters = self._on_connection.get(key)
+        if waiters is not None and waiting in waiters:
+            waiters.remove(waiting)
+            if not waiters:
+                del self._on_connection[key]
 
     def _chain_done(self, chain: Chain) -> list[Finding]:
         return run_detectors([chain], (), self.options.detect, CHAIN_RULES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+from analyzer.live import LiveAnalyzer
 from analyzer.chains import LinkOptions, build_chains
 from analyzer.model import Exchange
 from analyzer.urls import normalize_url, resolve_location
@@ -103,3 +104,28 @@ def test_many_twins_link_in_order():
     chains = build_chains(items)
     assert all(c.hops[0].target.started_at == c.hops[0].source.started_at + 0.5 for c in chains)
     assert len(chains) == 2000
+
+
+def test_a_connection_that_carried_another_redirect_since_does_not_win():
+    # undici follows a redirect loop over two keep-alive connections, and may change
+    # which one it uses halfway: a's own connection k1 then carries the later redirect
+    # r, and the request on k1 to /b answers r's successor, not a.
+    a = ex(0, "GET", "http://h/a", 302, "/b", conn="k1")
+    r = ex(0.5, "GET", "http://h/x", 302, "/y", conn="k1")
+    mine = ex(1, "GET", "http://h/b", conn="k2")
+    later = ex(2, "GET", "http://h/b", conn="k1")
+    hop = [c for c in build_chains([a, r, mine, later]) if c.root is a][0].hops[0]
+    assert hop.target is mine and hop.link == "same-client"
+
+
+def test_live_linking_makes_the_same_choices():
+    def run():
+        return [ex(0, "GET", "http://h/a", 302, "/b", conn="k1"), ex(0.5, "GET", "http://h/x", 302, "/y", conn="k1"),
+                ex(1, "GET", "http://h/b", conn="k2"), ex(2, "GET", "http://h/b", conn="k1")]
+    batch = run()
+    linked = {(h.source.url, h.target.started_at) for c in build_chains(batch) for h in c.hops if h.target}
+    live = LiveAnalyzer()
+    for e in run():
+        live.add(e, now=e.started_at)
+    seen = {(chain.hops[i].source.url, chain.hops[i].target.started_at) for chain, i in live._arrivals.values()}
+    assert linked == seen == {("http://h/a", 1)}
