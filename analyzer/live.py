@@ -69,7 +69,7 @@ class LiveAnalyzer:
         self._stale_reported: set[tuple[str, str]] = set()
         for ex in history:
             self._sight(Chain(hops=[Hop(0, ex, None, "history", 0.0)], end="history"), 0)
-        # The Public Suffix List snapshot takes ~0.3 s to load: load it now, at start-up,
+        # The Public Suffix List snapshot takes ~30 ms to load: load it now, at start-up,
         # not on the proxy's event loop when the first credential finding needs a site.
         site("localhost")
 

@@ -121,6 +121,7 @@ def test_figures_of_an_empty_store(tmp_path):
     (["authorization=hmac:1"], "http://api.test/a", "https://api.test/a", []),  # same-host upgrade
     (["cookie=hmac:2"], "https://yahoo.com/", "https://www.yahoo.com/", []),  # one site: a jar does this
     (["cookie=hmac:2"], "https://shop.co.uk/", "https://pay.co.uk/", ["cookie=hmac:2"]),  # two sites
+    (["cookie=hmac:2"], "https://alice.github.io/", "https://bob.github.io/", ["cookie=hmac:2"]),  # private suffix
 ])
 def test_which_forwarded_credentials_count_as_a_deviation(forwarded, before, after, leaked):
     assert frames._leaked(forwarded, before, after) == leaked

@@ -116,3 +116,18 @@ def test_credential_evidence_names_the_header_never_the_value(store):
     finding = analyze(store).findings[0]
     text = json.dumps(finding.evidence) + finding.message
     assert finding.evidence["header"] == "authorization" and "s3cr3t" not in text and "hmac:" not in text
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("www.example.co.uk", "example.co.uk"),
+    ("api.example.co.uk", "example.co.uk"),
+    ("co.uk", "co.uk"),  # a public suffix is nobody's site but its own
+    ("alice.github.io", "alice.github.io"),  # the list's private section counts, as in browsers
+    ("127.0.0.1", "127.0.0.1"),
+    ("localhost", "localhost"),
+    ("a.b.internal", "a.b.internal"),  # a top-level label the list does not know: a private name
+])
+def test_site_is_the_registrable_domain_or_the_host_itself(host, expected):
+    from analyzer.detectors.base import site
+
+    assert site(host) == expected
