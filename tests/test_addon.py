@@ -194,3 +194,46 @@ def test_the_recorder_adds_no_audit_hook_to_the_proxy(tmp_path):
                           text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0"]
+
+
+FAST = [  # the proxy's everyday shapes: built straight from mitmproxy's fields
+    ("GET", "http://api.test/"),
+    ("GET", "https://api.test/a/b?x=1&y=2"),
+    ("POST", "http://127.0.0.1:8080/pay?"),  # an empty query is no query
+    ("GET", "https://api.test:443/p??"),  # a query of "?" is kept
+    ("GET", "http://api.test:80/%7Euser/;p=1?q=%20"),
+    ("PUT", "https://cdn-1.api_test.example:8443/x?token_type=bearer"),  # "token" inside a longer name
+]
+GENERAL = [  # everything else takes the general path
+    ("GET", "https://api.test/login?access_token=abc&x=1"),  # a secret to fingerprint
+    ("GET", "http://API.test/Upper"),  # mitmproxy lower-cases a host it parses; one set by an addon may not be
+    ("GET", "http://[::1]:8080/v6"),
+    ("GET", "http://api.test/caf\u00e9"),  # UTF-8 bytes in the target
+    ("OPTIONS", "http://api.test*"),
+]
+
+
+@pytest.mark.parametrize("method, url", FAST + GENERAL)
+def test_urls_on_the_hot_path_equal_the_general_path(method, url):
+    from analyzer.ingest.flows import _clean, _urls
+    from analyzer.secrets import protect_url
+    from analyzer.urls import normalize_url
+
+    key = b"k" * 32
+    if url.endswith("*"):  # asterisk-form: OPTIONS * HTTP/1.1
+        request = http.Request.make(method, url[:-1] + "/")
+        request.path = "*"
+    else:
+        request = http.Request.make(method, url.replace("\u00e9", "e"))
+    if "API" in url:
+        request.data.host = "API.test"
+    if "caf" in url:
+        request.data.path = "/caf\u00e9".encode()
+    if url.endswith("pay?"):  # mitmproxy's URL parser would drop the "?"; a client may send it
+        request.data.path = b"/pay?"
+    fast_url, fast_norm = _urls(request, key)
+    general = protect_url(_clean(request.url), key)
+    if (method, url) in FAST:
+        assert (fast_url, fast_norm) == (general, normalize_url(general))
+    else:
+        assert fast_norm is None

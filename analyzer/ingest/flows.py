@@ -11,6 +11,7 @@ sees them, as for HAR.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,12 +33,6 @@ from analyzer.urls import BadURL, normalize_url, resolve_location
 MITMPROXY_VERSION = version.VERSION
 
 
-def client_of(flow: http.HTTPFlow) -> str:
-    """The client's identity: its peer address (the port changes per connection)."""
-    peer = flow.client_conn.peername
-    return str(peer[0]) if peer else "unknown"
-
-
 class FlowConverter:
     """Turns HTTP flows into Exchanges for one capture."""
 
@@ -48,42 +43,52 @@ class FlowConverter:
         self.warnings = 0
 
     def convert(self, seq: int, flow: http.HTTPFlow) -> Exchange:
+        # Runs on the proxy's event loop for every exchange: mitmproxy's raw fields are
+        # read directly where its properties would decode or rebuild them.
         request = flow.request
-        req_headers, req_h = protect_and_index(_pairs(request.headers), self.key)
-        url = protect_url(_clean(request.url), self.key)
-        try:
-            url_norm = normalize_url(url)
-        except BadURL:
-            self.warnings += 1
-            url_norm = url
+        data = request.data
+        req_headers, req_h = protect_and_index(_pairs(data.headers), self.key)
+        url, url_norm = _urls(request, self.key)
+        if url_norm is None:
+            url = protect_url(_clean(request.url), self.key)
+            try:
+                url_norm = normalize_url(url)
+            except BadURL:
+                self.warnings += 1
+                url_norm = url
+        method = data.method
+        method = method.decode().upper() if method.isascii() else _clean(request.method).upper()
+        peer = flow.client_conn.peername
+        response = flow.response
+        error = flow.error
         ex = Exchange(
             capture_id=self.capture_id,
             seq=seq,
-            method=_clean(request.method).upper(),
+            method=method,
             url=url,
             url_norm=url_norm,
-            started_at=request.timestamp_start,
-            client=client_of(flow),
+            started_at=data.timestamp_start,
+            client=str(peer[0]) if peer else "unknown",  # its peer address: the port changes per connection
             connection=flow.client_conn.id,
             flow_id=flow.id,
             http_version=request.http_version,
             request_headers=req_headers,
             user_agent=req_h.get("user-agent"),
             idempotency_key=req_h.get(IDEMPOTENCY_HEADERS[0]) or req_h.get(IDEMPOTENCY_HEADERS[1]) or None,
-            request_body=self._body(request, req_h),
+            request_body=self._body(data.content, req_h),
+            error=error.msg if error is not None else None,  # with a response: answered, then broken off
         )
-        response = flow.response
         if response is None:
-            ex.error = flow.error.msg if flow.error else "no response"
+            if error is None:
+                ex.error = "no response"
             return ex
-        resp_headers, resp_h = protect_and_index(_pairs(response.headers), self.key)
-        ex.response_started_at = response.timestamp_start
-        ex.status = response.status_code
+        rdata = response.data
+        resp_headers, resp_h = protect_and_index(_pairs(rdata.headers), self.key)
+        ex.response_started_at = rdata.timestamp_start
+        ex.status = rdata.status_code
         ex.status_text = response.reason
         ex.response_headers = resp_headers
-        ex.response_body = self._body(response, resp_h)
-        if flow.error is not None:
-            ex.error = flow.error.msg  # answered, then broken off (a body cut short)
+        ex.response_body = self._body(rdata.content, resp_h)
         location = resp_h.get("location")
         if location is not None:
             ex.location = protect_url(location, self.key)
@@ -94,14 +99,47 @@ class FlowConverter:
                     ex.location_error = str(exc)
         return ex
 
-    def _body(self, message: http.Message, headers: dict[str, str]) -> Body:
+    def _body(self, raw: bytes | None, headers: dict[str, str]) -> Body:
         content_type = headers.get("content-type")
-        raw = message.raw_content  # as on the wire (still content-encoded); None if streamed
+        # `raw` is the body as on the wire (still content-encoded); None if it was streamed
         if raw is None:
             return Body(content_type=content_type)
         if not raw:
             return Body(length=0, sha256=EMPTY_SHA256, content_type=content_type)
         return summarize_body(raw, content_type, self.options)
+
+
+_DEFAULT_PORT = {b"http": ("http", 80), b"https": ("https", 443)}
+_PLAIN_HOST = re.compile(r"[a-z0-9.\-_]+")
+_PLAIN_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*")  # origin-form, printable ASCII, no '#'
+
+
+def _urls(request: http.Request, key: bytes) -> tuple[str, str | None]:
+    """(url, url_norm) of an everyday request, built straight from mitmproxy's fields.
+
+    The same strings as `protect_url(request.url)` and `normalize_url()` of it, for
+    an http(s) request with a lower-case name or IPv4 host and a printable ASCII
+    origin-form target: the proxy's hot path, for every exchange. Anything else
+    (IPv6, upper case, escapes, a fragment, CONNECT) gets (url, None) and takes the
+    general path; so does a URL whose query holds a secret field.
+    """
+    data = request.data
+    known = _DEFAULT_PORT.get(data.scheme)
+    path = data.path
+    if known is None or data.method == b"CONNECT" or _PLAIN_TARGET.fullmatch(path) is None:
+        return "", None
+    host = data.host
+    if _PLAIN_HOST.fullmatch(host) is None:
+        return "", None
+    scheme, default = known
+    port = data.port
+    target = path.decode("ascii")
+    url = f"{scheme}://{host}{target}" if port == default else f"{scheme}://{host}:{port}{target}"
+    if "=" in target and protect_url(url, key) != url:
+        return "", None
+    if target[-1] == "?" and target.index("?") == len(target) - 1:
+        return url, url[:-1]  # an empty query is no query
+    return url, url
 
 
 def _pairs(headers: http.Headers) -> list[tuple[str, str]]:
