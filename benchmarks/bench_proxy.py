@@ -13,6 +13,16 @@ committed what the burst queued), and prints CPU time per request per round, the
 totals: CPU/request, median throughput and latency, and the exchanges stored against
 the requests the recorder answered. Throughput swings
 from run to run on a shared machine; CPU time per request is the figure to judge by.
+
+    apt-get install valgrind
+    uv run python benchmarks/bench_proxy.py --instructions --requests 400 --rounds 2
+
+`--instructions` counts instead of timing: each mitmdump runs under valgrind's
+callgrind with counting off, is warmed up, and counts user-space instructions from
+just before a burst to one second past the flush interval after it. The count barely
+moves between runs (about 0.1%), where CPU time swings by several percent, so a change
+of a tenth of a percent shows; but it leaves out what instructions do not show (cache
+misses, kernel time, thread hand-overs), so it guides work and CPU time judges it.
 """
 
 from __future__ import annotations
@@ -101,6 +111,75 @@ def hey(proxy_port: int, target: int, requests: int, concurrency: int) -> dict:
             "p99": float(p99.group(1)) if p99 else float("nan")}
 
 
+def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, settle: float, run: int) -> int:
+    """User-space instructions one mitmdump executes for `requests` requests (callgrind)."""
+    port = free_port()
+    out = tmp / f"callgrind.{run}.{'recorder' if recorder else 'plain'}"
+    args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
+            str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
+            str(port), "--set", f"confdir={tmp / 'mitm'}"]
+    if recorder:
+        args += ["-s", SCRIPT[0], *RECORDER_SET]
+        if SCRIPT[0] == str(RECORDER):
+            args += ["--set", f"redirect_audit_db={tmp / f'count{run}.db'}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+    try:
+        wait_for_port(port, timeout=300)
+        hey(port, target, 100, 4)  # warm-up, not counted
+        time.sleep(settle)
+
+        def control(*option: str) -> None:
+            subprocess.run(["callgrind_control", *option, str(proc.pid)], cwd=tmp, capture_output=True,
+                           timeout=120, check=True)
+
+        control("--instr=on")
+        hey(port, target, requests, 4)
+        time.sleep(settle)
+        control("--dump")
+        control("--instr=off")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=600)
+    total = 0
+    for dump in tmp.glob(out.name + ".*"):  # the --dump file(s); the exit dump counts nothing
+        m = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(errors="replace"), re.M)
+        total += int(m.group(1)) if m else 0
+        dump.unlink()
+    for leftover in tmp.glob(out.name + "*"):
+        leftover.unlink()
+    return total
+
+
+def instructions_main(args: argparse.Namespace, settle: float) -> None:
+    for tool in ("valgrind", "callgrind_control", "nginx", "hey"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install valgrind nginx-light hey")
+    counts: dict[str, list[float]] = {"plain": [], "recorder": []}
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        nginx, target = start_nginx(tmp)
+        try:
+            for round_ in range(1, args.rounds + 1):
+                order = ["plain", "recorder"] if round_ % 2 else ["recorder", "plain"]
+                for label in order:
+                    n = count_instructions(tmp, label == "recorder", args.requests, target, settle, round_)
+                    counts[label].append(n / args.requests)
+                print(f"round {round_:2d}: plain {counts['plain'][-1]:,.0f} instructions/request, recorder "
+                      f"{counts['recorder'][-1]:,.0f} ({(counts['recorder'][-1] / counts['plain'][-1] - 1) * 100:+.2f}%)",
+                      flush=True)
+        finally:
+            nginx.send_signal(signal.SIGQUIT)
+            nginx.wait(timeout=30)
+    plain, recorder = statistics.median(counts["plain"]), statistics.median(counts["recorder"])
+    print(f"instructions/request, medians of {args.rounds} runs: plain {plain:,.0f}, recorder {recorder:,.0f}: "
+          f"{(recorder / plain - 1) * 100:+.2f}% (spread of runs: plain {spread(counts['plain']):.2f}%, "
+          f"recorder {spread(counts['recorder']):.2f}%)")
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) * 100
+
+
 def cpu_seconds(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return times.user + times.system
@@ -124,7 +203,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a recorder option, e.g. redirect_audit_live=false")
-    parser.add_argument("--script", help="run this addon instead of the recorder (a no-op addon shows the floor)")
+    parser.add_argument("--script", help="run this addon instead of the recorder "
+                        "(benchmarks/noop_addon.py shows what any -s script costs)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per request under valgrind instead of timing (try --requests 400)")
     args = parser.parse_args()
     if args.script:
         SCRIPT[0] = str(Path(args.script).resolve())
@@ -140,6 +222,9 @@ def main() -> None:
         if name == "redirect_audit_flush_ms":
             flush = int(value) / 1000
     settle = flush + 1.0
+    if args.instructions:
+        instructions_main(args, settle)
+        return
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         db = tmp / "recorder.db"

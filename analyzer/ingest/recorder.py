@@ -27,7 +27,7 @@ from analyzer.store import (
     captures,
     exchange_row,
     finish_capture,
-    write_exchanges,
+    write_exchange_blocks,
 )
 
 log = logging.getLogger("redirect_audit")
@@ -94,10 +94,10 @@ class Recorder:
             self._wake.wait(self.settings.flush_interval)
             self._wake.clear()
             closing = self._closing  # read before draining: whatever was submitted before close() is drained
-            while self._waiting:
-                batch = []
-                while self._waiting and len(batch) < self.settings.batch_size:
-                    batch.append(self._waiting.popleft())
+            waiting, size = self._waiting, self.settings.batch_size
+            while waiting:
+                # Only this thread takes from the left; the hooks append on the right.
+                batch = [waiting.popleft() for _ in range(min(size, len(waiting)))]
                 self._write(batch)
             if closing:
                 return
@@ -106,7 +106,7 @@ class Recorder:
         for attempt in range(1, RETRIES + 1):
             try:
                 with self.store.begin() as conn:
-                    write_exchanges(conn, rows)
+                    write_exchange_blocks(conn, [rows])
                     conn.execute(captures.update().where(captures.c.id == self.capture_id)
                                  .values(entries=self.stored + len(rows)))
             except Exception as exc:  # noqa: BLE001 - the database, whatever it says, must not kill the proxy
