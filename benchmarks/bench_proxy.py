@@ -83,15 +83,21 @@ RECORDER_SET: list[str] = []  # extra --set NAME=VALUE for the recorder runs
 SCRIPT = [str(RECORDER)]  # --script swaps in another addon, to measure what any addon costs
 
 
-def start_mitmdump(tmp: Path, recorder: bool, db: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+def mitmdump_args(tmp: Path, port: int, recorder: bool, db: Path) -> list[str]:
+    """mitmdump's command line: plain, or with the recorder (or the --script addon)."""
     args = [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
             "--listen-port", str(port), "--set", f"confdir={tmp / 'mitm'}"]
     if recorder:
         args += ["-s", SCRIPT[0], *RECORDER_SET]
         if SCRIPT[0] == str(RECORDER):
             args += ["--set", f"redirect_audit_db={db}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return args
+
+
+def start_mitmdump(tmp: Path, recorder: bool, db: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(mitmdump_args(tmp, port, recorder, db), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     wait_for_port(port)
     return proc, port
 
@@ -116,12 +122,7 @@ def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, se
     port = free_port()
     out = tmp / f"callgrind.{run}.{'recorder' if recorder else 'plain'}"
     args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-            str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
-            str(port), "--set", f"confdir={tmp / 'mitm'}"]
-    if recorder:
-        args += ["-s", SCRIPT[0], *RECORDER_SET]
-        if SCRIPT[0] == str(RECORDER):
-            args += ["--set", f"redirect_audit_db={tmp / f'count{run}.db'}"]
+            *mitmdump_args(tmp, port, recorder, tmp / f"count{run}.db")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
     try:
         wait_for_port(port, timeout=300)

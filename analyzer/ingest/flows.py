@@ -26,7 +26,7 @@ from analyzer.ingest.common import (
     summarize_body,
 )
 from analyzer.model import Body, Exchange
-from analyzer.secrets import CREDENTIAL_HEADERS, fingerprint, protect_url
+from analyzer.secrets import protect_and_index, protect_url
 from analyzer.store import Store, add_capture, exchange_row, finish_capture, write_exchanges
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
@@ -47,7 +47,7 @@ class FlowConverter:
         # read directly where its properties would decode or rebuild them.
         request = flow.request
         data = request.data
-        req_headers, req_h = _headers(data.headers, self.key)
+        req_headers, req_h = protect_and_index(_pairs(data.headers), self.key)
         url, url_norm = _urls(request, self.key)
         if url_norm is None:
             url = protect_url(_clean(request.url), self.key)
@@ -83,7 +83,7 @@ class FlowConverter:
                 ex.error = "no response"
             return ex
         rdata = response.data
-        resp_headers, resp_h = _headers(rdata.headers, self.key)
+        resp_headers, resp_h = protect_and_index(_pairs(rdata.headers), self.key)
         ex.response_started_at = rdata.timestamp_start
         ex.status = rdata.status_code
         ex.status_text = response.reason
@@ -142,25 +142,14 @@ def _urls(request: http.Request, key: bytes) -> tuple[str, str | None]:
     return url, url
 
 
-def _headers(headers: http.Headers, key: bytes) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """`protect_and_index()` of the header fields as text, in one pass over mitmproxy's bytes.
+def _pairs(headers: http.Headers) -> list[tuple[str, str]]:
+    """The header fields as text, bytes that are not UTF-8 written as `\\xNN`.
 
-    Bytes that are not UTF-8 are written as `\\xNN`: mitmproxy's own `items(multi=True)`
-    decodes with surrogateescape, and a lone surrogate cannot be stored as text (one
-    such header used to fail its whole batch). One loop rather than decode-then-protect:
-    this runs on the proxy's event loop for every exchange."""
-    pairs: list[tuple[str, str]] = []
-    lookup: dict[str, str] = {}
-    for raw_name, raw_value in headers.fields:
-        name = raw_name.decode("utf-8", "backslashreplace")
-        value = raw_value.decode("utf-8", "backslashreplace")
-        lname = name.lower()
-        if lname in CREDENTIAL_HEADERS:
-            value = fingerprint(key, value)
-        pairs.append((name, value))
-        if lname not in lookup:
-            lookup[lname] = value
-    return pairs, lookup
+    mitmproxy's own `items(multi=True)` decodes with surrogateescape, and a lone
+    surrogate cannot be stored as text: one such header used to fail its whole batch.
+    One list comprehension over `fields`, too: this runs on the proxy's event loop for
+    every exchange, and the generator costs twice as much."""
+    return [(k.decode("utf-8", "backslashreplace"), v.decode("utf-8", "backslashreplace")) for k, v in headers.fields]
 
 
 def _clean(text: str) -> str:
