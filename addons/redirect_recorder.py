@@ -206,4 +206,15 @@ class RedirectRecorder:
         gc.unfreeze()  # what start-up froze is collectable again (the proxy may live on: tests, reloads)
 
 
-addons = [RedirectRecorder()]
+# mitmproxy offers every event to every addon, eight per request (four lifecycle hooks,
+# each followed by `update`), walking into each addon's `addons` list with a generator
+# of its own. A script's module is one stop on that walk and an `addons = [...]` list
+# in it would add another, so the hooks are the module's own names, bound to the one
+# recorder: the walk stops at the module.
+recorder = RedirectRecorder()
+load = recorder.load
+configure = recorder.configure
+running = recorder.running
+response = recorder.response
+error = recorder.error
+done = recorder.done
