@@ -21,7 +21,7 @@ rounds pin the median down better (the pairing is closer in time).
 
 `--instructions` counts instead of timing: each mitmdump runs under valgrind's
 callgrind with counting off, is warmed up, and counts user-space instructions from
-just before a burst until its exchanges are committed. The count barely moves between
+just before a burst until the recorder's file holds its exchanges. The count barely moves between
 runs (about 0.1%), where CPU time swings by several percent, so a change of a tenth of
 a percent shows; but it leaves out what instructions do not show (cache misses, kernel
 time, thread hand-overs), so it guides work and CPU time judges it. Under valgrind the
@@ -42,11 +42,13 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import psutil
@@ -135,18 +137,30 @@ def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, se
     args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
             *mitmdump_args(tmp, port, recorder, tmp / f"count{run}.db")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+    db = tmp / f"count{run}.db" if recorder and SCRIPT[0] == str(RECORDER) else None
+
+    def settled(expected: int) -> None:
+        """Wait for the writer to commit `expected` exchanges in all (just wait, without it)."""
+        if db is None:
+            time.sleep(settle)
+            return
+        deadline = time.monotonic() + 300
+        while stored(db) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+
     try:
         wait_for_port(port, timeout=300)
-        hey(port, target, warm_up, 4)  # not counted
-        time.sleep(settle)
+        answered = hey(port, target, warm_up, 4)["ok"]  # not counted
+        settled(answered)
 
         def control(*option: str) -> None:
             subprocess.run(["callgrind_control", *option, str(proc.pid)], cwd=tmp, capture_output=True,
                            timeout=120, check=True)
 
         control("--instr=on")
-        hey(port, target, requests, 4)
-        time.sleep(settle)
+        answered += hey(port, target, requests, 4)["ok"]
+        settled(answered)  # the burst's commit is counted, whenever it ends
         control("--dump")
         control("--instr=off")
     finally:
@@ -162,6 +176,17 @@ def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, se
     return total
 
 
+def stored(db: Path) -> int:
+    """Exchanges committed to the recorder's SQLite file so far (0 before it exists)."""
+    if not db.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+            return conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
 def instructions_main(args: argparse.Namespace, settle: float) -> None:
     for tool in ("valgrind", "callgrind_control", "nginx", "hey"):
         if shutil.which(tool) is None:
@@ -169,7 +194,7 @@ def instructions_main(args: argparse.Namespace, settle: float) -> None:
     warm_up = 100
     if not any(o.startswith(("redirect_audit_batch=", "redirect_audit_flush_ms=")) for o in args.set):
         # commit by count, as at full speed (see the module docstring): the warm-up fills one
-        # batch, the burst the next; the burst's commit then ends within a few seconds
+        # batch, the burst the next
         RECORDER_SET.extend(["--set", f"redirect_audit_batch={args.requests}", "--set", "redirect_audit_flush_ms=60000"])
         warm_up, settle = args.requests, 3.0
     counts: dict[str, list[float]] = {"plain": [], "recorder": []}
