@@ -145,7 +145,7 @@ def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, se
             time.sleep(settle)
             return
         deadline = time.monotonic() + 300
-        while stored(db) < expected and time.monotonic() < deadline:
+        while committed(db) < expected and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)
 
@@ -176,7 +176,7 @@ def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, se
     return total
 
 
-def stored(db: Path) -> int:
+def committed(db: Path) -> int:
     """Exchanges committed to the recorder's SQLite file so far (0 before it exists)."""
     if not db.exists():
         return 0
@@ -229,11 +229,20 @@ def usage(proc: psutil.Process) -> tuple[float, float, int]:
     return times.user + times.system, times.system, switches.voluntary + switches.involuntary
 
 
-def median_interval(values: list[float], draws: int = 2000, seed: int = 1) -> tuple[float, float]:
-    """A 95% percentile-bootstrap interval for the median of `values`."""
+def ratio_of_sums(rounds: list[tuple[float, float]]) -> float:
+    """Recorder over plain CPU per request, all rounds together (rounds are equal in size)."""
+    return sum(r for _, r in rounds) / sum(p for p, _ in rounds)
+
+
+def median_ratio(rounds: list[tuple[float, float]]) -> float:
+    return statistics.median(r / p for p, r in rounds)
+
+
+def interval(rounds: list[tuple[float, float]], statistic, draws: int = 2000, seed: int = 1) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of statistic(rounds), resampling whole rounds."""
     rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
-    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+    values = sorted(statistic(rng.choices(rounds, k=len(rounds))) for _ in range(draws))
+    return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
 
 
 def main() -> None:
@@ -245,6 +254,10 @@ def main() -> None:
                         help="a recorder option, e.g. redirect_audit_live=false")
     parser.add_argument("--script", help="run this addon instead of the recorder "
                         "(benchmarks/noop_addon.py shows what any -s script costs)")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="start a fresh plain and recording mitmdump this many times, the rounds shared out "
+                        "among them: two processes of the same program differ by several percent in CPU "
+                        "per request (memory layout, hash seed), which more rounds of one pair cannot average out")
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per request under valgrind instead of timing (try --requests 400)")
     args = parser.parse_args()
@@ -265,53 +278,22 @@ def main() -> None:
     if args.instructions:
         instructions_main(args, settle)
         return
+    pairs = max(1, min(args.pairs, args.rounds))
+    per_pair = [args.rounds // pairs + (1 if k < args.rounds % pairs else 0) for k in range(pairs)]
+    totals = {label: {"cpu": 0.0, "ok": 0, "rps": [], "avg": [], "p99": []} for label in ("plain", "recorder")}
+    answered = {"plain": 0, "recorder": 0}
+    by_pair: list[list[tuple[float, float]]] = []  # (plain, recorder) CPU ms per request, per round
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         db = tmp / "recorder.db"
         nginx, target = start_nginx(tmp)
-        procs = {}
         try:
-            procs["plain"] = start_mitmdump(tmp, False, db)
-            procs["recorder"] = start_mitmdump(tmp, True, db)
-            answered = {"plain": 0, "recorder": 0}
-            for label, (proc, port) in procs.items():
-                answered[label] += hey(port, target, 20 * args.concurrency, args.concurrency)["ok"]  # warm-up
-            totals = {label: {"cpu": 0.0, "ok": 0, "rps": [], "avg": [], "p99": []} for label in procs}
-            ratios = []
-            watched = {label: psutil.Process(proc.pid) for label, (proc, _) in procs.items()}
-            time.sleep(settle)  # the warm-up's exchanges are committed before anything is counted
-            last = {label: usage(me) for label, me in watched.items()}
-            for round_ in range(1, args.rounds + 1):
-                order = ["plain", "recorder"] if round_ % 2 else ["recorder", "plain"]
-                ok = {}
-                for label in order:
-                    r = hey(procs[label][1], target, chunk, args.concurrency)
-                    ok[label] = max(r["ok"], 1)
-                    t = totals[label]
-                    t["ok"] += r["ok"]
-                    answered[label] += r["ok"]
-                    for key in ("rps", "avg", "p99"):
-                        t[key].append(r[key])
-                now = {label: usage(me) for label, me in watched.items()}
-                per = {}
-                for label in procs:
-                    cpu, system, switches = (b - a for a, b in zip(last[label], now[label]))
-                    per[label] = cpu * 1000 / ok[label]
-                    per[label + "_detail"] = f"sys {system * 1000 / ok[label]:.3f} ms, {switches / ok[label]:.1f} ctx switches"
-                    totals[label]["cpu"] += cpu * 1000
-                last = now
-                ratios.append(per["recorder"] / per["plain"])
-                print(f"round {round_:2d}: plain {per['plain']:.3f} ms CPU/request ({per['plain_detail']}), "
-                      f"recorder {per['recorder']:.3f} ({per['recorder_detail']}) ({(ratios[-1] - 1) * 100:+.1f}%)",
-                      flush=True)
-            time.sleep(settle)  # the last burst's commit
-            for label, me in watched.items():
-                totals[label]["cpu"] += (usage(me)[0] - last[label][0]) * 1000
+            for k, count in enumerate(per_pair, 1):
+                by_pair.append(run_pair(tmp, db, target, count, chunk, args.concurrency, settle, totals, answered))
+                if pairs > 1:
+                    print(f"pair {k}: recorder {(ratio_of_sums(by_pair[-1]) - 1) * 100:+.1f}% CPU/request over plain "
+                          f"in its {count} rounds", flush=True)
         finally:
-            for proc, _ in procs.values():
-                proc.send_signal(signal.SIGTERM)
-            for proc, _ in procs.values():
-                proc.wait(timeout=120)
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=30)
         stored = 0
@@ -320,6 +302,7 @@ def main() -> None:
             with store.begin() as conn:
                 stored = conn.execute(select(func.count()).select_from(exchanges)).scalar_one()
             store.close()
+    rounds = [r for pair in by_pair for r in pair]
     for label in ("plain", "recorder"):
         t = totals[label]
         print(f"{label:8s}: {t['ok']} requests answered 200, {t['cpu'] / t['ok']:.3f} ms CPU/request, "
@@ -327,14 +310,64 @@ def main() -> None:
               f"p99 {statistics.median(t['p99']) * 1000:.1f} ms (medians over rounds)")
     overall = totals["recorder"]["cpu"] / totals["recorder"]["ok"] / (totals["plain"]["cpu"] / totals["plain"]["ok"])
     print(f"recorder CPU/request vs plain: {(overall - 1) * 100:+.1f}% overall, "
-          f"{(statistics.median(ratios) - 1) * 100:+.1f}% median of paired rounds")
-    low, high = median_interval(ratios)
-    print(f"  95% bootstrap interval of that median: {(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}% "
-          f"(what one invocation can tell apart on this machine)")
+          f"{(median_ratio(rounds) - 1) * 100:+.1f}% median of paired rounds")
+    if pairs >= 3:
+        low, high = interval(by_pair, lambda chosen: ratio_of_sums([r for pair in chosen for r in pair]))
+        print(f"  95% bootstrap interval of the overall figure over the {pairs} process pairs: "
+              f"{(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}%")
+    low, high = interval(rounds, ratio_of_sums)
+    print(f"  95% bootstrap interval of the overall figure over rounds (blind to what differs between "
+          f"processes): {(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}%")
     if SCRIPT[0] == str(RECORDER):
         print(f"exchanges stored {stored} of {answered['recorder']} answered through the recorder "
               f"(lost: {answered['recorder'] - stored})")
 
+
+def run_pair(tmp: Path, db: Path, target: int, count: int, chunk: int, concurrency: int, settle: float,
+             totals: dict, answered: dict) -> list[tuple[float, float]]:
+    """Start a plain and a recording mitmdump, alternate `count` bursts between them, stop both."""
+    procs = {}
+    rounds = []
+    try:
+        procs["plain"] = start_mitmdump(tmp, False, db)
+        procs["recorder"] = start_mitmdump(tmp, True, db)
+        for label, (proc, port) in procs.items():
+            answered[label] += hey(port, target, 20 * concurrency, concurrency)["ok"]  # warm-up
+        watched = {label: psutil.Process(proc.pid) for label, (proc, _) in procs.items()}
+        time.sleep(settle)  # the warm-up's exchanges are committed before anything is counted
+        last = {label: usage(me) for label, me in watched.items()}
+        for round_ in range(1, count + 1):
+            order = ["plain", "recorder"] if round_ % 2 else ["recorder", "plain"]
+            ok = {}
+            for label in order:
+                r = hey(procs[label][1], target, chunk, concurrency)
+                ok[label] = max(r["ok"], 1)
+                t = totals[label]
+                t["ok"] += r["ok"]
+                answered[label] += r["ok"]
+                for key in ("rps", "avg", "p99"):
+                    t[key].append(r[key])
+            now = {label: usage(me) for label, me in watched.items()}
+            per = {}
+            for label in procs:
+                cpu, system, switches = (b - a for a, b in zip(last[label], now[label]))
+                per[label] = cpu * 1000 / ok[label]
+                per[label + "_detail"] = f"sys {system * 1000 / ok[label]:.3f} ms, {switches / ok[label]:.1f} ctx switches"
+                totals[label]["cpu"] += cpu * 1000
+            last = now
+            rounds.append((per["plain"], per["recorder"]))
+            print(f"round {round_:2d}: plain {per['plain']:.3f} ms CPU/request ({per['plain_detail']}), "
+                  f"recorder {per['recorder']:.3f} ({per['recorder_detail']}) "
+                  f"({(per['recorder'] / per['plain'] - 1) * 100:+.1f}%)", flush=True)
+        time.sleep(settle)  # the last burst's commit
+        for label, me in watched.items():
+            totals[label]["cpu"] += (usage(me)[0] - last[label][0]) * 1000
+    finally:
+        for proc, _ in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs.values():
+            proc.wait(timeout=120)
+    return rounds
 
 if __name__ == "__main__":
     main()

@@ -237,3 +237,15 @@ def test_urls_on_the_hot_path_equal_the_general_path(method, url):
         assert (fast_url, fast_norm) == (general, normalize_url(general))
     else:
         assert fast_norm is None
+
+
+def test_the_script_module_is_the_only_stop_on_mitmproxys_walk():
+    # mitmproxy offers each of its eight events per request to every addon, walking into
+    # any `addons` list: the script module carries the hooks itself, all of one recorder.
+    import addons.redirect_recorder as script
+    from mitmproxy.addonmanager import traverse
+
+    assert list(traverse([script])) == [script]
+    hooks = ("load", "configure", "running", "response", "error", "done")
+    assert {getattr(script, name).__self__ for name in hooks} == {script.recorder}
+    assert all(callable(getattr(script, name)) for name in hooks)
