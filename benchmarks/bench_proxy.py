@@ -14,7 +14,12 @@ second past the flush interval for the last commit. It prints CPU time per reque
 round, then totals: CPU/request, median throughput and latency, and the exchanges
 stored against the requests the recorder answered. Throughput swings from run to run
 on a shared machine; CPU time per request is the figure to judge by. More, shorter
-rounds pin the median down better (the pairing is closer in time).
+rounds pin the median down better (the pairing is closer in time). But two processes
+of the same program differ too, by several percent in CPU per request for as long as
+they live (memory layout, hash seed): --pairs K starts K fresh pairs of mitmdumps, the
+rounds shared out among them, and bootstraps the overall figure over the pairs.
+
+    uv run python benchmarks/bench_proxy.py --requests 200000 --rounds 400 --pairs 10
 
     apt-get install valgrind
     uv run python benchmarks/bench_proxy.py --instructions --requests 400 --rounds 2
