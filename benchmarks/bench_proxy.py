@@ -17,7 +17,9 @@ on a shared machine; CPU time per request is the figure to judge by. More, short
 rounds pin the median down better (the pairing is closer in time). But two processes
 of the same program differ too, by several percent in CPU per request for as long as
 they live (memory layout, hash seed): --pairs K starts K fresh pairs of mitmdumps, the
-rounds shared out among them, and bootstraps the overall figure over the pairs.
+rounds shared out among them, and bootstraps the overall figure over the pairs. It
+also splits each process's CPU time by thread: the proxy's own (main) thread, and the
+others, which in the recording proxy are its writer.
 
     uv run python benchmarks/bench_proxy.py --requests 200000 --rounds 400 --pairs 10
 
@@ -234,6 +236,11 @@ def usage(proc: psutil.Process) -> tuple[float, float, int]:
     return times.user + times.system, times.system, switches.voluntary + switches.involuntary
 
 
+def thread_times(proc: psutil.Process) -> dict[int, float]:
+    """CPU seconds (user + sys) of each live thread of a process, by thread id."""
+    return {t.id: t.user_time + t.system_time for t in proc.threads()}
+
+
 def ratio_of_sums(rounds: list[tuple[float, float]]) -> float:
     """Recorder over plain CPU per request, all rounds together (rounds are equal in size)."""
     return sum(r for _, r in rounds) / sum(p for p, _ in rounds)
@@ -285,7 +292,8 @@ def main() -> None:
         return
     pairs = max(1, min(args.pairs, args.rounds))
     per_pair = [args.rounds // pairs + (1 if k < args.rounds % pairs else 0) for k in range(pairs)]
-    totals = {label: {"cpu": 0.0, "ok": 0, "rps": [], "avg": [], "p99": []} for label in ("plain", "recorder")}
+    totals = {label: {"cpu": 0.0, "main": 0.0, "threads": 0.0, "ok": 0, "rps": [], "avg": [], "p99": []}
+              for label in ("plain", "recorder")}
     answered = {"plain": 0, "recorder": 0}
     by_pair: list[list[tuple[float, float]]] = []  # (plain, recorder) CPU ms per request, per round
     with tempfile.TemporaryDirectory() as name:
@@ -313,6 +321,10 @@ def main() -> None:
         print(f"{label:8s}: {t['ok']} requests answered 200, {t['cpu'] / t['ok']:.3f} ms CPU/request, "
               f"{statistics.median(t['rps']):.0f} req/s, latency avg {statistics.median(t['avg']) * 1000:.1f} ms, "
               f"p99 {statistics.median(t['p99']) * 1000:.1f} ms (medians over rounds)")
+    for label in ("plain", "recorder"):
+        t = totals[label]
+        print(f"{label:8s}: main thread {t['main'] / t['ok'] * 1000:.1f} µs CPU/request, other threads (the "
+              f"recorder's writer) {t['threads'] / t['ok'] * 1000:.1f} µs/request")
     overall = totals["recorder"]["cpu"] / totals["recorder"]["ok"] / (totals["plain"]["cpu"] / totals["plain"]["ok"])
     print(f"recorder CPU/request vs plain: {(overall - 1) * 100:+.1f}% overall, "
           f"{(median_ratio(rounds) - 1) * 100:+.1f}% median of paired rounds")
@@ -341,6 +353,7 @@ def run_pair(tmp: Path, db: Path, target: int, count: int, chunk: int, concurren
         watched = {label: psutil.Process(proc.pid) for label, (proc, _) in procs.items()}
         time.sleep(settle)  # the warm-up's exchanges are committed before anything is counted
         last = {label: usage(me) for label, me in watched.items()}
+        threads_before = {label: thread_times(me) for label, me in watched.items()}
         for round_ in range(1, count + 1):
             order = ["plain", "recorder"] if round_ % 2 else ["recorder", "plain"]
             ok = {}
@@ -367,6 +380,10 @@ def run_pair(tmp: Path, db: Path, target: int, count: int, chunk: int, concurren
         time.sleep(settle)  # the last burst's commit
         for label, me in watched.items():
             totals[label]["cpu"] += (usage(me)[0] - last[label][0]) * 1000
+            main = procs[label][0].pid
+            for tid, seconds in thread_times(me).items():
+                spent = (seconds - threads_before[label].get(tid, 0.0)) * 1000
+                totals[label]["main" if tid == main else "threads"] += spent
     finally:
         for proc, _ in procs.values():
             proc.send_signal(signal.SIGTERM)
