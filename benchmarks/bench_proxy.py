@@ -28,11 +28,11 @@ others, which in the recording proxy are its writer.
 
 `--instructions` counts instead of timing: each mitmdump runs under valgrind's
 callgrind with counting off, is warmed up, and counts user-space instructions from
-just before a burst until the recorder's file holds its exchanges. The count barely moves between
-runs (about 0.1%), where CPU time swings by several percent, so a change of a tenth of
-a percent shows; but it leaves out what instructions do not show (cache misses, kernel
-time, thread hand-overs), so it guides work and CPU time judges it. Under valgrind the
-proxy runs about 50 times slower, so a writer that commits every flush interval would
+just before a burst until the recorder's file holds its exchanges. The count barely
+moves between runs (about 0.1%), where CPU time swings by several percent, so a change
+of a tenth of a percent shows; but it leaves out what instructions do not show (cache
+misses, kernel time, thread hand-overs), so it guides work and CPU time judges it.
+Under valgrind the proxy runs about 50 times slower, so a writer that commits every flush interval would
 commit every ~20 rows instead of the ~1,300 it commits at full speed, and charge each
 row about 9 µs of transaction overhead the real proxy does not pay. So here the
 recorder commits by count: a batch of --requests rows, a full batch for the warm-up and
@@ -59,14 +59,12 @@ from contextlib import closing
 from pathlib import Path
 
 import psutil
-from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from proxyrun import free_port, wait_for_port  # noqa: E402
 
 from analyzer.ingest.recorder import RecorderSettings  # noqa: E402
-from analyzer.store import exchanges, open_store  # noqa: E402
 
 NGINX_CONF = """
 worker_processes 1;
@@ -309,12 +307,7 @@ def main() -> None:
         finally:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=30)
-        stored = 0
-        if SCRIPT[0] == str(RECORDER):
-            store = open_store(str(db))
-            with store.begin() as conn:
-                stored = conn.execute(select(func.count()).select_from(exchanges)).scalar_one()
-            store.close()
+        stored = committed(db) if SCRIPT[0] == str(RECORDER) else 0
     rounds = [r for pair in by_pair for r in pair]
     for label in ("plain", "recorder"):
         t = totals[label]
@@ -390,6 +383,7 @@ def run_pair(tmp: Path, db: Path, target: int, count: int, chunk: int, concurren
         for proc, _ in procs.values():
             proc.wait(timeout=120)
     return rounds
+
 
 if __name__ == "__main__":
     main()
