@@ -9,10 +9,13 @@ $REDIRECT_AUDIT_DB, else ./redirect-audit.db), `batch` (rows per commit), `flush
 and response bodies, capped and with secret fields redacted; off by default), `live`
 (link chains and run the rules while traffic flows; on by default).
 
-The hooks only convert a flow and queue it; a writer thread owns the database. When
-the proxy stops, the queue is drained and the addon logs how many exchanges it saw
-and how many it stored. Findings known while traffic flows are logged at once, and
-the flows involved are marked and commented, so they stand out in mitmweb.
+The hooks only set a finished flow aside; on the proxy's event loop the flows set aside
+are converted a batch at a time (at most CONVERT_DELAY after the first of them, or at
+once when CONVERT_BATCH are waiting) and queued for a writer thread, which owns the
+database. When the proxy stops, what is set aside is converted, the queue is drained,
+and the addon logs how many exchanges it saw and how many it stored. Findings are
+logged as soon as their flows are converted, and the flows involved are marked and
+commented, so they stand out in mitmweb.
 """
 
 from __future__ import annotations
@@ -40,8 +43,16 @@ log = logging.getLogger("redirect_audit")
 
 PREFIX = "redirect_audit_"
 MARK = ":warning:"
-RECORDED = "redirect_audit_recorded"  # flow.metadata key: this flow is already in the queue
+RECORDED = "redirect_audit_recorded"  # flow.metadata key: this flow is already set aside
 TEMPORARY = (302, 303, 307)
+# Converting flows one after another costs the proxy about half the CPU of converting
+# each as its response arrives: measured inside a loaded mitmdump (30,000 requests,
+# 16 at a time), 24 µs of thread CPU per flow in batches against 40 µs one at a time,
+# where a warm loop over the same flows takes 10 µs. One flow at a time, the
+# converter's code and data have left the CPU caches between two flows, evicted by
+# mitmproxy's own work for the request in between.
+CONVERT_BATCH = 64
+CONVERT_DELAY = 0.05  # seconds; findings and stored rows wait at most this long for a batch
 
 
 class RedirectRecorder:
@@ -56,6 +67,10 @@ class RedirectRecorder:
         self.capture = CaptureOptions()
         self.analysis = AnalysisOptions()
         self._ticker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[http.HTTPFlow] = []  # finished flows not yet converted, in order
+        self._timer: asyncio.TimerHandle | None = None
+        self.unconverted = 0  # flows the converter failed on (a bug): counted as seen, not stored
 
     # ---- options -------------------------------------------------------------
 
@@ -106,15 +121,17 @@ class RedirectRecorder:
         store = self.store
         self.recorder = Recorder(store, self.settings, creator=f"mitmproxy {MITMPROXY_VERSION}")
         self.converter = FlowConverter(self.recorder.capture_id, store.secret_key, self.capture)
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: driven by hand (tests); flows are converted at once
+            self._loop = None
         if ctx.options.redirect_audit_live:
             with store.begin() as conn:
                 history = load_exchanges(conn, exchanges.c.status.in_(TEMPORARY)
                                          & (exchanges.c.capture_id != self.recorder.capture_id))
             self.live = LiveAnalyzer(self.analysis, history)
-            try:
-                self._ticker = asyncio.get_running_loop().create_task(self._tick())
-            except RuntimeError:  # no event loop: driven by hand (tests); expire() is called explicitly
-                self._ticker = None
+            # without a loop, expire() is called explicitly
+            self._ticker = self._loop.create_task(self._tick()) if self._loop is not None else None
         # What is alive now lives as long as the proxy: mitmproxy's and our modules, the
         # store's metadata. Frozen, the cycle collector stops rescanning it at every full
         # collection. That saved about 1.5% CPU per request while tldextract's 30,000-dict
@@ -128,19 +145,40 @@ class RedirectRecorder:
     # ---- traffic -------------------------------------------------------------
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+        self._set_aside(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+        self._set_aside(flow)
 
-    def _record(self, flow: http.HTTPFlow) -> None:
+    def _set_aside(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(RECORDED):  # an error after its response: the flow is already set aside
+            return
         if self.recorder is None:
             self._start()  # traffic can arrive before the running hook
             if self.recorder is None:
                 return
-        if flow.metadata.get(RECORDED):
-            return
         flow.metadata[RECORDED] = True
+        pending = self._pending
+        pending.append(flow)
+        if len(pending) >= CONVERT_BATCH or self._loop is None:
+            self.convert_pending()
+        elif len(pending) == 1:
+            self._timer = self._loop.call_later(CONVERT_DELAY, self.convert_pending)
+
+    def convert_pending(self) -> None:
+        """Convert, queue and judge the flows set aside, in the order they finished."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        for flow in pending:
+            try:
+                self._record(flow)
+            except Exception as exc:  # noqa: BLE001 - one flow the converter fails on must not cost its batch
+                self.unconverted += 1
+                log.error("redirect-audit: flow %s could not be recorded: %r", flow.id, exc, exc_info=True)
+
+    def _record(self, flow: http.HTTPFlow) -> None:
         exchange = self.converter.convert(self.recorder.next_seq(), flow)
         self.recorder.submit(exchange)
         if self.live is not None:
@@ -183,6 +221,7 @@ class RedirectRecorder:
         while self.live is not None:
             await asyncio.sleep(1.0)
             if self.live is not None:
+                self.convert_pending()  # a follow-up set aside is not taken for a missing one
                 found = self.live.expire()
                 if found:
                     self._report(found)
@@ -194,11 +233,13 @@ class RedirectRecorder:
             self._ticker.cancel()
         if self.recorder is None:
             return
+        self.convert_pending()
         if self.live is not None:
             found = self.live.close()
             if found:
                 self._report(found)
         seen, stored = self.recorder.close()
+        seen += self.unconverted
         level = logging.INFO if seen == stored else logging.ERROR
         log.log(level, "redirect-audit: saw %d exchanges, stored %d; %d findings while running",
                 seen, stored, self.findings)

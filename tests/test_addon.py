@@ -3,6 +3,7 @@ what is stored, live findings marking and commenting the flows involved."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -15,7 +16,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 from sqlalchemy import select
 
-from addons.redirect_recorder import MARK, RedirectRecorder
+from addons.redirect_recorder import CONVERT_BATCH, CONVERT_DELAY, MARK, RedirectRecorder
 from analyzer.store import captures, exchanges, open_store
 
 T0 = 1_790_000_000.0
@@ -159,6 +160,60 @@ def test_a_row_the_store_refuses_costs_only_itself(recorder, tmp_path, caplog):
     assert "exchange 4 (http://api.test/\\udce9) cannot be stored: 'utf-8' codec can't encode" in caplog.text
     assert "attempt" not in caplog.text  # a bad row is not retried
     assert [r["url"] for r in stored(tmp_path)] == [f"http://api.test/{n}" for n in range(9) if n != 4]
+
+
+def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behind(tmp_path, caplog):
+    # In the proxy the hooks only set flows aside; the event loop converts them a batch at
+    # a time: after CONVERT_DELAY, at once when a batch is full, and at shutdown.
+    async def proxy_run() -> list[http.HTTPFlow]:
+        addon = RedirectRecorder()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, redirect_audit_db=str(tmp_path / "addon.db"), redirect_audit_flush_ms=50)
+            addon.running()
+            conn = tflow.tclient_conn()
+            put = make_flow("PUT", "http://api.test/items/1", status=302, location="/items/1/v2", body=b"{}",
+                            conn=conn)
+            get = make_flow("GET", "http://api.test/items/1/v2", status=200, at=T0 + 0.1, conn=conn)
+            addon.response(put)
+            addon.response(get)
+            assert addon.recorder.seen == 0 and not put.marked  # set aside, not converted yet
+            await asyncio.sleep(CONVERT_DELAY * 4)
+            assert addon.recorder.seen == 2 and put.marked == get.marked == MARK
+            batch = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + 1 + n) for n in range(CONVERT_BATCH)]
+            for flow in batch[:-1]:
+                addon.response(flow)
+            assert addon.recorder.seen == 2
+            addon.response(batch[-1])  # a full batch does not wait
+            assert addon.recorder.seen == 2 + CONVERT_BATCH
+            last = make_flow("GET", "http://api.test/last", at=T0 + 100)
+            last.error = tflow.terr("connection reset")
+            addon.error(last)
+            with caplog.at_level(logging.INFO, logger="redirect_audit"):
+                addon.done()  # the flow still set aside is stored too
+            return [put, get, *batch, last]
+
+    flows = asyncio.run(proxy_run())
+    assert f"saw {len(flows)} exchanges, stored {len(flows)}; 1 findings" in caplog.text
+    assert [r["flow_id"] for r in stored(tmp_path)] == [f.id for f in flows]
+
+
+def test_a_flow_the_converter_fails_on_costs_only_itself(recorder, tmp_path, caplog, monkeypatch):
+    flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(3)]
+    convert = recorder.converter.convert
+
+    def fails_on_the_second(seq, flow):
+        if flow is flows[1]:
+            raise ValueError("converter bug")
+        return convert(seq, flow)
+
+    monkeypatch.setattr(recorder.converter, "convert", fails_on_the_second)
+    with caplog.at_level(logging.INFO, logger="redirect_audit"):
+        for flow in flows:
+            recorder.response(flow)
+        recorder.done()
+    assert f"flow {flows[1].id} could not be recorded: ValueError('converter bug')" in caplog.text
+    assert "saw 3 exchanges, stored 2" in caplog.text
+    assert [r["flow_id"] for r in stored(tmp_path)] == [flows[0].id, flows[2].id]
 
 
 def test_the_start_up_heap_is_frozen_while_recording_and_thawed_after(tmp_path):
