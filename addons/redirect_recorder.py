@@ -36,7 +36,7 @@ from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
 from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import LiveAnalyzer
-from analyzer.model import Finding
+from analyzer.model import Exchange, Finding
 from analyzer.store import StoreError, exchanges, load_exchanges, open_store, safe_url
 
 log = logging.getLogger("redirect_audit")
@@ -70,7 +70,7 @@ class RedirectRecorder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[http.HTTPFlow] = []  # finished flows not yet converted, in order
         self._timer: asyncio.TimerHandle | None = None
-        self.unconverted = 0  # flows the converter failed on (a bug): counted as seen, not stored
+        self.unqueued = 0  # flows that could not be converted or queued (a bug): seen, not stored
 
     # ---- options -------------------------------------------------------------
 
@@ -172,23 +172,28 @@ class RedirectRecorder:
             self._timer = None
         pending, self._pending = self._pending, []
         for flow in pending:
+            # A bug that one flow trips must cost that flow only, never the rest of its batch.
             try:
-                self._record(flow)
-            except Exception as exc:  # noqa: BLE001 - one flow the converter fails on must not cost its batch
-                self.unconverted += 1
+                exchange = self.converter.convert(self.recorder.next_seq(), flow)
+                self.recorder.submit(exchange)
+            except Exception as exc:  # noqa: BLE001
+                self.unqueued += 1
                 log.error("redirect-audit: flow %s could not be recorded: %r", flow.id, exc, exc_info=True)
+                continue
+            if self.live is not None:
+                try:
+                    self._judge(flow, exchange)
+                except Exception as exc:  # noqa: BLE001 - it is stored: `analyze` judges it afterwards
+                    log.error("redirect-audit: the live rules failed on flow %s: %r", flow.id, exc, exc_info=True)
 
-    def _record(self, flow: http.HTTPFlow) -> None:
-        exchange = self.converter.convert(self.recorder.next_seq(), flow)
-        self.recorder.submit(exchange)
-        if self.live is not None:
-            found = self.live.add(exchange)
-            # Only flows a later finding can point back at are remembered (redirects and
-            # writes); a plain GET is marked, if at all, by the finding it completes now.
-            if found or exchange.is_redirect or exchange.method in WRITE_METHODS:
-                self.flows[exchange.id] = flow
-            if found:
-                self._report(found)
+    def _judge(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        found = self.live.add(exchange)
+        # Only flows a later finding can point back at are remembered (redirects and
+        # writes); a plain GET is marked, if at all, by the finding it completes now.
+        if found or exchange.is_redirect or exchange.method in WRITE_METHODS:
+            self.flows[exchange.id] = flow
+        if found:
+            self._report(found)
 
     def _report(self, found: list[Finding]) -> None:
         touched: dict[str, http.HTTPFlow] = {}
@@ -239,7 +244,7 @@ class RedirectRecorder:
             if found:
                 self._report(found)
         seen, stored = self.recorder.close()
-        seen += self.unconverted
+        seen += self.unqueued
         level = logging.INFO if seen == stored else logging.ERROR
         log.log(level, "redirect-audit: saw %d exchanges, stored %d; %d findings while running",
                 seen, stored, self.findings)

@@ -216,6 +216,25 @@ def test_a_flow_the_converter_fails_on_costs_only_itself(recorder, tmp_path, cap
     assert [r["flow_id"] for r in stored(tmp_path)] == [flows[0].id, flows[2].id]
 
 
+def test_live_rules_that_fail_on_a_flow_still_store_it(recorder, tmp_path, caplog, monkeypatch):
+    flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(3)]
+    add = recorder.live.add
+
+    def fails_on_the_second(exchange):
+        if exchange.flow_id == flows[1].id:
+            raise KeyError("rule bug")
+        return add(exchange)
+
+    monkeypatch.setattr(recorder.live, "add", fails_on_the_second)
+    with caplog.at_level(logging.INFO, logger="redirect_audit"):
+        for flow in flows:
+            recorder.response(flow)
+        recorder.done()
+    assert f"the live rules failed on flow {flows[1].id}: KeyError('rule bug')" in caplog.text
+    assert "saw 3 exchanges, stored 3" in caplog.text
+    assert [r["flow_id"] for r in stored(tmp_path)] == [f.id for f in flows]
+
+
 def test_the_start_up_heap_is_frozen_while_recording_and_thawed_after(tmp_path):
     addon = RedirectRecorder()
     with taddons.context(addon) as tctx:

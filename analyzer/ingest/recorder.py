@@ -1,11 +1,11 @@
 """The proxy's writer: one thread owns the database and commits exchanges in batches.
 
-The proxy's hooks only convert a flow and hand the Exchange over (`submit`), so a slow
-disk never stalls traffic. The writer thread sleeps until `batch_size` exchanges are
-waiting or `flush_interval` seconds have passed, then commits what is waiting, a batch
-per transaction. It is never woken once per exchange: a wake-up per request would cost
-the proxy a thread switch and a GIL hand-over each time, which is most of what
-recording would cost. `close()` drains the queue before it returns, so every exchange
+The recorder addon converts flows on the proxy's event loop and hands each Exchange
+over (`submit`), so a slow disk never stalls traffic. The writer thread sleeps until
+`batch_size` exchanges are waiting or `flush_interval` seconds have passed, then
+commits what is waiting, a batch per transaction. It is never woken once per exchange:
+a wake-up per request would cost the proxy a thread switch and a GIL hand-over each
+time, which is most of what recording would cost. `close()` drains the queue before it returns, so every exchange
 that was submitted is stored, and says how many were seen and how many were stored.
 """
 
@@ -75,8 +75,9 @@ class Recorder:
         """Queue one exchange. It is queued as its row, a flat tuple of strings and numbers:
         the cycle collector stops tracking such tuples, while an Exchange (with its header
         lists) would be walked by every collection for as long as it waits."""
+        row = exchange_row(exchange)
         self.seen += 1
-        self._waiting.append(exchange_row(exchange))
+        self._waiting.append(row)
         if len(self._waiting) >= self.settings.batch_size and not self._wake.is_set():
             self._wake.set()
 
