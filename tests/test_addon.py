@@ -197,42 +197,30 @@ def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behin
     assert [r["flow_id"] for r in stored(tmp_path)] == [f.id for f in flows]
 
 
-def test_a_flow_the_converter_fails_on_costs_only_itself(recorder, tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("part, error, message, kept", [
+    ("converter.convert", ValueError("converter bug"), "flow {id} could not be recorded: ValueError('converter bug')",
+     [0, 2]),
+    ("live.add", KeyError("rule bug"), "the live rules failed on flow {id}: KeyError('rule bug')", [0, 1, 2]),
+])
+def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(recorder, tmp_path, caplog, monkeypatch, part, error,
+                                                          message, kept):
     flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(3)]
-    convert = recorder.converter.convert
+    owner, name = part.split(".")
+    original = getattr(getattr(recorder, owner), name)
 
-    def fails_on_the_second(seq, flow):
-        if flow is flows[1]:
-            raise ValueError("converter bug")
-        return convert(seq, flow)
+    def fails_on_the_second(*args):  # convert(seq, flow) or add(exchange)
+        if flows[1].id in {getattr(arg, "id", None) for arg in args} | {getattr(arg, "flow_id", None) for arg in args}:
+            raise error
+        return original(*args)
 
-    monkeypatch.setattr(recorder.converter, "convert", fails_on_the_second)
+    monkeypatch.setattr(getattr(recorder, owner), name, fails_on_the_second)
     with caplog.at_level(logging.INFO, logger="redirect_audit"):
         for flow in flows:
             recorder.response(flow)
         recorder.done()
-    assert f"flow {flows[1].id} could not be recorded: ValueError('converter bug')" in caplog.text
-    assert "saw 3 exchanges, stored 2" in caplog.text
-    assert [r["flow_id"] for r in stored(tmp_path)] == [flows[0].id, flows[2].id]
-
-
-def test_live_rules_that_fail_on_a_flow_still_store_it(recorder, tmp_path, caplog, monkeypatch):
-    flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(3)]
-    add = recorder.live.add
-
-    def fails_on_the_second(exchange):
-        if exchange.flow_id == flows[1].id:
-            raise KeyError("rule bug")
-        return add(exchange)
-
-    monkeypatch.setattr(recorder.live, "add", fails_on_the_second)
-    with caplog.at_level(logging.INFO, logger="redirect_audit"):
-        for flow in flows:
-            recorder.response(flow)
-        recorder.done()
-    assert f"the live rules failed on flow {flows[1].id}: KeyError('rule bug')" in caplog.text
-    assert "saw 3 exchanges, stored 3" in caplog.text
-    assert [r["flow_id"] for r in stored(tmp_path)] == [f.id for f in flows]
+    assert message.format(id=flows[1].id) in caplog.text
+    assert f"saw 3 exchanges, stored {len(kept)}" in caplog.text
+    assert [r["flow_id"] for r in stored(tmp_path)] == [flows[n].id for n in kept]
 
 
 def test_the_start_up_heap_is_frozen_while_recording_and_thawed_after(tmp_path):
