@@ -13,7 +13,8 @@ The hooks only set a finished flow aside; on the proxy's event loop the flows se
 are converted a batch at a time (at most CONVERT_DELAY after the first of them, or at
 once when CONVERT_BATCH are waiting) and queued for a writer thread, which owns the
 database. When the proxy stops, what is set aside is converted, the queue is drained,
-and the addon logs how many exchanges it saw and how many it stored. Findings are
+and the addon logs how many exchanges it saw and how many it stored (again, with the
+new totals, for each flow that finishes while mitmproxy winds down). Findings are
 logged as soon as their flows are converted, and the flows involved are marked and
 commented, so they stand out in mitmweb.
 """
@@ -71,6 +72,8 @@ class RedirectRecorder:
         self._pending: list[http.HTTPFlow] = []  # finished flows not yet converted, in order
         self._timer: asyncio.TimerHandle | None = None
         self.unqueued = 0  # flows that could not be converted or queued (a bug): seen, not stored
+        self._closed = False  # done() has run
+        self.late = 0  # flows that finished after done()
 
     # ---- options -------------------------------------------------------------
 
@@ -152,6 +155,9 @@ class RedirectRecorder:
 
     def _set_aside(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(RECORDED):  # an error after its response: the flow is already set aside
+            return
+        if self._closed:
+            self._record_late(flow)
             return
         if self.recorder is None:
             self._start()  # traffic can arrive before the running hook
@@ -236,20 +242,36 @@ class RedirectRecorder:
     def done(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-        if self.recorder is None:
+        if self.recorder is None or self._closed:
             return
         self.convert_pending()
         if self.live is not None:
             found = self.live.close()
             if found:
                 self._report(found)
-        seen, stored = self.recorder.close()
-        seen += self.unqueued
-        level = logging.INFO if seen == stored else logging.ERROR
-        log.log(level, "redirect-audit: saw %d exchanges, stored %d; %d findings while running",
-                seen, stored, self.findings)
-        self.recorder = None
+        self.recorder.close()
+        self._closed = True  # the recorder stays, for flows that finish while the proxy winds down
+        self._log_totals()
         gc.unfreeze()  # what start-up froze is collectable again (the proxy may live on: tests, reloads)
+
+    def _record_late(self, flow: http.HTTPFlow) -> None:
+        """A flow that finished after done(): mitmproxy serves connections in flight while
+        it shuts down, and their clients get answers. Stored at once, on its own."""
+        flow.metadata[RECORDED] = True
+        self.late += 1
+        try:
+            self.recorder.store_now(self.converter.convert(self.recorder.next_seq(), flow))
+        except Exception as exc:  # noqa: BLE001
+            self.unqueued += 1
+            log.error("redirect-audit: flow %s could not be recorded: %r", flow.id, exc, exc_info=True)
+        self._log_totals()
+
+    def _log_totals(self) -> None:
+        seen, stored = self.recorder.seen + self.unqueued, self.recorder.stored
+        late = f" ({self.late} after shutdown began)" if self.late else ""
+        log.log(logging.INFO if seen == stored else logging.ERROR,
+                "redirect-audit: saw %d exchanges, stored %d%s; %d findings while running",
+                seen, stored, late, self.findings)
 
 
 # mitmproxy offers every event to every addon, eight per request (four lifecycle hooks,

@@ -223,6 +223,23 @@ def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(recorder, tmp_path, c
     assert [r["flow_id"] for r in stored(tmp_path)] == [flows[n].id for n in kept]
 
 
+def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(recorder, tmp_path, caplog):
+    # mitmproxy serves the connections in flight while it shuts down: their clients get
+    # answers after the done hook has run.
+    first = make_flow("GET", "http://api.test/first", status=200)
+    late = make_flow("GET", "http://api.test/late", status=200, at=T0 + 1)
+    recorder.response(first)
+    with caplog.at_level(logging.INFO, logger="redirect_audit"):
+        recorder.done()
+        recorder.response(late)
+        recorder.done()  # a second done changes nothing
+    assert "saw 1 exchanges, stored 1;" in caplog.text
+    assert caplog.text.count("saw 2 exchanges, stored 2 (1 after shutdown began)") == 1
+    assert [r["flow_id"] for r in stored(tmp_path)] == [first.id, late.id]
+    with open_store(str(tmp_path / "addon.db")).begin() as conn:
+        assert conn.execute(select(captures.c.entries)).scalar_one() == 2
+
+
 def test_the_start_up_heap_is_frozen_while_recording_and_thawed_after(tmp_path):
     addon = RedirectRecorder()
     with taddons.context(addon) as tctx:

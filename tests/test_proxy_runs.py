@@ -82,7 +82,8 @@ def test_sigterm_in_the_middle_of_a_burst_keeps_every_answered_exchange(tmp_path
     assert len(answered) >= 300
     missing = set(answered) - set(stored_urls(db))
     assert not missing, f"{len(missing)} answered exchanges were not stored"
-    seen, stored = map(int, re.search(r"saw (\d+) exchanges, stored (\d+)", output).groups())
+    # the last count: a flow that finishes while the proxy winds down is stored and counted after done
+    seen, stored = map(int, re.findall(r"saw (\d+) exchanges, stored (\d+)", output)[-1])
     assert seen == stored >= len(answered)
 
 

@@ -81,6 +81,12 @@ class Recorder:
         if len(self._waiting) >= self.settings.batch_size and not self._wake.is_set():
             self._wake.set()
 
+    def store_now(self, exchange: Exchange) -> None:
+        """After close(): store one exchange in the caller's thread, in a transaction of its own."""
+        row = exchange_row(exchange)
+        self.seen += 1
+        self._write([row])
+
     def close(self) -> tuple[int, int]:
         """Drain the queue, record the totals; returns (seen, stored)."""
         self._closing = True
