@@ -46,12 +46,13 @@ PREFIX = "redirect_audit_"
 MARK = ":warning:"
 RECORDED = "redirect_audit_recorded"  # flow.metadata key: this flow is already set aside
 TEMPORARY = (302, 303, 307)
-# Converting flows one after another costs the proxy's thread 40% less CPU than
+# Converting flows one after another costs the proxy's thread 40-50% less CPU than
 # converting each as its response arrives: inside a loaded mitmdump, 19.7 µs per flow
-# in batches against 33.5 µs one at a time (benchmarks/bench_hook.py), where a warm
-# loop over the same flows takes 10 µs. One flow at a time, the converter's code and
-# data have left the CPU caches between two flows, evicted by mitmproxy's own work
-# for the request in between.
+# in batches against 33.5 µs one at a time (benchmarks/bench_hook.py; 23.8 against
+# 46.7 µs in a slower hour of the same machine), where a warm loop over the same
+# flows takes 10 µs. One flow at a time, the converter's code and data have left the
+# CPU caches between two flows, evicted by mitmproxy's own work for the request in
+# between.
 CONVERT_BATCH = 64
 CONVERT_DELAY = 0.05  # seconds; findings and stored rows wait at most this long for a batch
 
