@@ -157,9 +157,6 @@ class RedirectRecorder:
     def _set_aside(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(RECORDED):  # an error after its response: the flow is already set aside
             return
-        if self._closed:
-            self._record_late(flow)
-            return
         if self.recorder is None:
             self._start()  # traffic can arrive before the running hook
             if self.recorder is None:
@@ -169,6 +166,9 @@ class RedirectRecorder:
         pending.append(flow)
         if len(pending) >= CONVERT_BATCH or self._loop is None:
             self.convert_pending()
+            if self._closed:  # it finished while the proxy winds down: stored now, and counted
+                self.late += 1
+                self._log_totals()
         elif len(pending) == 1:
             self._timer = self._loop.call_later(CONVERT_DELAY, self.convert_pending)
 
@@ -178,16 +178,17 @@ class RedirectRecorder:
             self._timer.cancel()
             self._timer = None
         pending, self._pending = self._pending, []
+        convert, recorder, live = self.converter.convert, self.recorder, self.live
         for flow in pending:
             # A bug that one flow trips must cost that flow only, never the rest of its batch.
             try:
-                exchange = self.converter.convert(self.recorder.next_seq(), flow)
-                self.recorder.submit(exchange)
+                exchange = convert(recorder.next_seq(), flow)
+                recorder.submit(exchange)
             except Exception as exc:  # noqa: BLE001
                 self.unqueued += 1
                 log.error("redirect-audit: flow %s could not be recorded: %r", flow.id, exc, exc_info=True)
                 continue
-            if self.live is not None:
+            if live is not None:
                 try:
                     self._judge(flow, exchange)
                 except Exception as exc:  # noqa: BLE001 - it is stored: `analyze` judges it afterwards
@@ -251,21 +252,12 @@ class RedirectRecorder:
             if found:
                 self._report(found)
         self.recorder.close()
-        self._closed = True  # the recorder stays, for flows that finish while the proxy winds down
+        # The recorder stays, for flows that finish while the proxy winds down (mitmproxy
+        # serves the connections in flight): without the loop they are converted at once,
+        # and the closed recorder stores each as it comes. The live rules are over.
+        self._closed, self._loop, self.live = True, None, None
         self._log_totals()
         gc.unfreeze()  # what start-up froze is collectable again (the proxy may live on: tests, reloads)
-
-    def _record_late(self, flow: http.HTTPFlow) -> None:
-        """A flow that finished after done(): mitmproxy serves connections in flight while
-        it shuts down, and their clients get answers. Stored at once, on its own."""
-        flow.metadata[RECORDED] = True
-        self.late += 1
-        try:
-            self.recorder.store_now(self.converter.convert(self.recorder.next_seq(), flow))
-        except Exception as exc:  # noqa: BLE001
-            self.unqueued += 1
-            log.error("redirect-audit: flow %s could not be recorded: %r", flow.id, exc, exc_info=True)
-        self._log_totals()
 
     def _log_totals(self) -> None:
         seen, stored = self.recorder.seen + self.unqueued, self.recorder.stored

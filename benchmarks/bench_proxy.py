@@ -26,18 +26,18 @@ others, which in the recording proxy are its writer.
     apt-get install valgrind
     uv run python benchmarks/bench_proxy.py --instructions --requests 400 --rounds 2
 
-`--instructions` counts instead of timing: each mitmdump runs under valgrind's
-callgrind with counting off, is warmed up, and counts user-space instructions from
-just before a burst until the recorder's file holds its exchanges. The count barely
-moves between runs (about 0.1%), where CPU time swings by several percent, so a change
-of a tenth of a percent shows; but it leaves out what instructions do not show (cache
-misses, kernel time, thread hand-overs), so it guides work and CPU time judges it.
-Under valgrind the proxy runs about 50 times slower, so a writer that commits every flush interval would
+`--instructions` counts instead of timing: each mitmdump runs under valgrind's callgrind
+with counting off, is warmed up, and counts user-space instructions from just before a
+burst until the recorder's file holds its exchanges. The count barely moves between runs
+(about 0.1%), where CPU time swings by several percent, so a change of a tenth of a
+percent shows; but it leaves out what instructions do not show (cache misses, kernel
+time, thread hand-overs), so it guides work and CPU time judges it. Under valgrind the
+proxy runs about 50 times slower, so a writer that commits every flush interval would
 commit every ~20 rows instead of the ~1,300 it commits at full speed, and charge each
-row about 9 µs of transaction overhead the real proxy does not pay. So here the
-recorder commits by count: a batch of --requests rows, a full batch for the warm-up and
-one for the burst (unless --set gives redirect_audit_batch or redirect_audit_flush_ms).
-Work done per second of wall time (the recorder's one-second tick, mitmproxy's script
+row about 9 µs of transaction overhead the real proxy does not pay. So here the recorder
+commits by count: a batch of --requests rows, a full batch for the warm-up and one for
+the burst (unless --set gives redirect_audit_batch or redirect_audit_flush_ms). Work
+done per second of wall time (the recorder's one-second tick, mitmproxy's script
 reloader) is still counted over a window some 50 times longer than the burst takes at
 full speed: about 135,000 instructions per idle second, some 0.15% of the count.
 """

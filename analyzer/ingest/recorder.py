@@ -5,8 +5,10 @@ over (`submit`), so a slow disk never stalls traffic. The writer thread sleeps u
 `batch_size` exchanges are waiting or `flush_interval` seconds have passed, then
 commits what is waiting, a batch per transaction. It is never woken once per exchange:
 a wake-up per request would cost the proxy a thread switch and a GIL hand-over each
-time, which is most of what recording would cost. `close()` drains the queue before it returns, so every exchange
-that was submitted is stored, and says how many were seen and how many were stored.
+time, which is most of what recording would cost. `close()` drains the queue before it
+returns, so every exchange that was submitted is stored, and says how many were seen
+and how many were stored. An exchange submitted after `close()` (the proxy serves the
+connections in flight while it winds down) is stored at once, in the caller's thread.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Recorder:
         self._waiting: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
         self._wake = threading.Event()
         self._closing = False
+        self._closed = False  # the writer thread has drained the queue and ended
         with store.begin() as conn:
             self.capture_id = add_capture(conn, source="proxy", creator=creator)
         self._thread = threading.Thread(target=self._run, name="redirect-audit-writer", daemon=True)
@@ -77,21 +80,19 @@ class Recorder:
         lists) would be walked by every collection for as long as it waits."""
         row = exchange_row(exchange)
         self.seen += 1
+        if self._closed:  # no writer thread any more: a transaction of its own, now
+            self._write([row])
+            return
         self._waiting.append(row)
         if len(self._waiting) >= self.settings.batch_size and not self._wake.is_set():
             self._wake.set()
-
-    def store_now(self, exchange: Exchange) -> None:
-        """After close(): store one exchange in the caller's thread, in a transaction of its own."""
-        row = exchange_row(exchange)
-        self.seen += 1
-        self._write([row])
 
     def close(self) -> tuple[int, int]:
         """Drain the queue, record the totals; returns (seen, stored)."""
         self._closing = True
         self._wake.set()
         self._thread.join()
+        self._closed = True
         with self.store.begin() as conn:
             finish_capture(conn, self.capture_id, entries=self.stored)
         return self.seen, self.stored
