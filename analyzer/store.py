@@ -259,8 +259,28 @@ EXCHANGE_COLUMNS = (
 )
 
 
-def headers_json(headers: list[tuple[str, str]]) -> str:
+class HeaderBlock(tuple):
+    """Header pairs as stored, with the JSON they are stored as. The proxy's converter
+    shares one block between all the exchanges that carry the same headers (flows.py),
+    so it is encoded once. Never changed once made."""
+
+    json: str
+
+
+def header_block(pairs: Sequence[tuple[str, str]]) -> HeaderBlock:
+    block = HeaderBlock(pairs)
+    block.json = _encode_headers(pairs)
+    return block
+
+
+def headers_json(headers: Sequence[tuple[str, str]]) -> str:
     """A header list as stored: JSON [[name, value], ...]."""
+    if type(headers) is HeaderBlock:
+        return headers.json
+    return _encode_headers(headers)
+
+
+def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
     try:
         return msgspec.json.encode(headers).decode()
     except (TypeError, UnicodeEncodeError, msgspec.EncodeError):  # lone surrogates from a sloppy exporter: the stdlib encoder escapes them

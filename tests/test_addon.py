@@ -17,7 +17,7 @@ from mitmproxy.test import taddons, tflow
 from sqlalchemy import select
 
 from addons.redirect_recorder import CONVERT_BATCH, CONVERT_DELAY, MARK, RedirectRecorder
-from analyzer.store import captures, exchanges, open_store
+from analyzer.store import EXCHANGE_COLUMNS, captures, exchanges, open_store
 
 T0 = 1_790_000_000.0
 
@@ -132,6 +132,7 @@ def test_bytes_that_are_not_utf8_are_stored_escaped_and_lose_no_batch(recorder, 
     odd.request.headers[b"X-Name"] = b"caf\xe9"
     odd.request.path = b"/caf\xe9"
     odd.response.reason = b"Fine \xff"
+    odd.request.data.http_version = b"HTTP/1.1\xe9"
     plain = make_flow("GET", "http://api.test/plain", status=200, at=T0 + 1)
     recorder.response(odd)
     recorder.response(plain)
@@ -142,6 +143,7 @@ def test_bytes_that_are_not_utf8_are_stored_escaped_and_lose_no_batch(recorder, 
     assert ["X-Name", "caf\\xe9"] in json.loads(rows[0]["request_headers"])
     assert rows[0]["url"] == "http://api.test/caf\\xe9"
     assert rows[0]["status_text"] == "Fine \u00ff"  # reason phrases are Latin-1 to mitmproxy
+    assert rows[0]["http_version"] == "HTTP/1.1\\xe9"
     assert rows[1]["url"] == "http://api.test/plain"
 
 
@@ -316,6 +318,31 @@ def test_urls_on_the_hot_path_equal_the_general_path(method, url):
         assert (fast_url, fast_norm) == (general, normalize_url(general))
     else:
         assert fast_norm is None
+
+
+def test_a_repeated_header_block_is_converted_once_and_fingerprinted_with_each_stores_key():
+    from analyzer.ingest.flows import FlowConverter
+    from analyzer.store import exchange_row, headers_json
+
+    def flow(n):
+        return make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n,
+                         headers={"Authorization": "Bearer s3cret", "Accept": "*/*"})
+
+    first, second, listed = flow(1), flow(2), flow(3)
+    listed.request.headers.fields = [list(field) for field in listed.request.headers.fields]  # not hashable
+    one, other = FlowConverter(1, b"1" * 32), FlowConverter(1, b"2" * 32)
+    a, b, c = (one.convert(n, f) for n, f in enumerate((first, second, listed)))
+    assert a.request_headers is b.request_headers  # the same block, shared
+    assert a.response_headers is b.response_headers
+    assert c.request_headers == a.request_headers and c.request_headers is not a.request_headers
+    assert headers_json(c.request_headers) == headers_json(a.request_headers)
+    assert dict(a.request_headers)["Authorization"].startswith("hmac:")
+    d = other.convert(0, first)  # another store, another key: another fingerprint
+    assert dict(d.request_headers)["Authorization"] != dict(a.request_headers)["Authorization"]
+    assert dict(d.request_headers)["Authorization"].startswith("hmac:")
+    row = exchange_row(b)
+    stored_headers = json.loads(row[EXCHANGE_COLUMNS.index("request_headers")])
+    assert stored_headers == [list(pair) for pair in b.request_headers] and "s3cret" not in str(stored_headers)
 
 
 def test_the_script_module_is_the_only_stop_on_mitmproxys_walk():
