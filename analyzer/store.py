@@ -259,12 +259,12 @@ EXCHANGE_COLUMNS = (
 )
 
 
-class HeaderBlock(tuple):
+class HeaderBlock(list):
     """Header pairs as stored, with the JSON they are stored as. The proxy's converter
     shares one block between all the exchanges that carry the same headers (flows.py),
     so it is encoded once. Never changed once made."""
 
-    json: str
+    __slots__ = ("json",)
 
 
 def header_block(pairs: Sequence[tuple[str, str]]) -> HeaderBlock:

@@ -321,7 +321,7 @@ def test_urls_on_the_hot_path_equal_the_general_path(method, url):
 
 
 def test_a_repeated_header_block_is_converted_once_and_fingerprinted_with_each_stores_key():
-    from analyzer.ingest.flows import FlowConverter
+    from analyzer.ingest.flows import HEADER_BLOCKS, FlowConverter
     from analyzer.store import exchange_row, headers_json
 
     def flow(n):
@@ -343,6 +343,9 @@ def test_a_repeated_header_block_is_converted_once_and_fingerprinted_with_each_s
     row = exchange_row(b)
     stored_headers = json.loads(row[EXCHANGE_COLUMNS.index("request_headers")])
     assert stored_headers == [list(pair) for pair in b.request_headers] and "s3cret" not in str(stored_headers)
+    for n in range(HEADER_BLOCKS + 1):  # what is remembered stays bounded
+        one.convert(n, make_flow("GET", "http://api.test/", status=200, headers={"X-N": str(n)}))
+    assert 0 < len(one._blocks) <= HEADER_BLOCKS
 
 
 def test_the_script_module_is_the_only_stop_on_mitmproxys_walk():

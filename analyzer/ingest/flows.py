@@ -10,7 +10,6 @@ sees them, as for HAR.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Iterator
@@ -50,13 +49,14 @@ class FlowConverter:
         self.key = key
         self.options = options
         self.warnings = 0
+        self._blocks: dict = {}  # header fields -> (HeaderBlock, index): see _header_block()
 
     def convert(self, seq: int, flow: http.HTTPFlow) -> Exchange:
         # Runs on the proxy's event loop for every exchange: mitmproxy's raw fields are
         # read directly where its properties would decode or rebuild them.
         request = flow.request
         data = request.data
-        req_headers, req_h = _header_block(data.headers.fields, self.key)
+        req_headers, req_h = _header_block(self._blocks, data.headers.fields, self.key)
         url, url_norm = _urls(request, self.key)
         if url_norm is None:
             url = protect_url(_clean(request.url), self.key)
@@ -92,7 +92,7 @@ class FlowConverter:
                 ex.error = "no response"
             return ex
         rdata = response.data
-        resp_headers, resp_h = _header_block(rdata.headers.fields, self.key)
+        resp_headers, resp_h = _header_block(self._blocks, rdata.headers.fields, self.key)
         ex.response_started_at = rdata.timestamp_start
         ex.status = rdata.status_code
         ex.status_text = rdata.reason.decode("ISO-8859-1")  # as mitmproxy's `reason` decodes it
@@ -123,9 +123,6 @@ _PLAIN_HOST = re.compile(r"[a-z0-9.\-_]+")
 _PLAIN_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*")  # origin-form, printable ASCII, no '#'
 
 
-URLS = 1024  # distinct request targets remembered by _urls()
-
-
 def _urls(request: http.Request, key: bytes) -> tuple[str, str | None]:
     """(url, url_norm) of an everyday request, built straight from mitmproxy's fields.
 
@@ -133,24 +130,20 @@ def _urls(request: http.Request, key: bytes) -> tuple[str, str | None]:
     an http(s) request with a lower-case name or IPv4 host and a printable ASCII
     origin-form target: the proxy's hot path, for every exchange. Anything else
     (IPv6, upper case, escapes, a fragment, CONNECT) gets (url, None) and takes the
-    general path; so does a URL whose query holds a secret field. A test suite asks
-    for the same URLs again and again: building them costs about 2 µs, looking them
-    up a sixth of that.
+    general path; so does a URL whose query holds a secret field.
     """
     data = request.data
-    if data.method == b"CONNECT":
+    known = _DEFAULT_PORT.get(data.scheme)
+    path = data.path
+    if known is None or data.method == b"CONNECT" or _PLAIN_TARGET.fullmatch(path) is None:
         return "", None
-    return _target_urls(data.scheme, data.host, data.port, data.path, key)
-
-
-@functools.lru_cache(maxsize=URLS)
-def _target_urls(scheme: bytes, host: str, port: int, path: bytes, key: bytes) -> tuple[str, str | None]:
-    known = _DEFAULT_PORT.get(scheme)
-    if known is None or _PLAIN_TARGET.fullmatch(path) is None or _PLAIN_HOST.fullmatch(host) is None:
+    host = data.host
+    if _PLAIN_HOST.fullmatch(host) is None:
         return "", None
-    name, default = known
+    scheme, default = known
+    port = data.port
     target = path.decode("ascii")
-    url = f"{name}://{host}{target}" if port == default else f"{name}://{host}:{port}{target}"
+    url = f"{scheme}://{host}{target}" if port == default else f"{scheme}://{host}:{port}{target}"
     if "=" in target and protect_url(url, key) != url:
         return "", None
     if target[-1] == "?" and target.index("?") == len(target) - 1:
@@ -158,29 +151,35 @@ def _target_urls(scheme: bytes, host: str, port: int, path: bytes, key: bytes) -
     return url, url
 
 
-HEADER_BLOCKS = 1024  # distinct header blocks remembered (about 2 KB each, with index and JSON)
+HEADER_BLOCKS = 256  # distinct header blocks a converter remembers (about 2 KB each, with index and JSON)
 
 
-def _header_block(fields, key: bytes) -> tuple[HeaderBlock, dict[str, str]]:
+def _header_block(blocks: dict, fields, key: bytes) -> tuple[HeaderBlock, dict[str, str]]:
     """A header block as stored (credentials fingerprinted) and its lower-case index.
 
-    A client sends the same request headers again and again, and a server much the same
-    response headers: converting a block and encoding it as JSON costs about 3.5 µs,
-    looking it up 0.3. mitmproxy keeps `fields` as a tuple of byte pairs, so it is the
-    key itself. The block and its index are shared between exchanges and never
-    changed. Fields that are not hashable (an addon may set a list) are converted anew."""
+    A client sends the same request headers again and again, and under load a server
+    sends the same response headers many times a second (until its Date changes):
+    converting a block and encoding it as JSON costs about 3.5 µs, finding it in
+    `blocks` (the converter's own, so of one store's key) about 0.3. mitmproxy keeps
+    `fields` as a tuple of byte pairs, so it is the key itself. The block and its
+    index are shared between exchanges and never changed. `blocks` is emptied when
+    full: a miss then costs a lookup and an insert, where a least-recently-used list
+    costs more at every miss. Fields that are not hashable (an addon may set a list)
+    are converted anew."""
     try:
-        return _cached_block(fields, key)
+        found = blocks.get(fields)
     except TypeError:
         return _convert_block(fields, key)
+    if found is None:
+        if len(blocks) >= HEADER_BLOCKS:
+            blocks.clear()
+        found = blocks[fields] = _convert_block(fields, key)
+    return found
 
 
 def _convert_block(fields, key: bytes) -> tuple[HeaderBlock, dict[str, str]]:
     pairs, index = protect_and_index(_pairs(fields), key)
     return header_block(pairs), index
-
-
-_cached_block = functools.lru_cache(maxsize=HEADER_BLOCKS)(_convert_block)
 
 
 def _pairs(fields) -> list[tuple[str, str]]:
