@@ -23,6 +23,11 @@ others, which in the recording proxy are its writer.
 
     uv run python benchmarks/bench_proxy.py --requests 200000 --rounds 400 --pairs 10
 
+`hey` sends the same request headers every time and nginx answers with the same
+headers until its Date changes, so the recorder finds nearly every header block it
+has converted before. With --unique-responses nginx adds an X-Request-Id of its own
+to each response, and every response block is new to the recorder: its worst case.
+
     apt-get install valgrind
     uv run python benchmarks/bench_proxy.py --instructions --requests 400 --rounds 2
 
@@ -79,7 +84,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         keepalive_requests 100000;
-        location / {{ return 200 "ok\\n"; }}
+        location / {{ {extra}return 200 "ok\\n"; }}
     }}
 }}
 """
@@ -88,22 +93,29 @@ http {{
 def start_nginx(tmp: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, extra=NGINX_EXTRA[0]))
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for_port(port)
     return proc, port
 
 
+# --unique-responses: a response header no two responses share, as many APIs send
+UNIQUE_HEADER = "add_header X-Request-Id $request_id always; "
+NGINX_EXTRA = [""]
+
 RECORDER = ROOT / "addons" / "redirect_recorder.py"
 RECORDER_SET: list[str] = []  # extra --set NAME=VALUE for the recorder runs
 SCRIPT = [str(RECORDER)]  # --script swaps in another addon, to measure what any addon costs
+BASELINE: list[str] = []  # --baseline: a script the "plain" mitmdump runs
 
 
 def mitmdump_args(tmp: Path, port: int, recorder: bool, db: Path) -> list[str]:
     """mitmdump's command line: plain, or with the recorder (or the --script addon)."""
     args = [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
             "--listen-port", str(port), "--set", f"confdir={tmp / 'mitm'}"]
+    if not recorder and BASELINE:
+        args += ["-s", BASELINE[0]]
     if recorder:
         args += ["-s", SCRIPT[0], *RECORDER_SET]
         if SCRIPT[0] == str(RECORDER):
@@ -268,11 +280,22 @@ def main() -> None:
                         help="start a fresh plain and recording mitmdump this many times, the rounds shared out "
                         "among them: two processes of the same program differ by several percent in CPU "
                         "per request (memory layout, hash seed), which more rounds of one pair cannot average out")
+    parser.add_argument("--baseline", metavar="SCRIPT",
+                        help="the plain mitmdump runs this script (benchmarks/freeze_addon.py: the recorder's cost "
+                        "beyond what its start-up freeze saves mitmproxy)")
+    parser.add_argument("--unique-responses", action="store_true",
+                        help="nginx adds an X-Request-Id of its own to each response, so no response header "
+                        "block repeats (the recorder converts each anew: its worst case)")
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per request under valgrind instead of timing (try --requests 400)")
     args = parser.parse_args()
     if args.script:
         SCRIPT[0] = str(Path(args.script).resolve())
+    if args.unique_responses:
+        NGINX_EXTRA[0] = UNIQUE_HEADER
+    if args.baseline:
+        BASELINE.append(str(Path(args.baseline).resolve()))
+        print(f"plain: mitmdump -s {args.baseline}")
     for option in args.set:
         RECORDER_SET.extend(["--set", option])
     for tool in ("nginx", "hey"):
