@@ -158,14 +158,15 @@ def _header_block(blocks: dict, fields, key: bytes) -> tuple[HeaderBlock, dict[s
     """A header block as stored (credentials fingerprinted) and its lower-case index.
 
     A client sends the same request headers again and again, and under load a server
-    sends the same response headers many times a second (until its Date changes):
-    converting a block and encoding it as JSON costs about 3.5 µs, finding it in
-    `blocks` (the converter's own, so of one store's key) about 0.3. mitmproxy keeps
-    `fields` as a tuple of byte pairs, so it is the key itself. The block and its
-    index are shared between exchanges and never changed. `blocks` is emptied when
-    full: a miss then costs a lookup and an insert, where a least-recently-used list
-    costs more at every miss. Fields that are not hashable (an addon may set a list)
-    are converted anew."""
+    sends the same response headers many times a second (until its Date changes).
+    Converting a block and encoding it as JSON costs about 2 µs; finding it in
+    `blocks` (the converter's own, so of one store's key) a few tenths. mitmproxy
+    keeps `fields` as a tuple of byte pairs, so it is the key itself. The block and
+    its index are shared between exchanges and never changed. `blocks` is emptied
+    when full, so a block not found costs a lookup and an insert, about 1 µs in all
+    (benchmarks/bench_convert.py), where a least-recently-used list costs more at
+    every miss. Fields that are not hashable (an addon may set a list) are
+    converted anew."""
     try:
         found = blocks.get(fields)
     except TypeError:
