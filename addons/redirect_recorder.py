@@ -47,12 +47,12 @@ MARK = ":warning:"
 RECORDED = "redirect_audit_recorded"  # flow.metadata key: this flow is already set aside
 TEMPORARY = (302, 303, 307)
 # Converting flows one after another costs the proxy's thread 40-50% less CPU than
-# converting each as its response arrives: inside a loaded mitmdump, 19.7 µs per flow
-# in batches against 33.5 µs one at a time (benchmarks/bench_hook.py; 23.8 against
-# 46.7 µs in a slower hour of the same machine), where a warm loop over the same
-# flows takes 10 µs. One flow at a time, the converter's code and data have left the
-# CPU caches between two flows, evicted by mitmproxy's own work for the request in
-# between.
+# converting each as its response arrives: inside a loaded mitmdump, 17.2 µs per flow
+# in batches against 29.4 µs one at a time (benchmarks/bench_hook.py; before header
+# blocks were remembered, 19.7 against 33.5), where a warm loop over the same flows
+# takes 5.5 µs (benchmarks/bench_convert.py). One flow at a time, the converter's code
+# and data have left the CPU caches between two flows, evicted by mitmproxy's own work
+# for the request in between.
 CONVERT_BATCH = 64
 CONVERT_DELAY = 0.05  # seconds; findings and stored rows wait at most this long for a batch
 
@@ -190,12 +190,12 @@ class RedirectRecorder:
                 continue
             if live is not None:
                 try:
-                    self._judge(flow, exchange)
+                    self._judge(live, flow, exchange)
                 except Exception as exc:  # noqa: BLE001 - it is stored: `analyze` judges it afterwards
                     log.error("redirect-audit: the live rules failed on flow %s: %r", flow.id, exc, exc_info=True)
 
-    def _judge(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
-        found = self.live.add(exchange)
+    def _judge(self, live: LiveAnalyzer, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        found = live.add(exchange)
         # Only flows a later finding can point back at are remembered (redirects and
         # writes); a plain GET is marked, if at all, by the finding it completes now.
         if found or exchange.is_redirect or exchange.method in WRITE_METHODS:
