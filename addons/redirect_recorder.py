@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import weakref
 
 from mitmproxy import ctx, exceptions, http
@@ -262,9 +263,14 @@ class RedirectRecorder:
     def _log_totals(self) -> None:
         seen, stored = self.recorder.seen + self.unqueued, self.recorder.stored
         late = f" ({self.late} after shutdown began)" if self.late else ""
-        log.log(logging.INFO if seen == stored else logging.ERROR,
-                "redirect-audit: saw %d exchanges, stored %d%s; %d findings while running",
-                seen, stored, late, self.findings)
+        line = f"redirect-audit: saw {seen} exchanges, stored {stored}{late}; {self.findings} findings while running"
+        if not log.hasHandlers():
+            # mitmproxy takes its log handler down once every done hook has run, and
+            # then cancels the connections still open, some of which finish first: the
+            # last totals still reach the terminal, on stderr.
+            print(line, file=sys.stderr, flush=True)
+            return
+        log.log(logging.INFO if seen == stored else logging.ERROR, "%s", line)
 
 
 # mitmproxy offers every event to every addon, eight per request (four lifecycle hooks,

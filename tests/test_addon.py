@@ -242,6 +242,19 @@ def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(recorde
         assert conn.execute(select(captures.c.entries)).scalar_one() == 2
 
 
+def test_totals_after_mitmproxy_took_its_log_handler_down_go_to_stderr(recorder, tmp_path, monkeypatch, capsys):
+    # mitmproxy uninstalls its log handler after the last done hook, then cancels the
+    # connections still open; a flow that finishes in between is stored, and its totals
+    # must still be seen (a real mitmdump stopped mid-burst printed 304 for 305 stored).
+    recorder.response(make_flow("GET", "http://api.test/first", status=200))
+    recorder.done()
+    capsys.readouterr()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no handler left anywhere, as after mitmproxy's done
+    recorder.response(make_flow("GET", "http://api.test/late", status=200, at=T0 + 1))
+    assert "redirect-audit: saw 2 exchanges, stored 2 (1 after shutdown began)" in capsys.readouterr().err
+    assert len(stored(tmp_path)) == 2
+
+
 def test_the_start_up_heap_is_frozen_while_recording_and_thawed_after(tmp_path):
     addon = RedirectRecorder()
     with taddons.context(addon) as tctx:
