@@ -1,8 +1,10 @@
 """Whole proxy runs: SIGTERM in the middle of a burst, `redirect-audit proxy` itself,
-and `import-flows` on what mitmdump saved."""
+proxy credentials over HTTPS (CONNECT) and plain HTTP, and `import-flows` on what
+mitmdump saved."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -23,7 +25,7 @@ from analyzer.ingest.flows import import_flows
 from analyzer.store import captures, exchanges, open_store
 from conftest import ROOT, run_cli
 from proxyrun import Mitmdump, free_port, wait_for_port
-from upstream import Upstream
+from upstream import Upstream, self_signed_context
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,47 @@ def test_web_mode_runs_mitmweb_with_the_recorder(tmp_path, upstream):
         assert shown[path]["marked"] in (":warning:", "\u26a0")  # mitmweb shows the shortcode as its emoji
         assert "RA101 method-downgrade (medium)" in shown[path]["comment"]
     assert sorted(stored_urls(db)) == [f"{upstream.origin}/echo/web-case", f"{upstream.origin}/r/302/web-case"]
+
+
+PROXY_USER, PROXY_PASSWORD = "tester", "pr0xy-s3cret"
+
+
+@pytest.mark.parametrize("proxyauth", [False, True], ids=["proxy-forwards", "proxy-checks"])
+def test_proxy_credentials_never_reach_the_store_in_clear(tmp_path, upstream, proxyauth):
+    # Over HTTPS a client sends its proxy credentials once, on the CONNECT that opens
+    # the tunnel, which mitmproxy answers itself (it is not an exchange: nothing is
+    # recorded for it); over plain HTTP it sends them with every request. With
+    # `proxyauth` set mitmproxy checks them. The credential must not be written
+    # anywhere in the store (file or WAL) in clear; one the recorder sees is kept as
+    # its fingerprint.
+    tls_upstream = Upstream(self_signed_context(tmp_path))
+    db = tmp_path / "credentials.db"
+    extra = ["--set", f"proxyauth={PROXY_USER}:{PROXY_PASSWORD}"] if proxyauth else []
+    proxy = Mitmdump(tmp_path / "mitm", db=str(db), extra=extra)
+    urls = [f"{tls_upstream.origin}/echo/tunnelled", f"{upstream.origin}/echo/plain"]
+    try:
+        for url in urls:
+            done = subprocess.run(
+                ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--proxy", proxy.url,
+                 "--proxy-user", f"{PROXY_USER}:{PROXY_PASSWORD}", "--proxy-basic", "--cacert", str(proxy.ca), url],
+                capture_output=True, text=True, timeout=60)
+            assert done.stdout == "200", (url, done.stderr)
+    finally:
+        output = proxy.stop()
+        tls_upstream.close()
+    assert "saw 2 exchanges, stored 2" in output
+    assert sorted(stored_urls(db)) == sorted(urls)
+    secret = base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode())
+    for path in [db, *tmp_path.glob(db.name + "-*")]:  # the file and its WAL
+        raw = path.read_bytes()
+        leaked = PROXY_PASSWORD.encode() in raw or secret in raw
+        assert not leaked, f"{path.name} holds the proxy credential in clear"
+    with open_store(str(db)).begin() as conn:
+        sent = {row.url: dict((k.lower(), v) for k, v in json.loads(row.request_headers))
+                for row in conn.execute(select(exchanges.c.url, exchanges.c.request_headers))}
+    assert "proxy-authorization" not in sent[urls[0]]  # the tunnel's requests do not carry it
+    if not proxyauth:  # mitmproxy passed it on with the plain request: stored as a fingerprint
+        assert sent[urls[1]]["proxy-authorization"].startswith("hmac:")
 
 
 @pytest.fixture(scope="module")
