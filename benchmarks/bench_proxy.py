@@ -16,10 +16,11 @@ stored against the requests the recorder answered. Throughput swings from run to
 on a shared machine; CPU time per request is the figure to judge by. More, shorter
 rounds pin the median down better (the pairing is closer in time). But two processes
 of the same program differ too, by several percent in CPU per request for as long as
-they live (memory layout, hash seed): --pairs K starts K fresh pairs of mitmdumps, the
-rounds shared out among them, and bootstraps the overall figure over the pairs. It
-also splits each process's CPU time by thread: the proxy's own (main) thread, and the
-others, which in the recording proxy are its writer.
+they live (memory layout; one string hash seed for both did not narrow it): --pairs K
+starts K fresh pairs of mitmdumps, the rounds shared out among them, and bootstraps
+the overall figure over the pairs. It also splits each process's CPU time by thread:
+the proxy's own (main) thread, and the others, which in the recording proxy are its
+writer.
 
     uv run python benchmarks/bench_proxy.py --requests 200000 --rounds 400 --pairs 10
 
@@ -279,7 +280,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1,
                         help="start a fresh plain and recording mitmdump this many times, the rounds shared out "
                         "among them: two processes of the same program differ by several percent in CPU "
-                        "per request (memory layout, hash seed), which more rounds of one pair cannot average out")
+                        "per request (memory layout), which more rounds of one pair cannot average out")
     parser.add_argument("--baseline", metavar="SCRIPT",
                         help="the plain mitmdump runs this script (benchmarks/freeze_addon.py: the recorder's cost "
                         "beyond what its start-up freeze saves mitmproxy)")
