@@ -13,7 +13,9 @@ import pytest
 from analyzer.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = Path(os.environ.get("REDIRECT_AUDIT_CORPUS", ROOT.parent / "shared" / "corpus" / "har"))
+# Real HAR files from public projects, kept in the repository with their sources and
+# licences (tests/corpus/NOTICE.md); REDIRECT_AUDIT_CORPUS points at another copy.
+CORPUS = Path(os.environ.get("REDIRECT_AUDIT_CORPUS") or Path(__file__).parent / "corpus" / "har")
 RULE_FIXTURES = Path(__file__).parent / "fixtures" / "rules"
 
 
@@ -35,6 +37,18 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "analyzer.cli", *args],
         capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=ROOT,
     )
+
+
+def require_program(name: str, how: str) -> str:
+    """The path of a program a test drives. Missing, the test is skipped with how to get it,
+    except under CI=true, where a missing program is a failure: CI must never pass by skipping."""
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed: {how}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def corpus_facts() -> dict:

@@ -111,3 +111,19 @@ def test_credentials_never_reach_the_database_in_clear(tmp_path):
                   for h in e["request"]["headers"] if h["name"].lower() == "cookie")
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert cookie.encode() not in raw and b"hmac:" in raw
+
+
+def test_every_corpus_file_keeps_its_source_and_licence():
+    """A file moved into the repository keeps its credit: listed in SOURCES.tsv and NOTICE.md,
+    with the text of its licence beside it."""
+    import csv
+
+    sources = {row["file"]: row for row in csv.DictReader((CORPUS / "SOURCES.tsv").open(), delimiter="\t")}
+    notice = (CORPUS.parent / "NOTICE.md").read_text()
+    for path in GOOD + BAD:
+        row = sources.get(path.name)
+        assert row is not None, f"{path.name} is not in SOURCES.tsv"
+        assert row["folder"] == path.parent.name and len(row["commit"]) == 40
+        assert f"`{path.parent.name}/{path.name}`" in notice, f"{path.name} has no notice"
+        licence = row["license"].split()[0]
+        assert (CORPUS.parent / "LICENSES" / f"{licence}.txt").exists(), licence

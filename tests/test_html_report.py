@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import require_program, run_cli
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_HOW = "apt-get install chromium (Debian's package; .ci/run installs it)"
 
 
 @pytest.fixture
@@ -28,12 +27,11 @@ def test_the_report_is_one_self_contained_file(report):
 
 
 def test_chromium_renders_tables_and_images_without_console_errors(report):
-    if CHROMIUM is None:
-        pytest.fail("chromium not installed (apt-get install chromium; .ci/run does)")
+    chromium = require_program("chromium", CHROMIUM_HOW)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page()
             errors: list[str] = []

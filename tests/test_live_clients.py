@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import json
 import re
-import shutil
 import ssl
 import subprocess
 import urllib.error
@@ -39,6 +38,7 @@ from analyzer.analysis import analyze
 from analyzer.detectors import RULES
 from analyzer.model import Severity
 from analyzer.store import open_store
+from conftest import require_program
 from proxyrun import ROOT, Mitmdump
 from upstream import Upstream, self_signed_context
 
@@ -404,13 +404,10 @@ class Outcome:
 
 
 def prerequisites() -> None:
-    missing = [tool for tool in ("curl", "node") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"real clients missing: {', '.join(missing)} (.ci/run installs them)")
+    require_program("curl", "apt-get install curl (.ci/run installs it)")
+    require_program("node", "apt-get install nodejs (.ci/run installs it)")
     if not (NODE_DIR / "node_modules" / "undici").exists():
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail("npm missing: it installs undici for the Node client (apt-get install npm)")
+        npm = require_program("npm", "apt-get install npm: it installs undici for the Node client")
         done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
