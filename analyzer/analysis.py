@@ -22,7 +22,7 @@ from analyzer.detectors.base import WRITE_METHODS
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
 from analyzer.store import Store, chains as chains_t, clear_analysis, exchanges as ex_t, findings as findings_t
-from analyzer.store import hops as hops_t, insert_tuples, load_exchanges
+from analyzer.store import hops as hops_t, insert_tuples, load_exchanges, read_generation, record_analysis
 
 ID_CHUNK = 500  # ids per IN (...) list: well under every backend's parameter limit
 
@@ -31,6 +31,26 @@ ID_CHUNK = 500  # ids per IN (...) list: well under every backend's parameter li
 class AnalysisOptions:
     link: LinkOptions = field(default_factory=LinkOptions)
     detect: DetectorOptions = field(default_factory=DetectorOptions)
+
+    def as_dict(self) -> dict:
+        """The options as stored with the results, so that a re-analysis on its own uses them again."""
+        d = self.detect
+        return {"link_window": self.link.window, "stale_after_days": d.stale_after_days,
+                "duplicate_window": d.duplicate_window, "max_redirects": d.max_redirects}
+
+    @classmethod
+    def from_dict(cls, stored: dict | None) -> AnalysisOptions:
+        """Options stored by as_dict(); what is missing or unreadable takes its default."""
+        stored = stored or {}
+        defaults = cls().as_dict()
+        values = {k: stored[k] if isinstance(stored.get(k), int | float) else v for k, v in defaults.items()}
+        try:
+            return cls(link=LinkOptions(window=values["link_window"]),
+                       detect=DetectorOptions(stale_after_days=values["stale_after_days"],
+                                              duplicate_window=values["duplicate_window"],
+                                              max_redirects=int(values["max_redirects"])))
+        except ValueError:
+            return cls()
 
 
 @dataclass
@@ -44,12 +64,18 @@ class AnalysisResult:
 
 
 def analyze(store: Store, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
-    """Rebuild chains and findings for the whole store, replacing earlier results."""
+    """Rebuild chains and findings for the whole store, replacing earlier results.
+
+    The results are recorded as describing the store's generation as it was before
+    anything was read, so that exchanges committed while this runs make them stale.
+    """
     with cycle_collection_paused(), store.begin() as conn:
+        generation = read_generation(conn)
         chains, writes = rebuild_chains(conn, options.link)
         found = run_detectors(chains, writes, options.detect)
         clear_analysis(conn)
         save_results(conn, chains, found)
+        record_analysis(conn, generation, options.as_dict())
     return AnalysisResult(chains, found)
 
 

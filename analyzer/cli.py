@@ -1,120 +1,254 @@
-"""The `redirect-audit` command line (contract in design.md)."""
+"""The `redirect-audit` command line (contract in design.md).
+
+Each command imports what it needs when it runs, so that `--help`, a usage slip and a
+reading command on current results answer without loading the analysis, pandas or
+SQLAlchemy. Usage mistakes are click's: the usage line, the error and a hint, exit 2.
+Everything else a user can act on is one line on stderr, exit 2; Ctrl-C is one line,
+exit 130; a closed pipe (`| head`) ends quietly, exit 141, as for other Unix tools.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
+import shlex
 import sys
-import time
-from enum import StrEnum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import IO
 
 import click
-import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from analyzer import exports
-from analyzer.analysis import AnalysisOptions, analyze
-from analyzer.demo_store import DEMO_DB, build_demo_store
-from analyzer.chains import DEFAULT_LINK_WINDOW, LinkOptions
-from analyzer.detectors import RULES, DetectorOptions
-from analyzer.detectors.base import DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_REDIRECTS, DEFAULT_STALE_AFTER_DAYS
-from analyzer.ingest import CaptureOptions, ImportError_, import_har
-from analyzer.ingest.common import DEFAULT_BODY_CAP
-from analyzer.model import Severity
-from analyzer.report import (
-    chain_records,
-    finding_records,
-    print_chain_trees,
-    print_conformance_table,
-    print_findings_table,
-    write_json,
-    write_jsonl,
-)
-from analyzer.store import DB_ENV, Store, StoreError, open_store, resolve_db_url
+from analyzer import __version__
+from analyzer.errors import ReportedError
 
-EXIT_ERROR = 2
 EXIT_FINDINGS = 1
-
-app = typer.Typer(
-    name="redirect-audit",
-    help="Rebuild HTTP redirect chains from captures and say which hop went wrong, why, and how to fix it.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console()
-err = Console(stderr=True)
-
-DbOption = Annotated[
-    str | None,
-    typer.Option("--db", help=f"SQLAlchemy URL or SQLite path [default: ${DB_ENV}, else ./redirect-audit.db]"),
-]
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141
+SEVERITIES = ("info", "low", "medium", "high")
+DEBUG_ENV = "REDIRECT_AUDIT_DEBUG"
+DEFAULT_BODY_CAP = 64 * 1024  # analyzer.ingest.common.DEFAULT_BODY_CAP, without importing it
 
 
-class FindingFormat(StrEnum):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    sarif = "sarif"
-    junit = "junit"
-    markdown = "markdown"
-    html = "html"
+class UserError(ReportedError):
+    """A request the tool cannot carry out as asked; one line, exit status 2."""
 
 
-class ChainFormat(StrEnum):
-    tree = "tree"
-    json = "json"
+class Interrupted(Exception):
+    """Ctrl-C, with the one line that says what was and was not stored."""
 
 
-class UserError(Exception):
-    """Reported as one line, exit status 2."""
+class PipeClosed(Exception):
+    """Whoever read our output stopped reading (`| head`)."""
 
 
-@app.command("import-har")
-def import_har_cmd(
-    files: Annotated[list[Path], typer.Argument(help="HAR files (1.1 or 1.2)", show_default=False)],
-    db: DbOption = None,
-    keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
-    body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
-    workers: Annotated[int | None, typer.Option(
-        help="Processes converting entries (default: one per CPU, at most 4, for files over 16 MB; 0: none)",
-        show_default=False, min=0)] = None,
-) -> None:
-    """Import HAR files; each file is one transaction, a bad file leaves nothing behind."""
-    store = _open(db)
-    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
-    _import_files(files, lambda path: _import_one(store, path, options, workers), "entries")
+# ---- shared options -------------------------------------------------------------------
 
 
-def _import_files(files: list[Path], import_one, noun: str) -> None:
-    """Import each file in turn; a bad one is reported in one line and the others still go in."""
-    failed = 0
-    for path in files:
+class Size(click.ParamType):
+    """A byte count: 65536, 64KB, 64KiB, 1MB, 1.5MiB."""
+
+    name = "size"
+    UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+             "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("bkmgi")
+        unit = text[len(number):]
         try:
-            result = import_one(path)
-        except ImportError_ as exc:
-            _error(str(exc))
+            size = float(number) * self.UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size (bytes, or a number with KB, MB, GB, KiB, MiB or GiB)", param, ctx)
+        if size < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return int(size)
+
+
+def db_option(f):
+    return click.option("--db", metavar="URL|PATH",
+                        help="Store: SQLAlchemy URL or SQLite path [default: $REDIRECT_AUDIT_DB, else "
+                             "./redirect-audit.db]")(f)
+
+
+def wait_option(f):
+    return click.option("--wait", type=click.FloatRange(min=0), default=10.0, show_default=True,
+                        metavar="SECONDS", help="How long to wait for another process's write lock on the store")(f)
+
+
+def reading_options(f):
+    """--db, --no-analyze and --wait: every command that reads results."""
+    f = wait_option(f)
+    f = click.option("--no-analyze", is_flag=True,
+                     help="Read the results as they are, even when the store changed since its last analysis")(f)
+    return db_option(f)
+
+
+def output_option(f):
+    return click.option("--output", "-o", metavar="FILE",
+                        help="Write to FILE instead of stdout ('-': stdout)")(f)
+
+
+def import_options(f):
+    f = wait_option(f)
+    f = click.option("--force", is_flag=True, help="Import content the store already holds, as a capture of its own")(f)
+    f = click.option("--body-cap", type=Size(), default=DEFAULT_BODY_CAP, show_default=True,
+                     help="Bytes kept per body with --keep-bodies (65536, 64KB, 1MiB, ...)")(f)
+    f = click.option("--keep-bodies", is_flag=True,
+                     help="Also store request/response bodies (capped, secret fields redacted)")(f)
+    return db_option(f)
+
+
+# ---- the group --------------------------------------------------------------------------
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Exit status: 0 done; 1 `check` found new findings; 2 an error (one line on stderr); "
+           "130 interrupted. Docs: README.md, `redirect-audit rules`.",
+)
+@click.version_option(__version__, "--version", prog_name="redirect-audit", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Rebuild HTTP redirect chains from captures and say which hop went wrong, why, and how to fix it.
+
+    \b
+    Start:  redirect-audit demo
+    HAR:    redirect-audit import-har session.har && redirect-audit findings
+    Proxy:  redirect-audit proxy --db capture.db   (then run your tests through it)
+    CI:     redirect-audit check --fail-on medium --baseline known.json
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+# ---- writing commands -------------------------------------------------------------------
+
+
+@cli.command("import-har")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@import_options
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes converting entries [default: one per CPU, at most 4, for files over 16 MB; 0: none]")
+def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int, force: bool,
+                   wait: float, workers: int | None) -> None:
+    """Import HAR files (1.1, 1.2); '-' reads one from stdin.
+
+    Each file is one transaction: a bad file leaves nothing behind and the others still go
+    in. A file whose content is already in the store is skipped (--force imports it again).
+    """
+    from analyzer.ingest import CaptureOptions, import_har
+
+    store = _open_for_writing(db, wait)
+    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
+
+    def one(path: str, name: str):
+        return _with_progress(path, name, lambda progress: import_har(
+            store, path, options, progress, workers=workers, force=force, name=name))
+
+    _import_files(files, one, "entries")
+
+
+@cli.command("import-flows")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@import_options
+def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int, force: bool,
+                     wait: float) -> None:
+    """Import flows saved by `mitmdump -w` or mitmweb; '-' reads a dump from stdin.
+
+    One transaction per file, as for import-har; content already in the store is skipped.
+    """
+    from analyzer.ingest import CaptureOptions
+    from analyzer.ingest.flows import import_flows  # the one module that needs mitmproxy
+
+    store = _open_for_writing(db, wait)
+    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
+    _import_files(files, lambda path, name: import_flows(store, path, options, force=force, name=name), "flows")
+
+
+def _open_for_writing(db: str | None, wait: float):
+    from analyzer.store import open_store
+
+    return open_store(db, wait=wait)
+
+
+def _import_files(files: tuple[str, ...], import_one: Callable, noun: str) -> None:
+    """Import each file in turn: a file that fails is named in one line and the others
+    still go in; exit status 2 at the end if any failed. Ctrl-C stops at the file in hand,
+    of which nothing is stored."""
+    from analyzer.ingest import AlreadyImported
+
+    failed, stored = 0, 0
+    for given in files:
+        name = "<stdin>" if given == "-" else given
+        try:
+            with _readable(given) as path:
+                result = import_one(path, name)
+        except KeyboardInterrupt:
+            before = f"; the {stored} file(s) before it were stored" if stored else ""
+            raise Interrupted(f"interrupted: nothing of {name} was stored{before}") from None
+        except AlreadyImported as exc:
+            _say(str(exc))
+            continue
+        except ReportedError as exc:
+            text = str(exc)
+            _error(text if text.startswith(name) else f"{name}: {text}")
             failed += 1
             continue
+        except Exception as exc:  # noqa: BLE001 - a bug of ours costs this file only
+            if os.environ.get(DEBUG_ENV):
+                raise
+            _error(f"{name}: not imported: internal error: {type(exc).__name__}: {exc} "
+                   f"(set {DEBUG_ENV}=1 for the traceback)")
+            failed += 1
+            continue
+        stored += 1
         note = f", {result.warnings} field(s) unreadable and left empty" if result.warnings else ""
-        click.echo(f"imported {result.entries} {noun} from {path}{note}")
+        _say(f"imported {result.entries} {noun} from {name} as capture {result.capture_id}{note}")
     if failed:
-        raise typer.Exit(EXIT_ERROR)
+        raise click.exceptions.Exit(EXIT_ERROR)
 
 
-def _import_one(store: Store, path: Path, options: CaptureOptions, workers: int | None):
+@contextmanager
+def _readable(given: str) -> Iterator[str]:
+    """A path to read a capture from: the file itself, or for '-' what stdin holds, kept in
+    memory (an anonymous memory file on Linux), never written to disk."""
+    if given != "-":
+        yield given
+        return
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("'-' reads a capture from stdin, but stdin is a terminal: pipe a file in "
+                        "(cat session.har | redirect-audit import-har -)")
+    if not hasattr(os, "memfd_create"):
+        raise UserError("'-' (stdin) needs Linux's memfd_create; give a file path instead")
+    fd = os.memfd_create("redirect-audit-stdin")
+    try:
+        with os.fdopen(os.dup(fd), "wb") as sink:
+            while chunk := sys.stdin.buffer.read(1 << 20):
+                sink.write(chunk)
+        yield f"/proc/{os.getpid()}/fd/{fd}"  # readable by path, so worker processes can open it too
+    finally:
+        os.close(fd)
+
+
+def _with_progress(path: str, name: str, run: Callable):
+    """A progress bar on stderr while a file imports, when stderr is a terminal."""
     if not sys.stderr.isatty():
-        return import_har(store, path, options, workers=workers)
+        return run(None)
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     # No refresh thread: the importer may fork its workers, which wants a single thread.
-    with Progress(*columns, console=err, transient=True, auto_refresh=False) as bar:
-        size = path.stat().st_size if path.exists() else None
-        task = bar.add_task(path.name, total=size)
+    with Progress(*columns, console=_console(sys.stderr), transient=True, auto_refresh=False) as bar:
+        size = Path(path).stat().st_size if Path(path).exists() else None
+        task = bar.add_task(Path(name).name, total=size)
         shown = [0.0]
 
         def advance(n: int) -> None:
@@ -124,65 +258,92 @@ def _import_one(store: Store, path: Path, options: CaptureOptions, workers: int 
                 shown[0] = now
                 bar.refresh()
 
-        return import_har(store, path, options, progress=advance, workers=workers)
+        return run(advance)
 
 
-@app.command("import-flows")
-def import_flows_cmd(
-    files: Annotated[list[Path], typer.Argument(help="Files saved by mitmdump -w or mitmweb", show_default=False)],
-    db: DbOption = None,
-    keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
-    body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
-) -> None:
-    """Import saved mitmproxy flows; each file is one transaction, a bad file leaves nothing behind."""
-    from analyzer.ingest.flows import import_flows  # the one module that needs mitmproxy
+@cli.command("proxy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@db_option
+@click.option("--listen-host", default="127.0.0.1", show_default=True, help="Address the proxy listens on")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port the proxy listens on")
+@click.option("--mode", "-m", multiple=True, help="mitmproxy mode, repeatable (regular, reverse:URL, socks5, "
+                                                  "upstream:URL, ...)")
+@click.option("--web", is_flag=True, help="Run mitmweb (flows in a browser UI) instead of mitmdump")
+@click.option("--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)")
+@click.option("--body-cap", type=Size(), default=DEFAULT_BODY_CAP, show_default=True,
+              help="Bytes kept per body with --keep-bodies")
+@click.option("--live/--no-live", default=True, show_default=True, help="Link chains and run the rules while "
+                                                                       "traffic flows")
+@click.option("--confdir", default="~/.mitmproxy", show_default=True,
+              help="mitmproxy's directory for its CA and settings")
+@click.pass_context
+def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, mode: tuple[str, ...], web: bool,
+              keep_bodies: bool, body_cap: int, live: bool, confdir: str) -> None:
+    """Run mitmproxy with the recorder; what follows the options goes to mitmdump/mitmweb as is.
 
-    store = _open(db)
-    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
-    _import_files(files, lambda path: import_flows(store, path, options), "flows")
-
-
-@app.command("proxy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def proxy_cmd(
-    ctx: typer.Context,
-    db: DbOption = None,
-    listen_host: Annotated[str, typer.Option(help="Address the proxy listens on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", help="Port the proxy listens on")] = 8080,
-    mode: Annotated[list[str] | None, typer.Option(
-        "--mode", "-m", help="mitmproxy mode, repeatable (regular, reverse:URL, socks5, upstream:URL, ...)",
-        show_default=False)] = None,
-    web: Annotated[bool, typer.Option("--web", help="Run mitmweb (flows in a browser UI) instead of mitmdump")] = False,
-    keep_bodies: Annotated[bool, typer.Option(help="Also store request/response bodies (capped, secret fields redacted)")] = False,
-    body_cap: Annotated[int, typer.Option(help="Bytes kept per body with --keep-bodies")] = DEFAULT_BODY_CAP,
-    live: Annotated[bool, typer.Option(help="Link chains and run the rules while traffic flows")] = True,
-    confdir: Annotated[Path, typer.Option(help="mitmproxy's directory for its CA and settings")] = Path("~/.mitmproxy"),
-) -> None:
-    """Run mitmproxy with the recorder; anything after the options goes to mitmdump/mitmweb as is."""
+    Stop it with Ctrl-C; the findings are then one command away (the last line says which).
+    """
     from analyzer.proxy import ProxyError, ProxyPlan
+    from analyzer.storeread import resolve_db_url
 
-    plan = ProxyPlan(
-        db_url=resolve_db_url(db), listen_host=listen_host, port=port, modes=mode or [], web=web,
-        keep_bodies=keep_bodies, body_cap=body_cap, live=live, confdir=confdir.expanduser(), extra=list(ctx.args),
-    )
-    _open(db).close()  # a store that cannot be opened is reported here, in one line
+    plan = ProxyPlan(db_url=resolve_db_url(db), listen_host=listen_host, port=port, modes=list(mode), web=web,
+                     keep_bodies=keep_bodies, body_cap=body_cap, live=live, confdir=Path(confdir).expanduser(),
+                     extra=list(ctx.args), then=f"{command_prefix()} findings --db {shlex.quote(_db_shown(db))}")
     try:
+        plan.check()  # options that conflict, a busy port: one line, before anything is printed
+        _open_for_writing(db, 10.0).close()  # as is a store that cannot be opened
         plan.argv()
     except ProxyError as exc:
         raise UserError(str(exc)) from None
-    click.echo(plan.banner())
-    sys.stdout.flush()
+    _say(plan.banner())
     plan.exec()
 
 
-@app.command("analyze")
-def analyze_cmd(
-    db: DbOption = None,
-    link_window: Annotated[float, typer.Option(help="Seconds within which a follow-up must start")] = DEFAULT_LINK_WINDOW,
-    stale_days: Annotated[float, typer.Option(help="Days after which a temporary redirect is stale")] = DEFAULT_STALE_AFTER_DAYS,
-    duplicate_window: Annotated[float, typer.Option(help="Seconds between two deliveries of one write")] = DEFAULT_DUPLICATE_WINDOW,
-    max_redirects: Annotated[int, typer.Option(help="Follow-ups in one chain before too-many-redirects")] = DEFAULT_MAX_REDIRECTS,
-) -> None:
-    """Rebuild chains and run every rule (re-running replaces earlier results)."""
+@cli.command("demo")
+@click.option("--db", default="redirect-audit-demo.db", show_default=True, metavar="PATH",
+              help="Store to (re)create for the demo")
+def demo_cmd(db: str) -> None:
+    """Import the bundled sample capture, analyze it and print the findings."""
+    from analyzer.demo_store import build_demo_store
+    from analyzer.report import chain_records, finding_records
+    from analyzer.storeread import open_reader
+
+    build_demo_store(db, report=_say)
+    with open_reader(db) as reader:
+        records = finding_records(reader)
+        chain_count = len(chain_records(reader))
+    _say(f"{chain_count} chain(s), {len(records)} finding(s)\n")
+    _emit(None, lambda out: _print_findings(records, out, ""))
+    prefix, where = command_prefix(), shlex.quote(db)
+    _say(f"\nExplore it: {prefix} chains --db {where}   |   {prefix} findings --db {where} --format json")
+
+
+# ---- analysis ---------------------------------------------------------------------------
+
+
+@cli.command("analyze")
+@db_option
+@click.option("--link-window", type=float, default=30.0, show_default=True,
+              help="Seconds within which a follow-up must start")
+@click.option("--stale-days", type=float, default=7.0, show_default=True,
+              help="Days after which a temporary redirect is stale")
+@click.option("--duplicate-window", type=float, default=600.0, show_default=True,
+              help="Seconds between two deliveries of one write")
+@click.option("--max-redirects", type=int, default=20, show_default=True,
+              help="Follow-ups in one chain before too-many-redirects")
+@wait_option
+def analyze_cmd(db: str | None, link_window: float, stale_days: float, duplicate_window: float,
+                max_redirects: int, wait: float) -> None:
+    """Rebuild chains and run every rule, replacing earlier results.
+
+    Reading commands re-run this on their own when the store changed; the options given
+    here are remembered and used again then.
+    """
+    from analyzer.analysis import AnalysisOptions, analyze
+    from analyzer.chains import LinkOptions
+    from analyzer.detectors import DetectorOptions
+    from analyzer.store import open_store
+
     try:
         options = AnalysisOptions(
             link=LinkOptions(window=link_window),
@@ -190,196 +351,342 @@ def analyze_cmd(
                                    max_redirects=max_redirects),
         )
     except ValueError as exc:
-        raise UserError(str(exc)) from None
-    result = analyze(_open(db), options)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.by_severity.items(), key=lambda kv: -Severity.parse(kv[0])))
+        raise click.UsageError(str(exc)) from None
+    store = open_store(db, create=False, wait=wait)
+    try:
+        result = analyze(store, options)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the analysis was not stored; the store's earlier results are unchanged") \
+            from None
+    counts = ", ".join(f"{result.by_severity[s]} {s}" for s in reversed(SEVERITIES) if result.by_severity[s])
     hops = sum(len(c.hops) for c in result.chains)
-    click.echo(f"{len(result.chains)} chain(s), {hops} hop(s), {len(result.findings)} finding(s)"
-               + (f": {counts}" if counts else ""))
+    _say(f"{len(result.chains)} chain(s), {hops} hop(s), {len(result.findings)} finding(s)"
+         + (f": {counts}" if counts else ""))
 
 
-@app.command("findings")
-def findings_cmd(
-    db: DbOption = None,
-    format: Annotated[FindingFormat, typer.Option("--format", "-f")] = FindingFormat.table,
-    min_severity: Annotated[str, typer.Option(help="info, low, medium or high")] = "info",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout",
-                                                show_default=False)] = None,
-) -> None:
-    """List the findings of the last `analyze`.
+# ---- reading commands -------------------------------------------------------------------
+
+FINDING_FORMATS = ("table", "json", "jsonl", "sarif", "junit", "markdown", "html")
+
+
+@cli.command("findings")
+@reading_options
+@click.option("--format", "-f", "format_", type=click.Choice(FINDING_FORMATS), default="table", show_default=True)
+@click.option("--min-severity", type=click.Choice(SEVERITIES), default="info", show_default=True)
+@output_option
+def findings_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, min_severity: str,
+                 output: str | None) -> None:
+    """List the findings (the store is analyzed first if it changed since the last analysis).
 
     sarif: SARIF 2.1.0; junit: a test case per chain; markdown; html: one self-contained
     file with the plots and a table per rule.
     """
-    floor = _severity(min_severity)
-    with _open(db).begin() as conn:
-        records = finding_records(conn, floor)
-        chain_list = chain_records(conn) if format is FindingFormat.junit else []
-    if output is not None:
-        with output.open("w", encoding="utf-8") as fh, contextlib.redirect_stdout(fh):
-            _write_findings(format, records, chain_list, db)
+    from analyzer.model import Severity
+    from analyzer.report import chain_records, finding_records
+
+    with _results(db, no_analyze, wait) as (reader, state):
+        records = finding_records(reader, Severity.parse(min_severity))
+        chain_list = chain_records(reader) if format_ == "junit" else []
+    scope = f" in {state.exchanges} exchange(s)"
+    _emit(output, lambda out: _write_findings(format_, records, chain_list, db, out, scope))
+    if output not in (None, "-"):
         click.echo(f"wrote {len(records)} finding(s) to {output}", err=True)
-        return
-    _write_findings(format, records, chain_list, db)
 
 
-def _write_findings(format: FindingFormat, records: list[dict], chain_list: list[dict], db: str | None) -> None:
-    if format is FindingFormat.html:
+def _write_findings(format_: str, records: list[dict], chain_list: list[dict], db: str | None, out: IO[str],
+                    scope: str) -> None:
+    from analyzer.report import write_json, write_jsonl
+
+    if format_ == "html":
         from analyzer.htmlreport import render  # pandas and matplotlib, only when asked for
 
-        sys.stdout.write(render(db, records))
-    elif format is FindingFormat.json:
-        write_json(records, sys.stdout)
-    elif format is FindingFormat.jsonl:
-        write_jsonl(records, sys.stdout)
-    elif format is FindingFormat.sarif:
-        json.dump(exports.sarif(records), sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
-    elif format is FindingFormat.junit:
-        sys.stdout.write(exports.junit(records, chain_list))
-    elif format is FindingFormat.markdown:
-        sys.stdout.write(exports.markdown(records))
+        out.write(render(db, records))
+    elif format_ == "json":
+        write_json(records, out)
+    elif format_ == "jsonl":
+        write_jsonl(records, out)
+    elif format_ == "sarif":
+        import json
+
+        from analyzer import exports
+
+        json.dump(exports.sarif(records), out, indent=2, ensure_ascii=False)
+        out.write("\n")
+    elif format_ == "junit":
+        from analyzer import exports
+
+        out.write(exports.junit(records, chain_list))
+    elif format_ == "markdown":
+        from analyzer import exports
+
+        out.write(exports.markdown(records))
     else:
-        print_findings_table(records, out)
+        _print_findings(records, out, scope)
 
 
-@app.command("check")
-def check_cmd(
-    db: DbOption = None,
-    fail_on: Annotated[str, typer.Option(help="Lowest severity that fails: info, low, medium or high")] = "medium",
-    baseline: Annotated[Path | None, typer.Option(help="Findings recorded here are known and do not fail")] = None,
-    write_baseline: Annotated[Path | None, typer.Option(
-        help="Record the current findings as the baseline and exit 0", show_default=False)] = None,
-    reanalyze: Annotated[bool, typer.Option("--analyze/--no-analyze", help="Run analyze first")] = True,
-) -> None:
-    """CI gate: exit 1 when a finding at or above --fail-on is not in the baseline, else 0."""
-    floor = _severity(fail_on)
-    store = _open(db)
-    if reanalyze:
-        analyze(store)
-    with store.begin() as conn:
-        records = finding_records(conn)
+def _print_findings(records: list[dict], out: IO[str], scope: str) -> None:
+    from analyzer.report import print_findings_table
+
+    print_findings_table(records, _console(out), scope)
+
+
+@cli.command("check")
+@reading_options
+@click.option("--fail-on", type=click.Choice(SEVERITIES), default="medium", show_default=True,
+              help="Lowest severity that fails")
+@click.option("--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail")
+@click.option("--write-baseline", type=click.Path(dir_okay=False),
+              help="Record the current findings as the baseline and exit 0")
+@click.option("--allow-empty", is_flag=True, help="Pass on a store that holds no exchanges (default: exit 2)")
+def check_cmd(db: str | None, no_analyze: bool, wait: float, fail_on: str, baseline: str | None,
+              write_baseline: str | None, allow_empty: bool) -> None:
+    """CI gate: exit 1 when a finding at or above --fail-on is not in the baseline, else 0.
+
+    A store that holds no exchanges fails with exit 2: nothing was captured, so nothing
+    was checked (--allow-empty to pass anyway).
+    """
+    from analyzer import exports
+    from analyzer.model import Severity
+    from analyzer.report import finding_records, hop_text
+
+    floor = Severity.parse(fail_on)
+    with _results(db, no_analyze, wait) as (reader, state):
+        if state.exchanges == 0 and not allow_empty:
+            raise UserError(f"nothing was captured: the store {_db_shown(db)} holds no exchanges, so nothing was "
+                            "checked (--allow-empty to pass on an empty store)")
+        records = finding_records(reader)
     if write_baseline is not None:
-        count = exports.write_baseline(records, write_baseline)
-        click.echo(f"baseline: {count} finding(s) recorded in {write_baseline}")
+        count = exports.write_baseline(records, Path(write_baseline))
+        _say(f"baseline: {count} finding(s) recorded in {write_baseline}")
         return
-    try:
-        known = exports.read_baseline(baseline) if baseline is not None else set()
-    except exports.BaselineError as exc:
-        raise UserError(str(exc)) from None
+    known = exports.read_baseline(Path(baseline)) if baseline is not None else set()
     failing = exports.gate(records, floor, known)
     for r in failing:
-        click.echo(f"NEW {r['severity']:6} {r['rule_id']} {r['rule']}: {r['method_before']} {r['from_url']} -> "
-                   f"{r['status']} -> {r['method_after'] or ''} {r['to_url']}")
+        _say(f"NEW {r['severity']:6} {r['rule_id']} {r['rule']}: {_plain(hop_text(r))}")
     quiet = len(records) - len(failing)
-    click.echo(f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
-               f" ({quiet} other finding(s) known or below the bar)")
+    _say(f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
+         f" ({quiet} other finding(s) known or below the bar; {state.exchanges} exchange(s) checked)")
     if failing:
-        raise typer.Exit(EXIT_FINDINGS)
+        raise click.exceptions.Exit(EXIT_FINDINGS)
 
 
-@app.command("chains")
-def chains_cmd(
-    db: DbOption = None,
-    url: Annotated[str | None, typer.Option(help="Only chains with a URL containing this")] = None,
-    format: Annotated[ChainFormat, typer.Option("--format", "-f")] = ChainFormat.tree,
-) -> None:
+@cli.command("chains")
+@reading_options
+@click.option("--url", help="Only chains with a URL containing this")
+@click.option("--format", "-f", "format_", type=click.Choice(("tree", "json")), default="tree", show_default=True)
+@output_option
+def chains_cmd(db: str | None, no_analyze: bool, wait: float, url: str | None, format_: str,
+               output: str | None) -> None:
     """Show chains hop by hop: method, status, body and what changed."""
-    with _open(db).begin() as conn:
-        records = chain_records(conn, url)
-    if format is ChainFormat.json:
-        write_json(records, sys.stdout)
+    from analyzer.report import chain_records, print_chain_trees, write_json
+
+    with _results(db, no_analyze, wait) as (reader, _):
+        records = chain_records(reader, url)
+    if format_ == "json":
+        _emit(output, lambda out: write_json(records, out))
     else:
-        print_chain_trees(records, out)
+        _emit(output, lambda out: print_chain_trees(records, _console(out)))
 
 
-class ClientFormat(StrEnum):
-    table = "table"
-    json = "json"
-
-
-@app.command("clients")
-def clients_cmd(
-    db: DbOption = None,
-    format: Annotated[ClientFormat, typer.Option("--format", "-f")] = ClientFormat.table,
-) -> None:
+@cli.command("clients")
+@reading_options
+@click.option("--format", "-f", "format_", type=click.Choice(("table", "json")), default="table", show_default=True)
+@output_option
+def clients_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, output: str | None) -> None:
     """Per-client conformance: what each client did on every (status, method) it met, next to RFC 9110 / Fetch."""
+    with _results(db, no_analyze, wait):
+        pass  # current results first; the frames read them
     from analyzer import frames
+    from analyzer.report import print_conformance_table, write_json
 
-    try:
-        rows = frames.clients(resolve_db_url(db)).to_dict("records")
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from None
-    if format is ClientFormat.json:
-        write_json(rows, sys.stdout)
+    rows = frames.clients(db).to_dict("records")
+    if format_ == "json":
+        _emit(output, lambda out: write_json(rows, out))
     else:
-        print_conformance_table(rows, out)
+        _emit(output, lambda out: print_conformance_table(rows, _console(out)))
 
 
-@app.command("rules")
-def rules_cmd() -> None:
-    """Describe every rule: id, slug, default severity and its documentation."""
-    for rule in RULES:
-        out.rule(f"{rule.id} {rule.slug} ({rule.severity})")
-        out.print(rule.doc, markup=False, highlight=False)
+@cli.group("captures", invoke_without_command=True)
+@reading_options
+@click.option("--format", "-f", "format_", type=click.Choice(("table", "json")), default="table", show_default=True)
+@click.pass_context
+def captures_cmd(ctx: click.Context, db: str | None, no_analyze: bool, wait: float, format_: str) -> None:
+    """List what the store holds: each capture (HAR file, flow dump, proxy run) with its
+    exchanges and time span. `captures remove ID...` removes captures."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from analyzer.report import capture_records, print_capture_table, write_json
+    from analyzer.storeread import open_reader
+
+    with open_reader(db, wait) as reader:
+        records = capture_records(reader)
+    if format_ == "json":
+        _emit(None, lambda out: write_json(records, out))
+    else:
+        _emit(None, lambda out: print_capture_table(records, _console(out), _db_shown(db)))
 
 
-@app.command("demo")
-def demo_cmd(
-    db: Annotated[str, typer.Option("--db", help="Store to (re)create for the demo")] = DEMO_DB,
-) -> None:
-    """Import the bundled sample capture, analyze it and print the findings."""
-    build_demo_store(db, report=click.echo)
-    store = _open(db)
-    with store.begin() as conn:
-        records = finding_records(conn)
-        chain_count = len(chain_records(conn))
-    click.echo(f"{chain_count} chain(s), {len(records)} finding(s)\n")
-    print_findings_table(records, out)
-    click.echo(f"\nExplore it: redirect-audit chains --db {db}   |   redirect-audit findings --db {db} --format json")
+@captures_cmd.command("remove")
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=1), metavar="ID...")
+@db_option
+@wait_option
+def captures_remove_cmd(ids: tuple[int, ...], db: str | None, wait: float) -> None:
+    """Remove captures and their exchanges (ids from `captures`); the results follow on the next read."""
+    from analyzer.store import open_store, remove_captures
+
+    store = open_store(db, create=False, wait=wait)
+    try:
+        with store.begin() as conn:
+            missing = remove_captures(conn, list(ids))
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: nothing was removed") from None
+    if missing:
+        raise UserError(f"no capture {', '.join(map(str, missing))} in {_db_shown(db)}; nothing was removed "
+                        f"(`{command_prefix()} captures --db {shlex.quote(_db_shown(db))}` lists them)")
+    _say(f"removed capture(s) {', '.join(map(str, ids))} and their exchanges from {_db_shown(db)}")
+
+
+@cli.command("rules")
+@click.argument("rule", required=False)
+def rules_cmd(rule: str | None) -> None:
+    """Describe every rule (or one: `rules RA102`, `rules dropped-body`): id, slug, severity, documentation."""
+    from analyzer.detectors import RULES
+
+    chosen = RULES
+    if rule is not None:
+        chosen = [r for r in RULES if rule.lower() in (r.id.lower(), r.slug)]
+        if not chosen:
+            import difflib
+
+            names = [r.id for r in RULES] + [r.slug for r in RULES]
+            close = difflib.get_close_matches(rule, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise click.BadParameter(f"no rule {rule!r}.{hint} (`redirect-audit rules` lists them all)",
+                                     param_hint="'RULE'")
+    text = "\n".join(f"{r.id} {r.slug} (default severity {r.severity})\n\n{r.doc.rstrip()}\n" for r in chosen)
+    _emit(None, lambda out: out.write(text))
+
+
+# ---- plumbing ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _results(db: str | None, no_analyze: bool, wait: float):
+    """(reader, state) on an existing store whose results are current (see analyzer.current)."""
+    from analyzer.current import ANALYZE_WHEN_STALE, open_current
+
+    ANALYZE_WHEN_STALE.set(not no_analyze)  # for the frames a command reads, too
+    reader, state = open_current(db, wait=wait)
+    try:
+        yield reader, state
+    finally:
+        reader.close()
+
+
+def _db_shown(db: str | None) -> str:
+    from analyzer.storeread import shown
+
+    return shown(db)
+
+
+def command_prefix() -> str:
+    """How the user ran us, so that a printed hint works when pasted: under `uv run` the
+    command is not on PATH, so hints say `uv run redirect-audit`."""
+    return "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
+
+
+def _console(file: IO[str]):
+    """A rich console for `file`: on a terminal as usual; elsewhere nothing is wrapped,
+    coloured or highlighted (FORCE_COLOR keeps colour, NO_COLOR removes it anywhere)."""
+    from rich.console import Console
+
+    tty = file.isatty() if hasattr(file, "isatty") else False
+    colour = (tty or bool(os.environ.get("FORCE_COLOR"))) and not os.environ.get("NO_COLOR")
+    if tty:
+        return Console(file=file, highlight=False, emoji=False, no_color=not colour)
+    return Console(file=file, highlight=False, emoji=False, width=1 << 16, soft_wrap=True,
+                   force_terminal=colour, color_system="standard" if colour else None)
+
+
+def _emit(output: str | None, write: Callable[[IO[str]], None]) -> None:
+    """Run a writer into stdout (None, '-') or into a file, which is only written once the
+    whole output is ready (a failure leaves no half file behind)."""
+    if output in (None, "-"):
+        try:
+            write(sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise PipeClosed() from None
+        return
+    import io
+
+    buffer = io.StringIO()
+    write(buffer)
+    try:
+        Path(output).write_text(buffer.getvalue(), encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write: {exc.strerror or exc}") from None
+
+
+def _say(line: str) -> None:
+    try:
+        click.echo(line)
+    except BrokenPipeError:
+        raise PipeClosed() from None
+
+
+def _plain(text: str) -> str:
+    """Text from a capture as one printable line: control characters escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _error(message: str) -> None:
     """One line on stderr, never wrapped."""
-    click.echo(f"redirect-audit: error: {' '.join(message.split())}", err=True)
+    click.echo(f"redirect-audit: error: {_plain(' '.join(str(message).split()))}", err=True)
 
 
-def _open(db: str | None) -> Store:
-    return open_store(db)
-
-
-def _severity(text: str) -> Severity:
+def main(argv: list[str] | None = None) -> None:
+    """Run a command; see the module docstring for what the user sees on each kind of failure."""
     try:
-        return Severity.parse(text)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-
-
-def main() -> None:
-    """Console entry point: errors are one line on stderr and exit status 2, never a traceback."""
-    try:
-        code = app(standalone_mode=False)  # click returns an Exit's code instead of raising it here
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+        code = cli.main(args=argv, prog_name="redirect-audit", standalone_mode=False)
+    except click.exceptions.ClickException as exc:  # a usage mistake: usage line, error, hint
         exc.show()
-        sys.exit(EXIT_ERROR)
-    except click.exceptions.Abort:
-        err.print("redirect-audit: aborted")
-        sys.exit(130)
-    except (UserError, StoreError, ImportError_, ValueError) as exc:
+        code = exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:  # click's name for Ctrl-C outside what a command handles itself
+        click.echo("redirect-audit: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except Interrupted as exc:
+        click.echo(f"redirect-audit: {exc}", err=True)
+        code = EXIT_INTERRUPTED
+    except PipeClosed:
+        _quiet_stdout()
+        code = EXIT_PIPE_CLOSED
+    except ReportedError as exc:
         _error(str(exc))
-        sys.exit(EXIT_ERROR)
+        code = EXIT_ERROR
     except OSError as exc:
-        _error(f"{exc.filename or ''}: {exc.strerror or exc}")
-        sys.exit(EXIT_ERROR)
+        _error(f"{exc.filename or ''}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc))
+        code = EXIT_ERROR
     except Exception as exc:  # a bug of ours: still one line, the details on request
-        if os.environ.get("REDIRECT_AUDIT_DEBUG"):
+        if os.environ.get(DEBUG_ENV):
             raise
-        _error(f"internal error: {type(exc).__name__}: {exc} (set REDIRECT_AUDIT_DEBUG=1 for the traceback)")
-        sys.exit(EXIT_ERROR)
+        _error(f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)")
+        code = EXIT_ERROR
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def _quiet_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so the interpreter's last flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 if __name__ == "__main__":
-    main()
+    from analyzer.__main__ import main as entry
+
+    entry()

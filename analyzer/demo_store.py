@@ -10,8 +10,7 @@ from pathlib import Path
 from analyzer.analysis import analyze
 from analyzer.ingest import import_har
 from analyzer.store import open_store
-
-DEMO_DB = "redirect-audit-demo.db"
+from analyzer.storeread import DEMO_DB
 
 
 def build_demo_store(db: str = DEMO_DB, report: Callable[[str], None] | None = None) -> str:

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from analyzer import __version__
 from analyzer.detectors import RULES
+from analyzer.errors import ReportedError
 from analyzer.model import Severity
+from analyzer.report import hop_text
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SARIF_LEVEL = {"high": "error", "medium": "warning", "low": "note", "info": "note"}
@@ -75,16 +77,16 @@ def _sarif_result(r: dict, index: dict[str, int], artifacts: dict[str, int]) -> 
     else:
         name = f"flow {capture.get('flow_id')}"
     location["logicalLocations"] = [{"name": name, "fullyQualifiedName": name, "kind": "object"}]
-    target = f" -> {r['method_after']} {r['to_url']}" if r["method_after"] else f" -> {r['to_url']}"
     return {
         "ruleId": r["rule_id"],
         "ruleIndex": index[r["rule"]],
         "level": SARIF_LEVEL[r["severity"]],
-        "message": {"text": f"{r['message']} ({r['method_before']} {r['from_url']} -> {r['status']}{target})"},
+        "message": {"text": f"{r['message']} ({hop_text(r)})"},
         "locations": [location],
         "partialFingerprints": {"redirectAudit/v1": r["fingerprint"]},
         "properties": {
             "severity": r["severity"], "confidence": r["confidence"], "chain_id": r["chain_id"], "hop": r["hop"],
+            "followed": r["followed"],
             "client": r["client"], "observed_at": r["observed_at"], "evidence": r["evidence"],
             "capture": capture,
         },
@@ -122,8 +124,7 @@ def _case(suite: ET.Element, client: str, name: str, found: list[dict]) -> None:
     case = ET.SubElement(suite, "testcase", classname=f"redirect-audit.{client}", name=name)
     for f in found:
         failure = ET.SubElement(case, "failure", type=f"{f['rule_id']} {f['rule']}", message=f["message"])
-        failure.text = (f"severity {f['severity']}, hop {f['hop']}: {f['method_before']} {f['from_url']} -> "
-                        f"{f['status']} -> {f['method_after'] or ''} {f['to_url']}\n"
+        failure.text = (f"severity {f['severity']}, hop {f['hop']}: {hop_text(f)}\n"
                         f"evidence: {json.dumps(f['evidence'], sort_keys=True)}")
 
 
@@ -143,7 +144,7 @@ def markdown(records: list[dict]) -> str:
     for title in sorted(by_rule):
         lines += [f"## {title}", "", "| severity | hop | request | follow-up | message |", "|---|---|---|---|---|"]
         for r in by_rule[title]:
-            follow = f"{r['status']} -> {r['method_after'] or ''} {r['to_url']}".strip()
+            follow = hop_text(r).split(" → ", 1)[1]
             lines.append(f"| {r['severity']} | {r['chain_id'] or '-'}/{r['hop']} | {_md(r['method_before'])} "
                          f"{_md(r['from_url'])} | {_md(follow)} | {_md(r['message'])} |")
         lines.append("")
@@ -157,7 +158,7 @@ def _md(text) -> str:
 # ---- the CI gate -------------------------------------------------------------
 
 
-class BaselineError(ValueError):
+class BaselineError(ValueError, ReportedError):
     """A baseline file that cannot be used; one line."""
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from pathlib import Path
 
 import pandas as pd
 from sqlalchemy import case, create_engine, func, select
@@ -32,7 +31,8 @@ from analyzer.detectors.credential_cross_origin import conforming_client_drops, 
 from analyzer.model import REDIRECT_STATUSES, header
 from analyzer.report import finding_records
 from analyzer.store import captures, chains as chains_t, exchanges as ex_t, findings as findings_t, hops as hops_t
-from analyzer.store import resolve_db_url
+from analyzer.current import ensure_current
+from analyzer.storeread import open_reader, resolve_db_url, sqlite_file
 from analyzer.urls import origin_of
 
 CHUNK = 100_000
@@ -46,12 +46,16 @@ TEMPORARY = (302, 303, 307)
 
 
 def engine(db: str | None = None) -> Engine:
-    """A read-only engine (SQLite is opened with mode=ro: a notebook cannot change the store)."""
+    """A read-only engine on an existing store whose results are current.
+
+    A store whose exchanges changed since its last analysis is analyzed again first (one
+    line on stderr says so); then SQLite is opened with mode=ro, so reading a frame never
+    changes the store. A missing store is refused (StoreMissing), never created.
+    """
+    ensure_current(db)
     url = resolve_db_url(db)
-    if url.startswith("sqlite:///") and "?" not in url and not url.endswith(":memory:"):
-        path = url.removeprefix("sqlite:///")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"no redirect-audit store at {path} (set REDIRECT_AUDIT_DB, or pass db=)")
+    path = sqlite_file(url)
+    if path is not None:
         url = f"sqlite:///file:{path}?mode=ro&uri=true"
     return create_engine(url)
 
@@ -265,14 +269,11 @@ def _method_paths(frame: pd.DataFrame) -> dict[int, str]:
 
 
 def findings(db: str | None = None) -> pd.DataFrame:
-    eng = engine(db)
-    try:
-        with eng.connect() as conn:
-            records = finding_records(conn)
-    finally:
-        eng.dispose()
+    ensure_current(db)
+    with open_reader(db) as reader:
+        records = finding_records(reader)
     frame = pd.DataFrame.from_records(records, columns=[
-        "rule", "rule_id", "severity", "confidence", "message", "chain_id", "hop", "status", "method_before",
+        "rule", "rule_id", "severity", "confidence", "message", "chain_id", "hop", "status", "followed", "method_before",
         "method_after", "from_url", "to_url", "client", "observed_at", "evidence", "fingerprint", "capture"])
     frame["observed_at"] = pd.to_datetime(frame["observed_at"], utc=True, format="ISO8601")
     order = ["info", "low", "medium", "high"]

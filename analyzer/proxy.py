@@ -8,22 +8,38 @@ exchanges go, and how a client is made to trust mitmproxy's CA for HTTPS.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import shlex
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analyzer.store import safe_url
+from analyzer.errors import ReportedError
+from analyzer.storeread import safe_url
 
 ADDON_MODULE = "addons.redirect_recorder"
 CA_FILE = "mitmproxy-ca-cert.pem"
 
 
-class ProxyError(Exception):
-    """mitmproxy or the addon cannot be found; one line."""
+class ProxyError(ReportedError):
+    """The proxy cannot start as asked (a conflicting option, a busy port, mitmproxy missing); one line."""
+
+
+# mitmproxy options that `proxy` sets itself, and where to give them instead.
+OWN_FLAGS = {
+    "--listen-port": "-p/--port", "--listen-host": "--listen-host (before any mitmproxy option)",
+    "--mode": "-m/--mode", "--confdir": "--confdir",
+}
+OWN_SETTINGS = {
+    "listen_port": "-p/--port", "listen_host": "--listen-host", "mode": "-m/--mode", "confdir": "--confdir",
+    "scripts": "-s for scripts of your own (the recorder is already loaded)",
+    "redirect_audit_db": "--db", "redirect_audit_bodies": "--keep-bodies", "redirect_audit_body_cap": "--body-cap",
+    "redirect_audit_live": "--live/--no-live",
+}
 
 
 def addon_path() -> Path:
@@ -57,6 +73,55 @@ class ProxyPlan:
     live: bool = True
     confdir: Path = Path("~/.mitmproxy").expanduser()
     extra: list[str] = field(default_factory=list)
+    then: str = "redirect-audit findings"  # the command that shows the findings afterwards
+
+    def check(self) -> None:
+        """Refuse pass-through options that would contradict proxy's own, and a port that is taken."""
+        for problem in self._conflicts():
+            raise ProxyError(problem)
+        self._check_port()
+
+    def _conflicts(self):
+        args = self.extra
+        recorder = addon_path().resolve()
+        for i, arg in enumerate(args):
+            flag, _, inline = arg.partition("=")
+            if flag in OWN_FLAGS:
+                yield f"{flag} is set by redirect-audit proxy; give it as proxy's {OWN_FLAGS[flag]}"
+            elif flag in ("-s", "--scripts"):
+                script = inline or (args[i + 1] if i + 1 < len(args) else "")
+                if script and Path(script).expanduser().resolve() == recorder:
+                    yield "-s: the recorder addon is already loaded by redirect-audit proxy; loaded twice, " \
+                          "it would record every exchange twice"
+            elif flag == "--set" and (inline or i + 1 < len(args)):
+                setting = (inline or args[i + 1]).split("=", 1)[0]
+                if setting in OWN_SETTINGS:
+                    yield f"--set {setting} is set by redirect-audit proxy; give it as proxy's {OWN_SETTINGS[setting]}"
+
+    def _check_port(self) -> None:
+        """Bind the port as mitmproxy will (address reuse on, as asyncio does), then let it go."""
+        if self.port == 0 or any("@" in m for m in self.modes):  # any port, or ports set per mode
+            return
+        try:
+            infos = socket.getaddrinfo(self.listen_host or None, self.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise ProxyError(f"--listen-host {self.listen_host}: not an address this machine has ({exc.strerror})") \
+                from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                where = f"{self.listen_host}:{self.port}"
+                if exc.errno == errno.EADDRINUSE:
+                    raise ProxyError(f"port {self.port} is already in use on {self.listen_host} (another proxy?); "
+                                     f"choose another with -p PORT") from None
+                if exc.errno == errno.EACCES:
+                    raise ProxyError(f"cannot listen on {where}: permission denied (ports below 1024 need "
+                                     f"privileges); choose another with -p PORT") from None
+                raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
 
     @property
     def program(self) -> str:
@@ -96,7 +161,7 @@ class ProxyPlan:
         ]
         if self.web:
             lines.append("  flows in the browser: http://127.0.0.1:8081 (findings are marked and commented)")
-        lines.append("  stop with Ctrl-C; then: redirect-audit analyze && redirect-audit findings")
+        lines.append(f"  stop with Ctrl-C; then: {self.then}")
         return "\n".join(lines)
 
     def command_line(self) -> str:

@@ -15,12 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
-from sqlalchemy import select
-from sqlalchemy.engine import Connection
-from sqlalchemy.orm import aliased
 
 from analyzer.model import Severity
-from analyzer.store import captures, chains, exchanges, findings, hops
+from analyzer.storeread import Reader
 
 SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
@@ -36,60 +33,111 @@ def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None
     return {"source": source, "file": path, "flow_id": flow_id}
 
 
-def finding_records(conn: Connection, min_severity: Severity = Severity.INFO) -> list[dict]:
-    a, b = aliased(exchanges), aliased(exchanges)
-    stmt = (
-        select(findings, a.c.status, a.c.method.label("m0"), b.c.method.label("m1"), a.c.url.label("u0"),
-               b.c.url.label("u1"), a.c.location_resolved, b.c.client, b.c.seq, b.c.flow_id, captures.c.source, captures.c.path)
-        .join(a, a.c.id == findings.c.from_exchange_id)
-        .join(b, b.c.id == findings.c.to_exchange_id)
-        .join(captures, captures.c.id == b.c.capture_id)
-        .where(findings.c.severity_rank >= int(min_severity))
-        .order_by(findings.c.id)
-    )
-    return [_finding_record(row._mapping) for row in conn.execute(stmt)]
+FINDINGS_SQL = """
+SELECT f.rule, f.rule_id, f.severity, f.confidence, f.message, f.chain_id, f.hop, f.observed_at, f.evidence,
+       f.fingerprint, a.status, a.method, a.url, a.location, a.location_resolved, h.chain_id, t.method, t.url,
+       b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path
+FROM findings f
+JOIN exchanges a ON a.id = f.from_exchange_id
+JOIN exchanges b ON b.id = f.to_exchange_id
+JOIN captures c ON c.id = b.capture_id
+LEFT JOIN hops h ON h.chain_id = f.chain_id AND h.idx = f.hop
+LEFT JOIN exchanges t ON t.id = h.to_exchange_id
+WHERE f.severity_rank >= :floor
+ORDER BY f.id
+"""
 
 
-def _finding_record(r) -> dict:
-    about_redirect = r["from_exchange_id"] == r["to_exchange_id"] and r["location_resolved"] is not None
+def finding_records(reader: Reader, min_severity: Severity = Severity.INFO) -> list[dict]:
+    """Every finding at or above a severity, in the JSON contract of design.md."""
+    return [_finding_record(row) for row in reader.rows(FINDINGS_SQL, floor=int(min_severity))]
+
+
+def _finding_record(row: tuple) -> dict:
+    (rule, rule_id, severity, confidence, message, chain_id, hop, observed_at, evidence, fingerprint, status,
+     m0, u0, raw_location, location, hop_chain, t_method, t_url, b_method, b_url, client, seq, flow_id, source,
+     path) = row
+    if hop_chain is None:  # not about a redirect hop (a write repeated without a chain)
+        followed, m1, u1 = None, b_method, b_url
+    elif t_url is not None:  # the hop's follow-up, whichever exchange the finding points at
+        followed, m1, u1 = True, t_method, t_url
+    else:  # a redirect nobody followed: where it pointed, and no method after
+        followed, m1, u1 = False, None, location
     return {
-        "rule": r["rule"], "rule_id": r["rule_id"], "severity": r["severity"], "confidence": r["confidence"],
-        "message": r["message"], "chain_id": r["chain_id"], "hop": r["hop"], "status": r["status"],
-        "method_before": r["m0"], "method_after": None if about_redirect else r["m1"], "from_url": r["u0"],
-        "to_url": r["location_resolved"] if about_redirect else r["u1"],
-        "client": r["client"], "observed_at": iso(r["observed_at"]), "evidence": json.loads(r["evidence"]),
-        "fingerprint": r["fingerprint"],
-        "capture": capture_pointer(r["source"], r["path"], r["seq"], r["flow_id"]),
+        "rule": rule, "rule_id": rule_id, "severity": severity, "confidence": confidence, "message": message,
+        "chain_id": chain_id, "hop": hop, "status": status, "followed": followed, "method_before": m0,
+        "method_after": m1, "from_url": u0, "to_url": u1, "location": raw_location, "client": client,
+        "observed_at": iso(observed_at),
+        "evidence": json.loads(evidence), "fingerprint": fingerprint,
+        "capture": capture_pointer(source, path, seq, flow_id),
     }
+
+
+def hop_text(r: dict) -> str:
+    """A finding's hop in one line: `POST https://a/x → 307 → POST https://b/x`, or
+    `→ 307 → not followed (Location https://b/x)` for a redirect nobody followed; a
+    finding on no hop (a write repeated directly) shows its request and answer."""
+    if r["followed"] is None:
+        return f"{r['method_before']} {r['from_url']} → {r['status']}"
+    if r["followed"] is False:
+        if r["to_url"]:
+            where = f"Location {r['to_url']}"
+        elif r.get("location"):
+            where = f"Location {r['location']}, which cannot be resolved"
+        else:
+            where = "no Location"
+        return f"{r['method_before']} {r['from_url']} → {r['status']} → not followed ({where})"
+    return f"{r['method_before']} {r['from_url']} → {r['status']} → {r['method_after']} {r['to_url']}"
 
 
 EXCHANGE_FIELDS = ("id", "method", "url", "status", "started_at", "req_body_len", "req_body_sha256",
                    "req_content_type", "location", "synthetic", "seq", "flow_id", "client", "error")
+_EXCHANGE_SELECT = ", ".join(f"e.{name}" for name in EXCHANGE_FIELDS) + ", c.source, c.path"
 
 
-def chain_records(conn: Connection, url_substring: str | None = None) -> list[dict]:
+def chain_records(reader: Reader, url_substring: str | None = None) -> list[dict]:
     """Every chain hop by hop; with url_substring, only chains where some URL contains it."""
-    ex_cols = [exchanges.c[n] for n in EXCHANGE_FIELDS] + [captures.c.source, captures.c.path]
-    rows = conn.execute(
-        select(*ex_cols).join(captures, captures.c.id == exchanges.c.capture_id).where(
-            exchanges.c.id.in_(select(hops.c.from_exchange_id)) | exchanges.c.id.in_(select(hops.c.to_exchange_id))
-        )
-    )
-    by_id = {row.id: _exchange_record(row._mapping) for row in rows}
+    by_id = {}
+    for sql in ("SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.from_exchange_id "
+                "JOIN captures c ON c.id = e.capture_id",
+                "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.to_exchange_id "
+                "JOIN captures c ON c.id = e.capture_id"):
+        for row in reader.rows(sql.format(cols=_EXCHANGE_SELECT)):
+            by_id[row[0]] = _exchange_record(row)
     out: dict[int, dict] = {}
-    for c in conn.execute(select(chains).order_by(chains.c.id)):
-        out[c.id] = {"chain_id": c.id, "client": c.client, "end": c.end_reason, "started_at": iso(c.started_at),
-                     "hops": []}
-    for h in conn.execute(select(hops).order_by(hops.c.chain_id, hops.c.idx)):
-        source, target = by_id[h.from_exchange_id], by_id.get(h.to_exchange_id)
-        out[h.chain_id]["hops"].append({
-            "hop": h.idx, "status": h.status, "link": h.link, "confidence": h.confidence,
+    for chain_id, client, end, started in reader.rows(
+            "SELECT id, client, end_reason, started_at FROM chains ORDER BY id"):
+        out[chain_id] = {"chain_id": chain_id, "client": client, "end": end, "started_at": iso(started), "hops": []}
+    for chain_id, idx, source_id, target_id, status, link, confidence in reader.rows(
+            "SELECT chain_id, idx, from_exchange_id, to_exchange_id, status, link, confidence FROM hops "
+            "ORDER BY chain_id, idx"):
+        source, target = by_id[source_id], by_id.get(target_id)
+        out[chain_id]["hops"].append({
+            "hop": idx, "status": status, "followed": target is not None, "link": link, "confidence": confidence,
             "from": source, "to": target, "changes": hop_changes(source, target),
         })
     records = list(out.values())
     if url_substring:
         records = [c for c in records if any(url_substring in u for u in _urls(c))]
     return records
+
+
+CAPTURES_SQL = """
+SELECT c.id, c.source, c.path, c.creator, c.imported_at, c.entries, c.warnings,
+       COUNT(e.id), MIN(e.started_at), MAX(e.started_at)
+FROM captures c LEFT JOIN exchanges e ON e.capture_id = c.id
+GROUP BY c.id, c.source, c.path, c.creator, c.imported_at, c.entries, c.warnings
+ORDER BY c.id
+"""
+
+
+def capture_records(reader: Reader) -> list[dict]:
+    """What the store holds, capture by capture: where from, how much, over what time."""
+    return [
+        {"capture_id": cid, "source": source, "file": path, "creator": creator, "imported_at": iso(imported),
+         "exchanges": count, "warnings": warnings, "first_at": iso(first), "last_at": iso(last)}
+        for cid, source, path, creator, imported, _entries, warnings, count, first, last in reader.rows(CAPTURES_SQL)
+    ]
 
 
 def _urls(chain: dict) -> Iterator[str]:
@@ -99,7 +147,8 @@ def _urls(chain: dict) -> Iterator[str]:
             yield hop["to"]["url"]
 
 
-def _exchange_record(r) -> dict:
+def _exchange_record(row: tuple) -> dict:
+    r = dict(zip((*EXCHANGE_FIELDS, "source", "path"), row))
     return {
         "id": r["id"], "method": r["method"], "url": r["url"], "status": r["status"],
         "started_at": iso(r["started_at"]), "location": r["location"], "synthetic": bool(r["synthetic"]),
@@ -145,10 +194,12 @@ def write_jsonl(records: Iterable[dict], out) -> None:
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def print_findings_table(records: list[dict], console: Console) -> None:
-    """One block per finding: severity and rule, the hop, then what happened."""
+def print_findings_table(records: list[dict], console: Console, scope: str = "") -> None:
+    """One block per finding: severity and rule, the hop, then what happened. `scope` says
+    what was looked at (" in 120 exchange(s)"), so that an empty answer is never mistaken
+    for an all-clear about something else."""
     if not records:
-        console.print("No findings.")
+        console.print(f"No findings{scope}.", markup=False)
         return
     for r in records:
         where = f"chain {r['chain_id']} hop {r['hop']}" if r["chain_id"] is not None else "no chain"
@@ -157,12 +208,30 @@ def print_findings_table(records: list[dict], console: Console) -> None:
             f"[{style}]{r['severity'].upper():<6}[/] [bold]{r['rule']}[/] ({r['rule_id']}) · {where} · "
             f"confidence {r['confidence']:.2f} · {escape(_pointer_text(r['capture']))}"
         )
-        hop = f"{r['method_before']} {r['from_url']} → {r['status']} → {r['method_after'] or 'Location'} {r['to_url']}"
-        console.print(f"       {escape(hop)}", style="dim", highlight=False)
+        console.print(f"       {escape(hop_text(r))}", style="dim", highlight=False)
         console.print(f"       {escape(r['message'])}", highlight=False)
     counts = Counter(r["severity"] for r in records)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
     console.print(f"\n{len(records)} finding(s): {summary}")
+
+
+def print_capture_table(records: list[dict], console: Console, store: str) -> None:
+    """`captures`: one row per capture."""
+    if not records:
+        console.print(f"{store} holds no captures.", markup=False)
+        return
+    table = Table(title=f"captures in {escape(store)}", title_justify="left", header_style="bold")
+    for column in ("id", "source", "file", "exchanges", "from", "to", "imported at"):
+        table.add_column(column, overflow="fold")
+    def moment(text: str | None) -> str:
+        return text[:19].replace("T", " ") if text else "-"
+
+    for r in records:
+        table.add_row(str(r["capture_id"]), r["source"], escape(r["file"] or r["creator"] or "-"), str(r["exchanges"]),
+                      moment(r["first_at"]), moment(r["last_at"]), moment(r["imported_at"]))
+    console.print(table)
+    total = sum(r["exchanges"] for r in records)
+    console.print(f"{len(records)} capture(s), {total} exchange(s)", markup=False)
 
 
 def _pointer_text(capture: dict) -> str:

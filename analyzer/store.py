@@ -8,14 +8,12 @@ fingerprinted (see `analyzer.secrets`); the HMAC key lives in the `meta` table.
 from __future__ import annotations
 
 import json
-import os
 import secrets as _random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
 from sqlalchemy import (
@@ -30,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    cast,
     create_engine,
     delete,
     event,
@@ -37,14 +36,29 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
 from analyzer.model import Body, Exchange
+from analyzer.storeread import (  # noqa: F401 - re-exported: where a store is and what its errors mean
+    ANALYSIS_OPTIONS,
+    ANALYZED_GENERATION,
+    DB_ENV,
+    DEFAULT_DB,
+    DEFAULT_WAIT,
+    GENERATION,
+    SCHEMA_VERSION,
+    StoreError,
+    StoreMissing,
+    StoreUnavailable,
+    ValueRefused,
+    describe_error,
+    missing_driver,
+    require_store,
+    resolve_db_url,
+    safe_url,
+)
 
-SCHEMA_VERSION = 1
-DEFAULT_DB = "redirect-audit.db"
-DB_ENV = "REDIRECT_AUDIT_DB"
 BATCH_SIZE = 2000
 
 metadata = MetaData()
@@ -152,25 +166,16 @@ findings = Table(
 )
 
 
-class StoreError(Exception):
-    """The store cannot be opened or has the wrong shape; the message is one line."""
+def _sqlite_pragmas(wait: float):
+    def on_connect(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")  # first: the WAL switch may wait too
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
 
-
-def resolve_db_url(db: str | None) -> str:
-    """--db value, else $REDIRECT_AUDIT_DB, else ./redirect-audit.db; plain paths become SQLite URLs."""
-    value = db or os.environ.get(DB_ENV) or DEFAULT_DB
-    if "://" in value:
-        return value
-    return f"sqlite:///{Path(value).expanduser()}"
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+    return on_connect
 
 
 @dataclass
@@ -180,35 +185,48 @@ class Store:
     engine: Engine
     url: str
     secret_key: bytes
+    wait: float = DEFAULT_WAIT
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        """A transaction; the store refusing work as a whole (locked past `wait`, full,
+        read-only) comes out as StoreUnavailable with a one-line message."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailable(describe_error(exc, self.url, self.wait)) from exc
 
     def close(self) -> None:
         self.engine.dispose()
 
 
-def open_store(db: str | None = None, *, create: bool = True) -> Store:
-    """Open (and if needed create) the store at a URL or path."""
+def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFAULT_WAIT) -> Store:
+    """Open the store at a URL or path; `create=False` refuses one that does not exist.
+
+    Only what writes captures (imports, the proxy, the demo) creates a store: a reading
+    command pointed at a mistyped path must say so, not report on a new empty store.
+    `wait` is how long to wait for another process's write lock (SQLite).
+    """
     url = resolve_db_url(db)
+    if not create:
+        require_store(url)
     try:
         engine = create_engine(url)
         if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "connect", _sqlite_pragmas(wait))
         with engine.begin() as conn:
             if create:
                 metadata.create_all(conn)
-            key = _schema_key(conn)
+            key = _schema_key(conn, url)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot open store {safe_url(url)}: {_first_line(exc)}") from None
+        raise StoreError(describe_error(exc, url, wait)) from None
     except ImportError as exc:
-        raise StoreError(f"cannot open store {safe_url(url)}: database driver missing ({exc.name})") from None
-    return Store(engine=engine, url=url, secret_key=key)
+        raise StoreError(missing_driver(url, exc)) from None
+    return Store(engine=engine, url=url, secret_key=key, wait=wait)
 
 
-def _schema_key(conn: Connection) -> bytes:
+def _schema_key(conn: Connection, url: str) -> bytes:
     rows = dict(conn.execute(select(meta.c.key, meta.c.value)).all())
     if "schema_version" not in rows:
         conn.execute(
@@ -216,26 +234,35 @@ def _schema_key(conn: Connection) -> bytes:
             [
                 {"key": "schema_version", "value": str(SCHEMA_VERSION)},
                 {"key": "hmac_key", "value": _random.token_hex(32)},
+                {"key": GENERATION, "value": "0"},
             ],
         )
         return bytes.fromhex(conn.execute(select(meta.c.value).where(meta.c.key == "hmac_key")).scalar_one())
     if rows["schema_version"] != str(SCHEMA_VERSION):
-        raise StoreError(
-            f"store has schema version {rows['schema_version']}, this redirect-audit expects {SCHEMA_VERSION}"
-        )
+        raise StoreError(f"store {safe_url(url)} has schema version {rows['schema_version']}, "
+                         f"this redirect-audit reads version {SCHEMA_VERSION}")
     return bytes.fromhex(rows["hmac_key"])
 
 
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a URL we cannot parse is shown as given
-        return url
+def bump_generation(conn: Connection) -> None:
+    """Mark the exchanges as changed, so that reading commands re-analyze. Called last in
+    each writing transaction: on PostgreSQL the meta row stays locked until the commit."""
+    done = conn.execute(update(meta).where(meta.c.key == GENERATION)
+                        .values(value=cast(cast(meta.c.value, Integer) + 1, Text)))
+    if done.rowcount == 0:  # a store from before generations were kept
+        conn.execute(insert(meta).values(key=GENERATION, value="1"))
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+def read_generation(conn: Connection) -> int:
+    value = conn.execute(select(meta.c.value).where(meta.c.key == GENERATION)).scalar()
+    return int(value or 0)
+
+
+def record_analysis(conn: Connection, generation: int, options: dict) -> None:
+    """Remember which generation the results describe and the options they were made with."""
+    for key, value in ((ANALYZED_GENERATION, str(generation)), (ANALYSIS_OPTIONS, json.dumps(options))):
+        if conn.execute(update(meta).where(meta.c.key == key).values(value=value)).rowcount == 0:
+            conn.execute(insert(meta).values(key=key, value=value))
 
 
 # ---- writes -----------------------------------------------------------------
@@ -247,7 +274,9 @@ def add_capture(conn: Connection, **values) -> int:
 
 
 def finish_capture(conn: Connection, capture_id: int, **values) -> None:
+    """Record a capture's totals at the end of the transaction that wrote its exchanges."""
     conn.execute(update(captures).where(captures.c.id == capture_id).values(**values))
+    bump_generation(conn)
 
 
 EXCHANGE_COLUMNS = (
@@ -347,14 +376,61 @@ def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], bloc
                     chunk = piece[at : at + n]
                     at += n
                     flat = tuple(chain.from_iterable(chunk)) if order is None else tuple(r[i] for r in chunk for i in order)
-                    conn.exec_driver_sql(plan.statement(n), flat)
+                    try:
+                        conn.exec_driver_sql(plan.statement(n), flat)
+                    except _VALUE_ERRORS as exc:
+                        if isinstance(exc, OperationalError):
+                            raise
+                        raise refused(conn.dialect.name, table, columns, chunk, exc) from exc
             count += len(block)
         return count
     for block in blocks:
         if block:
-            conn.exec_driver_sql(plan.sql, list(block) if plan.positional else [dict(zip(columns, r)) for r in block])
+            try:
+                conn.exec_driver_sql(plan.sql, list(block) if plan.positional else [dict(zip(columns, r)) for r in block])
+            except _VALUE_ERRORS as exc:
+                if isinstance(exc, OperationalError):
+                    raise
+                raise refused(conn.dialect.name, table, columns, block, exc) from exc
             count += len(block)
     return count
+
+
+# What a driver raises for a value it or the database refuses (StatementError wraps the
+# database's own errors; OperationalError among them is about the store, not a value).
+_VALUE_ERRORS = (StatementError, UnicodeError, OverflowError)
+
+
+def refused(dialect: str, table: Table, columns: Sequence[str], rows: Sequence[tuple], exc: BaseException) -> ValueRefused:
+    """The error for a batch the database refused because of a value: which row and which
+    column, when a value breaks one of the limits known below, else the database's words."""
+    cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    said = cause[0] if cause else type(exc).__name__
+    for row in rows:
+        for name, value in zip(columns, row):
+            problem = value_problem(dialect, table.c[name], value)
+            if problem is not None:
+                return ValueRefused(f"the store refused column {name}: {problem} ({said})", row, name)
+    return ValueRefused(f"the store refused a row: {said}", rows[0] if len(rows) == 1 else None)
+
+
+def value_problem(dialect: str, column: Column, value: object) -> str | None:
+    """Why a database of this dialect would refuse this value in this column, if it would."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text with a lone surrogate, which is not Unicode"
+        if dialect == "postgresql" and "\x00" in value:
+            return "text with a NUL character"
+        length = getattr(column.type, "length", None)
+        if dialect != "sqlite" and length and len(value) > length:
+            return f"{len(value)} characters, over the column's {length}"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        bits = 31 if dialect != "sqlite" and type(column.type) is Integer else 63
+        if not -(2**bits) <= value < 2**bits:
+            return f"the number {value} is outside a {bits + 1}-bit integer"
+    return None
 
 
 @dataclass
@@ -425,6 +501,23 @@ def _batches(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
 def drop_exchanges(conn: Connection, capture_id: int) -> None:
     """Forget the exchanges written so far for a capture (inside the import's transaction)."""
     conn.execute(delete(exchanges).where(exchanges.c.capture_id == capture_id))
+
+
+def remove_captures(conn: Connection, ids: Sequence[int]) -> list[int]:
+    """Remove captures with their exchanges; returns the ids that did not exist.
+
+    The analysis results go too (they may point at the removed exchanges) and the
+    generation moves on, so the next reading command analyzes what is left.
+    """
+    found = set(conn.execute(select(captures.c.id).where(captures.c.id.in_(ids))).scalars())
+    missing = [i for i in ids if i not in found]
+    if missing:
+        return missing
+    clear_analysis(conn)
+    conn.execute(delete(exchanges).where(exchanges.c.capture_id.in_(ids)))
+    conn.execute(delete(captures).where(captures.c.id.in_(ids)))
+    bump_generation(conn)
+    return []
 
 
 def clear_analysis(conn: Connection) -> None:

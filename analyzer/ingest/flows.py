@@ -23,13 +23,17 @@ from analyzer.ingest.common import (
     CaptureOptions,
     ImportError_,
     ImportResult,
+    file_sha256,
+    refuse_reimport,
     summarize_body,
 )
 from analyzer.model import Body, Exchange
 from analyzer.secrets import protect_and_index, protect_url
 from analyzer.store import (
+    EXCHANGE_COLUMNS,
     HeaderBlock,
     Store,
+    ValueRefused,
     add_capture,
     exchange_row,
     finish_capture,
@@ -198,31 +202,47 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def read_flows(path: str) -> Iterator[http.HTTPFlow]:
+def read_flows(path: str, name: str | None = None) -> Iterator[http.HTTPFlow]:
     """The HTTP flows of a mitmproxy dump, refusing HAR (it has its own importer)."""
+    name = name or path
     with open(path, "rb") as fh:
         start = fh.read(4)
         if start.lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
-            raise ImportError_(f"{path}: this is JSON (a HAR file?), not a mitmproxy flow dump; use import-har")
+            raise ImportError_(f"{name}: this is JSON (a HAR file?), not a mitmproxy flow dump; use import-har")
         if not start:
-            raise ImportError_(f"{path}: empty file, not a mitmproxy flow dump")
+            raise ImportError_(f"{name}: empty file, not a mitmproxy flow dump")
         fh.seek(0)
         for flow in io.FlowReader(fh).stream():
             if isinstance(flow, http.HTTPFlow):
                 yield flow
 
 
-def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions = CaptureOptions()) -> ImportResult:
-    """Import a `mitmdump -w` / mitmweb dump in one transaction; a bad file stores nothing."""
-    name = str(path)
+def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions = CaptureOptions(), *,
+                 force: bool = False, name: str | None = None) -> ImportResult:
+    """Import a `mitmdump -w` / mitmweb dump in one transaction; a bad file stores nothing.
+
+    Content the store already holds raises AlreadyImported unless `force`; `name` is how
+    the file is called in messages and in the store (default: its path).
+    """
+    name = name or str(path)
+    path = str(path)
     try:
+        sha256 = file_sha256(path)
+        if not force:
+            with store.begin() as conn:
+                refuse_reimport(conn, name, sha256)
         with store.begin() as conn:
-            capture_id = add_capture(conn, source="flows", path=str(Path(name).resolve()),
-                                     creator=f"mitmproxy {MITMPROXY_VERSION}")
+            capture_id = add_capture(conn, source="flows", path=name if name != path else str(Path(path).resolve()),
+                                     sha256=sha256, creator=f"mitmproxy {MITMPROXY_VERSION}")
             converter = FlowConverter(capture_id, store.secret_key, options)
-            rows = (exchange_row(converter.convert(seq, flow)) for seq, flow in enumerate(read_flows(name)))
+            rows = (exchange_row(converter.convert(seq, flow)) for seq, flow in enumerate(read_flows(path, name)))
             count = write_exchanges(conn, rows)
+            if not force:
+                refuse_reimport(conn, name, sha256, capture_id)
             finish_capture(conn, capture_id, entries=count, warnings=converter.warnings)
+    except ValueRefused as exc:
+        seq = f"flow {exc.row[EXCHANGE_COLUMNS.index('seq')]}: " if exc.row is not None else ""
+        raise ImportError_(f"{name}: {seq}{exc}") from None
     except exceptions.FlowReadException as exc:
         raise ImportError_(f"{name}: not a mitmproxy flow dump: {_one_line(exc)}") from None
     except (ValueError, KeyError, TypeError) as exc:  # tnetstring or flow-state damage

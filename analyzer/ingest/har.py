@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import gc
-import hashlib
 import multiprocessing
 import os
 import threading
@@ -29,16 +28,21 @@ from analyzer.gcpause import cycle_collection_paused
 from analyzer.ingest.common import (
     EMPTY_SHA256,
     IDEMPOTENCY_HEADERS,
+    AlreadyImported,
     CaptureOptions,
     ImportError_,
     ImportResult,
+    file_sha256,
+    refuse_reimport,
     summarize_body,
 )
 from analyzer.ingest.harsplit import BLOCK, Blocks, Unsure, entries_offset
 from analyzer.model import Body, Exchange
 from analyzer.secrets import CREDENTIAL_HEADERS, fingerprint, protect_url
 from analyzer.store import (
+    EXCHANGE_COLUMNS,
     Store,
+    ValueRefused,
     add_capture,
     drop_exchanges,
     exchange_row,
@@ -155,48 +159,79 @@ def import_har(
     workers: int | None = None,
     block_size: int = BLOCK,
     fast: bool = True,
+    force: bool = False,
+    name: str | None = None,
 ) -> ImportResult:
     """Import one HAR file in one transaction; raise ImportError_ and store nothing if it is bad.
 
-    Entries are cut into blocks of whole entries and converted by `workers` processes
-    (default: one per CPU, at most 4, for files over 16 MB; none for smaller ones). A
-    file the block cutter cannot vouch for is read again by the streaming parser
-    instead; `fast=False` goes to the streaming parser straight away.
+    Content the store already holds (by SHA-256, whatever the file is called) raises
+    AlreadyImported unless `force`. Entries are cut into blocks of whole entries and
+    converted by `workers` processes (default: one per CPU, at most 4, for files over
+    16 MB; none for smaller ones). A file whose blocks cannot all be verified is read
+    again by the streaming parser instead; `fast=False` goes to it straight away.
+    `name` is how the file is called in messages and in the store (default: its path).
     """
-    name = str(path)
+    name = name or str(path)
+    path = str(path)
     try:
-        head = _scan_head(name)
+        head = _scan_head(path, name)
+        sha256 = file_sha256(path)
+        if not force:
+            with store.begin() as conn:
+                refuse_reimport(conn, name, sha256)
         with cycle_collection_paused(), store.begin() as conn:
             capture_id = add_capture(
                 conn,
                 source="har",
-                path=str(Path(name).resolve()),
+                path=name if name != path else str(Path(path).resolve()),
+                sha256=sha256,
                 creator=head.get("creator"),
                 browser=head.get("browser"),
                 format_version=head.get("version"),
             )
-            converter = _HarEntries(name, capture_id, store.secret_key, options)
-            reader = _FastImport(name, converter, progress, _worker_count(name, workers), block_size)
-            try:
-                if not fast:
-                    raise Unsure("streaming parser asked for")
-                count = write_exchange_blocks(conn, reader.blocks())
-            except Unsure:
-                # Start over with the streaming parser; it imports the file or names the problem.
-                drop_exchanges(conn, capture_id)
-                if progress is not None:
-                    progress(-reader.read_bytes)
-                converter = _HarEntries(name, capture_id, store.secret_key, options)
-                reader = _StreamImport(converter, progress)
-                count = write_exchanges(conn, reader)
-            finish_capture(conn, capture_id, entries=count, warnings=reader.warnings, sha256=reader.sha256)
-    except ImportError_:
+            count, warnings = _import_entries(conn, path, name, capture_id, store.secret_key, options, progress,
+                                              _worker_count(path, workers), block_size, fast)
+            if not force:  # another process may have imported the same file meanwhile
+                refuse_reimport(conn, name, sha256, capture_id)
+            finish_capture(conn, capture_id, entries=count, warnings=warnings)
+    except (ImportError_, AlreadyImported):
         raise
+    except ValueRefused as exc:
+        raise ImportError_(f"{name}: {_entry_of(exc)}{exc}") from None
     except (ijson.JSONError, ijson.IncompleteJSONError) as exc:
         raise ImportError_(f"{name}: not valid JSON: {_one_line(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ImportError_(f"{name}: a string in it is not valid UTF-8 ({exc.reason}): raw bytes that are not "
+                           f"UTF-8, or an escaped lone surrogate such as \\ud800") from None
     except OSError as exc:
         raise ImportError_(f"{name}: cannot read: {exc.strerror or exc}") from None
-    return ImportResult(name, capture_id, count, reader.warnings)
+    return ImportResult(name, capture_id, count, warnings)
+
+
+def _import_entries(conn, path: str, name: str, capture_id: int, key: bytes, options: CaptureOptions,
+                    progress: Progress | None, workers: int, block_size: int, fast: bool) -> tuple[int, int]:
+    """Write a file's entries as exchanges of a capture; (entries, warnings)."""
+    converter = _HarEntries(name, path, capture_id, key, options)
+    reader = _FastImport(converter, progress, workers, block_size)
+    try:
+        if not fast:
+            raise Unsure("streaming parser asked for")
+        count = write_exchange_blocks(conn, reader.blocks())
+    except Unsure:
+        # Start over with the streaming parser; it imports the file or names the problem.
+        drop_exchanges(conn, capture_id)
+        if progress is not None:
+            progress(-reader.read_bytes)
+        converter = _HarEntries(name, path, capture_id, key, options)
+        reader = _StreamImport(converter, progress)
+        count = write_exchanges(conn, reader)
+    return count, reader.warnings
+
+
+def _entry_of(exc: ValueRefused) -> str:
+    if exc.row is None:
+        return ""
+    return f"entry {exc.row[EXCHANGE_COLUMNS.index('seq')]}: "
 
 
 def _worker_count(name: str, workers: int | None) -> int:
@@ -218,18 +253,17 @@ class _FastImport:
     handed on a block at a time: generator steps per row cost this process, the
     busiest one, 400,000 Python calls per 100,000 entries (cProfile)."""
 
-    def __init__(self, name: str, converter: _HarEntries, progress: Progress | None, workers: int, block: int):
-        self.name = name
+    def __init__(self, converter: _HarEntries, progress: Progress | None, workers: int, block: int):
+        self.path = converter.path
         self.converter = converter
         self.progress = progress
         self.workers = workers
         self.block = block
         self.warnings = 0
-        self.sha256: str | None = None
         self.read_bytes = 0
 
     def blocks(self) -> Iterator[list[tuple]]:
-        with open(self.name, "rb") as fh:
+        with open(self.path, "rb") as fh:
             start = entries_offset(fh, HEAD_SCAN_LIMIT)
             fh.seek(0)
             reader = _CountingReader(fh, self.progress, skip_bom=False)
@@ -245,8 +279,6 @@ class _FastImport:
                         yield rows
             finally:
                 self.read_bytes = reader.read_bytes
-            reader.read()  # hash whatever trails the document
-            self.sha256 = reader.sha.hexdigest()
 
     def _parallel(self, blocks: Iterator[tuple[int, bytes, int, int]]) -> Iterator[list[tuple]]:
         """Workers read their blocks from the file themselves: only offsets cross the pipe."""
@@ -260,7 +292,7 @@ class _FastImport:
         conv = self.converter
         with ProcessPoolExecutor(
             self.workers, mp_context=context, initializer=_init_worker,
-            initargs=(conv.name, conv.capture_id, conv.key, conv.options),
+            initargs=(conv.name, conv.path, conv.capture_id, conv.key, conv.options),
         ) as pool:
             pending: deque[Future] = deque()
             try:
@@ -283,16 +315,16 @@ class _FastImport:
 _worker_converter: _HarEntries | None = None
 
 
-def _init_worker(name: str, capture_id: int, key: bytes, options: CaptureOptions) -> None:
+def _init_worker(name: str, path: str, capture_id: int, key: bytes, options: CaptureOptions) -> None:
     global _worker_converter
     gc.disable()  # see analyzer.gcpause; a worker lives only for one import
-    _worker_converter = _HarEntries(name, capture_id, key, options)
+    _worker_converter = _HarEntries(name, path, capture_id, key, options)
 
 
 def _convert_in_worker(first: int, offset: int, length: int) -> tuple[bytes | list[tuple], int]:
     """Rows for one block, as MessagePack: half the CPU of pickling them, on both sides."""
     assert _worker_converter is not None
-    with open(_worker_converter.name, "rb") as fh:
+    with open(_worker_converter.path, "rb") as fh:
         block = os.pread(fh.fileno(), length, offset)
     if len(block) != length:
         raise ImportError_(f"{_worker_converter.name}: the file changed while it was being imported")
@@ -313,19 +345,16 @@ class _StreamImport:
     def __init__(self, converter: _HarEntries, progress: Progress | None):
         self.converter = converter
         self.progress = progress
-        self.sha256: str | None = None
 
     @property
     def warnings(self) -> int:
         return self.converter.warnings
 
     def __iter__(self) -> Iterator[tuple]:
-        name = self.converter.name
-        with open(name, "rb") as fh:
+        with open(self.converter.path, "rb") as fh:
             reader = _CountingReader(fh, self.progress)
             for index, entry in enumerate(ijson.items(reader, "log.entries.item", use_float=True)):
                 yield exchange_row(self.converter.convert(index, self.converter.checked(index, entry)))
-            self.sha256 = reader.sha.hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -334,24 +363,21 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _CountingReader:
-    """File wrapper that skips a UTF-8 BOM, hashes what it reads and reports progress."""
+    """File wrapper that skips a UTF-8 BOM and reports progress."""
 
     def __init__(self, fh: IO[bytes], progress: Progress | None, skip_bom: bool = True) -> None:
         self._fh = fh
         self._progress = progress
-        self.sha = hashlib.sha256()
         self.read_bytes = 0
         self._pending = b""
         if skip_bom:
             first = fh.read(3)
-            self.sha.update(first)
             self._pending = b"" if first == UTF8_BOM else first
 
     def read(self, size: int = -1) -> bytes:
         if size == 0:  # ijson probes the stream type with read(0)
             return b""
         chunk = self._fh.read(size)
-        self.sha.update(chunk)
         if self._pending:
             chunk, self._pending = self._pending + chunk, b""
         self.read_bytes += len(chunk)
@@ -360,9 +386,9 @@ class _CountingReader:
         return chunk
 
 
-def _scan_head(name: str) -> dict[str, str | None]:
+def _scan_head(path: str, name: str) -> dict[str, str | None]:
     """Check the file is a HAR object with log.entries; return version/creator/browser."""
-    with open(name, "rb") as fh:
+    with open(path, "rb") as fh:
         start = fh.read(64).removeprefix(UTF8_BOM).lstrip()
         if not start:
             raise ImportError_(f"{name}: empty file, not a HAR")
@@ -400,8 +426,9 @@ def _walk_head(name: str, reader: _CountingReader) -> dict[str, Any]:
 class _HarEntries:
     """Turns the entries of one HAR file into Exchanges, counting quirks as warnings."""
 
-    def __init__(self, name: str, capture_id: int, key: bytes, options: CaptureOptions):
-        self.name = name
+    def __init__(self, name: str, path: str, capture_id: int, key: bytes, options: CaptureOptions):
+        self.name = name  # in messages
+        self.path = path  # to read
         self.capture_id = capture_id
         self.key = key
         self.options = options

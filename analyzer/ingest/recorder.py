@@ -19,14 +19,12 @@ from collections import deque
 import time
 from dataclasses import dataclass
 
-from sqlalchemy.exc import OperationalError
-
 from analyzer.model import Exchange
 from analyzer.store import (
     EXCHANGE_COLUMNS,
     Store,
+    StoreUnavailable,
     add_capture,
-    captures,
     exchange_row,
     finish_capture,
     write_exchange_blocks,
@@ -115,10 +113,9 @@ class Recorder:
             try:
                 with self.store.begin() as conn:
                     write_exchange_blocks(conn, [rows])
-                    conn.execute(captures.update().where(captures.c.id == self.capture_id)
-                                 .values(entries=self.stored + len(rows)))
+                    finish_capture(conn, self.capture_id, entries=self.stored + len(rows))
             except Exception as exc:  # noqa: BLE001 - the database, whatever it says, must not kill the proxy
-                if not isinstance(exc, OperationalError):  # not the store (locked, full) but a row: no retry helps
+                if not isinstance(exc, StoreUnavailable):  # not the store (locked, full) but a row: no retry helps
                     self._isolate(rows, exc)
                     return
                 log.error("redirect-audit: writing %d exchanges failed (attempt %d of %d): %s",

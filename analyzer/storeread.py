@@ -1,0 +1,250 @@
+"""Where a store is, whether it exists, whether its results are current, and reading it cheaply.
+
+The commands that read (`findings`, `chains`, `check`, ...) start here. On SQLite they
+read through the standard library's `sqlite3`, so that answering needs neither
+SQLAlchemy nor the analysis, whose imports alone take longer than the whole answer;
+any other engine is read through SQLAlchemy with the same SQL. The SQL here is portable
+and takes named `:parameters`, which both paths understand.
+
+A store knows whether its results are current: `meta.generation` is advanced by every
+transaction that adds or removes exchanges, and `analyze` records the generation it
+read (`meta.analyzed_generation`) with the options it ran with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from analyzer.errors import ReportedError
+
+DB_ENV = "REDIRECT_AUDIT_DB"
+DEFAULT_DB = "redirect-audit.db"
+DEMO_DB = "redirect-audit-demo.db"  # what `redirect-audit demo` writes
+SCHEMA_VERSION = 1
+DEFAULT_WAIT = 10.0  # seconds a command waits for another process's write lock
+
+GENERATION = "generation"
+ANALYZED_GENERATION = "analyzed_generation"
+ANALYSIS_OPTIONS = "analysis_options"
+
+
+class StoreError(ReportedError):
+    """The store cannot be opened, read or written; str() is one line a user can act on."""
+
+
+class StoreMissing(StoreError):
+    """A command that only reads was pointed at a store that does not exist."""
+
+
+class StoreUnavailable(StoreError):
+    """The store refused work as a whole (locked, full, read-only): trying later may help."""
+
+
+class ValueRefused(StoreError):
+    """The database refused a value in a row: trying again never helps. `row` is the row,
+    `column` the column when it could be told."""
+
+    def __init__(self, message: str, row: tuple | None = None, column: str | None = None):
+        super().__init__(message)
+        self.row = row
+        self.column = column
+
+
+def resolve_db_url(db: str | None) -> str:
+    """--db value, else $REDIRECT_AUDIT_DB, else ./redirect-audit.db; plain paths become SQLite URLs.
+
+    `postgresql://` and `postgres://` mean psycopg 3, the driver of the `postgres` extra.
+    """
+    value = db or os.environ.get(DB_ENV) or DEFAULT_DB
+    if "://" not in value:
+        return f"sqlite:///{Path(value).expanduser()}"
+    scheme, rest = value.split("://", 1)
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg://{rest}"
+    return value
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a plain SQLite URL; None for other engines, memory and URI-style SQLite URLs."""
+    if not url.startswith("sqlite:///") or "?" in url:
+        return None
+    path = url.removeprefix("sqlite:///")
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"^([a-z0-9+.-]+://[^:/@]*):[^@/]*@", r"\1:***@", url, flags=re.IGNORECASE)
+
+
+def shown(db: str | None) -> str:
+    """How to name a store in a message: the path as given for SQLite, else the safe URL."""
+    url = resolve_db_url(db)
+    path = sqlite_file(url)
+    return str(path) if path is not None else safe_url(url)
+
+
+def require_store(url: str) -> None:
+    """Refuse a SQLite store that does not exist: reading it would report on nothing."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        where = "" if path.parent.is_dir() else f" (and its directory {path.parent} does not exist)"
+        demo = path.with_name(DEMO_DB)
+        also = f" (the demo's store is {DEMO_DB}: --db {DEMO_DB})" if path.name == DEFAULT_DB and demo.exists() else ""
+        raise StoreMissing(
+            f"no store at {path}{where}: nothing was captured there; create it with "
+            f"`import-har FILE --db {path}` or `proxy --db {path}`, or pass the --db of an existing store{also}"
+        )
+
+
+def describe_error(exc: BaseException, url: str, wait: float = DEFAULT_WAIT) -> str:
+    """One line for an error the database raised, whichever driver raised it."""
+    text = _first_line(exc)
+    lowered = text.lower()
+    if "database is locked" in lowered or "database table is locked" in lowered:
+        return (f"store busy: another process holds the write lock on {safe_url(url)}; waited {wait:g} s "
+                f"(--wait SECONDS to wait longer)")
+    if "disk is full" in lowered or "no space left" in lowered:
+        return f"store full: the disk under {safe_url(url)} has no space left ({text})"
+    if "readonly database" in lowered or "read-only" in lowered:
+        return f"store read-only: {safe_url(url)} cannot be written ({text})"
+    if "unable to open database" in lowered:
+        return f"cannot open store {safe_url(url)}: {text}"
+    if "file is not a database" in lowered or "file is encrypted" in lowered:
+        return f"{safe_url(url)} is not a redirect-audit store (not an SQLite database)"
+    if "no such table" in lowered or "undefinedtable" in lowered or "does not exist" in lowered and "relation" in lowered:
+        return f"{safe_url(url)} is not a redirect-audit store ({text})"
+    return f"store {safe_url(url)}: {text}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def missing_driver(url: str, exc: ImportError) -> str:
+    """The one line for a database URL whose driver is not installed."""
+    scheme = url.split("://", 1)[0]
+    if scheme.startswith("postgresql"):
+        how = ("install the postgres extra: `uv sync --extra postgres`, or "
+               "`pip install 'redirect-audit[postgres]'`")
+    else:
+        how = f"install the Python driver SQLAlchemy uses for {scheme}://"
+    return f"cannot open store {safe_url(url)}: its database driver is not installed ({exc.name or exc}); {how}"
+
+
+# ---- reading --------------------------------------------------------------------------
+
+
+class Reader:
+    """A read connection: `rows(sql, **params)` whatever the engine."""
+
+    def __init__(self, url: str, wait: float = DEFAULT_WAIT):
+        self.url = url
+        self.wait = wait
+        self._sqlite: sqlite3.Connection | None = None
+        self._engine = None
+        self._conn = None
+        path = sqlite_file(url)
+        try:
+            if path is not None:
+                # mode=rw: never creates a file, and WAL readers need the -shm file writable
+                self._sqlite = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=wait)
+                self._sqlite.execute("PRAGMA query_only=ON")
+            else:
+                self._connect_sqlalchemy(url)
+        except ImportError as exc:
+            raise StoreError(missing_driver(url, exc)) from None
+        except Exception as exc:  # noqa: BLE001 - sqlite3's or SQLAlchemy's; named below
+            raise StoreError(describe_error(exc, url, wait)) from None
+
+    def _connect_sqlalchemy(self, url: str) -> None:
+        from sqlalchemy import create_engine
+
+        self._engine = create_engine(url)
+        self._conn = self._engine.connect()
+
+    def rows(self, sql: str, **params: Any) -> list[tuple]:
+        try:
+            if self._sqlite is not None:
+                return self._sqlite.execute(sql, params).fetchall()
+            from sqlalchemy import text
+
+            return [tuple(r) for r in self._conn.execute(text(sql), params)]
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(describe_error(exc, self.url, self.wait)) from None
+
+    def value(self, sql: str, **params: Any) -> Any:
+        found = self.rows(sql, **params)
+        return found[0][0] if found else None
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._engine.dispose()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_reader(db: str | None, wait: float = DEFAULT_WAIT) -> Reader:
+    """A reader on an existing store (a missing SQLite file is refused, never created)."""
+    url = resolve_db_url(db)
+    require_store(url)
+    reader = Reader(url, wait)
+    try:
+        check_schema(reader)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """What a reading command needs to know before it answers."""
+
+    generation: int  # advanced by every change to the exchanges
+    analyzed: int | None  # the generation the last analysis read; None: never analyzed
+    options: dict | None  # the options of the last analysis
+    exchanges: int  # -1: not counted
+
+    @property
+    def is_current(self) -> bool:
+        return self.analyzed is not None and self.analyzed == self.generation
+
+
+def check_schema(reader: Reader) -> dict[str, str]:
+    """The store's meta table, after checking that this release can read it."""
+    meta = dict(reader.rows("SELECT key, value FROM meta"))
+    version = meta.get("schema_version")
+    if version is None:
+        raise StoreError(f"{safe_url(reader.url)} is not a redirect-audit store (no schema version)")
+    if version != str(SCHEMA_VERSION):
+        raise StoreError(f"store {safe_url(reader.url)} has schema version {version}, "
+                         f"this redirect-audit reads version {SCHEMA_VERSION}")
+    return meta
+
+
+def store_state(reader: Reader, count: bool = True) -> StoreState:
+    """Generations, last analysis options and (with `count`) how many exchanges are stored."""
+    meta = dict(reader.rows("SELECT key, value FROM meta"))
+    analyzed = meta.get(ANALYZED_GENERATION)
+    options = meta.get(ANALYSIS_OPTIONS)
+    return StoreState(
+        generation=int(meta.get(GENERATION) or 0),
+        analyzed=None if analyzed is None else int(analyzed),
+        options=json.loads(options) if options else None,
+        exchanges=(reader.value("SELECT COUNT(*) FROM exchanges") or 0) if count else -1,
+    )
