@@ -1,14 +1,14 @@
 """The `redirect-audit` command (and `python -m analyzer`).
 
-Kept to the standard library so that Ctrl-C is handled before anything heavy loads:
+Kept to built-in modules so that Ctrl-C is handled before anything loads:
 the first Ctrl-C interrupts the work in hand, which then rolls back and says what was
 stored (one line, exit 130); a second one while that happens stops at once.
 """
 
 from __future__ import annotations
 
+import _signal  # the built-in module under `signal`: nothing to load before the handler is set
 import os
-import signal
 import sys
 
 EXIT_INTERRUPTED = 130
@@ -25,8 +25,8 @@ def _on_sigint(signum, frame) -> None:
 
 
 def main() -> None:
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored
-        signal.signal(signal.SIGINT, _on_sigint)
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not when Ctrl-C is ignored
+        _signal.signal(_signal.SIGINT, _on_sigint)
     try:
         from analyzer.cli import main as run
     except KeyboardInterrupt:

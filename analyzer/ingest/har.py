@@ -13,9 +13,11 @@ import binascii
 import gc
 import multiprocessing
 import os
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,7 +218,8 @@ def _import_entries(conn, path: str, name: str, capture_id: int, key: bytes, opt
     try:
         if not fast:
             raise Unsure("streaming parser asked for")
-        count = write_exchange_blocks(conn, reader.blocks())
+        with closing(reader.blocks()) as blocks:  # closed at once on failure: its workers stop
+            count = write_exchange_blocks(conn, blocks)
     except Unsure:
         # Start over with the streaming parser; it imports the file or names the problem.
         drop_exchanges(conn, capture_id)
@@ -297,11 +300,15 @@ class _FastImport:
             pending: deque[Future] = deque()
             try:
                 for first, block, _, offset in blocks:
-                    pending.append(pool.submit(_convert_in_worker, first, offset, len(block)))
+                    with _sigint_held():  # the first submit forks the workers: they must not get Ctrl-C
+                        pending.append(pool.submit(_convert_in_worker, first, offset, len(block)))
                     if len(pending) > 2 * self.workers:
                         yield self._collect(pending.popleft())
                 while pending:
                     yield self._collect(pending.popleft())
+            except BaseException:  # Ctrl-C, a failure, or the consumer gave up (GeneratorExit)
+                _stop_workers(pool)  # what they are still converting is not wanted
+                raise
             finally:
                 for future in pending:
                     future.cancel()
@@ -315,8 +322,33 @@ class _FastImport:
 _worker_converter: _HarEntries | None = None
 
 
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT blocked on this thread for a moment: a worker forked meanwhile starts with it
+    blocked too, until _init_worker has set it to be ignored. Ctrl-C reaches the whole
+    process group; the import's own process answers it, and a worker that got it too
+    would print a traceback of its own. A Ctrl-C that comes meanwhile is delivered after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the workers now: their blocks belong to an import that is being abandoned."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+
+
 def _init_worker(name: str, path: str, capture_id: int, key: bytes, options: CaptureOptions) -> None:
     global _worker_converter
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _sigint_held
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     gc.disable()  # see analyzer.gcpause; a worker lives only for one import
     _worker_converter = _HarEntries(name, path, capture_id, key, options)
 

@@ -1,0 +1,202 @@
+"""Ctrl-C as a user gives it: SIGINT to the whole process group of a command running on a
+terminal (a pseudo-terminal here), at several moments of its work, many times over.
+
+Every trial must end within a bound (no hang), with exit status 130 (or 0 when the work
+was already done), one line saying what happened and no traceback, no worker process
+left behind, and a store that holds all of the interrupted file or none of it.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from test_har_fastpath import entry, write_har
+
+ENTRIES = 100_000  # ~53 MB: an import takes seconds here, so a Ctrl-C lands in the middle of it
+BOUND = 60  # seconds a trial may take, interrupted or not
+
+
+class Trial:
+    """One command on a pseudo-terminal, in a process group of its own, as a shell runs it."""
+
+    def __init__(self, *args: str, cwd: Path, program: list[str] | None = None):
+        master, slave = pty.openpty()
+        self.proc = subprocess.Popen([*(program or [sys.executable, "-m", "analyzer"]), *args], stdin=slave, stdout=slave,
+                                     stderr=slave, cwd=cwd, start_new_session=True, env={**os.environ,
+                                                                                           "COLUMNS": "100"})
+        os.close(slave)
+        self.master = master
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    def ctrl_c(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+        except ProcessLookupError:
+            pass
+
+    def finish(self) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout=BOUND)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(f"hung: still running {BOUND} s after Ctrl-C; output: {self.output()[-2000:]!r}")
+        self.reader.join(5)
+        os.close(self.master)
+        return code, self.output()
+
+    def output(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def group_is_gone(self) -> bool:
+        """No process of the command's group is left (its workers included)."""
+        for _ in range(50):
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def exchanges_in(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+        return conn.execute("select count(*) from exchanges").fetchone()[0]
+
+
+def chains_in(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select count(*) from chains").fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("interrupts") / "big.har"
+    write_har(path, [entry(i) for i in range(ENTRIES)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_store(big, tmp_path_factory) -> Path:
+    """The big file imported but not analyzed yet."""
+    db = tmp_path_factory.mktemp("interrupts-store") / "big.db"
+    done = run_cli("import-har", str(big), "--db", str(db), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return db
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+
+
+# Moments (seconds after the start) at which Ctrl-C is given: before the modules are
+# loaded, while they load, and at several points of the work.
+IMPORT_MOMENTS = [0.02, 0.3, 0.8, 1.5, 2.5, 4.0]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"], ids=["serial", "parallel"])
+@pytest.mark.parametrize("moment", IMPORT_MOMENTS)
+def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
+    db = tmp_path / "s.db"
+    small = ROOT / "tests" / "fixtures" / "rules" / "md-307-post-to-get.har"
+    trial = Trial("import-har", str(small), str(big), "--db", str(db), "--workers", workers, cwd=tmp_path)
+    time.sleep(moment)
+    trial.ctrl_c()
+    code, out = trial.finish()
+    no_traceback(out)
+    assert trial.group_is_gone(), "a worker process outlived the command"
+    if code in (0, -signal.SIGINT) and "imported 100000 entries" in out:
+        # done before the signal arrived (or it came as the interpreter exited, when
+        # Python has given SIGINT back to the system: a shell reports that as 130 too)
+        assert exchanges_in(db) == 2 + ENTRIES
+        return
+    assert code == 130, out[-2000:]
+    stored = exchanges_in(db) if db.exists() else 0
+    assert stored in (0, 2), "the interrupted file was stored in part"
+    if stored == 2:  # the small file went in first; nothing of the big one
+        assert f"redirect-audit: interrupted: nothing of {big} was stored; the 1 file(s) before it were stored" \
+            in out, out[-2000:]
+    else:
+        assert "redirect-audit: interrupted" in out, out[-2000:]
+    lines = [line for line in out.replace("\r", "\n").splitlines() if "redirect-audit" in line]
+    assert len(lines) == 1, lines  # one line says it
+
+
+@pytest.mark.parametrize("moment", [0.3, 1.0, 2.0])
+def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, tmp_path, moment):
+    db = tmp_path / "a.db"
+    shutil.copy(big_store, db)
+    trial = Trial("analyze", "--db", str(db), cwd=tmp_path)
+    time.sleep(moment)
+    trial.ctrl_c()
+    code, out = trial.finish()
+    no_traceback(out)
+    if code in (0, -signal.SIGINT) and "finding(s)" in out:
+        assert chains_in(db) > 0
+        return
+    assert code == 130
+    said = [line.strip() for line in out.splitlines() if "redirect-audit" in line]
+    assert said in (["redirect-audit: interrupted: the analysis was not stored; the store's earlier results are "
+                     "unchanged"], ["redirect-audit: interrupted"]), said  # the latter: before it began
+    assert chains_in(db) == 0 and exchanges_in(db) == ENTRIES
+
+
+@pytest.mark.parametrize("moment", [0.5, 2.0, 4.0])
+def test_ctrl_c_during_a_report_leaves_no_half_file(big_store, tmp_path, moment):
+    db = tmp_path / "r.db"
+    shutil.copy(big_store, db)
+    report = tmp_path / "report.html"
+    trial = Trial("findings", "--db", str(db), "--format", "html", "-o", str(report), cwd=tmp_path)
+    time.sleep(moment)
+    trial.ctrl_c()
+    code, out = trial.finish()
+    no_traceback(out)
+    assert trial.group_is_gone()
+    if code in (0, -signal.SIGINT) and "wrote" in out:
+        assert report.stat().st_size > 0
+        return
+    assert code == 130 and "redirect-audit: interrupted" in out
+    assert not report.exists()
+    exchanges_in(db)  # and the store is intact
+
+
+@pytest.mark.parametrize("moment", [0.03, 0.05, 0.1, 0.2])
+def test_ctrl_c_while_starting(tmp_path, moment):
+    """The installed command, interrupted while its modules load. (The interpreter's own
+    start, the first ~15 ms here, is before any code of ours runs: there a Ctrl-C gets
+    Python's own handling.)"""
+    script = Path(sys.executable).parent / "redirect-audit"
+    assert script.exists(), "the console script is installed with the package"
+    trial = Trial("rules", cwd=tmp_path, program=[str(script)])
+    time.sleep(moment)
+    trial.ctrl_c()
+    code, out = trial.finish()
+    no_traceback(out)
+    assert code in (0, 130, -signal.SIGINT), out
+    if code == 130:
+        assert "redirect-audit: interrupted" in out
