@@ -143,12 +143,12 @@ def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, bo
     """
     from analyzer.ingest import CaptureOptions, import_har
 
-    store = _open_for_writing(db, wait)
+    store = _StoreOnDemand(db, wait)
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
 
     def one(path: str, name: str):
         return _with_progress(path, name, lambda progress: import_har(
-            store, path, options, progress, workers=workers, force=force, name=name))
+            store.get(), path, options, progress, workers=workers, force=force, name=name))
 
     _import_files(files, one, "entries")
 
@@ -165,15 +165,29 @@ def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, 
     from analyzer.ingest import CaptureOptions
     from analyzer.ingest.flows import import_flows  # the one module that needs mitmproxy
 
-    store = _open_for_writing(db, wait)
+    store = _StoreOnDemand(db, wait)
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
-    _import_files(files, lambda path, name: import_flows(store, path, options, force=force, name=name), "flows")
+    _import_files(files, lambda path, name: import_flows(store.get(), path, options, force=force, name=name),
+                  "flows")
 
 
 def _open_for_writing(db: str | None, wait: float):
     from analyzer.store import open_store
 
     return open_store(db, wait=wait)
+
+
+class _StoreOnDemand:
+    """The store an import writes to, opened (and created) for the first file that can be
+    read: `import-har missing.har` must not leave an empty store behind."""
+
+    def __init__(self, db: str | None, wait: float):
+        self.db, self.wait, self._store = db, wait, None
+
+    def get(self):
+        if self._store is None:
+            self._store = _open_for_writing(self.db, self.wait)
+        return self._store
 
 
 def _import_files(files: tuple[str, ...], import_one: Callable, noun: str) -> None:
@@ -186,6 +200,8 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str) -> No
     for given in files:
         name = "<stdin>" if given == "-" else given
         try:
+            if given != "-":
+                _check_readable(given)
             with _readable(given) as path:
                 result = import_one(path, name)
         except KeyboardInterrupt:
@@ -211,6 +227,16 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str) -> No
         _say(f"imported {result.entries} {noun} from {name} as capture {result.capture_id}{note}")
     if failed:
         raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def _check_readable(path: str) -> None:
+    try:
+        if Path(path).is_dir():
+            raise UserError(f"{path}: is a directory, not a capture file")
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 @contextmanager

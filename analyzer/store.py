@@ -57,6 +57,7 @@ from analyzer.storeread import (  # noqa: F401 - re-exported: where a store is a
     require_store,
     resolve_db_url,
     safe_url,
+    url_shown,
 )
 
 BATCH_SIZE = 2000
@@ -239,7 +240,7 @@ def _schema_key(conn: Connection, url: str) -> bytes:
         )
         return bytes.fromhex(conn.execute(select(meta.c.value).where(meta.c.key == "hmac_key")).scalar_one())
     if rows["schema_version"] != str(SCHEMA_VERSION):
-        raise StoreError(f"store {safe_url(url)} has schema version {rows['schema_version']}, "
+        raise StoreError(f"store {url_shown(url)} has schema version {rows['schema_version']}, "
                          f"this redirect-audit reads version {SCHEMA_VERSION}")
     return bytes.fromhex(rows["hmac_key"])
 

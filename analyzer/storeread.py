@@ -85,7 +85,10 @@ def safe_url(url: str) -> str:
 
 def shown(db: str | None) -> str:
     """How to name a store in a message: the path as given for SQLite, else the safe URL."""
-    url = resolve_db_url(db)
+    return url_shown(resolve_db_url(db))
+
+
+def url_shown(url: str) -> str:
     path = sqlite_file(url)
     return str(path) if path is not None else safe_url(url)
 
@@ -108,19 +111,19 @@ def describe_error(exc: BaseException, url: str, wait: float = DEFAULT_WAIT) -> 
     text = _first_line(exc)
     lowered = text.lower()
     if "database is locked" in lowered or "database table is locked" in lowered:
-        return (f"store busy: another process holds the write lock on {safe_url(url)}; waited {wait:g} s "
+        return (f"store busy: another process holds the write lock on {url_shown(url)}; waited {wait:g} s "
                 f"(--wait SECONDS to wait longer)")
     if "disk is full" in lowered or "no space left" in lowered:
-        return f"store full: the disk under {safe_url(url)} has no space left ({text})"
+        return f"store full: the disk under {url_shown(url)} has no space left ({text})"
     if "readonly database" in lowered or "read-only" in lowered:
-        return f"store read-only: {safe_url(url)} cannot be written ({text})"
+        return f"store read-only: {url_shown(url)} cannot be written ({text})"
     if "unable to open database" in lowered:
-        return f"cannot open store {safe_url(url)}: {text}"
+        return f"cannot open store {url_shown(url)}: {text}"
     if "file is not a database" in lowered or "file is encrypted" in lowered:
-        return f"{safe_url(url)} is not a redirect-audit store (not an SQLite database)"
+        return f"{url_shown(url)} is not a redirect-audit store (not an SQLite database)"
     if "no such table" in lowered or "undefinedtable" in lowered or "does not exist" in lowered and "relation" in lowered:
-        return f"{safe_url(url)} is not a redirect-audit store ({text})"
-    return f"store {safe_url(url)}: {text}"
+        return f"{url_shown(url)} is not a redirect-audit store ({text})"
+    return f"store {url_shown(url)}: {text}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,7 +139,7 @@ def missing_driver(url: str, exc: ImportError) -> str:
                "`pip install 'redirect-audit[postgres]'`")
     else:
         how = f"install the Python driver SQLAlchemy uses for {scheme}://"
-    return f"cannot open store {safe_url(url)}: its database driver is not installed ({exc.name or exc}); {how}"
+    return f"cannot open store {url_shown(url)}: its database driver is not installed ({exc.name or exc}); {how}"
 
 
 # ---- reading --------------------------------------------------------------------------
@@ -230,9 +233,9 @@ def check_schema(reader: Reader) -> dict[str, str]:
     meta = dict(reader.rows("SELECT key, value FROM meta"))
     version = meta.get("schema_version")
     if version is None:
-        raise StoreError(f"{safe_url(reader.url)} is not a redirect-audit store (no schema version)")
+        raise StoreError(f"{url_shown(reader.url)} is not a redirect-audit store (no schema version)")
     if version != str(SCHEMA_VERSION):
-        raise StoreError(f"store {safe_url(reader.url)} has schema version {version}, "
+        raise StoreError(f"store {url_shown(reader.url)} has schema version {version}, "
                          f"this redirect-audit reads version {SCHEMA_VERSION}")
     return meta
 

@@ -349,7 +349,7 @@ def test_a_locked_store_is_one_line_per_file_and_nothing_is_stored(tmp_path):
         done = run_cli("import-har", "--db", db, "--wait", "0.5", *files)
         assert done.returncode == 2
         assert stderr_lines(done) == [
-            f"redirect-audit: error: {f}: store busy: another process holds the write lock on sqlite:///{db}; "
+            f"redirect-audit: error: {f}: store busy: another process holds the write lock on {db}; "
             "waited 0.5 s (--wait SECONDS to wait longer)" for f in files]
         busy = run_cli("findings", "--db", db, "--wait", "0.2")  # must analyze, so must write
         assert busy.returncode == 2 and stderr_lines(busy)[-1].startswith("redirect-audit: error: store busy:")
@@ -521,4 +521,14 @@ def test_proxy_on_a_busy_port_or_an_unusable_store_says_so_before_any_banner(tmp
     nowhere = run_cli("proxy", "--db", str(tmp_path / "no" / "such" / "dir" / "p.db"), "-p", "0", timeout=60)
     assert nowhere.returncode == 2 and nowhere.stdout == ""
     [line] = stderr_lines(nowhere)
-    assert line.startswith("redirect-audit: error: cannot open store sqlite:///") and "unable to open" in line
+    assert line.startswith(f"redirect-audit: error: cannot open store {tmp_path / 'no'}") and "unable to open" in line
+
+
+def test_an_import_of_files_that_cannot_be_read_creates_no_store(tmp_path):
+    db = tmp_path / "new.db"
+    done = run_cli("import-har", "--db", str(db), str(tmp_path / "missing.har"), str(tmp_path))
+    assert done.returncode == 2
+    assert stderr_lines(done) == [
+        f"redirect-audit: error: {tmp_path / 'missing.har'}: cannot read: No such file or directory",
+        f"redirect-audit: error: {tmp_path}: is a directory, not a capture file"]
+    assert not db.exists()

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_proxy_command_prints_where_things_are_and_records(tmp_path, upstream):
     proc = subprocess.Popen(
         [sys.executable, "-m", "analyzer", "proxy", "--db", str(db), "-p", str(port), "--confdir", str(confdir),
          "--set", "termlog_verbosity=info"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "UV_RUN_RECURSION_DEPTH": ""},
     )
     try:
         wait_for_port(port)
@@ -114,6 +116,11 @@ def test_proxy_command_prints_where_things_are_and_records(tmp_path, upstream):
     assert (confdir / "mitmproxy-ca-cert.pem").exists()
     assert "saw 2 exchanges, stored 2" in out
     assert len(stored_urls(db)) == 2
+    # the banner's last line is a command that shows this store's findings, and it works
+    [then] = re.findall(r"stop with Ctrl-C; then: (.*)", out)
+    assert then == f"redirect-audit findings --db {db}"
+    shown = run_cli(*shlex.split(then)[1:])
+    assert shown.returncode == 0 and "No findings in 2 exchange(s)." in shown.stdout
 
 
 def test_reverse_mode_is_passed_through(tmp_path, upstream):

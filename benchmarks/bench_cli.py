@@ -1,0 +1,71 @@
+"""How fast the command line answers: `--help`, a usage mistake, `findings` on the demo store.
+
+    uv run python benchmarks/bench_cli.py [--runs 15] [--command PATH]
+
+Each case runs as a fresh process, as a user types it, `--runs` times; the script prints
+the median and the spread (min-max) in seconds. `findings` reads a demo store built once
+in a temporary directory and analyzed, so it measures answering from current results;
+"findings, stale" adds one import first, so the store is analyzed again on its own.
+`--command` times another build of the tool (say an older checkout's
+.venv/bin/redirect-audit) against the same store.
+
+Targets (issue 16): `--help` and a usage error <= 0.3 s, `findings` on the demo <= 0.6 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "rules" / "md-307-post-to-get.har"
+
+
+def timed(command: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--command", default=str(Path(sys.executable).parent / "redirect-audit"))
+    args = parser.parse_args()
+    tool = [args.command]
+    work = Path(tempfile.mkdtemp(prefix="bench-cli-"))
+    try:
+        demo = work / "demo.db"
+        subprocess.run([str(Path(sys.executable).parent / "redirect-audit"), "demo", "--db", str(demo)],
+                       cwd=work, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run([*tool, "findings", "--db", str(demo)], cwd=work, stdout=subprocess.DEVNULL, check=False)
+        cases = {
+            "--help": [*tool, "--help"],
+            "usage error (findings --formt json)": [*tool, "findings", "--formt", "json"],
+            "findings on the demo store": [*tool, "findings", "--db", str(demo)],
+        }
+        print(f"{args.command}, {args.runs} runs each, seconds: median (min-max)")
+        for name, command in cases.items():
+            times = [timed(command, work) for _ in range(args.runs)]
+            print(f"  {name:40} {statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})")
+        stale = []
+        for i in range(min(args.runs, 5)):
+            copy = work / f"stale-{i}.db"
+            shutil.copy(demo, copy)
+            subprocess.run([str(Path(sys.executable).parent / "redirect-audit"), "import-har", "--db", str(copy),
+                            str(FIXTURE)], cwd=work, stdout=subprocess.DEVNULL, check=True)
+            stale.append(timed([*tool, "findings", "--db", str(copy)], work))
+        print(f"  {'findings, stale (analyzes first)':40} {statistics.median(stale):.3f} "
+              f"({min(stale):.3f}-{max(stale):.3f})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
