@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 
 from analyzer import frames, plots
 from analyzer.detectors import RULES
-from analyzer.store import safe_url
+from analyzer.report import hop_text
+from analyzer.storeread import url_shown
 
 SEVERITIES = ("high", "medium", "low", "info")
 
@@ -46,14 +47,15 @@ def render(db: str | None, records: list[dict]) -> str:
     ]
     by_rule = {rule.slug: [] for rule in RULES}
     for r in records:
-        by_rule.setdefault(r["rule"], []).append({**r, "pointer": _pointer(r["capture"])})
+        by_rule.setdefault(r["rule"], []).append({**r, "pointer": _pointer(r["capture"]),
+                                                  "follow": hop_text(r).split(" → ", 1)[1]})
     rules = [{"id": rule.id, "slug": rule.slug, "summary": rule.summary, "doc": rule.doc,
               "findings": by_rule[rule.slug]} for rule in RULES]
     counts = Counter(r["severity"] for r in records)
     env = Environment(loader=PackageLoader("analyzer", "templates"), autoescape=select_autoescape(["html", "j2"]))
     exchanges = frames.exchanges(db, columns=("id",))
     return env.get_template("report.html.j2").render(
-        store=safe_url(frames.resolve_db_url(db)), generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        store=url_shown(frames.resolve_db_url(db)), generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         exchanges=len(exchanges), chains=len(chains), figures=figures, rules=rules,
         counts=[(s, counts[s]) for s in SEVERITIES if counts[s]],
     )
