@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 from sqlalchemy import (
@@ -57,6 +58,7 @@ from analyzer.storeread import (  # noqa: F401 - re-exported: where a store is a
     require_store,
     resolve_db_url,
     safe_url,
+    sqlite_file,
     url_shown,
 )
 
@@ -212,6 +214,9 @@ def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFA
     url = resolve_db_url(db)
     if not create:
         require_store(url)
+    path = sqlite_file(url)
+    new_file = path is not None and not path.exists()
+    engine = None
     try:
         engine = create_engine(url)
         if engine.dialect.name == "sqlite":
@@ -220,11 +225,22 @@ def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFA
             if create:
                 metadata.create_all(conn)
             key = _schema_key(conn, url)
-    except SQLAlchemyError as exc:
-        raise StoreError(describe_error(exc, url, wait)) from None
-    except ImportError as exc:
-        raise StoreError(missing_driver(url, exc)) from None
+    except BaseException as exc:
+        if engine is not None:
+            engine.dispose()
+        if new_file:  # a store that was never finished is no store: leave no file that looks like one
+            _remove_sqlite_files(path)
+        if isinstance(exc, SQLAlchemyError):
+            raise StoreError(describe_error(exc, url, wait)) from None
+        if isinstance(exc, ImportError):
+            raise StoreError(missing_driver(url, exc)) from None
+        raise
     return Store(engine=engine, url=url, secret_key=key, wait=wait)
+
+
+def _remove_sqlite_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def _schema_key(conn: Connection, url: str) -> bytes:
