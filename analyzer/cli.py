@@ -150,7 +150,7 @@ def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, bo
         return _with_progress(path, name, lambda progress: import_har(
             store.get(), path, options, progress, workers=workers, force=force, name=name))
 
-    _import_files(files, one, "entries")
+    _import_files(files, one, "entries", store)
 
 
 @cli.command("import-flows")
@@ -168,7 +168,7 @@ def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, 
     store = _StoreOnDemand(db, wait)
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
     _import_files(files, lambda path, name: import_flows(store.get(), path, options, force=force, name=name),
-                  "flows")
+                  "flows", store)
 
 
 def _open_for_writing(db: str | None, wait: float):
@@ -189,8 +189,19 @@ class _StoreOnDemand:
             self._store = _open_for_writing(self.db, self.wait)
         return self._store
 
+    def newest_capture(self) -> int:
+        """The highest capture id so far (0 before the store is opened)."""
+        if self._store is None:
+            return 0
+        from sqlalchemy import func, select
 
-def _import_files(files: tuple[str, ...], import_one: Callable, noun: str) -> None:
+        from analyzer.store import captures
+
+        with self._store.begin() as conn:
+            return conn.execute(select(func.max(captures.c.id))).scalar() or 0
+
+
+def _import_files(files: tuple[str, ...], import_one: Callable, noun: str, store: _StoreOnDemand) -> None:
     """Import each file in turn: a file that fails is named in one line and the others
     still go in; exit status 2 at the end if any failed. Ctrl-C stops at the file in hand,
     of which nothing is stored."""
@@ -199,14 +210,14 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str) -> No
     failed, stored = 0, 0
     for given in files:
         name = "<stdin>" if given == "-" else given
+        newest = store.newest_capture()
         try:
             if given != "-":
                 _check_readable(given)
             with _readable(given) as path:
                 result = import_one(path, name)
         except KeyboardInterrupt:
-            before = f"; the {stored} file(s) before it were stored" if stored else ""
-            raise Interrupted(f"interrupted: nothing of {name} was stored{before}") from None
+            raise Interrupted(_interrupted_import(name, stored, store, newest)) from None
         except AlreadyImported as exc:
             _say(str(exc))
             continue
@@ -227,6 +238,15 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str) -> No
         _say(f"imported {result.entries} {noun} from {name} as capture {result.capture_id}{note}")
     if failed:
         raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def _interrupted_import(name: str, stored: int, store: _StoreOnDemand, newest: int) -> str:
+    """What to say after Ctrl-C during the import of `name`. The store is asked, since the
+    signal can come after the file's transaction committed and before the import returned."""
+    before = f"; the {stored} file(s) before it were stored" if stored else ""
+    if store.newest_capture() > newest:
+        return f"interrupted: {name} was stored just before{before}; nothing after it was imported"
+    return f"interrupted: nothing of {name} was stored{before}"
 
 
 def _check_readable(path: str) -> None:

@@ -306,10 +306,12 @@ class _FastImport:
                         yield self._collect(pending.popleft())
                 while pending:
                     yield self._collect(pending.popleft())
-            except BaseException:  # Ctrl-C, a failure, or the consumer gave up (GeneratorExit)
-                _stop_workers(pool)  # what they are still converting is not wanted
-                raise
             finally:
+                # On Ctrl-C, a failure or the consumer giving up (GeneratorExit), what was not
+                # started is cancelled and the pool waits for the blocks in hand (a fraction of
+                # a second). The workers are not killed: one killed while writing its result
+                # leaves half a message in the pipe, and the pool's reader waits for the rest
+                # forever (seen: 1 Ctrl-C in 60 hung that way).
                 for future in pending:
                     future.cancel()
 
@@ -336,13 +338,6 @@ def _sigint_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """End the workers now: their blocks belong to an import that is being abandoned."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        if process.is_alive():
-            process.terminate()
 
 
 def _init_worker(name: str, path: str, capture_id: int, key: bytes, options: CaptureOptions) -> None:
