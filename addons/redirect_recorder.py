@@ -40,6 +40,7 @@ from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import LiveAnalyzer
 from analyzer.model import Exchange, Finding
 from analyzer.store import StoreError, exchanges, load_exchanges, open_store, safe_url
+from analyzer.text import printable
 
 log = logging.getLogger("redirect_audit")
 
@@ -56,6 +57,17 @@ TEMPORARY = (302, 303, 307)
 # for the request in between.
 CONVERT_BATCH = 64
 CONVERT_DELAY = 0.05  # seconds; findings and stored rows wait at most this long for a batch
+
+
+def _after(finding: Finding, target: Exchange) -> str:
+    """What came after the redirect, as every other output says it: the follow-up, or
+    `not followed (Location ...)` for a redirect nobody followed."""
+    chain = finding.chain
+    if chain is not None and finding.hop < len(chain.hops) and chain.hops[finding.hop].target is None:
+        source = chain.hops[finding.hop].source
+        where = source.location_resolved or source.location
+        return f"not followed (Location {where})" if where else "not followed (no Location)"
+    return f"{target.method} {target.url}"
 
 
 class RedirectRecorder:
@@ -212,9 +224,9 @@ class RedirectRecorder:
             source = target
             if finding.chain is not None and finding.hop < len(finding.chain.hops):
                 source = finding.chain.hops[finding.hop].source
-            log.warning("redirect-audit %s %s [%s] %s %s -> %s -> %s %s: %s", finding.rule_id, finding.rule,
-                        finding.severity, source.method, source.url, source.status, target.method, target.url,
-                        finding.message)
+            log.warning("redirect-audit %s %s [%s] %s %s -> %s -> %s: %s", finding.rule_id, finding.rule,
+                        finding.severity, printable(source.method), printable(source.url), source.status,
+                        printable(_after(finding, target)), printable(finding.message))
             involved = [source, target] if source is not target else [target]
             for ex in involved:
                 flow = self.flows.get(ex.id)

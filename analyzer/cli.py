@@ -21,6 +21,7 @@ import click
 
 from analyzer import __version__
 from analyzer.errors import ReportedError
+from analyzer.text import printable
 
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
@@ -455,9 +456,9 @@ def _write_findings(format_: str, records: list[dict], chain_list: list[dict], d
         import json
 
         from analyzer import exports
+        from analyzer.text import json_terminal_safe
 
-        json.dump(exports.sarif(records), out, indent=2, ensure_ascii=False)
-        out.write("\n")
+        out.write(json_terminal_safe(json.dumps(exports.sarif(records), indent=2, ensure_ascii=False)) + "\n")
     elif format_ == "junit":
         from analyzer import exports
 
@@ -508,7 +509,7 @@ def check_cmd(db: str | None, no_analyze: bool, wait: float, fail_on: str, basel
     known = exports.read_baseline(Path(baseline)) if baseline is not None else set()
     failing = exports.gate(records, floor, known)
     for r in failing:
-        _say(f"NEW {r['severity']:6} {r['rule_id']} {r['rule']}: {_plain(hop_text(r))}")
+        _say(f"NEW {r['severity']:6} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
     quiet = len(records) - len(failing)
     _say(f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
          f" ({quiet} other finding(s) known or below the bar; {state.exchanges} exchange(s) checked)")
@@ -681,14 +682,9 @@ def _say(line: str) -> None:
         raise PipeClosed() from None
 
 
-def _plain(text: str) -> str:
-    """Text from a capture as one printable line: control characters escaped."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 def _error(message: str) -> None:
     """One line on stderr, never wrapped."""
-    click.echo(f"redirect-audit: error: {_plain(' '.join(str(message).split()))}", err=True)
+    click.echo(f"redirect-audit: error: {printable(' '.join(str(message).split()))}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ they say the same thing as `findings --format json`.
 
 from __future__ import annotations
 
+import html
 import json
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
@@ -26,6 +27,7 @@ from analyzer.detectors import RULES
 from analyzer.errors import ReportedError
 from analyzer.model import Severity
 from analyzer.report import hop_text
+from analyzer.text import printable, xml_safe
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SARIF_LEVEL = {"high": "error", "medium": "warning", "low": "note", "info": "note"}
@@ -121,11 +123,12 @@ def junit(findings: list[dict], chains: list[dict]) -> str:
 
 
 def _case(suite: ET.Element, client: str, name: str, found: list[dict]) -> None:
-    case = ET.SubElement(suite, "testcase", classname=f"redirect-audit.{client}", name=name)
+    # Whatever a capture holds, the file stays XML: characters XML 1.0 cannot hold are escaped.
+    case = ET.SubElement(suite, "testcase", classname=xml_safe(f"redirect-audit.{client}"), name=xml_safe(name))
     for f in found:
-        failure = ET.SubElement(case, "failure", type=f"{f['rule_id']} {f['rule']}", message=f["message"])
-        failure.text = (f"severity {f['severity']}, hop {f['hop']}: {hop_text(f)}\n"
-                        f"evidence: {json.dumps(f['evidence'], sort_keys=True)}")
+        failure = ET.SubElement(case, "failure", type=f"{f['rule_id']} {f['rule']}", message=xml_safe(f["message"]))
+        failure.text = xml_safe(f"severity {f['severity']}, hop {f['hop']}: {hop_text(f)}\n"
+                                f"evidence: {json.dumps(f['evidence'], sort_keys=True)}")
 
 
 # ---- Markdown ------------------------------------------------------------------
@@ -152,7 +155,9 @@ def markdown(records: list[dict]) -> str:
 
 
 def _md(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A table cell: HTML escaped (a renderer would run `<img onerror=...>`), pipes escaped,
+    control characters written as escapes."""
+    return html.escape(printable(text), quote=False).replace("|", "\\|").replace("`", "\\`")
 
 
 # ---- the CI gate -------------------------------------------------------------

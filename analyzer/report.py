@@ -18,6 +18,7 @@ from rich.tree import Tree
 
 from analyzer.model import Severity
 from analyzer.storeread import Reader
+from analyzer.text import json_terminal_safe, printable
 
 SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
@@ -185,13 +186,12 @@ def hop_changes(source: dict, target: dict | None) -> list[str]:
 
 
 def write_json(records: list[dict], out) -> None:
-    json.dump(records, out, indent=2, ensure_ascii=False)
-    out.write("\n")
+    out.write(json_terminal_safe(json.dumps(records, indent=2, ensure_ascii=False)) + "\n")
 
 
 def write_jsonl(records: Iterable[dict], out) -> None:
     for record in records:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.write(json_terminal_safe(json.dumps(record, ensure_ascii=False)) + "\n")
 
 
 def print_findings_table(records: list[dict], console: Console, scope: str = "") -> None:
@@ -206,10 +206,10 @@ def print_findings_table(records: list[dict], console: Console, scope: str = "")
         style = SEVERITY_STYLE[r["severity"]]
         console.print(
             f"[{style}]{r['severity'].upper():<6}[/] [bold]{r['rule']}[/] ({r['rule_id']}) · {where} · "
-            f"confidence {r['confidence']:.2f} · {escape(_pointer_text(r['capture']))}"
+            f"confidence {r['confidence']:.2f} · {_shown(_pointer_text(r['capture']))}"
         )
-        console.print(f"       {escape(hop_text(r))}", style="dim", highlight=False)
-        console.print(f"       {escape(r['message'])}", highlight=False)
+        console.print(f"       {_shown(hop_text(r))}", style="dim", highlight=False)
+        console.print(f"       {_shown(r['message'])}", highlight=False)
     counts = Counter(r["severity"] for r in records)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
     console.print(f"\n{len(records)} finding(s): {summary}")
@@ -227,7 +227,7 @@ def print_capture_table(records: list[dict], console: Console, store: str) -> No
         return text[:19].replace("T", " ") if text else "-"
 
     for r in records:
-        table.add_row(str(r["capture_id"]), r["source"], escape(r["file"] or r["creator"] or "-"), str(r["exchanges"]),
+        table.add_row(str(r["capture_id"]), r["source"], _shown(r["file"] or r["creator"] or "-"), str(r["exchanges"]),
                       moment(r["first_at"]), moment(r["last_at"]), moment(r["imported_at"]))
     console.print(table)
     total = sum(r["exchanges"] for r in records)
@@ -246,20 +246,22 @@ def print_chain_trees(records: list[dict], console: Console) -> None:
         console.print("No chains.")
         return
     for chain in records:
-        tree = Tree(f"[bold]chain {chain['chain_id']}[/] · {chain['client']} · {chain['started_at']} · "
+        tree = Tree(f"[bold]chain {chain['chain_id']}[/] · {_shown(chain['client'])} · {chain['started_at']} · "
                     f"{len(chain['hops'])} hop(s) · ends: {chain['end']}")
         for hop in chain["hops"]:
             src = hop["from"]
-            node = tree.add(f"{src['method']} {src['url']} → [bold]{hop['status']}[/]"
+            node = tree.add(f"{_shown(src['method'])} {_shown(src['url'])} → [bold]{hop['status']}[/]"
                             + (" (browser-internal)" if src["synthetic"] else "") + f"  {_body_text(src['body'])}")
             target = hop["to"]
             if target is None:
-                node.add(f"[red]{chain['end']}[/]" + (f": Location {src['location']}" if src["location"] else ""))
+                node.add(f"[red]{chain['end']}[/]" + (f": Location {_shown(src['location'])}" if src["location"]
+                                                      else ""))
                 continue
-            node.add(f"→ {target['method']} {target['url']} · {target['status'] or target['error']}  "
+            node.add(f"→ {_shown(target['method'])} {_shown(target['url'])} · "
+                     f"{target['status'] or _shown(target['error'])}  "
                      f"{_body_text(target['body'])} · linked {hop['link']} ({hop['confidence']:.2f})")
             for change in hop["changes"]:
-                node.add(f"[yellow]! {change}[/]")
+                node.add(f"[yellow]! {_shown(change)}[/]")
         console.print(tree)
 
 
@@ -269,7 +271,12 @@ def _body_text(body: dict) -> str:
     if body["length"] == 0:
         return "[dim]body: empty[/]"
     digest = (body["sha256"] or "?")[:12]
-    return f"[dim]body: {body['length']} B sha256:{digest} {body['content_type'] or ''}[/]"
+    return f"[dim]body: {body['length']} B sha256:{digest} {_shown(body['content_type'] or '')}[/]"
+
+
+def _shown(text: object) -> str:
+    """Text from a capture for a rich console: control characters escaped, markup inert."""
+    return escape(printable(text))
 
 
 def print_conformance_table(rows: list[dict], console: Console) -> None:
@@ -281,14 +288,14 @@ def print_conformance_table(rows: list[dict], console: Console) -> None:
     for row in rows:
         by_client.setdefault(row["client_name"], []).append(row)
     for name, cases in by_client.items():
-        table = Table(title=f"{escape(name)}: what it did (spec: RFC 9110 / Fetch)", title_justify="left",
+        table = Table(title=f"{_shown(name)}: what it did (spec: RFC 9110 / Fetch)", title_justify="left",
                       header_style="bold")
         for column in ("case", "seen", "method", "body", "body hdrs", "creds x-origin", "verdict"):
             table.add_column(column, overflow="fold")
         for r in cases:
             style = {"deviated": "red", "not followed": "yellow"}.get(r["verdict"], "green")
             table.add_row(
-                f"{r['status']} {r['method']}", f"{r['followed']}/{r['hops']}",
+                f"{r['status']} {_shown(r['method'])}", f"{r['followed']}/{r['hops']}",
                 _against(r["did_method"], r["should_method"], r["followed"]),
                 _against(r["did_body"], r["should_body"], r["followed"]),
                 str(r["body_headers_kept"]) if r["body_headers_kept"] else "-",
@@ -301,7 +308,7 @@ def print_conformance_table(rows: list[dict], console: Console) -> None:
             console.print(f"  rules fired: {', '.join(fired)}", highlight=False)
     deviating = sorted({r["client_name"] for r in rows if r["verdict"] == "deviated"})
     console.print(f"{len(by_client)} client(s), {len(rows)} (status, method) case(s); "
-                  f"deviating: {', '.join(deviating) if deviating else 'none'}", highlight=False)
+                  f"deviating: {_shown(', '.join(deviating)) if deviating else 'none'}", highlight=False)
     console.print("seen: followed/hops · creds x-origin: follow-ups that carried a credential to a new origin"
                   " / follow-ups to a new origin", style="dim", highlight=False)
 
@@ -311,5 +318,5 @@ def _against(did: str, should: str, followed: int) -> str:
     if not followed:
         return "[yellow]not followed[/]"
     if did == should or (should == "dropped" and did == "not captured"):
-        return escape(did)
-    return f"[red]{escape(did)}[/] [dim]\\[spec: {escape(should)}][/]"
+        return _shown(did)
+    return f"[red]{_shown(did)}[/] [dim]\\[spec: {_shown(should)}][/]"

@@ -439,14 +439,16 @@ def outcome(tmp_path_factory) -> Outcome:
         source = f.chain.hops[f.hop].source if f.chain else f.exchange
         case_id = (f.chain.root.url if f.chain else f.exchange.url).rsplit("/", 1)[-1].split("?")[0]
         findings.setdefault(case_id, []).append((f.rule_id, str(f.severity)))
-        analyzed.add((f.rule_id, str(f.severity), source.url, f.exchange.url))
-    live = {(m["rule"], m["sev"], m["src"], m["dst"]) for m in LIVE_LINE.finditer(output)}
+        followed = f.chain is None or f.chain.hops[f.hop].target is not None
+        analyzed.add((f.rule_id, str(f.severity), source.url, f.exchange.url if followed else "not followed"))
+    live = {(m["rule"], m["sev"], m["src"], m["dst"] or "not followed") for m in LIVE_LINE.finditer(output)}
     return Outcome(chains, findings, analyzed, live, output, {k: findings.get(k, []) for k in extra}, world.errors,
                    str(world.db))
 
 
 LIVE_LINE = re.compile(
-    r"redirect-audit (?P<rule>RA\d+) \S+ \[(?P<sev>\w+)\] \S+ (?P<src>\S+) -> \S+ -> \S+ (?P<dst>\S+): "
+    r"redirect-audit (?P<rule>RA\d+) \S+ \[(?P<sev>\w+)\] \S+ (?P<src>\S+) -> \S+ -> "
+    r"(?:not followed \([^)]*\)|\S+ (?P<dst>\S+)): "
 )
 
 
