@@ -37,7 +37,7 @@ from analyzer.detectors.base import WRITE_METHODS
 from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
 from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
-from analyzer.live import LiveAnalyzer
+from analyzer.live import PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
 from analyzer.store import StoreError, exchanges, load_exchanges, open_store, safe_url
 from analyzer.text import printable
@@ -64,8 +64,10 @@ def _after(finding: Finding, target: Exchange) -> str:
     `not followed (Location ...)` for a redirect nobody followed."""
     chain = finding.chain
     if chain is not None and finding.hop < len(chain.hops) and chain.hops[finding.hop].target is None:
-        source = chain.hops[finding.hop].source
-        where = source.location_resolved or source.location
+        hop = chain.hops[finding.hop]
+        where = hop.source.location_resolved or hop.source.location
+        if hop.link == PENDING:  # judged on sight (a stale redirect): the follow-up may still come
+            return f"Location {where}"
         return f"not followed (Location {where})" if where else "not followed (no Location)"
     return f"{target.method} {target.url}"
 
@@ -101,6 +103,8 @@ class RedirectRecorder:
         loader.add_option(PREFIX + "body_cap", int, DEFAULT_BODY_CAP, "Bytes kept per body when bodies are stored.")
         loader.add_option(PREFIX + "live", bool, True, "Link chains and run the rules while traffic flows; "
                           "log findings and mark the flows involved.")
+        loader.add_option(PREFIX + "secret_fields", str, "", "Comma-separated field names protected in URLs and "
+                          "bodies beyond the built-in list (see the README's Secrets).")
         loader.add_option(PREFIX + "link_window", int, int(LinkOptions().window),
                           "Seconds within which a follow-up must start after its redirect.")
 
@@ -112,7 +116,9 @@ class RedirectRecorder:
             self.settings = RecorderSettings(batch_size=opts.redirect_audit_batch,
                                              flush_interval=opts.redirect_audit_flush_ms / 1000)
             self.capture = CaptureOptions(keep_bodies=opts.redirect_audit_bodies,
-                                          body_cap=opts.redirect_audit_body_cap)
+                                          body_cap=opts.redirect_audit_body_cap,
+                                          secret_fields=tuple(f for f in opts.redirect_audit_secret_fields.split(",")
+                                                              if f.strip()))
             self.analysis = AnalysisOptions(link=LinkOptions(window=opts.redirect_audit_link_window),
                                             detect=DetectorOptions())
         except ValueError as exc:

@@ -93,8 +93,21 @@ def output_option(f):
                         help="Write to FILE instead of stdout ('-': stdout)")(f)
 
 
+def secret_field_option(f):
+    return click.option("--secret-field", "secret_fields", multiple=True, metavar="NAME",
+                        help="Also protect this query/body field name (repeatable; see README, Secrets)")(f)
+
+
+def key_file_option(f):
+    return click.option("--key-file", metavar="PATH",
+                        help="Keep the store's fingerprint key in this file, not in the store (created with the "
+                             "store; later needed to write to it) [default: $REDIRECT_AUDIT_KEY_FILE]")(f)
+
+
 def import_options(f):
     f = wait_option(f)
+    f = key_file_option(f)
+    f = secret_field_option(f)
     f = click.option("--force", is_flag=True, help="Import content the store already holds, as a capture of its own")(f)
     f = click.option("--body-cap", type=Size(), default=DEFAULT_BODY_CAP, show_default=True,
                      help="Bytes kept per body with --keep-bodies (65536, 64KB, 1MiB, ...)")(f)
@@ -135,8 +148,9 @@ def cli(ctx: click.Context) -> None:
 @import_options
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes converting entries [default: one per CPU, at most 4, for files over 16 MB; 0: none]")
-def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int, force: bool,
-                   wait: float, workers: int | None) -> None:
+def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int,
+                   secret_fields: tuple[str, ...], key_file: str | None, force: bool, wait: float,
+                   workers: int | None) -> None:
     """Import HAR files (1.1, 1.2); '-' reads one from stdin.
 
     Each file is one transaction: a bad file leaves nothing behind and the others still go
@@ -144,8 +158,8 @@ def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, bo
     """
     from analyzer.ingest import CaptureOptions, import_har
 
-    store = _StoreOnDemand(db, wait)
-    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
+    store = _StoreOnDemand(db, wait, key_file)
+    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap, secret_fields=secret_fields)
 
     def one(path: str, name: str):
         return _with_progress(path, name, lambda progress: import_har(
@@ -157,8 +171,8 @@ def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, bo
 @cli.command("import-flows")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @import_options
-def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int, force: bool,
-                     wait: float) -> None:
+def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int,
+                     secret_fields: tuple[str, ...], key_file: str | None, force: bool, wait: float) -> None:
     """Import flows saved by `mitmdump -w` or mitmweb; '-' reads a dump from stdin.
 
     One transaction per file, as for import-har; content already in the store is skipped.
@@ -166,28 +180,30 @@ def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, 
     from analyzer.ingest import CaptureOptions
     from analyzer.ingest.flows import import_flows  # the one module that needs mitmproxy
 
-    store = _StoreOnDemand(db, wait)
-    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap)
+    store = _StoreOnDemand(db, wait, key_file)
+    options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap, secret_fields=secret_fields)
     _import_files(files, lambda path, name: import_flows(store.get(), path, options, force=force, name=name),
                   "flows", store)
 
 
-def _open_for_writing(db: str | None, wait: float):
+def _open_for_writing(db: str | None, wait: float, key_file: str | None = None):
     from analyzer.store import open_store
 
-    return open_store(db, wait=wait)
+    store = open_store(db, wait=wait, key_file=key_file)
+    store.secret_key  # noqa: B018 - a store whose key is outside it and not given: say so before any work
+    return store
 
 
 class _StoreOnDemand:
     """The store an import writes to, opened (and created) for the first file that can be
     read: `import-har missing.har` must not leave an empty store behind."""
 
-    def __init__(self, db: str | None, wait: float):
-        self.db, self.wait, self._store = db, wait, None
+    def __init__(self, db: str | None, wait: float, key_file: str | None):
+        self.db, self.wait, self.key_file, self._store = db, wait, key_file, None
 
     def get(self):
         if self._store is None:
-            self._store = _open_for_writing(self.db, self.wait)
+            self._store = _open_for_writing(self.db, self.wait, self.key_file)
         return self._store
 
     def newest_capture(self) -> int:
@@ -323,9 +339,12 @@ def _with_progress(path: str, name: str, run: Callable):
                                                                        "traffic flows")
 @click.option("--confdir", default="~/.mitmproxy", show_default=True,
               help="mitmproxy's directory for its CA and settings")
+@secret_field_option
+@key_file_option
 @click.pass_context
 def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, mode: tuple[str, ...], web: bool,
-              keep_bodies: bool, body_cap: int, live: bool, confdir: str) -> None:
+              keep_bodies: bool, body_cap: int, live: bool, confdir: str, secret_fields: tuple[str, ...],
+              key_file: str | None) -> None:
     """Run mitmproxy with the recorder; what follows the options goes to mitmdump/mitmweb as is.
 
     Stop it with Ctrl-C; the findings are then one command away (the last line says which).
@@ -335,10 +354,11 @@ def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, m
 
     plan = ProxyPlan(db_url=resolve_db_url(db), listen_host=listen_host, port=port, modes=list(mode), web=web,
                      keep_bodies=keep_bodies, body_cap=body_cap, live=live, confdir=Path(confdir).expanduser(),
-                     extra=list(ctx.args), then=f"{command_prefix()} findings --db {shlex.quote(_db_shown(db))}")
+                     extra=list(ctx.args), then=f"{command_prefix()} findings --db {shlex.quote(_db_shown(db))}",
+                     secret_fields=secret_fields, key_file=key_file)
     try:
         plan.check()  # options that conflict, a busy port: one line, before anything is printed
-        _open_for_writing(db, 10.0).close()  # as is a store that cannot be opened
+        _open_for_writing(db, 10.0, key_file).close()  # as is a store that cannot be opened
         plan.argv()
     except ProxyError as exc:
         raise UserError(str(exc)) from None

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analyzer.errors import ReportedError
-from analyzer.storeread import safe_url
+from analyzer.keys import KEY_FILE_ENV
+from analyzer.storeread import DB_ENV, safe_url
 
 ADDON_MODULE = "addons.redirect_recorder"
 CA_FILE = "mitmproxy-ca-cert.pem"
@@ -38,7 +39,7 @@ OWN_SETTINGS = {
     "listen_port": "-p/--port", "listen_host": "--listen-host", "mode": "-m/--mode", "confdir": "--confdir",
     "scripts": "-s for scripts of your own (the recorder is already loaded)",
     "redirect_audit_db": "--db", "redirect_audit_bodies": "--keep-bodies", "redirect_audit_body_cap": "--body-cap",
-    "redirect_audit_live": "--live/--no-live",
+    "redirect_audit_live": "--live/--no-live", "redirect_audit_secret_fields": "--secret-field",
 }
 
 
@@ -74,6 +75,8 @@ class ProxyPlan:
     confdir: Path = Path("~/.mitmproxy").expanduser()
     extra: list[str] = field(default_factory=list)
     then: str = "redirect-audit findings"  # the command that shows the findings afterwards
+    secret_fields: tuple[str, ...] = ()
+    key_file: str | None = None
 
     def check(self) -> None:
         """Refuse pass-through options that would contradict proxy's own, and a port that is taken."""
@@ -128,19 +131,31 @@ class ProxyPlan:
         return "mitmweb" if self.web else "mitmdump"
 
     def argv(self) -> list[str]:
+        """mitmproxy's command line. The store's URL is not on it (it may hold a password, and
+        a command line is visible to every user in `ps`): the addon reads it from the
+        environment (environ()). mitmdump's own flow log is off, since it prints every
+        request line, secret query values included; `--set flow_detail=1` turns it back on."""
         args = [mitmproxy_program(self.program), "--listen-host", self.listen_host, "--listen-port", str(self.port),
                 "--set", f"confdir={self.confdir}", "-s", str(addon_path()),
-                "--set", f"redirect_audit_db={self.db_url}",
                 "--set", f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
                 "--set", f"redirect_audit_body_cap={self.body_cap}",
                 "--set", f"redirect_audit_live={str(self.live).lower()}"]
+        if self.secret_fields:
+            args += ["--set", f"redirect_audit_secret_fields={','.join(self.secret_fields)}"]
         for mode in self.modes:
             args += ["--mode", mode]
         if self.web:
             args += ["--set", "web_open_browser=false"]
         else:
-            args += ["--set", "flow_detail=1"]
+            args += ["--set", "flow_detail=0"]
         return args + self.extra
+
+    def environ(self) -> dict[str, str]:
+        """The environment mitmproxy runs with: this one, with the store's URL (and key file) in it."""
+        env = {**os.environ, DB_ENV: self.db_url}
+        if self.key_file:
+            env[KEY_FILE_ENV] = str(Path(self.key_file).expanduser().resolve())
+        return env
 
     def banner(self) -> str:
         ca = self.confdir / CA_FILE
@@ -169,4 +184,4 @@ class ProxyPlan:
 
     def exec(self) -> None:
         argv = self.argv()
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, self.environ())

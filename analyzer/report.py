@@ -271,7 +271,7 @@ def _body_text(body: dict) -> str:
     if body["length"] == 0:
         return "[dim]body: empty[/]"
     digest = (body["sha256"] or "?")[:12]
-    return f"[dim]body: {body['length']} B sha256:{digest} {_shown(body['content_type'] or '')}[/]"
+    return f"[dim]body: {body['length']} B digest:{digest} {_shown(body['content_type'] or '')}[/]"
 
 
 def _shown(text: object) -> str:

@@ -1,19 +1,34 @@
-"""Keep credentials out of the store while still letting rules compare them.
+"""Keep secrets out of the store, wherever they sit, while still letting rules compare them.
 
-A credential header value is replaced by a keyed fingerprint, ``hmac:<hex>``: HMAC-SHA256
-under a random key kept in the store. The same token on two hops gives the same
-fingerprint, so "the bearer token followed the redirect to another origin" can be told
-without the token itself ever being written down.
+One mechanism for every place a secret can be: a secret value is replaced by a keyed
+fingerprint, ``hmac:<hex>`` (HMAC-SHA256 under the store's key). The same value gives the
+same fingerprint wherever it appears (a header, a query string, a fragment, a body
+field), so "the token followed the redirect to another origin" can be told without the
+token ever being written down. What is protected:
+
+* credential headers (CREDENTIAL_HEADERS): the whole value;
+* headers that carry URLs (URL_HEADERS: Location, Referer, Content-Location, Link,
+  Refresh): the URLs in them, as below;
+* URLs: the value of every parameter whose name is a secret field (SECRET_FIELDS, plus
+  what the user adds), in the query, in `;params` and in the fragment (`#access_token=`,
+  the OAuth implicit flow), also inside a URL percent-encoded into another parameter
+  (`next=https%3A%2F%2Fx%2F%3Faccess_token%3D...`), to three levels;
+* bodies kept with --keep-bodies: secret fields in JSON (whatever the declared type),
+  form and multipart bodies, before the size cap cuts them; scanned as text, so depth,
+  broken syntax and a cut do not matter.
+
+Extend the field list with `--secret-field NAME` (import-har, import-flows, proxy) or the
+addon option `redirect_audit_secret_fields` (mitmproxy's config.yaml takes it too).
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
-import json
 import re
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, urlencode
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 CREDENTIAL_HEADERS = frozenset(
     {
@@ -37,35 +52,32 @@ CREDENTIAL_HEADERS = frozenset(
     }
 )
 
-# Field names whose values are replaced in captured bodies and query strings.
+# Headers whose value is, or holds, a URL that may carry secrets of its own.
+URL_HEADERS = frozenset({"location", "referer", "content-location", "link", "refresh"})
+
+# Field names whose values are secrets, in URLs and in bodies (compared case-insensitively).
 SECRET_FIELDS = frozenset(
     {
-        "password",
-        "passwd",
-        "pwd",
-        "secret",
-        "client_secret",
-        "token",
-        "access_token",
-        "refresh_token",
-        "id_token",
-        "api_key",
-        "apikey",
-        "private_key",
-        "otp",
-        "pin",
-        "cvv",
-        "cvc",
-        "card_number",
-        "ssn",
+        # passwords and keys
+        "password", "passwd", "pwd", "passphrase", "secret", "client_secret", "api_key", "apikey", "key",
+        "access_key", "secret_key", "private_key", "otp", "pin", "cvv", "cvc", "card_number", "ssn",
+        # tokens, OAuth and OpenID Connect (RFC 6749, 7636; OIDC Core)
+        "token", "access_token", "refresh_token", "id_token", "auth", "authorization", "code", "state",
+        "nonce", "code_verifier", "session_state", "assertion", "client_assertion", "jwt",
+        # sessions and single sign-on
+        "session", "sessionid", "session_id", "jsessionid", "phpsessid", "sid", "ticket", "samlresponse",
+        "samlrequest", "relaystate",
+        # signed URLs (AWS SigV4, Google, Azure SAS, generic)
+        "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+        "x-goog-credential", "signature", "sig",
     }
 )
 FINGERPRINT_PREFIX = "hmac:"
-_SECRET_FIELD_LIST = tuple(SECRET_FIELDS)
-REDACTED = "[redacted]"
-_QUERY_SECRET = re.compile(
-    r"(?i)(^|[?&;])(" + "|".join(sorted(SECRET_FIELDS, key=len, reverse=True)) + r")=([^&;#]*)"
-)
+NESTED_LEVELS = 3  # URLs percent-encoded inside URLs, looked into this deep
+
+# Bodies of these types hold no fields; they are kept as they are (capped).
+_OPAQUE_TYPES = ("image/", "audio/", "video/", "font/", "application/octet-stream", "application/zip",
+                 "application/pdf", "application/gzip")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -79,17 +91,79 @@ def fingerprint(key: bytes, value: str) -> str:
     return FINGERPRINT_PREFIX + hmac.digest(key, value.encode("utf-8", "surrogatepass"), "sha256")[:16].hex()
 
 
+def body_digest(key: bytes, raw: bytes) -> str:
+    """A body's keyed digest (HMAC-SHA256, hex): equal bodies compare equal, but a guessed
+    body cannot be confirmed against the store without the key."""
+    return hmac.digest(key, raw, "sha256").hex()
+
+
+@dataclass(frozen=True)
+class SecretPolicy:
+    """Which field names are secret: SECRET_FIELDS plus the user's own."""
+
+    fields: frozenset[str]
+
+    @functools.cached_property
+    def _names(self) -> str:
+        return "|".join(re.escape(n) for n in sorted(self.fields, key=len, reverse=True))
+
+    @functools.cached_property
+    def url_param(self) -> re.Pattern[str]:
+        # name=value after ? & or # (a `;param` in a path also ends at ? and /); the value
+        # ends where the URL, the parameter or the header holding it (Link's `>`, quotes,
+        # blanks) ends.
+        return re.compile(rf"(?i)(^|[?&#]|;(?=[^?]*$))({self._names})=([^&;#\s>\"']*)|"
+                          rf"(;)({self._names})=([^&;#?/\s>\"']*)")
+
+    @functools.cached_property
+    def quick(self) -> tuple[str, ...]:
+        return tuple(n.lower() for n in self.fields)
+
+    def names_secret(self, text: str) -> bool:
+        """Whether some `name=` in a URL-like text is a secret field."""
+        fields = self.fields
+        return any(name.lower() in fields for name in _PARAM_NAME.findall(text))
+
+    @functools.cached_property
+    def json_field(self) -> re.Pattern[str]:
+        # "name": "value" (escapes kept whole) or "name": literal
+        return re.compile(rf'(?i)("(?:{self._names})"\s*:\s*)("(?:[^"\\]|\\.)*"|[^\s,}}\]"]+)')
+
+    @functools.cached_property
+    def form_field(self) -> re.Pattern[str]:
+        return re.compile(rf"(?i)(^|[&;\s])((?:{self._names})=)([^&;\s]*)")
+
+    @functools.cached_property
+    def multipart_field(self) -> re.Pattern[str]:
+        # a part whose name is secret: its headers, the blank line, its value up to the boundary
+        return re.compile(rf'(?is)(content-disposition:[^\r\n]*\bname="?(?:{self._names})"?[^\r\n]*\r?\n'
+                          rf'(?:[^\r\n]+\r?\n)*\r?\n)(.*?)(?=\r?\n--)')
+
+
+DEFAULT_POLICY = SecretPolicy(SECRET_FIELDS)
+
+
+@functools.lru_cache(maxsize=32)
+def policy_for(extra: tuple[str, ...] = ()) -> SecretPolicy:
+    """The default policy with the user's own field names added."""
+    if not extra:
+        return DEFAULT_POLICY
+    return SecretPolicy(SECRET_FIELDS | {name.strip().lower() for name in extra if name.strip()})
+
+
 def is_credential_header(name: str) -> bool:
     return name.lower() in CREDENTIAL_HEADERS
 
 
-def protect_headers(headers: Iterable[tuple[str, str]], key: bytes) -> list[tuple[str, str]]:
-    """Replace every credential header value with its fingerprint."""
-    return protect_and_index(headers, key)[0]
+def protect_headers(headers: Iterable[tuple[str, str]], key: bytes,
+                    policy: SecretPolicy = DEFAULT_POLICY) -> list[tuple[str, str]]:
+    """Every credential header fingerprinted, every URL in a URL header protected."""
+    return protect_and_index(headers, key, policy)[0]
 
 
-def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values."""
+def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes, policy: SecretPolicy = DEFAULT_POLICY
+                      ) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Headers as stored (secrets protected) plus a lower-case lookup of first values."""
     pairs: list[tuple[str, str]] = []
     lookup: dict[str, str] = {}
     for pair in headers:
@@ -98,43 +172,87 @@ def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes) -> tuple[l
         if lname in CREDENTIAL_HEADERS:
             value = fingerprint(key, value)
             pair = (name, value)
-        pairs.append(pair)  # the caller's own pair unless it was a credential: the proxy's hot path
+        elif lname in URL_HEADERS:
+            protected = protect_url(value, key, policy)
+            if protected is not value:
+                value = protected
+                pair = (name, value)
+        pairs.append(pair)  # the caller's own pair unless something was protected: the proxy's hot path
         if lname not in lookup:
             lookup[lname] = value
     return pairs, lookup
 
 
-def protect_url(url: str, key: bytes) -> str:
-    """Fingerprint the values of well-known secret query parameters (access_token=...)."""
+def protect_url(url: str, key: bytes, policy: SecretPolicy = DEFAULT_POLICY, _level: int = 0) -> str:
+    """The URL (or a text holding URLs) with the values of secret parameters fingerprinted,
+    in the query, in `;params`, in the fragment and inside percent-encoded nested URLs.
+    Returns `url` itself (the same object) when there is nothing to protect."""
     if "=" not in url:
         return url
-    # Cheap test first: most URLs do not even contain a secret field name.
-    lowered = url.lower()
-    for name in _SECRET_FIELD_LIST:
-        if name in lowered:
-            break
-    else:
+    nested = _level < NESTED_LEVELS and "%" in url and _ENCODED_EQUALS.search(url) is not None
+    if not nested and not policy.names_secret(url):  # most URLs: no secret parameter at all
         return url
-    return _QUERY_SECRET.sub(lambda m: f"{m[1]}{m[2]}={fingerprint(key, m[3])}", url)
+    protected = policy.url_param.sub(_url_value(key), url)
+    if nested:
+        protected = _NESTED_PARAM.sub(lambda m: m[1] + _protect_nested(m[2], key, policy, _level), protected)
+    return url if protected == url else protected
 
 
-def redact_body(raw: bytes, content_type: str | None) -> bytes:
-    """Blank well-known secret fields in a JSON or form body kept at the user's request."""
+_ENCODED_EQUALS = re.compile(r"%(?:25)*3[dD]")  # '=' percent-encoded once or more: a URL inside a parameter
+_PARAM_NAME = re.compile(r"(?:^|[?&;#\s])([^=&;#?\s<>\"']+)=")
+_NESTED_PARAM = re.compile(r"(=)([^&;#\s>\"']*%(?:25)*3[dD][^&;#\s>\"']*)")
+
+
+def _protect_nested(value: str, key: bytes, policy: SecretPolicy, level: int) -> str:
+    """A parameter value holding a percent-encoded URL (encoded once or more), protected."""
+    inner = unquote(value)
+    protected = protect_url(inner, key, policy, level + 1)
+    if protected is inner and level + 1 < NESTED_LEVELS and _ENCODED_EQUALS.search(inner):
+        protected = _protect_nested(inner, key, policy, level + 1)  # encoded twice: decode again
+        if protected == inner:
+            protected = inner
+    return value if protected is inner else quote(protected, safe="")
+
+
+def _url_value(key: bytes):
+    def replace(m: re.Match) -> str:
+        if m[2] is not None:
+            return f"{m[1]}{m[2]}={_fingerprinted(key, m[3])}"
+        return f"{m[4]}{m[5]}={_fingerprinted(key, m[6])}"
+
+    return replace
+
+
+def _fingerprinted(key: bytes, value: str) -> str:
+    """A secret value's fingerprint; one that already is a fingerprint stays as it is."""
+    if value.startswith(FINGERPRINT_PREFIX) or not value:
+        return value
+    return fingerprint(key, unquote(value))
+
+
+def redact_body(raw: bytes, content_type: str | None, key: bytes, policy: SecretPolicy = DEFAULT_POLICY) -> bytes:
+    """A body with the value of every secret field fingerprinted: JSON, form and multipart
+    fields, whatever the declared type. Works on the text, so nesting depth, broken
+    syntax and a later cut change nothing; the caller caps the result."""
     ctype = (content_type or "").split(";")[0].strip().lower()
-    try:
-        if ctype == "application/x-www-form-urlencoded":
-            pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
-            return urlencode([(k, REDACTED if k.lower() in SECRET_FIELDS else v) for k, v in pairs]).encode()
-        if ctype == "application/json" or ctype.endswith("+json"):
-            return json.dumps(_redact_json(json.loads(raw))).encode()
-    except (UnicodeDecodeError, ValueError):
-        pass  # not what it claims to be: keep only what the cap allowed, unparsed
-    return raw
+    if not raw or ctype.startswith(_OPAQUE_TYPES):
+        return raw
+    text = raw.decode("utf-8", "surrogateescape")
+    lowered = text.lower()
+    if not any(name in lowered for name in policy.quick):
+        return raw
+    text = policy.json_field.sub(lambda m: m[1] + _json_value(key, m[2]), text)
+    text = policy.form_field.sub(lambda m: m[1] + m[2] + _fingerprinted(key, m[3]), text)
+    text = policy.multipart_field.sub(lambda m: m[1] + _fingerprint_as_is(key, m[2]), text)
+    return text.encode("utf-8", "surrogateescape")
 
 
-def _redact_json(value):
-    if isinstance(value, dict):
-        return {k: REDACTED if str(k).lower() in SECRET_FIELDS else _redact_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_json(v) for v in value]
-    return value
+def _fingerprint_as_is(key: bytes, value: str) -> str:
+    return value if value.startswith(FINGERPRINT_PREFIX) or not value else fingerprint(key, value)
+
+
+def _json_value(key: bytes, value: str) -> str:
+    literal = value[1:-1] if value.startswith('"') else value
+    if literal.startswith(FINGERPRINT_PREFIX):
+        return value
+    return f'"{fingerprint(key, literal)}"'

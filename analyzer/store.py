@@ -8,7 +8,7 @@ fingerprinted (see `analyzer.secrets`); the HMAC key lives in the `meta` table.
 from __future__ import annotations
 
 import json
-import secrets as _random
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
+from analyzer.keys import KEY_FILE_ENV, key_file_from, key_id, new_key, read_key, read_or_create_key
 from analyzer.model import Body, Exchange
 from analyzer.storeread import (  # noqa: F401 - re-exported: where a store is and what its errors mean
     ANALYSIS_OPTIONS,
@@ -183,12 +184,19 @@ def _sqlite_pragmas(wait: float):
 
 @dataclass
 class Store:
-    """An open store: the engine plus the key that fingerprints credentials."""
+    """An open store: the engine plus the key that fingerprints secrets (see analyzer.keys)."""
 
     engine: Engine
     url: str
-    secret_key: bytes
+    key: bytes | None  # None: the store's key lives outside it and no key file was given
     wait: float = DEFAULT_WAIT
+    key_problem: str = ""
+
+    @property
+    def secret_key(self) -> bytes:
+        if self.key is None:
+            raise StoreError(self.key_problem)
+        return self.key
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -204,12 +212,16 @@ class Store:
         self.engine.dispose()
 
 
-def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFAULT_WAIT) -> Store:
+def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFAULT_WAIT,
+               key_file: str | None = None) -> Store:
     """Open the store at a URL or path; `create=False` refuses one that does not exist.
 
     Only what writes captures (imports, the proxy, the demo) creates a store: a reading
     command pointed at a mistyped path must say so, not report on a new empty store.
-    `wait` is how long to wait for another process's write lock (SQLite).
+    A new SQLite store is created readable by its owner only (its -wal and -shm follow).
+    `wait` is how long to wait for another process's write lock (SQLite); `key_file`
+    (else $REDIRECT_AUDIT_KEY_FILE) is where the key lives for a store that does not
+    keep its own (analyzer.keys).
     """
     url = resolve_db_url(db)
     if not create:
@@ -218,13 +230,15 @@ def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFA
     new_file = path is not None and not path.exists()
     engine = None
     try:
+        if new_file and create:
+            _create_private_file(path)
         engine = create_engine(url)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas(wait))
         with engine.begin() as conn:
             if create:
                 metadata.create_all(conn)
-            key = _schema_key(conn, url)
+            key, problem = _schema_key(conn, url, key_file_from(key_file))
     except BaseException as exc:
         if engine is not None:
             engine.dispose()
@@ -235,7 +249,17 @@ def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFA
         if isinstance(exc, ImportError):
             raise StoreError(missing_driver(url, exc)) from None
         raise
-    return Store(engine=engine, url=url, secret_key=key, wait=wait)
+    return Store(engine=engine, url=url, key=key, wait=wait, key_problem=problem)
+
+
+def _create_private_file(path: Path) -> None:
+    """An empty file SQLite will take as a new database, readable by its owner only."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot open store {path}: unable to open database file ({exc.strerror})") from None
 
 
 def _remove_sqlite_files(path: Path) -> None:
@@ -243,22 +267,28 @@ def _remove_sqlite_files(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def _schema_key(conn: Connection, url: str) -> bytes:
+def _schema_key(conn: Connection, url: str, key_file: Path | None) -> tuple[bytes | None, str]:
+    """The store's key (creating the meta rows of a new store), or None and why not."""
     rows = dict(conn.execute(select(meta.c.key, meta.c.value)).all())
     if "schema_version" not in rows:
-        conn.execute(
-            insert(meta),
-            [
-                {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                {"key": "hmac_key", "value": _random.token_hex(32)},
-                {"key": GENERATION, "value": "0"},
-            ],
-        )
-        return bytes.fromhex(conn.execute(select(meta.c.value).where(meta.c.key == "hmac_key")).scalar_one())
+        key = read_or_create_key(key_file) if key_file is not None else new_key()
+        where = {"key": "hmac_key_id", "value": key_id(key)} if key_file is not None else \
+            {"key": "hmac_key", "value": key.hex()}
+        conn.execute(insert(meta), [{"key": "schema_version", "value": str(SCHEMA_VERSION)}, where,
+                                    {"key": GENERATION, "value": "0"}])
+        return key, ""
     if rows["schema_version"] != str(SCHEMA_VERSION):
         raise StoreError(f"store {url_shown(url)} has schema version {rows['schema_version']}, "
                          f"this redirect-audit reads version {SCHEMA_VERSION}")
-    return bytes.fromhex(rows["hmac_key"])
+    if "hmac_key" in rows:
+        return bytes.fromhex(rows["hmac_key"]), ""  # the store keeps its own key; a key file is not used
+    if key_file is None:
+        return None, (f"store {url_shown(url)} keeps its key outside it: give its key file with --key-file "
+                      f"or ${KEY_FILE_ENV}")
+    key = read_key(key_file)
+    if key_id(key) != rows.get("hmac_key_id"):
+        return None, f"key file {key_file} is not the key of store {url_shown(url)} (the key ids differ)"
+    return key, ""
 
 
 def bump_generation(conn: Connection) -> None:

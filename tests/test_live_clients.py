@@ -439,8 +439,13 @@ def outcome(tmp_path_factory) -> Outcome:
         source = f.chain.hops[f.hop].source if f.chain else f.exchange
         case_id = (f.chain.root.url if f.chain else f.exchange.url).rsplit("/", 1)[-1].split("?")[0]
         findings.setdefault(case_id, []).append((f.rule_id, str(f.severity)))
-        followed = f.chain is None or f.chain.hops[f.hop].target is not None
-        analyzed.add((f.rule_id, str(f.severity), source.url, f.exchange.url if followed else "not followed"))
+        if f.rule == "stale-temporary-redirect":  # judged on sight, live: before any follow-up, so by its Location
+            after = source.location_resolved
+        elif f.chain is not None and f.chain.hops[f.hop].target is None:
+            after = "not followed"
+        else:
+            after = f.exchange.url
+        analyzed.add((f.rule_id, str(f.severity), source.url, after))
     live = {(m["rule"], m["sev"], m["src"], m["dst"] or "not followed") for m in LIVE_LINE.finditer(output)}
     return Outcome(chains, findings, analyzed, live, output, {k: findings.get(k, []) for k in extra}, world.errors,
                    str(world.db))

@@ -11,12 +11,11 @@ from sqlalchemy.engine import Connection
 
 from analyzer.errors import ReportedError
 from analyzer.model import Body
-from analyzer.secrets import redact_body
+from analyzer.secrets import SecretPolicy, body_digest, policy_for, redact_body
 from analyzer.store import captures
 
 DEFAULT_BODY_CAP = 64 * 1024
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key")
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class ImportError_(ReportedError):  # noqa: N801 - "ImportError" is a builtin
@@ -57,10 +56,15 @@ class CaptureOptions:
 
     keep_bodies: bool = False
     body_cap: int = DEFAULT_BODY_CAP
+    secret_fields: tuple[str, ...] = ()  # field names protected beyond secrets.SECRET_FIELDS
 
     def __post_init__(self) -> None:
         if self.body_cap < 0:
             raise ValueError("body cap must be >= 0")
+
+    @property
+    def policy(self) -> SecretPolicy:
+        return policy_for(self.secret_fields)
 
 
 @dataclass(frozen=True)
@@ -71,14 +75,15 @@ class ImportResult:
     warnings: int
 
 
-def summarize_body(raw: bytes, content_type: str | None, options: CaptureOptions) -> Body:
-    """Length + SHA-256 always; the bytes themselves only on opt-in, capped and redacted."""
+def summarize_body(raw: bytes, content_type: str | None, options: CaptureOptions, key: bytes) -> Body:
+    """Length and keyed digest always; the bytes themselves only on opt-in, with every
+    secret field protected first and then capped (a cut JSON body is still redacted)."""
     kept = None
     if options.keep_bodies:
-        kept = redact_body(raw[: options.body_cap], content_type)
-    return Body(
-        length=len(raw),
-        sha256=hashlib.sha256(raw).hexdigest(),
-        content_type=content_type,
-        raw=kept,
-    )
+        kept = redact_body(raw, content_type, key, options.policy)[: options.body_cap]
+    return Body(length=len(raw), sha256=body_digest(key, raw), content_type=content_type, raw=kept)
+
+
+def empty_body(key: bytes, content_type: str | None) -> Body:
+    """A body known to be empty (Content-Length: 0): the same digest as summarize_body(b"")."""
+    return Body(length=0, sha256=body_digest(key, b""), content_type=content_type)

@@ -18,17 +18,17 @@ from pathlib import Path
 from mitmproxy import exceptions, http, io, version
 
 from analyzer.ingest.common import (
-    EMPTY_SHA256,
     IDEMPOTENCY_HEADERS,
     CaptureOptions,
     ImportError_,
     ImportResult,
     file_sha256,
+    empty_body,
     refuse_reimport,
     summarize_body,
 )
 from analyzer.model import Body, Exchange
-from analyzer.secrets import protect_and_index, protect_url
+from analyzer.secrets import SecretPolicy, protect_and_index, protect_url
 from analyzer.store import (
     EXCHANGE_COLUMNS,
     HeaderBlock,
@@ -51,19 +51,28 @@ class FlowConverter:
     def __init__(self, capture_id: int, key: bytes, options: CaptureOptions = CaptureOptions()):
         self.capture_id = capture_id
         self.key = key
-        self.options = options
         self.warnings = 0
-        self._blocks: dict = {}  # header fields -> (HeaderBlock, index): see _header_block()
+        self.options = options
+
+    @property
+    def options(self) -> CaptureOptions:
+        return self._options
+
+    @options.setter
+    def options(self, options: CaptureOptions) -> None:
+        self._options = options
+        self.policy = options.policy
+        self._blocks: dict = {}  # header fields -> (HeaderBlock, index): see _header_block(); of this policy
 
     def convert(self, seq: int, flow: http.HTTPFlow) -> Exchange:
         # Runs on the proxy's event loop for every exchange: mitmproxy's raw fields are
         # read directly where its properties would decode or rebuild them.
         request = flow.request
         data = request.data
-        req_headers, req_h = _header_block(self._blocks, data.headers.fields, self.key)
-        url, url_norm = _urls(request, self.key)
+        req_headers, req_h = _header_block(self._blocks, data.headers.fields, self.key, self.policy)
+        url, url_norm = _urls(request, self.key, self.policy)
         if url_norm is None:
-            url = protect_url(_clean(request.url), self.key)
+            url = protect_url(_clean(request.url), self.key, self.policy)
             try:
                 url_norm = normalize_url(url)
             except BadURL:
@@ -96,7 +105,7 @@ class FlowConverter:
                 ex.error = "no response"
             return ex
         rdata = response.data
-        resp_headers, resp_h = _header_block(self._blocks, rdata.headers.fields, self.key)
+        resp_headers, resp_h = _header_block(self._blocks, rdata.headers.fields, self.key, self.policy)
         ex.response_started_at = rdata.timestamp_start
         ex.status = rdata.status_code
         ex.status_text = rdata.reason.decode("ISO-8859-1")  # as mitmproxy's `reason` decodes it
@@ -104,7 +113,7 @@ class FlowConverter:
         ex.response_body = self._body(rdata.content, resp_h)
         location = resp_h.get("location")
         if location is not None:
-            ex.location = protect_url(location, self.key)
+            ex.location = protect_url(location, self.key, self.policy)
             if ex.is_redirect:
                 try:
                     ex.location_resolved = resolve_location(ex.url, ex.location)
@@ -118,8 +127,8 @@ class FlowConverter:
         if raw is None:
             return Body(content_type=content_type)
         if not raw:
-            return Body(length=0, sha256=EMPTY_SHA256, content_type=content_type)
-        return summarize_body(raw, content_type, self.options)
+            return empty_body(self.key, content_type)
+        return summarize_body(raw, content_type, self.options, self.key)
 
 
 _DEFAULT_PORT = {b"http": ("http", 80), b"https": ("https", 443)}
@@ -127,7 +136,7 @@ _PLAIN_HOST = re.compile(r"[a-z0-9.\-_]+")
 _PLAIN_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*")  # origin-form, printable ASCII, no '#'
 
 
-def _urls(request: http.Request, key: bytes) -> tuple[str, str | None]:
+def _urls(request: http.Request, key: bytes, policy: SecretPolicy) -> tuple[str, str | None]:
     """(url, url_norm) of an everyday request, built straight from mitmproxy's fields.
 
     The same strings as `protect_url(request.url)` and `normalize_url()` of it, for
@@ -148,7 +157,7 @@ def _urls(request: http.Request, key: bytes) -> tuple[str, str | None]:
     port = data.port
     target = path.decode("ascii")
     url = f"{scheme}://{host}{target}" if port == default else f"{scheme}://{host}:{port}{target}"
-    if "=" in target and protect_url(url, key) != url:
+    if "=" in target and protect_url(url, key, policy) is not url:
         return "", None
     if target[-1] == "?" and target.index("?") == len(target) - 1:
         return url, url[:-1]  # an empty query is no query
@@ -158,7 +167,7 @@ def _urls(request: http.Request, key: bytes) -> tuple[str, str | None]:
 HEADER_BLOCKS = 256  # distinct header blocks a converter remembers (about 2 KB each, with index and JSON)
 
 
-def _header_block(blocks: dict, fields, key: bytes) -> tuple[HeaderBlock, dict[str, str]]:
+def _header_block(blocks: dict, fields, key: bytes, policy: SecretPolicy) -> tuple[HeaderBlock, dict[str, str]]:
     """A header block as stored (credentials fingerprinted) and its lower-case index.
 
     A client sends the same request headers again and again, and under load a server
@@ -174,16 +183,16 @@ def _header_block(blocks: dict, fields, key: bytes) -> tuple[HeaderBlock, dict[s
     try:
         found = blocks.get(fields)
     except TypeError:
-        return _convert_block(fields, key)
+        return _convert_block(fields, key, policy)
     if found is None:
         if len(blocks) >= HEADER_BLOCKS:
             blocks.clear()
-        found = blocks[fields] = _convert_block(fields, key)
+        found = blocks[fields] = _convert_block(fields, key, policy)
     return found
 
 
-def _convert_block(fields, key: bytes) -> tuple[HeaderBlock, dict[str, str]]:
-    pairs, index = protect_and_index(_pairs(fields), key)
+def _convert_block(fields, key: bytes, policy: SecretPolicy) -> tuple[HeaderBlock, dict[str, str]]:
+    pairs, index = protect_and_index(_pairs(fields), key, policy)
     return header_block(pairs), index
 
 

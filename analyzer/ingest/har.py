@@ -28,19 +28,19 @@ import msgspec
 
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.ingest.common import (
-    EMPTY_SHA256,
     IDEMPOTENCY_HEADERS,
     AlreadyImported,
     CaptureOptions,
     ImportError_,
     ImportResult,
     file_sha256,
+    empty_body,
     refuse_reimport,
     summarize_body,
 )
 from analyzer.ingest.harsplit import BLOCK, Blocks, Unsure, entries_offset
 from analyzer.model import Body, Exchange
-from analyzer.secrets import CREDENTIAL_HEADERS, fingerprint, protect_url
+from analyzer.secrets import CREDENTIAL_HEADERS, URL_HEADERS, fingerprint, protect_url
 from analyzer.store import (
     EXCHANGE_COLUMNS,
     Store,
@@ -459,6 +459,7 @@ class _HarEntries:
         self.capture_id = capture_id
         self.key = key
         self.options = options
+        self.policy = options.policy
         self.warnings = 0
         self._client_ids: dict[Any, str] = {}
 
@@ -491,7 +492,7 @@ class _HarEntries:
         req_headers, req_h = self._headers(request.headers)
         resp_headers, resp_h = self._headers(response.headers)
         url = request.url
-        url = protect_url(url if type(url) is str else str(url or ""), self.key)
+        url = protect_url(url if type(url) is str else str(url or ""), self.key, self.policy)
         started = self._timestamp(entry.startedDateTime)
         method = request.method
         ex = Exchange(
@@ -536,6 +537,8 @@ class _HarEntries:
             lname = name.lower()
             if lname in CREDENTIAL_HEADERS:
                 val = fingerprint(self.key, val)
+            elif lname in URL_HEADERS:
+                val = protect_url(val, self.key, self.policy)
             pairs.append((name, val))
             if lname not in lookup:
                 lookup[lname] = val
@@ -575,14 +578,14 @@ class _HarEntries:
         post = request.postData
         if post is not None:
             content_type = content_type or _text(post.mimeType) or None
-            return summarize_body(self._post_bytes(post), content_type, self.options)
+            return summarize_body(self._post_bytes(post), content_type, self.options, self.key)
         # No postData: the exporter did not show us the body. Length may still be known.
         declared = _int(request.bodySize)
         length = _int(headers.get("content-length"))
         if length is None and declared is not None and declared > 0:
             length = declared
         if length == 0:
-            return Body(length=0, sha256=EMPTY_SHA256, content_type=content_type)
+            return empty_body(self.key, content_type)
         return Body(length=length, content_type=content_type)
 
     def _post_bytes(self, post: _PostData) -> bytes:
@@ -615,7 +618,7 @@ class _HarEntries:
         ex.response_body = self._response_body(response.content or _NO_CONTENT, headers.get("content-type"))
         location = headers.get("location") or _text(response.redirectURL) or None
         if location is not None:
-            ex.location = protect_url(location, self.key)
+            ex.location = protect_url(location, self.key, self.policy)
         ex.synthetic = status == 307 and (
             (ex.status_text or "").lower() == "internal redirect" or SYNTHETIC_REASON in headers
         )
@@ -629,7 +632,7 @@ class _HarEntries:
         content_type = content_type or _text(content.mimeType) or None
         text = content.text
         if isinstance(text, str) and text:
-            return summarize_body(self._text_bytes(text, content.encoding), content_type, self.options)
+            return summarize_body(self._text_bytes(text, content.encoding), content_type, self.options, self.key)
         size = _int(content.size)
         return Body(length=size if size is not None and size >= 0 else None, content_type=content_type)
 
