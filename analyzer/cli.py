@@ -687,10 +687,12 @@ def _emit(output: str | None, write: Callable[[IO[str]], None]) -> None:
         return
     import io
 
+    from analyzer.files import write_private
+
     buffer = io.StringIO()
     write(buffer)
     try:
-        Path(output).write_text(buffer.getvalue(), encoding="utf-8")
+        write_private(output, buffer.getvalue())
     except OSError as exc:
         raise UserError(f"{output}: cannot write: {exc.strerror or exc}") from None
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from analyzer import __version__
 from analyzer.detectors import RULES
 from analyzer.errors import ReportedError
+from analyzer.files import write_private
 from analyzer.model import Severity
 from analyzer.report import hop_text
 from analyzer.text import printable, xml_safe
@@ -174,8 +175,8 @@ def write_baseline(records: list[dict], path: Path) -> int:
         key=lambda e: (e["rule"], e["fingerprint"]),
     )
     unique = list({e["fingerprint"]: e for e in entries}.values())
-    path.write_text(json.dumps({"tool": "redirect-audit", "version": BASELINE_VERSION, "findings": unique},
-                               indent=2) + "\n")
+    write_private(path, json.dumps({"tool": "redirect-audit", "version": BASELINE_VERSION, "findings": unique},
+                                   indent=2) + "\n")
     return len(unique)
 
 
