@@ -253,8 +253,17 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str, store
         stored += 1
         note = f", {result.warnings} field(s) unreadable and left empty" if result.warnings else ""
         _say(f"imported {result.entries} {noun} from {name} as capture {result.capture_id}{note}")
+        if result.odd_dates[0]:
+            _warn_dates(name, noun, *result.odd_dates)
     if failed:
         raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def _warn_dates(name: str, noun: str, count: int, first: list[tuple[int, float]]) -> None:
+    one = {"entries": "entry", "flows": "flow"}.get(noun, noun)
+    which = ", ".join(f"{one} {seq} (year ~{1970 + ts / 31_556_952:.0f})" for seq, ts in first)
+    click.echo(f"redirect-audit: warning: {name}: {count} of its {noun} dated outside 1677-2262, which reports "
+               f"and frames cannot place on a timeline; kept as given: {which}", err=True)
 
 
 def _interrupted_import(name: str, stored: int, store: _StoreOnDemand, newest: int) -> str:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import aliased
 
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, WRITE_METHODS, body_headers
 from analyzer.detectors.credential_cross_origin import conforming_client_drops, watched
-from analyzer.model import REDIRECT_STATUSES, header
+from analyzer.model import DATE_RANGE, REDIRECT_STATUSES, header
 from analyzer.report import finding_records
 from analyzer.store import captures, chains as chains_t, exchanges as ex_t, findings as findings_t, hops as hops_t
 from analyzer.current import ensure_current
@@ -61,7 +61,10 @@ def engine(db: str | None = None) -> Engine:
 
 
 def _utc(series: pd.Series) -> pd.Series:
-    return pd.to_datetime(series, unit="s", utc=True)
+    # A moment pandas cannot hold (before 1677, after 2262) is NaT; the store keeps the number.
+    seconds = pd.to_numeric(series, errors="coerce")
+    seconds = seconds.where(seconds.between(*DATE_RANGE))
+    return pd.to_datetime(seconds, unit="s", utc=True)
 
 
 def _read(stmt, db: str | None) -> pd.DataFrame:
@@ -275,7 +278,7 @@ def findings(db: str | None = None) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records, columns=[
         "rule", "rule_id", "severity", "confidence", "message", "chain_id", "hop", "status", "followed", "method_before",
         "method_after", "from_url", "to_url", "client", "observed_at", "evidence", "fingerprint", "capture"])
-    frame["observed_at"] = pd.to_datetime(frame["observed_at"], utc=True, format="ISO8601")
+    frame["observed_at"] = pd.to_datetime(frame["observed_at"], utc=True, format="ISO8601", errors="coerce")
     order = ["info", "low", "medium", "high"]
     frame["severity"] = pd.Categorical(frame["severity"], categories=order, ordered=True)
     return frame

@@ -12,6 +12,9 @@ from typing import Any
 import msgspec
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# The moments pandas (nanoseconds since 1970 in 64 bits), and so the frames and plots, can
+# hold: 1677-2262, as epoch seconds. A capture may hold any number; the store keeps it.
+DATE_RANGE = (-9_223_372_036.0, 9_223_372_036.0)
 
 
 def header(headers: list[tuple[str, str]], name: str) -> str | None:

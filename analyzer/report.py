@@ -24,7 +24,14 @@ SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info":
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    """ISO 8601 in UTC; None for a moment no calendar date of years 1-9999 can say (a
+    capture may hold any number: it is kept as given in the store)."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None) -> dict:

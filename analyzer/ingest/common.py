@@ -6,13 +6,13 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from analyzer.errors import ReportedError
-from analyzer.model import Body
+from analyzer.model import DATE_RANGE, Body
 from analyzer.secrets import SecretPolicy, body_digest, policy_for, redact_body
-from analyzer.store import captures
+from analyzer.store import captures, exchanges
 
 DEFAULT_BODY_CAP = 64 * 1024
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key")
@@ -73,6 +73,18 @@ class ImportResult:
     capture_id: int
     entries: int
     warnings: int
+    odd_dates: tuple[int, list[tuple[int, float]]] = (0, [])  # see dates_out_of_range()
+
+
+def dates_out_of_range(conn: Connection, capture_id: int) -> tuple[int, list[tuple[int, float]]]:
+    """How many exchanges of a capture start outside DATE_RANGE, and the first few (seq,
+    seconds). They are kept as given; every report shows them as best it can."""
+    low, high = DATE_RANGE
+    odd = (exchanges.c.capture_id == capture_id) & ((exchanges.c.started_at < low) | (exchanges.c.started_at > high))
+    count = conn.execute(select(func.count()).select_from(exchanges).where(odd)).scalar_one()
+    first = conn.execute(select(exchanges.c.seq, exchanges.c.started_at).where(odd).order_by(exchanges.c.seq)
+                         .limit(3)).all() if count else []
+    return count, [tuple(r) for r in first]
 
 
 def summarize_body(raw: bytes, content_type: str | None, options: CaptureOptions, key: bytes) -> Body:

@@ -22,6 +22,7 @@ from analyzer.ingest.common import (
     CaptureOptions,
     ImportError_,
     ImportResult,
+    dates_out_of_range,
     file_sha256,
     empty_body,
     refuse_reimport,
@@ -89,7 +90,7 @@ class FlowConverter:
             method=method,
             url=url,
             url_norm=url_norm,
-            started_at=data.timestamp_start,
+            started_at=_seconds(data.timestamp_start),
             client=str(peer[0]) if peer else "unknown",  # its peer address: the port changes per connection
             connection=flow.client_conn.id,
             flow_id=flow.id,
@@ -106,7 +107,7 @@ class FlowConverter:
             return ex
         rdata = response.data
         resp_headers, resp_h = _header_block(self._blocks, rdata.headers.fields, self.key, self.policy)
-        ex.response_started_at = rdata.timestamp_start
+        ex.response_started_at = _seconds(rdata.timestamp_start)
         ex.status = rdata.status_code
         ex.status_text = rdata.reason.decode("ISO-8859-1")  # as mitmproxy's `reason` decodes it
         ex.response_headers = resp_headers
@@ -221,9 +222,79 @@ def read_flows(path: str, name: str | None = None) -> Iterator[http.HTTPFlow]:
         if not start:
             raise ImportError_(f"{name}: empty file, not a mitmproxy flow dump")
         fh.seek(0)
-        for flow in io.FlowReader(fh).stream():
+        for flow in io.FlowReader(_GuardedDump(fh, name)).stream():
             if isinstance(flow, http.HTTPFlow):
                 yield flow
+
+
+def _seconds(value) -> float | None:
+    """A timestamp as the store keeps it: a float, whatever a saved dump put there (an
+    integer of 64 digits included); one no float can hold is unknown."""
+    if type(value) is float or value is None:  # what mitmproxy itself records
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+MAX_DEPTH = 64  # containers within containers in one record; a flow has about 5
+
+
+class _GuardedDump:
+    """A dump file as mitmproxy's reader sees it, with two guards in front of its parser.
+
+    mitmproxy reads a record's length prefix and then that many bytes: a prefix of
+    `999999999999:` in a 113-byte file asked for a terabyte (MemoryError). Here a length
+    beyond the end of the file is refused before anything is allocated. Its parser then
+    recurses once per nesting level: a record nested past MAX_DEPTH is refused first,
+    by a loop over the length prefixes."""
+
+    def __init__(self, fh, name: str):
+        self.fh = fh
+        self.name = name
+        self.size = os.fstat(fh.fileno()).st_size
+
+    def peek(self, n: int) -> bytes:
+        return self.fh.peek(n)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n <= 1:
+            return self.fh.read(n)
+        left = self.size - self.fh.tell()
+        if n > left:
+            raise ImportError_(f"{self.name}: damaged mitmproxy flow dump: a record of {n} bytes where {left} "
+                               "remain (truncated, or not a flow dump)")
+        data = self.fh.read(n)
+        if data.count(b"]") + data.count(b"}") > MAX_DEPTH:  # only then can it be nested that deep
+            _check_depth(data, self.name)
+        return data
+
+
+def _check_depth(data: bytes, name: str) -> None:
+    """Refuse a tnetstring record payload nested more than MAX_DEPTH containers deep. A
+    malformed payload is left to mitmproxy's parser, which names the problem."""
+    ends = [len(data)]  # where the content of each open container ends (its type tag follows)
+    pos = 0
+    try:
+        while ends:
+            if pos >= ends[-1]:
+                pos = ends.pop() + 1  # past the container's type tag
+                continue
+            colon = data.index(b":", pos, pos + 13)
+            start = colon + 1
+            stop = start + int(data[pos:colon])
+            tag = data[stop]
+            if tag in (0x5D, 0x7D):  # "]" or "}": a container, its elements inside
+                if len(ends) >= MAX_DEPTH:
+                    raise ImportError_(f"{name}: a record nested more than {MAX_DEPTH} levels deep; no flow is, "
+                                       "so the file is refused")
+                ends.append(stop)
+                pos = start
+            else:
+                pos = stop + 1
+    except (ValueError, IndexError):
+        return
 
 
 def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions = CaptureOptions(), *,
@@ -249,16 +320,19 @@ def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions 
             if not force:
                 refuse_reimport(conn, name, sha256, capture_id)
             finish_capture(conn, capture_id, entries=count, warnings=converter.warnings)
+            odd = dates_out_of_range(conn, capture_id)
     except ValueRefused as exc:
         seq = f"flow {exc.row[EXCHANGE_COLUMNS.index('seq')]}: " if exc.row is not None else ""
         raise ImportError_(f"{name}: {seq}{exc}") from None
     except exceptions.FlowReadException as exc:
         raise ImportError_(f"{name}: not a mitmproxy flow dump: {_one_line(exc)}") from None
-    except (ValueError, KeyError, TypeError) as exc:  # tnetstring or flow-state damage
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # tnetstring or flow-state damage
         raise ImportError_(f"{name}: damaged mitmproxy flow dump: {_one_line(exc)}") from None
+    except RecursionError:
+        raise ImportError_(f"{name}: damaged mitmproxy flow dump: nested too deep") from None
     except OSError as exc:
         raise ImportError_(f"{name}: cannot read: {exc.strerror or exc}") from None
-    return ImportResult(name, capture_id, count, converter.warnings)
+    return ImportResult(name, capture_id, count, converter.warnings, odd)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -33,12 +33,14 @@ from analyzer.ingest.common import (
     CaptureOptions,
     ImportError_,
     ImportResult,
+    dates_out_of_range,
     file_sha256,
     empty_body,
     refuse_reimport,
     summarize_body,
 )
 from analyzer.ingest.harsplit import BLOCK, Blocks, Unsure, entries_offset
+from analyzer.ingest.jsonlimits import MAX_DEPTH, KeyWatch, checked_events
 from analyzer.model import Body, Exchange
 from analyzer.secrets import CREDENTIAL_HEADERS, URL_HEADERS, fingerprint, protect_url
 from analyzer.store import (
@@ -196,6 +198,7 @@ def import_har(
             if not force:  # another process may have imported the same file meanwhile
                 refuse_reimport(conn, name, sha256, capture_id)
             finish_capture(conn, capture_id, entries=count, warnings=warnings)
+            odd = dates_out_of_range(conn, capture_id)
     except (ImportError_, AlreadyImported):
         raise
     except ValueRefused as exc:
@@ -207,7 +210,7 @@ def import_har(
                            f"UTF-8, or an escaped lone surrogate such as \\ud800") from None
     except OSError as exc:
         raise ImportError_(f"{name}: cannot read: {exc.strerror or exc}") from None
-    return ImportResult(name, capture_id, count, warnings)
+    return ImportResult(name, capture_id, count, warnings, odd)
 
 
 def _import_entries(conn, path: str, name: str, capture_id: int, key: bytes, options: CaptureOptions,
@@ -272,7 +275,7 @@ class _FastImport:
             reader = _CountingReader(fh, self.progress, skip_bom=False)
             try:
                 reader.read(start)
-                blocks = iter(Blocks(reader, start, self.block))
+                blocks = iter(Blocks(reader, start, self.block, self.converter.name))
                 if self.workers:
                     yield from self._parallel(blocks)
                 else:
@@ -380,7 +383,7 @@ class _StreamImport:
     def __iter__(self) -> Iterator[tuple]:
         with open(self.converter.path, "rb") as fh:
             reader = _CountingReader(fh, self.progress)
-            for index, entry in enumerate(ijson.items(reader, "log.entries.item", use_float=True)):
+            for index, entry in enumerate(_entry_values(reader, self.converter.name)):
                 yield exchange_row(self.converter.convert(index, self.converter.checked(index, entry)))
 
 
@@ -427,27 +430,89 @@ def _scan_head(path: str, name: str) -> dict[str, str | None]:
         return _walk_head(name, _CountingReader(fh, None))
 
 
+_HEAD_FIELDS = {("log", "version"): "log.version", ("log", "creator", "name"): "log.creator.name",
+                ("log", "creator", "version"): "log.creator.version", ("log", "browser", "name"): "log.browser.name",
+                ("log", "browser", "version"): "log.browser.version"}
+_SCALARS = frozenset({"string", "number", "boolean", "null"})
+
+
+class _Path:
+    """The keys that lead to the value being read, from ijson's basic events."""
+
+    def __init__(self, name: str):
+        self.keys: list[str | None] = [None] * (MAX_DEPTH + 2)
+        self.watch = KeyWatch(name)
+
+    def see(self, event: str, value: Any, depth: int) -> None:
+        if event == "map_key":
+            self.keys[depth] = value
+            self.watch.key(depth, value, self.keys[1])
+        elif event in ("start_map", "start_array"):
+            self.keys[depth] = None  # until the object's first key; an array's items have none
+
+    def to(self, depth: int) -> tuple:
+        """The keys leading to a value at `depth` (a container opened there, or a scalar in it)."""
+        return tuple(self.keys[1:depth])
+
+
 def _walk_head(name: str, reader: _CountingReader) -> dict[str, Any]:
     found: dict[str, Any] = {}
     top_keys: list[str] = []
-    for prefix, event, value in ijson.parse(reader, use_float=True):
+    path = _Path(name)
+    for event, value, depth in checked_events(reader, name):
         if reader.read_bytes > HEAD_SCAN_LIMIT:
-            break
-        if prefix == "" and event == "map_key":
-            top_keys.append(value)
-        elif prefix == "log" and event == "start_array":
-            raise ImportError_(f"{name}: not a HAR file: \"log\" is an array, not an object")
-        elif prefix == "log.entries":
-            if event == "start_array":
-                return found
-            raise ImportError_(f"{name}: not a HAR file: \"log.entries\" is not an array")
-        elif prefix in ("log.version", "log.creator.name", "log.creator.version", "log.browser.name", "log.browser.version"):
-            if event in ("string", "number"):
-                found[prefix] = str(value)
+            raise ImportError_(f"{name}: no log.entries array in its first {HEAD_SCAN_LIMIT >> 20} MB: metadata that "
+                               "large is not a HAR file's")
+        path.see(event, value, depth)
+        if event == "map_key":
+            if depth == 1:
+                top_keys.append(value)
+            continue
+        if event in _SCALARS:
+            where = path.to(depth + 1)
+            if where == ("log", "entries"):
+                raise ImportError_(f"{name}: not a HAR file: \"log.entries\" is not an array")
+            if where in _HEAD_FIELDS and event in ("string", "number"):
+                found[_HEAD_FIELDS[where]] = str(value)
+        elif event in ("start_map", "start_array"):
+            where = path.to(depth)
+            if where == ("log",) and event == "start_array":
+                raise ImportError_(f"{name}: not a HAR file: \"log\" is an array, not an object")
+            if where == ("log", "entries"):
+                if event == "start_array":
+                    return found
+                raise ImportError_(f"{name}: not a HAR file: \"log.entries\" is not an array")
     if "log" not in top_keys:
         keys = ", ".join(top_keys[:5]) or "none"
         raise ImportError_(f"{name}: not a HAR file: no top-level \"log\" object (top-level keys: {keys})")
     raise ImportError_(f"{name}: not a HAR file: \"log\" has no \"entries\" array")
+
+
+def _entry_values(reader: _CountingReader, name: str) -> Iterator[Any]:
+    """Each element of log.entries, built from ijson's basic events as they stream (depth
+    checked, repeated `log`/`entries` refused); the rest of the document is read through
+    to its end, so a file truncated after the entries is refused too."""
+    path = _Path(name)
+    builder: ijson.ObjectBuilder | None = None
+    in_entries = False
+    for event, value, depth in checked_events(reader, name):
+        if builder is not None:
+            builder.event(event, value)
+            if depth == 3 and event in ("end_map", "end_array"):
+                yield builder.value
+                builder = None
+            continue
+        path.see(event, value, depth)
+        if in_entries:
+            if depth == 2:  # the array closed
+                in_entries = False
+            elif event in ("start_map", "start_array"):
+                builder = ijson.ObjectBuilder()
+                builder.event(event, value)
+            else:
+                yield value  # a scalar entry: the converter names it
+        elif event == "start_array" and depth == 3 and path.to(3) == ("log", "entries"):
+            in_entries = True
 
 
 class _HarEntries:
@@ -474,6 +539,8 @@ class _HarEntries:
                 entries = [self.checked(first + i, entry) for i, entry in enumerate(_ANY_JSON.decode(data))]
         except msgspec.DecodeError as exc:  # valid JSON msgspec will not build (1e400)
             raise Unsure(str(exc)) from None
+        except RecursionError:  # nested deeper than msgspec goes: the streaming reader names the depth
+            raise Unsure("nested too deep for the block parser") from None
         rows = [exchange_row(self.convert(first + i, entry)) for i, entry in enumerate(entries)]
         return rows, self.warnings - before
 

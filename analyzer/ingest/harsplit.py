@@ -27,6 +27,8 @@ from typing import IO
 import ijson
 import msgspec
 
+from analyzer.ingest.jsonlimits import KeyWatch, checked_events
+
 BLOCK = 1 << 20  # bytes of entries handed out at a time
 READ = 4 << 20
 MAX_BLOCK = 64 << 20  # an entry larger than this is left to the streaming parser
@@ -97,10 +99,11 @@ class Blocks:
     sequentially to the end.
     """
 
-    def __init__(self, reader: IO[bytes], offset: int, block: int = BLOCK) -> None:
+    def __init__(self, reader: IO[bytes], offset: int, block: int = BLOCK, name: str = "the file") -> None:
         self.reader = reader
         self.offset = offset
         self.block = block
+        self.name = name  # in messages
 
     def __iter__(self) -> Iterator[tuple[int, bytes, int, int]]:
         fh = self.reader
@@ -175,10 +178,15 @@ class Blocks:
         return None
 
     def _check_tail(self, rest: bytes, fh: IO[bytes]) -> None:
-        """What follows the array must close log and the root object, as JSON."""
+        """What follows the array must close log and the root object, as JSON (within the
+        depth limit, without a second `entries` in log or a second `log`)."""
+        keys: dict[int, str] = {}
+        watch = KeyWatch(self.name)
         try:
-            for _ in ijson.parse(_Chain(b'{"log":{"entries":[]' + rest, fh)):
-                pass
+            for event, value, depth in checked_events(_Chain(b'{"log":{"entries":[]' + rest, fh), self.name):
+                if event == "map_key":
+                    keys[depth] = value
+                    watch.key(depth, value, keys.get(1))
         except ijson.JSONError as exc:
             raise Unsure(f"after log.entries: {exc}") from None
 
@@ -191,6 +199,8 @@ def _count_entries(block: bytes) -> int:
         return len(_RAW_LIST.decode(b"[" + block + b"]"))
     except msgspec.DecodeError:
         return 0
+    except RecursionError:  # deeper than msgspec goes: the streaming reader names the depth
+        raise Unsure("nested too deep for the block parser") from None
 
 
 class _Chain:
