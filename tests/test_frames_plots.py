@@ -127,3 +127,14 @@ def test_which_forwarded_credentials_count_as_a_deviation(forwarded, before, aft
     assert frames._leaked(forwarded, before, after) == leaked
     verdict = frames.verdict(302, "GET", "GET", True, None, None, None, None, (), leaked)
     assert verdict == ("deviated" if leaked else "as specified")
+
+
+def test_the_chain_length_figure_draws_a_bar_per_length_not_per_hop():
+    import pandas as pd
+
+    chains = pd.DataFrame({"hops": [1] * 500 + [2] * 30 + [3] + [20_000]})
+    fig = plots.chain_lengths(chains)
+    ax = fig.axes[0]
+    assert [round(p.get_height()) for p in ax.patches] == [500, 30, 1, 1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", f">{plots.LENGTH_CAP}"]
+    assert ax.get_yscale() == "log" and "longest: 20000" in ax.get_xlabel()
