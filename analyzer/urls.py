@@ -66,14 +66,22 @@ def resolve_location(base: str, location: str) -> str:
 
 
 def origin_of(url: str) -> str:
-    """scheme://host[:port] of a normalized URL."""
-    parts = urlsplit(url)
+    """scheme://host[:port] of a normalized URL (of a broken one, what stands before its path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # stored as given when it could not be normalized ("http://[::1")
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0].rpartition('@')[2]}"
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def endpoint(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port) of a URL, the default port spelled out (IPv6 hosts keep brackets)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a URL kept as given because it could not be parsed
+        scheme, _, rest = url.partition("://")
+        return scheme.lower(), rest.split("/", 1)[0].lower(), None
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     try:
         port = parts.port
