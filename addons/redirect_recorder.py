@@ -26,6 +26,7 @@ import gc
 import logging
 import sys
 import weakref
+from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.hooks import UpdateHook
@@ -55,6 +56,7 @@ TEMPORARY = (302, 303, 307)
 # takes 5.5 µs (benchmarks/bench_convert.py). One flow at a time, the converter's code
 # and data have left the CPU caches between two flows, evicted by mitmproxy's own work
 # for the request in between.
+STORE_WAIT = 1.0  # seconds the writer waits for another process's lock before it spools
 CONVERT_BATCH = 64
 CONVERT_DELAY = 0.05  # seconds; findings and stored rows wait at most this long for a batch
 
@@ -97,7 +99,10 @@ class RedirectRecorder:
         loader.add_option(PREFIX + "db", str, "", "Store for the exchanges: SQLAlchemy URL or file path "
                           "(default: $REDIRECT_AUDIT_DB, else ./redirect-audit.db).")
         loader.add_option(PREFIX + "batch", int, 2000, "Exchanges committed per transaction.")
-        loader.add_option(PREFIX + "flush_ms", int, 2000, "Milliseconds before a partial batch is committed.")
+        loader.add_option(PREFIX + "flush_ms", int, 250, "Milliseconds before a partial batch is committed: what a "
+                          "kill -9 can lose at most.")
+        loader.add_option(PREFIX + "spool", str, "", "Directory for exchanges the store cannot take (default: next "
+                          "to the store, STORE.spool).")
         loader.add_option(PREFIX + "bodies", bool, False, "Also store request and response bodies "
                           "(capped, well-known secret fields redacted).")
         loader.add_option(PREFIX + "body_cap", int, DEFAULT_BODY_CAP, "Bytes kept per body when bodies are stored.")
@@ -114,7 +119,9 @@ class RedirectRecorder:
         opts = ctx.options
         try:
             self.settings = RecorderSettings(batch_size=opts.redirect_audit_batch,
-                                             flush_interval=opts.redirect_audit_flush_ms / 1000)
+                                             flush_interval=opts.redirect_audit_flush_ms / 1000,
+                                             spool=Path(opts.redirect_audit_spool) if opts.redirect_audit_spool
+                                             else None)
             self.capture = CaptureOptions(keep_bodies=opts.redirect_audit_bodies,
                                           body_cap=opts.redirect_audit_body_cap,
                                           secret_fields=tuple(f for f in opts.redirect_audit_secret_fields.split(",")
@@ -131,7 +138,8 @@ class RedirectRecorder:
             return
         if PREFIX + "db" in updated or self.store is None:
             try:  # opened now so that a bad store stops the proxy at start, with one line
-                self.store = open_store(opts.redirect_audit_db or None)
+                # A short wait for another process's lock: past it, the writer spools (never the proxy waiting).
+                self.store = open_store(opts.redirect_audit_db or None, wait=STORE_WAIT)
             except StoreError as exc:
                 raise exceptions.OptionsError(f"redirect_audit_db: {exc}") from None
 
@@ -143,15 +151,18 @@ class RedirectRecorder:
             return
         store = self.store
         self.recorder = Recorder(store, self.settings, creator=f"mitmproxy {MITMPROXY_VERSION}")
-        self.converter = FlowConverter(self.recorder.capture_id, store.secret_key, self.capture)
+        self.converter = FlowConverter(0, store.secret_key, self.capture)  # the writer sets each row's capture
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: driven by hand (tests); flows are converted at once
             self._loop = None
         if ctx.options.redirect_audit_live:
-            with store.begin() as conn:
-                history = load_exchanges(conn, exchanges.c.status.in_(TEMPORARY)
-                                         & (exchanges.c.capture_id != self.recorder.capture_id))
+            try:
+                with store.begin() as conn:
+                    history = load_exchanges(conn, exchanges.c.status.in_(TEMPORARY))
+            except StoreError as exc:  # the store is down: the live rules start without its history
+                log.warning("redirect-audit: %s; live rules start without the store's earlier redirects", exc)
+                history = []
             self.live = LiveAnalyzer(self.analysis, history)
             # without a loop, expire() is called explicitly
             self._ticker = self._loop.create_task(self._tick()) if self._loop is not None else None
@@ -163,7 +174,7 @@ class RedirectRecorder:
         # collections come back) still scans less.
         gc.collect()
         gc.freeze()
-        log.info("redirect-audit: recording into %s (capture %d)", safe_url(store.url), self.recorder.capture_id)
+        log.info("redirect-audit: recording into %s", safe_url(store.url))
 
     # ---- traffic -------------------------------------------------------------
 
@@ -279,16 +290,21 @@ class RedirectRecorder:
         gc.unfreeze()  # what start-up froze is collectable again (the proxy may live on: tests, reloads)
 
     def _log_totals(self) -> None:
-        seen, stored = self.recorder.seen + self.unqueued, self.recorder.stored
+        rec = self.recorder
+        seen, stored = rec.seen + self.unqueued, rec.stored
         late = f" ({self.late} after shutdown began)" if self.late else ""
-        line = f"redirect-audit: saw {seen} exchanges, stored {stored}{late}; {self.findings} findings while running"
+        extra = ", ".join(f"{n} {what}" for n, what in ((rec.spooled, f"spooled to {rec.spool_path}"),
+                                                       (rec.lost + self.unqueued, "dropped")) if n)
+        line = (f"redirect-audit: saw {seen} exchanges, stored {stored}{late}{'; ' + extra if extra else ''}; "
+                f"{self.findings} findings while running")
         if not log.hasHandlers():
             # mitmproxy takes its log handler down once every done hook has run, and
             # then cancels the connections still open, some of which finish first: the
             # last totals still reach the terminal, on stderr.
             print(line, file=sys.stderr, flush=True)
             return
-        log.log(logging.INFO if seen == stored else logging.ERROR, "%s", line)
+        log.log(logging.INFO if seen == stored else logging.WARNING if rec.lost + self.unqueued == 0 else logging.ERROR,
+                "%s", line)
 
 
 # mitmproxy offers every event to every addon, eight per request (four lifecycle hooks,

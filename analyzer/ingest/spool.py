@@ -1,0 +1,202 @@
+"""The proxy's spool: exchanges the store could not take, on local disk until it can.
+
+One append-only file per proxy run, in a directory next to the store (`capture.db.spool/`,
+or `redirect-audit-<id>.spool/` in the working directory for a store that is not a file),
+readable by its owner only. A file is a run header and then records, each a 4-byte
+length and a MessagePack row (an exchanges-table row without its capture id). Appends
+are fsync'd in batches. Replay moves rows into the store a batch per transaction and
+records, in the same transaction, how far it got (`meta`: `spool.<run>`), so a replay cut
+short by a crash is resumed, never repeated. A record cut short by a kill -9 ends the
+file. Rows go into the run's own capture, or a capture made for them when the run never
+got one (the store was down from its start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+from sqlalchemy import delete, insert, select, update
+
+from analyzer.store import Store, add_capture, captures, finish_capture, meta, write_exchange_blocks
+from analyzer.storeread import sqlite_file
+
+SUFFIX = ".rows"
+_LENGTH = struct.Struct(">I")
+_ENCODE = msgspec.msgpack.Encoder()
+_DECODE = msgspec.msgpack.Decoder()
+PROGRESS = "spool."  # meta key prefix
+
+
+def default_spool_path(store_url: str) -> Path:
+    """The spool directory for a store: next to a SQLite file, else in the working directory."""
+    path = sqlite_file(store_url)
+    if path is not None:
+        return Path(f"{path}.spool")
+    return Path(f"redirect-audit-{hashlib.sha256(store_url.encode()).hexdigest()[:12]}.spool")
+
+
+def old_spools(directory: Path, this_run: str) -> list[Spool]:
+    """The spool files other runs left in the directory (replayed by whoever runs next)."""
+    if not directory.is_dir():
+        return []
+    return [Spool(directory, f.stem, None, reader_only=True) for f in sorted(directory.glob(f"*{SUFFIX}"))
+            if f.stem != this_run]
+
+
+class Spool:
+    """One run's spool file."""
+
+    def __init__(self, directory: Path, run_id: str, creator: str | None, *, reader_only: bool = False):
+        self.directory = Path(directory)
+        self.run_id = run_id
+        self.creator = creator
+        self.capture_id: int | None = None
+        self.path = self.directory / f"{run_id}{SUFFIX}"
+        self.reader_only = reader_only
+        self._fh = None
+        self._lock = threading.Lock()  # the writer thread and, past the queue's bound, the proxy's own
+        self._unsynced = 0
+        self._written = 0  # bytes this run appended (for `pending`)
+        self._replayed = None  # offset replay has reached, once known
+
+    # ---- appending -------------------------------------------------------------------
+
+    def append(self, rows: list[tuple]) -> int:
+        """Append rows (capture id left out); returns how many were written."""
+        payload = []
+        for row in rows:
+            try:
+                data = _ENCODE.encode(row[1:])
+            except (msgspec.EncodeError, UnicodeEncodeError, TypeError):
+                continue  # a row no file could hold either; the caller counts the rest
+            payload.append(_LENGTH.pack(len(data)) + data)
+        with self._lock:
+            fh = self._open()
+            fh.write(b"".join(payload))
+            fh.flush()
+            self._unsynced += len(payload)
+            if self._unsynced >= 256:
+                os.fsync(fh.fileno())
+                self._unsynced = 0
+        return len(payload)
+
+    def _open(self):
+        if self._fh is None:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fh = os.fdopen(fd, "ab")
+            if self._fh.tell() == 0:
+                header = json.dumps({"run": self.run_id, "creator": self.creator, "started": time.time(),
+                                     "host": socket.gethostname(), "pid": os.getpid()}).encode()
+                self._fh.write(_LENGTH.pack(len(header)) + header)
+        return self._fh
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._unsynced = 0
+
+    # ---- replaying -------------------------------------------------------------------
+
+    def pending(self) -> bool:
+        """Whether rows of this file are not in the store yet."""
+        if not self.path.exists():
+            return False
+        return self._replayed is None or self._replayed < self.path.stat().st_size
+
+    def replay_batch(self, store: Store, size: int) -> int | None:
+        """Move up to `size` rows into the store; None when nothing is left to move."""
+        if not self.path.exists():
+            return None
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+        with store.begin() as conn:
+            progress = conn.execute(select(meta.c.value).where(meta.c.key == PROGRESS + self.run_id)).scalar()
+            state = json.loads(progress) if progress else {}
+            rows, end, header = _read(self.path, state.get("offset"), size)
+            self._replayed = end
+            if not rows:
+                if self.reader_only and header is not None:  # an old run's file, all in the store: gone
+                    conn.execute(delete(meta).where(meta.c.key == PROGRESS + self.run_id))
+                    self.path.unlink(missing_ok=True)
+                return None
+            capture = state.get("capture") or self.capture_id
+            if capture is None or conn.execute(select(captures.c.id).where(captures.c.id == capture)).first() is None:
+                creator = (header or {}).get("creator") or self.creator
+                capture = add_capture(conn, source="proxy", creator=f"{creator or 'proxy'} (from its spool)")
+            write_exchange_blocks(conn, [[(capture, *row) for row in rows]])
+            count = conn.execute(select(captures.c.entries).where(captures.c.id == capture)).scalar() or 0
+            finish_capture(conn, capture, entries=count + len(rows))
+            value = json.dumps({"offset": end, "capture": capture})
+            if progress is None:
+                conn.execute(insert(meta).values(key=PROGRESS + self.run_id, value=value))
+            else:
+                conn.execute(update(meta).where(meta.c.key == PROGRESS + self.run_id).values(value=value))
+        return len(rows)
+
+    def remove(self) -> None:
+        """All replayed: the file and its progress go."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+            self.path.unlink(missing_ok=True)
+        try:
+            self.directory.rmdir()  # only if empty
+        except OSError:
+            pass
+
+    @staticmethod
+    def count(path: Path) -> int:
+        """Rows in a spool file (for messages)."""
+        return len(_read(path, None, 1 << 62)[0]) if path.exists() else 0
+
+    def header(self) -> dict:
+        """The run header (host, pid, creator, started); {} if there is none to read."""
+        return (_read(self.path, None, 0)[2] or {}) if self.path.exists() else {}
+
+
+def _read(path: Path, offset: int | None, limit: int) -> tuple[list[tuple], int, dict | None]:
+    """Up to `limit` rows from `offset` (None: after the header); (rows, end offset, header)."""
+    with open(path, "rb") as fh:
+        data_header = _record(fh)
+        header = None
+        if data_header is not None:
+            try:
+                header = json.loads(data_header)
+            except ValueError:
+                header = None
+        if offset is not None:
+            fh.seek(offset)
+        rows = []
+        end = fh.tell()
+        while len(rows) < limit:
+            record = _record(fh)
+            if record is None:  # the end, or a record a kill -9 cut short
+                break
+            try:
+                rows.append(tuple(_DECODE.decode(record)))
+            except msgspec.DecodeError:
+                break
+            end = fh.tell()
+    return rows, end, header
+
+
+def _record(fh) -> bytes | None:
+    head = fh.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(head)
+    data = fh.read(length)
+    return data if len(data) == length else None
