@@ -98,7 +98,9 @@ class Recorder:
         self.run_id = uuid.uuid4().hex
         self.capture_id: int | None = None  # made by the writer, as soon as the store takes writes
         self._waiting: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
-        self._waiting_bytes = 0
+        # Bytes queued and bytes taken, each counted by one thread only (no lock, no lost update).
+        self._bytes_in = 0
+        self._bytes_out = 0
         self._wake = threading.Event()
         self._closing = False
         self._closed = False  # the writer thread has ended
@@ -128,12 +130,12 @@ class Recorder:
         if self._closed:  # no writer thread any more: a transaction of its own, now
             self._write_now([row])
             return
-        size = _row_bytes(row)
-        if len(self._waiting) >= self.settings.queue_rows or self._waiting_bytes >= self.settings.queue_bytes:
+        if (len(self._waiting) >= self.settings.queue_rows
+                or self._bytes_in - self._bytes_out >= self.settings.queue_bytes):
             self._spool_rows([row])  # memory stays bounded whatever the store does
             return
         self._waiting.append(row)
-        self._waiting_bytes += size
+        self._bytes_in += _row_bytes(row)
         if len(self._waiting) >= self.settings.batch_size and not self._wake.is_set():
             self._wake.set()
 
@@ -164,7 +166,7 @@ class Recorder:
     def _take(self) -> list[tuple]:
         waiting, size = self._waiting, self.settings.batch_size
         batch = [waiting.popleft() for _ in range(min(size, len(waiting)))]  # only this thread takes from the left
-        self._waiting_bytes -= sum(_row_bytes(r) for r in batch)
+        self._bytes_out += sum(_row_bytes(r) for r in batch)
         return batch
 
     def _drain(self, deadline: float | None) -> None:
