@@ -23,6 +23,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Patch
 
+from analyzer.text import printable
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS
 
 SEVERITIES = ["high", "medium", "low", "info"]
@@ -110,7 +111,7 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 30) -> Figure:
                                          shrinkA=12, shrinkB=12))
     for host, (x, y) in pos.items():
         ax.plot(x, y, "o", color="#2c3e50", markersize=9)
-        ax.annotate(host.split("://")[-1], (x, y), xytext=(8 * x, 8 * y), textcoords="offset points",
+        ax.annotate(printable(host.split("://")[-1]), (x, y), xytext=(8 * x, 8 * y), textcoords="offset points",
                     ha="left" if x >= 0 else "right", va="center", fontsize=8)
     ax.legend(handles=[Patch(color="#7f8c8d", label="same origin"), Patch(color="#e67e22", label="cross-origin"),
                        Patch(color="#c0392b", label="HTTPS -> HTTP")], loc="lower left", fontsize=8)
@@ -128,7 +129,7 @@ def temporary_timeline(temporary: pd.DataFrame, stale_after_days: float = DEFAUL
                       f"Temporary redirects over time (stale after {stale_after_days:g} days)")
     if rows.empty:
         return _empty(fig, ax, "no temporary redirects")
-    labels = [f"{s.split('://')[-1]} -> {t.split('://')[-1]}" for s, t in zip(rows["source"], rows["target"])]
+    labels = [printable(f"{s.split('://')[-1]} -> {t.split('://')[-1]}") for s, t in zip(rows["source"], rows["target"])]
     first = rows["first_seen"].dt.tz_convert(None)
     last = rows["last_seen"].dt.tz_convert(None)
     y = np.arange(len(rows))
@@ -157,8 +158,8 @@ def conformance_heatmap(hops: pd.DataFrame) -> Figure:
     grid = grid.reindex(columns=sorted(grid.columns, key=lambda c: (int(c.split()[0]), c.split()[1])))
     masked = np.ma.masked_invalid(grid.to_numpy(dtype=float))
     ax.imshow(masked, cmap=ListedColormap(VERDICT_COLORS), vmin=-0.5, vmax=2.5, aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=90, fontsize=7)
-    ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=8)
+    ax.set_xticks(range(grid.shape[1]), [printable(c) for c in grid.columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(grid.shape[0]), [printable(r) for r in grid.index], fontsize=8)
     ax.legend(handles=[Patch(color=c, label=v) for v, c in zip(VERDICTS, VERDICT_COLORS)],
               loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return fig
