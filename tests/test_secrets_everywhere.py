@@ -258,7 +258,7 @@ def test_no_canary_through_a_real_proxy_reaches_the_store_the_terminal_or_an_exp
                                                                                   keep_bodies):
     secrets = {n: canary(i) for i, n in enumerate(("query", "fragment location", "location code", "bearer",
                                                    "referer", "json body", "form body", "multipart body",
-                                                   "basic", "nested"))}
+                                                   "basic", "nested", "deep json"))}
     db = tmp_path / "p.db"
     port = free_port()
     args = [sys.executable, "-m", "analyzer", "proxy", "--db", str(db), "-p", str(port),
@@ -284,6 +284,9 @@ def test_no_canary_through_a_real_proxy_reaches_the_store_the_terminal_or_an_exp
                 ("POST", "/echo/multi", {"Content-Type": "multipart/form-data; boundary=B"},
                  f'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\n{secrets["multipart body"]}\r\n'
                  f"--B--\r\n".encode()),
+                # 1,000 levels deep: redacting it must not recurse (it once cost the flow its record)
+                ("POST", "/echo/deep", {"Content-Type": "application/json"},
+                 ('{"a": ' * 1000 + json.dumps({"token": secrets["deep json"]}) + "}" * 1000).encode()),
             ]
             for method, path, headers, body in requests_:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -294,7 +297,7 @@ def test_no_canary_through_a_real_proxy_reaches_the_store_the_terminal_or_an_exp
             proc.send_signal(__import__("signal").SIGTERM)
             proc.wait(timeout=60)
     terminal = log.read_bytes()
-    assert b"saw 3 exchanges, stored 3" in terminal
+    assert b"saw 4 exchanges, stored 4" in terminal
     assert leaks(terminal, secrets) == []
     assert leaks(store_bytes(db), secrets) == []
     for name, blob in exports_of(db, tmp_path).items():
