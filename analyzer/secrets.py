@@ -6,7 +6,9 @@ same fingerprint wherever it appears (a header, a query string, a fragment, a bo
 field), so "the token followed the redirect to another origin" can be told without the
 token ever being written down. What is protected:
 
-* credential headers (CREDENTIAL_HEADERS): the whole value;
+* credential headers (CREDENTIAL_HEADERS): the whole value, except that `Authorization`
+  and `Proxy-Authorization` keep their scheme in clear (`Bearer hmac:...`): the token's
+  fingerprint is then the same as in `?access_token=` or a JSON body;
 * headers that carry URLs (URL_HEADERS: Location, Referer, Content-Location, Link,
   Refresh): the URLs in them, as below;
 * URLs: the value of every parameter whose name is a secret field (SECRET_FIELDS, plus
@@ -170,7 +172,7 @@ def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes, policy: Se
         name, value = pair
         lname = name.lower()
         if lname in CREDENTIAL_HEADERS:
-            value = fingerprint(key, value)
+            value = protect_credential(lname, value, key)
             pair = (name, value)
         elif lname in URL_HEADERS:
             protected = protect_url(value, key, policy)
@@ -181,6 +183,18 @@ def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes, policy: Se
         if lname not in lookup:
             lookup[lname] = value
     return pairs, lookup
+
+
+_SCHEMED = frozenset({"authorization", "proxy-authorization"})
+
+
+def protect_credential(lname: str, value: str, key: bytes) -> str:
+    """A credential header's value as stored: fingerprinted, an auth scheme kept in clear."""
+    if lname in _SCHEMED:
+        scheme, _, credentials = value.partition(" ")
+        if credentials and scheme.isalnum() and not scheme.startswith(FINGERPRINT_PREFIX):
+            return f"{scheme} {_fingerprint_as_is(key, credentials.strip())}"
+    return value if value.startswith(FINGERPRINT_PREFIX) else fingerprint(key, value)
 
 
 def protect_url(url: str, key: bytes, policy: SecretPolicy = DEFAULT_POLICY, _level: int = 0) -> str:

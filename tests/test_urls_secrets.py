@@ -39,9 +39,11 @@ def test_credential_headers_are_fingerprinted_consistently():
     key = b"k" * 32
     out = protect_headers([("Authorization", "Bearer s3cret"), ("Accept", "*/*"), ("cookie", "sid=1")], key)
     assert out[1] == ("Accept", "*/*")
-    assert out[0][1] == fingerprint(key, "Bearer s3cret") and "s3cret" not in out[0][1]
+    assert out[0][1] == "Bearer " + fingerprint(key, "s3cret") and "s3cret" not in out[0][1]
     assert "sid=1" not in out[2][1]
-    assert fingerprint(b"other" * 8, "Bearer s3cret") != out[0][1]
+    assert "Bearer " + fingerprint(b"other" * 8, "s3cret") != out[0][1]
+    # the scheme stays readable; the token's fingerprint is the one it gets anywhere else
+    assert fingerprint(key, "s3cret") in protect_url("https://h/?access_token=s3cret", key)
 
 
 def test_secret_query_values_are_fingerprinted():

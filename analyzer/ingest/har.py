@@ -42,7 +42,7 @@ from analyzer.ingest.common import (
 from analyzer.ingest.harsplit import BLOCK, Blocks, Unsure, entries_offset
 from analyzer.ingest.jsonlimits import MAX_DEPTH, KeyWatch, checked_events
 from analyzer.model import Body, Exchange
-from analyzer.secrets import CREDENTIAL_HEADERS, URL_HEADERS, fingerprint, protect_url
+from analyzer.secrets import CREDENTIAL_HEADERS, URL_HEADERS, protect_credential, protect_url
 from analyzer.store import (
     EXCHANGE_COLUMNS,
     Store,
@@ -603,7 +603,7 @@ class _HarEntries:
                 val = str(val)
             lname = name.lower()
             if lname in CREDENTIAL_HEADERS:
-                val = fingerprint(self.key, val)
+                val = protect_credential(lname, val, self.key)
             elif lname in URL_HEADERS:
                 val = protect_url(val, self.key, self.policy)
             pairs.append((name, val))
