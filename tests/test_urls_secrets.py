@@ -79,3 +79,15 @@ def test_fast_url_normalization_agrees_with_the_general_one():
             return "BadURL"
 
     assert [outcome(normalize_url, u) for u in urls] == [outcome(_normalize_general, u) for u in urls]
+
+
+def test_the_body_digest_is_hmac_sha256_under_the_key():
+    import hashlib
+    import hmac
+
+    from analyzer.secrets import body_digest
+
+    for key in (b"k" * 32, b"x" * 80, b""):
+        for body in (b"", b"user=ada&password=hunter2", bytes(range(256)) * 40):
+            assert body_digest(key, body) == hmac.new(key, body, hashlib.sha256).hexdigest()
+    assert body_digest(b"a" * 32, b"same") != body_digest(b"b" * 32, b"same")

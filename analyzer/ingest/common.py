@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,4 +99,9 @@ def summarize_body(raw: bytes, content_type: str | None, options: CaptureOptions
 
 def empty_body(key: bytes, content_type: str | None) -> Body:
     """A body known to be empty (Content-Length: 0): the same digest as summarize_body(b"")."""
-    return Body(length=0, sha256=body_digest(key, b""), content_type=content_type)
+    return Body(length=0, sha256=_empty_digest(key), content_type=content_type)
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_digest(key: bytes) -> str:
+    return body_digest(key, b"")  # most requests have no body: one HMAC per store, not per request
