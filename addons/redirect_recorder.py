@@ -209,6 +209,8 @@ class RedirectRecorder:
             self._timer = None
         pending, self._pending = self._pending, []
         convert, recorder, live = self.converter.convert, self.recorder, self.live
+        if self.converter.capture_id != recorder.capture_id and recorder.capture_id is not None:
+            self.converter.capture_id = recorder.capture_id  # the writer made it: rows carry it from now on
         for flow in pending:
             # A bug that one flow trips must cost that flow only, never the rest of its batch.
             try:

@@ -76,11 +76,21 @@ class RecorderSettings:
 
 
 _SEQ, _URL = EXCHANGE_COLUMNS.index("seq"), EXCHANGE_COLUMNS.index("url")
-_SIZED = [EXCHANGE_COLUMNS.index(n) for n in ("url", "request_headers", "response_headers", "req_body", "resp_body")]
+_REQH, _RESPH = EXCHANGE_COLUMNS.index("request_headers"), EXCHANGE_COLUMNS.index("response_headers")
+_REQB, _RESPB = EXCHANGE_COLUMNS.index("req_body"), EXCHANGE_COLUMNS.index("resp_body")
 
 
 def _row_bytes(row: tuple) -> int:
-    return 200 + sum(len(row[i]) for i in _SIZED if row[i] is not None)
+    """About what a queued row holds (its long fields), for the queue's bound in bytes.
+    Written out, not a generator: it runs for every exchange on the proxy's thread."""
+    size = 200 + len(row[_URL]) + len(row[_REQH]) + len(row[_RESPH])
+    body = row[_REQB]
+    if body is not None:
+        size += len(body)
+    body = row[_RESPB]
+    if body is not None:
+        size += len(body)
+    return size
 
 
 class Recorder:
@@ -201,7 +211,8 @@ class Recorder:
 
     def _write(self, rows: list[tuple]) -> None:
         capture = self.capture_id
-        rows = [(capture, *row[1:]) for row in rows]
+        if rows[0][0] != capture or rows[-1][0] != capture:  # converted before the capture was made
+            rows = [row if row[0] == capture else (capture, *row[1:]) for row in rows]
         try:
             with self.store.begin() as conn:
                 write_exchange_blocks(conn, [rows])
