@@ -352,10 +352,10 @@ def test_a_repeated_header_block_is_converted_once_and_fingerprinted_with_each_s
     assert a.response_headers is b.response_headers
     assert c.request_headers == a.request_headers and c.request_headers is not a.request_headers
     assert headers_json(c.request_headers) == headers_json(a.request_headers)
-    assert dict(a.request_headers)["Authorization"].startswith("hmac:")
+    assert dict(a.request_headers)["Authorization"].startswith("Bearer hmac:")
     d = other.convert(0, first)  # another store, another key: another fingerprint
     assert dict(d.request_headers)["Authorization"] != dict(a.request_headers)["Authorization"]
-    assert dict(d.request_headers)["Authorization"].startswith("hmac:")
+    assert dict(d.request_headers)["Authorization"].startswith("Bearer hmac:")
     row = exchange_row(b)
     stored_headers = json.loads(row[EXCHANGE_COLUMNS.index("request_headers")])
     assert stored_headers == [list(pair) for pair in b.request_headers] and "s3cret" not in str(stored_headers)
