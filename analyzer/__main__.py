@@ -8,8 +8,10 @@ stored (one line, exit 130); a second one while that happens stops at once.
 from __future__ import annotations
 
 import _signal  # the built-in module under `signal`: nothing to load before the handler is set
+import _thread
 import os
 import sys
+import time
 
 EXIT_INTERRUPTED = 130
 _interrupted = False
@@ -24,9 +26,29 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _unraisable(unraisable) -> None:
+    """A Ctrl-C that lands while Python runs a finalizer or a weakref callback is printed as
+    "Exception ignored" and swallowed: the work would go on. Deliver it again instead."""
+    global _interrupted
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _interrupted:
+        _interrupted = False
+        _thread.start_new_thread(_redeliver, ())  # from another thread: raised once this callback is over
+        return
+    _default_unraisable(unraisable)
+
+
+def _redeliver() -> None:
+    time.sleep(0.005)
+    _thread.interrupt_main(_signal.SIGINT)
+
+
+_default_unraisable = sys.unraisablehook
+
+
 def main() -> None:
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not when Ctrl-C is ignored
         _signal.signal(_signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unraisable
     try:
         from analyzer.cli import main as run
     except KeyboardInterrupt:

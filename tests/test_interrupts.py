@@ -206,3 +206,34 @@ def test_ctrl_c_while_starting(tmp_path, moment):
     if code == 130:
         assert "redirect-audit: interrupted" in out
         assert not (tmp_path / "s.db").exists() or exchanges_in(tmp_path / "s.db") == 0
+
+
+def test_a_ctrl_c_that_lands_in_a_weakref_callback_is_delivered_again_not_swallowed():
+    """Python prints a KeyboardInterrupt raised in a finalizer or weakref callback as
+    "Exception ignored" and goes on (seen once under load: the import finished after
+    Ctrl-C, with a traceback). The entry point delivers it again, once the callback is over."""
+    import textwrap
+
+    code = textwrap.dedent('''
+        import _signal, os, signal, sys, time, weakref
+        import analyzer.__main__ as entry
+        _signal.signal(_signal.SIGINT, entry._on_sigint)
+        sys.unraisablehook = entry._unraisable
+        class Thing:
+            pass
+        def callback(ref):
+            os.kill(os.getpid(), signal.SIGINT)  # lands while the callback runs
+            for _ in range(1000):
+                pass
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        try:
+            del thing
+            time.sleep(2)
+            print("swallowed")
+        except KeyboardInterrupt:
+            print("delivered")
+    ''')
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert done.stdout.strip() == "delivered" and done.stderr == "", done.stderr
