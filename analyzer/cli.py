@@ -223,6 +223,7 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str, store
     still go in; exit status 2 at the end if any failed. Ctrl-C stops at the file in hand,
     of which nothing is stored."""
     from analyzer.ingest import AlreadyImported
+    from analyzer.storeread import StoreOutdated
 
     failed, stored = 0, 0
     for given in files:
@@ -238,6 +239,8 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str, store
         except AlreadyImported as exc:
             _say(str(exc))
             continue
+        except StoreOutdated:
+            raise  # about the store, not this file: no file can go in until it is upgraded
         except ReportedError as exc:
             text = str(exc)
             _error(text if text.startswith(name) else f"{name}: {text}")
@@ -620,6 +623,55 @@ def captures_remove_cmd(ids: tuple[int, ...], db: str | None, wait: float) -> No
         raise UserError(f"no capture {', '.join(map(str, missing))} in {_db_shown(db)}; nothing was removed "
                         f"(`{command_prefix()} captures --db {shlex.quote(_db_shown(db))}` lists them)")
     _say(f"removed capture(s) {', '.join(map(str, ids))} and their exchanges from {_db_shown(db)}")
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The store's schema: `db current` shows it, `db upgrade` brings a store made by an older
+    release up to this one (the only command that alters a store's schema)."""
+
+
+@db_group.command("current")
+@db_option
+@wait_option
+@click.option("--format", "-f", "format_", type=click.Choice(("text", "json")), default="text", show_default=True)
+def db_current_cmd(db: str | None, wait: float, format_: str) -> None:
+    """Show the store's schema version and migration revision, and whether it is this release's."""
+    from analyzer.migrate import schema_state
+    from analyzer.storeread import SCHEMA_VERSION
+
+    state = schema_state(db, wait)
+    if format_ == "json":
+        from analyzer.report import write_json
+
+        _emit(None, lambda out: write_json({"store": _db_shown(db), "schema_version": state.version,
+                                            "revision": state.revision, "head": state.head,
+                                            "current": state.current}, out))
+        return
+    revision = state.revision or "none (made before migrations)"
+    verdict = "up to date" if state.current else (
+        f"outdated: `{command_prefix()} db upgrade --db {shlex.quote(_db_shown(db))}` upgrades it"
+        if state.version < SCHEMA_VERSION else "newer than this release")
+    _say(f"{_db_shown(db)}: schema version {state.version}, revision {revision} "
+         f"(this release: {SCHEMA_VERSION}, revision {state.head}); {verdict}")
+
+
+@db_group.command("upgrade")
+@db_option
+@wait_option
+def db_upgrade_cmd(db: str | None, wait: float) -> None:
+    """Upgrade the store's schema to this release's (one transaction: all or nothing)."""
+    from analyzer.migrate import upgrade
+
+    try:
+        before, after = upgrade(db, wait)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the store was left as it was") from None
+    if before.current:
+        _say(f"{_db_shown(db)} is up to date (schema version {after.version}, revision {after.head})")
+    else:
+        _say(f"upgraded {_db_shown(db)} from schema version {before.version} to {after.version} "
+             f"(revision {before.revision or 'none'} -> {after.revision})")
 
 
 @cli.command("rules")

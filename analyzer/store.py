@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     select,
     update,
 )
@@ -54,10 +56,12 @@ from analyzer.storeread import (  # noqa: F401 - re-exported: where a store is a
     StoreMissing,
     StoreUnavailable,
     ValueRefused,
+    check_version,
     describe_error,
     missing_driver,
     require_store,
     resolve_db_url,
+    revision_of,
     safe_url,
     sqlite_file,
     url_shown,
@@ -66,6 +70,18 @@ from analyzer.storeread import (  # noqa: F401 - re-exported: where a store is a
 BATCH_SIZE = 2000
 
 metadata = MetaData()
+
+# Ids, counts and sizes are 64-bit (a body or a store can pass 2**31). SQLite's INTEGER is
+# 64-bit already and only "INTEGER PRIMARY KEY" is its rowid, so it keeps INTEGER there.
+Big = BigInteger().with_variant(Integer(), "sqlite")
+
+# The schema as of SCHEMA_VERSION; every change is a migration in analyzer/migrations
+# (revision "0002" is schema version 2), and a new store is stamped with the newest.
+alembic_version = Table(
+    "alembic_version",
+    metadata,
+    Column("version_num", String(32), primary_key=True),
+)
 
 meta = Table(
     "meta",
@@ -83,27 +99,27 @@ captures = Table(
     Column("sha256", String(64)),
     Column("creator", Text),
     Column("browser", Text),
-    Column("format_version", String(16)),
+    Column("format_version", Text),
     Column("imported_at", Float, nullable=False),
-    Column("entries", Integer, nullable=False, default=0),
-    Column("warnings", Integer, nullable=False, default=0),
+    Column("entries", Big, nullable=False, default=0),
+    Column("warnings", Big, nullable=False, default=0),
 )
 
 exchanges = Table(
     "exchanges",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", Big, primary_key=True),
     Column("capture_id", Integer, ForeignKey("captures.id", ondelete="CASCADE"), nullable=False),
-    Column("seq", Integer, nullable=False),
-    Column("flow_id", String(64)),
+    Column("seq", Big, nullable=False),
+    Column("flow_id", Text),
     Column("client", Text, nullable=False),
     Column("connection", Text),
     Column("started_at", Float),
     Column("response_started_at", Float),
-    Column("method", String(32), nullable=False),
+    Column("method", Text, nullable=False),
     Column("url", Text, nullable=False),
     Column("url_norm", Text, nullable=False),
-    Column("http_version", String(32)),
+    Column("http_version", Text),
     Column("status", Integer),
     Column("status_text", Text),
     Column("location", Text),
@@ -114,25 +130,27 @@ exchanges = Table(
     Column("error", Text),
     Column("request_headers", Text, nullable=False),  # JSON [[name, value], ...]
     Column("response_headers", Text, nullable=False),
-    Column("req_body_len", Integer),
+    Column("req_body_len", Big),
     Column("req_body_sha256", String(64)),
     Column("req_content_type", Text),
     Column("req_body", LargeBinary),
-    Column("resp_body_len", Integer),
+    Column("resp_body_len", Big),
     Column("resp_body_sha256", String(64)),
     Column("resp_content_type", Text),
     Column("resp_body", LargeBinary),
     Column("user_agent", Text),
     Column("idempotency_key", Text),
     Index("ix_exchanges_capture_seq", "capture_id", "seq"),
+    Index("ix_exchanges_status", "status"),
+    Index("ix_exchanges_client_started", "client", "started_at"),
 )
 
 chains = Table(
     "chains",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("root_exchange_id", Integer, ForeignKey("exchanges.id", ondelete="CASCADE"), nullable=False),
-    Column("hops", Integer, nullable=False),
+    Column("id", Big, primary_key=True),
+    Column("root_exchange_id", Big, ForeignKey("exchanges.id", ondelete="CASCADE"), nullable=False),
+    Column("hops", Big, nullable=False),
     Column("end_reason", String(32), nullable=False),
     Column("client", Text, nullable=False),
     Column("started_at", Float),
@@ -141,10 +159,10 @@ chains = Table(
 hops = Table(
     "hops",
     metadata,
-    Column("chain_id", Integer, ForeignKey("chains.id", ondelete="CASCADE"), primary_key=True),
-    Column("idx", Integer, primary_key=True),
-    Column("from_exchange_id", Integer, nullable=False),
-    Column("to_exchange_id", Integer),
+    Column("chain_id", Big, ForeignKey("chains.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Big, primary_key=True),
+    Column("from_exchange_id", Big, nullable=False),
+    Column("to_exchange_id", Big),
     Column("status", Integer, nullable=False),
     Column("link", String(32), nullable=False),
     Column("confidence", Float, nullable=False),
@@ -153,20 +171,21 @@ hops = Table(
 findings = Table(
     "findings",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", Big, primary_key=True),
     Column("rule", String(64), nullable=False),
     Column("rule_id", String(16), nullable=False),
     Column("severity", String(16), nullable=False),
     Column("severity_rank", Integer, nullable=False),
     Column("confidence", Float, nullable=False),
     Column("message", Text, nullable=False),
-    Column("chain_id", Integer, ForeignKey("chains.id", ondelete="CASCADE")),
-    Column("hop", Integer, nullable=False),
-    Column("from_exchange_id", Integer, nullable=False),
-    Column("to_exchange_id", Integer, nullable=False),
+    Column("chain_id", Big, ForeignKey("chains.id", ondelete="CASCADE")),
+    Column("hop", Big, nullable=False),
+    Column("from_exchange_id", Big, nullable=False),
+    Column("to_exchange_id", Big, nullable=False),
     Column("observed_at", Float),
     Column("evidence", Text, nullable=False),
     Column("fingerprint", String(64), nullable=False),
+    Index("ix_findings_chain", "chain_id"),
 )
 
 
@@ -227,22 +246,22 @@ def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFA
     if not create:
         require_store(url)
     path = sqlite_file(url)
-    new_file = path is not None and not path.exists()
+    made_file = False
     engine = None
     try:
-        if new_file and create:
-            _create_private_file(path)
-        engine = create_engine(url)
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas(wait))
+        if path is not None and create:
+            made_file = _create_private_file(path)
+        engine = make_engine(url, wait)
         with engine.begin() as conn:
             if create:
-                metadata.create_all(conn)
+                lock_schema(conn)  # two processes creating one store: the second waits, then finds it made
+                if not inspect(conn).has_table("meta"):
+                    metadata.create_all(conn)
             key, problem = _schema_key(conn, url, key_file_from(key_file))
     except BaseException as exc:
         if engine is not None:
             engine.dispose()
-        if new_file:  # a store that was never finished is no store: leave no file that looks like one
+        if made_file:  # a store that was never finished is no store: leave no file that looks like one
             _remove_sqlite_files(path)
         if isinstance(exc, SQLAlchemyError):
             raise StoreError(describe_error(exc, url, wait)) from None
@@ -252,12 +271,36 @@ def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFA
     return Store(engine=engine, url=url, key=key, wait=wait, key_problem=problem)
 
 
-def _create_private_file(path: Path) -> None:
-    """An empty file SQLite will take as a new database, readable by its owner only."""
+def make_engine(url: str, wait: float = DEFAULT_WAIT) -> Engine:
+    """An engine on the store's URL; SQLite connections get WAL, a busy timeout and foreign keys."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas(wait))
+    return engine
+
+
+SCHEMA_LOCK = 0x7265_6469_7200  # PostgreSQL advisory lock key: "redir"
+
+
+def lock_schema(conn: Connection) -> None:
+    """Take the store's schema lock for the rest of this transaction: creating and
+    upgrading a store happen under it, so concurrent processes take turns. SQLite: the
+    write lock (BEGIN IMMEDIATE, waiting up to the busy timeout); PostgreSQL: an advisory
+    transaction lock (DDL is transactional there, so a waiter sees the finished schema)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+
+
+def _create_private_file(path: Path) -> bool:
+    """An empty file SQLite will take as a new database, readable by its owner only;
+    False when the file exists already (made by another process a moment ago, maybe)."""
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return True
     except FileExistsError:
-        pass
+        return False
     except OSError as exc:
         raise StoreError(f"cannot open store {path}: unable to open database file ({exc.strerror})") from None
 
@@ -276,10 +319,9 @@ def _schema_key(conn: Connection, url: str, key_file: Path | None) -> tuple[byte
             {"key": "hmac_key", "value": key.hex()}
         conn.execute(insert(meta), [{"key": "schema_version", "value": str(SCHEMA_VERSION)}, where,
                                     {"key": GENERATION, "value": "0"}])
+        conn.execute(insert(alembic_version).values(version_num=revision_of(SCHEMA_VERSION)))
         return key, ""
-    if rows["schema_version"] != str(SCHEMA_VERSION):
-        raise StoreError(f"store {url_shown(url)} has schema version {rows['schema_version']}, "
-                         f"this redirect-audit reads version {SCHEMA_VERSION}")
+    check_version(rows["schema_version"], url)
     if "hmac_key" in rows:
         return bytes.fromhex(rows["hmac_key"]), ""  # the store keeps its own key; a key file is not used
     if key_file is None:
@@ -317,6 +359,7 @@ def record_analysis(conn: Connection, generation: int, options: dict) -> None:
 
 def add_capture(conn: Connection, **values) -> int:
     values.setdefault("imported_at", time.time())
+    values = {k: v.replace("\x00", "\\x00") if type(v) is str else v for k, v in values.items()}
     return conn.execute(insert(captures).values(**values)).inserted_primary_key[0]
 
 
@@ -364,16 +407,42 @@ def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
 
 
 def exchange_row(ex: Exchange) -> tuple:
-    """The exchanges-table row for one Exchange, in EXCHANGE_COLUMNS order (capture_id must be set)."""
+    """The exchanges-table row for one Exchange, in EXCHANGE_COLUMNS order (capture_id must be set).
+
+    Stored the same on every engine: a NUL character (which PostgreSQL text cannot hold)
+    becomes the four characters `\\x00`, as other bytes that are not text are kept; a
+    status outside HTTP's three digits is clamped to 0..999 (0: no response).
+    """
     rb, sb = ex.request_body, ex.response_body
-    return (
+    status = ex.status
+    if status is not None and not 0 <= status <= 999:
+        status = 0 if status < 0 else 999
+    row = (
         ex.capture_id, ex.seq, ex.flow_id, ex.client, ex.connection, ex.started_at, ex.response_started_at,
-        ex.method, ex.url, ex.url_norm, ex.http_version, ex.status, ex.status_text, ex.location,
+        ex.method, ex.url, ex.url_norm, ex.http_version, status, ex.status_text, ex.location,
         ex.location_resolved, ex.location_error, ex.synthetic, ex.from_cache, ex.error,
         headers_json(ex.request_headers), headers_json(ex.response_headers),
         rb.length, rb.sha256, rb.content_type, rb.raw, sb.length, sb.sha256, sb.content_type, sb.raw,
         ex.user_agent, ex.idempotency_key,
     )
+    for i in _TEXT_AT:
+        value = row[i]
+        if value is not None and "\x00" in value:
+            return nul_escaped(row)
+    return row
+
+
+# Text columns of an exchange row that can carry a NUL from the wire (header lists are
+# JSON, where a NUL is already written as an escape).
+_TEXT_AT = tuple(EXCHANGE_COLUMNS.index(name) for name in (
+    "flow_id", "client", "connection", "method", "url", "url_norm", "http_version", "status_text", "location",
+    "location_resolved", "location_error", "error", "req_content_type", "resp_content_type", "user_agent",
+    "idempotency_key"))
+
+
+def nul_escaped(row: tuple) -> tuple:
+    """The row with every NUL character in a text value written as `\\x00`."""
+    return tuple(v.replace("\x00", "\\x00") if type(v) is str else v for v in row)
 
 
 def write_exchanges(conn: Connection, rows: Iterable[tuple], batch_size: int = BATCH_SIZE) -> int:

@@ -26,7 +26,7 @@ from analyzer.errors import ReportedError
 DB_ENV = "REDIRECT_AUDIT_DB"
 DEFAULT_DB = "redirect-audit.db"
 DEMO_DB = "redirect-audit-demo.db"  # what `redirect-audit demo` writes
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the schema this release reads and writes; migration revision f"{n:04d}" makes version n
 DEFAULT_WAIT = 10.0  # seconds a command waits for another process's write lock
 
 GENERATION = "generation"
@@ -44,6 +44,10 @@ class StoreMissing(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store refused work as a whole (locked, full, read-only): trying later may help."""
+
+
+class StoreOutdated(StoreError):
+    """The store's schema is older than this release's: `db upgrade` brings it up to date."""
 
 
 class ValueRefused(StoreError):
@@ -234,10 +238,32 @@ def check_schema(reader: Reader) -> dict[str, str]:
     version = meta.get("schema_version")
     if version is None:
         raise StoreError(f"{url_shown(reader.url)} is not a redirect-audit store (no schema version)")
-    if version != str(SCHEMA_VERSION):
-        raise StoreError(f"store {url_shown(reader.url)} has schema version {version}, "
-                         f"this redirect-audit reads version {SCHEMA_VERSION}")
+    check_version(version, reader.url)
     return meta
+
+
+def revision_of(version: int) -> str:
+    """The migration revision that makes schema version `version` (analyzer/migrations)."""
+    return f"{version:04d}"
+
+
+def check_version(version: str, url: str) -> None:
+    """Refuse a store whose schema this release does not read: an older one with the
+    command that upgrades it (nothing is altered without being asked), a newer one plainly."""
+    try:
+        number = int(version)
+    except ValueError:
+        raise StoreError(f"{url_shown(url)} is not a redirect-audit store (schema version {version!r})") from None
+    if number < SCHEMA_VERSION:
+        path = sqlite_file(url)
+        again = f"--db {path}" if path is not None else "and the same --db"
+        raise StoreOutdated(
+            f"store {url_shown(url)} has schema version {number}, older than this release's {SCHEMA_VERSION}; "
+            f"upgrade it with `db upgrade {again}` (its captures are kept; back it up first "
+            f"if an older redirect-audit must still read it)")
+    if number > SCHEMA_VERSION:
+        raise StoreError(f"store {url_shown(url)} has schema version {number}, written by a newer "
+                         f"redirect-audit; this one reads version {SCHEMA_VERSION}: upgrade redirect-audit")
 
 
 def store_state(reader: Reader, count: bool = True) -> StoreState:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import pgcluster
 from analyzer.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,15 +20,52 @@ CORPUS = Path(os.environ.get("REDIRECT_AUDIT_CORPUS") or Path(__file__).parent /
 RULE_FIXTURES = Path(__file__).parent / "fixtures" / "rules"
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = open_store(str(tmp_path / "t.db"))
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL server for the whole session (tests/pgcluster.py). Missing
+    binaries skip the PostgreSQL half of the tests with the reason, and fail under CI=true."""
+    why = pgcluster.missing()
+    if why is not None:
+        if in_ci():
+            pytest.fail(why)
+        pytest.skip(why)
+    cluster = pgcluster.Cluster()
+    yield cluster
+    cluster.stop()
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def new_store_url(request, tmp_path: Path, name: str) -> str:
+    """Where a test's store goes on the engine it runs on: a SQLite path in tmp_path, or a
+    fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / name)
+    return request.getfixturevalue("pg_cluster").new_database()
+
+
+@pytest.fixture(params=ENGINES)
+def store(request, tmp_path):
+    """An open store, once on SQLite and once on PostgreSQL."""
+    s = open_store(new_store_url(request, tmp_path, "t.db"))
     yield s
     s.close()
 
 
+@pytest.fixture(params=ENGINES)
+def db_path(request, tmp_path) -> str:
+    """A --db for a new store (a path on SQLite, a URL on PostgreSQL): the test runs on both."""
+    return new_store_url(request, tmp_path, "cli.db")
+
+
 @pytest.fixture
-def db_path(tmp_path) -> str:
+def sqlite_path(tmp_path) -> str:
+    """A --db on SQLite only, for tests about the file itself (permissions, WAL, locks)."""
     return str(tmp_path / "cli.db")
 
 
@@ -48,7 +86,7 @@ def require_program(name: str, how: str) -> str:
     if found:
         return found
     message = f"{name} is not installed: {how}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if in_ci():
         pytest.fail(message)
     pytest.skip(message)
 

@@ -1,0 +1,46 @@
+"""Schema version 2: a store a fleet can share.
+
+* PostgreSQL: ids, counts and body sizes become 64-bit (with their sequences); method,
+  HTTP version, flow id and HAR format version become text without a length limit.
+  SQLite stores every integer in 64 bits and enforces no VARCHAR length, so its tables
+  are not rebuilt: only the declared types differ there, not what a column holds.
+* Indexes for the analysis's queries: exchanges by status (the redirects) and by
+  (client, start) (a client's exchanges in time order); findings by chain (replacing
+  the results of a chain without scanning every finding).
+
+Revision ID: 0002
+Revises: 0001
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+WIDER = {
+    "captures": {"entries": sa.BigInteger(), "warnings": sa.BigInteger(), "format_version": sa.Text()},
+    "exchanges": {"id": sa.BigInteger(), "seq": sa.BigInteger(), "flow_id": sa.Text(), "method": sa.Text(),
+                  "http_version": sa.Text(), "req_body_len": sa.BigInteger(), "resp_body_len": sa.BigInteger()},
+    "chains": {"id": sa.BigInteger(), "root_exchange_id": sa.BigInteger(), "hops": sa.BigInteger()},
+    "hops": {"chain_id": sa.BigInteger(), "idx": sa.BigInteger(), "from_exchange_id": sa.BigInteger(),
+             "to_exchange_id": sa.BigInteger()},
+    "findings": {"id": sa.BigInteger(), "chain_id": sa.BigInteger(), "hop": sa.BigInteger(),
+                 "from_exchange_id": sa.BigInteger(), "to_exchange_id": sa.BigInteger()},
+}
+SEQUENCES = ("exchanges_id_seq", "chains_id_seq", "findings_id_seq")
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        for table, columns in WIDER.items():
+            for name, type_ in columns.items():
+                op.alter_column(table, name, type_=type_)
+        for sequence in SEQUENCES:
+            op.execute(f"ALTER SEQUENCE IF EXISTS {sequence} AS bigint")
+    op.create_index("ix_exchanges_status", "exchanges", ["status"])
+    op.create_index("ix_exchanges_client_started", "exchanges", ["client", "started_at"])
+    op.create_index("ix_findings_chain", "findings", ["chain_id"])
+    op.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")

@@ -1,0 +1,100 @@
+"""A throwaway PostgreSQL server for the tests and benchmarks.
+
+`initdb` into a temporary directory as the unprivileged `postgres` user (the server
+refuses to run as root), listening only on a Unix socket in that directory (no TCP
+port at all), with durability off (fsync, full-page writes): a test database is thrown
+away, and the engine's behaviour under test does not depend on them. Stopped and
+removed by `stop()`.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SERVER_USER = "postgres"
+
+
+def find_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    return candidates[-1] if candidates else None
+
+
+def missing() -> str | None:
+    """Why no cluster can be started here, or None."""
+    for program in ("initdb", "pg_ctl"):
+        if find_bin(program) is None:
+            return f"PostgreSQL's {program} is not installed (Debian: apt-get install postgresql)"
+    try:
+        pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        return f"there is no {SERVER_USER!r} user to run the server as (Debian's postgresql package makes it)"
+    if shutil.which("runuser") is None and os.geteuid() == 0:
+        return "runuser is missing (util-linux)"
+    return None
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ra-pg-"))
+        self.data = self.dir / "data"
+        self.log = self.dir / "server.log"
+        self._names = itertools.count(1)
+        user = pwd.getpwnam(SERVER_USER)
+        os.chown(self.dir, user.pw_uid, user.pw_gid)
+        os.chmod(self.dir, 0o755)
+        try:
+            self._as_server(find_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", SERVER_USER,
+                            "-E", "UTF8", "--locale=C", "--no-sync")
+            options = (f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
+                       f"-c synchronous_commit=off -c max_connections=200 -c shared_buffers=128MB")
+            self._as_server(find_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
+                            "-w", "-t", "60", "start")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _as_server(self, *argv: str) -> None:
+        command = list(argv)
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", SERVER_USER, "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.dir)
+        if done.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"{' '.join(argv[:2])} failed: {done.stderr.strip()} {log[-2000:]}")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://{SERVER_USER}@/{database}?host={self.dir}"
+
+    def new_database(self, prefix: str = "t") -> str:
+        """A fresh empty database; its URL."""
+        import psycopg
+
+        name = f"{prefix}_{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(host=str(self.dir), user=SERVER_USER, dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        import psycopg
+
+        name = url.rsplit("/", 1)[1].split("?")[0]
+        with psycopg.connect(host=str(self.dir), user=SERVER_USER, dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self._as_server(find_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            except Exception:  # noqa: BLE001 - removing the directory below is what matters
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
