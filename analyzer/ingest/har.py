@@ -189,9 +189,9 @@ def import_har(
                 source="har",
                 path=name if name != path else str(Path(path).resolve()),
                 sha256=sha256,
-                creator=head.get("creator"),
-                browser=head.get("browser"),
-                format_version=head.get("version"),
+                creator=_named(head, "log.creator"),
+                browser=_named(head, "log.browser"),
+                format_version=head.get("log.version"),
             )
             count, warnings = _import_entries(conn, path, name, capture_id, store.secret_key, options, progress,
                                               _worker_count(path, workers), block_size, fast)
@@ -428,6 +428,12 @@ def _scan_head(path: str, name: str) -> dict[str, str | None]:
             raise ImportError_(f"{name}: not a HAR file: does not start with a JSON object but {snippet!r}{hint}")
         fh.seek(0)
         return _walk_head(name, _CountingReader(fh, None))
+
+
+def _named(head: dict[str, Any], where: str) -> str | None:
+    """`log.creator` or `log.browser` as "name version" (None when the file names neither)."""
+    text = " ".join(v for v in (head.get(f"{where}.name"), head.get(f"{where}.version")) if v)
+    return text or None
 
 
 _HEAD_FIELDS = {("log", "version"): "log.version", ("log", "creator", "name"): "log.creator.name",
