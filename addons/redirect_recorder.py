@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import sys
 import weakref
 from pathlib import Path
@@ -74,6 +75,14 @@ def _after(finding: Finding, target: Exchange) -> str:
     return f"{target.method} {target.url}"
 
 
+def proxy_id() -> str:
+    """redirect_audit_proxy_id, else this machine's name and the port the proxy listens on."""
+    given = ctx.options.redirect_audit_proxy_id.strip()
+    if given:
+        return given
+    return f"{socket.gethostname()}:{ctx.options.listen_port or 8080}"
+
+
 class RedirectRecorder:
     def __init__(self) -> None:
         self.recorder: Recorder | None = None
@@ -110,6 +119,9 @@ class RedirectRecorder:
                           "log findings and mark the flows involved.")
         loader.add_option(PREFIX + "secret_fields", str, "", "Comma-separated field names protected in URLs and "
                           "bodies beyond the built-in list (see the README's Secrets).")
+        loader.add_option(PREFIX + "proxy_id", str, "", "This recorder's name in the store: clients are told apart "
+                          "by it and their address, so proxies sharing a store never link each other's "
+                          "traffic (default: host name:listen port).")
         loader.add_option(PREFIX + "link_window", int, int(LinkOptions().window),
                           "Seconds within which a follow-up must start after its redirect.")
 
@@ -151,7 +163,8 @@ class RedirectRecorder:
             return
         store = self.store
         self.recorder = Recorder(store, self.settings, creator=f"mitmproxy {MITMPROXY_VERSION}")
-        self.converter = FlowConverter(0, store.secret_key, self.capture)  # the writer sets each row's capture
+        self.converter = FlowConverter(0, store.secret_key, self.capture,  # the writer sets each row's capture
+                                       recorder=f"proxy:{proxy_id()}")
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: driven by hand (tests); flows are converted at once

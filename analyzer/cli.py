@@ -351,12 +351,15 @@ def _with_progress(path: str, name: str, run: Callable):
                                                                        "traffic flows")
 @click.option("--confdir", default="~/.mitmproxy", show_default=True,
               help="mitmproxy's directory for its CA and settings")
+@click.option("--proxy-id", default="", metavar="NAME",
+              help="This proxy's name in the store; clients are told apart by it and their address, so "
+                   "proxies sharing a store never link each other's traffic [default: host name:port]")
 @secret_field_option
 @key_file_option
 @click.pass_context
 def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, mode: tuple[str, ...], web: bool,
-              keep_bodies: bool, body_cap: int, live: bool, confdir: str, secret_fields: tuple[str, ...],
-              key_file: str | None) -> None:
+              keep_bodies: bool, body_cap: int, live: bool, confdir: str, proxy_id: str,
+              secret_fields: tuple[str, ...], key_file: str | None) -> None:
     """Run mitmproxy with the recorder; what follows the options goes to mitmdump/mitmweb as is.
 
     Stop it with Ctrl-C; the findings are then one command away (the last line says which).
@@ -367,7 +370,7 @@ def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, m
     plan = ProxyPlan(db_url=resolve_db_url(db), listen_host=listen_host, port=port, modes=list(mode), web=web,
                      keep_bodies=keep_bodies, body_cap=body_cap, live=live, confdir=Path(confdir).expanduser(),
                      extra=list(ctx.args), then=f"{command_prefix()} findings --db {shlex.quote(_db_shown(db))}",
-                     secret_fields=secret_fields, key_file=key_file)
+                     secret_fields=secret_fields, key_file=key_file, proxy_id=proxy_id)
     try:
         plan.check()  # options that conflict, a busy port: one line, before anything is printed
         _open_for_writing(db, 10.0, key_file).close()  # as is a store that cannot be opened

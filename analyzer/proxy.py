@@ -40,6 +40,7 @@ OWN_SETTINGS = {
     "scripts": "-s for scripts of your own (the recorder is already loaded)",
     "redirect_audit_db": "--db", "redirect_audit_bodies": "--keep-bodies", "redirect_audit_body_cap": "--body-cap",
     "redirect_audit_live": "--live/--no-live", "redirect_audit_secret_fields": "--secret-field",
+    "redirect_audit_proxy_id": "--proxy-id",
 }
 
 
@@ -77,6 +78,7 @@ class ProxyPlan:
     then: str = "redirect-audit findings"  # the command that shows the findings afterwards
     secret_fields: tuple[str, ...] = ()
     key_file: str | None = None
+    proxy_id: str = ""  # empty: the addon's default, host name:port
 
     def check(self) -> None:
         """Refuse pass-through options that would contradict proxy's own, and a port that is taken."""
@@ -142,6 +144,8 @@ class ProxyPlan:
                 "--set", f"redirect_audit_live={str(self.live).lower()}"]
         if self.secret_fields:
             args += ["--set", f"redirect_audit_secret_fields={','.join(self.secret_fields)}"]
+        if self.proxy_id:
+            args += ["--set", f"redirect_audit_proxy_id={self.proxy_id}"]
         for mode in self.modes:
             args += ["--mode", mode]
         if self.web:

@@ -49,9 +49,14 @@ MITMPROXY_VERSION = version.VERSION
 class FlowConverter:
     """Turns HTTP flows into Exchanges for one capture."""
 
-    def __init__(self, capture_id: int, key: bytes, options: CaptureOptions = CaptureOptions()):
+    def __init__(self, capture_id: int, key: bytes, options: CaptureOptions = CaptureOptions(), *,
+                 recorder: str = ""):
         self.capture_id = capture_id
         self.key = key
+        # A client is its peer address as seen by one recorder: "proxy:HOST:PORT/10.0.0.7", or
+        # "flows:3/10.0.0.7" for an imported dump. Two proxies (or runners behind one NAT)
+        # that see the same address are two clients, never linked into one chain.
+        self.client_prefix = f"{recorder}/" if recorder else ""
         self.warnings = 0
         self.options = options
 
@@ -91,7 +96,7 @@ class FlowConverter:
             url=url,
             url_norm=url_norm,
             started_at=_seconds(data.timestamp_start),
-            client=str(peer[0]) if peer else "unknown",  # its peer address: the port changes per connection
+            client=self.client_prefix + (str(peer[0]) if peer else "unknown"),  # the port changes per connection
             connection=flow.client_conn.id,
             flow_id=flow.id,
             http_version=data.http_version.decode("utf-8", "backslashreplace"),
@@ -314,7 +319,7 @@ def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions 
         with store.begin() as conn:
             capture_id = add_capture(conn, source="flows", path=name if name != path else str(Path(path).resolve()),
                                      sha256=sha256, creator=f"mitmproxy {MITMPROXY_VERSION}")
-            converter = FlowConverter(capture_id, store.secret_key, options)
+            converter = FlowConverter(capture_id, store.secret_key, options, recorder=f"flows:{capture_id}")
             rows = (exchange_row(converter.convert(seq, flow)) for seq, flow in enumerate(read_flows(path, name)))
             count = write_exchanges(conn, rows)
             if not force:
