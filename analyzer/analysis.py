@@ -1,30 +1,71 @@
-"""`analyze`: rebuild every chain in the store, run the rules, store the results.
+"""`analyze`: chains and findings, client by client, and only for clients with news.
 
-Idempotent: previous chains, hops and findings are replaced in the same transaction.
-Only what the rules need is loaded: redirects, the requests that could have followed
-them, and write requests. A store of a million exchanges is mostly never turned into
-Python objects.
+Linking, the per-chain rules and duplicate writes never look across clients (a chain is
+one client's, design.md), so the store is analyzed a batch of clients at a time: the
+redirects of those clients, the requests that could have followed them, and their
+writes that repeat, never more. Batches go through `--jobs` worker processes, each
+reading from the store itself; this process writes each batch's results in a
+transaction of its own, replacing that batch's clients' earlier results. Memory is one
+batch (about BATCH_EXCHANGES exchanges' worth of redirects), whatever the store holds.
+
+Incremental: `analyzed_captures` remembers how many exchanges of each capture the last
+analysis read. Only the clients of exchanges added since are analyzed again; when the
+options change, everything is. Ids are stable: a chain's id is its root exchange's id,
+and a finding keeps its id from one run to the next (found by rule and exchanges, or,
+for a stale redirect, by its source and target).
+
+Stale temporary redirects are the one rule across clients (a month of a fleet's
+sightings of one source -> target): a streaming aggregate over the temporary redirects
+in (source, target) order, for the groups that gained sightings (all of them after a
+full run), with the rule's own accumulator (detectors.stale_temporary_redirect).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+import multiprocessing
+import signal
+import threading
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import and_, delete, func, insert, or_, select
 from sqlalchemy.engine import Connection
 
 from analyzer.chains import LinkOptions, assemble_chains, link_redirects
-from analyzer.detectors import DetectorOptions, run_detectors
+from analyzer.detectors import RULES, DetectorOptions, run_detectors
+from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import WRITE_METHODS
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
-from analyzer.store import Store, chains as chains_t, clear_analysis, exchanges as ex_t, findings as findings_t
-from analyzer.store import hops as hops_t, insert_tuples, load_exchanges, read_generation, record_analysis
+from analyzer.store import (
+    STALE_RECHECK,
+    STATISTICS_AFTER,
+    Store,
+    analyzed_captures,
+    chains as chains_t,
+    exchanges as ex_t,
+    findings as findings_t,
+    hops as hops_t,
+    insert_tuples,
+    load_exchanges,
+    make_engine,
+    meta,
+    read_generation,
+    record_analysis,
+    refresh_statistics,
+)
+from analyzer.storeread import ANALYSIS_OPTIONS
 
-ID_CHUNK = 500  # ids per IN (...) list: well under every backend's parameter limit
+ID_CHUNK = 500  # ids or clients per IN (...) list: well under every backend's parameter limit
+BATCH_EXCHANGES = 200_000  # exchanges of the clients analyzed together
+STREAM_ROWS = 2000  # rows fetched at a time where a query streams
+RESULTS_LOCK = 0x7265_6469_7201  # PostgreSQL advisory lock: one analysis writes results at a time
+PER_CLIENT_RULES = tuple(rule for rule in RULES if rule.slug != stale.SLUG)
+TEMPORARY_STATUSES = (302, 303, 307)
 
 
 @dataclass(frozen=True)
@@ -55,36 +96,201 @@ class AnalysisOptions:
 
 @dataclass
 class AnalysisResult:
-    chains: list[Chain]
-    findings: list[Finding]
+    """What the store holds after an analysis, and what this one did. `chains` and
+    `findings` are the objects made by this run (only with analyze(keep=True))."""
+
+    chain_count: int = 0
+    hop_count: int = 0
+    by_severity: Counter = field(default_factory=Counter)
+    clients_analyzed: int = 0
+    clients_total: int = 0
+    full: bool = True
+    chains: list[Chain] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
-    def by_severity(self) -> Counter:
-        return Counter(str(f.severity) for f in self.findings)
+    def finding_count(self) -> int:
+        return sum(self.by_severity.values())
 
 
-def analyze(store: Store, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
-    """Rebuild chains and findings for the whole store, replacing earlier results.
+def analyze(store: Store, options: AnalysisOptions = AnalysisOptions(), *, jobs: int = 1, full: bool = False,
+            keep: bool = False, batch_exchanges: int = BATCH_EXCHANGES) -> AnalysisResult:
+    """Bring chains and findings up to date with the store.
 
-    The results are recorded as describing the store's generation as it was before
-    anything was read, so that exchanges committed while this runs make them stale.
+    Only clients with exchanges added since the last analysis are analyzed again, unless
+    `full` or the options differ from the last analysis's. `jobs` > 1 analyzes batches in
+    that many worker processes. `keep` also returns this run's Chain and Finding objects
+    (in one process). The results are recorded as describing the store's generation as
+    it was before anything was read, so exchanges committed meanwhile make them stale.
     """
-    with cycle_collection_paused(), store.begin() as conn:
-        generation = read_generation(conn)
-        chains, writes = rebuild_chains(conn, options.link)
-        found = run_detectors(chains, writes, options.detect)
-        clear_analysis(conn)
-        save_results(conn, chains, found)
-        record_analysis(conn, generation, options.as_dict())
-    return AnalysisResult(chains, found)
+    with cycle_collection_paused():
+        with store.begin() as conn:
+            generation = read_generation(conn)
+            stored_options = conn.execute(select(meta.c.value).where(meta.c.key == ANALYSIS_OPTIONS)).scalar()
+            recheck = conn.execute(select(meta.c.value).where(meta.c.key == STALE_RECHECK)).scalar() == "all"
+            seen_before = {cid: (n, top) for cid, n, top in conn.execute(select(
+                analyzed_captures.c.capture_id, analyzed_captures.c.exchanges, analyzed_captures.c.max_seq))}
+            full = full or not seen_before or stored_options is None \
+                or json.loads(stored_options) != options.as_dict()
+            now = _capture_counts(conn)
+            sizes = _client_sizes(conn)
+            if full:
+                dirty = set(sizes)
+            else:
+                dirty = _dirty_clients(conn, now, seen_before)
+        batches = list(_batches(sorted(dirty), sizes, batch_exchanges))
+        result = AnalysisResult(full=full, clients_analyzed=len(dirty), clients_total=len(sizes))
+        groups: set[tuple[str, str]] = set()
+        where: dict[int, tuple[Chain, int]] = {}
+        ids = _FindingIds()
+        for out in _run_batches(store, batches, options, jobs, keep):
+            with store.begin() as conn:
+                lock_results(conn)
+                _replace(conn, out, ids)
+            groups |= out.groups
+            if keep:
+                result.chains.extend(out.chains)
+                result.findings.extend(out.findings)
+                where.update((hop.source.id, (chain, hop.index)) for chain in out.chains for hop in chain.hops)
+        with store.begin() as conn:
+            lock_results(conn)
+            if full:
+                _drop_orphans(conn)
+            found = stale_findings(conn, None if full or recheck else groups, options.detect, ids,
+                                   where if keep else None)
+            if recheck:
+                conn.execute(delete(meta).where(meta.c.key == STALE_RECHECK))
+            result.findings.extend(found)
+            conn.execute(delete(analyzed_captures))
+            if now:
+                conn.execute(insert(analyzed_captures), [{"capture_id": cid, "exchanges": n, "max_seq": top}
+                                                         for cid, (n, top) in now.items()])
+            record_analysis(conn, generation, options.as_dict())
+            if full or sum(sizes.get(c, 0) for c in dirty) >= STATISTICS_AFTER:
+                refresh_statistics(conn, "chains", "hops", "findings")
+            _count_results(conn, result)
+    if keep:
+        result.chains.sort(key=lambda c: _order(c.root))
+        result.findings.sort(key=lambda f: (*_order(f.exchange), f.rule_id))
+    return result
 
 
-def rebuild_chains(conn: Connection, options: LinkOptions) -> tuple[list[Chain], list[Exchange]]:
-    redirects = load_exchanges(conn, ex_t.c.status.in_(REDIRECT_STATUSES))
+def _order(ex: Exchange) -> tuple:
+    return (ex.started_at or 0.0, ex.capture_id, ex.seq)
+
+
+def _count_results(conn: Connection, result: AnalysisResult) -> None:
+    result.chain_count = conn.execute(select(func.count()).select_from(chains_t)).scalar() or 0
+    result.hop_count = conn.execute(select(func.count()).select_from(hops_t)).scalar() or 0
+    result.by_severity = Counter(dict(conn.execute(
+        select(findings_t.c.severity, func.count()).group_by(findings_t.c.severity)).all()))
+
+
+def lock_results(conn: Connection) -> None:
+    """One writer of results at a time, for the rest of this transaction (SQLite: its write
+    lock, taken at once so no read-then-write upgrade can fail; PostgreSQL: an advisory lock)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({RESULTS_LOCK})")
+
+
+# ---- what to analyze ----------------------------------------------------------------
+
+
+def _capture_counts(conn: Connection) -> dict[int, tuple[int, int | None]]:
+    """Each capture's exchange count and highest seq (an index-only scan)."""
+    rows = conn.execute(select(ex_t.c.capture_id, func.count(), func.max(ex_t.c.seq)).group_by(ex_t.c.capture_id))
+    return {cid: (n, top) for cid, n, top in rows}
+
+
+def _client_sizes(conn: Connection) -> dict[str, int]:
+    return dict(conn.execute(select(ex_t.c.client, func.count()).group_by(ex_t.c.client)).all())
+
+
+def _dirty_clients(conn: Connection, now: dict, before: dict) -> set[str]:
+    """Clients with exchanges the last analysis did not read. A capture only grows at its
+    end (one writer per capture: an import's transaction, a proxy run's writer), so its new
+    exchanges are those past the highest seq seen; a capture that shrank or gained rows
+    elsewhere has all its clients analyzed again. Clients whose captures were removed lose
+    their results in `captures remove` (store.remove_captures)."""
+    dirty: set[str] = set()
+    for cid, (count, top) in now.items():
+        seen = before.get(cid)
+        if seen == (count, top):
+            continue
+        of_capture = ex_t.c.capture_id == cid
+        if seen is not None and count > seen[0] and seen[1] is not None:
+            newer = and_(of_capture, ex_t.c.seq > seen[1])
+            if conn.execute(select(func.count()).where(newer)).scalar() == count - seen[0]:
+                dirty.update(conn.execute(select(ex_t.c.client).where(newer).distinct()).scalars())
+                continue
+        dirty.update(conn.execute(select(ex_t.c.client).where(of_capture).distinct()).scalars())
+    return dirty
+
+
+def _batches(clients: Sequence[str], sizes: dict[str, int], limit: int) -> Iterator[list[str]]:
+    """Clients in groups of about `limit` exchanges (a bigger client alone) and at most ID_CHUNK."""
+    batch: list[str] = []
+    total = 0
+    for client in clients:
+        size = sizes.get(client, 0)
+        if batch and (total + size > limit or len(batch) >= ID_CHUNK):
+            yield batch
+            batch, total = [], 0
+        batch.append(client)
+        total += size
+    if batch:
+        yield batch
+
+
+# ---- one batch of clients -------------------------------------------------------------
+
+
+@dataclass
+class BatchOutput:
+    clients: list[str]
+    chain_rows: list[tuple] = field(default_factory=list)
+    hop_rows: list[tuple] = field(default_factory=list)
+    finding_rows: list[dict] = field(default_factory=list)
+    groups: set[tuple[str, str]] = field(default_factory=set)  # (source, target) of its temporary redirects
+    chains: list[Chain] = field(default_factory=list)  # with keep only
+    findings: list[Finding] = field(default_factory=list)
+
+
+def analyze_clients(conn: Connection, clients: list[str], options: AnalysisOptions, keep: bool = False) -> BatchOutput:
+    """Chains, hops and findings of these clients, as rows (and objects with `keep`)."""
+    chains, writes = rebuild_chains(conn, options.link, clients)
+    found = run_detectors(chains, writes, options.detect, rules=PER_CLIENT_RULES)
+    out = BatchOutput(clients)
+    for chain in chains:
+        root = chain.root
+        chain.id = root.id  # a chain is known by its root exchange
+        out.chain_rows.append((root.id, root.id, len(chain.hops), chain.end, root.client, root.started_at))
+        for hop in chain.hops:
+            source = hop.source
+            out.hop_rows.append((root.id, hop.index, source.id, hop.target.id if hop.target else None, source.status,
+                                 hop.link, hop.confidence))
+            if stale.is_temporary(source) and (source.location_resolved or source.location):
+                out.groups.add((source.url_norm, source.location_resolved or source.location))
+    out.finding_rows = [_finding_row(f) for f in found]
+    if keep:
+        out.chains, out.findings = chains, found
+    return out
+
+
+def rebuild_chains(conn: Connection, options: LinkOptions, clients: list[str] | None = None
+                   ) -> tuple[list[Chain], list[Exchange]]:
+    """The chains of these clients (all clients when None) and their writes that repeat."""
+    mine = ex_t.c.client.in_(clients) if clients is not None else None
+
+    def of(*conditions):
+        return and_(*conditions, mine) if mine is not None else and_(*conditions)
+
+    redirects = load_exchanges(conn, of(ex_t.c.status.in_(REDIRECT_STATUSES)))
     targets = select(ex_t.c.location_resolved).where(
-        ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None)
-    )
-    candidates = load_exchanges(conn, ex_t.c.url_norm.in_(targets), light=True)
+        of(ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None)))
+    candidates = load_exchanges(conn, of(ex_t.c.url_norm.in_(targets)), light=True)
     links = link_redirects(redirects, candidates, options)
     by_id = {ex.id: ex for ex in redirects}
     # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
@@ -93,64 +299,44 @@ def rebuild_chains(conn: Connection, options: LinkOptions) -> tuple[list[Chain],
         chunk = missing[start : start + ID_CHUNK]
         by_id.update((ex.id, ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk)))
     # Writes are compared by body, not headers: skip decoding those where not loaded already.
-    writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes()), headers=False)
+    writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes(clients)), headers=False)
     writes = [by_id.setdefault(ex.id, ex) for ex in writes]  # one object per exchange
     return assemble_chains(by_id, links), writes
 
 
-def repeated_writes():
+def repeated_writes(clients: list[str] | None = None):
     """Ids of accepted writes whose (client, method, body hash) occurs more than once.
 
-    Only these can be duplicate deliveries, so only these are loaded; portable SQL.
+    Only these can be duplicate deliveries, so only these are loaded. A window count over
+    the accepted writes: one scan and a sort whatever the table statistics say (a
+    GROUP BY joined back to the table ran as a quadratic nested loop on PostgreSQL right
+    after a bulk load, before autovacuum had analyzed the table). Portable SQL.
     """
-    accepted = (
+    accepted = [
         ex_t.c.method.in_(WRITE_METHODS), ex_t.c.status >= 200, ex_t.c.status < 300,
         ex_t.c.req_body_sha256.is_not(None), ex_t.c.req_body_len > 0,
-    )
-    repeated = (
-        select(ex_t.c.client, ex_t.c.method, ex_t.c.req_body_sha256)
+    ]
+    if clients is not None:
+        accepted.append(ex_t.c.client.in_(clients))
+    counted = (
+        select(ex_t.c.id, func.count().over(partition_by=(ex_t.c.client, ex_t.c.method, ex_t.c.req_body_sha256))
+               .label("n"))
         .where(*accepted)
-        .group_by(ex_t.c.client, ex_t.c.method, ex_t.c.req_body_sha256)
-        .having(func.count() > 1)
         .subquery()
     )
-    return select(ex_t.c.id).join(
-        repeated,
-        (repeated.c.client == ex_t.c.client) & (repeated.c.method == ex_t.c.method)
-        & (repeated.c.req_body_sha256 == ex_t.c.req_body_sha256),
-    ).where(*accepted)
+    return select(counted.c.id).where(counted.c.n > 1)
 
 
-CHAIN_COLUMNS = ("id", "root_exchange_id", "hops", "end_reason", "client", "started_at")
-HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status", "link", "confidence")
-
-
-def save_results(conn: Connection, chains: list[Chain], found: list[Finding]) -> None:
-    chain_rows, hop_rows = [], []
-    for number, chain in enumerate(chains, start=1):
-        chain.id = number
-        root = chain.root
-        chain_rows.append((number, root.id, len(chain.hops), chain.end, root.client, root.started_at))
-        hop_rows.extend(
-            (number, hop.index, hop.source.id, hop.target.id if hop.target else None, hop.source.status,
-             hop.link, hop.confidence)
-            for hop in chain.hops
-        )
-    insert_tuples(conn, chains_t, CHAIN_COLUMNS, chain_rows)
-    insert_tuples(conn, hops_t, HOP_COLUMNS, hop_rows)
-    if found:
-        conn.execute(insert(findings_t), [_finding_row(n, f) for n, f in enumerate(found, start=1)])
-
-
-def _finding_row(number: int, finding: Finding) -> dict:
+def _finding_row(finding: Finding) -> dict:
     source = finding.chain.hops[finding.hop].source if finding.chain else finding.exchange
     return {
-        "id": number, "rule": finding.rule, "rule_id": finding.rule_id, "severity": str(finding.severity),
+        "rule": finding.rule, "rule_id": finding.rule_id, "severity": str(finding.severity),
         "severity_rank": int(finding.severity), "confidence": finding.confidence, "message": finding.message,
         "chain_id": finding.chain.id if finding.chain else None, "hop": finding.hop,
         "from_exchange_id": source.id, "to_exchange_id": finding.exchange.id,
         "observed_at": finding.exchange.started_at, "evidence": json.dumps(finding.evidence, sort_keys=True),
         "fingerprint": finding_fingerprint(finding.rule, source, finding.exchange),
+        "client": finding.exchange.client,
     }
 
 
@@ -158,3 +344,219 @@ def finding_fingerprint(rule: str, source: Exchange, target: Exchange) -> str:
     """Stable identity of a finding across captures and re-imports, for baselines."""
     parts = [rule, str(source.status), source.method, target.method, source.url_norm, target.url_norm]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+# ---- running the batches ----------------------------------------------------------------
+
+
+def _run_batches(store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int,
+                 keep: bool) -> Iterator[BatchOutput]:
+    if jobs <= 1 or len(batches) < 2 or keep:
+        for clients in batches:
+            with store.engine.connect() as conn:
+                _snapshot(conn)
+                yield analyze_clients(conn, clients, options, keep)
+        return
+    yield from _parallel(store.url, batches, options, jobs)
+
+
+def _snapshot(conn: Connection) -> None:
+    """The batch's queries read one state of the store (SQLite: a read transaction;
+    PostgreSQL: REPEATABLE READ), not one per query while writers commit."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+
+_worker: dict = {}
+
+
+def _init_worker(url: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is this process's parent's to handle
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _worker["engine"] = make_engine(url)
+
+
+def _analyze_in_worker(clients: list[str], options: AnalysisOptions) -> BatchOutput:
+    with cycle_collection_paused(), _worker["engine"].connect() as conn:
+        _snapshot(conn)
+        return analyze_clients(conn, clients, options)
+
+
+def _parallel(url: str, batches: list[list[str]], options: AnalysisOptions, jobs: int) -> Iterator[BatchOutput]:
+    """Batches through worker processes, results in the batches' order (so that new
+    finding ids come out the same whatever finishes first), at most 2 x jobs in flight."""
+    context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(url,)) as pool:
+        pending: deque[Future] = deque()
+        try:
+            for clients in batches:
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:  # the first submit forks the workers: they must not get Ctrl-C
+                    pending.append(pool.submit(_analyze_in_worker, clients, options))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                if len(pending) > 2 * jobs:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # Ctrl-C or a failure: what was not started is dropped
+                future.cancel()
+
+
+# ---- writing a batch's results -----------------------------------------------------------
+
+
+class _FindingIds:
+    """Finding ids kept across runs: a finding found again takes the id it had."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple, int] = {}
+        self.highest = 0
+
+    def remember(self, key: tuple, finding_id: int) -> None:
+        self.by_key[key] = finding_id
+        self.highest = max(self.highest, finding_id)
+
+    def take(self, conn: Connection, rows: list[dict], key_of) -> None:
+        top = max(self.highest, conn.execute(select(func.max(findings_t.c.id))).scalar() or 0)
+        for row in rows:
+            kept = self.by_key.pop(key_of(row), None)
+            if kept is None:
+                top += 1
+                kept = top
+            row["id"] = kept
+        self.highest = max(self.highest, top)
+
+
+def _key(row: dict) -> tuple:
+    return (row["rule"], row["from_exchange_id"], row["to_exchange_id"], row["hop"])
+
+
+CHAIN_COLUMNS = ("id", "root_exchange_id", "hops", "end_reason", "client", "started_at")
+HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status", "link", "confidence")
+
+
+def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
+    """Put a batch's results in place of its clients' earlier ones (findings on their
+    chains included, stale ones too: those are judged again after the batches)."""
+    source = ex_t.alias("source")
+    for start in range(0, len(out.clients), ID_CHUNK):
+        chunk = out.clients[start : start + ID_CHUNK]
+        old_chains = select(chains_t.c.id).where(chains_t.c.client.in_(chunk))
+        theirs = or_(findings_t.c.client.in_(chunk), findings_t.c.chain_id.in_(old_chains))
+        for fid, rule, from_id, to_id, hop, url, target in conn.execute(
+                select(findings_t.c.id, findings_t.c.rule, findings_t.c.from_exchange_id, findings_t.c.to_exchange_id,
+                       findings_t.c.hop, source.c.url_norm, func.coalesce(source.c.location_resolved,
+                                                                          source.c.location))
+                .join(source, source.c.id == findings_t.c.from_exchange_id).where(theirs)):
+            ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
+        conn.execute(delete(findings_t).where(theirs))
+        conn.execute(delete(hops_t).where(hops_t.c.chain_id.in_(old_chains)))
+        conn.execute(delete(chains_t).where(chains_t.c.client.in_(chunk)))
+    insert_tuples(conn, chains_t, CHAIN_COLUMNS, out.chain_rows)
+    insert_tuples(conn, hops_t, HOP_COLUMNS, out.hop_rows)
+    if out.finding_rows:
+        ids.take(conn, out.finding_rows, _key)
+        conn.execute(insert(findings_t), out.finding_rows)
+
+
+def _drop_orphans(conn: Connection) -> None:
+    """After a full run: results of clients that no longer have exchanges (and findings
+    of a schema-1 store, which carry no client), so nothing outlives its data."""
+    gone = select(chains_t.c.id).where(chains_t.c.client.not_in(select(ex_t.c.client).distinct()))
+    conn.execute(delete(findings_t).where(or_(findings_t.c.chain_id.in_(gone),
+                                              and_(findings_t.c.client.is_(None), findings_t.c.rule != stale.SLUG))))
+    conn.execute(delete(hops_t).where(hops_t.c.chain_id.in_(gone)))
+    conn.execute(delete(chains_t).where(chains_t.c.id.in_(gone)))
+
+
+# ---- stale temporary redirects: across clients, as a stream -----------------------------
+
+_SIGHTING_COLUMNS = (ex_t.c.id, ex_t.c.capture_id, ex_t.c.seq, ex_t.c.client, ex_t.c.url_norm, ex_t.c.location,
+                     ex_t.c.location_resolved, ex_t.c.status, ex_t.c.method, ex_t.c.synthetic, ex_t.c.started_at,
+                     ex_t.c.response_headers)
+
+
+def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, options: DetectorOptions,
+                   ids: _FindingIds, where: dict[int, tuple[Chain, int]] | None = None) -> list[Finding]:
+    """Judge the (source, target) groups of temporary redirects (all when `groups` is None)
+    and store their findings in place of the groups' earlier ones. Sightings stream in
+    (source, target) order, so one group's summary is held at a time."""
+    target_of = func.coalesce(ex_t.c.location_resolved, ex_t.c.location)
+    temporary = and_(ex_t.c.status.in_(TEMPORARY_STATUSES), target_of.is_not(None))
+    old = select(findings_t.c.id, ex_t.c.url_norm, target_of).join(ex_t, ex_t.c.id == findings_t.c.from_exchange_id) \
+        .where(findings_t.c.rule == stale.SLUG)
+    if groups is None:
+        queries = [select(*_SIGHTING_COLUMNS).where(temporary)]
+        olds = [old]
+    else:
+        sources = sorted({source for source, _ in groups})
+        chunks = [sources[i : i + ID_CHUNK] for i in range(0, len(sources), ID_CHUNK)]
+        queries = [select(*_SIGHTING_COLUMNS).where(temporary, ex_t.c.url_norm.in_(c)) for c in chunks]
+        olds = [old.where(ex_t.c.url_norm.in_(c)) for c in chunks]
+    doomed = []
+    for query in olds:
+        for fid, source, target in conn.execute(query):
+            if groups is None or (source, target) in groups:
+                ids.remember((stale.SLUG, source, target), fid)
+                doomed.append(fid)
+    for start in range(0, len(doomed), ID_CHUNK):
+        conn.execute(delete(findings_t).where(findings_t.c.id.in_(doomed[start : start + ID_CHUNK])))
+    rows, found = [], []
+    for query in queries:
+        ordered = query.order_by(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.capture_id, ex_t.c.seq)
+        for (source, target), sightings in _groups(conn.execute(ordered.execution_options(yield_per=STREAM_ROWS))):
+            if groups is not None and (source, target) not in groups:
+                continue
+            judged = stale.judge(source, target, sightings, options)
+            if judged is None:
+                continue
+            message, evidence = judged
+            ex = sightings.latest
+            chain_id, hop = conn.execute(select(hops_t.c.chain_id, hops_t.c.idx)
+                                         .where(hops_t.c.from_exchange_id == ex.id)).first() or (None, 0)
+            finding = stale.stale_finding(message, evidence, ex, None, hop)
+            row = _finding_row(finding)
+            row.update(chain_id=chain_id, client=None)
+            rows.append(row)
+            if where is not None:
+                finding.chain, finding.hop = where.get(ex.id, (None, hop))
+                found.append(finding)
+    if rows:
+        ids.take(conn, rows, _stale_key)
+        conn.execute(insert(findings_t), rows)
+    return found
+
+
+def _stale_key(row: dict) -> tuple:
+    evidence = json.loads(row["evidence"])
+    return (stale.SLUG, evidence["source"], evidence["target"])
+
+
+def _groups(rows: Iterable) -> Iterator[tuple[tuple[str, str], stale.Sightings]]:
+    """Consecutive sightings of one (source, target), summarized as they pass."""
+    key, summary = None, None
+    for row in rows:
+        (ex_id, capture_id, seq, client, url_norm, location, resolved, status, method, synthetic, started,
+         response_headers) = row
+        ex = Exchange(id=ex_id, capture_id=capture_id, seq=seq, client=client, url=url_norm, url_norm=url_norm,
+                      method=method, status=status, location=location, location_resolved=resolved,
+                      synthetic=bool(synthetic), started_at=started,
+                      response_headers=[tuple(h) for h in json.loads(response_headers)] if response_headers else [])
+        if not stale.is_temporary(ex):
+            continue
+        here = (url_norm, resolved or location)
+        if here != key:
+            if summary is not None:
+                yield key, summary
+            key, summary = here, stale.Sightings()
+        summary.add(ex)
+    if summary is not None:
+        yield key, summary
+
+
+__all__ = ["AnalysisOptions", "AnalysisResult", "analyze", "analyze_clients", "finding_fingerprint",
+           "rebuild_chains", "repeated_writes", "stale_findings", "lock_results"]

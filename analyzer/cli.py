@@ -413,10 +413,15 @@ def demo_cmd(db: str) -> None:
               help="Seconds between two deliveries of one write")
 @click.option("--max-redirects", type=int, default=20, show_default=True,
               help="Follow-ups in one chain before too-many-redirects")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes analyzing clients in parallel")
+@click.option("--full", is_flag=True,
+              help="Analyze every client again, not only those with new exchanges")
 @wait_option
 def analyze_cmd(db: str | None, link_window: float, stale_days: float, duplicate_window: float,
-                max_redirects: int, wait: float) -> None:
-    """Rebuild chains and run every rule, replacing earlier results.
+                max_redirects: int, jobs: int, full: bool, wait: float) -> None:
+    """Rebuild chains and run every rule for the clients with new exchanges (all of them
+    with --full or new options), replacing their earlier results; ids stay as they were.
 
     Reading commands re-run this on their own when the store changed; the options given
     here are remembered and used again then.
@@ -436,14 +441,15 @@ def analyze_cmd(db: str | None, link_window: float, stale_days: float, duplicate
         raise click.UsageError(str(exc)) from None
     store = open_store(db, create=False, wait=wait)
     try:
-        result = analyze(store, options)
+        result = analyze(store, options, jobs=jobs, full=full)
     except KeyboardInterrupt:
-        raise Interrupted("interrupted: the analysis was not stored; the store's earlier results are unchanged") \
-            from None
+        raise Interrupted("interrupted: the clients analyzed so far have their new results, the others keep "
+                          "their earlier ones; the store still counts as not analyzed") from None
     counts = ", ".join(f"{result.by_severity[s]} {s}" for s in reversed(SEVERITIES) if result.by_severity[s])
-    hops = sum(len(c.hops) for c in result.chains)
-    _say(f"{len(result.chains)} chain(s), {hops} hop(s), {len(result.findings)} finding(s)"
-         + (f": {counts}" if counts else ""))
+    scope = "" if result.full else (f" (analyzed {result.clients_analyzed} of {result.clients_total} client(s): "
+                                    f"the others had nothing new)")
+    _say(f"{result.chain_count} chain(s), {result.hop_count} hop(s), {result.finding_count} finding(s)"
+         + (f": {counts}" if counts else "") + scope)
 
 
 # ---- reading commands -------------------------------------------------------------------

@@ -42,7 +42,7 @@ def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None
 
 
 FINDINGS_SQL = """
-SELECT f.rule, f.rule_id, f.severity, f.confidence, f.message, f.chain_id, f.hop, f.observed_at, f.evidence,
+SELECT f.id, f.rule, f.rule_id, f.severity, f.confidence, f.message, f.chain_id, f.hop, f.observed_at, f.evidence,
        f.fingerprint, a.status, a.method, a.url, a.location, a.location_resolved, h.chain_id, t.method, t.url,
        b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path
 FROM findings f
@@ -52,7 +52,7 @@ JOIN captures c ON c.id = b.capture_id
 LEFT JOIN hops h ON h.chain_id = f.chain_id AND h.idx = f.hop
 LEFT JOIN exchanges t ON t.id = h.to_exchange_id
 WHERE f.severity_rank >= :floor
-ORDER BY f.id
+ORDER BY COALESCE(f.observed_at, 0), b.capture_id, b.seq, f.rule_id, f.id
 """
 
 
@@ -62,8 +62,8 @@ def finding_records(reader: Reader, min_severity: Severity = Severity.INFO) -> l
 
 
 def _finding_record(row: tuple) -> dict:
-    (rule, rule_id, severity, confidence, message, chain_id, hop, observed_at, evidence, fingerprint, status,
-     m0, u0, raw_location, location, hop_chain, t_method, t_url, b_method, b_url, client, seq, flow_id, source,
+    (finding_id, rule, rule_id, severity, confidence, message, chain_id, hop, observed_at, evidence, fingerprint,
+     status, m0, u0, raw_location, location, hop_chain, t_method, t_url, b_method, b_url, client, seq, flow_id, source,
      path) = row
     if hop_chain is None:  # not about a redirect hop (a write repeated without a chain)
         followed, m1, u1 = None, b_method, b_url
@@ -72,7 +72,8 @@ def _finding_record(row: tuple) -> dict:
     else:  # a redirect nobody followed: where it pointed, and no method after
         followed, m1, u1 = False, None, location
     return {
-        "rule": rule, "rule_id": rule_id, "severity": severity, "confidence": confidence, "message": message,
+        "finding_id": finding_id, "rule": rule, "rule_id": rule_id, "severity": severity, "confidence": confidence,
+        "message": message,
         "chain_id": chain_id, "hop": hop, "status": status, "followed": followed, "method_before": m0,
         "method_after": m1, "from_url": u0, "to_url": u1, "location": raw_location, "client": client,
         "observed_at": iso(observed_at),
@@ -114,7 +115,8 @@ def chain_records(reader: Reader, url_substring: str | None = None) -> list[dict
             by_id[row[0]] = _exchange_record(row)
     out: dict[int, dict] = {}
     for chain_id, client, end, started in reader.rows(
-            "SELECT id, client, end_reason, started_at FROM chains ORDER BY id"):
+            "SELECT c.id, c.client, c.end_reason, c.started_at FROM chains c JOIN exchanges r ON r.id = c.root_exchange_id "
+            "ORDER BY COALESCE(r.started_at, -1), r.capture_id, r.seq"):
         out[chain_id] = {"chain_id": chain_id, "client": client, "end": end, "started_at": iso(started), "hops": []}
     for chain_id, idx, source_id, target_id, status, link, confidence in reader.rows(
             "SELECT chain_id, idx, from_exchange_id, to_exchange_id, status, link, confidence FROM hops "

@@ -154,6 +154,7 @@ chains = Table(
     Column("end_reason", String(32), nullable=False),
     Column("client", Text, nullable=False),
     Column("started_at", Float),
+    Index("ix_chains_client", "client"),
 )
 
 hops = Table(
@@ -166,6 +167,7 @@ hops = Table(
     Column("status", Integer, nullable=False),
     Column("link", String(32), nullable=False),
     Column("confidence", Float, nullable=False),
+    Index("ix_hops_from_exchange", "from_exchange_id"),
 )
 
 findings = Table(
@@ -185,7 +187,19 @@ findings = Table(
     Column("observed_at", Float),
     Column("evidence", Text, nullable=False),
     Column("fingerprint", String(64), nullable=False),
+    Column("client", Text),  # whose analysis made it (NULL: a finding across clients, or from schema 1)
     Index("ix_findings_chain", "chain_id"),
+    Index("ix_findings_client", "client"),
+)
+
+# What the last analysis read of each capture: its exchange count and highest seq. A
+# capture whose count moved has new exchanges, and only their clients are analyzed again.
+analyzed_captures = Table(
+    "analyzed_captures",
+    metadata,
+    Column("capture_id", Integer, primary_key=True),
+    Column("exchanges", Big, nullable=False),
+    Column("max_seq", Big),
 )
 
 
@@ -253,7 +267,7 @@ def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFA
             made_file = _create_private_file(path)
         engine = make_engine(url, wait)
         with engine.begin() as conn:
-            if create:
+            if create and not inspect(conn).has_table("meta"):
                 lock_schema(conn)  # two processes creating one store: the second waits, then finds it made
                 if not inspect(conn).has_table("meta"):
                     metadata.create_all(conn)
@@ -350,8 +364,7 @@ def read_generation(conn: Connection) -> int:
 def record_analysis(conn: Connection, generation: int, options: dict) -> None:
     """Remember which generation the results describe and the options they were made with."""
     for key, value in ((ANALYZED_GENERATION, str(generation)), (ANALYSIS_OPTIONS, json.dumps(options))):
-        if conn.execute(update(meta).where(meta.c.key == key).values(value=value)).rowcount == 0:
-            conn.execute(insert(meta).values(key=key, value=value))
+        set_meta(conn, key, value)
 
 
 # ---- writes -----------------------------------------------------------------
@@ -367,6 +380,18 @@ def finish_capture(conn: Connection, capture_id: int, **values) -> None:
     """Record a capture's totals at the end of the transaction that wrote its exchanges."""
     conn.execute(update(captures).where(captures.c.id == capture_id).values(**values))
     bump_generation(conn)
+
+
+STATISTICS_AFTER = 1000  # rows a bulk load adds before the planner's statistics are refreshed
+
+
+def refresh_statistics(conn: Connection, *tables: str) -> None:
+    """PostgreSQL plans by its table statistics, which autovacuum refreshes only after a
+    while: right after a bulk load, the planner still believes the table empty and picks
+    nested loops (the repeated-writes query took 18.6 s at 50k rows). ANALYZE samples the
+    table (it reads at most 30,000 rows' pages, whatever its size). SQLite: nothing to do."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ANALYZE {', '.join(tables)}")
 
 
 EXCHANGE_COLUMNS = (
@@ -480,6 +505,8 @@ def insert_tuples(conn: Connection, table: Table, columns: tuple[str, ...], rows
 
 def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]) -> int:
     """insert_tuples() for rows that come in lists already: no per-row regrouping."""
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        return _copy_blocks(conn, table, columns, blocks)
     plan = _insert_plan(conn, table, columns)
     count = 0
     if plan.multi_row:
@@ -509,6 +536,31 @@ def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], bloc
                     raise
                 raise refused(conn.dialect.name, table, columns, block, exc) from exc
             count += len(block)
+    return count
+
+
+def _copy_blocks(conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]) -> int:
+    """PostgreSQL: rows go through COPY FROM STDIN (psycopg's copy), in the transaction of
+    `conn`: several times the rate of INSERT statements. A value the server refuses fails
+    the COPY (and the transaction, as any refused INSERT does); the rows are then searched
+    for the value, as for a refused INSERT."""
+    import psycopg
+
+    cursor = conn.connection.driver_connection.cursor()
+    names = ", ".join(f'"{c}"' for c in columns)
+    count = 0
+    for block in blocks:
+        if not block:
+            continue
+        try:
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in block:
+                    copy.write_row(row)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(describe_error(exc, str(conn.engine.url), DEFAULT_WAIT)) from exc
+        except (psycopg.Error, UnicodeError, OverflowError, ValueError, TypeError) as exc:
+            raise refused(conn.dialect.name, table, columns, block, exc) from exc
+        count += len(block)
     return count
 
 
@@ -622,23 +674,44 @@ def drop_exchanges(conn: Connection, capture_id: int) -> None:
 def remove_captures(conn: Connection, ids: Sequence[int]) -> list[int]:
     """Remove captures with their exchanges; returns the ids that did not exist.
 
-    The analysis results go too (they may point at the removed exchanges) and the
-    generation moves on, so the next reading command analyzes what is left.
+    The results of the clients they held go too (they may point at the removed
+    exchanges), and those clients are analyzed again on the next read, as are the stale
+    redirects (their sightings may have gone); every other result keeps its id. The
+    generation moves on, so the next reading command analyzes what changed.
     """
     found = set(conn.execute(select(captures.c.id).where(captures.c.id.in_(ids))).scalars())
     missing = [i for i in ids if i not in found]
     if missing:
         return missing
-    clear_analysis(conn)
+    clients = list(conn.execute(select(exchanges.c.client).where(exchanges.c.capture_id.in_(ids)).distinct())
+                   .scalars())
+    for start in range(0, len(clients), 500):
+        chunk = clients[start : start + 500]
+        theirs = select(chains.c.id).where(chains.c.client.in_(chunk))
+        conn.execute(delete(findings).where(findings.c.client.in_(chunk) | findings.c.chain_id.in_(theirs)))
+        conn.execute(delete(hops).where(hops.c.chain_id.in_(theirs)))
+        conn.execute(delete(chains).where(chains.c.client.in_(chunk)))
+        shared = select(exchanges.c.capture_id).where(exchanges.c.client.in_(chunk)).distinct()
+        conn.execute(delete(analyzed_captures).where(analyzed_captures.c.capture_id.in_(shared)))
+    conn.execute(delete(analyzed_captures).where(analyzed_captures.c.capture_id.in_(ids)))
     conn.execute(delete(exchanges).where(exchanges.c.capture_id.in_(ids)))
     conn.execute(delete(captures).where(captures.c.id.in_(ids)))
+    set_meta(conn, STALE_RECHECK, "all")
     bump_generation(conn)
     return []
 
 
+STALE_RECHECK = "stale_recheck"  # meta: "all" when the next analysis must judge every stale group
+
+
+def set_meta(conn: Connection, key: str, value: str) -> None:
+    if conn.execute(update(meta).where(meta.c.key == key).values(value=value)).rowcount == 0:
+        conn.execute(insert(meta).values(key=key, value=value))
+
+
 def clear_analysis(conn: Connection) -> None:
-    """Drop previous analysis results; `analyze` is idempotent."""
-    for table in (findings, hops, chains):
+    """Drop every analysis result, and what the last analysis read: the next is a full one."""
+    for table in (findings, hops, chains, analyzed_captures):
         conn.execute(delete(table))
 
 

@@ -61,7 +61,7 @@ def test_three_exporters_give_the_same_post_303_get_chain(store):
     shapes = []
     for name in THREE_WAY:
         import_har(store, CORPUS / "good" / name)
-    result = analyze(store)
+    result = analyze(store, keep=True)
     for chain in result.chains:
         shapes.append([(h.source.method, h.source.url_norm, h.source.status, h.target.method, h.target.url_norm,
                         h.target.status) for h in chain.hops])
@@ -74,7 +74,7 @@ def test_three_exporters_give_the_same_post_303_get_chain(store):
 
 def test_chrome_internal_hsts_redirect_is_a_synthesized_hop(store):
     import_har(store, CORPUS / "good" / "chrome-har__sitespeedio__hsts-internal-redirect.har")
-    chains = analyze(store).chains
+    chains = analyze(store, keep=True).chains
     internal = [h for c in chains for h in c.hops if h.source.synthetic]
     assert len(internal) == 2
     for hop in internal:
@@ -86,7 +86,7 @@ def test_empty_redirect_url_falls_back_to_location_and_vice_versa(store):
     # Fiddler 2.3 leaves redirectURL empty; Chrome's all-status file has neither: no-location chains.
     import_har(store, CORPUS / "good" / "fiddler23__janodvarko__cnn.har")
     import_har(store, CORPUS / "good" / "chrome__jonluca__all-status-and-methods.har")
-    ends = [c.end for c in analyze(store).chains]
+    ends = [c.end for c in analyze(store, keep=True).chains]
     assert ends.count("no-location") == 55 and ends.count("final") >= 2
 
 
@@ -94,7 +94,7 @@ def test_redirects_with_location_are_all_chained(store):
     facts = corpus_facts()
     for path in GOOD:
         import_har(store, path)
-    chains = analyze(store).chains
+    chains = analyze(store, keep=True).chains
     redirect_sources = sum(1 for c in chains for h in c.hops if h.source.location is not None)
     assert redirect_sources == sum(f["redirects_with_location_or_redirectURL"] for f in facts.values())
 

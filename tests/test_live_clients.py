@@ -427,7 +427,7 @@ def outcome(tmp_path_factory) -> Outcome:
     finally:
         output = world.close()
     store = open_store(str(world.db))
-    result = analyze(store)
+    result = analyze(store, keep=True)
     chains, findings = {}, {}
     ids = {case.id for case in ALL_CASES} | set(extra)
     for chain in result.chains:

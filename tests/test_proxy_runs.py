@@ -143,7 +143,7 @@ def test_reverse_mode_is_passed_through(tmp_path, upstream):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     store = open_store(str(db))
-    found = analyze(store).findings
+    found = analyze(store, keep=True).findings
     assert [(f.rule_id, str(f.severity)) for f in found] == [("RA101", "low")]
     assert len(stored_urls(db)) == 2
 
@@ -256,17 +256,26 @@ def test_import_flows_stores_what_the_live_recorder_stored(tmp_path, saved_flows
     def summary(store):
         with store.begin() as conn:
             rows = conn.execute(select(exchanges.c.flow_id, exchanges.c.method, exchanges.c.url_norm,
-                                       exchanges.c.status, exchanges.c.req_body_len, exchanges.c.error,
-                                       exchanges.c.client).order_by(exchanges.c.seq)).all()
-        found = sorted((f.rule_id, str(f.severity)) for f in analyze(store).findings)
+                                       exchanges.c.status, exchanges.c.req_body_len, exchanges.c.error)
+                                .order_by(exchanges.c.seq)).all()
+        found = sorted((f.rule_id, str(f.severity)) for f in analyze(store, keep=True).findings)
         return rows, found
+
+    def clients(store):
+        with store.begin() as conn:
+            return set(conn.execute(select(exchanges.c.client)).scalars())
 
     def digests(store):
         with store.begin() as conn:
             return conn.execute(select(exchanges.c.req_body_sha256).order_by(exchanges.c.seq)).scalars().all()
 
-    assert summary(live) == summary(imported)
-    assert summary(imported)[1] == [("RA101", "low")]
+    imported_summary = summary(imported)
+    assert summary(live) == imported_summary
+    assert imported_summary[1] == [("RA101", "low")]
+    # the same peer, told apart by who recorded it: the proxy (host name:port), or the imported dump
+    [live_client], [imported_client] = clients(live), clients(imported)
+    assert re.fullmatch(r"proxy:[^/]+:\d+/127\.0\.0\.1", live_client), live_client
+    assert imported_client == "flows:1/127.0.0.1"
     # body digests are keyed by each store's own key: equal bodies match within a store, not across
     live_digests, imported_digests = digests(live), digests(imported)
     assert [d is None for d in live_digests] == [d is None for d in imported_digests]

@@ -23,7 +23,7 @@ def expected(path: Path) -> list[tuple]:
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
 def test_fixture_produces_exactly_its_expected_findings(store, path):
     import_har(store, path)
-    result = analyze(store)
+    result = analyze(store, keep=True)
     produced = sorted((f.rule, f.hop, str(f.severity)) for f in result.findings)
     assert produced == expected(path)
 
@@ -68,8 +68,8 @@ def test_thresholds_are_options(store):
     from analyzer.detectors import DetectorOptions
 
     import_har(store, RULE_FIXTURES / "st-6-days-23-hours.har")
-    quiet = analyze(store)
-    loud = analyze(store, AnalysisOptions(detect=DetectorOptions(stale_after_days=6.5)))
+    quiet = analyze(store, keep=True)
+    loud = analyze(store, AnalysisOptions(detect=DetectorOptions(stale_after_days=6.5)), keep=True)
     assert quiet.findings == [] and [f.rule for f in loud.findings] == ["stale-temporary-redirect"]
 
 
@@ -113,7 +113,7 @@ def test_open_redirect_reads_kept_bodies(ctype, raw, fires):
 
 def test_credential_evidence_names_the_header_never_the_value(store):
     import_har(store, RULE_FIXTURES / "cc-authorization-other-host.har")
-    finding = analyze(store).findings[0]
+    finding = analyze(store, keep=True).findings[0]
     text = json.dumps(finding.evidence) + finding.message
     assert finding.evidence["header"] == "authorization" and "s3cr3t" not in text and "hmac:" not in text
 

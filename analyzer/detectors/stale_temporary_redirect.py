@@ -43,27 +43,51 @@ DAY = 86400.0
 
 
 @dataclass
-class _Sightings:
-    hops: list[tuple[Chain, Hop]] = field(default_factory=list)
+class Sightings:
+    """What the rule keeps of one (source, target) group, one sighting at a time: a
+    constant amount, so `analyze` can judge a month of a fleet's redirects as a stream
+    (analysis.stale_findings) with the very code the in-memory check uses."""
 
-    def add(self, chain: Chain, hop: Hop) -> None:
-        self.hops.append((chain, hop))
+    count: int = 0
+    statuses: set[int] = field(default_factory=set)
+    first: float | None = None
+    last: float | None = None
+    earliest_deadline: float | None = None  # the soonest a sighting's Retry-After ran out
+    lifetime: float = 0.0  # the longest a sighting may be cached
+    latest: Exchange | None = None  # the finding points at the latest sighting
+    latest_at: float = float("-inf")
 
-    def times(self) -> list[float]:
-        return [h.source.started_at for _, h in self.hops if h.source.started_at is not None]
+    def add(self, ex: Exchange) -> None:
+        self.count += 1
+        self.statuses.add(ex.status)
+        at = ex.started_at
+        if at is not None:
+            self.first = at if self.first is None else min(self.first, at)
+            self.last = at if self.last is None else max(self.last, at)
+        deadline = retry_deadline(ex)
+        if deadline is not None and (self.earliest_deadline is None or deadline < self.earliest_deadline):
+            self.earliest_deadline = deadline
+        self.lifetime = max(self.lifetime, _cache_lifetime(ex))
+        key = at or 0.0
+        if self.latest is None or key > self.latest_at:  # the first of equals stays, as max() picks
+            self.latest, self.latest_at = ex, key
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
-    groups: dict[tuple[str, str], _Sightings] = {}
+    groups: dict[tuple[str, str], Sightings] = {}
+    where: dict[int, tuple[Chain, Hop]] = {}
     for chain in chains:
         for hop in chain.hops:
             ex = hop.source
             if is_temporary(ex) and (ex.location_resolved or ex.location):
-                groups.setdefault((ex.url_norm, ex.location_resolved or ex.location), _Sightings()).add(chain, hop)
+                groups.setdefault((ex.url_norm, ex.location_resolved or ex.location), Sightings()).add(ex)
+                where[id(ex)] = (chain, hop)
     for (source, target), sightings in groups.items():
-        finding = _judge(source, target, sightings, context)
-        if finding is not None:
-            yield finding
+        judged = judge(source, target, sightings, context.options)
+        if judged is not None:
+            message, evidence = judged
+            chain, hop = where[id(sightings.latest)]
+            yield stale_finding(message, evidence, sightings.latest, chain, hop.index)
 
 
 def is_temporary(ex: Exchange) -> bool:
@@ -72,47 +96,34 @@ def is_temporary(ex: Exchange) -> bool:
     )
 
 
-def _judge(source: str, target: str, sightings: _Sightings, context: Context) -> Finding | None:
-    times = sightings.times()
-    first, last = (min(times), max(times)) if times else (None, None)
+def stale_finding(message: str, evidence: dict, ex: Exchange, chain: Chain | None, hop: int) -> Finding:
+    return Finding(rule=SLUG, rule_id=RULE_ID, severity=SEVERITY, confidence=1.0, message=message,
+                   chain=chain, hop=hop, evidence=evidence, exchange=ex)
+
+
+def judge(source: str, target: str, sightings: Sightings, options) -> tuple[str, dict] | None:
+    """The finding's message and evidence for one group, or None when it is not stale."""
+    first, last = sightings.first, sightings.last
     reasons: list[str] = []
-    evidence: dict = {"source": source, "target": target, "sightings": len(sightings.hops),
-                      "statuses": sorted({h.source.status for _, h in sightings.hops}),
-                      "first_seen": first, "last_seen": last}
-    threshold = context.options.stale_after_days * DAY
+    evidence: dict = {"source": source, "target": target, "sightings": sightings.count,
+                      "statuses": sorted(sightings.statuses), "first_seen": first, "last_seen": last}
+    threshold = options.stale_after_days * DAY
     if first is not None and last - first >= threshold:
         days = (last - first) / DAY
-        reasons.append(f"served for {days:.1f} days (threshold {context.options.stale_after_days:g})")
+        reasons.append(f"served for {days:.1f} days (threshold {options.stale_after_days:g})")
         evidence["age_days"] = round(days, 3)
-    outlived = _outlived_retry_after(sightings, last)
-    if outlived is not None:
+    if last is not None and sightings.earliest_deadline is not None and last > sightings.earliest_deadline:
+        outlived = last - sightings.earliest_deadline
         reasons.append(f"still served {outlived:.0f} s after its Retry-After ran out")
         evidence["retry_after_exceeded_seconds"] = round(outlived, 3)
-    lifetime = max((_cache_lifetime(h.source) for _, h in sightings.hops), default=0.0)
-    if lifetime > 0:
-        reasons.append(f"cacheable for {lifetime:.0f} s, so caches replay it")
-        evidence["cache_lifetime_seconds"] = lifetime
+    if sightings.lifetime > 0:
+        reasons.append(f"cacheable for {sightings.lifetime:.0f} s, so caches replay it")
+        evidence["cache_lifetime_seconds"] = sightings.lifetime
     if not reasons:
         return None
-    chain, hop = max(sightings.hops, key=lambda ch: ch[1].source.started_at or 0.0)
-    ex = hop.source
-    return Finding(
-        rule=SLUG, rule_id=RULE_ID, severity=SEVERITY, confidence=1.0,
-        message=f"temporary {ex.status} {source} -> {target}: " + "; ".join(reasons)
-        + "; make it permanent (301/308) or remove it",
-        chain=chain, hop=hop.index, evidence=evidence, exchange=ex,
-    )
-
-
-def _outlived_retry_after(sightings: _Sightings, last: float | None) -> float | None:
-    if last is None:
-        return None
-    worst = None
-    for _, hop in sightings.hops:
-        deadline = retry_deadline(hop.source)
-        if deadline is not None and last > deadline:
-            worst = max(worst or 0.0, last - deadline)
-    return worst
+    message = (f"temporary {sightings.latest.status} {source} -> {target}: " + "; ".join(reasons)
+               + "; make it permanent (301/308) or remove it")
+    return message, evidence
 
 
 def retry_deadline(ex: Exchange) -> float | None:

@@ -32,12 +32,14 @@ from analyzer.model import Body, Exchange
 from analyzer.secrets import SecretPolicy, protect_and_index, protect_url
 from analyzer.store import (
     EXCHANGE_COLUMNS,
+    STATISTICS_AFTER,
     HeaderBlock,
     Store,
     ValueRefused,
     add_capture,
     exchange_row,
     finish_capture,
+    refresh_statistics,
     header_block,
     write_exchanges,
 )
@@ -325,6 +327,8 @@ def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions 
             if not force:
                 refuse_reimport(conn, name, sha256, capture_id)
             finish_capture(conn, capture_id, entries=count, warnings=converter.warnings)
+            if count >= STATISTICS_AFTER:
+                refresh_statistics(conn, "exchanges", "captures")
             odd = dates_out_of_range(conn, capture_id)
     except ValueRefused as exc:
         seq = f"flow {exc.row[EXCHANGE_COLUMNS.index('seq')]}: " if exc.row is not None else ""

@@ -45,12 +45,14 @@ from analyzer.model import Body, Exchange
 from analyzer.secrets import CREDENTIAL_HEADERS, URL_HEADERS, protect_credential, protect_url
 from analyzer.store import (
     EXCHANGE_COLUMNS,
+    STATISTICS_AFTER,
     Store,
     ValueRefused,
     add_capture,
     drop_exchanges,
     exchange_row,
     finish_capture,
+    refresh_statistics,
     write_exchange_blocks,
     write_exchanges,
 )
@@ -198,6 +200,8 @@ def import_har(
             if not force:  # another process may have imported the same file meanwhile
                 refuse_reimport(conn, name, sha256, capture_id)
             finish_capture(conn, capture_id, entries=count, warnings=warnings)
+            if count >= STATISTICS_AFTER:
+                refresh_statistics(conn, "exchanges", "captures")
             odd = dates_out_of_range(conn, capture_id)
     except (ImportError_, AlreadyImported):
         raise

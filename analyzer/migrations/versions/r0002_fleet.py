@@ -5,8 +5,11 @@
   SQLite stores every integer in 64 bits and enforces no VARCHAR length, so its tables
   are not rebuilt: only the declared types differ there, not what a column holds.
 * Indexes for the analysis's queries: exchanges by status (the redirects) and by
-  (client, start) (a client's exchanges in time order); findings by chain (replacing
-  the results of a chain without scanning every finding).
+  (client, start) (a client's exchanges in time order); chains and findings by client
+  and findings by chain (replacing one client's results without scanning the rest);
+  hops by their redirect (the chain a stale redirect was seen in).
+* findings.client and analyzed_captures: what incremental analysis needs to redo only
+  the clients with new exchanges.
 
 Revision ID: 0002
 Revises: 0001
@@ -43,4 +46,14 @@ def upgrade() -> None:
     op.create_index("ix_exchanges_status", "exchanges", ["status"])
     op.create_index("ix_exchanges_client_started", "exchanges", ["client", "started_at"])
     op.create_index("ix_findings_chain", "findings", ["chain_id"])
+    op.create_index("ix_chains_client", "chains", ["client"])
+    op.create_index("ix_hops_from_exchange", "hops", ["from_exchange_id"])
+    op.add_column("findings", sa.Column("client", sa.Text()))
+    op.create_index("ix_findings_client", "findings", ["client"])
+    op.create_table(
+        "analyzed_captures",
+        sa.Column("capture_id", sa.Integer, primary_key=True),
+        sa.Column("exchanges", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("max_seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite")),
+    )
     op.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")

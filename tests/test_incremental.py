@@ -1,0 +1,114 @@
+"""Analysis by client: only clients with new exchanges are analyzed again, ids stay, and
+worker processes give what one process gives. On both engines (the db_path fixture)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import RULE_FIXTURES, run_cli
+
+FIRST = ["md-307-post-to-get.har", "dw-failover.har", "lw-put-307.har", "cc-authorization-other-host.har"]
+LATER = ["db-307-empty.har", "md-302-put-to-get.har"]
+
+
+def findings(db: str) -> list[dict]:
+    done = run_cli("findings", "-f", "json", "--db", db)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def chains(db: str) -> list[dict]:
+    return json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
+
+
+def ids(records: list[dict]) -> dict[tuple, int]:
+    return {(f["rule"], f["from_url"], f["client"]): f["finding_id"] for f in records}
+
+
+def test_new_captures_are_analyzed_alone_and_every_id_stays(db_path):
+    assert run_cli("import-har", *[str(RULE_FIXTURES / f) for f in FIRST], "--db", db_path).returncode == 0
+    first = run_cli("analyze", "--db", db_path)
+    assert first.returncode == 0 and "analyzed" not in first.stdout  # a first analysis is a full one
+    before_findings, before_chains = findings(db_path), chains(db_path)
+    assert len(before_findings) >= 4
+    assert all(c["chain_id"] == c["hops"][0]["from"]["id"] for c in before_chains)  # a chain is its root exchange
+    assert run_cli("import-har", *[str(RULE_FIXTURES / f) for f in LATER], "--db", db_path).returncode == 0
+    again = run_cli("analyze", "--db", db_path)
+    assert again.returncode == 0, again.stderr
+    assert f"(analyzed {len(LATER)} of {len(FIRST) + len(LATER)} client(s): the others had nothing new)" in again.stdout
+    after_findings, after_chains = findings(db_path), chains(db_path)
+    kept = ids(after_findings)
+    assert {k: kept[k] for k in ids(before_findings)} == ids(before_findings)  # same findings, same ids
+    assert [c for c in after_chains if c["chain_id"] in {b["chain_id"] for b in before_chains}] == before_chains
+    new = [f for f in after_findings if ids([f]).keys() - ids(before_findings).keys()]
+    assert {f["rule"] for f in new} >= {"dropped-body", "method-downgrade"}
+    assert min(f["finding_id"] for f in new) > max(f["finding_id"] for f in before_findings)
+    # nothing new: nothing analyzed, nothing changed
+    idle = run_cli("analyze", "--db", db_path)
+    assert f"(analyzed 0 of {len(FIRST) + len(LATER)} client(s)" in idle.stdout
+    assert findings(db_path) == after_findings
+    # a full analysis finds the same, with the same ids
+    full = run_cli("analyze", "--full", "--db", db_path)
+    assert full.returncode == 0 and "analyzed" not in full.stdout
+    assert findings(db_path) == after_findings and chains(db_path) == after_chains
+
+
+def test_new_options_analyze_everything_again_and_ids_still_stay(db_path):
+    assert run_cli("import-har", *[str(RULE_FIXTURES / f) for f in FIRST + ["st-7-days.har"]],
+                   "--db", db_path).returncode == 0
+    before = findings(db_path)
+    assert "stale-temporary-redirect" in {f["rule"] for f in before}
+    done = run_cli("analyze", "--stale-days", "30", "--db", db_path)
+    assert done.returncode == 0 and "analyzed" not in done.stdout  # options changed: a full analysis
+    after = findings(db_path)
+    assert "stale-temporary-redirect" not in {f["rule"] for f in after}
+    assert ids(after) == {k: v for k, v in ids(before).items() if k[0] != "stale-temporary-redirect"}
+    run_cli("analyze", "--db", db_path)  # back to 7 days: the stale redirect is back, under its old id
+    assert ids(findings(db_path)) == ids(before)
+
+
+def test_a_growing_stale_redirect_is_judged_again_across_clients(db_path, tmp_path):
+    """Stale temporary redirects are judged across clients: a sighting from a new client
+    moves the group's last sighting, and its finding keeps its id."""
+    har = json.loads((RULE_FIXTURES / "st-7-days.har").read_text())
+    assert run_cli("import-har", str(RULE_FIXTURES / "st-7-days.har"), "--db", db_path).returncode == 0
+    [before] = [f for f in findings(db_path) if f["rule"] == "stale-temporary-redirect"]
+    later = har["log"]["entries"][-2]  # the 302
+    later["startedDateTime"] = "2026-12-01T00:00:00Z"  # the same redirect, months later, from another file
+    har["log"]["entries"] = [later]
+    (tmp_path / "later.har").write_text(json.dumps(har))
+    assert run_cli("import-har", str(tmp_path / "later.har"), "--db", db_path).returncode == 0
+    [after] = [f for f in findings(db_path) if f["rule"] == "stale-temporary-redirect"]
+    assert after["finding_id"] == before["finding_id"]
+    assert after["evidence"]["sightings"] == before["evidence"]["sightings"] + 1
+    assert after["evidence"]["age_days"] > before["evidence"]["age_days"] + 200
+    assert after["client"].startswith("har:2")  # it points at the latest sighting
+
+
+def test_worker_processes_give_what_one_process_gives(db_path, tmp_path):
+    files = sorted(RULE_FIXTURES.glob("*.har"))
+    assert run_cli("import-har", *map(str, files), "--db", db_path).returncode == 0
+    one = run_cli("analyze", "--full", "--jobs", "1", "--db", db_path)
+    assert one.returncode == 0, one.stderr
+    expected = (findings(db_path), chains(db_path))
+    # small batches, so that two workers share the clients
+    script = ("import sys; from analyzer.store import open_store; from analyzer.analysis import analyze; "
+              "s = open_store(sys.argv[1], create=False); r = analyze(s, jobs=2, full=True, batch_exchanges=10); "
+              "print(r.chain_count, r.finding_count)")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script, db_path], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (findings(db_path), chains(db_path)) == expected
+    assert done.stdout.split() == [str(len(expected[1])), str(len(expected[0]))]
+    cli = run_cli("analyze", "--full", "--jobs", "2", "--db", db_path)
+    assert cli.returncode == 0 and (findings(db_path), chains(db_path)) == expected
+
+
+def test_removing_a_capture_takes_its_results_and_leaves_the_rest(db_path):
+    assert run_cli("import-har", *[str(RULE_FIXTURES / f) for f in FIRST], "--db", db_path).returncode == 0
+    before = findings(db_path)
+    assert run_cli("captures", "remove", "1", "--db", db_path).returncode == 0
+    after = findings(db_path)
+    assert after == [f for f in before if not f["client"].startswith("har:1")]
