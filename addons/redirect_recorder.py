@@ -32,7 +32,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.hooks import UpdateHook
 
-from analyzer.analysis import AnalysisOptions
+from analyzer.analysis import AnalysisOptions, stale_history
 from analyzer.chains import LinkOptions
 from analyzer.detectors import DetectorOptions
 from analyzer.detectors.base import WRITE_METHODS
@@ -41,7 +41,7 @@ from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
-from analyzer.store import StoreError, exchanges, load_exchanges, open_store, safe_url
+from analyzer.store import StoreError, open_store, safe_url
 from analyzer.text import printable
 
 log = logging.getLogger("redirect_audit")
@@ -49,7 +49,6 @@ log = logging.getLogger("redirect_audit")
 PREFIX = "redirect_audit_"
 MARK = ":warning:"
 RECORDED = "redirect_audit_recorded"  # flow.metadata key: this flow is already set aside
-TEMPORARY = (302, 303, 307)
 # Converting flows one after another costs the proxy's thread 40-50% less CPU than
 # converting each as its response arrives: inside a loaded mitmdump, 17.2 µs per flow
 # in batches against 29.4 µs one at a time (benchmarks/bench_hook.py; before header
@@ -171,11 +170,11 @@ class RedirectRecorder:
             self._loop = None
         if ctx.options.redirect_audit_live:
             try:
-                with store.begin() as conn:
-                    history = load_exchanges(conn, exchanges.c.status.in_(TEMPORARY))
+                with store.begin() as conn:  # a summary per redirect: start-up does not grow with the store
+                    history = stale_history(conn)
             except StoreError as exc:  # the store is down: the live rules start without its history
                 log.warning("redirect-audit: %s; live rules start without the store's earlier redirects", exc)
-                history = []
+                history = {}
             self.live = LiveAnalyzer(self.analysis, history)
             # without a loop, expire() is called explicitly
             self._ticker = self._loop.create_task(self._tick()) if self._loop is not None else None

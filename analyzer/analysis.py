@@ -531,6 +531,34 @@ def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, option
     return found
 
 
+def stale_history(conn: Connection) -> dict[tuple[str, str], stale.Sightings]:
+    """The store's temporary redirects summarized per (source, target), as the live rule
+    needs them: counts, statuses and first/last sighting by a GROUP BY, and the soonest
+    Retry-After and longest cache lifetime from the rows whose headers name either (the
+    only headers it reads). What the proxy loads at start-up, instead of the history."""
+    target_of = func.coalesce(ex_t.c.location_resolved, ex_t.c.location)
+    temporary = and_(ex_t.c.status.in_(TEMPORARY_STATUSES), target_of.is_not(None))
+    kind = (ex_t.c.url_norm, target_of, ex_t.c.status, ex_t.c.method, ex_t.c.synthetic)
+    summary: dict[tuple[str, str], stale.Sightings] = {}
+    for source, target, status, method, synthetic, count, first, last in conn.execute(
+            select(*kind, func.count(), func.min(ex_t.c.started_at), func.max(ex_t.c.started_at))
+            .where(temporary).group_by(*kind)):
+        probe = Exchange(capture_id=0, seq=0, method=method, url=source, url_norm=source, status=status,
+                         synthetic=bool(synthetic))
+        if stale.is_temporary(probe):
+            summary.setdefault((source, target), stale.Sightings()).count_sighting(status, last, times=count,
+                                                                                  first=first)
+    named = or_(*(func.lower(ex_t.c.response_headers).like(f"%{name}%")
+                  for name in ("retry-after", "cache-control", "expires")))
+    rows = select(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.response_headers).where(temporary, named)
+    for source, target, started, headers in conn.execute(rows.execution_options(yield_per=STREAM_ROWS)):
+        group = summary.get((source, target))
+        if group is not None:
+            group.note_headers(Exchange(capture_id=0, seq=0, method="GET", url=source, url_norm=source,
+                                        started_at=started, response_headers=[tuple(h) for h in json.loads(headers)]))
+    return summary
+
+
 def _stale_key(row: dict) -> tuple:
     evidence = json.loads(row["evidence"])
     return (stale.SLUG, evidence["source"], evidence["target"])
@@ -559,4 +587,4 @@ def _groups(rows: Iterable) -> Iterator[tuple[tuple[str, str], stale.Sightings]]
 
 
 __all__ = ["AnalysisOptions", "AnalysisResult", "analyze", "analyze_clients", "finding_fingerprint",
-           "rebuild_chains", "repeated_writes", "stale_findings", "lock_results"]
+           "rebuild_chains", "repeated_writes", "stale_findings", "stale_history", "lock_results"]

@@ -30,6 +30,7 @@ from analyzer.analysis import AnalysisOptions
 from analyzer.chains import grade_link, unfollowed_end, is_followable, order_key
 from analyzer.detectors import RULES, Context, run_detectors
 from analyzer.detectors import duplicate_write, stale_temporary_redirect
+from analyzer.detectors.stale_temporary_redirect import Sightings
 from analyzer.detectors.base import site
 from analyzer.model import Chain, Exchange, Finding, Hop
 
@@ -53,8 +54,10 @@ class _WriteGroup:
 
 
 class LiveAnalyzer:
-    def __init__(self, options: AnalysisOptions = AnalysisOptions(), history: Iterable[Exchange] = ()):
-        """`history`: temporary redirects already in the store, for the stale rule."""
+    def __init__(self, options: AnalysisOptions = AnalysisOptions(),
+                 history: Iterable[Exchange] | dict[tuple[str, str], Sightings] = ()):
+        """`history`: what the store holds of temporary redirects, for the stale rule: its
+        summary per (source, target) (analysis.stale_history), or the redirects themselves."""
         self.options = options
         self.window = options.link.window
         self._next_id = 1
@@ -65,10 +68,13 @@ class LiveAnalyzer:
         self._arrival_times: deque[tuple[float, int]] = deque()
         self._writes: dict[tuple, _WriteGroup] = {}
         self._write_times: deque[tuple[float, tuple]] = deque()
-        self._sightings: dict[tuple[str, str], list[tuple[Chain, Hop]]] = {}
         self._stale_reported: set[tuple[str, str]] = set()
-        for ex in history:
-            self._sight(Chain(hops=[Hop(0, ex, None, "history", 0.0)], end="history"), 0)
+        if isinstance(history, dict):
+            self._sightings: dict[tuple[str, str], Sightings] = history
+        else:
+            self._sightings = {}
+            for ex in history:
+                self._sight(ex)
         # The Public Suffix List snapshot takes ~30 ms to load: load it now, at start-up,
         # not on the proxy's event loop when the first credential finding needs a site.
         site("localhost")
@@ -190,37 +196,26 @@ class LiveAnalyzer:
 
     # ---- rules beyond one chain ------------------------------------------------
 
-    def _sight(self, chain: Chain, hop_index: int) -> tuple[str, str] | None:
-        ex = chain.hops[hop_index].source
+    def _sight(self, ex: Exchange) -> tuple[str, str] | None:
         if not stale_temporary_redirect.is_temporary(ex) or not (ex.location_resolved or ex.location):
             return None
         key = (ex.url_norm, ex.location_resolved or ex.location)
-        if key in self._stale_reported:
-            return key
-        seen = self._sightings.setdefault(key, [])
-        if len(seen) >= 2 and stale_temporary_redirect.retry_deadline(seen[-1][1].source) is None:
-            seen[-1] = (chain, chain.hops[hop_index])  # keep the first, every Retry-After, and the latest
-        else:
-            seen.append((chain, chain.hops[hop_index]))
+        if key not in self._stale_reported:
+            self._sightings.setdefault(key, Sightings()).add(ex)
         return key
 
     def _sighted(self, chain: Chain, ex: Exchange) -> list[Finding]:
         """A temporary redirect was served (again): is it stale now?"""
-        probe = Chain(hops=[*chain.hops, Hop(len(chain.hops), ex, None, PENDING, 0.0)], end=PENDING)
-        key = self._sight(probe, len(probe.hops) - 1)
+        key = self._sight(ex)
         if key is None or key in self._stale_reported:
             return []
-        sightings = self._sightings[key]
-        chains = [Chain(hops=[hop], end=c.end) for c, hop in sightings]
-        context = Context(options=self.options.detect)
-        found = list(stale_temporary_redirect.check(chains, context))
-        if found:
-            self._stale_reported.add(key)
-            del self._sightings[key]
-            # Point the finding at this sighting, in the chain it belongs to.
-            for finding in found:
-                finding.chain, finding.hop, finding.exchange = chain, len(chain.hops), ex
-        return found
+        judged = stale_temporary_redirect.judge(*key, self._sightings[key], self.options.detect)
+        if judged is None:
+            return []
+        self._stale_reported.add(key)
+        del self._sightings[key]
+        # Point the finding at this sighting, in the chain it belongs to.
+        return [stale_temporary_redirect.stale_finding(*judged, ex, chain, len(chain.hops))]
 
     def _check_write(self, ex: Exchange) -> list[Finding]:
         if not (

@@ -112,3 +112,47 @@ def test_removing_a_capture_takes_its_results_and_leaves_the_rest(db_path):
     assert run_cli("captures", "remove", "1", "--db", db_path).returncode == 0
     after = findings(db_path)
     assert after == [f for f in before if not f["client"].startswith("har:1")]
+
+
+def sighting(seq: int, when: str, headers: list[dict] | None = None) -> dict:
+    return {"startedDateTime": when, "request": {"method": "GET", "url": "https://api.test/docs",
+                                                 "httpVersion": "HTTP/1.1", "headers": []},
+            "response": {"status": 307, "headers": [{"name": "Location", "value": "/docs/v2"}, *(headers or [])]}}
+
+
+def test_the_proxy_starts_from_the_store_s_summary_and_judges_as_analyze_does(store, tmp_path):
+    """The live stale rule starts from stale_history (a summary per source -> target, not
+    the redirects): a new sighting is judged as a full analysis of store + sighting judges it."""
+    from analyzer.analysis import analyze, stale_history
+    from analyzer.ingest import import_har
+    from analyzer.live import LiveAnalyzer
+    from analyzer.model import Exchange
+
+    entries = [sighting(0, "2026-03-01T12:00:00Z", [{"name": "Retry-After", "value": "3600"}]),
+               sighting(1, "2026-03-03T12:00:00Z", [{"name": "Cache-Control", "value": "no-cache"}]),
+               sighting(2, "2026-03-04T12:00:00Z")]
+    har = tmp_path / "history.har"
+    har.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"},
+                                       "entries": entries}}))
+    import_har(store, har)
+    with store.begin() as conn:
+        history = stale_history(conn)
+    group = history[("https://api.test/docs", "https://api.test/docs/v2")]
+    assert (group.count, group.statuses, group.latest_status) == (3, {307}, 307)
+    assert group.earliest_deadline is not None and group.lifetime == 0.0
+    live = LiveAnalyzer(history=history)
+    new = Exchange(capture_id=9, seq=0, method="GET", url="https://api.test/docs", url_norm="https://api.test/docs",
+                   client="c", status=307, location="/docs/v2", location_resolved="https://api.test/docs/v2",
+                   started_at=group.last + 5 * 86400, id=10**6)
+    found = live.add(new, now=new.started_at) + live.expire(now=new.started_at + 3600)
+    [finding] = [f for f in found if f.rule == "stale-temporary-redirect"]
+    assert finding.evidence["sightings"] == 4 and finding.evidence["age_days"] == 8.0
+    assert "after its Retry-After ran out" in finding.message
+    later = tmp_path / "later.har"  # the same sighting, imported: analyze agrees
+    later.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"},
+                                         "entries": [sighting(3, "2026-03-09T12:00:00Z")]}}))
+    import_har(store, later)
+    [expected] = [f for f in analyze(store, keep=True, full=True).findings if f.rule == "stale-temporary-redirect"]
+    assert expected.message == finding.message
+    assert {k: v for k, v in expected.evidence.items() if k != "first_seen"} == \
+        {k: v for k, v in finding.evidence.items() if k != "first_seen"}

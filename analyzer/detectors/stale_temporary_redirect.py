@@ -42,11 +42,13 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 DAY = 86400.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Sightings:
     """What the rule keeps of one (source, target) group, one sighting at a time: a
     constant amount, so `analyze` can judge a month of a fleet's redirects as a stream
-    (analysis.stale_findings) with the very code the in-memory check uses."""
+    (analysis.stale_findings), and the proxy can start from the store's summary of its
+    history instead of the history (analysis.stale_history), with the very code the
+    in-memory check uses."""
 
     count: int = 0
     statuses: set[int] = field(default_factory=set)
@@ -54,23 +56,33 @@ class Sightings:
     last: float | None = None
     earliest_deadline: float | None = None  # the soonest a sighting's Retry-After ran out
     lifetime: float = 0.0  # the longest a sighting may be cached
-    latest: Exchange | None = None  # the finding points at the latest sighting
+    latest: Exchange | None = None  # the finding points at the latest sighting (None: only summarized)
     latest_at: float = float("-inf")
+    latest_status: int | None = None
 
     def add(self, ex: Exchange) -> None:
-        self.count += 1
-        self.statuses.add(ex.status)
-        at = ex.started_at
+        self.count_sighting(ex.status, ex.started_at, ex)
+        self.note_headers(ex)
+
+    def count_sighting(self, status: int, at: float | None, ex: Exchange | None = None, times: int = 1,
+                       first: float | None = None) -> None:
+        """`times` sightings of this status, the earliest at `first` (default `at`), the latest at `at`."""
+        self.count += times
+        self.statuses.add(status)
+        first = at if first is None else first
+        if first is not None:
+            self.first = first if self.first is None else min(self.first, first)
         if at is not None:
-            self.first = at if self.first is None else min(self.first, at)
             self.last = at if self.last is None else max(self.last, at)
+        key = at or 0.0
+        if self.latest_status is None or key > self.latest_at:  # the first of equals stays, as max() picks
+            self.latest, self.latest_at, self.latest_status = ex, key, status
+
+    def note_headers(self, ex: Exchange) -> None:
         deadline = retry_deadline(ex)
         if deadline is not None and (self.earliest_deadline is None or deadline < self.earliest_deadline):
             self.earliest_deadline = deadline
         self.lifetime = max(self.lifetime, _cache_lifetime(ex))
-        key = at or 0.0
-        if self.latest is None or key > self.latest_at:  # the first of equals stays, as max() picks
-            self.latest, self.latest_at = ex, key
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
@@ -121,7 +133,7 @@ def judge(source: str, target: str, sightings: Sightings, options) -> tuple[str,
         evidence["cache_lifetime_seconds"] = sightings.lifetime
     if not reasons:
         return None
-    message = (f"temporary {sightings.latest.status} {source} -> {target}: " + "; ".join(reasons)
+    message = (f"temporary {sightings.latest_status} {source} -> {target}: " + "; ".join(reasons)
                + "; make it permanent (301/308) or remove it")
     return message, evidence
 
