@@ -594,6 +594,30 @@ def clients_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, out
         _emit(output, lambda out: print_conformance_table(rows, _console(out)))
 
 
+@cli.command("export")
+@click.argument("directory", metavar="DIR")
+@click.option("--format", "-f", "format_", type=click.Choice(("parquet",)), default="parquet", show_default=True)
+@reading_options
+def export_cmd(directory: str, format_: str, db: str | None, no_analyze: bool, wait: float) -> None:
+    """Write the store as Parquet under DIR (a new or empty directory): exchanges, hops, chains
+    and findings partitioned by capture date, and the captures, for DuckDB, Spark, Trino or pandas."""
+    from analyzer.columnar import check_target, export_parquet
+    from analyzer.store import open_store
+
+    check_target(directory)  # before any work
+    with _results(db, no_analyze, wait):
+        pass  # current results first
+    store = open_store(db, create=False, wait=wait)
+    try:
+        result = export_parquet(store, directory)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: nothing was written to {directory}") from None
+    finally:
+        store.close()
+    counts = ", ".join(f"{n} {name}" for name, n in result.rows.items())
+    _say(f"wrote {counts} to {directory} ({result.days} capture date(s))")
+
+
 @cli.group("captures", invoke_without_command=True)
 @reading_options
 @click.option("--format", "-f", "format_", type=click.Choice(("table", "json")), default="table", show_default=True)
