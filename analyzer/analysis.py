@@ -147,7 +147,8 @@ def analyze(store: Store, options: AnalysisOptions = AnalysisOptions(), *, jobs:
             with store.begin() as conn:
                 lock_results(conn)
                 _replace(conn, out, ids)
-            groups |= out.groups
+            if not full:  # a full run judges every group anyway: no need to hold their names
+                groups |= out.groups
             if keep:
                 result.chains.extend(out.chains)
                 result.findings.extend(out.findings)

@@ -73,7 +73,7 @@ from analyzer.analysis import analyze
 store = open_store(sys.argv[1])
 t = time.perf_counter()
 result = analyze(store)
-print(len(result.chains), len(result.findings), time.perf_counter() - t)
+print(result.chain_count, result.finding_count, time.perf_counter() - t)
 """
 
 
