@@ -516,16 +516,23 @@ def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, option
             if judged is None:
                 continue
             message, evidence = judged
-            ex = sightings.latest
-            chain_id, hop = conn.execute(select(hops_t.c.chain_id, hops_t.c.idx)
-                                         .where(hops_t.c.from_exchange_id == ex.id)).first() or (None, 0)
-            finding = stale.stale_finding(message, evidence, ex, None, hop)
+            finding = stale.stale_finding(message, evidence, sightings.latest, None, 0)
             row = _finding_row(finding)
-            row.update(chain_id=chain_id, client=None)
+            row["client"] = None  # across clients
             rows.append(row)
             if where is not None:
-                finding.chain, finding.hop = where.get(ex.id, (None, hop))
                 found.append(finding)
+    # Each finding on the hop where its latest sighting was served (looked up in chunks).
+    wanted = [row["from_exchange_id"] for row in rows]
+    at: dict[int, tuple[int, int]] = {}
+    for start in range(0, len(wanted), ID_CHUNK):
+        at.update((ex_id, (chain_id, idx)) for ex_id, chain_id, idx in conn.execute(
+            select(hops_t.c.from_exchange_id, hops_t.c.chain_id, hops_t.c.idx)
+            .where(hops_t.c.from_exchange_id.in_(wanted[start : start + ID_CHUNK]))))
+    for row in rows:
+        row["chain_id"], row["hop"] = at.get(row["from_exchange_id"], (None, 0))
+    for finding in found:
+        finding.chain, finding.hop = where.get(finding.exchange.id, (None, at.get(finding.exchange.id, (0, 0))[1]))
     if rows:
         ids.take(conn, rows, _stale_key)
         conn.execute(insert(findings_t), rows)

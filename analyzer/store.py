@@ -142,7 +142,7 @@ exchanges = Table(
     Column("idempotency_key", Text),
     Index("ix_exchanges_capture_seq", "capture_id", "seq"),
     Index("ix_exchanges_status", "status"),
-    Index("ix_exchanges_client_started", "client", "started_at"),
+    Index("ix_exchanges_client_status", "client", "status"),
 )
 
 chains = Table(

@@ -5,7 +5,7 @@
   SQLite stores every integer in 64 bits and enforces no VARCHAR length, so its tables
   are not rebuilt: only the declared types differ there, not what a column holds.
 * Indexes for the analysis's queries: exchanges by status (the redirects) and by
-  (client, start) (a client's exchanges in time order); chains and findings by client
+  (client, status) (a batch of clients' redirects); chains and findings by client
   and findings by chain (replacing one client's results without scanning the rest);
   hops by their redirect (the chain a stale redirect was seen in).
 * findings.client and analyzed_captures: what incremental analysis needs to redo only
@@ -44,7 +44,7 @@ def upgrade() -> None:
         for sequence in SEQUENCES:
             op.execute(f"ALTER SEQUENCE IF EXISTS {sequence} AS bigint")
     op.create_index("ix_exchanges_status", "exchanges", ["status"])
-    op.create_index("ix_exchanges_client_started", "exchanges", ["client", "started_at"])
+    op.create_index("ix_exchanges_client_status", "exchanges", ["client", "status"])
     op.create_index("ix_findings_chain", "findings", ["chain_id"])
     op.create_index("ix_chains_client", "chains", ["client"])
     op.create_index("ix_hops_from_exchange", "hops", ["from_exchange_id"])
