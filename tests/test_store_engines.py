@@ -138,3 +138,22 @@ def test_imports_into_a_new_store_at_once_all_land(engine, tmp_path, request):
     assert [p.returncode for p in procs] == [0] * len(files), [err for _, err in results]
     listed = json.loads(run_cli("captures", "-f", "json", "--db", url).stdout)
     assert sorted(c["file"].rsplit("/", 1)[-1] for c in listed) == sorted(f.name for f in files)
+
+
+def test_the_notebook_frames_read_postgresql_as_they_read_sqlite(tmp_path, request):
+    """analyzer.frames on a PostgreSQL URL: the same frames, value for value, as on SQLite."""
+    import pandas as pd
+
+    from analyzer import frames
+
+    files = [str(f) for f in sorted(RULE_FIXTURES.glob("*.har"))[:25]]
+    pg = request.getfixturevalue("pg_cluster").new_database()
+    lite = str(tmp_path / "lite.db")
+    key = str(tmp_path / "key")
+    for db in (lite, pg):
+        assert run_cli("import-har", *files, "--db", db, "--key-file", key).returncode == 0
+    for name in ("exchanges", "hops", "chains", "findings", "clients", "client_summary", "temporary_redirects"):
+        on_lite, on_pg = getattr(frames, name)(lite), getattr(frames, name)(pg)
+        assert len(on_lite) > 0, name
+        pd.testing.assert_frame_equal(on_pg.reset_index(drop=True), on_lite.reset_index(drop=True),
+                                      check_dtype=False, check_categorical=False, obj=name)
