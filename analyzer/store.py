@@ -142,6 +142,8 @@ exchanges = Table(
     Column("idempotency_key", Text),
     Index("ix_exchanges_capture_seq", "capture_id", "seq"),
     Index("ix_exchanges_status", "status"),
+    # By URL: a hash index on PostgreSQL, whose B-tree refuses entries over 2,704 bytes (URLs can be longer).
+    Index("ix_exchanges_url", "url_norm", postgresql_using="hash"),
     Index("ix_exchanges_client_status", "client", "status"),
 )
 

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from addons.redirect_recorder import CONVERT_BATCH, CONVERT_DELAY, MARK, RedirectRecorder
 from analyzer.store import EXCHANGE_COLUMNS, captures, exchanges, open_store
+from conftest import ENGINES, new_store_url
 
 T0 = 1_790_000_000.0
 
@@ -42,20 +43,29 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(params=ENGINES)
+def addon_db(request, tmp_path) -> str:
+    """The recorder's store, once on SQLite and once on PostgreSQL."""
+    return new_store_url(request, tmp_path, "addon.db")
+
+
 @pytest.fixture
-def recorder(tmp_path):
+def recorder(addon_db):
     addon = RedirectRecorder()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, redirect_audit_db=str(tmp_path / "addon.db"), redirect_audit_flush_ms=50)
+        tctx.configure(addon, redirect_audit_db=addon_db, redirect_audit_flush_ms=50)
         addon.running()
         yield addon
         addon.done()
 
 
-def stored(tmp_path) -> list:
-    store = open_store(str(tmp_path / "addon.db"))
-    with store.begin() as conn:
-        return conn.execute(select(exchanges).order_by(exchanges.c.seq)).mappings().all()
+def stored(db: str) -> list:
+    store = open_store(db)
+    try:
+        with store.begin() as conn:
+            return conn.execute(select(exchanges).order_by(exchanges.c.seq)).mappings().all()
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("option, value, problem", [
@@ -91,7 +101,7 @@ def test_a_finding_marks_and_comments_both_flows_and_is_logged(recorder, tmp_pat
     assert "redirect-audit RA101 method-downgrade [medium] PUT http://api.test/items/1 -> 302 -> GET" in caplog.text
 
 
-def test_every_flow_is_stored_once_with_secrets_fingerprinted(recorder, tmp_path, caplog):
+def test_every_flow_is_stored_once_with_secrets_fingerprinted(recorder, addon_db, tmp_path, caplog):
     answered = make_flow("POST", "http://api.test/login?access_token=abc123", status=200, body=b"user=a",
                          headers={"Authorization": "Bearer s3cret-token"})
     broken = make_flow("GET", "http://api.test/slow", at=T0 + 1)
@@ -102,15 +112,16 @@ def test_every_flow_is_stored_once_with_secrets_fingerprinted(recorder, tmp_path
     with caplog.at_level(logging.INFO, logger="redirect_audit"):
         recorder.done()
     assert "saw 2 exchanges, stored 2" in caplog.text
-    rows = stored(tmp_path)
+    rows = stored(addon_db)
     assert [r["flow_id"] for r in rows] == [answered.id, broken.id]
     assert rows[1]["error"] == "connection reset" and rows[1]["status"] is None
     assert rows[0]["req_body_len"] == 6 and rows[0]["status"] == 200
     assert "s3cret-token" not in rows[0]["request_headers"] and "hmac:" in rows[0]["request_headers"]
     assert "abc123" not in rows[0]["url"]
-    raw = (tmp_path / "addon.db").read_bytes()
-    assert b"s3cret-token" not in raw and b"abc123" not in raw
-    store = open_store(str(tmp_path / "addon.db"))
+    if "://" not in addon_db:  # SQLite: not in the file either
+        raw = (tmp_path / "addon.db").read_bytes()
+        assert b"s3cret-token" not in raw and b"abc123" not in raw
+    store = open_store(addon_db)
     with store.begin() as conn:
         capture = conn.execute(select(captures)).mappings().one()
     assert capture["source"] == "proxy" and capture["entries"] == 2
@@ -125,7 +136,7 @@ def test_a_redirect_nobody_follows_is_judged_when_its_window_closes(recorder, tm
     assert "saw 1 exchanges, stored 1" in caplog.text
 
 
-def test_bytes_that_are_not_utf8_are_stored_escaped_and_lose_no_batch(recorder, tmp_path, caplog):
+def test_bytes_that_are_not_utf8_are_stored_escaped_and_lose_no_batch(recorder, addon_db, tmp_path, caplog):
     # mitmproxy hands such bytes over as lone surrogates, which no database stores as
     # text; they once failed the whole batch they were in.
     odd = make_flow("GET", "http://api.test/ok", status=200)
@@ -139,7 +150,7 @@ def test_bytes_that_are_not_utf8_are_stored_escaped_and_lose_no_batch(recorder, 
     with caplog.at_level(logging.INFO, logger="redirect_audit"):
         recorder.done()
     assert "saw 2 exchanges, stored 2" in caplog.text
-    rows = stored(tmp_path)
+    rows = stored(addon_db)
     assert ["X-Name", "caf\\xe9"] in json.loads(rows[0]["request_headers"])
     assert rows[0]["url"] == "http://api.test/caf\\xe9"
     assert rows[0]["status_text"] == "Fine \u00ff"  # reason phrases are Latin-1 to mitmproxy
@@ -147,7 +158,7 @@ def test_bytes_that_are_not_utf8_are_stored_escaped_and_lose_no_batch(recorder, 
     assert rows[1]["url"] == "http://api.test/plain"
 
 
-def test_a_row_the_store_refuses_costs_only_itself(recorder, tmp_path, caplog):
+def test_a_row_the_store_refuses_costs_only_itself(recorder, addon_db, tmp_path, caplog):
     flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(9)]
     for flow in flows[:4]:
         recorder.response(flow)
@@ -162,16 +173,16 @@ def test_a_row_the_store_refuses_costs_only_itself(recorder, tmp_path, caplog):
     assert ("exchange 4 (http://api.test/\\udce9) cannot be stored: the store refused column url: text with a lone "
             "surrogate" in caplog.text)
     assert "attempt" not in caplog.text  # a bad row is not retried
-    assert [r["url"] for r in stored(tmp_path)] == [f"http://api.test/{n}" for n in range(9) if n != 4]
+    assert [r["url"] for r in stored(addon_db)] == [f"http://api.test/{n}" for n in range(9) if n != 4]
 
 
-def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behind(tmp_path, caplog):
+def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behind(addon_db, tmp_path, caplog):
     # In the proxy the hooks only set flows aside; the event loop converts them a batch at
     # a time: after CONVERT_DELAY, at once when a batch is full, and at shutdown.
     async def proxy_run() -> list[http.HTTPFlow]:
         addon = RedirectRecorder()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, redirect_audit_db=str(tmp_path / "addon.db"), redirect_audit_flush_ms=50)
+            tctx.configure(addon, redirect_audit_db=addon_db, redirect_audit_flush_ms=50)
             addon.running()
             conn = tflow.tclient_conn()
             put = make_flow("PUT", "http://api.test/items/1", status=302, location="/items/1/v2", body=b"{}",
@@ -197,7 +208,7 @@ def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behin
 
     flows = asyncio.run(proxy_run())
     assert f"saw {len(flows)} exchanges, stored {len(flows)}; 1 findings" in caplog.text
-    assert [r["flow_id"] for r in stored(tmp_path)] == [f.id for f in flows]
+    assert [r["flow_id"] for r in stored(addon_db)] == [f.id for f in flows]
 
 
 @pytest.mark.parametrize("part, error, message, kept", [
@@ -205,7 +216,7 @@ def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behin
      [0, 2]),
     ("live.add", KeyError("rule bug"), "the live rules failed on flow {id}: KeyError('rule bug')", [0, 1, 2]),
 ])
-def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(recorder, tmp_path, caplog, monkeypatch, part, error,
+def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(recorder, addon_db, caplog, monkeypatch, part, error,
                                                           message, kept):
     flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(3)]
     owner, name = part.split(".")
@@ -223,10 +234,10 @@ def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(recorder, tmp_path, c
         recorder.done()
     assert message.format(id=flows[1].id) in caplog.text
     assert f"saw 3 exchanges, stored {len(kept)}" in caplog.text
-    assert [r["flow_id"] for r in stored(tmp_path)] == [flows[n].id for n in kept]
+    assert [r["flow_id"] for r in stored(addon_db)] == [flows[n].id for n in kept]
 
 
-def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(recorder, tmp_path, caplog):
+def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(recorder, addon_db, tmp_path, caplog):
     # mitmproxy serves the connections in flight while it shuts down: their clients get
     # answers after the done hook has run.
     first = make_flow("GET", "http://api.test/first", status=200)
@@ -238,12 +249,12 @@ def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(recorde
         recorder.done()  # a second done changes nothing
     assert "saw 1 exchanges, stored 1;" in caplog.text
     assert caplog.text.count("saw 2 exchanges, stored 2 (1 after shutdown began)") == 1
-    assert [r["flow_id"] for r in stored(tmp_path)] == [first.id, late.id]
-    with open_store(str(tmp_path / "addon.db")).begin() as conn:
+    assert [r["flow_id"] for r in stored(addon_db)] == [first.id, late.id]
+    with open_store(addon_db).begin() as conn:
         assert conn.execute(select(captures.c.entries)).scalar_one() == 2
 
 
-def test_totals_after_mitmproxy_took_its_log_handler_down_go_to_stderr(recorder, tmp_path, monkeypatch, capsys):
+def test_totals_after_mitmproxy_took_its_log_handler_down_go_to_stderr(recorder, addon_db, monkeypatch, capsys):
     # mitmproxy uninstalls its log handler after the last done hook, then cancels the
     # connections still open; a flow that finishes in between is stored, and its totals
     # must still be seen (a real mitmdump stopped mid-burst printed 304 for 305 stored).
@@ -253,7 +264,7 @@ def test_totals_after_mitmproxy_took_its_log_handler_down_go_to_stderr(recorder,
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no handler left anywhere, as after mitmproxy's done
     recorder.response(make_flow("GET", "http://api.test/late", status=200, at=T0 + 1))
     assert "redirect-audit: saw 2 exchanges, stored 2 (1 after shutdown began)" in capsys.readouterr().err
-    assert len(stored(tmp_path)) == 2
+    assert len(stored(addon_db)) == 2
 
 
 def test_the_start_up_heap_is_frozen_while_recording_and_thawed_after(tmp_path):

@@ -6,6 +6,7 @@ The PostgreSQL half runs on the session's throwaway server (conftest.pg_cluster)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from conftest import CORPUS, ROOT, RULE_FIXTURES, new_store_url, require_corpus,
 from analyzer.store import captures, exchanges, meta, open_store
 
 BIG = 2**33 + 7
+NOISE = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(200))  # 12,800 characters, incompressible
 
 
 def hostile_values_har(tmp_path):
@@ -38,6 +40,11 @@ def hostile_values_har(tmp_path):
         {"startedDateTime": "2026-03-01T12:00:02Z",
          "request": {"method": "GET", "url": "https://api.test/neg", "httpVersion": "HTTP/1.1", "headers": []},
          "response": {"status": -5, "headers": []}},
+        # longer than a PostgreSQL B-tree entry may be (2,704 bytes): a URL, a Location, a page (the client id)
+        {"startedDateTime": "2026-03-01T12:00:03Z", "pageref": NOISE,
+         "request": {"method": "GET", "url": "https://api.test/long?q=" + NOISE, "httpVersion": "HTTP/1.1",
+                     "headers": []},
+         "response": {"status": 302, "headers": [{"name": "Location", "value": "/long?r=" + NOISE}]}},
     ]
     path = tmp_path / "hostile-values.har"
     path.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t\u0000x", "version": "1"},
@@ -49,7 +56,7 @@ def test_values_real_traffic_carries_are_stored_on_both_engines(db_path, tmp_pat
     har = hostile_values_har(tmp_path)
     done = run_cli("import-har", str(har), "--db", db_path)
     assert done.returncode == 0, done.stderr
-    assert "imported 3 entries" in done.stdout
+    assert "imported 4 entries" in done.stdout
     store = open_store(db_path, create=False)
     try:
         with store.begin() as conn:
@@ -60,7 +67,8 @@ def test_values_real_traffic_carries_are_stored_on_both_engines(db_path, tmp_pat
             creator = conn.execute(select(captures.c.creator)).scalar()
     finally:
         store.close()
-    first, second, third = rows
+    first, second, third, long = rows
+    assert len(long.url) > 6000 and len(long.location) > 6000
     assert first.url == "https://api.test/up\\x00load"  # NUL written as \x00, like other bytes that are not text
     assert first.user_agent == "agent\\x00nul"
     assert first.location == "/next\\x00"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import gc
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -525,6 +526,9 @@ def _entry_values(reader: _CountingReader, name: str) -> Iterator[Any]:
             in_entries = True
 
 
+PAGEREF_KEPT = 200  # characters of a pageref kept in the client id; longer ones are shortened, told apart by a digest
+
+
 class _HarEntries:
     """Turns the entries of one HAR file into Exchanges, counting quirks as warnings."""
 
@@ -626,7 +630,10 @@ class _HarEntries:
         try:
             return self._client_ids[pageref]
         except (KeyError, TypeError):
-            client = f"har:{self.capture_id}/{pageref}" if pageref else f"har:{self.capture_id}"
+            page = str(pageref) if pageref else ""
+            if len(page) > PAGEREF_KEPT:  # a client id is indexed: B-tree entries have a size limit
+                page = f"{page[:64]}~{hashlib.sha256(page.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+            client = f"har:{self.capture_id}/{page}" if page else f"har:{self.capture_id}"
             if isinstance(pageref, str | int | None):
                 self._client_ids[pageref] = client
             return client

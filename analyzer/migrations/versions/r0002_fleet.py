@@ -4,7 +4,9 @@
   HTTP version, flow id and HAR format version become text without a length limit.
   SQLite stores every integer in 64 bits and enforces no VARCHAR length, so its tables
   are not rebuilt: only the declared types differ there, not what a column holds.
-* Indexes for the analysis's queries: exchanges by status (the redirects) and by
+* Indexes for the analysis's queries: exchanges by status (the redirects), by URL (a
+  stale redirect's sightings, the requests that may have followed a redirect; a hash
+  index on PostgreSQL, whose B-tree refuses entries over 2,704 bytes) and by
   (client, status) (a batch of clients' redirects); chains and findings by client
   and findings by chain (replacing one client's results without scanning the rest);
   hops by their redirect (the chain a stale redirect was seen in).
@@ -44,6 +46,7 @@ def upgrade() -> None:
         for sequence in SEQUENCES:
             op.execute(f"ALTER SEQUENCE IF EXISTS {sequence} AS bigint")
     op.create_index("ix_exchanges_status", "exchanges", ["status"])
+    op.create_index("ix_exchanges_url", "exchanges", ["url_norm"], postgresql_using="hash")
     op.create_index("ix_exchanges_client_status", "exchanges", ["client", "status"])
     op.create_index("ix_findings_chain", "findings", ["chain_id"])
     op.create_index("ix_chains_client", "chains", ["client"])
