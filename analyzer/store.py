@@ -192,6 +192,8 @@ findings = Table(
     Column("client", Text),  # whose analysis made it (NULL: a finding across clients, or from schema 1)
     Index("ix_findings_chain", "chain_id"),
     Index("ix_findings_client", "client"),
+    Index("ix_findings_from", "from_exchange_id"),
+    Index("ix_findings_severity", "severity"),
 )
 
 # What the last analysis read of each capture: its exchange count and highest seq. A

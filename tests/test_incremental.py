@@ -156,3 +156,43 @@ def test_the_proxy_starts_from_the_store_s_summary_and_judges_as_analyze_does(st
     assert expected.message == finding.message
     assert {k: v for k, v in expected.evidence.items() if k != "first_seen"} == \
         {k: v for k, v in finding.evidence.items() if k != "first_seen"}
+
+
+def test_an_incremental_analysis_reads_through_indexes_only(tmp_path):
+    """Every statement an incremental analysis sends SQLite is planned through an index:
+    no full scan of a table that grows with the store (a covering-index scan for the
+    per-capture and per-client counts is the one pass over every exchange)."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from analyzer.analysis import analyze
+    from analyzer.ingest import import_har
+    from analyzer.store import open_store
+
+    db = str(tmp_path / "plans.db")
+    store = open_store(db)
+    for name in FIRST + ["st-7-days.har"]:
+        import_har(store, RULE_FIXTURES / name)
+    analyze(store)
+    import_har(store, RULE_FIXTURES / "db-307-empty.har")
+    sent: list[tuple[str, object]] = []
+
+    def remember(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "DELETE", "UPDATE")):
+            sent.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", remember)
+    result = analyze(store)
+    event.remove(store.engine, "before_cursor_execute", remember)
+    store.close()
+    assert result.clients_analyzed == 1 and len(sent) > 10
+    growing = ("exchanges", "chains", "hops", "findings")
+    plans = sqlite3.connect(db)
+    scans = []
+    for statement, parameters in sent:
+        for row in plans.execute("EXPLAIN QUERY PLAN " + statement, parameters or ()):
+            detail = row[-1]
+            if detail.startswith("SCAN ") and detail.split()[1] in growing and "COVERING INDEX" not in detail:
+                scans.append((detail, statement.split("\n")[0][:120]))
+    assert scans == []

@@ -8,7 +8,8 @@
   stale redirect's sightings, the requests that may have followed a redirect; a hash
   index on PostgreSQL, whose B-tree refuses entries over 2,704 bytes) and by
   (client, status) (a batch of clients' redirects); chains and findings by client
-  and findings by chain (replacing one client's results without scanning the rest);
+  and findings by chain (replacing one client's results without scanning the rest),
+  by redirect (a stale group's finding) and by severity (the totals);
   hops by their redirect (the chain a stale redirect was seen in).
 * findings.client and analyzed_captures: what incremental analysis needs to redo only
   the clients with new exchanges.
@@ -53,6 +54,8 @@ def upgrade() -> None:
     op.create_index("ix_hops_from_exchange", "hops", ["from_exchange_id"])
     op.add_column("findings", sa.Column("client", sa.Text()))
     op.create_index("ix_findings_client", "findings", ["client"])
+    op.create_index("ix_findings_from", "findings", ["from_exchange_id"])
+    op.create_index("ix_findings_severity", "findings", ["severity"])
     op.create_table(
         "analyzed_captures",
         sa.Column("capture_id", sa.Integer, primary_key=True),
