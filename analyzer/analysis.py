@@ -442,26 +442,37 @@ HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status"
 
 def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
     """Put a batch's results in place of its clients' earlier ones (findings on their
-    chains included, stale ones too: those are judged again after the batches)."""
+    chains included, stale ones too: those are judged again after the batches). Every
+    statement goes through an index: chains by client, findings by client and by chain,
+    hops and findings by primary key."""
     source = ex_t.alias("source")
+    columns = (findings_t.c.id, findings_t.c.rule, findings_t.c.from_exchange_id, findings_t.c.to_exchange_id,
+               findings_t.c.hop, source.c.url_norm, func.coalesce(source.c.location_resolved, source.c.location))
+    old_findings = select(*columns).join(source, source.c.id == findings_t.c.from_exchange_id)
     for start in range(0, len(out.clients), ID_CHUNK):
         chunk = out.clients[start : start + ID_CHUNK]
-        old_chains = select(chains_t.c.id).where(chains_t.c.client.in_(chunk))
-        theirs = or_(findings_t.c.client.in_(chunk), findings_t.c.chain_id.in_(old_chains))
-        for fid, rule, from_id, to_id, hop, url, target in conn.execute(
-                select(findings_t.c.id, findings_t.c.rule, findings_t.c.from_exchange_id, findings_t.c.to_exchange_id,
-                       findings_t.c.hop, source.c.url_norm, func.coalesce(source.c.location_resolved,
-                                                                          source.c.location))
-                .join(source, source.c.id == findings_t.c.from_exchange_id).where(theirs)):
-            ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
-        conn.execute(delete(findings_t).where(theirs))
-        conn.execute(delete(hops_t).where(hops_t.c.chain_id.in_(old_chains)))
-        conn.execute(delete(chains_t).where(chains_t.c.client.in_(chunk)))
+        old_chains = list(conn.execute(select(chains_t.c.id).where(chains_t.c.client.in_(chunk))).scalars())
+        doomed: set[int] = set()
+        queries = [old_findings.where(findings_t.c.client.in_(chunk))]
+        queries += [old_findings.where(findings_t.c.chain_id.in_(old_chains[i : i + ID_CHUNK]))
+                    for i in range(0, len(old_chains), ID_CHUNK)]
+        for query in queries:
+            for fid, rule, from_id, to_id, hop, url, target in conn.execute(query):
+                ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
+                doomed.add(fid)
+        _delete_ids(conn, findings_t, findings_t.c.id, sorted(doomed))
+        _delete_ids(conn, hops_t, hops_t.c.chain_id, old_chains)
+        _delete_ids(conn, chains_t, chains_t.c.id, old_chains)
     insert_tuples(conn, chains_t, CHAIN_COLUMNS, out.chain_rows)
     insert_tuples(conn, hops_t, HOP_COLUMNS, out.hop_rows)
     if out.finding_rows:
         ids.take(conn, out.finding_rows, _key)
         conn.execute(insert(findings_t), out.finding_rows)
+
+
+def _delete_ids(conn: Connection, table, column, values: list[int]) -> None:
+    for start in range(0, len(values), ID_CHUNK):
+        conn.execute(delete(table).where(column.in_(values[start : start + ID_CHUNK])))
 
 
 def _drop_orphans(conn: Connection) -> None:
@@ -504,8 +515,7 @@ def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, option
             if groups is None or (source, target) in groups:
                 ids.remember((stale.SLUG, source, target), fid)
                 doomed.append(fid)
-    for start in range(0, len(doomed), ID_CHUNK):
-        conn.execute(delete(findings_t).where(findings_t.c.id.in_(doomed[start : start + ID_CHUNK])))
+    _delete_ids(conn, findings_t, findings_t.c.id, doomed)
     rows, found = [], []
     for query in queries:
         ordered = query.order_by(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.capture_id, ex_t.c.seq)
