@@ -516,7 +516,8 @@ def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, option
                 ids.remember((stale.SLUG, source, target), fid)
                 doomed.append(fid)
     _delete_ids(conn, findings_t, findings_t.c.id, doomed)
-    rows, found = [], []
+    rows: list[dict] = []
+    found: list[Finding] = []
     for query in queries:
         ordered = query.order_by(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.capture_id, ex_t.c.seq)
         for (source, target), sightings in _groups(conn.execute(ordered.execution_options(yield_per=STREAM_ROWS))):
@@ -532,7 +533,19 @@ def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, option
             rows.append(row)
             if where is not None:
                 found.append(finding)
-    # Each finding on the hop where its latest sighting was served (looked up in chunks).
+            if len(rows) >= STREAM_ROWS:  # stored as they come: a fleet's month can hold many
+                _store_stale(conn, rows, ids)
+                rows = []
+    _store_stale(conn, rows, ids)
+    for finding in found:
+        finding.chain, finding.hop = where.get(finding.exchange.id, (None, 0))
+    return found
+
+
+def _store_stale(conn: Connection, rows: list[dict], ids: _FindingIds) -> None:
+    """Insert stale findings, each on the hop where its latest sighting was served."""
+    if not rows:
+        return
     wanted = [row["from_exchange_id"] for row in rows]
     at: dict[int, tuple[int, int]] = {}
     for start in range(0, len(wanted), ID_CHUNK):
@@ -541,12 +554,8 @@ def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, option
             .where(hops_t.c.from_exchange_id.in_(wanted[start : start + ID_CHUNK]))))
     for row in rows:
         row["chain_id"], row["hop"] = at.get(row["from_exchange_id"], (None, 0))
-    for finding in found:
-        finding.chain, finding.hop = where.get(finding.exchange.id, (None, at.get(finding.exchange.id, (0, 0))[1]))
-    if rows:
-        ids.take(conn, rows, _stale_key)
-        conn.execute(insert(findings_t), rows)
-    return found
+    ids.take(conn, rows, _stale_key)
+    conn.execute(insert(findings_t), rows)
 
 
 def stale_history(conn: Connection) -> dict[tuple[str, str], stale.Sightings]:
