@@ -446,7 +446,7 @@ def analyze_cmd(db: str | None, link_window: float, stale_days: float, duplicate
         raise Interrupted("interrupted: the clients analyzed so far have their new results, the others keep "
                           "their earlier ones; the store still counts as not analyzed") from None
     counts = ", ".join(f"{result.by_severity[s]} {s}" for s in reversed(SEVERITIES) if result.by_severity[s])
-    scope = "" if result.full else (f" (analyzed {result.clients_analyzed} of {result.clients_total} client(s): "
+    scope = "" if result.full else (f" (analyzed the {result.clients_analyzed} client(s) with new exchanges; "
                                     f"the others had nothing new)")
     _say(f"{result.chain_count} chain(s), {result.hop_count} hop(s), {result.finding_count} finding(s)"
          + (f": {counts}" if counts else "") + scope)

@@ -174,7 +174,7 @@ def cmd_analyze(args, cluster, work: Path) -> None:
                 step = run_analyze(url, jobs=1, full=False)
                 print(f"[{engine} {n:,}] +{extra:,} exchanges ({added:.1f} s), a new capture: "
                       f"analyze {step['seconds']:.2f} s = {100 * step['seconds'] / full['seconds']:.1f}% of the full run, "
-                      f"{step['clients'][0]:,} of {step['clients'][1]:,} clients analyzed", flush=True)
+                      f"{step['clients'][0]:,} of {full['clients'][1]:,} clients analyzed", flush=True)
             if engine == "sqlite" and not args.keep:
                 for suffix in ("", "-wal", "-shm"):
                     Path(url + suffix).unlink(missing_ok=True)
