@@ -42,6 +42,7 @@ from analyzer.detectors.base import WRITE_METHODS
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
 from analyzer.store import (
+    LINK_COLUMNS,
     STALE_RECHECK,
     STATISTICS_AFTER,
     Store,
@@ -51,6 +52,7 @@ from analyzer.store import (
     findings as findings_t,
     hops as hops_t,
     insert_tuples,
+    light_exchange,
     load_exchanges,
     make_engine,
     meta,
@@ -297,9 +299,7 @@ def rebuild_chains(conn: Connection, options: LinkOptions, clients: list[str] | 
         return and_(*conditions, mine) if mine is not None else and_(*conditions)
 
     redirects = load_exchanges(conn, of(ex_t.c.status.in_(REDIRECT_STATUSES)))
-    targets = select(ex_t.c.location_resolved).where(
-        of(ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None)))
-    candidates = load_exchanges(conn, of(ex_t.c.url_norm.in_(targets)), light=True)
+    candidates = _candidates(conn, clients)
     links = link_redirects(redirects, candidates, options)
     by_id = {ex.id: ex for ex in redirects}
     # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
@@ -311,6 +311,25 @@ def rebuild_chains(conn: Connection, options: LinkOptions, clients: list[str] | 
     writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes(clients)), headers=False)
     writes = [by_id.setdefault(ex.id, ex) for ex in writes]  # one object per exchange
     return assemble_chains(by_id, links), writes
+
+
+def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
+    """The requests of these clients to a URL one of their redirects pointed at: a join
+    from each redirect to its client's requests to that URL (on SQLite through the
+    (client, URL) index), so a URL every client visits costs its visits by these clients,
+    not by all."""
+    redirect = ex_t.alias("redirect")
+    joined = redirect.join(ex_t, and_(ex_t.c.client == redirect.c.client,
+                                      ex_t.c.url_norm == redirect.c.location_resolved))
+    stmt = select(*(ex_t.c[name] for name in LINK_COLUMNS)).select_from(joined).where(
+        redirect.c.status.in_(REDIRECT_STATUSES), redirect.c.location_resolved.is_not(None))
+    if clients is not None:
+        stmt = stmt.where(redirect.c.client.in_(clients))
+    seen: dict[int, Exchange] = {}
+    for row in conn.execute(stmt):
+        if row[0] not in seen:  # one row per redirect that points at it
+            seen[row[0]] = light_exchange(row)
+    return list(seen.values())
 
 
 def repeated_writes(clients: list[str] | None = None):

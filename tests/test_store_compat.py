@@ -185,7 +185,13 @@ def test_a_migrated_store_has_exactly_the_schema_a_new_store_has(engine_, tmp_pa
     assert run_cli("db", "upgrade", "--db", url).returncode == 0
     engine = create_engine(resolve_db_url(url))
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_type": engine_ == "postgresql"})
+        def made_here(obj, name, type_, reflected, compare_to):
+            """An index declared for another dialect only (Index.ddl_if) is not expected here."""
+            condition = getattr(obj, "_ddl_if", None)
+            return not (type_ == "index" and condition is not None and condition.dialect not in (None, engine_))
+
+        context = MigrationContext.configure(conn, opts={"compare_type": engine_ == "postgresql",
+                                                         "include_object": made_here})
         differences = compare_metadata(context, metadata)
     engine.dispose()
     assert differences == []

@@ -49,6 +49,8 @@ def upgrade() -> None:
     op.create_index("ix_exchanges_status", "exchanges", ["status"])
     op.create_index("ix_exchanges_url", "exchanges", ["url_norm"], postgresql_using="hash")
     op.create_index("ix_exchanges_client_status", "exchanges", ["client", "status"])
+    if op.get_bind().dialect.name == "sqlite":
+        op.create_index("ix_exchanges_client_url", "exchanges", ["client", "url_norm"])
     op.create_index("ix_findings_chain", "findings", ["chain_id"])
     op.create_index("ix_chains_client", "chains", ["client"])
     op.create_index("ix_hops_from_exchange", "hops", ["from_exchange_id"])
