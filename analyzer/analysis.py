@@ -314,10 +314,23 @@ def rebuild_chains(conn: Connection, options: LinkOptions, clients: list[str] | 
 
 
 def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
-    """The requests of these clients to a URL one of their redirects pointed at: a join
-    from each redirect to its client's requests to that URL (on SQLite through the
-    (client, URL) index), so a URL every client visits costs its visits by these clients,
-    not by all."""
+    """The requests of these clients to a URL one of their redirects pointed at.
+
+    SQLite: a join from each redirect to its own client's requests to that URL, through
+    the (client, URL) index, so a URL every client visits costs a batch its own clients'
+    visits only. PostgreSQL: the batch's requests whose URL is among the batch's targets
+    (a hash semi-join over the batch, planned from statistics); the join above made it
+    walk every visit of a popular URL once per redirect to it, through the URL index.
+    """
+    if conn.dialect.name != "sqlite":
+        mine = ex_t.c.client.in_(clients) if clients is not None else None
+
+        def of(*conditions):
+            return and_(*conditions, mine) if mine is not None else and_(*conditions)
+
+        targets = select(ex_t.c.location_resolved).where(
+            of(ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None)))
+        return load_exchanges(conn, of(ex_t.c.url_norm.in_(targets)), light=True)
     redirect = ex_t.alias("redirect")
     joined = redirect.join(ex_t, and_(ex_t.c.client == redirect.c.client,
                                       ex_t.c.url_norm == redirect.c.location_resolved))
