@@ -47,6 +47,7 @@ from analyzer.store import (
     STATISTICS_AFTER,
     Store,
     analyzed_captures,
+    captures as captures_t,
     chains as chains_t,
     exchanges as ex_t,
     findings as findings_t,
@@ -202,10 +203,24 @@ def lock_results(conn: Connection) -> None:
 # ---- what to analyze ----------------------------------------------------------------
 
 
+PER_CAPTURE_LOOKUPS = 2000  # up to this many captures, each one's highest seq is one index probe
+
+
 def _capture_counts(conn: Connection) -> dict[int, tuple[int, int | None]]:
-    """Each capture's exchange count and highest seq (an index-only scan)."""
-    rows = conn.execute(select(ex_t.c.capture_id, func.count(), func.max(ex_t.c.seq)).group_by(ex_t.c.capture_id))
-    return {cid: (n, top) for cid, n, top in rows}
+    """Each capture's exchange count (kept by every writer in `captures.entries`, in the
+    transaction that writes the exchanges) and highest seq: one probe of the (capture, seq)
+    index per capture, instead of a pass over every exchange (PostgreSQL cannot count from
+    an index until VACUUM has run)."""
+    entries = dict(conn.execute(select(captures_t.c.id, captures_t.c.entries)).all())
+    if len(entries) > PER_CAPTURE_LOOKUPS:
+        rows = conn.execute(select(ex_t.c.capture_id, func.count(), func.max(ex_t.c.seq)).group_by(ex_t.c.capture_id))
+        return {cid: (n, top) for cid, n, top in rows}
+    out = {}
+    for cid, count in entries.items():
+        top = conn.execute(select(func.max(ex_t.c.seq)).where(ex_t.c.capture_id == cid)).scalar()
+        if top is not None:
+            out[cid] = (count, top)
+    return out
 
 
 def _client_sizes(conn: Connection, clients: list[str] | None = None) -> dict[str, int]:
