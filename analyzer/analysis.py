@@ -533,7 +533,10 @@ def _delete_ids(conn: Connection, table, column, values: list[int]) -> None:
 def _drop_orphans(conn: Connection) -> None:
     """After a full run: results of clients that no longer have exchanges (and findings
     of a schema-1 store, which carry no client), so nothing outlives its data."""
-    gone = select(chains_t.c.id).where(chains_t.c.client.not_in(select(ex_t.c.client).distinct()))
+    # NOT EXISTS, not NOT IN: PostgreSQL hashes a NOT IN list only within work_mem, and past
+    # it re-reads the list for every chain (at 10M exchanges it did not finish).
+    still = select(ex_t.c.id).where(ex_t.c.client == chains_t.c.client).exists()
+    gone = select(chains_t.c.id).where(~still)
     conn.execute(delete(findings_t).where(or_(findings_t.c.chain_id.in_(gone),
                                               and_(findings_t.c.client.is_(None), findings_t.c.rule != stale.SLUG))))
     conn.execute(delete(hops_t).where(hops_t.c.chain_id.in_(gone)))
