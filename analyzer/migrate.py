@@ -9,11 +9,13 @@ PostgreSQL it either completes or leaves the store as it was.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import inspect, select
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from analyzer.store import alembic_version, lock_schema, make_engine, meta
@@ -70,15 +72,15 @@ def _state(conn: Connection, url: str) -> SchemaState:
     return SchemaState(int(version), revision, head_revision())
 
 
-def schema_state(db: str | None, wait: float = DEFAULT_WAIT) -> SchemaState:
-    """The store's schema version and revision, read without changing anything."""
+@contextmanager
+def _engine_on(db: str | None, wait: float) -> Iterator[tuple[Engine, str]]:
+    """An engine on an existing store; the driver's errors as one-line StoreErrors."""
     url = resolve_db_url(db)
     require_store(url)
     engine = None
     try:
         engine = make_engine(url, wait)
-        with engine.connect() as conn:
-            return _state(conn, url)
+        yield engine, url
     except SQLAlchemyError as exc:
         raise StoreError(describe_error(exc, url, wait)) from None
     except ImportError as exc:
@@ -86,36 +88,29 @@ def schema_state(db: str | None, wait: float = DEFAULT_WAIT) -> SchemaState:
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def schema_state(db: str | None, wait: float = DEFAULT_WAIT) -> SchemaState:
+    """The store's schema version and revision, read without changing anything."""
+    with _engine_on(db, wait) as (engine, url), engine.connect() as conn:
+        return _state(conn, url)
 
 
 def upgrade(db: str | None, wait: float = DEFAULT_WAIT) -> tuple[SchemaState, SchemaState]:
     """Upgrade the store to this release's schema; the states before and after."""
     from alembic import command
 
-    url = resolve_db_url(db)
-    require_store(url)
-    engine = None
-    try:
-        engine = make_engine(url, wait)
-        with engine.begin() as conn:
-            lock_schema(conn)
-            before = _state(conn, url)
-            if before.version > SCHEMA_VERSION:
-                raise StoreError(f"store {url_shown(url)} has schema version {before.version}, newer than this "
-                                 f"release's {SCHEMA_VERSION}: upgrade redirect-audit instead")
-            if before.revision is None:  # made before migrations: stamp the revision its version is
-                alembic_version.create(conn, checkfirst=True)
-                conn.execute(alembic_version.insert().values(version_num=revision_of(before.version)))
-            command.upgrade(_config(conn), "head")
-            after = _state(conn, url)
-    except SQLAlchemyError as exc:
-        raise StoreError(describe_error(exc, url, wait)) from None
-    except ImportError as exc:
-        raise StoreError(missing_driver(url, exc)) from None
-    finally:
-        if engine is not None:
-            engine.dispose()
-    return before, after
+    with _engine_on(db, wait) as (engine, url), engine.begin() as conn:
+        lock_schema(conn)
+        before = _state(conn, url)
+        if before.version > SCHEMA_VERSION:
+            raise StoreError(f"store {url_shown(url)} has schema version {before.version}, newer than this "
+                             f"release's {SCHEMA_VERSION}: upgrade redirect-audit instead")
+        if before.revision is None:  # made before migrations: stamp the revision its version is
+            alembic_version.create(conn, checkfirst=True)
+            conn.execute(alembic_version.insert().values(version_num=revision_of(before.version)))
+        command.upgrade(_config(conn), "head")
+        return before, _state(conn, url)
 
 
 def create_at(url: str, revision: str) -> None:
