@@ -17,27 +17,44 @@ and the addon logs how many exchanges it saw and how many it stored (again, with
 new totals, for each flow that finishes while mitmproxy winds down). Findings are
 logged as soon as their flows are converted, and the flows involved are marked and
 commented, so they stand out in mitmweb.
+
+Client labels: a client whose proxy URL carries a user name (`http://LABEL@127.0.0.1:8080`,
+or `LABEL:anything@`) sends it as `Proxy-Authorization: Basic ...`, on each plain-HTTP
+request and on the CONNECT of each HTTPS tunnel. The recorder takes that header off
+(it is never forwarded, fingerprinted or stored) and records the client under LABEL,
+its identity for chain linking and in every output. Without one, a client is the
+recorder's name and its address, as before.
+
+Control requests: `http://redirect-audit.invalid/ping` and `/flush`, sent through the
+proxy, are answered by the recorder itself and never forwarded or recorded. `/flush`
+answers once everything the proxy has finished is in the store (or, if the store is
+down, in the spool): what the pytest plugin waits on before it reads a test's findings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gc
+import json
 import logging
 import socket
 import sys
+import time
 import weakref
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.hooks import UpdateHook
+from mitmproxy.proxy import mode_specs
 
 from analyzer.analysis import AnalysisOptions, stale_history
 from analyzer.chains import LinkOptions
 from analyzer.detectors import DetectorOptions
 from analyzer.detectors.base import WRITE_METHODS
 from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
-from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
+from analyzer.ingest.flows import LABEL_KEY, MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
@@ -59,6 +76,28 @@ RECORDED = "redirect_audit_recorded"  # flow.metadata key: this flow is already 
 STORE_WAIT = 1.0  # seconds the writer waits for another process's lock before it spools
 CONVERT_BATCH = 64
 CONVERT_DELAY = 0.05  # seconds; findings and stored rows wait at most this long for a batch
+CONTROL_HOST = "redirect-audit.invalid"  # .invalid never resolves (RFC 6761): nothing else can be meant
+FLUSH_TIMEOUT = 30.0  # seconds a /flush waits for the writer before it answers 504
+LABEL_MAX = 100  # characters of a label kept
+_PROXY_MODES = (mode_specs.RegularMode, mode_specs.UpstreamMode)
+
+
+def take_label(request: http.Request) -> str | None:
+    """The user name of a Basic `Proxy-Authorization`, with the header removed; None (and
+    the header left alone) for any other header or none. The password is never read."""
+    value = request.headers.get("proxy-authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    del request.headers["proxy-authorization"]  # addressed to this proxy: never forwarded
+    try:
+        user = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    label = printable(user.strip())[:LABEL_MAX]
+    return label or None
 
 
 def _after(finding: Finding, target: Exchange) -> str:
@@ -100,6 +139,7 @@ class RedirectRecorder:
         self.unqueued = 0  # flows that could not be converted or queued (a bug): seen, not stored
         self._closed = False  # done() has run
         self.late = 0  # flows that finished after done()
+        self.labels: dict[str, str] = {}  # client connection id -> label given on its CONNECT
 
     # ---- options -------------------------------------------------------------
 
@@ -187,6 +227,60 @@ class RedirectRecorder:
         gc.collect()
         gc.freeze()
         log.info("redirect-audit: recording into %s", safe_url(store.url))
+
+    # ---- labels and control requests ------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        label = take_label(flow.request)
+        if label is not None:  # every request through this tunnel is the labelled client's
+            self.labels[flow.client_conn.id] = label
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        conn = flow.client_conn
+        label = None
+        if isinstance(conn.proxy_mode, _PROXY_MODES) and not conn.tls_established:
+            label = take_label(flow.request)  # a plain-HTTP request to the proxy carries its own
+        if label is None:
+            label = self.labels.get(conn.id)
+        if label is not None:
+            flow.metadata[LABEL_KEY] = label
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.request.host == CONTROL_HOST:
+            await self._control(flow)
+
+    def client_disconnected(self, client) -> None:
+        self.labels.pop(client.id, None)
+
+    async def _control(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[RECORDED] = True  # answered here: never forwarded, never recorded
+        path = flow.request.path.split("?", 1)[0]
+        if path == "/ping":
+            self._answer(flow, 200, {"ready": self.recorder is not None or self.store is not None})
+            return
+        if path != "/flush":
+            self._answer(flow, 404, {"error": f"unknown control request {printable(path)[:100]}; "
+                                              "known: /ping, /flush"})
+            return
+        if self.recorder is None:
+            self._start()
+        recorder = self.recorder
+        if recorder is None:
+            self._answer(flow, 503, {"error": "the recorder has not started"})
+            return
+        self.convert_pending()
+        target = recorder.flush_soon()
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while recorder.handled < target and time.monotonic() < deadline and not recorder.closed:
+            await asyncio.sleep(0.005)
+        done = recorder.handled >= target or recorder.closed
+        self._answer(flow, 200 if done else 504, {"flushed": done, "seen": recorder.seen, "stored": recorder.stored,
+                                                  "spooled": recorder.spooled, "capture": recorder.capture_id})
+
+    @staticmethod
+    def _answer(flow: http.HTTPFlow, status: int, body: dict) -> None:
+        flow.response = http.Response.make(status, json.dumps(body).encode(),
+                                           {"Content-Type": "application/json", "Cache-Control": "no-store"})
 
     # ---- traffic -------------------------------------------------------------
 
@@ -330,6 +424,10 @@ recorder = RedirectRecorder()
 load = recorder.load
 configure = recorder.configure
 running = recorder.running
+http_connect = recorder.http_connect
+requestheaders = recorder.requestheaders
+request = recorder.request
+client_disconnected = recorder.client_disconnected
 response = recorder.response
 error = recorder.error
 done = recorder.done

@@ -92,6 +92,7 @@ def _sarif_result(r: dict, index: dict[str, int], artifacts: dict[str, int]) -> 
             "followed": r["followed"],
             "client": r["client"], "observed_at": r["observed_at"], "evidence": r["evidence"],
             "capture": capture,
+            **({"test": r["test"]} if r.get("test") else {}),
         },
     }
 
@@ -126,9 +127,15 @@ def junit(findings: list[dict], chains: list[dict]) -> str:
 def _case(suite: ET.Element, client: str, name: str, found: list[dict]) -> None:
     # Whatever a capture holds, the file stays XML: characters XML 1.0 cannot hold are escaped.
     case = ET.SubElement(suite, "testcase", classname=xml_safe(f"redirect-audit.{client}"), name=xml_safe(name))
+    tests = sorted({f["test"] for f in found if f.get("test")})
+    if tests:  # the test(s) during which the chain's findings happened (pytest plugin)
+        properties = ET.SubElement(case, "properties")
+        for test in tests:
+            ET.SubElement(properties, "property", name="test", value=xml_safe(test))
     for f in found:
         failure = ET.SubElement(case, "failure", type=f"{f['rule_id']} {f['rule']}", message=xml_safe(f["message"]))
-        failure.text = xml_safe(f"severity {f['severity']}, hop {f['hop']}: {hop_text(f)}\n"
+        during = f"test: {f['test']}\n" if f.get("test") else ""
+        failure.text = xml_safe(f"severity {f['severity']}, hop {f['hop']}: {hop_text(f)}\n{during}"
                                 f"evidence: {json.dumps(f['evidence'], sort_keys=True)}")
 
 

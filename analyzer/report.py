@@ -44,7 +44,11 @@ def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None
 FINDINGS_SQL = """
 SELECT f.id, f.rule, f.rule_id, f.severity, f.confidence, f.message, f.chain_id, f.hop, f.observed_at, f.evidence,
        f.fingerprint, a.status, a.method, a.url, a.location, a.location_resolved, h.chain_id, t.method, t.url,
-       b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path
+       b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path,
+       (SELECT r.nodeid FROM test_runs r
+        WHERE (r.client = a.client OR substr(a.client, 1, length(r.client) + 7) = 'proxy:' || r.client || '/')
+          AND r.started_at <= a.started_at AND (r.ended_at IS NULL OR a.started_at <= r.ended_at)
+        ORDER BY r.started_at DESC LIMIT 1)
 FROM findings f
 JOIN exchanges a ON a.id = f.from_exchange_id
 JOIN exchanges b ON b.id = f.to_exchange_id
@@ -64,7 +68,7 @@ def finding_records(reader: Reader, min_severity: Severity = Severity.INFO) -> l
 def _finding_record(row: tuple) -> dict:
     (finding_id, rule, rule_id, severity, confidence, message, chain_id, hop, observed_at, evidence, fingerprint,
      status, m0, u0, raw_location, location, hop_chain, t_method, t_url, b_method, b_url, client, seq, flow_id, source,
-     path) = row
+     path, test) = row
     if hop_chain is None:  # not about a redirect hop (a write repeated without a chain)
         followed, m1, u1 = None, b_method, b_url
     elif t_url is not None:  # the hop's follow-up, whichever exchange the finding points at
@@ -79,6 +83,8 @@ def _finding_record(row: tuple) -> dict:
         "observed_at": iso(observed_at),
         "evidence": json.loads(evidence), "fingerprint": fingerprint,
         "capture": capture_pointer(source, path, seq, flow_id),
+        # the test during which the hop happened, when the pytest plugin recorded the run
+        "test": test,
     }
 
 

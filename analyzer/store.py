@@ -210,6 +210,24 @@ analyzed_captures = Table(
     Column("max_seq", Big),
 )
 
+# The tests of a test run (the pytest plugin writes them): what happened between a test's
+# start and end, from the client its traffic is labelled with, happened during that test.
+test_runs = Table(
+    "test_runs",
+    metadata,
+    Column("id", Big, primary_key=True, autoincrement=True),
+    Column("session", Text, nullable=False),  # one pytest run: a random id
+    Column("nodeid", Text, nullable=False),
+    Column("worker", Text, nullable=False),  # "main", or the pytest-xdist worker ("gw0", ...)
+    # The label the test's traffic carries; a client that ignored it is known by the
+    # recorder's name, which is the same label: `proxy:LABEL/ADDRESS`.
+    Column("client", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("outcome", Text),  # passed, failed, skipped; None while it runs
+    Index("ix_test_runs_client_start", "client", "started_at"),
+)
+
 
 def _sqlite_pragmas(wait: float):
     def on_connect(dbapi_conn, _record) -> None:

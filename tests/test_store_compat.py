@@ -3,7 +3,8 @@ altered by a reading or writing command, and after `db upgrade` nothing lost.
 
 Fixtures (tests/fixtures/stores), each written by its release and committed as it was:
 * release-be7a892.db: five rule fixtures imported, then `analyze` (no generation kept);
-* release-17a54ff.db: six rule fixtures imported, then `analyze` (the last schema-1 release).
+* release-17a54ff.db: six rule fixtures imported, then `analyze` (the last schema-1 release);
+* release-026e1d2.db: the same six, then `analyze` (the last schema-2 release).
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ from analyzer.storeread import SCHEMA_VERSION, StoreOutdated, resolve_db_url, re
 STORES = Path(__file__).parent / "fixtures" / "stores"
 OLD = STORES / "release-be7a892.db"
 LAST = STORES / "release-17a54ff.db"
+SCHEMA_2 = STORES / "release-026e1d2.db"
+RELEASES = pytest.mark.parametrize("fixture", [OLD, LAST, SCHEMA_2], ids=["be7a892", "17a54ff", "026e1d2"])
 FILES = {
     OLD: ["md-307-post-to-get.har", "dw-failover.har", "st-7-days.har", "cc-authorization-other-host.har",
           "lw-put-307.har"],
     LAST: ["md-307-post-to-get.har", "dw-failover.har", "st-7-days.har", "cc-authorization-other-host.har",
            "lw-put-307.har", "db-307-empty.har"],
 }
+FILES[SCHEMA_2] = FILES[LAST]
+VERSION = {OLD: 1, LAST: 1, SCHEMA_2: 2}
+REVISION = {OLD: "none", LAST: "none", SCHEMA_2: "0002"}
 
 
 def summary(stdout: str) -> list[tuple]:
@@ -47,7 +53,7 @@ def test_the_newest_migration_makes_this_release_s_schema_version():
     assert head_revision() == revision_of(SCHEMA_VERSION)
 
 
-@pytest.mark.parametrize("fixture", [OLD, LAST], ids=["be7a892", "17a54ff"])
+@RELEASES
 def test_an_older_store_is_refused_with_the_upgrade_command_and_left_untouched(fixture, tmp_path):
     old = tmp_path / "old.db"
     shutil.copy(fixture, old)
@@ -57,31 +63,35 @@ def test_an_older_store_is_refused_with_the_upgrade_command_and_left_untouched(f
         done = run_cli(*argv, "--db", str(old))
         assert done.returncode == 2, argv
         assert done.stderr.strip().splitlines() == [
-            f"redirect-audit: error: store {old} has schema version 1, older than this release's {SCHEMA_VERSION}; "
+            f"redirect-audit: error: store {old} has schema version {VERSION[fixture]}, older than this release's {SCHEMA_VERSION}; "
             f"upgrade it with `db upgrade --db {old}` (its captures are kept; back it up first if an older "
             f"redirect-audit must still read it)"], argv
     assert digest(old) == before  # nothing read or written changed a byte
     current = run_cli("db", "current", "--db", str(old))
     assert current.returncode == 0
-    assert "schema version 1, revision none (made before migrations)" in current.stdout
+    made = " (made before migrations)" if REVISION[fixture] == "none" else ""
+    assert f"schema version {VERSION[fixture]}, revision {REVISION[fixture]}{made}" in current.stdout
     prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"  # as run
     assert f"outdated: `{prefix} db upgrade --db {old}` upgrades it" in current.stdout
     with pytest.raises(StoreOutdated):
         open_store(str(old), create=False)
 
 
-@pytest.mark.parametrize("fixture", [OLD, LAST], ids=["be7a892", "17a54ff"])
+@RELEASES
 def test_an_upgraded_store_keeps_everything_and_answers_as_a_fresh_import(fixture, tmp_path):
     old = tmp_path / "old.db"
     shutil.copy(fixture, old)
     with sqlite3.connect(old) as conn:
         columns = {t: ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({t})"))
                    for t in ("captures", "exchanges", "chains", "hops", "findings")}
+        if VERSION[fixture] >= 2:
+            columns["analyzed_captures"] = "capture_id, exchanges, max_seq"
         kept = {t: conn.execute(f"SELECT {columns[t]} FROM {t} ORDER BY 1").fetchall() for t in columns}
         key = conn.execute("SELECT value FROM meta WHERE key = 'hmac_key'").fetchone()
     done = run_cli("db", "upgrade", "--db", str(old))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"upgraded {old} from schema version 1 to {SCHEMA_VERSION} (revision none -> {head_revision()})"
+    assert done.stdout.strip() == (f"upgraded {old} from schema version {VERSION[fixture]} to {SCHEMA_VERSION} "
+                                   f"(revision {REVISION[fixture]} -> {head_revision()})")
     again = run_cli("db", "upgrade", "--db", str(old))
     assert again.stdout.strip() == f"{old} is up to date (schema version {SCHEMA_VERSION}, revision {head_revision()})"
     with sqlite3.connect(old) as conn:

@@ -3,8 +3,8 @@
 The only module of `analyzer` that imports mitmproxy (an import-linter contract says
 so), so everything else, HAR import and analysis included, works without a proxy.
 A flow becomes one Exchange: the request as the client sent it, the response or the
-error that ended it, the client's peer address as its identity and the client
-connection as its connection. Credentials are fingerprinted before anything else
+error that ended it, the label the client gave in its proxy URL or else its peer
+address as its identity, and the client connection as its connection. Credentials are fingerprinted before anything else
 sees them, as for HAR.
 """
 
@@ -46,6 +46,10 @@ from analyzer.store import (
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
 MITMPROXY_VERSION = version.VERSION
+# flow.metadata key: the label the client gave in its proxy URL (http://LABEL@host:port),
+# set by the recorder addon, which took the proxy credentials off the request. Saved
+# with the flow, so an imported dump keeps its clients' labels.
+LABEL_KEY = "redirect_audit_label"
 
 
 class FlowConverter:
@@ -89,6 +93,7 @@ class FlowConverter:
         method = data.method
         method = method.decode().upper() if method.isascii() else _clean(request.method).upper()
         peer = flow.client_conn.peername
+        label = flow.metadata.get(LABEL_KEY)
         response = flow.response
         error = flow.error
         ex = Exchange(
@@ -98,7 +103,9 @@ class FlowConverter:
             url=url,
             url_norm=url_norm,
             started_at=_seconds(data.timestamp_start),
-            client=self.client_prefix + (str(peer[0]) if peer else "unknown"),  # the port changes per connection
+            # a label is the client's identity as the client named itself; else its address
+            # (not its port, which changes per connection) as this recorder saw it
+            client=label if label else self.client_prefix + (str(peer[0]) if peer else "unknown"),
             connection=flow.client_conn.id,
             flow_id=flow.id,
             http_version=data.http_version.decode("utf-8", "backslashreplace"),

@@ -105,6 +105,10 @@ class Recorder:
         self.spooled = 0  # rows that went to the spool and are not in the store yet
         self.recovered = 0  # rows of spools that are now in the store
         self.lost = 0
+        # Rows the writer is done with (stored, spooled or lost), of the `seen` submitted;
+        # each counted by one thread only, as the byte counts are.
+        self._handled_here = 0  # by the submitting thread (queue full, after close)
+        self._handled_writer = 0  # by the writer thread
         self.run_id = uuid.uuid4().hex
         self.capture_id: int | None = None  # made by the writer, as soon as the store takes writes
         self._waiting: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
@@ -139,15 +143,34 @@ class Recorder:
         self.seen += 1
         if self._closed:  # no writer thread any more: a transaction of its own, now
             self._write_now([row])
+            self._handled_here += 1
             return
         if (len(self._waiting) >= self.settings.queue_rows
                 or self._bytes_in - self._bytes_out >= self.settings.queue_bytes):
             self._spool_rows([row])  # memory stays bounded whatever the store does
+            self._handled_here += 1
             return
         self._waiting.append(row)
         self._bytes_in += _row_bytes(row)
         if len(self._waiting) >= self.settings.batch_size and not self._wake.is_set():
             self._wake.set()
+
+    @property
+    def handled(self) -> int:
+        """Rows submitted so far that the writer is done with: in the store, in the spool, or lost."""
+        return self._handled_here + self._handled_writer
+
+    @property
+    def closed(self) -> bool:
+        """close() has run: the writer thread has ended."""
+        return self._closed
+
+    def flush_soon(self) -> int:
+        """Have the writer commit what waits now, without waiting for a full batch or the
+        flush interval; returns the count `handled` reaches once it has (see the addon's
+        flush request, which waits on it)."""
+        self._wake.set()
+        return self.seen
 
     def close(self) -> tuple[int, int]:
         """Store what waits within close_budget, spool the rest; returns (seen, stored)."""
@@ -184,6 +207,7 @@ class Recorder:
             batch = self._take()
             if deadline is not None and time.monotonic() > deadline or not self._try_store(batch):
                 self._spool_rows(batch)
+            self._handled_writer += len(batch)
 
     def _store_up(self) -> bool:
         """Whether to try the store now: it took the last write, or its retry time has come."""
