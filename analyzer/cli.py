@@ -381,6 +381,125 @@ def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, m
     plan.exec()
 
 
+@cli.command("run", context_settings={"allow_interspersed_args": False})
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
+@click.option("--db", metavar="URL", help="Keep the exchanges in this store (SQLAlchemy URL or file path) "
+                                          "[default: a fresh store in a new temporary directory, printed]")
+@click.option("--fail-on", type=click.Choice(SEVERITIES), default="medium", show_default=True,
+              help="Lowest severity of a new finding that fails the run (when CMD itself succeeded)")
+@click.option("--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail")
+@click.option("--label", metavar="NAME", help="Client label CMD's traffic is recorded under (in the proxy URL "
+                                             "CMD is given)")
+@click.option("--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)")
+@click.option("--confdir", default="~/.mitmproxy", show_default=True,
+              help="mitmproxy's directory for its CA and settings")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
+              help="A mitmproxy option for the recorder, repeatable (e.g. ssl_insecure=true for test servers "
+                   "with self-signed certificates)")
+@click.option("--verbose", "-v", is_flag=True, help="List the environment variables set for CMD")
+@secret_field_option
+@key_file_option
+def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: str | None, label: str | None,
+            keep_bodies: bool, confdir: str, settings: tuple[str, ...], verbose: bool,
+            secret_fields: tuple[str, ...], key_file: str | None) -> None:
+    """Run CMD with its HTTP(S) traffic recorded, then analyze it and print the findings.
+
+    CMD gets the proxy in HTTP_PROXY, HTTPS_PROXY and ALL_PROXY (both cases), a CA bundle
+    with the system's CAs and mitmproxy's (SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
+    CURL_CA_BUNDLE; NODE_EXTRA_CA_CERTS), and NO_PROXY without its loopback entries.
+    Exit status: CMD's when it failed; else 1 when a finding at or above --fail-on is not
+    in the baseline, else 0; 2 when redirect-audit itself could not do its part.
+
+    \b
+        redirect-audit run -- pytest tests/api
+        redirect-audit run --db capture.db --fail-on high -- npm test
+    """
+    import tempfile
+
+    from analyzer import exports
+    from analyzer.model import Severity
+    from analyzer.session import Recording, SessionError, run_command
+    from analyzer.storeread import resolve_db_url
+
+    def say(line: str) -> None:
+        click.echo(f"redirect-audit run: {line}", err=True)
+
+    for setting in settings:
+        if "=" not in setting:
+            raise click.BadParameter(f"{setting!r} is not NAME=VALUE", param_hint="--set")
+    known = exports.read_baseline(Path(baseline)) if baseline is not None else set()  # a bad file: before CMD runs
+    fresh = db is None
+    workdir = Path(tempfile.mkdtemp(prefix="redirect-audit-run-"))
+    if fresh:
+        db = str(workdir / "capture.db")
+    _open_for_writing(db, 10.0, key_file).close()  # a store that cannot be opened: one line, before CMD runs
+    extra = list(settings)
+    if secret_fields:
+        extra.append(f"redirect_audit_secret_fields={','.join(secret_fields)}")
+    recording = Recording(db_url=resolve_db_url(db), workdir=workdir, label=label,
+                          confdir=Path(confdir).expanduser(), keep_bodies=keep_bodies, settings=extra,
+                          key_file=key_file)
+    try:
+        try:
+            recording.start()
+        except SessionError as exc:
+            raise UserError(str(exc)) from None
+        env, changed = recording.environ()
+        where = f"a fresh store, {db}" if fresh else _db_shown(db)
+        say(f"recording through {recording.url} into {where}")
+        if verbose:
+            for name in changed:
+                say(f"  {name}={env[name]}" if name in env else f"  {name} removed")
+        try:
+            child = run_command(list(command), env)
+        except SessionError as exc:
+            recording.stop()
+            raise UserError(str(exc)) from None
+        try:
+            capture = recording.flush().get("capture") if recording.process.poll() is None else None
+        except (OSError, SessionError):
+            capture = None
+        proxy_status = recording.stop()
+        totals = recording.totals()
+        status = f"exited with {child.status}" if child.status < 128 or not child.interrupted else "was interrupted"
+        seen = f"{totals[0]} exchange(s) seen, {totals[1]} stored" if totals else "the recorder's totals are missing"
+        say(f"{shlex.join(command)} {status}; {seen}")
+        if totals is None or proxy_status not in (0, None):
+            from analyzer.session import last_error
+
+            raise UserError(f"the recorder failed: {last_error(recording.output())} (log: {recording.log})")
+    finally:
+        if not fresh and recording.process is not None and recording.process.poll() is None:
+            recording.stop()
+    from analyzer.analysis import analyze
+    from analyzer.report import finding_records, hop_text
+    from analyzer.storeread import open_reader
+    from analyzer.store import open_store
+
+    store = open_store(db, create=False)
+    try:
+        analyze(store)
+    finally:
+        store.close()
+    with open_reader(db) as reader:
+        records = finding_records(reader, capture_id=capture) if capture is not None else []
+    _emit(None, lambda out: _print_findings(records, out, " in this run's traffic"))
+    failing = exports.gate(records, Severity.parse(fail_on), known)
+    for r in failing:
+        say(f"NEW {r['severity']} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
+    shown = shlex.quote(_db_shown(db))
+    say(f"{len(failing)} finding(s) at or above {fail_on} not in the baseline; "
+        f"the chains: {command_prefix()} chains --db {shown}")
+    if not fresh:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    if child.status != 0:
+        raise click.exceptions.Exit(child.status)
+    if failing:
+        raise click.exceptions.Exit(EXIT_FINDINGS)
+
+
 @cli.command("demo")
 @click.option("--db", default="redirect-audit-demo.db", show_default=True, metavar="PATH",
               help="Store to (re)create for the demo")
@@ -561,15 +680,24 @@ def check_cmd(db: str | None, no_analyze: bool, wait: float, fail_on: str, basel
 @cli.command("chains")
 @reading_options
 @click.option("--url", help="Only chains with a URL containing this")
+@click.option("--chain", "chain_ids", type=click.IntRange(min=1), multiple=True, metavar="ID",
+              help="Only this chain (its id, as findings give it), repeatable")
 @click.option("--format", "-f", "format_", type=click.Choice(("tree", "json")), default="tree", show_default=True)
 @output_option
-def chains_cmd(db: str | None, no_analyze: bool, wait: float, url: str | None, format_: str,
-               output: str | None) -> None:
+def chains_cmd(db: str | None, no_analyze: bool, wait: float, url: str | None, chain_ids: tuple[int, ...],
+               format_: str, output: str | None) -> None:
     """Show chains hop by hop: method, status, body and what changed."""
     from analyzer.report import chain_records, print_chain_trees, write_json
 
     with _results(db, no_analyze, wait) as (reader, _):
         records = chain_records(reader, url)
+    if chain_ids:
+        records = [c for c in records if c["chain_id"] in chain_ids]
+        missing = sorted(set(chain_ids) - {c["chain_id"] for c in records})
+        if missing:
+            raise UserError(f"no chain {', '.join(map(str, missing))} in {_db_shown(db)}"
+                            + (f" with a URL containing {url!r}" if url else "")
+                            + f" (`{command_prefix()} chains --db {shlex.quote(_db_shown(db))}` lists them)")
     if format_ == "json":
         _emit(output, lambda out: write_json(records, out))
     else:

@@ -55,14 +55,20 @@ JOIN exchanges b ON b.id = f.to_exchange_id
 JOIN captures c ON c.id = b.capture_id
 LEFT JOIN hops h ON h.chain_id = f.chain_id AND h.idx = f.hop
 LEFT JOIN exchanges t ON t.id = h.to_exchange_id
-WHERE f.severity_rank >= :floor
+WHERE f.severity_rank >= :floor {capture}
 ORDER BY COALESCE(f.observed_at, 0), b.capture_id, b.seq, f.rule_id, f.id
 """
 
 
-def finding_records(reader: Reader, min_severity: Severity = Severity.INFO) -> list[dict]:
-    """Every finding at or above a severity, in the JSON contract of design.md."""
-    return [_finding_record(row) for row in reader.rows(FINDINGS_SQL, floor=int(min_severity))]
+def finding_records(reader: Reader, min_severity: Severity = Severity.INFO, *,
+                    capture_id: int | None = None) -> list[dict]:
+    """Every finding at or above a severity (about exchanges of one capture, if given), in
+    the JSON contract of design.md."""
+    if capture_id is None:
+        sql, params = FINDINGS_SQL.format(capture=""), {}
+    else:
+        sql, params = FINDINGS_SQL.format(capture="AND b.capture_id = :capture"), {"capture": capture_id}
+    return [_finding_record(row) for row in reader.rows(sql, floor=int(min_severity), **params)]
 
 
 def _finding_record(row: tuple) -> dict:

@@ -1,0 +1,419 @@
+"""redirect-audit for pytest: every redirect a test's traffic met, judged, and put on the test.
+
+Off unless asked for: `pytest --redirect-audit[=DB]`, or `redirect_audit = true` in the
+ini file (`redirect_audit_db = URL` names the store there). Then:
+
+* one recorder (mitmdump with the recorder addon, on a free loopback port) per session,
+  or per pytest-xdist worker, started before the first test; the session's environment
+  sends HTTP(S) through it and trusts its CA as `redirect-audit run` does, so the
+  subprocesses tests start are recorded too. Each worker's traffic carries its own
+  client label (`pytest-gw0-…`), so two workers are never linked into one chain;
+* each test's start, end and outcome are stored (`test_runs`), and every hop and
+  finding is attributed to the test during which it happened;
+* a terminal summary: findings grouped by test, the hop in one line each, and the
+  command that shows the chain;
+* `--redirect-audit-fail-on=SEVERITY`: a test during which a new finding at or above it
+  happened (not in `--redirect-audit-baseline FILE`) fails, with the finding in its report;
+* the `redirect_audit` fixture: `findings()`, `chains()` and `assert_no_findings()`
+  about the current test alone, after a flush of the recorder (its `/flush` control
+  request), so that what the test sent is stored before it is judged.
+
+Without a DB the exchanges go to a fresh store in a new temporary directory, printed
+in the summary. Under `redirect-audit run -- pytest --redirect-audit` the plugin uses
+the recorder `run` started, and `run`'s store.
+
+This module is loaded by every pytest run in an environment where redirect-audit is
+installed (the `pytest11` entry point): it imports nothing heavy until it is enabled.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+SEVERITIES = ("info", "low", "medium", "high")
+WORKER_MAIN = "main"
+STATE = pytest.StashKey["AuditSession"]()
+DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("redirect-audit", "redirect-audit: judge the redirects each test's HTTP traffic met")
+    group.addoption("--redirect-audit", dest="redirect_audit", nargs="?", const="", default=None, metavar="DB",
+                    help="Record the session's HTTP(S) traffic through a redirect-audit recorder and judge its "
+                         "redirects per test; DB is the store (SQLAlchemy URL or file path; default: a fresh "
+                         "store in a temporary directory)")
+    group.addoption("--redirect-audit-fail-on", dest="redirect_audit_fail_on", choices=SEVERITIES, default=None,
+                    metavar="SEVERITY", help="Fail a test during which a new finding at or above SEVERITY "
+                                             f"happened ({', '.join(SEVERITIES)})")
+    group.addoption("--redirect-audit-baseline", dest="redirect_audit_baseline", default=None, metavar="FILE",
+                    help="Findings recorded in this baseline (redirect-audit check --write-baseline) are known: "
+                         "they fail no test")
+    parser.addini("redirect_audit", "Turn redirect-audit's recorder on for every run", type="bool", default=False)
+    parser.addini("redirect_audit_db", "Store for redirect-audit (default: a fresh temporary store)", default="")
+
+
+def _enabled(config: pytest.Config) -> bool:
+    return config.getoption("redirect_audit") is not None or bool(config.getini("redirect_audit"))
+
+
+def _worker(config: pytest.Config) -> str:
+    return getattr(config, "workerinput", {}).get("workerid", WORKER_MAIN)
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return (not hasattr(config, "workerinput") and getattr(config.option, "dist", "no") != "no"
+            and bool(getattr(config.option, "numprocesses", None) or getattr(config.option, "tx", None)))
+
+
+def _given_db(config: pytest.Config) -> str | None:
+    """The store asked for, if any. `--redirect-audit tests/` puts a test path where the
+    store would go (the option's value is optional): a value that is neither a URL nor a
+    database file name is given back to pytest as the path it was."""
+    value = config.getoption("redirect_audit")
+    if value and "://" not in value and not value.endswith(DB_SUFFIXES):
+        if config.args_source == pytest.Config.ArgsSource.ARGS:
+            config.args.append(value)
+        else:
+            config.args[:] = [value]
+        config.option.redirect_audit = value = ""
+    return value or config.getini("redirect_audit_db") or None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if not _enabled(config):
+        return
+    from analyzer.model import Severity
+
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "redirect_audit_db" in workerinput:
+        db, session, fresh = workerinput["redirect_audit_db"], workerinput["redirect_audit_session"], \
+            workerinput["redirect_audit_fresh"]
+    else:
+        db = _given_db(config)
+        session = uuid.uuid4().hex[:8]
+        fresh = False
+        if db is None and os.environ.get("REDIRECT_AUDIT_PROXY") and os.environ.get("REDIRECT_AUDIT_DB"):
+            db = os.environ["REDIRECT_AUDIT_DB"]  # under `redirect-audit run`: its store and its recorder
+        if db is None:
+            db = str(Path(tempfile.mkdtemp(prefix="redirect-audit-pytest-")) / "capture.db")
+            fresh = True
+    fail_on = config.getoption("redirect_audit_fail_on")
+    baseline = config.getoption("redirect_audit_baseline")
+    audit = AuditSession(config, db=db, session=session, fresh=fresh,
+                         fail_on=Severity.parse(fail_on) if fail_on else None, baseline=baseline)
+    config.stash[STATE] = audit
+    config.pluginmanager.register(audit, "redirect-audit-session")
+
+
+class AuditSession:
+    """The plugin's state for one pytest process (the controller, or one xdist worker)."""
+
+    def __init__(self, config: pytest.Config, *, db: str, session: str, fresh: bool, fail_on, baseline: str | None):
+        self.config = config
+        self.db = db
+        self.session = session
+        self.fresh = fresh
+        self.fail_on = fail_on
+        self.worker = _worker(config)
+        self.controller = _xdist_controller(config)  # workers record; the controller only sums up
+        self.label = f"pytest-{self.worker}-{session}"
+        self.recording = None
+        self.saved_env: dict[str, str | None] = {}
+        self.current: dict | None = None  # the running test: nodeid, row id, start
+        self.outcomes: dict[str, str] = {}
+        self.known: set[str] = set()
+        self.problem: str | None = None  # why the recorder is not running, said once in the summary
+        self.baseline = baseline
+        if baseline is not None:
+            from analyzer.exports import BaselineError, read_baseline
+
+            try:
+                self.known = read_baseline(Path(baseline))
+            except BaselineError as exc:
+                raise pytest.UsageError(f"--redirect-audit-baseline: {exc}") from None
+        from analyzer.storeread import resolve_db_url
+
+        self.url = resolve_db_url(db)
+
+    # ---- xdist -----------------------------------------------------------------------------
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput["redirect_audit_db"] = self.db
+        node.workerinput["redirect_audit_session"] = self.session
+        node.workerinput["redirect_audit_fresh"] = self.fresh
+
+    # ---- the recorder ------------------------------------------------------------------------
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        from analyzer.store import StoreError, open_store
+
+        try:
+            open_store(self.db).close()  # made (or checked) once, before workers and recorders use it
+        except StoreError as exc:
+            raise pytest.UsageError(f"--redirect-audit: {exc}") from None
+        if self.controller:
+            return
+        from analyzer.session import PROXY_ENV, Recording, SessionError, attach
+
+        workdir = Path(tempfile.mkdtemp(prefix=f"redirect-audit-{self.worker}-"))
+        confdir = Path(os.environ.get("REDIRECT_AUDIT_CONFDIR", "~/.mitmproxy")).expanduser()
+        outer = os.environ.get(PROXY_ENV)
+        try:
+            if outer and self.url == os.environ.get("REDIRECT_AUDIT_DB"):
+                self.recording = attach(outer, self.url, workdir, self.label, confdir)
+            else:
+                self.recording = Recording(db_url=self.url, workdir=workdir, label=self.label,
+                                           proxy_id=self.label, confdir=confdir)
+                self.recording.start()
+        except SessionError as exc:
+            raise pytest.UsageError(f"--redirect-audit: {exc}") from None
+        env, _ = self.recording.environ()
+        for name in set(env) | set(os.environ):
+            if env.get(name) != os.environ.get(name):
+                self.saved_env[name] = os.environ.get(name)
+                if name in env:
+                    os.environ[name] = env[name]
+                else:
+                    del os.environ[name]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Stop this process's recorder (it stores what it holds) before the summary reads the store."""
+        for name, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self.saved_env = {}
+        if self.recording is not None:
+            if self.recording.attached:
+                self.recording.flush()
+            else:
+                self.recording.stop()
+
+    # ---- each test -------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
+        if self.recording is None:
+            return (yield)
+        from sqlalchemy import insert, update
+
+        from analyzer.store import test_runs
+
+        started = time.time()
+        with self._store() as store, store.begin() as conn:
+            row = conn.execute(insert(test_runs).values(
+                session=self.session, nodeid=item.nodeid, worker=self.worker, client=self.label,
+                started_at=started)).inserted_primary_key[0]
+        self.current = {"nodeid": item.nodeid, "row": row, "started": started}
+        try:
+            return (yield)
+        finally:
+            self.current = None
+            with self._store() as store, store.begin() as conn:
+                conn.execute(update(test_runs).where(test_runs.c.id == row).values(
+                    ended_at=time.time(), outcome=self.outcomes.get(item.nodeid, "passed")))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed:
+            self.outcomes[report.nodeid] = "failed"
+        elif report.skipped and self.outcomes.get(report.nodeid) != "failed":
+            self.outcomes[report.nodeid] = "skipped"
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report = yield
+        if call.when != "call" or self.fail_on is None or self.recording is None or self.current is None:
+            return report
+        from analyzer.exports import gate
+        from analyzer.report import hop_text
+
+        failing = gate(self.test_findings(), self.fail_on, self.known)
+        if failing:
+            lines = [f"redirect-audit: {len(failing)} new finding(s) at or above {self.fail_on} during this test:"]
+            for f in failing:
+                lines += [f"  {f['severity'].upper()} {f['rule_id']} {f['rule']}: {hop_text(f)}",
+                          f"    {f['message']}",
+                          f"    chain {f['chain_id']}: {self.command(f['chain_id'])}" if f["chain_id"] is not None
+                          else ""]
+            text = "\n".join(line for line in lines if line)
+            if report.passed:
+                report.outcome = "failed"
+                report.longrepr = text
+            else:
+                report.sections.append(("redirect-audit", text))
+        return report
+
+    # ---- reading the store -----------------------------------------------------------------
+
+    def _store(self):
+        from analyzer.store import open_store
+
+        return _Closing(open_store(self.db, create=False))
+
+    def analyzed(self) -> None:
+        """Everything the recorder has seen is stored and analyzed."""
+        if self.recording is not None and (self.recording.attached or self.recording.process.poll() is None):
+            self.recording.flush()
+        from analyzer.analysis import analyze
+
+        with self._store() as store:
+            analyze(store)
+
+    def mine(self, client: str | None) -> bool:
+        return client is not None and (client == self.label or client.startswith(f"proxy:{self.label}/"))
+
+    def test_findings(self, min_severity: str = "info") -> list[dict]:
+        """The findings of the running test, after a flush and an analysis."""
+        from analyzer.model import Severity
+        from analyzer.report import finding_records
+        from analyzer.storeread import open_reader
+
+        nodeid = self.current["nodeid"] if self.current else None
+        self.analyzed()
+        with open_reader(self.db) as reader:
+            records = finding_records(reader, Severity.parse(min_severity))
+        return [r for r in records if r["test"] == nodeid and self.mine(r["client"])]
+
+    def test_chains(self) -> list[dict]:
+        from analyzer.report import chain_records
+        from analyzer.storeread import open_reader
+
+        started = self.current["started"] if self.current else time.time()
+        self.analyzed()
+        with open_reader(self.db) as reader:
+            chains = chain_records(reader)
+        return [c for c in chains if self.mine(c["client"]) and c["hops"][0]["from"]["started_at"] is not None
+                and _epoch(c["hops"][0]["from"]["started_at"]) >= started - 1e-3]
+
+    def command(self, chain_id) -> str:
+        prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
+        return f"{prefix} chains --db {shlex.quote(self.db)} --chain {chain_id}"
+
+    # ---- the summary -----------------------------------------------------------------------
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        if hasattr(config, "workerinput"):
+            return  # the controller sums up for every worker
+        from analyzer.report import hop_text
+
+        tr = terminalreporter
+        tr.section("redirect-audit")
+        try:
+            records = self.session_findings()
+        except Exception as exc:  # noqa: BLE001 - the summary never hides the tests' own result
+            tr.write_line(f"redirect-audit: could not read the findings: {exc}")
+            return
+        where = f"a fresh store, {self.db}" if self.fresh else self.db
+        if not records:
+            tr.write_line(f"No findings in this session's traffic (store: {where}).")
+            return
+        by_test: dict[str, list[dict]] = {}
+        for r in records:
+            by_test.setdefault(r["test"] or "(outside any test)", []).append(r)
+        for test, found in by_test.items():
+            tr.write_line(f"{test}: {len(found)} finding(s)")
+            for f in found:
+                tr.write_line(f"  {f['severity'].upper():<6} {f['rule_id']} {f['rule']}: {hop_text(f)}")
+                if f["chain_id"] is not None:
+                    tr.write_line(f"         {self.command(f['chain_id'])}")
+        tests = sum(1 for t in by_test if t != "(outside any test)")
+        tr.write_line(f"{len(records)} finding(s) in {tests} test(s); store: {where}")
+
+    def session_findings(self) -> list[dict]:
+        from analyzer.analysis import analyze
+        from analyzer.report import finding_records
+        from analyzer.storeread import open_reader
+
+        with self._store() as store:
+            analyze(store)
+        labels = self.session_labels()
+        with open_reader(self.db) as reader:
+            records = finding_records(reader)
+        return [r for r in records if any(r["client"] == label or (r["client"] or "").startswith(f"proxy:{label}/")
+                                          for label in labels)]
+
+    def session_labels(self) -> set[str]:
+        from sqlalchemy import select
+
+        from analyzer.store import test_runs
+
+        with self._store() as store, store.begin() as conn:
+            labels = {c for (c,) in conn.execute(select(test_runs.c.client).distinct()
+                                                  .where(test_runs.c.session == self.session))}
+        return labels | {self.label}
+
+
+class _Closing:
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+
+
+def _epoch(iso_text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso_text.replace("Z", "+00:00")).timestamp()
+
+
+class RedirectAudit:
+    """The `redirect_audit` fixture: the current test's findings and chains."""
+
+    def __init__(self, audit: AuditSession):
+        self._audit = audit
+
+    @property
+    def db(self) -> str:
+        return self._audit.db
+
+    @property
+    def label(self) -> str:
+        """The client label this process's traffic is recorded under."""
+        return self._audit.label
+
+    def flush(self) -> dict:
+        """Wait until the recorder has stored everything the test has sent so far."""
+        return self._audit.recording.flush()
+
+    def findings(self, min_severity: str = "info") -> list[dict]:
+        """Findings (the JSON records of `redirect-audit findings -f json`) about this test's traffic."""
+        return self._audit.test_findings(min_severity)
+
+    def chains(self) -> list[dict]:
+        """Chains this test's traffic made, hop by hop (as `redirect-audit chains -f json`)."""
+        return self._audit.test_chains()
+
+    def assert_no_findings(self, min_severity: str = "low") -> None:
+        from analyzer.report import hop_text
+
+        found = self.findings(min_severity)
+        if found:
+            lines = [f"redirect-audit: {len(found)} finding(s) at or above {min_severity} during this test:"]
+            lines += [f"  {f['severity'].upper()} {f['rule_id']} {f['rule']}: {hop_text(f)}\n    {f['message']}"
+                      for f in found]
+            raise AssertionError("\n".join(lines))
+
+
+@pytest.fixture
+def redirect_audit(request: pytest.FixtureRequest) -> RedirectAudit:
+    """The current test's redirect findings and chains (needs `pytest --redirect-audit`)."""
+    audit = request.config.stash.get(STATE, None)
+    if audit is None or audit.recording is None:
+        pytest.fail("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit "
+                    "(or redirect_audit = true in the ini file)", pytrace=False)
+    return RedirectAudit(audit)

@@ -1,0 +1,338 @@
+"""A recorder for one command or one test session: `redirect-audit run` and the pytest plugin.
+
+`Recording` starts mitmdump with the recorder addon on a free loopback port, in a
+session of its own (a Ctrl-C at the terminal reaches the command under test, not the
+proxy), and waits until the addon answers its control request. `environ()` is what a
+child needs to send its traffic through it and still trust everything it trusted:
+
+* the proxy, in every variable clients read (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`,
+  each in both cases), with the client label in it when there is one;
+* one CA bundle, the trust the child had (`SSL_CERT_FILE`, else the system's) plus
+  mitmproxy's CA, for `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE` and `CURL_CA_BUNDLE`: these
+  replace the trust store, so mitmproxy's CA alone would break the child's other HTTPS;
+  `NODE_EXTRA_CA_CERTS` adds to Node's, so it gets mitmproxy's CA (and what it had);
+* `NO_PROXY` without the entries that send loopback around the proxy (the systems
+  under test in a test suite are mostly on loopback).
+
+`flush()` returns once the recorder has stored every exchange it has seen (the addon's
+`/flush` control request); `stop()` stops mitmdump, which drains its writer first.
+`run_command()` runs a child with signals handled as a wrapper should.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from analyzer.errors import ReportedError
+from analyzer.files import write_private
+from analyzer.keys import KEY_FILE_ENV
+from analyzer.proxy import CA_FILE, addon_path, mitmproxy_program
+from analyzer.storeread import DB_ENV
+
+CONTROL_HOST = "redirect-audit.invalid"  # answered by the addon (addons/redirect_recorder.py)
+PROXY_ENV = "REDIRECT_AUDIT_PROXY"  # set for the child: the recorder a nested plugin can use
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+TRUST_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
+START_TIMEOUT = 60.0  # seconds mitmdump gets to answer its first control request
+STOP_TIMEOUT = 60.0  # seconds it gets to drain and exit before it is killed
+TOTALS = re.compile(r"redirect-audit: saw (\d+) exchanges, stored (\d+)")
+
+
+class SessionError(ReportedError):
+    """The recorder could not start, answer or stop as asked; one line."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def proxy_url(port: int, label: str | None = None, host: str = "127.0.0.1") -> str:
+    """The proxy as clients are given it. A label goes in as the user name, with a
+    placeholder password, since some clients (urllib) only send credentials that have one."""
+    who = f"{quote(label, safe='')}:x@" if label else ""
+    return f"http://{who}{host}:{port}"
+
+
+def system_trust() -> Path | None:
+    """The CA bundle a child would trust without us: SSL_CERT_FILE if set, else OpenSSL's
+    default file (Debian: /usr/lib/ssl/cert.pem, the system's CAs), else certifi's."""
+    given = os.environ.get("SSL_CERT_FILE")
+    if given and Path(given).is_file():
+        return Path(given)
+    default = ssl.get_default_verify_paths().cafile
+    if default and Path(default).is_file():
+        return Path(default)
+    try:
+        import certifi  # a dependency of mitmproxy
+    except ImportError:
+        return None
+    return Path(certifi.where())
+
+
+def is_loopback_entry(entry: str) -> bool:
+    """Does a NO_PROXY entry send loopback traffic around the proxy?"""
+    value = entry.strip().lower().strip("[]")
+    if not value:
+        return False
+    if value in ("*", "localhost") or value.endswith(".localhost"):  # "*": everything, loopback too
+        return True
+    host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value  # host:port
+    if host.startswith("127.") and host.replace(".", "").replace("*", "").isdigit():
+        return True  # 127.0.0.1, 127.*, 127.0.0.0 as a prefix
+    try:
+        network = ipaddress.ip_network(host.strip("[]"), strict=False)
+    except ValueError:
+        return False
+    return network.overlaps(ipaddress.ip_network("127.0.0.0/8")) if network.version == 4 \
+        else network.overlaps(ipaddress.ip_network("::1/128"))
+
+
+def without_loopback(value: str) -> str:
+    return ",".join(e.strip() for e in value.split(",") if e.strip() and not is_loopback_entry(e))
+
+
+@dataclass
+class Recording:
+    """mitmdump with the recorder, for one command or one test session."""
+
+    db_url: str
+    workdir: Path  # the CA bundle and mitmdump's log go here
+    label: str | None = None  # the client label in the proxy URL children get
+    proxy_id: str = ""  # the recorder's name (default: host name:port)
+    confdir: Path = Path("~/.mitmproxy").expanduser()
+    keep_bodies: bool = False
+    live: bool = True
+    settings: list[str] = field(default_factory=list)  # mitmproxy options, NAME=VALUE
+    key_file: str | None = None
+    port: int = 0
+    process: subprocess.Popen | None = None
+    attached: bool = False  # a recorder someone else started (REDIRECT_AUDIT_PROXY): never stopped here
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "proxy.log"
+
+    @property
+    def url(self) -> str:
+        return proxy_url(self.port, self.label)
+
+    @property
+    def ca(self) -> Path:
+        return self.confdir / CA_FILE
+
+    def argv(self) -> list[str]:
+        args = [mitmproxy_program("mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+                "--set", f"confdir={self.confdir}", "-s", str(addon_path()), "--set", "flow_detail=0",
+                "--set", f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
+                "--set", f"redirect_audit_live={str(self.live).lower()}"]
+        if self.proxy_id:
+            args += ["--set", f"redirect_audit_proxy_id={self.proxy_id}"]
+        for setting in self.settings:
+            args += ["--set", setting]
+        return args
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start mitmdump and wait until the recorder answers; a port someone took between
+        our choice and mitmdump's bind costs a retry, not the run."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.confdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, DB_ENV: self.db_url, "PYTHONUNBUFFERED": "1"}
+        if self.key_file:
+            env[KEY_FILE_ENV] = str(Path(self.key_file).expanduser().resolve())
+        for name in (*PROXY_VARS, PROXY_ENV):  # mitmdump's own traffic goes straight out
+            env.pop(name, None)
+        for attempt in range(3):
+            self.port = free_port()
+            with open(self.log, "ab") as log:
+                self.process = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                try:
+                    self.control("/ping", timeout=2.0)
+                    return
+                except (OSError, http.client.HTTPException, SessionError):
+                    time.sleep(0.05)
+            else:
+                self._kill()
+                raise SessionError(f"the recorder did not answer within {timeout:.0f} s; its log: {self.log}")
+            output = self.output()
+            if "address already in use" in output.lower() and attempt < 2:
+                continue
+            raise SessionError(f"the recorder could not start: {last_error(output)} (log: {self.log})")
+
+    def control(self, path: str, timeout: float = 60.0) -> dict:
+        """Send a control request through the proxy; the addon answers it itself."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", f"http://{CONTROL_HOST}{path}", headers={"Host": CONTROL_HOST})
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise SessionError(f"the proxy on port {self.port} is not a redirect-audit recorder "
+                               f"(it answered {response.status} to {path})") from None
+        if response.status != 200:
+            raise SessionError(f"the recorder answered {response.status} to {path}: {answer.get('error', answer)}")
+        return answer
+
+    def flush(self, timeout: float = 60.0) -> dict:
+        """Once this returns, every exchange the proxy finished before the call is stored."""
+        return self.control("/flush", timeout=timeout)
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def totals(self) -> tuple[int, int] | None:
+        """(seen, stored) as the recorder last logged them, once it has stopped."""
+        found = TOTALS.findall(self.output())
+        return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Stop mitmdump; it stores what it holds before it exits. Its exit status."""
+        if self.process is None or self.attached:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        return self.process.returncode
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    # ---- the child's environment ------------------------------------------------------
+
+    def environ(self, base: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+        """(environment, names of the variables changed) for a child whose traffic is recorded."""
+        env = dict(os.environ if base is None else base)
+        before = dict(env)
+        url = self.url
+        for name in PROXY_VARS:
+            env[name] = url
+        bundle = self.trust_bundle(env)
+        for name in TRUST_VARS:
+            env[name] = str(bundle)
+        env["NODE_EXTRA_CA_CERTS"] = str(self.node_extra(env))
+        env["NODE_USE_ENV_PROXY"] = "1"  # Node 24 (and 22.21+): fetch and http honour HTTP(S)_PROXY
+        for name in NO_PROXY_VARS:
+            if name in env:
+                kept = without_loopback(env[name])
+                if kept:
+                    env[name] = kept
+                else:
+                    del env[name]
+        env[PROXY_ENV] = proxy_url(self.port)
+        env[DB_ENV] = self.db_url
+        changed = sorted(n for n in set(env) | set(before) if env.get(n) != before.get(n))
+        return env, changed
+
+    def trust_bundle(self, env: dict[str, str]) -> Path:
+        """What the child trusted, plus mitmproxy's CA, in one file."""
+        given = env.get("SSL_CERT_FILE")
+        base = Path(given) if given and Path(given).is_file() else system_trust()
+        parts = [base.read_text(errors="replace")] if base is not None else []
+        parts.append(self.ca.read_text())
+        path = self.workdir / "ca-bundle.pem"
+        write_private(str(path), "\n".join(p.rstrip("\n") + "\n" for p in parts))
+        return path
+
+    def node_extra(self, env: dict[str, str]) -> Path:
+        given = env.get("NODE_EXTRA_CA_CERTS")
+        if not given or not Path(given).is_file():
+            return self.ca
+        path = self.workdir / "node-extra-ca.pem"
+        write_private(str(path), Path(given).read_text(errors="replace").rstrip("\n") + "\n" + self.ca.read_text())
+        return path
+
+
+def attach(proxy: str, db_url: str, workdir: Path, label: str | None, confdir: Path) -> Recording:
+    """A recording on a recorder that already runs (`redirect-audit run -- pytest --redirect-audit`)."""
+    port = int(proxy.rsplit(":", 1)[1].strip("/"))
+    recording = Recording(db_url=db_url, workdir=workdir, label=label, confdir=confdir, port=port, attached=True)
+    recording.control("/ping", timeout=10.0)
+    return recording
+
+
+def last_error(output: str) -> str:
+    """The line of mitmdump's output that says why it stopped."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "rror" in line or "redirect_audit" in line:
+            return line[-300:]
+    return lines[-1][-300:] if lines else "no output"
+
+
+# ---- running the child ------------------------------------------------------------------
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class ChildResult:
+    status: int  # the exit status, or 128 + the signal that ended it (as a shell says it)
+    interrupted: bool  # a signal came while it ran
+
+
+def run_command(argv: list[str], env: dict[str, str]) -> ChildResult:
+    """Run the child in our process group and wait for it. A Ctrl-C at the terminal reaches
+    it directly (and not the proxy, which has a session of its own); a signal sent to us
+    alone (`kill -INT`, a CI runner's cancel) is passed on to it. Either way we keep
+    waiting, so that what it did is analyzed once it has ended; a third signal kills it."""
+    watched = {*FORWARDED, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    interrupted = 0
+    try:
+        try:
+            child = subprocess.Popen(argv, env=env, preexec_fn=_unblock)  # noqa: PLW1509 - no threads run yet
+        except FileNotFoundError:
+            raise SessionError(f"{argv[0]}: command not found") from None
+        except PermissionError:
+            raise SessionError(f"{argv[0]}: permission denied") from None
+        while child.poll() is None:
+            info = signal.sigtimedwait(watched, 0.2)
+            if info is None or info.si_signo == signal.SIGCHLD:
+                continue
+            interrupted += 1
+            if interrupted >= 3:
+                child.kill()
+            elif info.si_code <= 0:  # sent by a process (kill), not by the terminal to the whole group
+                child.send_signal(info.si_signo)
+        while signal.sigtimedwait(watched, 0) is not None:  # nothing left pending when unblocked
+            pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
+    code = child.returncode
+    return ChildResult(128 - code if code < 0 else code, interrupted > 0)
+
+
+def _unblock() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*FORWARDED, signal.SIGCHLD})
