@@ -391,8 +391,8 @@ def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, m
 @click.option("--label", metavar="NAME", help="Client label CMD's traffic is recorded under (in the proxy URL "
                                              "CMD is given)")
 @click.option("--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)")
-@click.option("--confdir", default="~/.mitmproxy", show_default=True,
-              help="mitmproxy's directory for its CA and settings")
+@click.option("--confdir", default="~/.mitmproxy", show_default=True, envvar="REDIRECT_AUDIT_CONFDIR",
+              help="mitmproxy's directory for its CA and settings [env: REDIRECT_AUDIT_CONFDIR]")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
               help="A mitmproxy option for the recorder, repeatable (e.g. ssl_insecure=true for test servers "
                    "with self-signed certificates)")
