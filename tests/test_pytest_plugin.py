@@ -1,0 +1,186 @@
+"""The pytest plugin, driven through pytester on a sample suite: requests and httpx against
+a loopback upstream, one test per misbehaviour and clean tests, serially and under
+pytest-xdist. Every finding must land on the test that caused it; --redirect-audit-fail-on
+must fail exactly those tests; the fixture must see its own test's traffic and no other's.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import run_cli
+from upstream import Upstream
+
+pytest_plugins = ["pytester"]
+
+SUITE = '''
+import os, time
+import httpx, requests
+
+UP = os.environ["UPSTREAM"]
+
+
+def test_clean():
+    assert requests.get(f"{UP}/r/301/clean").json()["method"] == "GET"
+
+
+def test_post_302_becomes_get():
+    # requests follows a 302 after POST with GET: legal, and the body is gone (low)
+    assert requests.post(f"{UP}/r/302/pay", data=b"amount=1").json()["method"] == "GET"
+
+
+def test_sdk_changes_method_on_307():
+    # a hand-rolled SDK that follows a 307 itself, with the wrong method (high)
+    with httpx.Client() as client:
+        answer = client.post(f"{UP}/r/307/order", content=b"{}")
+        assert answer.status_code == 307
+        client.get(f"{UP}{answer.headers['location']}")
+
+
+def test_httpx_keeps_the_307():
+    with httpx.Client(follow_redirects=True) as client:
+        assert client.post(f"{UP}/r/307/kept", content=b"x").json()["method"] == "POST"
+
+
+def test_fixture_sees_its_own(redirect_audit):
+    requests.post(f"{UP}/r/302/own", data=b"a=1")
+    time.sleep(0.3)  # under -n 2, the other worker's tests run meanwhile
+    found = redirect_audit.findings()
+    assert [(f["rule"], f["from_url"].rsplit("/", 1)[1]) for f in found] == [("method-downgrade", "own")], found
+    chains = redirect_audit.chains()
+    assert [c["hops"][0]["from"]["url"].rsplit("/", 1)[1] for c in chains] == ["own"]
+    redirect_audit.assert_no_findings(min_severity="medium")
+    with __import__("pytest").raises(AssertionError, match="RA101 method-downgrade: POST .*/r/302/own"):
+        redirect_audit.assert_no_findings(min_severity="low")
+
+
+def test_fixture_clean(redirect_audit):
+    requests.get(f"{UP}/r/308/fine")
+    redirect_audit.assert_no_findings(min_severity="info")
+    assert len(redirect_audit.chains()) == 1
+'''
+
+CULPRITS = {"test_post_302_becomes_get": ("low", "/r/302/pay"), "test_sdk_changes_method_on_307": ("high", "/r/307/order"),
+            "test_fixture_sees_its_own": ("low", "/r/302/own")}
+
+
+@pytest.fixture
+def upstream(monkeypatch, tmp_path):
+    server = Upstream()
+    monkeypatch.setenv("UPSTREAM", server.origin)
+    monkeypatch.setenv("REDIRECT_AUDIT_CONFDIR", str(tmp_path / "conf"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def suite(pytester, upstream):
+    pytester.makepyfile(test_sample=SUITE)
+    return pytester
+
+
+def findings_by_test(db: str) -> dict[str, list[tuple]]:
+    done = run_cli("findings", "-f", "json", "--db", db)
+    assert done.returncode == 0, done.stderr
+    out: dict[str, list[tuple]] = {}
+    for f in json.loads(done.stdout):
+        out.setdefault(f["test"], []).append((f["severity"], f["from_url"].split("/", 3)[3]))
+    return out
+
+
+def expected_by_test() -> dict[str, list[tuple]]:
+    return {f"test_sample.py::{name}": [(sev, path.lstrip("/"))] for name, (sev, path) in CULPRITS.items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["serial", "xdist-2"])
+def test_each_finding_is_put_on_the_test_that_caused_it(suite, tmp_path, workers):
+    db = str(tmp_path / "suite.db")
+    args = ["--redirect-audit=" + db, "--redirect-audit-fail-on=high", "-p", "no:cacheprovider"]
+    if workers:
+        args += ["-n", str(workers)]
+    result = suite.runpytest_subprocess(*args, timeout=300)
+    result.assert_outcomes(passed=5, failed=1)
+    out = result.stdout.str()
+    # the failing test is the one with the high finding, failed with the finding in its report
+    assert "FAILED test_sample.py::test_sdk_changes_method_on_307 - redirect-audit: 1 new" in out
+    assert "redirect-audit: 1 new finding(s) at or above high during this test:" in out
+    assert "HIGH RA101 method-downgrade: POST http://127.0.0.1" in out and "/r/307/order → 307 → GET" in out
+    assert findings_by_test(db) == expected_by_test()
+    # the summary: findings grouped by test, each hop in one line, the command for its chain
+    summary = out.split("redirect-audit ====", 1)[1]
+    for name, (severity, path) in CULPRITS.items():
+        assert f"test_sample.py::{name}: 1 finding(s)" in summary
+        assert f"{severity.upper():<6} RA101 method-downgrade: POST " in summary and path in summary
+    assert "test_clean" not in summary and "test_fixture_clean" not in summary
+    assert f"redirect-audit chains --db {db} --chain " in summary
+    assert f"3 finding(s) in 3 test(s); store: {db}" in summary
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT nodeid, worker, client, outcome FROM test_runs ORDER BY nodeid").fetchall()
+        clients = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
+    assert [(n.split("::")[1], o) for n, _, _, o in runs] == sorted(
+        [("test_clean", "passed"), ("test_fixture_clean", "passed"), ("test_fixture_sees_its_own", "passed"),
+         ("test_httpx_keeps_the_307", "passed"), ("test_post_302_becomes_get", "passed"),
+         ("test_sdk_changes_method_on_307", "failed")])
+    workers_seen = {w for _, w, _, _ in runs}
+    assert workers_seen == ({"gw0", "gw1"} if workers else {"main"})
+    assert clients == {c for _, _, c, _ in runs}  # each worker's traffic under its own label
+    assert all(c.startswith(f"pytest-{w}-") for _, w, c, _ in runs)
+    chain = run_cli("chains", "--db", db, "--chain", "1")
+    assert chain.returncode == 0 and "/r/301/clean" in chain.stdout
+
+
+def test_sarif_and_junit_name_the_test(suite, tmp_path):
+    db = str(tmp_path / "suite.db")
+    suite.runpytest_subprocess("--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300).assert_outcomes(passed=6)
+    sarif = json.loads(run_cli("findings", "-f", "sarif", "--db", db).stdout)
+    tests = sorted(r["properties"]["test"] for r in sarif["runs"][0]["results"])
+    assert tests == sorted(f"test_sample.py::{name}" for name in CULPRITS)
+    junit = ET.fromstring(run_cli("findings", "-f", "junit", "--db", db).stdout)
+    named = {p.get("value") for p in junit.iter("property") if p.get("name") == "test"}
+    assert named == {f"test_sample.py::{name}" for name in CULPRITS}
+    failure = next(f for f in junit.iter("failure") if "/r/307/order" in f.text)
+    assert "test: test_sample.py::test_sdk_changes_method_on_307" in failure.text
+
+
+def test_a_baseline_keeps_known_findings_from_failing_tests(suite, tmp_path):
+    db = str(tmp_path / "first.db")
+    suite.runpytest_subprocess("--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300)
+    baseline = tmp_path / "known.json"
+    assert run_cli("check", "--db", db, "--write-baseline", str(baseline)).returncode == 0
+    again = suite.runpytest_subprocess(f"--redirect-audit={tmp_path / 'second.db'}", "--redirect-audit-fail-on=low",
+                                       f"--redirect-audit-baseline={baseline}", "-p", "no:cacheprovider", timeout=300)
+    again.assert_outcomes(passed=6)
+    fresh = suite.runpytest_subprocess(f"--redirect-audit={tmp_path / 'third.db'}", "--redirect-audit-fail-on=low",
+                                       "-p", "no:cacheprovider", timeout=300)
+    fresh.assert_outcomes(passed=3, failed=3)  # without it, every test with a low finding fails
+    bad = suite.runpytest_subprocess("--redirect-audit", "--redirect-audit-baseline=" + str(tmp_path / "none.json"),
+                                     "-p", "no:cacheprovider", timeout=300)
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--redirect-audit-baseline: " in bad.stderr.str() and "none.json: cannot read baseline" in bad.stderr.str()
+
+
+def test_off_unless_asked_for_and_the_fixture_says_how(suite):
+    suite.makepyfile(test_needs=
+                     "def test_needs(redirect_audit):\n    redirect_audit.findings()\n")
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "test_needs.py", "test_sample.py", timeout=300)
+    result.assert_outcomes(passed=4, errors=3)  # the two fixture tests and test_needs say why
+    out = result.stdout.str()
+    assert out.count("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit") == 3
+    assert "= redirect-audit =" not in out  # no recorder, no summary
+
+
+def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
+    suite.makeini("[pytest]\nredirect_audit = true\nredirect_audit_db = " + str(tmp_path / "ini.db") + "\n")
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-k", "clean", timeout=300)
+    result.assert_outcomes(passed=2, deselected=4)
+    assert f"No findings in this session's traffic (store: {tmp_path / 'ini.db'})." in result.stdout.str()
+    suite.makeini("[pytest]\n")
+    path_after = suite.runpytest_subprocess("-p", "no:cacheprovider", "--redirect-audit", "test_sample.py",
+                                            "-k", "post_302", timeout=300)
+    path_after.assert_outcomes(passed=1, deselected=5)
+    assert "test_sample.py::test_post_302_becomes_get: 1 finding(s)" in path_after.stdout.str()
+    assert "store: a fresh store, " in path_after.stdout.str()
