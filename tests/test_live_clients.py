@@ -50,7 +50,7 @@ WRITES = {"POST", "PUT", "PATCH", "DELETE"}
 SCHEMES = ["http", "https"]
 ORIGINS = ["same", "port"]  # the matrix: same origin, or another port on the same host
 CREDENTIALS = {"Authorization": "Bearer t0ken-for-127.0.0.1", "Cookie": "sid=s3ss10n",
-               "Proxy-Authorization": "Basic dXNlcjpwYXNz"}
+               "Proxy-Authorization": "Bearer pr0xy-t0ken"}  # Basic would be a client label
 NODE_DIR = ROOT / "tests" / "node"
 URLLIB_KEEPS_HEAD = 'method="HEAD"' in inspect.getsource(urllib.request.HTTPRedirectHandler.redirect_request)
 LOOP, LONG = "loop", "long"
