@@ -1,0 +1,104 @@
+"""What `redirect-audit run` and the pytest plugin cost a test run.
+
+    uv run python benchmarks/bench_session.py [--runs 10] [--suite-runs 3] [--tests 200]
+
+* run: wall time of `redirect-audit run -- true` against `true` alone (the recorder's
+  start, its stop and drain, the analysis of an empty capture, the summary); median
+  of --runs.
+* plugin: a generated suite of --tests tests, each sending one request to a loopback
+  upstream (a quarter of them through a redirect), run by pytest in a subprocess
+  without the plugin, with `--redirect-audit`, and with `--redirect-audit-fail-on=high`
+  too (a flush and an analysis after every test); median wall time of --suite-runs.
+
+Loopback only; mitmproxy's CA in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from upstream import Upstream  # noqa: E402
+
+SUITE = '''
+import os
+import requests
+
+UP = os.environ["UPSTREAM"]
+SESSION = requests.Session()
+
+
+def make(i):
+    def test():
+        path = f"/r/302/case{i}" if i % 4 == 0 else f"/echo/case{i}"
+        assert SESSION.get(UP + path, timeout=30).status_code == 200
+    return test
+
+
+for i in range({n}):
+    globals()[f"test_{{i:03d}}"] = make(i)
+'''
+
+
+def timed(argv: list[str], env: dict, cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{argv} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--suite-runs", type=int, default=3)
+    parser.add_argument("--tests", type=int, default=200)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-session-"))
+    env = {**os.environ, "REDIRECT_AUDIT_CONFDIR": str(work / "conf"), "NO_COLOR": "1"}
+    entry = [sys.executable, "-m", "analyzer"]
+    bare = [timed(["true"], env, work) for _ in range(args.runs)]
+    wrapped = [timed([*entry, "run", "--", "true"], env, work) for _ in range(args.runs)]
+    print(f"run -- true: median {statistics.median(wrapped):.2f} s (min {min(wrapped):.2f}, max {max(wrapped):.2f}); "
+          f"true alone {statistics.median(bare) * 1000:.1f} ms; added {statistics.median(wrapped) - statistics.median(bare):.2f} s "
+          f"over {args.runs} runs")
+    upstream = Upstream()
+    try:
+        suite = work / "suite"
+        suite.mkdir()
+        (suite / "test_bench.py").write_text(SUITE.format(n=args.tests))
+        env["UPSTREAM"] = upstream.origin
+        pytest_argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_bench.py"]
+        variants = {
+            "without the plugin": [],
+            "--redirect-audit": ["--redirect-audit=" + str(work / "a.db")],
+            "--redirect-audit --redirect-audit-fail-on=high": ["--redirect-audit=" + str(work / "b.db"),
+                                                               "--redirect-audit-fail-on=high"],
+        }
+        results = {}
+        for _ in range(args.suite_runs):  # interleaved, so that drift hits every variant alike
+            for name, extra in variants.items():
+                for db in ("a.db", "b.db"):
+                    (work / db).unlink(missing_ok=True)
+                results.setdefault(name, []).append(timed([*pytest_argv, *extra], env, suite))
+        base = statistics.median(results["without the plugin"])
+        for name, times in results.items():
+            median = statistics.median(times)
+            print(f"{args.tests} tests, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
+                  f"+{median - base:.2f} s, {(median - base) / args.tests * 1000:.1f} ms per test")
+    finally:
+        upstream.close()
+
+
+if __name__ == "__main__":
+    main()
