@@ -242,6 +242,9 @@ class RedirectRecorder:
             label = take_label(flow.request)  # a plain-HTTP request to the proxy carries its own
         if label is None:
             label = self.labels.get(conn.id)
+        if label is None and isinstance(flow.metadata.get("proxyauth"), tuple):
+            # mitmproxy's own proxyauth checked the credential and took it off: its user is the label
+            label = printable(str(flow.metadata["proxyauth"][0]).strip())[:LABEL_MAX] or None
         if label is not None:
             flow.metadata[LABEL_KEY] = label
 
