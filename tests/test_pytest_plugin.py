@@ -169,7 +169,7 @@ def test_off_unless_asked_for_and_the_fixture_says_how(suite):
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "test_needs.py", "test_sample.py", timeout=300)
     result.assert_outcomes(passed=4, errors=3)  # the two fixture tests and test_needs say why
     out = result.stdout.str()
-    assert out.count("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit") == 3
+    assert out.count("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit") >= 3
     assert "= redirect-audit =" not in out  # no recorder, no summary
 
 

@@ -155,9 +155,9 @@ def test_a_signal_is_passed_to_the_command_and_what_it_did_is_still_analyzed(ups
     script = tmp_path / "slow.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time, urllib.request
-        urllib.request.urlopen('{upstream.origin}/r/302/before', data=b'a=1').read()
-        print('sent', flush=True)
         try:
+            urllib.request.urlopen('{upstream.origin}/r/302/before', data=b'a=1').read()
+            print('sent', flush=True)  # inside the try: the signal may come as soon as this is read
             time.sleep(60)
         except KeyboardInterrupt:
             print('interrupted', flush=True)
