@@ -418,6 +418,7 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
 
     from analyzer import exports
     from analyzer.model import Severity
+    from analyzer.report import hop_text
     from analyzer.session import Recording, SessionError, run_command
     from analyzer.storeread import resolve_db_url
 
@@ -432,16 +433,16 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
     workdir = Path(tempfile.mkdtemp(prefix="redirect-audit-run-"))
     if fresh:
         db = str(workdir / "capture.db")
-    _open_for_writing(db, 10.0, key_file).close()  # a store that cannot be opened: one line, before CMD runs
     extra = list(settings)
     if secret_fields:
         extra.append(f"redirect_audit_secret_fields={','.join(secret_fields)}")
     recording = Recording(db_url=resolve_db_url(db), workdir=workdir, label=label,
                           confdir=Path(confdir).expanduser(), keep_bodies=keep_bodies, settings=extra,
                           key_file=key_file)
+    keep_workdir = False  # the fresh store lives there once CMD ran; the recorder's log when it failed
     try:
-        try:
-            recording.start()
+        try:  # a store that cannot be opened: one line, before CMD runs (checked while mitmdump boots)
+            recording.start(while_starting=lambda: _open_for_writing(db, 10.0, key_file).close())
         except SessionError as exc:
             raise UserError(str(exc)) from None
         env, changed = recording.environ()
@@ -453,8 +454,8 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
         try:
             child = run_command(list(command), env)
         except SessionError as exc:
-            recording.stop()
             raise UserError(str(exc)) from None
+        keep_workdir = fresh
         try:
             capture = recording.flush().get("capture") if recording.process.poll() is None else None
         except (OSError, SessionError):
@@ -467,14 +468,34 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
         if totals is None or proxy_status not in (0, None):
             from analyzer.session import last_error
 
+            keep_workdir = True
             raise UserError(f"the recorder failed: {last_error(recording.output())} (log: {recording.log})")
+        records, failing = _judge_run(db, capture, Severity.parse(fail_on), known)
     finally:
-        if not fresh and recording.process is not None and recording.process.poll() is None:
+        if recording.process is not None and recording.process.poll() is None:
             recording.stop()
+        if not keep_workdir:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    _emit(None, lambda out: _print_findings(records, out, " in this run's traffic"))
+    for r in failing:
+        say(f"NEW {r['severity']} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
+    say(f"{len(failing)} finding(s) at or above {fail_on} not in the baseline; "
+        f"the chains: {command_prefix()} chains --db {shlex.quote(_db_shown(db))}")
+    if child.status != 0:
+        raise click.exceptions.Exit(child.status)
+    if failing:
+        raise click.exceptions.Exit(EXIT_FINDINGS)
+
+
+def _judge_run(db: str, capture: int | None, floor, known: set[str]) -> tuple[list[dict], list[dict]]:
+    """Analyze the store; (this capture's findings, those that fail the gate)."""
+    from analyzer import exports
     from analyzer.analysis import analyze
-    from analyzer.report import finding_records, hop_text
-    from analyzer.storeread import open_reader
+    from analyzer.report import finding_records
     from analyzer.store import open_store
+    from analyzer.storeread import open_reader
 
     store = open_store(db, create=False)
     try:
@@ -483,21 +504,7 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
         store.close()
     with open_reader(db) as reader:
         records = finding_records(reader, capture_id=capture) if capture is not None else []
-    _emit(None, lambda out: _print_findings(records, out, " in this run's traffic"))
-    failing = exports.gate(records, Severity.parse(fail_on), known)
-    for r in failing:
-        say(f"NEW {r['severity']} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
-    shown = shlex.quote(_db_shown(db))
-    say(f"{len(failing)} finding(s) at or above {fail_on} not in the baseline; "
-        f"the chains: {command_prefix()} chains --db {shown}")
-    if not fresh:
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
-    if child.status != 0:
-        raise click.exceptions.Exit(child.status)
-    if failing:
-        raise click.exceptions.Exit(EXIT_FINDINGS)
+    return records, exports.gate(records, floor, known)
 
 
 @cli.command("demo")

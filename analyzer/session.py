@@ -147,9 +147,11 @@ class Recording:
             args += ["--set", setting]
         return args
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
+    def start(self, timeout: float = START_TIMEOUT, while_starting=None) -> None:
         """Start mitmdump and wait until the recorder answers; a port someone took between
-        our choice and mitmdump's bind costs a retry, not the run."""
+        our choice and mitmdump's bind costs a retry, not the run. `while_starting` runs
+        while mitmdump boots (about 2 s of imports): what the caller has to do anyway
+        (open the store) costs no extra time; if it raises, mitmdump is stopped."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.confdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, DB_ENV: self.db_url, "PYTHONUNBUFFERED": "1"}
@@ -162,22 +164,32 @@ class Recording:
             with open(self.log, "ab") as log:
                 self.process = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
                                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    break
+            if while_starting is not None and attempt == 0:
                 try:
-                    self.control("/ping", timeout=2.0)
-                    return
-                except (OSError, http.client.HTTPException, SessionError):
-                    time.sleep(0.05)
-            else:
-                self._kill()
-                raise SessionError(f"the recorder did not answer within {timeout:.0f} s; its log: {self.log}")
+                    while_starting()
+                except BaseException:
+                    self._kill()
+                    raise
+            if self._answers(timeout):
+                return
             output = self.output()
             if "address already in use" in output.lower() and attempt < 2:
                 continue
             raise SessionError(f"the recorder could not start: {last_error(output)} (log: {self.log})")
+
+    def _answers(self, timeout: float) -> bool:
+        """Wait for the recorder's answer to /ping: True once it answers, False if mitmdump exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                self.control("/ping", timeout=2.0)
+                return True
+            except (OSError, http.client.HTTPException, SessionError):
+                time.sleep(0.02)
+        self._kill()
+        raise SessionError(f"the recorder did not answer within {timeout:.0f} s; its log: {self.log}")
 
     def control(self, path: str, timeout: float = 60.0) -> dict:
         """Send a control request through the proxy; the addon answers it itself."""

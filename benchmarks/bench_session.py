@@ -39,7 +39,7 @@ SESSION = requests.Session()
 
 def make(i):
     def test():
-        path = f"/r/302/case{i}" if i % 4 == 0 else f"/echo/case{i}"
+        path = f"/r/302/case{{i}}" if i % 4 == 0 else f"/echo/case{{i}}"
         assert SESSION.get(UP + path, timeout=30).status_code == 200
     return test
 

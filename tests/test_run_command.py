@@ -187,3 +187,18 @@ def test_usage_mistakes_and_a_missing_command_are_one_line(env):
     assert no_cmd.returncode == 2 and "Missing argument '-- CMD [ARGS]...'" in no_cmd.stderr
     bad_set = run("--set", "ssl_insecure", "--", "true", env=env)
     assert bad_set.returncode == 2 and "'ssl_insecure' is not NAME=VALUE" in bad_set.stderr
+
+
+def test_nothing_is_left_in_the_temporary_directory_but_a_fresh_store(upstream, env, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**env, "TMPDIR": str(scratch)}
+    kept = run("--db", str(tmp_path / "named.db"), "--", "true", env=env)
+    assert kept.returncode == 0, kept.stderr
+    assert list(scratch.iterdir()) == []  # with --db, the CA bundle and the log went with the run
+    refused = run("--db", str(tmp_path / "no" / "such" / "dir.db"), "--", "true", env=env)
+    assert refused.returncode == 2 and "cannot open store" in refused.stderr
+    assert list(scratch.iterdir()) == []
+    fresh = run("--", "true", env=env)
+    (left,) = scratch.iterdir()
+    assert store_of(fresh.stderr) == str(left / "capture.db")  # the fresh store stays, where it said
