@@ -130,7 +130,8 @@ class AuditSession:
         self.current: dict | None = None  # the running test: nodeid, row id, start
         self.outcomes: dict[str, str] = {}
         self.known: set[str] = set()
-        self.problem: str | None = None  # why the recorder is not running, said once in the summary
+        self._opened = None  # the Store, once used
+        self._last_seen: int | None = None  # the recorder's count at the last analysis
         self.baseline = baseline
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
@@ -200,6 +201,11 @@ class AuditSession:
             else:
                 self.recording.stop()
 
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+
     # ---- each test -------------------------------------------------------------------------
 
     @pytest.hookimpl(wrapper=True)
@@ -257,33 +263,49 @@ class AuditSession:
     # ---- reading the store -----------------------------------------------------------------
 
     def _store(self):
-        from analyzer.store import open_store
+        """The store, opened once per process (an engine per test would cost ~10 ms each)."""
+        if self._opened is None:
+            from analyzer.store import open_store
 
-        return _Closing(open_store(self.db, create=False))
+            self._opened = open_store(self.db, create=False)
+        return _Kept(self._opened)
 
-    def analyzed(self) -> None:
-        """Everything the recorder has seen is stored and analyzed."""
+    def analyzed(self) -> bool:
+        """Everything the recorder has seen is stored and analyzed; False when it has seen
+        nothing since the last call (the analysis would not change)."""
+        seen = None
         if self.recording is not None and (self.recording.attached or self.recording.process.poll() is None):
-            self.recording.flush()
+            seen = self.recording.flush().get("seen")
+        if seen is not None and seen == self._last_seen:
+            return False
         from analyzer.analysis import analyze
 
         with self._store() as store:
             analyze(store)
+        self._last_seen = seen
+        return True
 
     def mine(self, client: str | None) -> bool:
         return client is not None and (client == self.label or client.startswith(f"proxy:{self.label}/"))
 
     def test_findings(self, min_severity: str = "info") -> list[dict]:
-        """The findings of the running test, after a flush and an analysis."""
+        """The findings of the running test, after a flush and an analysis (skipped, and the
+        last answer reused, when the recorder has seen nothing since)."""
         from analyzer.model import Severity
         from analyzer.report import finding_records
         from analyzer.storeread import open_reader
 
-        nodeid = self.current["nodeid"] if self.current else None
-        self.analyzed()
-        with open_reader(self.db) as reader:
-            records = finding_records(reader, Severity.parse(min_severity))
-        return [r for r in records if r["test"] == nodeid and self.mine(r["client"])]
+        current = self.current or {}
+        fresh = self.analyzed()
+        found = current.get("found")
+        if fresh or found is None:
+            with open_reader(self.db) as reader:
+                records = finding_records(reader)
+            found = [r for r in records if r["test"] == current.get("nodeid") and self.mine(r["client"])]
+            if self.current is not None:
+                self.current["found"] = found
+        floor = Severity.parse(min_severity)
+        return [r for r in found if Severity.parse(r["severity"]) >= floor]
 
     def test_chains(self) -> list[dict]:
         from analyzer.report import chain_records
@@ -354,7 +376,9 @@ class AuditSession:
         return labels | {self.label}
 
 
-class _Closing:
+class _Kept:
+    """`with` on the store the session keeps open: nothing to close after each use."""
+
     def __init__(self, store):
         self.store = store
 
@@ -362,7 +386,7 @@ class _Closing:
         return self.store
 
     def __exit__(self, *exc) -> None:
-        self.store.close()
+        return None
 
 
 def _epoch(iso_text: str) -> float:

@@ -35,6 +35,9 @@ LOOPBACK = "127.0.0.1"
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: with Nagle's algorithm on, the body waits for
+    # the client's delayed ACK (40 ms on Linux) on every keep-alive request
+    disable_nagle_algorithm = True
     server_version = "upstream/1"
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
