@@ -320,7 +320,14 @@ class AuditSession:
 
     def command(self, chain_id) -> str:
         prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
-        return f"{prefix} chains --db {shlex.quote(self.db)} --chain {chain_id}"
+        return f"{prefix} chains --db {shlex.quote(self.shown)} --chain {chain_id}"
+
+    @property
+    def shown(self) -> str:
+        """The store as messages name it: its path, or its URL without a password."""
+        from analyzer.storeread import shown
+
+        return shown(self.db)
 
     # ---- the summary -----------------------------------------------------------------------
 
@@ -336,7 +343,7 @@ class AuditSession:
         except Exception as exc:  # noqa: BLE001 - the summary never hides the tests' own result
             tr.write_line(f"redirect-audit: could not read the findings: {exc}")
             return
-        where = f"a fresh store, {self.db}" if self.fresh else self.db
+        where = f"a fresh store, {self.shown}" if self.fresh else self.shown
         if not records:
             tr.write_line(f"No findings in this session's traffic (store: {where}).")
             return

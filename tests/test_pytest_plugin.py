@@ -184,3 +184,31 @@ def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
     path_after.assert_outcomes(passed=1, deselected=5)
     assert "test_sample.py::test_post_302_becomes_get: 1 finding(s)" in path_after.stdout.str()
     assert "store: a fresh store, " in path_after.stdout.str()
+
+
+def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path):
+    """`redirect-audit run -- pytest --redirect-audit`: one recorder (run's), one store,
+    the findings on their tests in pytest's summary, and run's gate on top."""
+    import sys
+
+    db = tmp_path / "outer.db"
+    done = run_cli("run", "--db", str(db), "--fail-on", "high", "--", sys.executable, "-m", "pytest",
+                   "--redirect-audit", "-p", "no:cacheprovider", "test_sample.py", cwd=suite.path, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr  # pytest passed; run's gate failed on the high finding
+    assert "6 passed" in done.stdout
+    assert "test_sample.py::test_sdk_changes_method_on_307: 1 finding(s)" in done.stdout
+    assert f"3 finding(s) in 3 test(s); store: {db}" in done.stdout
+    assert "NEW high RA101 method-downgrade" in done.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM captures").fetchone() == (1,)  # run's recorder only
+        labels = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
+    assert len(labels) == 1 and labels.pop().startswith("pytest-main-")
+    assert findings_by_test(str(db)) == expected_by_test()
+
+
+def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
+    url = pg_cluster.new_database()
+    result = suite.runpytest_subprocess(f"--redirect-audit={url}", "-p", "no:cacheprovider", "-n", "2", timeout=300)
+    result.assert_outcomes(passed=6)
+    assert findings_by_test(url) == expected_by_test()
+    assert "3 finding(s) in 3 test(s); store: postgresql" in result.stdout.str()
