@@ -172,6 +172,7 @@ class ProxyPlan:
             f"  mitmproxy CA     {ca} ({where})",
             "  make a client use the proxy and trust the CA:",
             f"    export HTTP_PROXY={proxy} HTTPS_PROXY={proxy}",
+            f"    a client label (its name in every output): http://NAME@{self.listen_host}:{self.port}",
             f"    curl --proxy {proxy} --cacert {ca} https://...",
             f"    Python requests/httpx/urllib: SSL_CERT_FILE={ca} REQUESTS_CA_BUNDLE={ca}",
             f"    Node.js: NODE_EXTRA_CA_CERTS={ca}",
