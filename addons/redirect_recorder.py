@@ -25,10 +25,12 @@ request and on the CONNECT of each HTTPS tunnel. The recorder takes that header 
 its identity for chain linking and in every output. Without one, a client is the
 recorder's name and its address, as before.
 
-Control requests: `http://redirect-audit.invalid/ping` and `/flush`, sent through the
-proxy, are answered by the recorder itself and never forwarded or recorded. `/flush`
-answers once everything the proxy has finished is in the store (or, if the store is
-down, in the spool): what the pytest plugin waits on before it reads a test's findings.
+Control requests: `http://redirect-audit.invalid/ping`, `/flush` and `/label`, sent
+through the proxy, are answered by the recorder itself and never forwarded or recorded.
+`/flush` answers once everything the proxy has finished is in the store (or, if the
+store is down, in the spool): what the pytest plugin waits on before it reads a test's
+findings. `/label?from=A&to=B` records the traffic of clients labelled A under B from
+the next request on (`to` empty: as A again): the plugin gives each test its own.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class RedirectRecorder:
         self._closed = False  # done() has run
         self.late = 0  # flows that finished after done()
         self.labels: dict[str, str] = {}  # client connection id -> label given on its CONNECT
+        self.renamed: dict[str, str] = {}  # label a client gives -> label it is recorded under (/label)
 
     # ---- options -------------------------------------------------------------
 
@@ -246,7 +249,7 @@ class RedirectRecorder:
             # mitmproxy's own proxyauth checked the credential and took it off: its user is the label
             label = printable(str(flow.metadata["proxyauth"][0]).strip())[:LABEL_MAX] or None
         if label is not None:
-            flow.metadata[LABEL_KEY] = label
+            flow.metadata[LABEL_KEY] = self.renamed.get(label, label)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.request.host == CONTROL_HOST:
@@ -261,9 +264,22 @@ class RedirectRecorder:
         if path == "/ping":
             self._answer(flow, 200, {"ready": self.recorder is not None or self.store is not None})
             return
+        if path == "/label":
+            query = flow.request.query
+            given, to = query.get("from", ""), query.get("to", "")
+            if not given:
+                self._answer(flow, 400, {"error": "/label needs from=LABEL (and to=LABEL; without it, "
+                                                  "the label is recorded as given again)"})
+                return
+            if to:
+                self.renamed[given] = printable(to)[:LABEL_MAX]
+            else:
+                self.renamed.pop(given, None)
+            self._answer(flow, 200, {"from": given, "to": self.renamed.get(given, given)})
+            return
         if path != "/flush":
             self._answer(flow, 404, {"error": f"unknown control request {printable(path)[:100]}; "
-                                              "known: /ping, /flush"})
+                                              "known: /ping, /flush, /label"})
             return
         if self.recorder is None:
             self._start()
@@ -275,7 +291,7 @@ class RedirectRecorder:
         target = recorder.flush_soon()
         deadline = time.monotonic() + FLUSH_TIMEOUT
         while recorder.handled < target and time.monotonic() < deadline and not recorder.closed:
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.001)  # a commit takes a few ms: a test waits for this, once or twice
         done = recorder.handled >= target or recorder.closed
         self._answer(flow, 200 if done else 504, {"flushed": done, "seen": recorder.seen, "stored": recorder.stored,
                                                   "spooled": recorder.spooled, "capture": recorder.capture_id})

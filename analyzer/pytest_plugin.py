@@ -132,6 +132,7 @@ class AuditSession:
         self.known: set[str] = set()
         self._opened = None  # the Store, once used
         self._last_seen: int | None = None  # the recorder's count at the last analysis
+        self.tests = 0  # tests started in this process
         self.baseline = baseline
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
@@ -216,16 +217,20 @@ class AuditSession:
 
         from analyzer.store import test_runs
 
+        self.tests += 1
+        client = f"{self.label}-t{self.tests}"  # this test's own client: chains never cross tests
+        self.recording.relabel(self.label, client)
         started = time.time()
         with self._store() as store, store.begin() as conn:
             row = conn.execute(insert(test_runs).values(
-                session=self.session, nodeid=item.nodeid, worker=self.worker, client=self.label,
+                session=self.session, nodeid=item.nodeid, worker=self.worker, client=client, recorder=self.label,
                 started_at=started)).inserted_primary_key[0]
-        self.current = {"nodeid": item.nodeid, "row": row, "started": started}
+        self.current = {"nodeid": item.nodeid, "row": row, "started": started, "client": client}
         try:
             return (yield)
         finally:
             self.current = None
+            self.recording.relabel(self.label, None)  # between tests: the worker's own label
             with self._store() as store, store.begin() as conn:
                 conn.execute(update(test_runs).where(test_runs.c.id == row).values(
                     ended_at=time.time(), outcome=self.outcomes.get(item.nodeid, "passed")))
@@ -286,7 +291,9 @@ class AuditSession:
         return True
 
     def mine(self, client: str | None) -> bool:
-        return client is not None and (client == self.label or client.startswith(f"proxy:{self.label}/"))
+        """Traffic of the running test: its label, or this recorder's clients known by address."""
+        label = self.current["client"] if self.current else self.label
+        return client is not None and (client == label or client.startswith(f"proxy:{self.label}/"))
 
     def test_findings(self, min_severity: str = "info") -> list[dict]:
         """The findings of the running test, after a flush and an analysis (skipped, and the
@@ -300,7 +307,7 @@ class AuditSession:
         found = current.get("found")
         if fresh or found is None:
             with open_reader(self.db) as reader:
-                records = finding_records(reader)
+                records = finding_records(reader, clients=(current.get("client", self.label), self.label))
             found = [r for r in records if r["test"] == current.get("nodeid") and self.mine(r["client"])]
             if self.current is not None:
                 self.current["found"] = found
@@ -366,21 +373,23 @@ class AuditSession:
 
         with self._store() as store:
             analyze(store)
-        labels = self.session_labels()
+        clients, recorders = self.session_clients()
         with open_reader(self.db) as reader:
             records = finding_records(reader)
-        return [r for r in records if any(r["client"] == label or (r["client"] or "").startswith(f"proxy:{label}/")
-                                          for label in labels)]
+        prefixes = tuple(f"proxy:{r}/" for r in recorders)
+        return [r for r in records if r["client"] in clients or (r["client"] or "").startswith(prefixes)]
 
-    def session_labels(self) -> set[str]:
+    def session_clients(self) -> tuple[set[str], set[str]]:
+        """(the labels this session's traffic was recorded under, the names of its recorders)."""
         from sqlalchemy import select
 
         from analyzer.store import test_runs
 
         with self._store() as store, store.begin() as conn:
-            labels = {c for (c,) in conn.execute(select(test_runs.c.client).distinct()
-                                                  .where(test_runs.c.session == self.session))}
-        return labels | {self.label}
+            rows = conn.execute(select(test_runs.c.client, test_runs.c.recorder).distinct()
+                                .where(test_runs.c.session == self.session)).all()
+        recorders = {r for _, r in rows} | {self.label}
+        return {c for c, _ in rows} | recorders, recorders
 
 
 class _Kept:

@@ -46,7 +46,7 @@ SELECT f.id, f.rule, f.rule_id, f.severity, f.confidence, f.message, f.chain_id,
        f.fingerprint, a.status, a.method, a.url, a.location, a.location_resolved, h.chain_id, t.method, t.url,
        b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path,
        (SELECT r.nodeid FROM test_runs r
-        WHERE (r.client = a.client OR substr(a.client, 1, length(r.client) + 7) = 'proxy:' || r.client || '/')
+        WHERE (r.client = a.client OR substr(a.client, 1, length(r.recorder) + 7) = 'proxy:' || r.recorder || '/')
           AND r.started_at <= a.started_at AND (r.ended_at IS NULL OR a.started_at <= r.ended_at)
         ORDER BY r.started_at DESC LIMIT 1)
 FROM findings f
@@ -61,14 +61,18 @@ ORDER BY COALESCE(f.observed_at, 0), b.capture_id, b.seq, f.rule_id, f.id
 
 
 def finding_records(reader: Reader, min_severity: Severity = Severity.INFO, *,
-                    capture_id: int | None = None) -> list[dict]:
-    """Every finding at or above a severity (about exchanges of one capture, if given), in
-    the JSON contract of design.md."""
-    if capture_id is None:
-        sql, params = FINDINGS_SQL.format(capture=""), {}
-    else:
-        sql, params = FINDINGS_SQL.format(capture="AND b.capture_id = :capture"), {"capture": capture_id}
-    return [_finding_record(row) for row in reader.rows(sql, floor=int(min_severity), **params)]
+                    capture_id: int | None = None, clients: tuple[str, str] | None = None) -> list[dict]:
+    """Every finding at or above a severity, in the JSON contract of design.md; only those
+    about exchanges of one capture, or of clients `(label, recorder)`, when given."""
+    where, params = "", {}
+    if capture_id is not None:
+        where, params = "AND b.capture_id = :capture", {"capture": capture_id}
+    if clients is not None:  # one client (a label), and the clients a recorder knows by address
+        label, recorder = clients
+        where += " AND (f.client = :label OR substr(f.client, 1, :plen) = :prefix)"
+        params.update(label=label, plen=len(recorder) + 7, prefix=f"proxy:{recorder}/")
+    return [_finding_record(row) for row in reader.rows(FINDINGS_SQL.format(capture=where), floor=int(min_severity),
+                                                        **params)]
 
 
 def _finding_record(row: tuple) -> dict:

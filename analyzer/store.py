@@ -219,9 +219,11 @@ test_runs = Table(
     Column("session", Text, nullable=False),  # one pytest run: a random id
     Column("nodeid", Text, nullable=False),
     Column("worker", Text, nullable=False),  # "main", or the pytest-xdist worker ("gw0", ...)
-    # The label the test's traffic carries; a client that ignored it is known by the
-    # recorder's name, which is the same label: `proxy:LABEL/ADDRESS`.
+    # The label the test's traffic was recorded under (one per test: the recorder renames
+    # the worker's label at each test's start), and the recorder's name, by which a client
+    # that ignored the label (a browser) is known: `proxy:RECORDER/ADDRESS`.
     Column("client", Text, nullable=False),
+    Column("recorder", Text, nullable=False),
     Column("started_at", Float, nullable=False),
     Column("ended_at", Float),
     Column("outcome", Text),  # passed, failed, skipped; None while it runs

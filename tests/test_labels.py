@@ -99,8 +99,19 @@ def test_control_requests_are_answered_by_the_recorder_and_never_recorded(proxy,
     requests.get(f"{upstream.origin}/r/302/x", proxies=via, timeout=30)
     done = flush(proxy)
     assert done["flushed"] is True and done["seen"] == 2 and done["stored"] == 2
+    labelled = {"http": f"http://alpha:x@127.0.0.1:{proxy.port}"}
+    control = "http://redirect-audit.invalid/label"
+    assert requests.get(control, params={"from": "alpha", "to": "alpha-t1"}, proxies=via, timeout=30).json() == \
+        {"from": "alpha", "to": "alpha-t1"}
+    requests.get(f"{upstream.origin}/echo/renamed", proxies=labelled, timeout=30)
+    requests.get(control, params={"from": "alpha"}, proxies=via, timeout=30)  # no `to`: as given again
+    requests.get(f"{upstream.origin}/echo/as-given", proxies=labelled, timeout=30)
+    assert requests.get(control, proxies=via, timeout=30).status_code == 400
+    flush(proxy)
+    assert rows(tmp_path / "labels.db", "SELECT client FROM exchanges WHERE url LIKE '%/echo/renamed' OR url LIKE '%/echo/as-given' ORDER BY id") == \
+        [("alpha-t1",), ("alpha",)]
     unknown = requests.get("http://redirect-audit.invalid/nothing", proxies=via, timeout=30)
-    assert unknown.status_code == 404 and "known: /ping, /flush" in unknown.json()["error"]
+    assert unknown.status_code == 404 and "known: /ping, /flush, /label" in unknown.json()["error"]
     assert rows(tmp_path / "labels.db", "SELECT count(*) FROM exchanges WHERE url LIKE '%redirect-audit.invalid%'") \
         == [(0,)]
-    assert rows(tmp_path / "labels.db", "SELECT count(*) FROM exchanges") == [(2,)]
+    assert rows(tmp_path / "labels.db", "SELECT count(*) FROM exchanges") == [(4,)]

@@ -7,6 +7,7 @@ must fail exactly those tests; the fixture must see its own test's traffic and n
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import xml.etree.ElementTree as ET
 
@@ -127,8 +128,8 @@ def test_each_finding_is_put_on_the_test_that_caused_it(suite, tmp_path, workers
          ("test_sdk_changes_method_on_307", "failed")])
     workers_seen = {w for _, w, _, _ in runs}
     assert workers_seen == ({"gw0", "gw1"} if workers else {"main"})
-    assert clients == {c for _, _, c, _ in runs}  # each worker's traffic under its own label
-    assert all(c.startswith(f"pytest-{w}-") for _, w, c, _ in runs)
+    assert clients == {c for _, _, c, _ in runs} and len(clients) == 6  # each test's traffic under its own label
+    assert all(re.fullmatch(f"pytest-{w}-[0-9a-f]{{8}}-t[0-9]+", c) for _, w, c, _ in runs)
     chain = run_cli("chains", "--db", db, "--chain", "1")
     assert chain.returncode == 0 and "/r/301/clean" in chain.stdout
 
@@ -202,7 +203,7 @@ def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM captures").fetchone() == (1,)  # run's recorder only
         labels = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
-    assert len(labels) == 1 and labels.pop().startswith("pytest-main-")
+    assert len(labels) == 6 and all(label.startswith("pytest-main-") for label in labels)  # one per test
     assert findings_by_test(str(db)) == expected_by_test()
 
 

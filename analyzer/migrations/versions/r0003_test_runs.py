@@ -1,8 +1,8 @@
 """Schema version 3: the tests of a test run.
 
 * test_runs: one row per test the pytest plugin saw (node id, worker, the client label
-  its traffic carries, start, end, outcome), so each hop and finding can be put on the
-  test during which it happened. A new table: nothing that is stored changes.
+  its traffic was recorded under, the recorder's name, start, end, outcome), so each hop
+  and finding can be put on the test during which it happened. A new table: nothing that is stored changes.
 
 Revision ID: 0003
 Revises: 0002
@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("nodeid", sa.Text, nullable=False),
         sa.Column("worker", sa.Text, nullable=False),
         sa.Column("client", sa.Text, nullable=False),
+        sa.Column("recorder", sa.Text, nullable=False),
         sa.Column("started_at", sa.Float, nullable=False),
         sa.Column("ended_at", sa.Float),
         sa.Column("outcome", sa.Text),
