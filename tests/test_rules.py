@@ -34,7 +34,7 @@ def test_every_rule_has_firing_and_quiet_fixtures():
                 "stale-temporary-redirect": "st-", "credential-cross-origin": "cc-", "https-downgrade": "hd-",
                 "body-on-get": "bg-", "head-to-get": "hg-", "non-get-after-303": "ng-", "redirect-loop": "rl-",
                 "too-many-redirects": "tm-", "missing-location": "ml-", "lost-write": "lw-",
-                "open-redirect-pattern": "or-"}
+                "open-redirect-pattern": "or-", "credential-dropped": "cd-"}
     for rule in RULES:
         assert rule.slug in fired, f"{rule.slug} has no firing fixture"
         quiet = [p for p in FIXTURES if p.name.startswith(prefixes[rule.slug]) and not expected(p)]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from analyzer.detectors import (
     body_on_get,
     credential_cross_origin,
+    credential_dropped,
     dropped_body,
     duplicate_write,
     head_to_get,
@@ -29,6 +30,7 @@ RULES: tuple[Rule, ...] = tuple(
         method_downgrade, dropped_body, duplicate_write, stale_temporary_redirect,  # the mission's four
         credential_cross_origin, https_downgrade, body_on_get, head_to_get, non_get_after_303,
         redirect_loop, too_many_redirects, missing_location, lost_write, open_redirect_pattern,
+        credential_dropped,
     )
 )
 RULES_BY_SLUG = {rule.slug: rule for rule in RULES}
