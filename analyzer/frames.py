@@ -28,6 +28,7 @@ from sqlalchemy.orm import aliased
 
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, WRITE_METHODS, body_headers
 from analyzer.detectors.credential_cross_origin import conforming_client_drops, watched
+from analyzer.detectors.credential_dropped import API_KEY_HEADERS
 from analyzer.model import DATE_RANGE, REDIRECT_STATUSES, header
 from analyzer.report import finding_records
 from analyzer.store import captures, chains as chains_t, exchanges as ex_t, findings as findings_t, hops as hops_t
@@ -123,8 +124,11 @@ def hops(db: str | None = None) -> pd.DataFrame:
         "http:")
     frame["body_headers_after"] = frame["headers_after"].map(_body_headers)
     for side in ("before", "after"):
+        frame[f"auth_{side}"] = frame[f"headers_{side}"].map(_auth_fingerprints)
         creds = frame.pop(f"headers_{side}").map(_credential_fingerprints)
         frame[f"credentials_{side}"] = creds
+    frame["auth"] = _auth_outcomes(frame)  # kept / dropped / replaced / re-added, or None
+    frame.drop(columns=["auth_before", "auth_after"], inplace=True)
     frame["credentials_forwarded"] = [
         sorted(set(before) & set(after)) if followed else []
         for before, after, followed in zip(frame["credentials_before"], frame["credentials_after"], frame["followed"])
@@ -138,13 +142,58 @@ def hops(db: str | None = None) -> pd.DataFrame:
     frame["client_name"] = [client_name(ua, creator, browser, source) for ua, creator, browser, source in
                             zip(frame["user_agent"], frame["creator"], frame["browser"], frame["source"])]
     frame["verdict"] = [
-        verdict(s, mb, ma, f, lb, la, sb, sa, bh, cc) for s, mb, ma, f, lb, la, sb, sa, bh, cc in zip(
+        verdict(s, mb, ma, f, lb, la, sb, sa, bh, cc, auth if not cross else None)
+        for s, mb, ma, f, lb, la, sb, sa, bh, cc, auth, cross in zip(
             frame["status"], frame["method_before"], frame["method_after"], frame["followed"],
             frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"],
             frame["body_sha256_after"], frame["body_headers_after"],
             [_leaked(creds, a, b) for creds, a, b in zip(frame["credentials_cross_origin"], frame["from_url"],
-                                                          frame["to_url"])])]
+                                                          frame["to_url"])],
+            frame["auth"], frame["cross_origin"])]
     return _categorize(frame)
+
+
+AUTH_HEADERS = frozenset({"authorization", *API_KEY_HEADERS})
+
+
+def _auth_fingerprints(text: str | None) -> frozenset[str] | None:
+    """'name=fingerprint' of each Authorization or API-key header a request carried; None
+    when the capture kept no request header at all (unknown is not empty)."""
+    headers = json.loads(text) if isinstance(text, str) and text else []
+    if not headers:
+        return None
+    return frozenset(f"{name.lower()}={value}" for name, value in headers if name.lower() in AUTH_HEADERS)
+
+
+def _auth_outcomes(frame: pd.DataFrame) -> list[str | None]:
+    """What the client did on each followed hop with the Authorization or API key of the
+    chain: 'kept' (the same value went on), 'dropped', 'replaced' (another value of the
+    same header), 're-added' (a value the request before did not carry, sent earlier in
+    the chain); None when neither side had one."""
+    out: list[str | None] = []
+    seen: set[str] = set()
+    chain = None
+    for chain_id, followed, before, after in zip(frame["chain_id"], frame["followed"], frame["auth_before"],
+                                                 frame["auth_after"]):
+        if chain_id != chain:
+            chain, seen = chain_id, set()
+        before = before or frozenset()
+        seen |= before
+        if not followed or after is None:
+            out.append(None)
+            continue
+        if (after - before) & seen:
+            out.append("re-added")
+        elif not before:
+            out.append(None)
+        elif before <= after:
+            out.append("kept")
+        elif {c.partition("=")[0] for c in before} & {c.partition("=")[0] for c in after}:
+            out.append("replaced")
+        else:
+            out.append("dropped")
+        seen |= after
+    return out
 
 
 def _leaked(forwarded: list[str], before, after) -> list[str]:
@@ -193,12 +242,14 @@ def _credential_fingerprints(text: str | None) -> list[str]:
 
 
 def verdict(status, before, after, followed, len_before, len_after, sha_before, sha_after,
-            body_headers_after=(), credentials_leaked=()) -> str:
+            body_headers_after=(), credentials_leaked=(), auth_same_origin=None) -> str:
     """What RFC 9110 / Fetch say of one hop: 'as specified', 'deviated' or 'not followed'."""
     if not followed:
         return "not followed"
     if len(credentials_leaked):
         return "deviated"  # Fetch drops Authorization on a new origin; RFC 9110 15.4 credentials (see _leaked)
+    if auth_same_origin == "dropped":
+        return "deviated"  # Fetch keeps every header on a same-origin redirect (credential-dropped)
     if after != before and after in SAFE_RETRIEVAL and (len(body_headers_after) or (pd.notna(len_after)
                                                                                    and len_after > 0)):
         return "deviated"  # RFC 9110 15.4, Fetch step 12: the body and its headers go with the method
@@ -286,9 +337,12 @@ def findings(db: str | None = None) -> pd.DataFrame:
 
 CONFORMANCE_COLUMNS = [
     "client_name", "status", "method", "hops", "followed", "did_method", "should_method", "did_body",
-    "should_body", "body_headers_kept", "cross_origin_hops", "credentials_cross_origin", "verdict", "deviated",
-    "rules",
+    "should_body", "body_headers_kept", "cross_origin_hops", "credentials_cross_origin", "auth_same_origin",
+    "auth_cross_origin", "verdict", "deviated", "rules",
 ]
+# What Fetch's HTTP-redirect fetch does with Authorization (step 13): kept on a
+# same-origin redirect, removed when the origin changes.
+AUTH_SHOULD = {"auth_same_origin": "kept", "auth_cross_origin": "dropped"}
 
 
 def clients(db: str | None = None) -> pd.DataFrame:
@@ -300,7 +354,11 @@ def clients(db: str | None = None) -> pd.DataFrame:
     `body_headers_kept` counts follow-ups switched to GET/HEAD that still carried
     Content-* headers; `credentials_cross_origin` counts follow-ups to another origin
     that carried an Authorization, Proxy-Authorization or Cookie value sent before (Fetch
-    drops Authorization there). `rules` lists the findings on these hops.
+    drops Authorization there). `auth_same_origin` and `auth_cross_origin` tally what the
+    client did with the request's Authorization or API key on follow-ups to the same and
+    to another origin (kept, dropped, replaced, re-added; "-" when none carried one);
+    Fetch keeps it on the same origin and drops it on another (AUTH_SHOULD). `rules`
+    lists the findings on these hops.
     """
     frame = hops(db)
     if frame.empty:
@@ -327,12 +385,19 @@ def clients(db: str | None = None) -> pd.DataFrame:
             "body_headers_kept": int((switched & followed["body_headers_after"].map(len).gt(0)).sum()),
             "cross_origin_hops": int(followed["cross_origin"].sum()),
             "credentials_cross_origin": int(followed["credentials_cross_origin"].map(len).gt(0).sum()),
+            "auth_same_origin": _tally_or_none(followed["auth"][~followed["cross_origin"]]),
+            "auth_cross_origin": _tally_or_none(followed["auth"][followed["cross_origin"]]),
             "verdict": "deviated" if "deviated" in verdicts else (
                 "as specified" if "as specified" in verdicts else "not followed"),
             "deviated": int((group["verdict"] == "deviated").sum()),
             "rules": sorted({r for found in group["rules"] for r in found}),
         })
     return pd.DataFrame(rows, columns=CONFORMANCE_COLUMNS)
+
+
+def _tally_or_none(values: pd.Series) -> str:
+    known = values.dropna()
+    return _tally(known.astype(str)) if len(known) else "-"
 
 
 def _tally(values: pd.Series) -> str:

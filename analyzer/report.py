@@ -315,7 +315,8 @@ def print_conformance_table(rows: list[dict], console: Console) -> None:
     for name, cases in by_client.items():
         table = Table(title=f"{_shown(name)}: what it did (spec: RFC 9110 / Fetch)", title_justify="left",
                       header_style="bold")
-        for column in ("case", "seen", "method", "body", "body hdrs", "creds x-origin", "verdict"):
+        for column in ("case", "seen", "method", "body", "body hdrs", "creds x-origin", "auth same-origin",
+                       "auth x-origin", "verdict"):
             table.add_column(column, overflow="fold")
         for r in cases:
             style = {"deviated": "red", "not followed": "yellow"}.get(r["verdict"], "green")
@@ -325,6 +326,8 @@ def print_conformance_table(rows: list[dict], console: Console) -> None:
                 _against(r["did_body"], r["should_body"], r["followed"]),
                 str(r["body_headers_kept"]) if r["body_headers_kept"] else "-",
                 f"{r['credentials_cross_origin']}/{r['cross_origin_hops']}" if r["cross_origin_hops"] else "-",
+                _auth_against(r.get("auth_same_origin", "-"), "kept"),
+                _auth_against(r.get("auth_cross_origin", "-"), "dropped"),
                 f"[{style}]{r['verdict']}[/]",
             )
         console.print(table)
@@ -335,7 +338,15 @@ def print_conformance_table(rows: list[dict], console: Console) -> None:
     console.print(f"{len(by_client)} client(s), {len(rows)} (status, method) case(s); "
                   f"deviating: {_shown(', '.join(deviating)) if deviating else 'none'}", highlight=False)
     console.print("seen: followed/hops · creds x-origin: follow-ups that carried a credential to a new origin"
-                  " / follow-ups to a new origin", style="dim", highlight=False)
+                  " / follow-ups to a new origin · auth: what the client did with Authorization or an API key"
+                  " (Fetch: kept on the same origin, dropped on another)", style="dim", highlight=False)
+
+
+def _auth_against(did: str, should: str) -> str:
+    """A tally of kept/dropped/... against what Fetch does; '-' when no follow-up had one."""
+    if did == "-":
+        return "-"
+    return _shown(did) if did == should else f"[red]{_shown(did)}[/] [dim]\\[Fetch: {should}][/]"
 
 
 def _against(did: str, should: str, followed: int) -> str:

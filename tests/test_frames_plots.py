@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 
 import numpy as np
@@ -14,6 +15,7 @@ from analyzer import frames, plots
 from analyzer.analysis import analyze
 from analyzer.ingest import import_har
 from analyzer.store import open_store
+from conftest import RULE_FIXTURES, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +140,26 @@ def test_the_chain_length_figure_draws_a_bar_per_length_not_per_hop():
     assert [round(p.get_height()) for p in ax.patches] == [500, 30, 1, 1]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", f">{plots.LENGTH_CAP}"]
     assert ax.get_yscale() == "log" and "longest: 20000" in ax.get_xlabel()
+
+
+def test_the_conformance_table_says_what_each_client_did_with_credentials(db_path):
+    """Per client: Authorization kept, dropped, replaced or re-added on same-origin and
+    cross-origin follow-ups, next to Fetch (kept on the same origin, dropped on another)."""
+    names = ["cd-same-origin.har", "cd-kept.har", "cd-other-host.har", "cd-reauthenticated.har",
+             "cd-headers-unknown.har", "cc-dropped-then-back.har"]
+    done = run_cli("import-har", *[str(RULE_FIXTURES / n) for n in names], "--db", db_path)
+    assert done.returncode == 0, done.stderr
+    rows = {(r["client_name"], r["status"]): r
+            for r in json.loads(run_cli("clients", "-f", "json", "--db", db_path).stdout)}
+    fixture_client = rows[("fixture-client 1", 307)]  # cd-same-origin (dropped), cd-kept, cd-headers-unknown
+    assert fixture_client["auth_same_origin"] == "dropped (1), kept (1)"
+    assert fixture_client["verdict"] == "deviated" and fixture_client["rules"] == ["credential-dropped"]
+    other = rows[("fixture-client 1", 302)]  # dropped to another host (as Fetch does), replaced by a new token
+    assert other["auth_cross_origin"] == "dropped (1), replaced (1)" and other["auth_same_origin"] == "-"
+    assert other["verdict"] == "as specified"
+    back = rows[("redirect-audit fixtures 1", 302)]  # not known on hop 0 (no headers kept), re-added on hop 1
+    assert back["auth_same_origin"] == "-" and back["auth_cross_origin"] == "re-added"
+    table = run_cli("clients", "--db", db_path).stdout
+    assert "dropped (1), kept (1) [Fetch: kept]" in table
+    assert "re-added [Fetch: dropped]" in table
+    assert "auth same-origin" in table and "auth x-origin" in table
