@@ -10,6 +10,10 @@
         a two-step cycle: answers <status> to /loop/<status>/<1-k>/<case>;
     GET|POST|... /hops/<status>/<k>/<case>
         a chain of k redirects: to /hops/<status>/<k-1>/<case>, the last to /echo/<case>;
+    GET|POST|... /r/<status>/<case>?...&target=auth
+        the same, to /auth/<case> instead of /echo/<case>;
+    GET|POST|... /auth/<case>
+        401 without an Authorization header, else as /echo/<case>;
     GET|POST|... /echo/<case>
         answers 200 with JSON: what arrived (method, path, headers, body length and
         SHA-256), so a test can compare what the client sent with what was recorded.
@@ -81,9 +85,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if segments[0] == "r" and len(segments) >= 3:
             status, case = int(segments[1]), segments[2]
-            default = f"/echo/{case}"
+            where = query.get("target", ["echo"])[0]  # echo, or auth (401 without Authorization)
+            default = f"/{where}/{case}"
             if "via" in query:
-                default = f"{self.server.peers[query['via'][0]]}/echo/{case}"
+                default = f"{self.server.peers[query['via'][0]]}/{where}/{case}"
             headers = {"Location": query.get("to", [default])[0], "Content-Type": "text/plain"}
             if "nolocation" in query:  # a broken server
                 del headers["Location"]
@@ -91,7 +96,11 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["Cache-Control"] = f"max-age={int(query['cache'][0])}"
             self._send(status, b"moved\n", headers)
             return
-        if segments[0] == "echo":
+        if segments[0] == "auth" and "Authorization" not in self.headers:  # an API that needs its token
+            self._send(401, b'{"error": "no credentials"}', {"Content-Type": "application/json",
+                                                            "WWW-Authenticate": 'Bearer realm="upstream"'})
+            return
+        if segments[0] in ("echo", "auth"):
             seen = {
                 "method": self.command, "path": self.path, "headers": dict(self.headers.items()),
                 "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest() if body else None,
