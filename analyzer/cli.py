@@ -10,6 +10,7 @@ exit 130; a closed pipe (`| head`) ends quietly, exit 141, as for other Unix too
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -709,6 +710,79 @@ def chains_cmd(db: str | None, no_analyze: bool, wait: float, url: str | None, c
         _emit(output, lambda out: write_json(records, out))
     else:
         _emit(output, lambda out: print_chain_trees(records, _console(out)))
+
+
+@cli.command("export-tests")
+@reading_options
+@click.option("--chain", "chain_ids", type=click.IntRange(min=1), multiple=True, metavar="ID",
+              help="This chain (repeatable)")
+@click.option("--url", help="Chains with a URL containing this")
+@click.option("--rule", metavar="SLUG", help="Chains a finding of this rule is about (slug or id)")
+@click.option("--base-url", metavar="URL", help="Send the requests of the chains' first origin here instead "
+                                               "(also settable when the tests run: $REDIRECT_AUDIT_BASE_URL)")
+@click.option("--output", "-o", "directory", required=True, metavar="DIR",
+              help="Directory to write the pytest module into (made if missing)")
+def export_tests_cmd(db: str | None, no_analyze: bool, wait: float, chain_ids: tuple[int, ...], url: str | None,
+                     rule: str | None, base_url: str | None, directory: str) -> None:
+    """Write contract tests from captured chains: a pytest module, one test per chain.
+
+    Each test re-sends the chain's requests without following redirects, asserts the
+    captured redirect status and Location, then sends the follow-up RFC 9110 requires
+    and asserts the target accepts it. Credentials are read from environment variables
+    named in the module's docstring, never written into it.
+    """
+    from collections import Counter
+    from urllib.parse import urlsplit
+
+    from analyzer import contracts
+    from analyzer.detectors import RULES
+    from analyzer.report import chain_records, finding_records
+
+    if base_url is not None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise click.BadParameter(f"{base_url!r} is not an http(s) origin such as https://staging.example.com",
+                                     param_hint="--base-url")
+    wanted_rule = None
+    if rule is not None:
+        match = [r for r in RULES if rule.lower() in (r.slug, r.id.lower())]
+        if not match:
+            raise click.BadParameter(f"no rule {rule!r} (`{command_prefix()} rules` lists them)", param_hint="--rule")
+        wanted_rule = match[0].slug
+    with _results(db, no_analyze, wait) as (reader, _):
+        chains = chain_records(reader, url)
+        if chain_ids:
+            chains = [c for c in chains if c["chain_id"] in chain_ids]
+        if wanted_rule is not None:
+            about = {f["chain_id"] for f in finding_records(reader) if f["rule"] == wanted_rule}
+            chains = [c for c in chains if c["chain_id"] in about]
+        selection = ", ".join(filter(None, [f"chains {', '.join(map(str, chain_ids))}" if chain_ids else "",
+                                            f"URL containing {url!r}" if url else "",
+                                            f"rule {wanted_rule}" if wanted_rule else ""])) or "every chain"
+        if not chains:
+            raise UserError(f"no chain in {_db_shown(db)} matches {selection}")
+        tests = contracts.load(reader, [c["chain_id"] for c in chains])
+    origins = Counter(contracts._origin(t.steps[0].request.url) for t in tests)
+    module = contracts.Module(selection=selection, store=_db_shown(db), base_origin=origins.most_common(1)[0][0],
+                              base_url=base_url.rstrip("/") if base_url else None, tests=tests)
+    source = contracts.render(module)
+    slug = "_".join(filter(None, ["chain_" + "_".join(map(str, chain_ids)) if chain_ids else "",
+                                  re.sub(r"[^0-9a-z]+", "_", url.lower()).strip("_") if url else "",
+                                  wanted_rule.replace("-", "_") if wanted_rule else ""])) or "all"
+    target = Path(directory) / f"test_redirects_{slug[:60]}.py"
+    if target.exists():
+        raise UserError(f"{target} exists; remove it or choose another -o DIR")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(source)
+    except OSError as exc:
+        raise UserError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    variables = ", ".join(module.secret_origins) or "none"
+    _say(f"wrote {target}: {len(tests)} test(s), one per chain; credentials from: {variables}")
+    _say(f"run it: {BASE_ENV_HINT} pytest {shlex.quote(str(target))}")
+
+
+BASE_ENV_HINT = "REDIRECT_AUDIT_BASE_URL=https://your-test-environment"
 
 
 @cli.command("clients")
