@@ -182,3 +182,27 @@ def test_a_changed_redirect_fails_the_test_of_its_chain_naming_the_hop(captured,
     out = result.stdout.str()
     assert message.format(o=origin(api)) in out
     assert "FAILED test_redirects_all.py::test_chain_" in out and "_post_127_0_0_1_v1_orders_307" in out
+
+
+def test_selections_the_base_url_and_mistakes(tmp_path):
+    db = str(tmp_path / "fixtures.db")
+    names = ["cc-authorization-other-host.har", "md-303-post-to-get.har", "rl-sso.har"]
+    assert run_cli("import-har", *[str(RULE_FIXTURES / n) for n in names], "--db", db).returncode == 0
+    chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
+    first = chains[0]["chain_id"]
+    one = export(db, tmp_path / "one", "--chain", str(first), "--base-url", "https://staging.example.com/")
+    source = one.read_text()
+    assert one.name == f"test_redirects_chain_{first}.py" and source.count("\ndef test_chain_") == 1
+    assert "BASE_URL = os.environ.get(\"REDIRECT_AUDIT_BASE_URL\", 'https://staging.example.com')" in source
+    by_url = export(db, tmp_path / "url", "--url", "/sso")
+    assert by_url.name == "test_redirects_sso.py"
+    assert all("sso" in line for line in by_url.read_text().splitlines() if line.startswith('    """Chain'))
+    again = run_cli("export-tests", "--db", db, "-o", str(tmp_path / "one"), "--chain", str(first))
+    assert again.returncode == 2 and f"{one} exists; remove it or choose another -o DIR" in again.stderr
+    bad_rule = run_cli("export-tests", "--db", db, "-o", str(tmp_path / "x"), "--rule", "no-such-rule")
+    assert bad_rule.returncode == 2 and "no rule 'no-such-rule'" in bad_rule.stderr
+    bad_base = run_cli("export-tests", "--db", db, "-o", str(tmp_path / "x"), "--base-url", "staging")
+    assert bad_base.returncode == 2 and "'staging' is not an http(s) origin" in bad_base.stderr
+    none = run_cli("export-tests", "--db", db, "-o", str(tmp_path / "x"), "--url", "/nowhere")
+    assert none.returncode == 2 and "matches URL containing '/nowhere'" in none.stderr
+    assert not (tmp_path / "x").exists()  # nothing written on a mistake

@@ -131,3 +131,12 @@ def test_site_is_the_registrable_domain_or_the_host_itself(host, expected):
     from analyzer.detectors.base import site
 
     assert site(host) == expected
+
+
+def test_credential_dropped_watches_every_api_key_header_the_secrets_list_knows():
+    from analyzer.detectors.credential_dropped import API_KEY_HEADERS
+    from analyzer.secrets import CREDENTIAL_HEADERS
+
+    not_keys = {"authorization", "proxy-authorization", "cookie", "set-cookie", "set-cookie2", "x-csrf-token",
+                "x-xsrf-token"}
+    assert set(API_KEY_HEADERS) == CREDENTIAL_HEADERS - not_keys
