@@ -108,7 +108,7 @@ def location_pattern(url: str) -> str:
     for i, part in enumerate(parts):
         if part in ("/", "?", "&", "=", "#") or i < 5:  # the delimiters, and scheme://host
             pattern.append(re.escape(part))
-        elif part and ID_LIKE.fullmatch(part):
+        elif part and (ID_LIKE.fullmatch(part) or part.startswith("hmac:")):  # an id, or a secret kept as its fingerprint
             pattern.append(r"[^/?&#]+")
         else:
             pattern.append(re.escape(part))

@@ -210,3 +210,30 @@ def test_selections_the_base_url_and_mistakes(tmp_path):
     none = run_cli("export-tests", "--db", db, "-o", str(tmp_path / "x"), "--url", "/nowhere")
     assert none.returncode == 2 and "matches URL containing '/nowhere'" in none.stderr
     assert not (tmp_path / "x").exists()  # nothing written on a mistake
+
+
+def test_every_chain_of_the_real_har_corpus_exports_to_a_module_that_compiles_and_passes_ruff(tmp_path):
+    from conftest import CORPUS, require_corpus
+
+    require_corpus()
+    db = str(tmp_path / "corpus.db")
+    files = sorted(str(p) for p in CORPUS.rglob("*.har"))
+    done = run_cli("import-har", *files, "--db", db, timeout=600)
+    assert done.returncode in (0, 2), done.stderr  # a few corpus files are refused on purpose (hostile ones)
+    module = export(db, tmp_path / "out")
+    source = module.read_text()
+    compile(source, str(module), "exec")
+    checked = ruff(module)
+    assert checked.returncode == 0, checked.stdout[-3000:]
+    chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
+    assert source.count("\ndef test_chain_") == len(chains) > 50
+    import re
+
+    # a credential header is never sent with its fingerprint as the value: it comes from a variable
+    assert re.search(r"^\s+'[^']+': '[^']*hmac:", source, re.M) is None
+    # a URL whose secret query values the store kept as fingerprints says so, in its test
+    redacted = len(re.findall(r"answer = send\('\w+', url\('[^']*hmac:", source))
+    assert source.count("put real ones in") == redacted
+    # a Location that carried a secret (kept as a fingerprint) matches any value there
+    patterns = re.findall(r"check_redirect\(.*, (\d+), ('.*')\)$", source, re.M)
+    assert patterns and not any("hmac:" in pattern for _, pattern in patterns)
