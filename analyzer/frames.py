@@ -128,7 +128,7 @@ def hops(db: str | None = None) -> pd.DataFrame:
         creds = frame.pop(f"headers_{side}").map(_credential_fingerprints)
         frame[f"credentials_{side}"] = creds
     frame["auth"] = _auth_outcomes(frame)  # kept / dropped / replaced / re-added, or None
-    frame.drop(columns=["auth_before", "auth_after"], inplace=True)
+    frame = frame.drop(columns=["auth_before", "auth_after"])
     frame["credentials_forwarded"] = [
         sorted(set(before) & set(after)) if followed else []
         for before, after, followed in zip(frame["credentials_before"], frame["credentials_after"], frame["followed"])
