@@ -69,3 +69,13 @@ def test_runs_on_a_store_named_by_the_environment(tmp_path):
     book = execute(NOTEBOOKS[0], tmp_path / "..", {"REDIRECT_AUDIT_DB": db})
     assert db in outputs(book)
     assert not (tmp_path.parent / "redirect-audit-demo.db").exists()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_cell_has_an_id_as_nbformat_4_5_requires(path):
+    """Read raw (nbformat.read would fill missing ids in and only warn): every cell has a unique id."""
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    ids = [cell.get("id") for cell in cells]
+    assert None not in ids and len(set(ids)) == len(ids)
