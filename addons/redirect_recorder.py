@@ -251,9 +251,12 @@ class RedirectRecorder:
         if label is not None:
             flow.metadata[LABEL_KEY] = self.renamed.get(label, label)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow):
+        # Not a coroutine function: mitmproxy would then create and await a coroutine for
+        # every request through the proxy. Only a control request gets one (it awaits the writer).
         if flow.request.host == CONTROL_HOST:
-            await self._control(flow)
+            return self._control(flow)
+        return None
 
     def client_disconnected(self, client) -> None:
         self.labels.pop(client.id, None)

@@ -115,3 +115,13 @@ def demo_db(tmp_path) -> str:
     assert run_cli("import-har", *har_copies, "--db", db).returncode == 0
     assert run_cli("analyze", "--db", db).returncode == 0
     return db
+
+
+@pytest.fixture
+def upstream():
+    """A plain-HTTP loopback upstream (tests/upstream.py) for one test."""
+    from upstream import Upstream
+
+    server = Upstream()
+    yield server
+    server.close()

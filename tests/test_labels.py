@@ -22,13 +22,6 @@ from upstream import Upstream, self_signed_context
 
 
 @pytest.fixture
-def upstream():
-    server = Upstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def proxy(tmp_path):
     dump = Mitmdump(tmp_path / "conf", db=str(tmp_path / "labels.db"))
     yield dump

@@ -25,13 +25,6 @@ NODE_DIR = ROOT / "tests" / "node"
 
 
 @pytest.fixture
-def upstream():
-    server = Upstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def env(tmp_path) -> dict:
     """mitmproxy's CA in a directory of the test's own, never ~/.mitmproxy."""
     return {"REDIRECT_AUDIT_CONFDIR": str(tmp_path / "conf"), "NO_COLOR": "1"}
