@@ -147,47 +147,88 @@ class RedirectRecorder:
     # ---- options -------------------------------------------------------------
 
     def load(self, loader) -> None:
-        loader.add_option(PREFIX + "db", str, "", "Store for the exchanges: SQLAlchemy URL or file path "
-                          "(default: $REDIRECT_AUDIT_DB, else ./redirect-audit.db).")
+        loader.add_option(
+            PREFIX + "db",
+            str,
+            "",
+            "Store for the exchanges: SQLAlchemy URL or file path "
+            "(default: $REDIRECT_AUDIT_DB, else ./redirect-audit.db).",
+        )
         loader.add_option(PREFIX + "batch", int, 2000, "Exchanges committed per transaction.")
-        loader.add_option(PREFIX + "flush_ms", int, 250, "Milliseconds before a partial batch is committed: what a "
-                          "kill -9 can lose at most.")
-        loader.add_option(PREFIX + "spool", str, "", "Directory for exchanges the store cannot take (default: next "
-                          "to the store, STORE.spool).")
-        loader.add_option(PREFIX + "bodies", bool, False, "Also store request and response bodies "
-                          "(capped, well-known secret fields redacted).")
-        loader.add_option(PREFIX + "body_cap", int, DEFAULT_BODY_CAP, "Bytes kept per body when bodies are stored.")
-        loader.add_option(PREFIX + "live", bool, True, "Link chains and run the rules while traffic flows; "
-                          "log findings and mark the flows involved.")
-        loader.add_option(PREFIX + "secret_fields", str, "", "Comma-separated field names protected in URLs and "
-                          "bodies beyond the built-in list (see the README's Secrets).")
-        loader.add_option(PREFIX + "proxy_id", str, "", "This recorder's name in the store: clients are told apart "
-                          "by it and their address, so proxies sharing a store never link each other's "
-                          "traffic (default: host name:listen port).")
-        loader.add_option(PREFIX + "link_window", int, int(LinkOptions().window),
-                          "Seconds within which a follow-up must start after its redirect.")
+        loader.add_option(
+            PREFIX + "flush_ms",
+            int,
+            250,
+            "Milliseconds before a partial batch is committed: what a kill -9 can lose at most.",
+        )
+        loader.add_option(
+            PREFIX + "spool",
+            str,
+            "",
+            "Directory for exchanges the store cannot take (default: next to the store, STORE.spool).",
+        )
+        loader.add_option(
+            PREFIX + "bodies",
+            bool,
+            False,
+            "Also store request and response bodies (capped, well-known secret fields redacted).",
+        )
+        loader.add_option(
+            PREFIX + "body_cap", int, DEFAULT_BODY_CAP, "Bytes kept per body when bodies are stored."
+        )
+        loader.add_option(
+            PREFIX + "live",
+            bool,
+            True,
+            "Link chains and run the rules while traffic flows; log findings and mark the flows involved.",
+        )
+        loader.add_option(
+            PREFIX + "secret_fields",
+            str,
+            "",
+            "Comma-separated field names protected in URLs and "
+            "bodies beyond the built-in list (see the README's Secrets).",
+        )
+        loader.add_option(
+            PREFIX + "proxy_id",
+            str,
+            "",
+            "This recorder's name in the store: clients are told apart "
+            "by it and their address, so proxies sharing a store never link each other's "
+            "traffic (default: host name:listen port).",
+        )
+        loader.add_option(
+            PREFIX + "link_window",
+            int,
+            int(LinkOptions().window),
+            "Seconds within which a follow-up must start after its redirect.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if not any(name.startswith(PREFIX) for name in updated):
             return
         opts = ctx.options
         try:
-            self.settings = RecorderSettings(batch_size=opts.redirect_audit_batch,
-                                             flush_interval=opts.redirect_audit_flush_ms / 1000,
-                                             spool=Path(opts.redirect_audit_spool) if opts.redirect_audit_spool
-                                             else None)
-            self.capture = CaptureOptions(keep_bodies=opts.redirect_audit_bodies,
-                                          body_cap=opts.redirect_audit_body_cap,
-                                          secret_fields=tuple(f for f in opts.redirect_audit_secret_fields.split(",")
-                                                              if f.strip()))
-            self.analysis = AnalysisOptions(link=LinkOptions(window=opts.redirect_audit_link_window),
-                                            detect=DetectorOptions())
+            self.settings = RecorderSettings(
+                batch_size=opts.redirect_audit_batch,
+                flush_interval=opts.redirect_audit_flush_ms / 1000,
+                spool=Path(opts.redirect_audit_spool) if opts.redirect_audit_spool else None,
+            )
+            self.capture = CaptureOptions(
+                keep_bodies=opts.redirect_audit_bodies,
+                body_cap=opts.redirect_audit_body_cap,
+                secret_fields=tuple(f for f in opts.redirect_audit_secret_fields.split(",") if f.strip()),
+            )
+            self.analysis = AnalysisOptions(
+                link=LinkOptions(window=opts.redirect_audit_link_window), detect=DetectorOptions()
+            )
         except ValueError as exc:
             raise exceptions.OptionsError(f"redirect_audit: {exc}") from None
         if self.recorder is not None:
             if PREFIX + "db" in updated or PREFIX + "live" in updated:
-                raise exceptions.OptionsError("redirect_audit_db and redirect_audit_live cannot change while "
-                                              "the proxy runs")
+                raise exceptions.OptionsError(
+                    "redirect_audit_db and redirect_audit_live cannot change while the proxy runs"
+                )
             self.converter.options = self.capture
             return
         if PREFIX + "db" in updated or self.store is None:
@@ -205,8 +246,12 @@ class RedirectRecorder:
             return
         store = self.store
         self.recorder = Recorder(store, self.settings, creator=f"mitmproxy {MITMPROXY_VERSION}")
-        self.converter = FlowConverter(0, store.secret_key, self.capture,  # the writer sets each row's capture
-                                       recorder=f"proxy:{proxy_id()}")
+        self.converter = FlowConverter(
+            0,
+            store.secret_key,
+            self.capture,  # the writer sets each row's capture
+            recorder=f"proxy:{proxy_id()}",
+        )
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: driven by hand (tests); flows are converted at once
@@ -271,8 +316,14 @@ class RedirectRecorder:
             query = flow.request.query
             given, to = query.get("from", ""), query.get("to", "")
             if not given:
-                self._answer(flow, 400, {"error": "/label needs from=LABEL (and to=LABEL; without it, "
-                                                  "the label is recorded as given again)"})
+                self._answer(
+                    flow,
+                    400,
+                    {
+                        "error": "/label needs from=LABEL (and to=LABEL; without it, "
+                        "the label is recorded as given again)"
+                    },
+                )
                 return
             if to:
                 self.renamed[given] = printable(to)[:LABEL_MAX]
@@ -281,8 +332,11 @@ class RedirectRecorder:
             self._answer(flow, 200, {"from": given, "to": self.renamed.get(given, given)})
             return
         if path != "/flush":
-            self._answer(flow, 404, {"error": f"unknown control request {printable(path)[:100]}; "
-                                              "known: /ping, /flush, /label"})
+            self._answer(
+                flow,
+                404,
+                {"error": f"unknown control request {printable(path)[:100]}; known: /ping, /flush, /label"},
+            )
             return
         if self.recorder is None:
             self._start()
@@ -296,13 +350,25 @@ class RedirectRecorder:
         while recorder.handled < target and time.monotonic() < deadline and not recorder.closed:
             await asyncio.sleep(0.001)  # a commit takes a few ms: a test waits for this, once or twice
         done = recorder.handled >= target or recorder.closed
-        self._answer(flow, 200 if done else 504, {"flushed": done, "seen": recorder.seen, "stored": recorder.stored,
-                                                  "spooled": recorder.spooled, "capture": recorder.capture_id})
+        self._answer(
+            flow,
+            200 if done else 504,
+            {
+                "flushed": done,
+                "seen": recorder.seen,
+                "stored": recorder.stored,
+                "spooled": recorder.spooled,
+                "capture": recorder.capture_id,
+            },
+        )
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, status: int, body: dict) -> None:
-        flow.response = http.Response.make(status, json.dumps(body).encode(),
-                                           {"Content-Type": "application/json", "Cache-Control": "no-store"})
+        flow.response = http.Response.make(
+            status,
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json", "Cache-Control": "no-store"},
+        )
 
     # ---- traffic -------------------------------------------------------------
 
@@ -344,15 +410,17 @@ class RedirectRecorder:
             try:
                 exchange = convert(recorder.next_seq(), flow)
                 recorder.submit(exchange)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.unqueued += 1
                 log.error("redirect-audit: flow %s could not be recorded: %r", flow.id, exc, exc_info=True)
                 continue
             if live is not None:
                 try:
                     self._judge(live, flow, exchange)
-                except Exception as exc:  # noqa: BLE001 - it is stored: `analyze` judges it afterwards
-                    log.error("redirect-audit: the live rules failed on flow %s: %r", flow.id, exc, exc_info=True)
+                except Exception as exc:
+                    log.error(
+                        "redirect-audit: the live rules failed on flow %s: %r", flow.id, exc, exc_info=True
+                    )
 
     def _judge(self, live: LiveAnalyzer, flow: http.HTTPFlow, exchange: Exchange) -> None:
         found = live.add(exchange)
@@ -371,9 +439,17 @@ class RedirectRecorder:
             source = target
             if finding.chain is not None and finding.hop < len(finding.chain.hops):
                 source = finding.chain.hops[finding.hop].source
-            log.warning("redirect-audit %s %s [%s] %s %s -> %s -> %s: %s", finding.rule_id, finding.rule,
-                        finding.severity, printable(source.method), printable(source.url), source.status,
-                        printable(_after(finding, target)), printable(finding.message))
+            log.warning(
+                "redirect-audit %s %s [%s] %s %s -> %s -> %s: %s",
+                finding.rule_id,
+                finding.rule,
+                finding.severity,
+                printable(source.method),
+                printable(source.url),
+                source.status,
+                printable(_after(finding, target)),
+                printable(finding.message),
+            )
             involved = [source, target] if source is not target else [target]
             for ex in involved:
                 flow = self.flows.get(ex.id)
@@ -423,18 +499,33 @@ class RedirectRecorder:
         rec = self.recorder
         seen, stored = rec.seen + self.unqueued, rec.stored
         late = f" ({self.late} after shutdown began)" if self.late else ""
-        extra = ", ".join(f"{n} {what}" for n, what in ((rec.spooled, f"spooled to {rec.spool_path}"),
-                                                       (rec.lost + self.unqueued, "dropped")) if n)
-        line = (f"redirect-audit: saw {seen} exchanges, stored {stored}{late}{'; ' + extra if extra else ''}; "
-                f"{self.findings} findings while running")
+        extra = ", ".join(
+            f"{n} {what}"
+            for n, what in (
+                (rec.spooled, f"spooled to {rec.spool_path}"),
+                (rec.lost + self.unqueued, "dropped"),
+            )
+            if n
+        )
+        line = (
+            f"redirect-audit: saw {seen} exchanges, stored {stored}{late}{'; ' + extra if extra else ''}; "
+            f"{self.findings} findings while running"
+        )
         if not log.hasHandlers():
             # mitmproxy takes its log handler down once every done hook has run, and
             # then cancels the connections still open, some of which finish first: the
             # last totals still reach the terminal, on stderr.
             print(line, file=sys.stderr, flush=True)
             return
-        log.log(logging.INFO if seen == stored else logging.WARNING if rec.lost + self.unqueued == 0 else logging.ERROR,
-                "%s", line)
+        log.log(
+            logging.INFO
+            if seen == stored
+            else logging.WARNING
+            if rec.lost + self.unqueued == 0
+            else logging.ERROR,
+            "%s",
+            line,
+        )
 
 
 # mitmproxy offers every event to every addon, eight per request (four lifecycle hooks,

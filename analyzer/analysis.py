@@ -47,11 +47,6 @@ from analyzer.store import (
     STATISTICS_AFTER,
     Store,
     analyzed_captures,
-    captures as captures_t,
-    chains as chains_t,
-    exchanges as ex_t,
-    findings as findings_t,
-    hops as hops_t,
     insert_tuples,
     light_exchange,
     load_exchanges,
@@ -60,6 +55,21 @@ from analyzer.store import (
     read_generation,
     record_analysis,
     refresh_statistics,
+)
+from analyzer.store import (
+    captures as captures_t,
+)
+from analyzer.store import (
+    chains as chains_t,
+)
+from analyzer.store import (
+    exchanges as ex_t,
+)
+from analyzer.store import (
+    findings as findings_t,
+)
+from analyzer.store import (
+    hops as hops_t,
 )
 from analyzer.storeread import ANALYSIS_OPTIONS
 
@@ -79,8 +89,12 @@ class AnalysisOptions:
     def as_dict(self) -> dict:
         """The options as stored with the results, so that a re-analysis on its own uses them again."""
         d = self.detect
-        return {"link_window": self.link.window, "stale_after_days": d.stale_after_days,
-                "duplicate_window": d.duplicate_window, "max_redirects": d.max_redirects}
+        return {
+            "link_window": self.link.window,
+            "stale_after_days": d.stale_after_days,
+            "duplicate_window": d.duplicate_window,
+            "max_redirects": d.max_redirects,
+        }
 
     @classmethod
     def from_dict(cls, stored: dict | None) -> AnalysisOptions:
@@ -89,10 +103,14 @@ class AnalysisOptions:
         defaults = cls().as_dict()
         values = {k: stored[k] if isinstance(stored.get(k), int | float) else v for k, v in defaults.items()}
         try:
-            return cls(link=LinkOptions(window=values["link_window"]),
-                       detect=DetectorOptions(stale_after_days=values["stale_after_days"],
-                                              duplicate_window=values["duplicate_window"],
-                                              max_redirects=int(values["max_redirects"])))
+            return cls(
+                link=LinkOptions(window=values["link_window"]),
+                detect=DetectorOptions(
+                    stale_after_days=values["stale_after_days"],
+                    duplicate_window=values["duplicate_window"],
+                    max_redirects=int(values["max_redirects"]),
+                ),
+            )
         except ValueError:
             return cls()
 
@@ -116,8 +134,15 @@ class AnalysisResult:
         return sum(self.by_severity.values())
 
 
-def analyze(store: Store, options: AnalysisOptions = AnalysisOptions(), *, jobs: int = 1, full: bool = False,
-            keep: bool = False, batch_exchanges: int = BATCH_EXCHANGES) -> AnalysisResult:
+def analyze(
+    store: Store,
+    options: AnalysisOptions = AnalysisOptions(),
+    *,
+    jobs: int = 1,
+    full: bool = False,
+    keep: bool = False,
+    batch_exchanges: int = BATCH_EXCHANGES,
+) -> AnalysisResult:
     """Bring chains and findings up to date with the store.
 
     Only clients with exchanges added since the last analysis are analyzed again, unless
@@ -131,10 +156,22 @@ def analyze(store: Store, options: AnalysisOptions = AnalysisOptions(), *, jobs:
             generation = read_generation(conn)
             stored_options = conn.execute(select(meta.c.value).where(meta.c.key == ANALYSIS_OPTIONS)).scalar()
             recheck = conn.execute(select(meta.c.value).where(meta.c.key == STALE_RECHECK)).scalar() == "all"
-            seen_before = {cid: (n, top) for cid, n, top in conn.execute(select(
-                analyzed_captures.c.capture_id, analyzed_captures.c.exchanges, analyzed_captures.c.max_seq))}
-            full = full or not seen_before or stored_options is None \
+            seen_before = {
+                cid: (n, top)
+                for cid, n, top in conn.execute(
+                    select(
+                        analyzed_captures.c.capture_id,
+                        analyzed_captures.c.exchanges,
+                        analyzed_captures.c.max_seq,
+                    )
+                )
+            }
+            full = (
+                full
+                or not seen_before
+                or stored_options is None
                 or json.loads(stored_options) != options.as_dict()
+            )
             now = _capture_counts(conn)
             if full:
                 sizes = _client_sizes(conn)
@@ -143,7 +180,9 @@ def analyze(store: Store, options: AnalysisOptions = AnalysisOptions(), *, jobs:
                 dirty = _dirty_clients(conn, now, seen_before)
                 sizes = _client_sizes(conn, sorted(dirty))
         batches = list(_batches(sorted(dirty), sizes, batch_exchanges))
-        result = AnalysisResult(full=full, clients_analyzed=len(dirty), clients_total=len(sizes) if full else None)
+        result = AnalysisResult(
+            full=full, clients_analyzed=len(dirty), clients_total=len(sizes) if full else None
+        )
         groups: set[tuple[str, str]] = set()
         where: dict[int, tuple[Chain, int]] = {}
         ids = _FindingIds()
@@ -156,20 +195,25 @@ def analyze(store: Store, options: AnalysisOptions = AnalysisOptions(), *, jobs:
             if keep:
                 result.chains.extend(out.chains)
                 result.findings.extend(out.findings)
-                where.update((hop.source.id, (chain, hop.index)) for chain in out.chains for hop in chain.hops)
+                where.update(
+                    (hop.source.id, (chain, hop.index)) for chain in out.chains for hop in chain.hops
+                )
         with store.begin() as conn:
             lock_results(conn)
             if full:
                 _drop_orphans(conn)
-            found = stale_findings(conn, None if full or recheck else groups, options.detect, ids,
-                                   where if keep else None)
+            found = stale_findings(
+                conn, None if full or recheck else groups, options.detect, ids, where if keep else None
+            )
             if recheck:
                 conn.execute(delete(meta).where(meta.c.key == STALE_RECHECK))
             result.findings.extend(found)
             conn.execute(delete(analyzed_captures))
             if now:
-                conn.execute(insert(analyzed_captures), [{"capture_id": cid, "exchanges": n, "max_seq": top}
-                                                         for cid, (n, top) in now.items()])
+                conn.execute(
+                    insert(analyzed_captures),
+                    [{"capture_id": cid, "exchanges": n, "max_seq": top} for cid, (n, top) in now.items()],
+                )
             record_analysis(conn, generation, options.as_dict())
             if full or sum(sizes.get(c, 0) for c in dirty) >= STATISTICS_AFTER:
                 refresh_statistics(conn, "chains", "hops", "findings")
@@ -187,8 +231,9 @@ def _order(ex: Exchange) -> tuple:
 def _count_results(conn: Connection, result: AnalysisResult) -> None:
     result.chain_count = conn.execute(select(func.count()).select_from(chains_t)).scalar() or 0
     result.hop_count = conn.execute(select(func.count()).select_from(hops_t)).scalar() or 0
-    result.by_severity = Counter(dict(conn.execute(
-        select(findings_t.c.severity, func.count()).group_by(findings_t.c.severity)).all()))
+    result.by_severity = Counter(
+        dict(conn.execute(select(findings_t.c.severity, func.count()).group_by(findings_t.c.severity)).all())
+    )
 
 
 def lock_results(conn: Connection) -> None:
@@ -213,7 +258,9 @@ def _capture_counts(conn: Connection) -> dict[int, tuple[int, int | None]]:
     an index until VACUUM has run)."""
     entries = dict(conn.execute(select(captures_t.c.id, captures_t.c.entries)).all())
     if len(entries) > PER_CAPTURE_LOOKUPS:
-        rows = conn.execute(select(ex_t.c.capture_id, func.count(), func.max(ex_t.c.seq)).group_by(ex_t.c.capture_id))
+        rows = conn.execute(
+            select(ex_t.c.capture_id, func.count(), func.max(ex_t.c.seq)).group_by(ex_t.c.capture_id)
+        )
         return {cid: (n, top) for cid, n, top in rows}
     out = {}
     for cid, count in entries.items():
@@ -284,7 +331,9 @@ class BatchOutput:
     findings: list[Finding] = field(default_factory=list)
 
 
-def analyze_clients(conn: Connection, clients: list[str], options: AnalysisOptions, keep: bool = False) -> BatchOutput:
+def analyze_clients(
+    conn: Connection, clients: list[str], options: AnalysisOptions, keep: bool = False
+) -> BatchOutput:
     """Chains, hops and findings of these clients, as rows (and objects with `keep`)."""
     chains, writes = rebuild_chains(conn, options.link, clients)
     found = run_detectors(chains, writes, options.detect, rules=PER_CLIENT_RULES)
@@ -295,8 +344,17 @@ def analyze_clients(conn: Connection, clients: list[str], options: AnalysisOptio
         out.chain_rows.append((root.id, root.id, len(chain.hops), chain.end, root.client, root.started_at))
         for hop in chain.hops:
             source = hop.source
-            out.hop_rows.append((root.id, hop.index, source.id, hop.target.id if hop.target else None, source.status,
-                                 hop.link, hop.confidence))
+            out.hop_rows.append(
+                (
+                    root.id,
+                    hop.index,
+                    source.id,
+                    hop.target.id if hop.target else None,
+                    source.status,
+                    hop.link,
+                    hop.confidence,
+                )
+            )
             if stale.is_temporary(source) and (source.location_resolved or source.location):
                 out.groups.add((source.url_norm, source.location_resolved or source.location))
     out.finding_rows = [_finding_row(f) for f in found]
@@ -305,8 +363,9 @@ def analyze_clients(conn: Connection, clients: list[str], options: AnalysisOptio
     return out
 
 
-def rebuild_chains(conn: Connection, options: LinkOptions, clients: list[str] | None = None
-                   ) -> tuple[list[Chain], list[Exchange]]:
+def rebuild_chains(
+    conn: Connection, options: LinkOptions, clients: list[str] | None = None
+) -> tuple[list[Chain], list[Exchange]]:
     """The chains of these clients (all clients when None) and their writes that repeat."""
     mine = ex_t.c.client.in_(clients) if clients is not None else None
 
@@ -344,13 +403,18 @@ def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
             return and_(*conditions, mine) if mine is not None else and_(*conditions)
 
         targets = select(ex_t.c.location_resolved).where(
-            of(ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None)))
+            of(ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None))
+        )
         return load_exchanges(conn, of(ex_t.c.url_norm.in_(targets)), light=True)
     redirect = ex_t.alias("redirect")
-    joined = redirect.join(ex_t, and_(ex_t.c.client == redirect.c.client,
-                                      ex_t.c.url_norm == redirect.c.location_resolved))
-    stmt = select(*(ex_t.c[name] for name in LINK_COLUMNS)).select_from(joined).where(
-        redirect.c.status.in_(REDIRECT_STATUSES), redirect.c.location_resolved.is_not(None))
+    joined = redirect.join(
+        ex_t, and_(ex_t.c.client == redirect.c.client, ex_t.c.url_norm == redirect.c.location_resolved)
+    )
+    stmt = (
+        select(*(ex_t.c[name] for name in LINK_COLUMNS))
+        .select_from(joined)
+        .where(redirect.c.status.in_(REDIRECT_STATUSES), redirect.c.location_resolved.is_not(None))
+    )
     if clients is not None:
         stmt = stmt.where(redirect.c.client.in_(clients))
     seen: dict[int, Exchange] = {}
@@ -369,14 +433,19 @@ def repeated_writes(clients: list[str] | None = None):
     after a bulk load, before autovacuum had analyzed the table). Portable SQL.
     """
     accepted = [
-        ex_t.c.method.in_(WRITE_METHODS), ex_t.c.status >= 200, ex_t.c.status < 300,
-        ex_t.c.req_body_sha256.is_not(None), ex_t.c.req_body_len > 0,
+        ex_t.c.method.in_(WRITE_METHODS),
+        ex_t.c.status >= 200,
+        ex_t.c.status < 300,
+        ex_t.c.req_body_sha256.is_not(None),
+        ex_t.c.req_body_len > 0,
     ]
     if clients is not None:
         accepted.append(ex_t.c.client.in_(clients))
     counted = (
-        select(ex_t.c.id, func.count().over(partition_by=(ex_t.c.client, ex_t.c.method, ex_t.c.req_body_sha256))
-               .label("n"))
+        select(
+            ex_t.c.id,
+            func.count().over(partition_by=(ex_t.c.client, ex_t.c.method, ex_t.c.req_body_sha256)).label("n"),
+        )
         .where(*accepted)
         .subquery()
     )
@@ -386,11 +455,18 @@ def repeated_writes(clients: list[str] | None = None):
 def _finding_row(finding: Finding) -> dict:
     source = finding.chain.hops[finding.hop].source if finding.chain else finding.exchange
     return {
-        "rule": finding.rule, "rule_id": finding.rule_id, "severity": str(finding.severity),
-        "severity_rank": int(finding.severity), "confidence": finding.confidence, "message": finding.message,
-        "chain_id": finding.chain.id if finding.chain else None, "hop": finding.hop,
-        "from_exchange_id": source.id, "to_exchange_id": finding.exchange.id,
-        "observed_at": finding.exchange.started_at, "evidence": json.dumps(finding.evidence, sort_keys=True),
+        "rule": finding.rule,
+        "rule_id": finding.rule_id,
+        "severity": str(finding.severity),
+        "severity_rank": int(finding.severity),
+        "confidence": finding.confidence,
+        "message": finding.message,
+        "chain_id": finding.chain.id if finding.chain else None,
+        "hop": finding.hop,
+        "from_exchange_id": source.id,
+        "to_exchange_id": finding.exchange.id,
+        "observed_at": finding.exchange.started_at,
+        "evidence": json.dumps(finding.evidence, sort_keys=True),
         "fingerprint": finding_fingerprint(finding.rule, source, finding.exchange),
         "client": finding.exchange.client,
     }
@@ -405,8 +481,9 @@ def finding_fingerprint(rule: str, source: Exchange, target: Exchange) -> str:
 # ---- running the batches ----------------------------------------------------------------
 
 
-def _run_batches(store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int,
-                 keep: bool) -> Iterator[BatchOutput]:
+def _run_batches(
+    store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int, keep: bool
+) -> Iterator[BatchOutput]:
     if jobs <= 1 or len(batches) < 2 or keep:
         for clients in batches:
             with store.engine.connect() as conn:
@@ -440,7 +517,9 @@ def _analyze_in_worker(clients: list[str], options: AnalysisOptions) -> BatchOut
         return analyze_clients(conn, clients, options)
 
 
-def _parallel(url: str, batches: list[list[str]], options: AnalysisOptions, jobs: int) -> Iterator[BatchOutput]:
+def _parallel(
+    url: str, batches: list[list[str]], options: AnalysisOptions, jobs: int
+) -> Iterator[BatchOutput]:
     """Batches through worker processes, results in the batches' order (so that new
     finding ids come out the same whatever finishes first), at most 2 x jobs in flight."""
     context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
@@ -501,16 +580,25 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
     statement goes through an index: chains by client, findings by client and by chain,
     hops and findings by primary key."""
     source = ex_t.alias("source")
-    columns = (findings_t.c.id, findings_t.c.rule, findings_t.c.from_exchange_id, findings_t.c.to_exchange_id,
-               findings_t.c.hop, source.c.url_norm, func.coalesce(source.c.location_resolved, source.c.location))
+    columns = (
+        findings_t.c.id,
+        findings_t.c.rule,
+        findings_t.c.from_exchange_id,
+        findings_t.c.to_exchange_id,
+        findings_t.c.hop,
+        source.c.url_norm,
+        func.coalesce(source.c.location_resolved, source.c.location),
+    )
     old_findings = select(*columns).join(source, source.c.id == findings_t.c.from_exchange_id)
     for start in range(0, len(out.clients), ID_CHUNK):
         chunk = out.clients[start : start + ID_CHUNK]
         old_chains = list(conn.execute(select(chains_t.c.id).where(chains_t.c.client.in_(chunk))).scalars())
         doomed: set[int] = set()
         queries = [old_findings.where(findings_t.c.client.in_(chunk))]
-        queries += [old_findings.where(findings_t.c.chain_id.in_(old_chains[i : i + ID_CHUNK]))
-                    for i in range(0, len(old_chains), ID_CHUNK)]
+        queries += [
+            old_findings.where(findings_t.c.chain_id.in_(old_chains[i : i + ID_CHUNK]))
+            for i in range(0, len(old_chains), ID_CHUNK)
+        ]
         for query in queries:
             for fid, rule, from_id, to_id, hop, url, target in conn.execute(query):
                 ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
@@ -537,28 +625,53 @@ def _drop_orphans(conn: Connection) -> None:
     # it re-reads the list for every chain (at 10M exchanges it did not finish).
     still = select(ex_t.c.id).where(ex_t.c.client == chains_t.c.client).exists()
     gone = select(chains_t.c.id).where(~still)
-    conn.execute(delete(findings_t).where(or_(findings_t.c.chain_id.in_(gone),
-                                              and_(findings_t.c.client.is_(None), findings_t.c.rule != stale.SLUG))))
+    conn.execute(
+        delete(findings_t).where(
+            or_(
+                findings_t.c.chain_id.in_(gone),
+                and_(findings_t.c.client.is_(None), findings_t.c.rule != stale.SLUG),
+            )
+        )
+    )
     conn.execute(delete(hops_t).where(hops_t.c.chain_id.in_(gone)))
     conn.execute(delete(chains_t).where(chains_t.c.id.in_(gone)))
 
 
 # ---- stale temporary redirects: across clients, as a stream -----------------------------
 
-_SIGHTING_COLUMNS = (ex_t.c.id, ex_t.c.capture_id, ex_t.c.seq, ex_t.c.client, ex_t.c.url_norm, ex_t.c.location,
-                     ex_t.c.location_resolved, ex_t.c.status, ex_t.c.method, ex_t.c.synthetic, ex_t.c.started_at,
-                     ex_t.c.response_headers)
+_SIGHTING_COLUMNS = (
+    ex_t.c.id,
+    ex_t.c.capture_id,
+    ex_t.c.seq,
+    ex_t.c.client,
+    ex_t.c.url_norm,
+    ex_t.c.location,
+    ex_t.c.location_resolved,
+    ex_t.c.status,
+    ex_t.c.method,
+    ex_t.c.synthetic,
+    ex_t.c.started_at,
+    ex_t.c.response_headers,
+)
 
 
-def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, options: DetectorOptions,
-                   ids: _FindingIds, where: dict[int, tuple[Chain, int]] | None = None) -> list[Finding]:
+def stale_findings(
+    conn: Connection,
+    groups: set[tuple[str, str]] | None,
+    options: DetectorOptions,
+    ids: _FindingIds,
+    where: dict[int, tuple[Chain, int]] | None = None,
+) -> list[Finding]:
     """Judge the (source, target) groups of temporary redirects (all when `groups` is None)
     and store their findings in place of the groups' earlier ones. Sightings stream in
     (source, target) order, so one group's summary is held at a time."""
     target_of = func.coalesce(ex_t.c.location_resolved, ex_t.c.location)
     temporary = and_(ex_t.c.status.in_(TEMPORARY_STATUSES), target_of.is_not(None))
-    old = select(findings_t.c.id, ex_t.c.url_norm, target_of).join(ex_t, ex_t.c.id == findings_t.c.from_exchange_id) \
+    old = (
+        select(findings_t.c.id, ex_t.c.url_norm, target_of)
+        .join(ex_t, ex_t.c.id == findings_t.c.from_exchange_id)
         .where(findings_t.c.rule == stale.SLUG)
+    )
     if groups is None:
         queries = [select(*_SIGHTING_COLUMNS).where(temporary)]
         olds = [old]
@@ -581,7 +694,9 @@ def stale_findings(conn: Connection, groups: set[tuple[str, str]] | None, option
     found: list[Finding] = []
     for query in queries:
         ordered = query.order_by(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.capture_id, ex_t.c.seq)
-        for (source, target), sightings in _groups(conn.execute(ordered.execution_options(yield_per=STREAM_ROWS))):
+        for (source, target), sightings in _groups(
+            conn.execute(ordered.execution_options(yield_per=STREAM_ROWS))
+        ):
             if groups is not None and (source, target) not in groups:
                 continue
             judged = stale.judge(source, target, sightings, options)
@@ -610,9 +725,14 @@ def _store_stale(conn: Connection, rows: list[dict], ids: _FindingIds) -> None:
     wanted = [row["from_exchange_id"] for row in rows]
     at: dict[int, tuple[int, int]] = {}
     for start in range(0, len(wanted), ID_CHUNK):
-        at.update((ex_id, (chain_id, idx)) for ex_id, chain_id, idx in conn.execute(
-            select(hops_t.c.from_exchange_id, hops_t.c.chain_id, hops_t.c.idx)
-            .where(hops_t.c.from_exchange_id.in_(wanted[start : start + ID_CHUNK]))))
+        at.update(
+            (ex_id, (chain_id, idx))
+            for ex_id, chain_id, idx in conn.execute(
+                select(hops_t.c.from_exchange_id, hops_t.c.chain_id, hops_t.c.idx).where(
+                    hops_t.c.from_exchange_id.in_(wanted[start : start + ID_CHUNK])
+                )
+            )
+        )
     for row in rows:
         row["chain_id"], row["hop"] = at.get(row["from_exchange_id"], (None, 0))
     ids.take(conn, rows, _stale_key)
@@ -629,21 +749,46 @@ def stale_history(conn: Connection) -> dict[tuple[str, str], stale.Sightings]:
     kind = (ex_t.c.url_norm, target_of, ex_t.c.status, ex_t.c.method, ex_t.c.synthetic)
     summary: dict[tuple[str, str], stale.Sightings] = {}
     for source, target, status, method, synthetic, count, first, last in conn.execute(
-            select(*kind, func.count(), func.min(ex_t.c.started_at), func.max(ex_t.c.started_at))
-            .where(temporary).group_by(*kind)):
-        probe = Exchange(capture_id=0, seq=0, method=method, url=source, url_norm=source, status=status,
-                         synthetic=bool(synthetic))
+        select(*kind, func.count(), func.min(ex_t.c.started_at), func.max(ex_t.c.started_at))
+        .where(temporary)
+        .group_by(*kind)
+    ):
+        probe = Exchange(
+            capture_id=0,
+            seq=0,
+            method=method,
+            url=source,
+            url_norm=source,
+            status=status,
+            synthetic=bool(synthetic),
+        )
         if stale.is_temporary(probe):
-            summary.setdefault((source, target), stale.Sightings()).count_sighting(status, last, times=count,
-                                                                                  first=first)
-    named = or_(*(func.lower(ex_t.c.response_headers).like(f"%{name}%")
-                  for name in ("retry-after", "cache-control", "expires")))
-    rows = select(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.response_headers).where(temporary, named)
+            summary.setdefault((source, target), stale.Sightings()).count_sighting(
+                status, last, times=count, first=first
+            )
+    named = or_(
+        *(
+            func.lower(ex_t.c.response_headers).like(f"%{name}%")
+            for name in ("retry-after", "cache-control", "expires")
+        )
+    )
+    rows = select(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.response_headers).where(
+        temporary, named
+    )
     for source, target, started, headers in conn.execute(rows.execution_options(yield_per=STREAM_ROWS)):
         group = summary.get((source, target))
         if group is not None:
-            group.note_headers(Exchange(capture_id=0, seq=0, method="GET", url=source, url_norm=source,
-                                        started_at=started, response_headers=[tuple(h) for h in json.loads(headers)]))
+            group.note_headers(
+                Exchange(
+                    capture_id=0,
+                    seq=0,
+                    method="GET",
+                    url=source,
+                    url_norm=source,
+                    started_at=started,
+                    response_headers=[tuple(h) for h in json.loads(headers)],
+                )
+            )
     return summary
 
 
@@ -656,11 +801,34 @@ def _groups(rows: Iterable) -> Iterator[tuple[tuple[str, str], stale.Sightings]]
     """Consecutive sightings of one (source, target), summarized as they pass."""
     key, summary = None, None
     for row in rows:
-        (ex_id, capture_id, seq, client, url_norm, location, resolved, status, method, synthetic, started,
-         response_headers) = row
-        ex = Exchange(id=ex_id, capture_id=capture_id, seq=seq, client=client, url=url_norm, url_norm=url_norm,
-                      method=method, status=status, location=location, location_resolved=resolved,
-                      synthetic=bool(synthetic), started_at=started)
+        (
+            ex_id,
+            capture_id,
+            seq,
+            client,
+            url_norm,
+            location,
+            resolved,
+            status,
+            method,
+            synthetic,
+            started,
+            response_headers,
+        ) = row
+        ex = Exchange(
+            id=ex_id,
+            capture_id=capture_id,
+            seq=seq,
+            client=client,
+            url=url_norm,
+            url_norm=url_norm,
+            method=method,
+            status=status,
+            location=location,
+            location_resolved=resolved,
+            synthetic=bool(synthetic),
+            started_at=started,
+        )
         if not stale.is_temporary(ex) or not (resolved or location):
             continue
         if response_headers:
@@ -675,5 +843,15 @@ def _groups(rows: Iterable) -> Iterator[tuple[tuple[str, str], stale.Sightings]]
         yield key, summary
 
 
-__all__ = ["AnalysisOptions", "AnalysisResult", "analyze", "analyze_clients", "finding_fingerprint",
-           "rebuild_chains", "repeated_writes", "stale_findings", "stale_history", "lock_results"]
+__all__ = [
+    "AnalysisOptions",
+    "AnalysisResult",
+    "analyze",
+    "analyze_clients",
+    "finding_fingerprint",
+    "lock_results",
+    "rebuild_chains",
+    "repeated_writes",
+    "stale_findings",
+    "stale_history",
+]

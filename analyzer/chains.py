@@ -83,7 +83,7 @@ def is_followable(ex: Linkable) -> bool:
 class _Candidates:
     """Time-sorted requests for one (client, URL), with next-unclaimed lookup."""
 
-    __slots__ = ("keys", "items", "parent")
+    __slots__ = ("items", "keys", "parent")
 
     def __init__(self, items: list[Linkable]) -> None:
         self.items = items
@@ -127,7 +127,9 @@ def link_redirects(
     return links
 
 
-def _pick(source: Linkable, pool: _Candidates, options: LinkOptions, connection_redirects: list[tuple]) -> Link | None:
+def _pick(
+    source: Linkable, pool: _Candidates, options: LinkOptions, connection_redirects: list[tuple]
+) -> Link | None:
     """`connection_redirects`: order keys of the client's redirects on source's connection."""
     source_key = order_key(source)
     undated = source.started_at is None
@@ -135,13 +137,19 @@ def _pick(source: Linkable, pool: _Candidates, options: LinkOptions, connection_
     chosen, seen = None, 0
     while i < len(pool.items) and seen < CONNECTION_SCAN_LIMIT:
         cand = pool.items[i]
-        if not undated and cand.started_at is not None and cand.started_at - source.started_at > options.window:
+        if (
+            not undated
+            and cand.started_at is not None
+            and cand.started_at - source.started_at > options.window
+        ):
             break
         if chosen is None:
             chosen = i
         seen += 1
         if source.connection is not None and cand.connection == source.connection:
-            if bisect_left(connection_redirects, order_key(cand)) <= bisect_right(connection_redirects, source_key):
+            if bisect_left(connection_redirects, order_key(cand)) <= bisect_right(
+                connection_redirects, source_key
+            ):
                 chosen = i  # the connection carried no other redirect in between
             break
         i = pool.first_free(i + 1)

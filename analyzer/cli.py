@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 
 import click
 
@@ -52,68 +52,111 @@ class Size(click.ParamType):
     """A byte count: 65536, 64KB, 64KiB, 1MB, 1.5MiB."""
 
     name = "size"
-    UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-             "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+    UNITS: ClassVar[dict[str, int]] = {
+        "": 1,
+        "b": 1,
+        "k": 1000,
+        "kb": 1000,
+        "kib": 1024,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "mib": 1024**2,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "gib": 1024**3,
+    }
 
     def convert(self, value, param, ctx) -> int:
         if isinstance(value, int):
             return value
         text = str(value).strip().lower().replace(" ", "")
         number = text.rstrip("bkmgi")
-        unit = text[len(number):]
+        unit = text[len(number) :]
         try:
             size = float(number) * self.UNITS[unit]
         except (ValueError, KeyError):
-            self.fail(f"{value!r} is not a size (bytes, or a number with KB, MB, GB, KiB, MiB or GiB)", param, ctx)
+            self.fail(
+                f"{value!r} is not a size (bytes, or a number with KB, MB, GB, KiB, MiB or GiB)", param, ctx
+            )
         if size < 0:
             self.fail(f"{value!r} is negative", param, ctx)
         return int(size)
 
 
 def db_option(f):
-    return click.option("--db", metavar="URL|PATH",
-                        help="Store: SQLAlchemy URL or SQLite path [default: $REDIRECT_AUDIT_DB, else "
-                             "./redirect-audit.db]")(f)
+    return click.option(
+        "--db",
+        metavar="URL|PATH",
+        help="Store: SQLAlchemy URL or SQLite path [default: $REDIRECT_AUDIT_DB, else ./redirect-audit.db]",
+    )(f)
 
 
 def wait_option(f):
-    return click.option("--wait", type=click.FloatRange(min=0), default=10.0, show_default=True,
-                        metavar="SECONDS", help="How long to wait for another process's write lock on the store")(f)
+    return click.option(
+        "--wait",
+        type=click.FloatRange(min=0),
+        default=10.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="How long to wait for another process's write lock on the store",
+    )(f)
 
 
 def reading_options(f):
     """--db, --no-analyze and --wait: every command that reads results."""
     f = wait_option(f)
-    f = click.option("--no-analyze", is_flag=True,
-                     help="Read the results as they are, even when the store changed since its last analysis")(f)
+    f = click.option(
+        "--no-analyze",
+        is_flag=True,
+        help="Read the results as they are, even when the store changed since its last analysis",
+    )(f)
     return db_option(f)
 
 
 def output_option(f):
-    return click.option("--output", "-o", metavar="FILE",
-                        help="Write to FILE instead of stdout ('-': stdout)")(f)
+    return click.option(
+        "--output", "-o", metavar="FILE", help="Write to FILE instead of stdout ('-': stdout)"
+    )(f)
 
 
 def secret_field_option(f):
-    return click.option("--secret-field", "secret_fields", multiple=True, metavar="NAME",
-                        help="Also protect this query/body field name (repeatable; see README, Secrets)")(f)
+    return click.option(
+        "--secret-field",
+        "secret_fields",
+        multiple=True,
+        metavar="NAME",
+        help="Also protect this query/body field name (repeatable; see README, Secrets)",
+    )(f)
 
 
 def key_file_option(f):
-    return click.option("--key-file", metavar="PATH",
-                        help="Keep the store's fingerprint key in this file, not in the store (created with the "
-                             "store; later needed to write to it) [default: $REDIRECT_AUDIT_KEY_FILE]")(f)
+    return click.option(
+        "--key-file",
+        metavar="PATH",
+        help="Keep the store's fingerprint key in this file, not in the store (created with the "
+        "store; later needed to write to it) [default: $REDIRECT_AUDIT_KEY_FILE]",
+    )(f)
 
 
 def import_options(f):
     f = wait_option(f)
     f = key_file_option(f)
     f = secret_field_option(f)
-    f = click.option("--force", is_flag=True, help="Import content the store already holds, as a capture of its own")(f)
-    f = click.option("--body-cap", type=Size(), default=DEFAULT_BODY_CAP, show_default=True,
-                     help="Bytes kept per body with --keep-bodies (65536, 64KB, 1MiB, ...)")(f)
-    f = click.option("--keep-bodies", is_flag=True,
-                     help="Also store request/response bodies (capped, secret fields redacted)")(f)
+    f = click.option(
+        "--force", is_flag=True, help="Import content the store already holds, as a capture of its own"
+    )(f)
+    f = click.option(
+        "--body-cap",
+        type=Size(),
+        default=DEFAULT_BODY_CAP,
+        show_default=True,
+        help="Bytes kept per body with --keep-bodies (65536, 64KB, 1MiB, ...)",
+    )(f)
+    f = click.option(
+        "--keep-bodies",
+        is_flag=True,
+        help="Also store request/response bodies (capped, secret fields redacted)",
+    )(f)
     return db_option(f)
 
 
@@ -124,7 +167,7 @@ def import_options(f):
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Exit status: 0 done; 1 `check` found new findings; 2 an error (one line on stderr); "
-           "130 interrupted. Docs: README.md, `redirect-audit rules`.",
+    "130 interrupted. Docs: README.md, `redirect-audit rules`.",
 )
 @click.version_option(__version__, "--version", prog_name="redirect-audit", message="%(prog)s %(version)s")
 @click.pass_context
@@ -147,11 +190,23 @@ def cli(ctx: click.Context) -> None:
 @cli.command("import-har")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @import_options
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Processes converting entries [default: one per CPU, at most 4, for files over 16 MB; 0: none]")
-def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int,
-                   secret_fields: tuple[str, ...], key_file: str | None, force: bool, wait: float,
-                   workers: int | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Processes converting entries [default: one per CPU, at most 4, for files over 16 MB; 0: none]",
+)
+def import_har_cmd(
+    files: tuple[str, ...],
+    db: str | None,
+    keep_bodies: bool,
+    body_cap: int,
+    secret_fields: tuple[str, ...],
+    key_file: str | None,
+    force: bool,
+    wait: float,
+    workers: int | None,
+) -> None:
     """Import HAR files (1.1, 1.2); '-' reads one from stdin.
 
     Each file is one transaction: a bad file leaves nothing behind and the others still go
@@ -163,8 +218,13 @@ def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, bo
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap, secret_fields=secret_fields)
 
     def one(path: str, name: str):
-        return _with_progress(path, name, lambda progress: import_har(
-            store.get(), path, options, progress, workers=workers, force=force, name=name))
+        return _with_progress(
+            path,
+            name,
+            lambda progress: import_har(
+                store.get(), path, options, progress, workers=workers, force=force, name=name
+            ),
+        )
 
     _import_files(files, one, "entries", store)
 
@@ -172,8 +232,16 @@ def import_har_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, bo
 @cli.command("import-flows")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @import_options
-def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, body_cap: int,
-                     secret_fields: tuple[str, ...], key_file: str | None, force: bool, wait: float) -> None:
+def import_flows_cmd(
+    files: tuple[str, ...],
+    db: str | None,
+    keep_bodies: bool,
+    body_cap: int,
+    secret_fields: tuple[str, ...],
+    key_file: str | None,
+    force: bool,
+    wait: float,
+) -> None:
     """Import flows saved by `mitmdump -w` or mitmweb; '-' reads a dump from stdin.
 
     One transaction per file, as for import-har; content already in the store is skipped.
@@ -183,8 +251,12 @@ def import_flows_cmd(files: tuple[str, ...], db: str | None, keep_bodies: bool, 
 
     store = _StoreOnDemand(db, wait, key_file)
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap, secret_fields=secret_fields)
-    _import_files(files, lambda path, name: import_flows(store.get(), path, options, force=force, name=name),
-                  "flows", store)
+    _import_files(
+        files,
+        lambda path, name: import_flows(store.get(), path, options, force=force, name=name),
+        "flows",
+        store,
+    )
 
 
 def _open_for_writing(db: str | None, wait: float, key_file: str | None = None):
@@ -247,11 +319,13 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str, store
             _error(text if text.startswith(name) else f"{name}: {text}")
             failed += 1
             continue
-        except Exception as exc:  # noqa: BLE001 - a bug of ours costs this file only
+        except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
-            _error(f"{name}: not imported: internal error: {type(exc).__name__}: {exc} "
-                   f"(set {DEBUG_ENV}=1 for the traceback)")
+            _error(
+                f"{name}: not imported: internal error: {type(exc).__name__}: {exc} "
+                f"(set {DEBUG_ENV}=1 for the traceback)"
+            )
             failed += 1
             continue
         stored += 1
@@ -266,8 +340,11 @@ def _import_files(files: tuple[str, ...], import_one: Callable, noun: str, store
 def _warn_dates(name: str, noun: str, count: int, first: list[tuple[int, float]]) -> None:
     one = {"entries": "entry", "flows": "flow"}.get(noun, noun)
     which = ", ".join(f"{one} {seq} (year ~{1970 + ts / 31_556_952:.0f})" for seq, ts in first)
-    click.echo(f"redirect-audit: warning: {name}: {count} of its {noun} dated outside 1677-2262, which reports "
-               f"and frames cannot place on a timeline; kept as given: {which}", err=True)
+    click.echo(
+        f"redirect-audit: warning: {name}: {count} of its {noun} dated outside 1677-2262, which reports "
+        f"and frames cannot place on a timeline; kept as given: {which}",
+        err=True,
+    )
 
 
 def _interrupted_import(name: str, stored: int, store: _StoreOnDemand, newest: int) -> str:
@@ -297,8 +374,10 @@ def _readable(given: str) -> Iterator[str]:
         yield given
         return
     if sys.stdin is None or sys.stdin.isatty():
-        raise UserError("'-' reads a capture from stdin, but stdin is a terminal: pipe a file in "
-                        "(cat session.har | redirect-audit import-har -)")
+        raise UserError(
+            "'-' reads a capture from stdin, but stdin is a terminal: pipe a file in "
+            "(cat session.har | redirect-audit import-har -)"
+        )
     if not hasattr(os, "memfd_create"):
         raise UserError("'-' (stdin) needs Linux's memfd_create; give a file path instead")
     fd = os.memfd_create("redirect-audit-stdin")
@@ -319,8 +398,13 @@ def _with_progress(path: str, name: str, run: Callable):
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     # No refresh thread: the importer may fork its workers, which wants a single thread.
     with Progress(*columns, console=_console(sys.stderr), transient=True, auto_refresh=False) as bar:
         size = Path(path).stat().st_size if Path(path).exists() else None
@@ -340,27 +424,68 @@ def _with_progress(path: str, name: str, run: Callable):
 @cli.command("proxy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @db_option
 @click.option("--listen-host", default="127.0.0.1", show_default=True, help="Address the proxy listens on")
-@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="Port the proxy listens on")
-@click.option("--mode", "-m", multiple=True, help="mitmproxy mode, repeatable (regular, reverse:URL, socks5, "
-                                                  "upstream:URL, ...)")
+@click.option(
+    "--port",
+    "-p",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port the proxy listens on",
+)
+@click.option(
+    "--mode",
+    "-m",
+    multiple=True,
+    help="mitmproxy mode, repeatable (regular, reverse:URL, socks5, upstream:URL, ...)",
+)
 @click.option("--web", is_flag=True, help="Run mitmweb (flows in a browser UI) instead of mitmdump")
-@click.option("--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)")
-@click.option("--body-cap", type=Size(), default=DEFAULT_BODY_CAP, show_default=True,
-              help="Bytes kept per body with --keep-bodies")
-@click.option("--live/--no-live", default=True, show_default=True, help="Link chains and run the rules while "
-                                                                       "traffic flows")
-@click.option("--confdir", default="~/.mitmproxy", show_default=True,
-              help="mitmproxy's directory for its CA and settings")
-@click.option("--proxy-id", default="", metavar="NAME",
-              help="This proxy's name in the store; clients are told apart by it and their address, so "
-                   "proxies sharing a store never link each other's traffic [default: host name:port]")
+@click.option(
+    "--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)"
+)
+@click.option(
+    "--body-cap",
+    type=Size(),
+    default=DEFAULT_BODY_CAP,
+    show_default=True,
+    help="Bytes kept per body with --keep-bodies",
+)
+@click.option(
+    "--live/--no-live",
+    default=True,
+    show_default=True,
+    help="Link chains and run the rules while traffic flows",
+)
+@click.option(
+    "--confdir",
+    default="~/.mitmproxy",
+    show_default=True,
+    help="mitmproxy's directory for its CA and settings",
+)
+@click.option(
+    "--proxy-id",
+    default="",
+    metavar="NAME",
+    help="This proxy's name in the store; clients are told apart by it and their address, so "
+    "proxies sharing a store never link each other's traffic [default: host name:port]",
+)
 @secret_field_option
 @key_file_option
 @click.pass_context
-def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, mode: tuple[str, ...], web: bool,
-              keep_bodies: bool, body_cap: int, live: bool, confdir: str, proxy_id: str,
-              secret_fields: tuple[str, ...], key_file: str | None) -> None:
+def proxy_cmd(
+    ctx: click.Context,
+    db: str | None,
+    listen_host: str,
+    port: int,
+    mode: tuple[str, ...],
+    web: bool,
+    keep_bodies: bool,
+    body_cap: int,
+    live: bool,
+    confdir: str,
+    proxy_id: str,
+    secret_fields: tuple[str, ...],
+    key_file: str | None,
+) -> None:
     """Run mitmproxy with the recorder; what follows the options goes to mitmdump/mitmweb as is.
 
     Stop it with Ctrl-C; the findings are then one command away (the last line says which).
@@ -368,10 +493,22 @@ def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, m
     from analyzer.proxy import ProxyError, ProxyPlan
     from analyzer.storeread import resolve_db_url
 
-    plan = ProxyPlan(db_url=resolve_db_url(db), listen_host=listen_host, port=port, modes=list(mode), web=web,
-                     keep_bodies=keep_bodies, body_cap=body_cap, live=live, confdir=Path(confdir).expanduser(),
-                     extra=list(ctx.args), then=f"{command_prefix()} findings --db {shlex.quote(_db_shown(db))}",
-                     secret_fields=secret_fields, key_file=key_file, proxy_id=proxy_id)
+    plan = ProxyPlan(
+        db_url=resolve_db_url(db),
+        listen_host=listen_host,
+        port=port,
+        modes=list(mode),
+        web=web,
+        keep_bodies=keep_bodies,
+        body_cap=body_cap,
+        live=live,
+        confdir=Path(confdir).expanduser(),
+        extra=list(ctx.args),
+        then=f"{command_prefix()} findings --db {shlex.quote(_db_shown(db))}",
+        secret_fields=secret_fields,
+        key_file=key_file,
+        proxy_id=proxy_id,
+    )
     try:
         plan.check()  # options that conflict, a busy port: one line, before anything is printed
         _open_for_writing(db, 10.0, key_file).close()  # as is a store that cannot be opened
@@ -384,25 +521,61 @@ def proxy_cmd(ctx: click.Context, db: str | None, listen_host: str, port: int, m
 
 @cli.command("run", context_settings={"allow_interspersed_args": False})
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
-@click.option("--db", metavar="URL", help="Keep the exchanges in this store (SQLAlchemy URL or file path) "
-                                          "[default: a fresh store in a new temporary directory, printed]")
-@click.option("--fail-on", type=click.Choice(SEVERITIES), default="medium", show_default=True,
-              help="Lowest severity of a new finding that fails the run (when CMD itself succeeded)")
-@click.option("--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail")
-@click.option("--label", metavar="NAME", help="Client label CMD's traffic is recorded under (in the proxy URL "
-                                             "CMD is given)")
-@click.option("--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)")
-@click.option("--confdir", default="~/.mitmproxy", show_default=True, envvar="REDIRECT_AUDIT_CONFDIR",
-              help="mitmproxy's directory for its CA and settings [env: REDIRECT_AUDIT_CONFDIR]")
-@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
-              help="A mitmproxy option for the recorder, repeatable (e.g. ssl_insecure=true for test servers "
-                   "with self-signed certificates)")
+@click.option(
+    "--db",
+    metavar="URL",
+    help="Keep the exchanges in this store (SQLAlchemy URL or file path) "
+    "[default: a fresh store in a new temporary directory, printed]",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(SEVERITIES),
+    default="medium",
+    show_default=True,
+    help="Lowest severity of a new finding that fails the run (when CMD itself succeeded)",
+)
+@click.option(
+    "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
+)
+@click.option(
+    "--label",
+    metavar="NAME",
+    help="Client label CMD's traffic is recorded under (in the proxy URL CMD is given)",
+)
+@click.option(
+    "--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)"
+)
+@click.option(
+    "--confdir",
+    default="~/.mitmproxy",
+    show_default=True,
+    envvar="REDIRECT_AUDIT_CONFDIR",
+    help="mitmproxy's directory for its CA and settings [env: REDIRECT_AUDIT_CONFDIR]",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A mitmproxy option for the recorder, repeatable (e.g. ssl_insecure=true for test servers "
+    "with self-signed certificates)",
+)
 @click.option("--verbose", "-v", is_flag=True, help="List the environment variables set for CMD")
 @secret_field_option
 @key_file_option
-def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: str | None, label: str | None,
-            keep_bodies: bool, confdir: str, settings: tuple[str, ...], verbose: bool,
-            secret_fields: tuple[str, ...], key_file: str | None) -> None:
+def run_cmd(
+    command: tuple[str, ...],
+    db: str | None,
+    fail_on: str,
+    baseline: str | None,
+    label: str | None,
+    keep_bodies: bool,
+    confdir: str,
+    settings: tuple[str, ...],
+    verbose: bool,
+    secret_fields: tuple[str, ...],
+    key_file: str | None,
+) -> None:
     """Run CMD with its HTTP(S) traffic recorded, then analyze it and print the findings.
 
     CMD gets the proxy in HTTP_PROXY, HTTPS_PROXY and ALL_PROXY (both cases), a CA bundle
@@ -429,7 +602,9 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
     for setting in settings:
         if "=" not in setting:
             raise click.BadParameter(f"{setting!r} is not NAME=VALUE", param_hint="--set")
-    known = exports.read_baseline(Path(baseline)) if baseline is not None else set()  # a bad file: before CMD runs
+    known = (
+        exports.read_baseline(Path(baseline)) if baseline is not None else set()
+    )  # a bad file: before CMD runs
     fresh = db is None
     workdir = Path(tempfile.mkdtemp(prefix="redirect-audit-run-"))
     if fresh:
@@ -437,9 +612,15 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
     extra = list(settings)
     if secret_fields:
         extra.append(f"redirect_audit_secret_fields={','.join(secret_fields)}")
-    recording = Recording(db_url=resolve_db_url(db), workdir=workdir, label=label,
-                          confdir=Path(confdir).expanduser(), keep_bodies=keep_bodies, settings=extra,
-                          key_file=key_file)
+    recording = Recording(
+        db_url=resolve_db_url(db),
+        workdir=workdir,
+        label=label,
+        confdir=Path(confdir).expanduser(),
+        keep_bodies=keep_bodies,
+        settings=extra,
+        key_file=key_file,
+    )
     keep_workdir = False  # the fresh store lives there once CMD ran; the recorder's log when it failed
     try:
         try:  # a store that cannot be opened: one line, before CMD runs (checked while mitmdump boots)
@@ -463,8 +644,16 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
             capture = None
         proxy_status = recording.stop()
         totals = recording.totals()
-        status = f"exited with {child.status}" if child.status < 128 or not child.interrupted else "was interrupted"
-        seen = f"{totals[0]} exchange(s) seen, {totals[1]} stored" if totals else "the recorder's totals are missing"
+        status = (
+            f"exited with {child.status}"
+            if child.status < 128 or not child.interrupted
+            else "was interrupted"
+        )
+        seen = (
+            f"{totals[0]} exchange(s) seen, {totals[1]} stored"
+            if totals
+            else "the recorder's totals are missing"
+        )
         say(f"{shlex.join(command)} {status}; {seen}")
         if totals is None or proxy_status not in (0, None):
             from analyzer.session import last_error
@@ -482,8 +671,10 @@ def run_cmd(command: tuple[str, ...], db: str | None, fail_on: str, baseline: st
     _emit(None, lambda out: _print_findings(records, out, " in this run's traffic"))
     for r in failing:
         say(f"NEW {r['severity']} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
-    say(f"{len(failing)} finding(s) at or above {fail_on} not in the baseline; "
-        f"the chains: {command_prefix()} chains --db {shlex.quote(_db_shown(db))}")
+    say(
+        f"{len(failing)} finding(s) at or above {fail_on} not in the baseline; "
+        f"the chains: {command_prefix()} chains --db {shlex.quote(_db_shown(db))}"
+    )
     if child.status != 0:
         raise click.exceptions.Exit(child.status)
     if failing:
@@ -509,8 +700,13 @@ def _judge_run(db: str, capture: int | None, floor, known: set[str]) -> tuple[li
 
 
 @cli.command("demo")
-@click.option("--db", default="redirect-audit-demo.db", show_default=True, metavar="PATH",
-              help="Store to (re)create for the demo")
+@click.option(
+    "--db",
+    default="redirect-audit-demo.db",
+    show_default=True,
+    metavar="PATH",
+    help="Store to (re)create for the demo",
+)
 def demo_cmd(db: str) -> None:
     """Import the bundled sample capture, analyze it and print the findings."""
     from analyzer.demo_store import build_demo_store
@@ -532,21 +728,54 @@ def demo_cmd(db: str) -> None:
 
 @cli.command("analyze")
 @db_option
-@click.option("--link-window", type=float, default=30.0, show_default=True,
-              help="Seconds within which a follow-up must start")
-@click.option("--stale-days", type=float, default=7.0, show_default=True,
-              help="Days after which a temporary redirect is stale")
-@click.option("--duplicate-window", type=float, default=600.0, show_default=True,
-              help="Seconds between two deliveries of one write")
-@click.option("--max-redirects", type=int, default=20, show_default=True,
-              help="Follow-ups in one chain before too-many-redirects")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes analyzing clients in parallel")
-@click.option("--full", is_flag=True,
-              help="Analyze every client again, not only those with new exchanges")
+@click.option(
+    "--link-window",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds within which a follow-up must start",
+)
+@click.option(
+    "--stale-days",
+    type=float,
+    default=7.0,
+    show_default=True,
+    help="Days after which a temporary redirect is stale",
+)
+@click.option(
+    "--duplicate-window",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds between two deliveries of one write",
+)
+@click.option(
+    "--max-redirects",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Follow-ups in one chain before too-many-redirects",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes analyzing clients in parallel",
+)
+@click.option("--full", is_flag=True, help="Analyze every client again, not only those with new exchanges")
 @wait_option
-def analyze_cmd(db: str | None, link_window: float, stale_days: float, duplicate_window: float,
-                max_redirects: int, jobs: int, full: bool, wait: float) -> None:
+def analyze_cmd(
+    db: str | None,
+    link_window: float,
+    stale_days: float,
+    duplicate_window: float,
+    max_redirects: int,
+    jobs: int,
+    full: bool,
+    wait: float,
+) -> None:
     """Rebuild chains and run every rule for the clients with new exchanges (all of them
     with --full or new options), replacing their earlier results; ids stay as they were.
 
@@ -561,8 +790,9 @@ def analyze_cmd(db: str | None, link_window: float, stale_days: float, duplicate
     try:
         options = AnalysisOptions(
             link=LinkOptions(window=link_window),
-            detect=DetectorOptions(stale_after_days=stale_days, duplicate_window=duplicate_window,
-                                   max_redirects=max_redirects),
+            detect=DetectorOptions(
+                stale_after_days=stale_days, duplicate_window=duplicate_window, max_redirects=max_redirects
+            ),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -570,13 +800,24 @@ def analyze_cmd(db: str | None, link_window: float, stale_days: float, duplicate
     try:
         result = analyze(store, options, jobs=jobs, full=full)
     except KeyboardInterrupt:
-        raise Interrupted("interrupted: the clients analyzed so far have their new results, the others keep "
-                          "their earlier ones; the store still counts as not analyzed") from None
+        raise Interrupted(
+            "interrupted: the clients analyzed so far have their new results, the others keep "
+            "their earlier ones; the store still counts as not analyzed"
+        ) from None
     counts = ", ".join(f"{result.by_severity[s]} {s}" for s in reversed(SEVERITIES) if result.by_severity[s])
-    scope = "" if result.full else (f" (analyzed the {result.clients_analyzed} client(s) with new exchanges; "
-                                    f"the others had nothing new)")
-    _say(f"{result.chain_count} chain(s), {result.hop_count} hop(s), {result.finding_count} finding(s)"
-         + (f": {counts}" if counts else "") + scope)
+    scope = (
+        ""
+        if result.full
+        else (
+            f" (analyzed the {result.clients_analyzed} client(s) with new exchanges; "
+            f"the others had nothing new)"
+        )
+    )
+    _say(
+        f"{result.chain_count} chain(s), {result.hop_count} hop(s), {result.finding_count} finding(s)"
+        + (f": {counts}" if counts else "")
+        + scope
+    )
 
 
 # ---- reading commands -------------------------------------------------------------------
@@ -586,11 +827,14 @@ FINDING_FORMATS = ("table", "json", "jsonl", "sarif", "junit", "markdown", "html
 
 @cli.command("findings")
 @reading_options
-@click.option("--format", "-f", "format_", type=click.Choice(FINDING_FORMATS), default="table", show_default=True)
+@click.option(
+    "--format", "-f", "format_", type=click.Choice(FINDING_FORMATS), default="table", show_default=True
+)
 @click.option("--min-severity", type=click.Choice(SEVERITIES), default="info", show_default=True)
 @output_option
-def findings_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, min_severity: str,
-                 output: str | None) -> None:
+def findings_cmd(
+    db: str | None, no_analyze: bool, wait: float, format_: str, min_severity: str, output: str | None
+) -> None:
     """List the findings (the store is analyzed first if it changed since the last analysis).
 
     sarif: SARIF 2.1.0; junit: a test case per chain; markdown; html: one self-contained
@@ -608,8 +852,9 @@ def findings_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, mi
         click.echo(f"wrote {len(records)} finding(s) to {output}", err=True)
 
 
-def _write_findings(format_: str, records: list[dict], chain_list: list[dict], db: str | None, out: IO[str],
-                    scope: str) -> None:
+def _write_findings(
+    format_: str, records: list[dict], chain_list: list[dict], db: str | None, out: IO[str], scope: str
+) -> None:
     from analyzer.report import write_json, write_jsonl
 
     if format_ == "html":
@@ -647,14 +892,31 @@ def _print_findings(records: list[dict], out: IO[str], scope: str) -> None:
 
 @cli.command("check")
 @reading_options
-@click.option("--fail-on", type=click.Choice(SEVERITIES), default="medium", show_default=True,
-              help="Lowest severity that fails")
-@click.option("--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail")
-@click.option("--write-baseline", type=click.Path(dir_okay=False),
-              help="Record the current findings as the baseline and exit 0")
+@click.option(
+    "--fail-on",
+    type=click.Choice(SEVERITIES),
+    default="medium",
+    show_default=True,
+    help="Lowest severity that fails",
+)
+@click.option(
+    "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
+)
+@click.option(
+    "--write-baseline",
+    type=click.Path(dir_okay=False),
+    help="Record the current findings as the baseline and exit 0",
+)
 @click.option("--allow-empty", is_flag=True, help="Pass on a store that holds no exchanges (default: exit 2)")
-def check_cmd(db: str | None, no_analyze: bool, wait: float, fail_on: str, baseline: str | None,
-              write_baseline: str | None, allow_empty: bool) -> None:
+def check_cmd(
+    db: str | None,
+    no_analyze: bool,
+    wait: float,
+    fail_on: str,
+    baseline: str | None,
+    write_baseline: str | None,
+    allow_empty: bool,
+) -> None:
     """CI gate: exit 1 when a finding at or above --fail-on is not in the baseline, else 0.
 
     A store that holds no exchanges fails with exit 2: nothing was captured, so nothing
@@ -667,8 +929,10 @@ def check_cmd(db: str | None, no_analyze: bool, wait: float, fail_on: str, basel
     floor = Severity.parse(fail_on)
     with _results(db, no_analyze, wait) as (reader, state):
         if state.exchanges == 0 and not allow_empty:
-            raise UserError(f"nothing was captured: the store {_db_shown(db)} holds no exchanges, so nothing was "
-                            "checked (--allow-empty to pass on an empty store)")
+            raise UserError(
+                f"nothing was captured: the store {_db_shown(db)} holds no exchanges, so nothing was "
+                "checked (--allow-empty to pass on an empty store)"
+            )
         records = finding_records(reader)
     if write_baseline is not None:
         count = exports.write_baseline(records, Path(write_baseline))
@@ -679,8 +943,10 @@ def check_cmd(db: str | None, no_analyze: bool, wait: float, fail_on: str, basel
     for r in failing:
         _say(f"NEW {r['severity']:6} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
     quiet = len(records) - len(failing)
-    _say(f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
-         f" ({quiet} other finding(s) known or below the bar; {state.exchanges} exchange(s) checked)")
+    _say(
+        f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
+        f" ({quiet} other finding(s) known or below the bar; {state.exchanges} exchange(s) checked)"
+    )
     if failing:
         raise click.exceptions.Exit(EXIT_FINDINGS)
 
@@ -688,12 +954,27 @@ def check_cmd(db: str | None, no_analyze: bool, wait: float, fail_on: str, basel
 @cli.command("chains")
 @reading_options
 @click.option("--url", help="Only chains with a URL containing this")
-@click.option("--chain", "chain_ids", type=click.IntRange(min=1), multiple=True, metavar="ID",
-              help="Only this chain (its id, as findings give it), repeatable")
-@click.option("--format", "-f", "format_", type=click.Choice(("tree", "json")), default="tree", show_default=True)
+@click.option(
+    "--chain",
+    "chain_ids",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="ID",
+    help="Only this chain (its id, as findings give it), repeatable",
+)
+@click.option(
+    "--format", "-f", "format_", type=click.Choice(("tree", "json")), default="tree", show_default=True
+)
 @output_option
-def chains_cmd(db: str | None, no_analyze: bool, wait: float, url: str | None, chain_ids: tuple[int, ...],
-               format_: str, output: str | None) -> None:
+def chains_cmd(
+    db: str | None,
+    no_analyze: bool,
+    wait: float,
+    url: str | None,
+    chain_ids: tuple[int, ...],
+    format_: str,
+    output: str | None,
+) -> None:
     """Show chains hop by hop: method, status, body and what changed."""
     from analyzer.report import chain_records, print_chain_trees, write_json
 
@@ -703,9 +984,11 @@ def chains_cmd(db: str | None, no_analyze: bool, wait: float, url: str | None, c
         records = [c for c in records if c["chain_id"] in chain_ids]
         missing = sorted(set(chain_ids) - {c["chain_id"] for c in records})
         if missing:
-            raise UserError(f"no chain {', '.join(map(str, missing))} in {_db_shown(db)}"
-                            + (f" with a URL containing {url!r}" if url else "")
-                            + f" (`{command_prefix()} chains --db {shlex.quote(_db_shown(db))}` lists them)")
+            raise UserError(
+                f"no chain {', '.join(map(str, missing))} in {_db_shown(db)}"
+                + (f" with a URL containing {url!r}" if url else "")
+                + f" (`{command_prefix()} chains --db {shlex.quote(_db_shown(db))}` lists them)"
+            )
     if format_ == "json":
         _emit(output, lambda out: write_json(records, out))
     else:
@@ -714,16 +997,40 @@ def chains_cmd(db: str | None, no_analyze: bool, wait: float, url: str | None, c
 
 @cli.command("export-tests")
 @reading_options
-@click.option("--chain", "chain_ids", type=click.IntRange(min=1), multiple=True, metavar="ID",
-              help="This chain (repeatable)")
+@click.option(
+    "--chain",
+    "chain_ids",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="ID",
+    help="This chain (repeatable)",
+)
 @click.option("--url", help="Chains with a URL containing this")
 @click.option("--rule", metavar="SLUG", help="Chains a finding of this rule is about (slug or id)")
-@click.option("--base-url", metavar="URL", help="Send the requests of the chains' first origin here instead "
-                                               "(also settable when the tests run: $REDIRECT_AUDIT_BASE_URL)")
-@click.option("--output", "-o", "directory", required=True, metavar="DIR",
-              help="Directory to write the pytest module into (made if missing)")
-def export_tests_cmd(db: str | None, no_analyze: bool, wait: float, chain_ids: tuple[int, ...], url: str | None,
-                     rule: str | None, base_url: str | None, directory: str) -> None:
+@click.option(
+    "--base-url",
+    metavar="URL",
+    help="Send the requests of the chains' first origin here instead "
+    "(also settable when the tests run: $REDIRECT_AUDIT_BASE_URL)",
+)
+@click.option(
+    "--output",
+    "-o",
+    "directory",
+    required=True,
+    metavar="DIR",
+    help="Directory to write the pytest module into (made if missing)",
+)
+def export_tests_cmd(
+    db: str | None,
+    no_analyze: bool,
+    wait: float,
+    chain_ids: tuple[int, ...],
+    url: str | None,
+    rule: str | None,
+    base_url: str | None,
+    directory: str,
+) -> None:
     """Write contract tests from captured chains: a pytest module, one test per chain.
 
     Each test re-sends the chain's requests without following redirects, asserts the
@@ -741,13 +1048,17 @@ def export_tests_cmd(db: str | None, no_analyze: bool, wait: float, chain_ids: t
     if base_url is not None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise click.BadParameter(f"{base_url!r} is not an http(s) origin such as https://staging.example.com",
-                                     param_hint="--base-url")
+            raise click.BadParameter(
+                f"{base_url!r} is not an http(s) origin such as https://staging.example.com",
+                param_hint="--base-url",
+            )
     wanted_rule = None
     if rule is not None:
         match = [r for r in RULES if rule.lower() in (r.slug, r.id.lower())]
         if not match:
-            raise click.BadParameter(f"no rule {rule!r} (`{command_prefix()} rules` lists them)", param_hint="--rule")
+            raise click.BadParameter(
+                f"no rule {rule!r} (`{command_prefix()} rules` lists them)", param_hint="--rule"
+            )
         wanted_rule = match[0].slug
     with _results(db, no_analyze, wait) as (reader, _):
         chains = chain_records(reader, url)
@@ -756,19 +1067,44 @@ def export_tests_cmd(db: str | None, no_analyze: bool, wait: float, chain_ids: t
         if wanted_rule is not None:
             about = {f["chain_id"] for f in finding_records(reader) if f["rule"] == wanted_rule}
             chains = [c for c in chains if c["chain_id"] in about]
-        selection = ", ".join(filter(None, [f"chains {', '.join(map(str, chain_ids))}" if chain_ids else "",
-                                            f"URL containing {url!r}" if url else "",
-                                            f"rule {wanted_rule}" if wanted_rule else ""])) or "every chain"
+        selection = (
+            ", ".join(
+                filter(
+                    None,
+                    [
+                        f"chains {', '.join(map(str, chain_ids))}" if chain_ids else "",
+                        f"URL containing {url!r}" if url else "",
+                        f"rule {wanted_rule}" if wanted_rule else "",
+                    ],
+                )
+            )
+            or "every chain"
+        )
         if not chains:
             raise UserError(f"no chain in {_db_shown(db)} matches {selection}")
         tests = contracts.load(reader, [c["chain_id"] for c in chains])
     origins = Counter(contracts._origin(t.steps[0].request.url) for t in tests)
-    module = contracts.Module(selection=selection, store=_db_shown(db), base_origin=origins.most_common(1)[0][0],
-                              base_url=base_url.rstrip("/") if base_url else None, tests=tests)
+    module = contracts.Module(
+        selection=selection,
+        store=_db_shown(db),
+        base_origin=origins.most_common(1)[0][0],
+        base_url=base_url.rstrip("/") if base_url else None,
+        tests=tests,
+    )
     source = contracts.render(module)
-    slug = "_".join(filter(None, ["chain_" + "_".join(map(str, chain_ids)) if chain_ids else "",
-                                  re.sub(r"[^0-9a-z]+", "_", url.lower()).strip("_") if url else "",
-                                  wanted_rule.replace("-", "_") if wanted_rule else ""])) or "all"
+    slug = (
+        "_".join(
+            filter(
+                None,
+                [
+                    "chain_" + "_".join(map(str, chain_ids)) if chain_ids else "",
+                    re.sub(r"[^0-9a-z]+", "_", url.lower()).strip("_") if url else "",
+                    wanted_rule.replace("-", "_") if wanted_rule else "",
+                ],
+            )
+        )
+        or "all"
+    )
     target = Path(directory) / f"test_redirects_{slug[:60]}.py"
     if target.exists():
         raise UserError(f"{target} exists; remove it or choose another -o DIR")
@@ -787,7 +1123,9 @@ BASE_ENV_HINT = "REDIRECT_AUDIT_BASE_URL=https://your-test-environment"
 
 @cli.command("clients")
 @reading_options
-@click.option("--format", "-f", "format_", type=click.Choice(("table", "json")), default="table", show_default=True)
+@click.option(
+    "--format", "-f", "format_", type=click.Choice(("table", "json")), default="table", show_default=True
+)
 @output_option
 def clients_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, output: str | None) -> None:
     """Per-client conformance: what each client did on every (status, method) it met, next to RFC 9110 / Fetch."""
@@ -805,7 +1143,9 @@ def clients_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, out
 
 @cli.command("export")
 @click.argument("directory", metavar="DIR")
-@click.option("--format", "-f", "format_", type=click.Choice(("parquet",)), default="parquet", show_default=True)
+@click.option(
+    "--format", "-f", "format_", type=click.Choice(("parquet",)), default="parquet", show_default=True
+)
 @reading_options
 def export_cmd(directory: str, format_: str, db: str | None, no_analyze: bool, wait: float) -> None:
     """Write the store as Parquet under DIR (a new or empty directory): exchanges, hops, chains
@@ -829,7 +1169,9 @@ def export_cmd(directory: str, format_: str, db: str | None, no_analyze: bool, w
 
 @cli.group("captures", invoke_without_command=True)
 @reading_options
-@click.option("--format", "-f", "format_", type=click.Choice(("table", "json")), default="table", show_default=True)
+@click.option(
+    "--format", "-f", "format_", type=click.Choice(("table", "json")), default="table", show_default=True
+)
 @click.pass_context
 def captures_cmd(ctx: click.Context, db: str | None, no_analyze: bool, wait: float, format_: str) -> None:
     """List what the store holds: each capture (HAR file, flow dump, proxy run) with its
@@ -862,8 +1204,10 @@ def captures_remove_cmd(ids: tuple[int, ...], db: str | None, wait: float) -> No
     except KeyboardInterrupt:
         raise Interrupted("interrupted: nothing was removed") from None
     if missing:
-        raise UserError(f"no capture {', '.join(map(str, missing))} in {_db_shown(db)}; nothing was removed "
-                        f"(`{command_prefix()} captures --db {shlex.quote(_db_shown(db))}` lists them)")
+        raise UserError(
+            f"no capture {', '.join(map(str, missing))} in {_db_shown(db)}; nothing was removed "
+            f"(`{command_prefix()} captures --db {shlex.quote(_db_shown(db))}` lists them)"
+        )
     _say(f"removed capture(s) {', '.join(map(str, ids))} and their exchanges from {_db_shown(db)}")
 
 
@@ -876,7 +1220,9 @@ def db_group() -> None:
 @db_group.command("current")
 @db_option
 @wait_option
-@click.option("--format", "-f", "format_", type=click.Choice(("text", "json")), default="text", show_default=True)
+@click.option(
+    "--format", "-f", "format_", type=click.Choice(("text", "json")), default="text", show_default=True
+)
 def db_current_cmd(db: str | None, wait: float, format_: str) -> None:
     """Show the store's schema version and migration revision, and whether it is this release's."""
     from analyzer.migrate import schema_state
@@ -886,16 +1232,34 @@ def db_current_cmd(db: str | None, wait: float, format_: str) -> None:
     if format_ == "json":
         from analyzer.report import write_json
 
-        _emit(None, lambda out: write_json({"store": _db_shown(db), "schema_version": state.version,
-                                            "revision": state.revision, "head": state.head,
-                                            "current": state.current}, out))
+        _emit(
+            None,
+            lambda out: write_json(
+                {
+                    "store": _db_shown(db),
+                    "schema_version": state.version,
+                    "revision": state.revision,
+                    "head": state.head,
+                    "current": state.current,
+                },
+                out,
+            ),
+        )
         return
     revision = state.revision or "none (made before migrations)"
-    verdict = "up to date" if state.current else (
-        f"outdated: `{command_prefix()} db upgrade --db {shlex.quote(_db_shown(db))}` upgrades it"
-        if state.version < SCHEMA_VERSION else "newer than this release")
-    _say(f"{_db_shown(db)}: schema version {state.version}, revision {revision} "
-         f"(this release: {SCHEMA_VERSION}, revision {state.head}); {verdict}")
+    verdict = (
+        "up to date"
+        if state.current
+        else (
+            f"outdated: `{command_prefix()} db upgrade --db {shlex.quote(_db_shown(db))}` upgrades it"
+            if state.version < SCHEMA_VERSION
+            else "newer than this release"
+        )
+    )
+    _say(
+        f"{_db_shown(db)}: schema version {state.version}, revision {revision} "
+        f"(this release: {SCHEMA_VERSION}, revision {state.head}); {verdict}"
+    )
 
 
 @db_group.command("upgrade")
@@ -912,8 +1276,10 @@ def db_upgrade_cmd(db: str | None, wait: float) -> None:
     if before.current:
         _say(f"{_db_shown(db)} is up to date (schema version {after.version}, revision {after.head})")
     else:
-        _say(f"upgraded {_db_shown(db)} from schema version {before.version} to {after.version} "
-             f"(revision {before.revision or 'none'} -> {after.revision})")
+        _say(
+            f"upgraded {_db_shown(db)} from schema version {before.version} to {after.version} "
+            f"(revision {before.revision or 'none'} -> {after.revision})"
+        )
 
 
 @cli.command("rules")
@@ -931,8 +1297,9 @@ def rules_cmd(rule: str | None) -> None:
             names = [r.id for r in RULES] + [r.slug for r in RULES]
             close = difflib.get_close_matches(rule, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise click.BadParameter(f"no rule {rule!r}.{hint} (`redirect-audit rules` lists them all)",
-                                     param_hint="'RULE'")
+            raise click.BadParameter(
+                f"no rule {rule!r}.{hint} (`redirect-audit rules` lists them all)", param_hint="'RULE'"
+            )
     text = "\n".join(f"{r.id} {r.slug} (default severity {r.severity})\n\n{r.doc.rstrip()}\n" for r in chosen)
     _emit(None, lambda out: out.write(text))
 
@@ -974,8 +1341,15 @@ def _console(file: IO[str]):
     colour = (tty or bool(os.environ.get("FORCE_COLOR"))) and not os.environ.get("NO_COLOR")
     if tty:
         return Console(file=file, highlight=False, emoji=False, no_color=not colour)
-    return Console(file=file, highlight=False, emoji=False, width=1 << 16, soft_wrap=True,
-                   force_terminal=colour, color_system="standard" if colour else None)
+    return Console(
+        file=file,
+        highlight=False,
+        emoji=False,
+        width=1 << 16,
+        soft_wrap=True,
+        force_terminal=colour,
+        color_system="standard" if colour else None,
+    )
 
 
 def _emit(output: str | None, write: Callable[[IO[str]], None]) -> None:

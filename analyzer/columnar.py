@@ -86,10 +86,12 @@ def _batches(store: Store, stmt, schema, day_at: int) -> Iterator:
     with store.begin() as conn:
         result = conn.execute(stmt.execution_options(yield_per=CHUNK_ROWS))
         for chunk in result.partitions():
-            columns = list(zip(*chunk))
+            columns = list(zip(*chunk, strict=False))
             days = [_day(v) for v in columns[day_at]]
-            arrays = [pa.array(list(values), type=schema.field(name).type)
-                      for name, values in zip(names, columns)]
+            arrays = [
+                pa.array(list(values), type=schema.field(name).type)
+                for name, values in zip(names, columns, strict=False)
+            ]
             arrays.append(pa.array(days, type=pa.string()))
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
@@ -107,7 +109,9 @@ def check_target(directory: str | os.PathLike) -> Path:
     """Refuse a DIR that holds anything, or whose parent does not exist."""
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ExportError(f"{target} exists and is not an empty directory; name a new one (nothing is overwritten)")
+        raise ExportError(
+            f"{target} exists and is not an empty directory; name a new one (nothing is overwritten)"
+        )
     if not target.parent.is_dir():
         raise ExportError(f"cannot write {target}: its directory {target.parent} does not exist")
     return target
@@ -128,10 +132,15 @@ def export_parquet(store: Store, directory: str | os.PathLike) -> ExportResult:
             plans = {
                 "exchanges": (select(*exchanges.c), _schema(exchanges), "started_at"),
                 "chains": (select(*chains.c), _schema(chains), "started_at"),
-                "hops": (select(*hops.c, chains.c.client, chains.c.started_at.label("chain_started_at"))
-                         .join(chains, chains.c.id == hops.c.chain_id),
-                         _schema(hops, (pa.field("client", pa.string()), pa.field("chain_started_at", pa.float64()))),
-                         "chain_started_at"),
+                "hops": (
+                    select(*hops.c, chains.c.client, chains.c.started_at.label("chain_started_at")).join(
+                        chains, chains.c.id == hops.c.chain_id
+                    ),
+                    _schema(
+                        hops, (pa.field("client", pa.string()), pa.field("chain_started_at", pa.float64()))
+                    ),
+                    "chain_started_at",
+                ),
                 "findings": (select(*findings.c), _schema(findings), "observed_at"),
             }
             days: set[str] = set()
@@ -145,12 +154,16 @@ def export_parquet(store: Store, directory: str | os.PathLike) -> ExportResult:
                         days.update(batch.column("capture_date").unique().to_pylist())
                         yield batch
 
-                ds.write_dataset(counted(_batches(store, stmt, schema, schema.names.index(day_column))),
-                                 staging / name, schema=schema, format="parquet",
-                                 partitioning=ds.partitioning(pa.schema([("capture_date", pa.string())]),
-                                                              flavor="hive"),
-                                 basename_template="part-{i}.parquet", existing_data_behavior="error",
-                                 max_partitions=100_000)
+                ds.write_dataset(
+                    counted(_batches(store, stmt, schema, schema.names.index(day_column))),
+                    staging / name,
+                    schema=schema,
+                    format="parquet",
+                    partitioning=ds.partitioning(pa.schema([("capture_date", pa.string())]), flavor="hive"),
+                    basename_template="part-{i}.parquet",
+                    existing_data_behavior="error",
+                    max_partitions=100_000,
+                )
                 if count == 0:  # an empty table still has its schema on disk, for readers that glob it
                     empty = staging / name / f"capture_date={UNKNOWN}"
                     empty.mkdir(parents=True, exist_ok=True)
@@ -158,8 +171,12 @@ def export_parquet(store: Store, directory: str | os.PathLike) -> ExportResult:
                 result.rows[name] = count
             with store.begin() as conn:
                 rows = conn.execute(select(*captures.c)).all()
-            table = pa.table({c.name: pa.array([r[i] for r in rows], type=_arrow_type(c))
-                              for i, c in enumerate(captures.columns)})
+            table = pa.table(
+                {
+                    c.name: pa.array([r[i] for r in rows], type=_arrow_type(c))
+                    for i, c in enumerate(captures.columns)
+                }
+            )
             pq.write_table(table, staging / "captures.parquet")
             result.rows["captures"] = len(rows)
             result.days = len(days - {UNKNOWN})

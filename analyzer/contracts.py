@@ -26,11 +26,26 @@ from analyzer.secrets import CREDENTIAL_HEADERS
 from analyzer.storeread import Reader
 
 # Not sent as captured: hop-by-hop or computed by the HTTP library, proxies' own, HTTP/2 pseudo-headers.
-SKIPPED_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "proxy-connection", "te",
-                             "transfer-encoding", "upgrade", "accept-encoding", "proxy-authorization", "trailer"})
+SKIPPED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "accept-encoding",
+        "proxy-authorization",
+        "trailer",
+    }
+)
 # A path segment or query value that names one object: digits, UUIDs, long hex or base64-ish tokens.
-ID_LIKE = re.compile(r"\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-                     r"|[0-9a-fA-F]{16,}|[A-Za-z0-9_-]{24,}")
+ID_LIKE = re.compile(
+    r"\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|[0-9a-fA-F]{16,}|[A-Za-z0-9_-]{24,}"
+)
 ENV_PREFIX = "REDIRECT_AUDIT_AUTH_"
 # Request headers the store keeps as fingerprints only: each is read from a variable.
 _CREDENTIALS = CREDENTIAL_HEADERS - {"set-cookie", "set-cookie2"}
@@ -88,13 +103,21 @@ def load(reader: Reader, chain_ids: list[int]) -> list[ChainTest]:
         rows = reader.rows(
             "SELECT h.idx, h.status, e.method, e.url, e.request_headers, e.req_body, e.req_body_len, "
             "e.req_content_type, e.location_resolved, e.location FROM hops h JOIN exchanges e "
-            "ON e.id = h.from_exchange_id WHERE h.chain_id = :chain ORDER BY h.idx", chain=chain_id)
+            "ON e.id = h.from_exchange_id WHERE h.chain_id = :chain ORDER BY h.idx",
+            chain=chain_id,
+        )
         end = reader.rows("SELECT end_reason FROM chains WHERE id = :chain", chain=chain_id)
         steps = []
         for _, status, method, url, headers, body, length, ctype, resolved, location in rows:
             kept = bytes(body) if body is not None else (b"" if length == 0 else None)
-            request = Request(method, url, [tuple(h) for h in json.loads(headers or "[]")],
-                              kept if kept else None, None if kept is not None or not length else int(length), ctype)
+            request = Request(
+                method,
+                url,
+                [tuple(h) for h in json.loads(headers or "[]")],
+                kept if kept else None,
+                None if kept is not None or not length else int(length),
+                ctype,
+            )
             steps.append(Step(request, int(status), resolved or location))
         if steps:
             out.append(ChainTest(chain_id, steps, end[0][0] if end else ""))
@@ -108,7 +131,9 @@ def location_pattern(url: str) -> str:
     for i, part in enumerate(parts):
         if part in ("/", "?", "&", "=", "#") or i < 5:  # the delimiters, and scheme://host
             pattern.append(re.escape(part))
-        elif part and (ID_LIKE.fullmatch(part) or part.startswith("hmac:")):  # an id, or a secret kept as its fingerprint
+        elif part and (
+            ID_LIKE.fullmatch(part) or part.startswith("hmac:")
+        ):  # an id, or a secret kept as its fingerprint
             pattern.append(r"[^/?&#]+")
         else:
             pattern.append(re.escape(part))
@@ -119,7 +144,9 @@ def render(module: Module) -> str:
     """The module's source."""
     lines_tests = [_render_test(module, test) for test in module.tests]
     when = datetime.now(UTC).strftime("%Y-%m-%d")
-    secrets = "\n".join(f"    {name}  {where}" for name, where in module.secret_origins.items()) or "    (none)"
+    secrets = (
+        "\n".join(f"    {name}  {where}" for name, where in module.secret_origins.items()) or "    (none)"
+    )
     base = module.base_url or ""
     head = f'''"""Redirect contract tests exported by redirect-audit on {when}.
 
@@ -193,19 +220,24 @@ def check_accepted(hop: str, answer: requests.Response) -> None:
 def _render_test(module: Module, test: ChainTest) -> str:
     first = test.steps[0]
     name = _test_name(test.chain_id, first.request.method, first.request.url, first.status)
-    lines = [f"\n\ndef {name}():",
-             f'    """Chain {test.chain_id}: {_summary(test)}."""']
+    lines = [f"\n\ndef {name}():", f'    """Chain {test.chain_id}: {_summary(test)}."""']
     request = first.request
     if "hmac:" in request.url:
-        lines.append("    # the capture kept secret values of this URL as fingerprints (hmac:...): put real ones in")
+        lines.append(
+            "    # the capture kept secret values of this URL as fingerprints (hmac:...): put real ones in"
+        )
     lines += _request_lines(module, request, f"url({request.url!r})")
     for index, step in enumerate(test.steps):
         hop = f"hop {index} ({step.request.method} {_short(step.request.url)} -> {step.status})"
         if step.location is None:
-            lines.append(f"    assert answer.status_code == {step.status}, "
-                         f"f\"{hop}: expected {step.status}, got {{answer.status_code}}\"")
+            lines.append(
+                f"    assert answer.status_code == {step.status}, "
+                f'f"{hop}: expected {step.status}, got {{answer.status_code}}"'
+            )
             break
-        lines.append(f"    target = check_redirect({hop!r}, answer, {step.status}, {location_pattern(step.location)!r})")
+        lines.append(
+            f"    target = check_redirect({hop!r}, answer, {step.status}, {location_pattern(step.location)!r})"
+        )
         method = follow_up_method(step.status, step.request.method)
         nxt = test.steps[index + 1] if index + 1 < len(test.steps) else None
         if method == step.request.method:
@@ -216,11 +248,16 @@ def _render_test(module: Module, test: ChainTest) -> str:
             why = f"after {step.status} to a {step.request.method}: GET without the body"
         lines.append(f"    # the follow-up RFC 9110 requires {why}")
         if method != step.request.method:  # the body's headers go with the body (RFC 9110 15.4)
-            lines.append("    headers = {k: v for k, v in headers.items() if not k.lower().startswith(\"content-\")}")
+            lines.append(
+                '    headers = {k: v for k, v in headers.items() if not k.lower().startswith("content-")}'
+            )
         if _origin(step.location) != _origin(step.request.url) and any(
-                name.lower() in CREDENTIAL_HEADERS for name, _ in step.request.headers):
+            name.lower() in CREDENTIAL_HEADERS for name, _ in step.request.headers
+        ):
             lines.append("    # to another origin: no credentials (Fetch drops Authorization there)")
-            lines.append(f"    headers = {{k: v for k, v in headers.items() if k.lower() not in {sorted(_CREDENTIALS)!r}}}")
+            lines.append(
+                f"    headers = {{k: v for k, v in headers.items() if k.lower() not in {sorted(_CREDENTIALS)!r}}}"
+            )
         lines.append(f"    answer = send({method!r}, target, headers, {body_name})")
         if nxt is None:
             lines.append(f"    check_accepted({hop!r}, answer)")
@@ -249,10 +286,12 @@ def _request_lines(module: Module, request: Request, target: str) -> list[str]:
     if request.body is not None:
         out.append(f"    body = {request.body!r}")
     elif request.body_missing:
-        out += [f"    body = None  # TODO: the capture kept no body ({request.body_missing} bytes, "
-                f"{request.content_type or 'no content type'}): paste it here",
-                "    if body is None:",
-                "        pytest.skip(\"the request body was not captured: fill in `body` (import with --keep-bodies)\")"]
+        out += [
+            f"    body = None  # TODO: the capture kept no body ({request.body_missing} bytes, "
+            f"{request.content_type or 'no content type'}): paste it here",
+            "    if body is None:",
+            '        pytest.skip("the request body was not captured: fill in `body` (import with --keep-bodies)")',
+        ]
     else:
         out.append("    body = None")
     out.append(f"    answer = send({request.method!r}, {target}, headers, body)")

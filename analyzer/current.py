@@ -15,7 +15,6 @@ from contextvars import ContextVar
 
 from analyzer.storeread import DEFAULT_WAIT, Reader, StoreState, open_reader, store_state
 
-
 # Whether a stale store is analyzed again before it is read (the command line's
 # --no-analyze sets it off for the whole command, frames included).
 ANALYZE_WHEN_STALE: ContextVar[bool] = ContextVar("analyze_when_stale", default=True)
@@ -25,8 +24,14 @@ def say_on_stderr(line: str) -> None:
     print(f"redirect-audit: {line}", file=sys.stderr, flush=True)
 
 
-def open_current(db: str | None, *, reanalyze: bool | None = None, wait: float = DEFAULT_WAIT,
-                 say: Callable[[str], None] = say_on_stderr, count: bool = True) -> tuple[Reader, StoreState]:
+def open_current(
+    db: str | None,
+    *,
+    reanalyze: bool | None = None,
+    wait: float = DEFAULT_WAIT,
+    say: Callable[[str], None] = say_on_stderr,
+    count: bool = True,
+) -> tuple[Reader, StoreState]:
     """A reader on an existing store whose results describe its current exchanges.
 
     With `reanalyze=False` (default: ANALYZE_WHEN_STALE) stale results are read as they
@@ -40,8 +45,10 @@ def open_current(db: str | None, *, reanalyze: bool | None = None, wait: float =
         if state.is_current:
             return reader, state
         if not reanalyze:
-            say("note: the store changed since its last analysis; these results do not include that change "
-                "(leave out --no-analyze to analyze it now)")
+            say(
+                "note: the store changed since its last analysis; these results do not include that change "
+                "(leave out --no-analyze to analyze it now)"
+            )
             return reader, state
         why = "has never been analyzed" if state.analyzed is None else "changed since its last analysis"
         say(f"the store {why}; analyzing it now")
@@ -64,8 +71,9 @@ def reanalyze_store(db: str | None, state: StoreState, wait: float) -> None:
         store.close()
 
 
-def ensure_current(db: str | None, *, wait: float = DEFAULT_WAIT,
-                   say: Callable[[str], None] = say_on_stderr) -> None:
+def ensure_current(
+    db: str | None, *, wait: float = DEFAULT_WAIT, say: Callable[[str], None] = say_on_stderr
+) -> None:
     """Re-analyze the store if its results are stale (the frames call this before reading).
     With ANALYZE_WHEN_STALE off, stale results stay and nothing is said: the command that
     set it has said so once."""

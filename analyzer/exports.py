@@ -88,9 +88,14 @@ def _sarif_result(r: dict, index: dict[str, int], artifacts: dict[str, int]) -> 
         "locations": [location],
         "partialFingerprints": {"redirectAudit/v1": r["fingerprint"]},
         "properties": {
-            "severity": r["severity"], "confidence": r["confidence"], "chain_id": r["chain_id"], "hop": r["hop"],
+            "severity": r["severity"],
+            "confidence": r["confidence"],
+            "chain_id": r["chain_id"],
+            "hop": r["hop"],
             "followed": r["followed"],
-            "client": r["client"], "observed_at": r["observed_at"], "evidence": r["evidence"],
+            "client": r["client"],
+            "observed_at": r["observed_at"],
+            "evidence": r["evidence"],
             "capture": capture,
             **({"test": r["test"]} if r.get("test") else {}),
         },
@@ -118,7 +123,9 @@ def junit(findings: list[dict], chains: list[dict]) -> str:
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
     suite.set("errors", "0")
-    root = ET.Element("testsuites", name="redirect-audit", tests=str(cases), failures=str(failures), errors="0")
+    root = ET.Element(
+        "testsuites", name="redirect-audit", tests=str(cases), failures=str(failures), errors="0"
+    )
     root.append(suite)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
@@ -126,17 +133,23 @@ def junit(findings: list[dict], chains: list[dict]) -> str:
 
 def _case(suite: ET.Element, client: str, name: str, found: list[dict]) -> None:
     # Whatever a capture holds, the file stays XML: characters XML 1.0 cannot hold are escaped.
-    case = ET.SubElement(suite, "testcase", classname=xml_safe(f"redirect-audit.{client}"), name=xml_safe(name))
+    case = ET.SubElement(
+        suite, "testcase", classname=xml_safe(f"redirect-audit.{client}"), name=xml_safe(name)
+    )
     tests = sorted({f["test"] for f in found if f.get("test")})
     if tests:  # the test(s) during which the chain's findings happened (pytest plugin)
         properties = ET.SubElement(case, "properties")
         for test in tests:
             ET.SubElement(properties, "property", name="test", value=xml_safe(test))
     for f in found:
-        failure = ET.SubElement(case, "failure", type=f"{f['rule_id']} {f['rule']}", message=xml_safe(f["message"]))
+        failure = ET.SubElement(
+            case, "failure", type=f"{f['rule_id']} {f['rule']}", message=xml_safe(f["message"])
+        )
         during = f"test: {f['test']}\n" if f.get("test") else ""
-        failure.text = xml_safe(f"severity {f['severity']}, hop {f['hop']}: {hop_text(f)}\n{during}"
-                                f"evidence: {json.dumps(f['evidence'], sort_keys=True)}")
+        failure.text = xml_safe(
+            f"severity {f['severity']}, hop {f['hop']}: {hop_text(f)}\n{during}"
+            f"evidence: {json.dumps(f['evidence'], sort_keys=True)}"
+        )
 
 
 # ---- Markdown ------------------------------------------------------------------
@@ -153,11 +166,18 @@ def markdown(records: list[dict]) -> str:
     for r in records:
         by_rule[f"{r['rule_id']} `{r['rule']}`"].append(r)
     for title in sorted(by_rule):
-        lines += [f"## {title}", "", "| severity | hop | request | follow-up | message |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| severity | hop | request | follow-up | message |",
+            "|---|---|---|---|---|",
+        ]
         for r in by_rule[title]:
             follow = hop_text(r).split(" → ", 1)[1]
-            lines.append(f"| {r['severity']} | {r['chain_id'] or '-'}/{r['hop']} | {_md(r['method_before'])} "
-                         f"{_md(r['from_url'])} | {_md(follow)} | {_md(r['message'])} |")
+            lines.append(
+                f"| {r['severity']} | {r['chain_id'] or '-'}/{r['hop']} | {_md(r['method_before'])} "
+                f"{_md(r['from_url'])} | {_md(follow)} | {_md(r['message'])} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -177,13 +197,24 @@ class BaselineError(ValueError, ReportedError):
 
 def write_baseline(records: list[dict], path: Path) -> int:
     entries = sorted(
-        ({"fingerprint": r["fingerprint"], "rule": r["rule"], "severity": r["severity"],
-          "from_url": r["from_url"], "to_url": r["to_url"]} for r in records),
+        (
+            {
+                "fingerprint": r["fingerprint"],
+                "rule": r["rule"],
+                "severity": r["severity"],
+                "from_url": r["from_url"],
+                "to_url": r["to_url"],
+            }
+            for r in records
+        ),
         key=lambda e: (e["rule"], e["fingerprint"]),
     )
     unique = list({e["fingerprint"]: e for e in entries}.values())
-    write_private(path, json.dumps({"tool": "redirect-audit", "version": BASELINE_VERSION, "findings": unique},
-                                   indent=2) + "\n")
+    write_private(
+        path,
+        json.dumps({"tool": "redirect-audit", "version": BASELINE_VERSION, "findings": unique}, indent=2)
+        + "\n",
+    )
     return len(unique)
 
 
@@ -194,7 +225,11 @@ def read_baseline(path: Path) -> set[str]:
         raise BaselineError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise BaselineError(f"{path}: baseline is not JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("tool") != "redirect-audit" or not isinstance(data.get("findings"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("tool") != "redirect-audit"
+        or not isinstance(data.get("findings"), list)
+    ):
         raise BaselineError(f"{path}: not a redirect-audit baseline (write one with check --write-baseline)")
     if data.get("version") != BASELINE_VERSION:
         raise BaselineError(f"{path}: baseline version {data.get('version')!r}, expected {BASELINE_VERSION}")

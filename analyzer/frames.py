@@ -26,21 +26,39 @@ from sqlalchemy import case, create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
+from analyzer.current import ensure_current
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, WRITE_METHODS, body_headers
 from analyzer.detectors.credential_cross_origin import conforming_client_drops, watched
 from analyzer.detectors.credential_dropped import API_KEY_HEADERS
 from analyzer.model import DATE_RANGE, REDIRECT_STATUSES, header
 from analyzer.report import finding_records
-from analyzer.store import captures, chains as chains_t, exchanges as ex_t, findings as findings_t, hops as hops_t
-from analyzer.current import ensure_current
+from analyzer.store import captures
+from analyzer.store import chains as chains_t
+from analyzer.store import exchanges as ex_t
+from analyzer.store import findings as findings_t
+from analyzer.store import hops as hops_t
 from analyzer.storeread import open_reader, resolve_db_url, sqlite_file
 from analyzer.urls import origin_of
 
 CHUNK = 100_000
 EXCHANGE_COLUMNS = (
-    "id", "capture_id", "seq", "client", "connection", "started_at", "method", "url_norm", "status",
-    "location_resolved", "synthetic", "error", "req_body_len", "req_body_sha256", "req_content_type",
-    "resp_body_len", "user_agent",
+    "id",
+    "capture_id",
+    "seq",
+    "client",
+    "connection",
+    "started_at",
+    "method",
+    "url_norm",
+    "status",
+    "location_resolved",
+    "synthetic",
+    "error",
+    "req_body_len",
+    "req_body_sha256",
+    "req_content_type",
+    "resp_body_len",
+    "user_agent",
 )
 CATEGORIES = ("client", "method", "req_content_type", "user_agent", "host")
 TEMPORARY = (302, 303, 307)
@@ -75,7 +93,11 @@ def _read(stmt, db: str | None) -> pd.DataFrame:
             parts = list(pd.read_sql(stmt, conn, chunksize=CHUNK))
     finally:
         eng.dispose()
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[c.name for c in stmt.selected_columns])
+    return (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=[c.name for c in stmt.selected_columns])
+    )
 
 
 def _categorize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -99,15 +121,30 @@ def hops(db: str | None = None) -> pd.DataFrame:
     a, b = aliased(ex_t), aliased(ex_t)
     stmt = (
         select(
-            hops_t.c.chain_id, hops_t.c.idx.label("hop"), hops_t.c.status, hops_t.c.link, hops_t.c.confidence,
-            a.c.client, a.c.user_agent, a.c.started_at, a.c.method.label("method_before"),
-            b.c.method.label("method_after"), a.c.url_norm.label("from_url"),
+            hops_t.c.chain_id,
+            hops_t.c.idx.label("hop"),
+            hops_t.c.status,
+            hops_t.c.link,
+            hops_t.c.confidence,
+            a.c.client,
+            a.c.user_agent,
+            a.c.started_at,
+            a.c.method.label("method_before"),
+            b.c.method.label("method_after"),
+            a.c.url_norm.label("from_url"),
             func.coalesce(b.c.url_norm, a.c.location_resolved).label("to_url"),
-            a.c.req_body_len.label("body_len_before"), b.c.req_body_len.label("body_len_after"),
-            a.c.req_body_sha256.label("body_sha256_before"), b.c.req_body_sha256.label("body_sha256_after"),
-            a.c.req_content_type.label("content_type_before"), b.c.req_content_type.label("content_type_after"),
-            a.c.request_headers.label("headers_before"), b.c.request_headers.label("headers_after"),
-            hops_t.c.to_exchange_id, captures.c.creator, captures.c.browser, captures.c.source,
+            a.c.req_body_len.label("body_len_before"),
+            b.c.req_body_len.label("body_len_after"),
+            a.c.req_body_sha256.label("body_sha256_before"),
+            b.c.req_body_sha256.label("body_sha256_after"),
+            a.c.req_content_type.label("content_type_before"),
+            b.c.req_content_type.label("content_type_after"),
+            a.c.request_headers.label("headers_before"),
+            b.c.request_headers.label("headers_after"),
+            hops_t.c.to_exchange_id,
+            captures.c.creator,
+            captures.c.browser,
+            captures.c.source,
         )
         .join(a, a.c.id == hops_t.c.from_exchange_id)
         .outerjoin(b, b.c.id == hops_t.c.to_exchange_id)
@@ -120,8 +157,9 @@ def hops(db: str | None = None) -> pd.DataFrame:
     frame["from_origin"] = frame["from_url"].map(lambda u: origin_of(u) if isinstance(u, str) and u else None)
     frame["to_origin"] = frame["to_url"].map(lambda u: origin_of(u) if isinstance(u, str) and u else None)
     frame["cross_origin"] = frame["from_origin"] != frame["to_origin"]
-    frame["https_to_http"] = frame["from_url"].str.startswith("https:") & frame["to_url"].fillna("").str.startswith(
-        "http:")
+    frame["https_to_http"] = frame["from_url"].str.startswith("https:") & frame["to_url"].fillna(
+        ""
+    ).str.startswith("http:")
     frame["body_headers_after"] = frame["headers_after"].map(_body_headers)
     for side in ("before", "after"):
         frame[f"auth_{side}"] = frame[f"headers_{side}"].map(_auth_fingerprints)
@@ -131,25 +169,54 @@ def hops(db: str | None = None) -> pd.DataFrame:
     frame = frame.drop(columns=["auth_before", "auth_after"])
     frame["credentials_forwarded"] = [
         sorted(set(before) & set(after)) if followed else []
-        for before, after, followed in zip(frame["credentials_before"], frame["credentials_after"], frame["followed"])
+        for before, after, followed in zip(
+            frame["credentials_before"], frame["credentials_after"], frame["followed"], strict=False
+        )
     ]
     frame["credentials_cross_origin"] = [
-        forwarded if cross else [] for forwarded, cross in zip(frame["credentials_forwarded"], frame["cross_origin"])
+        forwarded if cross else []
+        for forwarded, cross in zip(frame["credentials_forwarded"], frame["cross_origin"], strict=False)
     ]
-    frame["body_after"] = [body_change(f, lb, la, sb, sa) for f, lb, la, sb, sa in zip(
-        frame["followed"], frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"],
-        frame["body_sha256_after"])]
-    frame["client_name"] = [client_name(ua, creator, browser, source) for ua, creator, browser, source in
-                            zip(frame["user_agent"], frame["creator"], frame["browser"], frame["source"])]
+    frame["body_after"] = [
+        body_change(f, lb, la, sb, sa)
+        for f, lb, la, sb, sa in zip(
+            frame["followed"],
+            frame["body_len_before"],
+            frame["body_len_after"],
+            frame["body_sha256_before"],
+            frame["body_sha256_after"],
+            strict=False,
+        )
+    ]
+    frame["client_name"] = [
+        client_name(ua, creator, browser, source)
+        for ua, creator, browser, source in zip(
+            frame["user_agent"], frame["creator"], frame["browser"], frame["source"], strict=False
+        )
+    ]
     frame["verdict"] = [
         verdict(s, mb, ma, f, lb, la, sb, sa, bh, cc, auth if not cross else None)
         for s, mb, ma, f, lb, la, sb, sa, bh, cc, auth, cross in zip(
-            frame["status"], frame["method_before"], frame["method_after"], frame["followed"],
-            frame["body_len_before"], frame["body_len_after"], frame["body_sha256_before"],
-            frame["body_sha256_after"], frame["body_headers_after"],
-            [_leaked(creds, a, b) for creds, a, b in zip(frame["credentials_cross_origin"], frame["from_url"],
-                                                          frame["to_url"])],
-            frame["auth"], frame["cross_origin"])]
+            frame["status"],
+            frame["method_before"],
+            frame["method_after"],
+            frame["followed"],
+            frame["body_len_before"],
+            frame["body_len_after"],
+            frame["body_sha256_before"],
+            frame["body_sha256_after"],
+            frame["body_headers_after"],
+            [
+                _leaked(creds, a, b)
+                for creds, a, b in zip(
+                    frame["credentials_cross_origin"], frame["from_url"], frame["to_url"], strict=False
+                )
+            ],
+            frame["auth"],
+            frame["cross_origin"],
+            strict=False,
+        )
+    ]
     return _categorize(frame)
 
 
@@ -173,8 +240,9 @@ def _auth_outcomes(frame: pd.DataFrame) -> list[str | None]:
     out: list[str | None] = []
     seen: set[str] = set()
     chain = None
-    for chain_id, followed, before, after in zip(frame["chain_id"], frame["followed"], frame["auth_before"],
-                                                 frame["auth_after"]):
+    for chain_id, followed, before, after in zip(
+        frame["chain_id"], frame["followed"], frame["auth_before"], frame["auth_after"], strict=False
+    ):
         if chain_id != chain:
             chain, seen = chain_id, set()
         before = before or frozenset()
@@ -228,8 +296,9 @@ def body_change(followed, len_before, len_after, sha_before, sha_after) -> str:
         return "not captured"
     if not len_after:
         return "dropped"
-    if (sha_before and sha_after and sha_before != sha_after) or (not (sha_before and sha_after)
-                                                                  and len_before != len_after):
+    if (sha_before and sha_after and sha_before != sha_after) or (
+        not (sha_before and sha_after) and len_before != len_after
+    ):
         return "changed"
     return "kept"
 
@@ -241,17 +310,33 @@ def _credential_fingerprints(text: str | None) -> list[str]:
     return [f"{name}={value}" for name, value in watched(json.loads(text))]
 
 
-def verdict(status, before, after, followed, len_before, len_after, sha_before, sha_after,
-            body_headers_after=(), credentials_leaked=(), auth_same_origin=None) -> str:
+def verdict(
+    status,
+    before,
+    after,
+    followed,
+    len_before,
+    len_after,
+    sha_before,
+    sha_after,
+    body_headers_after=(),
+    credentials_leaked=(),
+    auth_same_origin=None,
+) -> str:
     """What RFC 9110 / Fetch say of one hop: 'as specified', 'deviated' or 'not followed'."""
     if not followed:
         return "not followed"
     if len(credentials_leaked):
-        return "deviated"  # Fetch drops Authorization on a new origin; RFC 9110 15.4 credentials (see _leaked)
+        return (
+            "deviated"  # Fetch drops Authorization on a new origin; RFC 9110 15.4 credentials (see _leaked)
+        )
     if auth_same_origin == "dropped":
         return "deviated"  # Fetch keeps every header on a same-origin redirect (credential-dropped)
-    if after != before and after in SAFE_RETRIEVAL and (len(body_headers_after) or (pd.notna(len_after)
-                                                                                   and len_after > 0)):
+    if (
+        after != before
+        and after in SAFE_RETRIEVAL
+        and (len(body_headers_after) or (pd.notna(len_after) and len_after > 0))
+    ):
         return "deviated"  # RFC 9110 15.4, Fetch step 12: the body and its headers go with the method
     if status == 303:  # RFC 9110 15.4.4, Fetch: GET, and HEAD stays HEAD
         return "as specified" if after == prescribed_method(status, before) else "deviated"
@@ -268,8 +353,9 @@ def verdict(status, before, after, followed, len_before, len_after, sha_before, 
     return "as specified"
 
 
-def client_name(user_agent: str | None, creator: str | None = None, browser: str | None = None,
-                source: str | None = None) -> str:
+def client_name(
+    user_agent: str | None, creator: str | None = None, browser: str | None = None, source: str | None = None
+) -> str:
     """User-Agent family and major version ('curl 7', 'Chrome 130'), else the HAR's browser/creator."""
     if isinstance(user_agent, str) and user_agent:
         return _ua_family(user_agent)
@@ -293,19 +379,32 @@ def _ua_family(user_agent: str) -> str:
 def chains(db: str | None = None) -> pd.DataFrame:
     frame = hops(db)
     if frame.empty:
-        return pd.DataFrame(columns=["chain_id", "client", "root_url", "final_url", "hops", "end", "methods",
-                                     "started", "cross_origin"])
+        return pd.DataFrame(
+            columns=[
+                "chain_id",
+                "client",
+                "root_url",
+                "final_url",
+                "hops",
+                "end",
+                "methods",
+                "started",
+                "cross_origin",
+            ]
+        )
     ends = _read(select(chains_t.c.id.label("chain_id"), chains_t.c.end_reason.label("end")), db)
     grouped = frame.groupby("chain_id", observed=True, sort=True)
-    out = pd.DataFrame({
-        "client": grouped["client"].first(),
-        "client_name": grouped["client_name"].first(),
-        "root_url": grouped["from_url"].first(),
-        "final_url": grouped["to_url"].last(),
-        "hops": grouped.size(),
-        "started": grouped["started"].min(),
-        "cross_origin": grouped["cross_origin"].any(),
-    })
+    out = pd.DataFrame(
+        {
+            "client": grouped["client"].first(),
+            "client_name": grouped["client_name"].first(),
+            "root_url": grouped["from_url"].first(),
+            "final_url": grouped["to_url"].last(),
+            "hops": grouped.size(),
+            "started": grouped["started"].min(),
+            "cross_origin": grouped["cross_origin"].any(),
+        }
+    )
     out["methods"] = pd.Series(_method_paths(frame), dtype="str").reindex(out.index)
     return out.reset_index().merge(ends, on="chain_id", how="left")
 
@@ -313,8 +412,12 @@ def chains(db: str | None = None) -> pd.DataFrame:
 def _method_paths(frame: pd.DataFrame) -> dict[int, str]:
     """'POST -> GET -> GET' per chain (hops come sorted by chain and index)."""
     paths: dict[int, list[str]] = {}
-    for chain_id, before, after in zip(frame["chain_id"], frame["method_before"].astype(str),
-                                       frame["method_after"].astype(object)):
+    for chain_id, before, after in zip(
+        frame["chain_id"],
+        frame["method_before"].astype(str),
+        frame["method_after"].astype(object),
+        strict=False,
+    ):
         path = paths.get(chain_id)
         if path is None:
             path = paths[chain_id] = [before]
@@ -326,9 +429,29 @@ def findings(db: str | None = None) -> pd.DataFrame:
     ensure_current(db)
     with open_reader(db) as reader:
         records = finding_records(reader)
-    frame = pd.DataFrame.from_records(records, columns=[
-        "rule", "rule_id", "severity", "confidence", "message", "chain_id", "hop", "status", "followed", "method_before",
-        "method_after", "from_url", "to_url", "client", "observed_at", "evidence", "fingerprint", "capture"])
+    frame = pd.DataFrame.from_records(
+        records,
+        columns=[
+            "rule",
+            "rule_id",
+            "severity",
+            "confidence",
+            "message",
+            "chain_id",
+            "hop",
+            "status",
+            "followed",
+            "method_before",
+            "method_after",
+            "from_url",
+            "to_url",
+            "client",
+            "observed_at",
+            "evidence",
+            "fingerprint",
+            "capture",
+        ],
+    )
     frame["observed_at"] = pd.to_datetime(frame["observed_at"], utc=True, format="ISO8601", errors="coerce")
     order = ["info", "low", "medium", "high"]
     frame["severity"] = pd.Categorical(frame["severity"], categories=order, ordered=True)
@@ -336,9 +459,23 @@ def findings(db: str | None = None) -> pd.DataFrame:
 
 
 CONFORMANCE_COLUMNS = [
-    "client_name", "status", "method", "hops", "followed", "did_method", "should_method", "did_body",
-    "should_body", "body_headers_kept", "cross_origin_hops", "credentials_cross_origin", "auth_same_origin",
-    "auth_cross_origin", "verdict", "deviated", "rules",
+    "client_name",
+    "status",
+    "method",
+    "hops",
+    "followed",
+    "did_method",
+    "should_method",
+    "did_body",
+    "should_body",
+    "body_headers_kept",
+    "cross_origin_hops",
+    "credentials_cross_origin",
+    "auth_same_origin",
+    "auth_cross_origin",
+    "verdict",
+    "deviated",
+    "rules",
 ]
 # What Fetch's HTTP-redirect fetch does with Authorization (step 13): kept on a
 # same-origin redirect, removed when the origin changes.
@@ -364,7 +501,7 @@ def clients(db: str | None = None) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=CONFORMANCE_COLUMNS)
     rules = _hop_rules(db)
-    frame["rules"] = [rules.get((c, h), ()) for c, h in zip(frame["chain_id"], frame["hop"])]
+    frame["rules"] = [rules.get((c, h), ()) for c, h in zip(frame["chain_id"], frame["hop"], strict=False)]
     frame["client_name"] = frame["client_name"].astype(str)
     frame["method_before"] = frame["method_before"].astype(str)
     rows = []
@@ -373,25 +510,34 @@ def clients(db: str | None = None) -> pd.DataFrame:
         had_body = bool((group["body_len_before"].fillna(0) > 0).any())
         should = prescribed_method(status, method)
         switched = followed["method_after"].astype(str).isin(SAFE_RETRIEVAL) & (
-            followed["method_after"].astype(str) != method)
+            followed["method_after"].astype(str) != method
+        )
         verdicts = set(group["verdict"].astype(str))
-        rows.append({
-            "client_name": name, "status": int(status), "method": method, "hops": len(group),
-            "followed": len(followed),
-            "did_method": _tally(followed["method_after"].astype(str)) if len(followed) else "not followed",
-            "should_method": should,
-            "did_body": _tally(followed["body_after"]) if len(followed) else "-",
-            "should_body": ("kept" if should == method else "dropped") if had_body else "none",
-            "body_headers_kept": int((switched & followed["body_headers_after"].map(len).gt(0)).sum()),
-            "cross_origin_hops": int(followed["cross_origin"].sum()),
-            "credentials_cross_origin": int(followed["credentials_cross_origin"].map(len).gt(0).sum()),
-            "auth_same_origin": _tally_or_none(followed["auth"][~followed["cross_origin"]]),
-            "auth_cross_origin": _tally_or_none(followed["auth"][followed["cross_origin"]]),
-            "verdict": "deviated" if "deviated" in verdicts else (
-                "as specified" if "as specified" in verdicts else "not followed"),
-            "deviated": int((group["verdict"] == "deviated").sum()),
-            "rules": sorted({r for found in group["rules"] for r in found}),
-        })
+        rows.append(
+            {
+                "client_name": name,
+                "status": int(status),
+                "method": method,
+                "hops": len(group),
+                "followed": len(followed),
+                "did_method": _tally(followed["method_after"].astype(str))
+                if len(followed)
+                else "not followed",
+                "should_method": should,
+                "did_body": _tally(followed["body_after"]) if len(followed) else "-",
+                "should_body": ("kept" if should == method else "dropped") if had_body else "none",
+                "body_headers_kept": int((switched & followed["body_headers_after"].map(len).gt(0)).sum()),
+                "cross_origin_hops": int(followed["cross_origin"].sum()),
+                "credentials_cross_origin": int(followed["credentials_cross_origin"].map(len).gt(0).sum()),
+                "auth_same_origin": _tally_or_none(followed["auth"][~followed["cross_origin"]]),
+                "auth_cross_origin": _tally_or_none(followed["auth"][followed["cross_origin"]]),
+                "verdict": "deviated"
+                if "deviated" in verdicts
+                else ("as specified" if "as specified" in verdicts else "not followed"),
+                "deviated": int((group["verdict"] == "deviated").sum()),
+                "rules": sorted({r for found in group["rules"] for r in found}),
+            }
+        )
     return pd.DataFrame(rows, columns=CONFORMANCE_COLUMNS)
 
 
@@ -408,10 +554,14 @@ def _tally(values: pd.Series) -> str:
 
 
 def _hop_rules(db: str | None) -> dict[tuple[int, int], tuple[str, ...]]:
-    got = _read(select(findings_t.c.chain_id, findings_t.c.hop, findings_t.c.rule)
-                .where(findings_t.c.chain_id.is_not(None)), db)
+    got = _read(
+        select(findings_t.c.chain_id, findings_t.c.hop, findings_t.c.rule).where(
+            findings_t.c.chain_id.is_not(None)
+        ),
+        db,
+    )
     out: dict[tuple[int, int], tuple[str, ...]] = {}
-    for chain_id, hop, rule in zip(got["chain_id"], got["hop"], got["rule"]):
+    for chain_id, hop, rule in zip(got["chain_id"], got["hop"], got["rule"], strict=False):
         key = (int(chain_id), int(hop))
         out[key] = (*out.get(key, ()), rule)
     return out
@@ -420,46 +570,93 @@ def _hop_rules(db: str | None) -> dict[tuple[int, int], tuple[str, ...]]:
 def client_summary(db: str | None = None) -> pd.DataFrame:
     """One row per client: how it is known, how much it sent, what redirects it met."""
     stmt = (
-        select(ex_t.c.client, ex_t.c.user_agent, captures.c.creator, captures.c.browser, captures.c.source,
-               func.count().label("exchanges"), func.min(ex_t.c.started_at).label("first_seen"),
-               func.max(ex_t.c.started_at).label("last_seen"),
-               func.sum(case((ex_t.c.status.in_(REDIRECT_STATUSES), 1), else_=0)).label("redirects"))
+        select(
+            ex_t.c.client,
+            ex_t.c.user_agent,
+            captures.c.creator,
+            captures.c.browser,
+            captures.c.source,
+            func.count().label("exchanges"),
+            func.min(ex_t.c.started_at).label("first_seen"),
+            func.max(ex_t.c.started_at).label("last_seen"),
+            func.sum(case((ex_t.c.status.in_(REDIRECT_STATUSES), 1), else_=0)).label("redirects"),
+        )
         .join(captures, captures.c.id == ex_t.c.capture_id)
         .group_by(ex_t.c.client, ex_t.c.user_agent, captures.c.creator, captures.c.browser, captures.c.source)
     )
     raw = _read(stmt, db)
     if raw.empty:
-        return pd.DataFrame(columns=["client", "client_name", "user_agent", "exchanges", "redirects", "first_seen",
-                                     "last_seen", "hops_followed", "deviations"])
-    raw["client_name"] = [client_name(ua, c, b, s) for ua, c, b, s in
-                          zip(raw["user_agent"], raw["creator"], raw["browser"], raw["source"])]
+        return pd.DataFrame(
+            columns=[
+                "client",
+                "client_name",
+                "user_agent",
+                "exchanges",
+                "redirects",
+                "first_seen",
+                "last_seen",
+                "hops_followed",
+                "deviations",
+            ]
+        )
+    raw["client_name"] = [
+        client_name(ua, c, b, s)
+        for ua, c, b, s in zip(raw["user_agent"], raw["creator"], raw["browser"], raw["source"], strict=False)
+    ]
     # The name and User-Agent a client is known by: those of most of its exchanges.
     ranked = raw.sort_values(["client", "exchanges"], ascending=[True, False], kind="stable")
     grouped = ranked.groupby("client", sort=True)
-    per = pd.DataFrame({
-        "client_name": grouped["client_name"].first(), "user_agent": grouped["user_agent"].first(),
-        "exchanges": grouped["exchanges"].sum(), "redirects": grouped["redirects"].sum(),
-        "first_seen": grouped["first_seen"].min(), "last_seen": grouped["last_seen"].max(),
-    }).reset_index()
+    per = pd.DataFrame(
+        {
+            "client_name": grouped["client_name"].first(),
+            "user_agent": grouped["user_agent"].first(),
+            "exchanges": grouped["exchanges"].sum(),
+            "redirects": grouped["redirects"].sum(),
+            "first_seen": grouped["first_seen"].min(),
+            "last_seen": grouped["last_seen"].max(),
+        }
+    ).reset_index()
     per["first_seen"], per["last_seen"] = _utc(per["first_seen"]), _utc(per["last_seen"])
     hop_frame = hops(db)
     if not hop_frame.empty:
         hop_frame["client"] = hop_frame["client"].astype(str)
         counts = hop_frame.groupby("client", observed=True).agg(
-            hops_followed=("followed", "sum"), deviations=("verdict", lambda v: int((v == "deviated").sum())))
+            hops_followed=("followed", "sum"), deviations=("verdict", lambda v: int((v == "deviated").sum()))
+        )
         per = per.merge(counts, left_on="client", right_index=True, how="left")
     else:
         per["hops_followed"], per["deviations"] = 0, 0
     return per.fillna({"hops_followed": 0, "deviations": 0}).astype({"hops_followed": int, "deviations": int})
 
 
-def temporary_redirects(db: str | None = None, stale_after_days: float = DEFAULT_STALE_AFTER_DAYS) -> pd.DataFrame:
+def temporary_redirects(
+    db: str | None = None, stale_after_days: float = DEFAULT_STALE_AFTER_DAYS
+) -> pd.DataFrame:
     """One row per temporary redirect source -> target, across every capture in the store."""
-    stmt = select(ex_t.c.url_norm, ex_t.c.location_resolved, ex_t.c.location, ex_t.c.status, ex_t.c.method,
-                  ex_t.c.started_at, ex_t.c.response_headers, ex_t.c.synthetic).where(ex_t.c.status.in_(TEMPORARY))
+    stmt = select(
+        ex_t.c.url_norm,
+        ex_t.c.location_resolved,
+        ex_t.c.location,
+        ex_t.c.status,
+        ex_t.c.method,
+        ex_t.c.started_at,
+        ex_t.c.response_headers,
+        ex_t.c.synthetic,
+    ).where(ex_t.c.status.in_(TEMPORARY))
     raw = _read(stmt, db)
-    columns = ["source", "target", "statuses", "count", "first_seen", "last_seen", "age_days", "cache_control",
-               "expires", "retry_after", "stale"]
+    columns = [
+        "source",
+        "target",
+        "statuses",
+        "count",
+        "first_seen",
+        "last_seen",
+        "age_days",
+        "cache_control",
+        "expires",
+        "retry_after",
+        "stale",
+    ]
     if raw.empty:
         return pd.DataFrame(columns=columns)
     raw = raw[~raw["synthetic"].astype(bool) & ((raw["status"] != 303) | raw["method"].isin(["GET", "HEAD"]))]
@@ -469,13 +666,20 @@ def temporary_redirects(db: str | None = None, stale_after_days: float = DEFAULT
         raw[name] = headers.map(lambda h, n=name: header([tuple(x) for x in h], n))
     keys = ["url_norm", "target"]
     grouped = raw.groupby(keys, sort=True)
-    out = pd.DataFrame({
-        "count": grouped.size(), "first_seen": grouped["started_at"].min(), "last_seen": grouped["started_at"].max(),
-        # the latest value each header had (last() skips missing ones)
-        "cache_control": grouped["cache-control"].last(), "expires": grouped["expires"].last(),
-        "retry_after": grouped["retry-after"].last(),
-    })
-    statuses = raw[[*keys, "status"]].drop_duplicates().sort_values("status").groupby(keys)["status"].agg(list)
+    out = pd.DataFrame(
+        {
+            "count": grouped.size(),
+            "first_seen": grouped["started_at"].min(),
+            "last_seen": grouped["started_at"].max(),
+            # the latest value each header had (last() skips missing ones)
+            "cache_control": grouped["cache-control"].last(),
+            "expires": grouped["expires"].last(),
+            "retry_after": grouped["retry-after"].last(),
+        }
+    )
+    statuses = (
+        raw[[*keys, "status"]].drop_duplicates().sort_values("status").groupby(keys)["status"].agg(list)
+    )
     out["statuses"] = statuses.map(lambda values: [int(v) for v in values])
     out = out.reset_index().rename(columns={"url_norm": "source"})
     out["age_days"] = (out["last_seen"] - out["first_seen"]) / 86400.0

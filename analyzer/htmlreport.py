@@ -26,7 +26,12 @@ def _png(fig: Figure, title: str) -> dict:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=96)
     width, height = (int(v * 96) for v in fig.get_size_inches())
-    return {"title": title, "png": base64.b64encode(buffer.getvalue()).decode(), "width": width, "height": height}
+    return {
+        "title": title,
+        "png": base64.b64encode(buffer.getvalue()).decode(),
+        "width": width,
+        "height": height,
+    }
 
 
 def _pointer(capture: dict) -> str:
@@ -41,21 +46,38 @@ def render(db: str | None, records: list[dict]) -> str:
     figures = [
         _png(plots.findings_by_rule(frames.findings(db)), "Findings by rule and severity"),
         _png(plots.chain_lengths(chains), "Chain length distribution"),
-        _png(plots.redirect_graph(hops), "Redirects between hosts (orange: cross-origin, red: HTTPS to HTTP)"),
+        _png(
+            plots.redirect_graph(hops), "Redirects between hosts (orange: cross-origin, red: HTTPS to HTTP)"
+        ),
         _png(plots.temporary_timeline(frames.temporary_redirects(db)), "Temporary redirects over time"),
         _png(plots.conformance_heatmap(hops), "Client conformance by status and method"),
     ]
     by_rule = {rule.slug: [] for rule in RULES}
     for r in records:
-        by_rule.setdefault(r["rule"], []).append({**r, "pointer": _pointer(r["capture"]),
-                                                  "follow": hop_text(r).split(" → ", 1)[1]})
-    rules = [{"id": rule.id, "slug": rule.slug, "summary": rule.summary, "doc": rule.doc,
-              "findings": by_rule[rule.slug]} for rule in RULES]
+        by_rule.setdefault(r["rule"], []).append(
+            {**r, "pointer": _pointer(r["capture"]), "follow": hop_text(r).split(" → ", 1)[1]}
+        )
+    rules = [
+        {
+            "id": rule.id,
+            "slug": rule.slug,
+            "summary": rule.summary,
+            "doc": rule.doc,
+            "findings": by_rule[rule.slug],
+        }
+        for rule in RULES
+    ]
     counts = Counter(r["severity"] for r in records)
-    env = Environment(loader=PackageLoader("analyzer", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(
+        loader=PackageLoader("analyzer", "templates"), autoescape=select_autoescape(["html", "j2"])
+    )
     exchanges = frames.exchanges(db, columns=("id",))
     return env.get_template("report.html.j2").render(
-        store=url_shown(frames.resolve_db_url(db)), generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        exchanges=len(exchanges), chains=len(chains), figures=figures, rules=rules,
+        store=url_shown(frames.resolve_db_url(db)),
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        exchanges=len(exchanges),
+        chains=len(chains),
+        figures=figures,
+        rules=rules,
         counts=[(s, counts[s]) for s in SEVERITIES if counts[s]],
     )

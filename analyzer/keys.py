@@ -20,7 +20,7 @@ KEY_FILE_ENV = "REDIRECT_AUDIT_KEY_FILE"
 KEY_BYTES = 32
 
 
-class KeyError_(ReportedError):  # noqa: N801 - "KeyError" is a builtin
+class KeyError_(ReportedError):
     """The key file cannot be read, made or used; one line."""
 
 

@@ -27,14 +27,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from analyzer.analysis import AnalysisOptions
-from analyzer.chains import grade_link, unfollowed_end, is_followable, order_key
-from analyzer.detectors import RULES, Context, run_detectors
-from analyzer.detectors import duplicate_write, stale_temporary_redirect
-from analyzer.detectors.stale_temporary_redirect import Sightings
+from analyzer.chains import grade_link, is_followable, order_key, unfollowed_end
+from analyzer.detectors import RULES, Context, duplicate_write, run_detectors, stale_temporary_redirect
 from analyzer.detectors.base import site
+from analyzer.detectors.stale_temporary_redirect import Sightings
 from analyzer.model import Chain, Exchange, Finding, Hop
 
-CHAIN_RULES = tuple(rule for rule in RULES if rule.slug not in (duplicate_write.SLUG, stale_temporary_redirect.SLUG))
+CHAIN_RULES = tuple(
+    rule for rule in RULES if rule.slug not in (duplicate_write.SLUG, stale_temporary_redirect.SLUG)
+)
 PENDING = "pending"
 
 
@@ -54,8 +55,11 @@ class _WriteGroup:
 
 
 class LiveAnalyzer:
-    def __init__(self, options: AnalysisOptions = AnalysisOptions(),
-                 history: Iterable[Exchange] | dict[tuple[str, str], Sightings] = ()):
+    def __init__(
+        self,
+        options: AnalysisOptions = AnalysisOptions(),
+        history: Iterable[Exchange] | dict[tuple[str, str], Sightings] = (),
+    ):
         """`history`: what the store holds of temporary redirects, for the stale rule: its
         summary per (source, target) (analysis.stale_history), or the redirects themselves."""
         self.options = options
@@ -137,15 +141,22 @@ class LiveAnalyzer:
             return None
         me = order_key(ex)
         eligible = [
-            w for w in queue
+            w
+            for w in queue
             if order_key(w.redirect) < me
-            and (ex.started_at is None or w.redirect.started_at is None
-                 or ex.started_at - w.redirect.started_at <= self.window)
+            and (
+                ex.started_at is None
+                or w.redirect.started_at is None
+                or ex.started_at - w.redirect.started_at <= self.window
+            )
         ]
         if not eligible:
             return None
-        same = [w for w in eligible if w.redirect.connection is not None and w.redirect.connection == ex.connection
-                and not w.moved_on]
+        same = [
+            w
+            for w in eligible
+            if w.redirect.connection is not None and w.redirect.connection == ex.connection and not w.moved_on
+        ]
         chosen = min(same or eligible, key=lambda w: order_key(w.redirect))
         queue.remove(chosen)
         if not queue:
@@ -219,8 +230,10 @@ class LiveAnalyzer:
 
     def _check_write(self, ex: Exchange) -> list[Finding]:
         if not (
-            ex.method in duplicate_write.METHOD_SEVERITY and duplicate_write.succeeded(ex)
-            and ex.request_body.sha256 and ex.request_body.length
+            ex.method in duplicate_write.METHOD_SEVERITY
+            and duplicate_write.succeeded(ex)
+            and ex.request_body.sha256
+            and ex.request_body.length
         ):
             return []
         context = Context(options=self.options.detect, arrivals=self._arrivals)
@@ -233,7 +246,9 @@ class LiveAnalyzer:
         group.deliveries.append(ex)
         if group.reported or len(group.deliveries) < 2:
             return []
-        found = list(duplicate_write.check([], Context(self.options.detect, group.deliveries, self._arrivals)))
+        found = list(
+            duplicate_write.check([], Context(self.options.detect, group.deliveries, self._arrivals))
+        )
         group.reported = bool(found)
         return found
 

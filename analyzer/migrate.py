@@ -104,8 +104,10 @@ def upgrade(db: str | None, wait: float = DEFAULT_WAIT) -> tuple[SchemaState, Sc
         lock_schema(conn)
         before = _state(conn, url)
         if before.version > SCHEMA_VERSION:
-            raise StoreError(f"store {url_shown(url)} has schema version {before.version}, newer than this "
-                             f"release's {SCHEMA_VERSION}: upgrade redirect-audit instead")
+            raise StoreError(
+                f"store {url_shown(url)} has schema version {before.version}, newer than this "
+                f"release's {SCHEMA_VERSION}: upgrade redirect-audit instead"
+            )
         if before.revision is None:  # made before migrations: stamp the revision its version is
             alembic_version.create(conn, checkfirst=True)
             conn.execute(alembic_version.insert().values(version_num=revision_of(before.version)))

@@ -6,7 +6,7 @@ No I/O here. Every other layer speaks in these types.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec

@@ -23,8 +23,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Patch
 
-from analyzer.text import printable
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS
+from analyzer.text import printable
 
 SEVERITIES = ["high", "medium", "low", "info"]
 SEVERITY_COLORS = {"high": "#c0392b", "medium": "#e67e22", "low": "#2e86c1", "info": "#95a5a6"}
@@ -49,12 +49,15 @@ def findings_by_rule(findings: pd.DataFrame) -> Figure:
     fig, ax = _figure((8, 4), "Findings by rule and severity")
     if findings.empty:
         return _empty(fig, ax, "no findings")
-    table = (findings.assign(severity=findings["severity"].astype(str), label=findings["rule_id"] + " " + findings["rule"])
-             .pivot_table(index="label", columns="severity", values="message", aggfunc="count", fill_value=0))
+    table = findings.assign(
+        severity=findings["severity"].astype(str), label=findings["rule_id"] + " " + findings["rule"]
+    ).pivot_table(index="label", columns="severity", values="message", aggfunc="count", fill_value=0)
     bottom = np.zeros(len(table))
     for severity in SEVERITIES:
         if severity in table:
-            ax.barh(table.index, table[severity], left=bottom, color=SEVERITY_COLORS[severity], label=severity)
+            ax.barh(
+                table.index, table[severity], left=bottom, color=SEVERITY_COLORS[severity], label=severity
+            )
             bottom += table[severity].to_numpy()
     ax.set_xlabel("findings")
     ax.invert_yaxis()
@@ -79,8 +82,10 @@ def chain_lengths(chains: pd.DataFrame) -> Figure:
     ax.set_xticks(range(len(counts)), labels)
     if counts.max() > 50 * counts.min():
         ax.set_yscale("log")
-    ax.set_xlabel("hops per chain" + (f" (longest: {int(chains['hops'].max())})" if counts.index[-1] > LENGTH_CAP
-                                      else ""))
+    ax.set_xlabel(
+        "hops per chain"
+        + (f" (longest: {int(chains['hops'].max())})" if counts.index[-1] > LENGTH_CAP else "")
+    )
     ax.set_ylabel("chains")
     return fig
 
@@ -90,9 +95,16 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 30) -> Figure:
     if hops.empty:
         return _empty(fig, ax, "no redirects")
     frame = hops.assign(src=hops["from_origin"].astype(str), dst=hops["to_origin"].astype(str))
-    edges = (frame.groupby(["src", "dst"]).agg(count=("hop", "size"), cross=("cross_origin", "any"),
-                                               downgrade=("https_to_http", "any")).reset_index())
-    weight = pd.concat([edges.groupby("src")["count"].sum(), edges.groupby("dst")["count"].sum()]).groupby(level=0).sum()
+    edges = (
+        frame.groupby(["src", "dst"])
+        .agg(count=("hop", "size"), cross=("cross_origin", "any"), downgrade=("https_to_http", "any"))
+        .reset_index()
+    )
+    weight = (
+        pd.concat([edges.groupby("src")["count"].sum(), edges.groupby("dst")["count"].sum()])
+        .groupby(level=0)
+        .sum()
+    )
     hosts = list(weight.sort_values(ascending=False).index[:max_hosts])
     edges = edges[edges["src"].isin(hosts) & edges["dst"].isin(hosts)]
     angle = {h: 2 * math.pi * i / len(hosts) for i, h in enumerate(hosts)}
@@ -103,18 +115,51 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 30) -> Figure:
         width = 1 + 6 * row.count / top
         if row.src == row.dst:
             x, y = pos[row.src]
-            ax.add_patch(FancyArrowPatch((x, y), (x * 1.001, y * 1.001), connectionstyle="arc3,rad=3",
-                                         arrowstyle="-|>", mutation_scale=12, linewidth=width, color=color))
+            ax.add_patch(
+                FancyArrowPatch(
+                    (x, y),
+                    (x * 1.001, y * 1.001),
+                    connectionstyle="arc3,rad=3",
+                    arrowstyle="-|>",
+                    mutation_scale=12,
+                    linewidth=width,
+                    color=color,
+                )
+            )
         else:
-            ax.add_patch(FancyArrowPatch(pos[row.src], pos[row.dst], connectionstyle="arc3,rad=0.15",
-                                         arrowstyle="-|>", mutation_scale=14, linewidth=width, color=color,
-                                         shrinkA=12, shrinkB=12))
+            ax.add_patch(
+                FancyArrowPatch(
+                    pos[row.src],
+                    pos[row.dst],
+                    connectionstyle="arc3,rad=0.15",
+                    arrowstyle="-|>",
+                    mutation_scale=14,
+                    linewidth=width,
+                    color=color,
+                    shrinkA=12,
+                    shrinkB=12,
+                )
+            )
     for host, (x, y) in pos.items():
         ax.plot(x, y, "o", color="#2c3e50", markersize=9)
-        ax.annotate(printable(host.split("://")[-1]), (x, y), xytext=(8 * x, 8 * y), textcoords="offset points",
-                    ha="left" if x >= 0 else "right", va="center", fontsize=8)
-    ax.legend(handles=[Patch(color="#7f8c8d", label="same origin"), Patch(color="#e67e22", label="cross-origin"),
-                       Patch(color="#c0392b", label="HTTPS -> HTTP")], loc="lower left", fontsize=8)
+        ax.annotate(
+            printable(host.split("://")[-1]),
+            (x, y),
+            xytext=(8 * x, 8 * y),
+            textcoords="offset points",
+            ha="left" if x >= 0 else "right",
+            va="center",
+            fontsize=8,
+        )
+    ax.legend(
+        handles=[
+            Patch(color="#7f8c8d", label="same origin"),
+            Patch(color="#e67e22", label="cross-origin"),
+            Patch(color="#c0392b", label="HTTPS -> HTTP"),
+        ],
+        loc="lower left",
+        fontsize=8,
+    )
     ax.set_xlim(-1.6, 1.6)
     ax.set_ylim(-1.4, 1.4)
     ax.set_aspect("equal")
@@ -122,14 +167,20 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 30) -> Figure:
     return fig
 
 
-def temporary_timeline(temporary: pd.DataFrame, stale_after_days: float = DEFAULT_STALE_AFTER_DAYS,
-                       max_rows: int = 40) -> Figure:
+def temporary_timeline(
+    temporary: pd.DataFrame, stale_after_days: float = DEFAULT_STALE_AFTER_DAYS, max_rows: int = 40
+) -> Figure:
     rows = temporary.sort_values("first_seen").tail(max_rows)
-    fig, ax = _figure((9, 1.5 + 0.35 * max(len(rows), 1)),
-                      f"Temporary redirects over time (stale after {stale_after_days:g} days)")
+    fig, ax = _figure(
+        (9, 1.5 + 0.35 * max(len(rows), 1)),
+        f"Temporary redirects over time (stale after {stale_after_days:g} days)",
+    )
     if rows.empty:
         return _empty(fig, ax, "no temporary redirects")
-    labels = [printable(f"{s.split('://')[-1]} -> {t.split('://')[-1]}") for s, t in zip(rows["source"], rows["target"])]
+    labels = [
+        printable(f"{s.split('://')[-1]} -> {t.split('://')[-1]}")
+        for s, t in zip(rows["source"], rows["target"], strict=False)
+    ]
     first = rows["first_seen"].dt.tz_convert(None)
     last = rows["last_seen"].dt.tz_convert(None)
     y = np.arange(len(rows))
@@ -141,8 +192,15 @@ def temporary_timeline(temporary: pd.DataFrame, stale_after_days: float = DEFAUL
     ax.scatter(deadline, y, marker="|", s=160, color="#2c3e50", zorder=4, label="stale threshold")
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
-    ax.legend(handles=[Patch(color="#2e86c1", label="within threshold"), Patch(color="#c0392b", label="stale"),
-                       ax.collections[-1]], loc="lower right", fontsize=8)
+    ax.legend(
+        handles=[
+            Patch(color="#2e86c1", label="within threshold"),
+            Patch(color="#c0392b", label="stale"),
+            ax.collections[-1],
+        ],
+        loc="lower right",
+        fontsize=8,
+    )
     fig.autofmt_xdate()
     return fig
 
@@ -151,8 +209,10 @@ def conformance_heatmap(hops: pd.DataFrame) -> Figure:
     fig, ax = _figure((10, 4), "Client conformance (RFC 9110 / Fetch) by redirect status and method")
     if hops.empty:
         return _empty(fig, ax, "no redirects")
-    frame = hops.assign(case=hops["status"].astype(int).astype(str) + " " + hops["method_before"].astype(str),
-                        code=hops["verdict"].map({v: i for i, v in enumerate(VERDICTS)}))
+    frame = hops.assign(
+        case=hops["status"].astype(int).astype(str) + " " + hops["method_before"].astype(str),
+        code=hops["verdict"].map({v: i for i, v in enumerate(VERDICTS)}),
+    )
     # A cell shows the worst verdict seen for that client and case.
     grid = frame.pivot_table(index="client_name", columns="case", values="code", aggfunc=_worst)
     grid = grid.reindex(columns=sorted(grid.columns, key=lambda c: (int(c.split()[0]), c.split()[1])))
@@ -160,8 +220,12 @@ def conformance_heatmap(hops: pd.DataFrame) -> Figure:
     ax.imshow(masked, cmap=ListedColormap(VERDICT_COLORS), vmin=-0.5, vmax=2.5, aspect="auto")
     ax.set_xticks(range(grid.shape[1]), [printable(c) for c in grid.columns], rotation=90, fontsize=7)
     ax.set_yticks(range(grid.shape[0]), [printable(r) for r in grid.index], fontsize=8)
-    ax.legend(handles=[Patch(color=c, label=v) for v, c in zip(VERDICTS, VERDICT_COLORS)],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.legend(
+        handles=[Patch(color=c, label=v) for v, c in zip(VERDICTS, VERDICT_COLORS, strict=False)],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        fontsize=8,
+    )
     return fig
 
 

@@ -32,14 +32,22 @@ class ProxyError(ReportedError):
 
 # mitmproxy options that `proxy` sets itself, and where to give them instead.
 OWN_FLAGS = {
-    "--listen-port": "-p/--port", "--listen-host": "--listen-host (before any mitmproxy option)",
-    "--mode": "-m/--mode", "--confdir": "--confdir",
+    "--listen-port": "-p/--port",
+    "--listen-host": "--listen-host (before any mitmproxy option)",
+    "--mode": "-m/--mode",
+    "--confdir": "--confdir",
 }
 OWN_SETTINGS = {
-    "listen_port": "-p/--port", "listen_host": "--listen-host", "mode": "-m/--mode", "confdir": "--confdir",
+    "listen_port": "-p/--port",
+    "listen_host": "--listen-host",
+    "mode": "-m/--mode",
+    "confdir": "--confdir",
     "scripts": "-s for scripts of your own (the recorder is already loaded)",
-    "redirect_audit_db": "--db", "redirect_audit_bodies": "--keep-bodies", "redirect_audit_body_cap": "--body-cap",
-    "redirect_audit_live": "--live/--no-live", "redirect_audit_secret_fields": "--secret-field",
+    "redirect_audit_db": "--db",
+    "redirect_audit_bodies": "--keep-bodies",
+    "redirect_audit_body_cap": "--body-cap",
+    "redirect_audit_live": "--live/--no-live",
+    "redirect_audit_secret_fields": "--secret-field",
     "redirect_audit_proxy_id": "--proxy-id",
 }
 
@@ -96,8 +104,10 @@ class ProxyPlan:
             elif flag in ("-s", "--scripts"):
                 script = inline or (args[i + 1] if i + 1 < len(args) else "")
                 if script and Path(script).expanduser().resolve() == recorder:
-                    yield "-s: the recorder addon is already loaded by redirect-audit proxy; loaded twice, " \
-                          "it would record every exchange twice"
+                    yield (
+                        "-s: the recorder addon is already loaded by redirect-audit proxy; loaded twice, "
+                        "it would record every exchange twice"
+                    )
             elif flag == "--set" and (inline or i + 1 < len(args)):
                 setting = (inline or args[i + 1]).split("=", 1)[0]
                 if setting in OWN_SETTINGS:
@@ -108,11 +118,13 @@ class ProxyPlan:
         if self.port == 0 or any("@" in m for m in self.modes):  # any port, or ports set per mode
             return
         try:
-            infos = socket.getaddrinfo(self.listen_host or None, self.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(
+                self.listen_host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
         except socket.gaierror as exc:
-            raise ProxyError(f"--listen-host {self.listen_host}: not an address this machine has ({exc.strerror})") \
-                from None
+            raise ProxyError(
+                f"--listen-host {self.listen_host}: not an address this machine has ({exc.strerror})"
+            ) from None
         family, kind, proto, _, address = infos[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -121,11 +133,15 @@ class ProxyPlan:
             except OSError as exc:
                 where = f"{self.listen_host}:{self.port}"
                 if exc.errno == errno.EADDRINUSE:
-                    raise ProxyError(f"port {self.port} is already in use on {self.listen_host} (another proxy?); "
-                                     f"choose another with -p PORT") from None
+                    raise ProxyError(
+                        f"port {self.port} is already in use on {self.listen_host} (another proxy?); "
+                        f"choose another with -p PORT"
+                    ) from None
                 if exc.errno == errno.EACCES:
-                    raise ProxyError(f"cannot listen on {where}: permission denied (ports below 1024 need "
-                                     f"privileges); choose another with -p PORT") from None
+                    raise ProxyError(
+                        f"cannot listen on {where}: permission denied (ports below 1024 need "
+                        f"privileges); choose another with -p PORT"
+                    ) from None
                 raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
 
     @property
@@ -137,11 +153,23 @@ class ProxyPlan:
         a command line is visible to every user in `ps`): the addon reads it from the
         environment (environ()). mitmdump's own flow log is off, since it prints every
         request line, secret query values included; `--set flow_detail=1` turns it back on."""
-        args = [mitmproxy_program(self.program), "--listen-host", self.listen_host, "--listen-port", str(self.port),
-                "--set", f"confdir={self.confdir}", "-s", str(addon_path()),
-                "--set", f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
-                "--set", f"redirect_audit_body_cap={self.body_cap}",
-                "--set", f"redirect_audit_live={str(self.live).lower()}"]
+        args = [
+            mitmproxy_program(self.program),
+            "--listen-host",
+            self.listen_host,
+            "--listen-port",
+            str(self.port),
+            "--set",
+            f"confdir={self.confdir}",
+            "-s",
+            str(addon_path()),
+            "--set",
+            f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
+            "--set",
+            f"redirect_audit_body_cap={self.body_cap}",
+            "--set",
+            f"redirect_audit_live={str(self.live).lower()}",
+        ]
         if self.secret_fields:
             args += ["--set", f"redirect_audit_secret_fields={','.join(self.secret_fields)}"]
         if self.proxy_id:

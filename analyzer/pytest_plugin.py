@@ -44,19 +44,43 @@ DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("redirect-audit", "redirect-audit: judge the redirects each test's HTTP traffic met")
-    group.addoption("--redirect-audit", dest="redirect_audit", nargs="?", const="", default=None, metavar="DB",
-                    help="Record the session's HTTP(S) traffic through a redirect-audit recorder and judge its "
-                         "redirects per test; DB is the store (SQLAlchemy URL or file path; default: a fresh "
-                         "store in a temporary directory)")
-    group.addoption("--redirect-audit-fail-on", dest="redirect_audit_fail_on", choices=SEVERITIES, default=None,
-                    metavar="SEVERITY", help="Fail a test during which a new finding at or above SEVERITY "
-                                             f"happened ({', '.join(SEVERITIES)})")
-    group.addoption("--redirect-audit-baseline", dest="redirect_audit_baseline", default=None, metavar="FILE",
-                    help="Findings recorded in this baseline (redirect-audit check --write-baseline) are known: "
-                         "they fail no test")
-    parser.addini("redirect_audit", "Turn redirect-audit's recorder on for every run", type="bool", default=False)
-    parser.addini("redirect_audit_db", "Store for redirect-audit (default: a fresh temporary store)", default="")
+    group = parser.getgroup(
+        "redirect-audit", "redirect-audit: judge the redirects each test's HTTP traffic met"
+    )
+    group.addoption(
+        "--redirect-audit",
+        dest="redirect_audit",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DB",
+        help="Record the session's HTTP(S) traffic through a redirect-audit recorder and judge its "
+        "redirects per test; DB is the store (SQLAlchemy URL or file path; default: a fresh "
+        "store in a temporary directory)",
+    )
+    group.addoption(
+        "--redirect-audit-fail-on",
+        dest="redirect_audit_fail_on",
+        choices=SEVERITIES,
+        default=None,
+        metavar="SEVERITY",
+        help="Fail a test during which a new finding at or above SEVERITY "
+        f"happened ({', '.join(SEVERITIES)})",
+    )
+    group.addoption(
+        "--redirect-audit-baseline",
+        dest="redirect_audit_baseline",
+        default=None,
+        metavar="FILE",
+        help="Findings recorded in this baseline (redirect-audit check --write-baseline) are known: "
+        "they fail no test",
+    )
+    parser.addini(
+        "redirect_audit", "Turn redirect-audit's recorder on for every run", type="bool", default=False
+    )
+    parser.addini(
+        "redirect_audit_db", "Store for redirect-audit (default: a fresh temporary store)", default=""
+    )
 
 
 def _enabled(config: pytest.Config) -> bool:
@@ -68,8 +92,11 @@ def _worker(config: pytest.Config) -> str:
 
 
 def _xdist_controller(config: pytest.Config) -> bool:
-    return (not hasattr(config, "workerinput") and getattr(config.option, "dist", "no") != "no"
-            and bool(getattr(config.option, "numprocesses", None) or getattr(config.option, "tx", None)))
+    return (
+        not hasattr(config, "workerinput")
+        and getattr(config.option, "dist", "no") != "no"
+        and bool(getattr(config.option, "numprocesses", None) or getattr(config.option, "tx", None))
+    )
 
 
 def _given_db(config: pytest.Config) -> str | None:
@@ -94,8 +121,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "redirect_audit_db" in workerinput:
-        db, session, fresh = workerinput["redirect_audit_db"], workerinput["redirect_audit_session"], \
-            workerinput["redirect_audit_fresh"]
+        db, session, fresh = (
+            workerinput["redirect_audit_db"],
+            workerinput["redirect_audit_session"],
+            workerinput["redirect_audit_fresh"],
+        )
     else:
         db = _given_db(config)
         session = uuid.uuid4().hex[:8]
@@ -107,8 +137,14 @@ def pytest_configure(config: pytest.Config) -> None:
             fresh = True
     fail_on = config.getoption("redirect_audit_fail_on")
     baseline = config.getoption("redirect_audit_baseline")
-    audit = AuditSession(config, db=db, session=session, fresh=fresh,
-                         fail_on=Severity.parse(fail_on) if fail_on else None, baseline=baseline)
+    audit = AuditSession(
+        config,
+        db=db,
+        session=session,
+        fresh=fresh,
+        fail_on=Severity.parse(fail_on) if fail_on else None,
+        baseline=baseline,
+    )
     config.stash[STATE] = audit
     config.pluginmanager.register(audit, "redirect-audit-session")
 
@@ -116,7 +152,9 @@ def pytest_configure(config: pytest.Config) -> None:
 class AuditSession:
     """The plugin's state for one pytest process (the controller, or one xdist worker)."""
 
-    def __init__(self, config: pytest.Config, *, db: str, session: str, fresh: bool, fail_on, baseline: str | None):
+    def __init__(
+        self, config: pytest.Config, *, db: str, session: str, fresh: bool, fail_on, baseline: str | None
+    ):
         self.config = config
         self.db = db
         self.session = session
@@ -173,8 +211,9 @@ class AuditSession:
             if outer and self.url == os.environ.get("REDIRECT_AUDIT_DB"):
                 self.recording = attach(outer, self.url, workdir, self.label, confdir)
             else:
-                self.recording = Recording(db_url=self.url, workdir=workdir, label=self.label,
-                                           proxy_id=self.label, confdir=confdir)
+                self.recording = Recording(
+                    db_url=self.url, workdir=workdir, label=self.label, proxy_id=self.label, confdir=confdir
+                )
                 self.recording.start()
         except SessionError as exc:
             raise pytest.UsageError(f"--redirect-audit: {exc}") from None
@@ -222,9 +261,16 @@ class AuditSession:
         self.recording.relabel(self.label, client)
         started = time.time()
         with self._store() as store, store.begin() as conn:
-            row = conn.execute(insert(test_runs).values(
-                session=self.session, nodeid=item.nodeid, worker=self.worker, client=client, recorder=self.label,
-                started_at=started)).inserted_primary_key[0]
+            row = conn.execute(
+                insert(test_runs).values(
+                    session=self.session,
+                    nodeid=item.nodeid,
+                    worker=self.worker,
+                    client=client,
+                    recorder=self.label,
+                    started_at=started,
+                )
+            ).inserted_primary_key[0]
         self.current = {"nodeid": item.nodeid, "row": row, "started": started, "client": client}
         try:
             return (yield)
@@ -232,8 +278,11 @@ class AuditSession:
             self.current = None
             self.recording.relabel(self.label, None)  # between tests: the worker's own label
             with self._store() as store, store.begin() as conn:
-                conn.execute(update(test_runs).where(test_runs.c.id == row).values(
-                    ended_at=time.time(), outcome=self.outcomes.get(item.nodeid, "passed")))
+                conn.execute(
+                    update(test_runs)
+                    .where(test_runs.c.id == row)
+                    .values(ended_at=time.time(), outcome=self.outcomes.get(item.nodeid, "passed"))
+                )
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.failed:
@@ -251,12 +300,17 @@ class AuditSession:
 
         failing = gate(self.test_findings(), self.fail_on, self.known)
         if failing:
-            lines = [f"redirect-audit: {len(failing)} new finding(s) at or above {self.fail_on} during this test:"]
+            lines = [
+                f"redirect-audit: {len(failing)} new finding(s) at or above {self.fail_on} during this test:"
+            ]
             for f in failing:
-                lines += [f"  {f['severity'].upper()} {f['rule_id']} {f['rule']}: {hop_text(f)}",
-                          f"    {f['message']}",
-                          f"    chain {f['chain_id']}: {self.command(f['chain_id'])}" if f["chain_id"] is not None
-                          else ""]
+                lines += [
+                    f"  {f['severity'].upper()} {f['rule_id']} {f['rule']}: {hop_text(f)}",
+                    f"    {f['message']}",
+                    f"    chain {f['chain_id']}: {self.command(f['chain_id'])}"
+                    if f["chain_id"] is not None
+                    else "",
+                ]
             text = "\n".join(line for line in lines if line)
             if report.passed:
                 report.outcome = "failed"
@@ -322,8 +376,13 @@ class AuditSession:
         self.analyzed()
         with open_reader(self.db) as reader:
             chains = chain_records(reader)
-        return [c for c in chains if self.mine(c["client"]) and c["hops"][0]["from"]["started_at"] is not None
-                and _epoch(c["hops"][0]["from"]["started_at"]) >= started - 1e-3]
+        return [
+            c
+            for c in chains
+            if self.mine(c["client"])
+            and c["hops"][0]["from"]["started_at"] is not None
+            and _epoch(c["hops"][0]["from"]["started_at"]) >= started - 1e-3
+        ]
 
     def command(self, chain_id) -> str:
         prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
@@ -347,7 +406,7 @@ class AuditSession:
         tr.section("redirect-audit")
         try:
             records = self.session_findings()
-        except Exception as exc:  # noqa: BLE001 - the summary never hides the tests' own result
+        except Exception as exc:
             tr.write_line(f"redirect-audit: could not read the findings: {exc}")
             return
         where = f"a fresh store, {self.shown}" if self.fresh else self.shown
@@ -386,8 +445,11 @@ class AuditSession:
         from analyzer.store import test_runs
 
         with self._store() as store, store.begin() as conn:
-            rows = conn.execute(select(test_runs.c.client, test_runs.c.recorder).distinct()
-                                .where(test_runs.c.session == self.session)).all()
+            rows = conn.execute(
+                select(test_runs.c.client, test_runs.c.recorder)
+                .distinct()
+                .where(test_runs.c.session == self.session)
+            ).all()
         recorders = {r for _, r in rows} | {self.label}
         return {c for c, _ in rows} | recorders, recorders
 
@@ -444,8 +506,10 @@ class RedirectAudit:
         found = self.findings(min_severity)
         if found:
             lines = [f"redirect-audit: {len(found)} finding(s) at or above {min_severity} during this test:"]
-            lines += [f"  {f['severity'].upper()} {f['rule_id']} {f['rule']}: {hop_text(f)}\n    {f['message']}"
-                      for f in found]
+            lines += [
+                f"  {f['severity'].upper()} {f['rule_id']} {f['rule']}: {hop_text(f)}\n    {f['message']}"
+                for f in found
+            ]
             raise AssertionError("\n".join(lines))
 
 
@@ -454,6 +518,9 @@ def redirect_audit(request: pytest.FixtureRequest) -> RedirectAudit:
     """The current test's redirect findings and chains (needs `pytest --redirect-audit`)."""
     audit = request.config.stash.get(STATE, None)
     if audit is None or audit.recording is None:
-        pytest.fail("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit "
-                    "(or redirect_audit = true in the ini file)", pytrace=False)
+        pytest.fail(
+            "the redirect_audit fixture needs the recorder: run pytest with --redirect-audit "
+            "(or redirect_audit = true in the ini file)",
+            pytrace=False,
+        )
     return RedirectAudit(audit)

@@ -60,8 +60,13 @@ ORDER BY COALESCE(f.observed_at, 0), b.capture_id, b.seq, f.rule_id, f.id
 """
 
 
-def finding_records(reader: Reader, min_severity: Severity = Severity.INFO, *,
-                    capture_id: int | None = None, clients: tuple[str, str] | None = None) -> list[dict]:
+def finding_records(
+    reader: Reader,
+    min_severity: Severity = Severity.INFO,
+    *,
+    capture_id: int | None = None,
+    clients: tuple[str, str] | None = None,
+) -> list[dict]:
     """Every finding at or above a severity, in the JSON contract of design.md; only those
     about exchanges of one capture, or of clients `(label, recorder)`, when given."""
     where, params = "", {}
@@ -71,14 +76,42 @@ def finding_records(reader: Reader, min_severity: Severity = Severity.INFO, *,
         label, recorder = clients
         where += " AND (f.client = :label OR substr(f.client, 1, :plen) = :prefix)"
         params.update(label=label, plen=len(recorder) + 7, prefix=f"proxy:{recorder}/")
-    return [_finding_record(row) for row in reader.rows(FINDINGS_SQL.format(capture=where), floor=int(min_severity),
-                                                        **params)]
+    return [
+        _finding_record(row)
+        for row in reader.rows(FINDINGS_SQL.format(capture=where), floor=int(min_severity), **params)
+    ]
 
 
 def _finding_record(row: tuple) -> dict:
-    (finding_id, rule, rule_id, severity, confidence, message, chain_id, hop, observed_at, evidence, fingerprint,
-     status, m0, u0, raw_location, location, hop_chain, t_method, t_url, b_method, b_url, client, seq, flow_id, source,
-     path, test) = row
+    (
+        finding_id,
+        rule,
+        rule_id,
+        severity,
+        confidence,
+        message,
+        chain_id,
+        hop,
+        observed_at,
+        evidence,
+        fingerprint,
+        status,
+        m0,
+        u0,
+        raw_location,
+        location,
+        hop_chain,
+        t_method,
+        t_url,
+        b_method,
+        b_url,
+        client,
+        seq,
+        flow_id,
+        source,
+        path,
+        test,
+    ) = row
     if hop_chain is None:  # not about a redirect hop (a write repeated without a chain)
         followed, m1, u1 = None, b_method, b_url
     elif t_url is not None:  # the hop's follow-up, whichever exchange the finding points at
@@ -86,12 +119,25 @@ def _finding_record(row: tuple) -> dict:
     else:  # a redirect nobody followed: where it pointed, and no method after
         followed, m1, u1 = False, None, location
     return {
-        "finding_id": finding_id, "rule": rule, "rule_id": rule_id, "severity": severity, "confidence": confidence,
+        "finding_id": finding_id,
+        "rule": rule,
+        "rule_id": rule_id,
+        "severity": severity,
+        "confidence": confidence,
         "message": message,
-        "chain_id": chain_id, "hop": hop, "status": status, "followed": followed, "method_before": m0,
-        "method_after": m1, "from_url": u0, "to_url": u1, "location": raw_location, "client": client,
+        "chain_id": chain_id,
+        "hop": hop,
+        "status": status,
+        "followed": followed,
+        "method_before": m0,
+        "method_after": m1,
+        "from_url": u0,
+        "to_url": u1,
+        "location": raw_location,
+        "client": client,
         "observed_at": iso(observed_at),
-        "evidence": json.loads(evidence), "fingerprint": fingerprint,
+        "evidence": json.loads(evidence),
+        "fingerprint": fingerprint,
         "capture": capture_pointer(source, path, seq, flow_id),
         # the test during which the hop happened, when the pytest plugin recorded the run
         "test": test,
@@ -115,33 +161,65 @@ def hop_text(r: dict) -> str:
     return f"{r['method_before']} {r['from_url']} → {r['status']} → {r['method_after']} {r['to_url']}"
 
 
-EXCHANGE_FIELDS = ("id", "method", "url", "status", "started_at", "req_body_len", "req_body_sha256",
-                   "req_content_type", "location", "synthetic", "seq", "flow_id", "client", "error")
+EXCHANGE_FIELDS = (
+    "id",
+    "method",
+    "url",
+    "status",
+    "started_at",
+    "req_body_len",
+    "req_body_sha256",
+    "req_content_type",
+    "location",
+    "synthetic",
+    "seq",
+    "flow_id",
+    "client",
+    "error",
+)
 _EXCHANGE_SELECT = ", ".join(f"e.{name}" for name in EXCHANGE_FIELDS) + ", c.source, c.path"
 
 
 def chain_records(reader: Reader, url_substring: str | None = None) -> list[dict]:
     """Every chain hop by hop; with url_substring, only chains where some URL contains it."""
     by_id = {}
-    for sql in ("SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.from_exchange_id "
-                "JOIN captures c ON c.id = e.capture_id",
-                "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.to_exchange_id "
-                "JOIN captures c ON c.id = e.capture_id"):
+    for sql in (
+        "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.from_exchange_id "
+        "JOIN captures c ON c.id = e.capture_id",
+        "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.to_exchange_id "
+        "JOIN captures c ON c.id = e.capture_id",
+    ):
         for row in reader.rows(sql.format(cols=_EXCHANGE_SELECT)):
             by_id[row[0]] = _exchange_record(row)
     out: dict[int, dict] = {}
     for chain_id, client, end, started in reader.rows(
-            "SELECT c.id, c.client, c.end_reason, c.started_at FROM chains c JOIN exchanges r ON r.id = c.root_exchange_id "
-            "ORDER BY COALESCE(r.started_at, -1), r.capture_id, r.seq"):
-        out[chain_id] = {"chain_id": chain_id, "client": client, "end": end, "started_at": iso(started), "hops": []}
+        "SELECT c.id, c.client, c.end_reason, c.started_at FROM chains c JOIN exchanges r ON r.id = c.root_exchange_id "
+        "ORDER BY COALESCE(r.started_at, -1), r.capture_id, r.seq"
+    ):
+        out[chain_id] = {
+            "chain_id": chain_id,
+            "client": client,
+            "end": end,
+            "started_at": iso(started),
+            "hops": [],
+        }
     for chain_id, idx, source_id, target_id, status, link, confidence in reader.rows(
-            "SELECT chain_id, idx, from_exchange_id, to_exchange_id, status, link, confidence FROM hops "
-            "ORDER BY chain_id, idx"):
+        "SELECT chain_id, idx, from_exchange_id, to_exchange_id, status, link, confidence FROM hops "
+        "ORDER BY chain_id, idx"
+    ):
         source, target = by_id[source_id], by_id.get(target_id)
-        out[chain_id]["hops"].append({
-            "hop": idx, "status": status, "followed": target is not None, "link": link, "confidence": confidence,
-            "from": source, "to": target, "changes": hop_changes(source, target),
-        })
+        out[chain_id]["hops"].append(
+            {
+                "hop": idx,
+                "status": status,
+                "followed": target is not None,
+                "link": link,
+                "confidence": confidence,
+                "from": source,
+                "to": target,
+                "changes": hop_changes(source, target),
+            }
+        )
     records = list(out.values())
     if url_substring:
         records = [c for c in records if any(url_substring in u for u in _urls(c))]
@@ -160,9 +238,20 @@ ORDER BY c.id
 def capture_records(reader: Reader) -> list[dict]:
     """What the store holds, capture by capture: where from, how much, over what time."""
     return [
-        {"capture_id": cid, "source": source, "file": path, "creator": creator, "imported_at": iso(imported),
-         "exchanges": count, "warnings": warnings, "first_at": iso(first), "last_at": iso(last)}
-        for cid, source, path, creator, imported, _entries, warnings, count, first, last in reader.rows(CAPTURES_SQL)
+        {
+            "capture_id": cid,
+            "source": source,
+            "file": path,
+            "creator": creator,
+            "imported_at": iso(imported),
+            "exchanges": count,
+            "warnings": warnings,
+            "first_at": iso(first),
+            "last_at": iso(last),
+        }
+        for cid, source, path, creator, imported, _entries, warnings, count, first, last in reader.rows(
+            CAPTURES_SQL
+        )
     ]
 
 
@@ -174,12 +263,21 @@ def _urls(chain: dict) -> Iterator[str]:
 
 
 def _exchange_record(row: tuple) -> dict:
-    r = dict(zip((*EXCHANGE_FIELDS, "source", "path"), row))
+    r = dict(zip((*EXCHANGE_FIELDS, "source", "path"), row, strict=False))
     return {
-        "id": r["id"], "method": r["method"], "url": r["url"], "status": r["status"],
-        "started_at": iso(r["started_at"]), "location": r["location"], "synthetic": bool(r["synthetic"]),
+        "id": r["id"],
+        "method": r["method"],
+        "url": r["url"],
+        "status": r["status"],
+        "started_at": iso(r["started_at"]),
+        "location": r["location"],
+        "synthetic": bool(r["synthetic"]),
         "error": r["error"],
-        "body": {"length": r["req_body_len"], "sha256": r["req_body_sha256"], "content_type": r["req_content_type"]},
+        "body": {
+            "length": r["req_body_len"],
+            "sha256": r["req_body_sha256"],
+            "content_type": r["req_content_type"],
+        },
         "capture": capture_pointer(r["source"], r["path"], r["seq"], r["flow_id"]),
     }
 
@@ -248,12 +346,20 @@ def print_capture_table(records: list[dict], console: Console, store: str) -> No
     table = Table(title=f"captures in {escape(store)}", title_justify="left", header_style="bold")
     for column in ("id", "source", "file", "exchanges", "from", "to", "imported at"):
         table.add_column(column, overflow="fold")
+
     def moment(text: str | None) -> str:
         return text[:19].replace("T", " ") if text else "-"
 
     for r in records:
-        table.add_row(str(r["capture_id"]), r["source"], _shown(r["file"] or r["creator"] or "-"), str(r["exchanges"]),
-                      moment(r["first_at"]), moment(r["last_at"]), moment(r["imported_at"]))
+        table.add_row(
+            str(r["capture_id"]),
+            r["source"],
+            _shown(r["file"] or r["creator"] or "-"),
+            str(r["exchanges"]),
+            moment(r["first_at"]),
+            moment(r["last_at"]),
+            moment(r["imported_at"]),
+        )
     console.print(table)
     total = sum(r["exchanges"] for r in records)
     console.print(f"{len(records)} capture(s), {total} exchange(s)", markup=False)
@@ -271,20 +377,29 @@ def print_chain_trees(records: list[dict], console: Console) -> None:
         console.print("No chains.")
         return
     for chain in records:
-        tree = Tree(f"[bold]chain {chain['chain_id']}[/] · {_shown(chain['client'])} · {chain['started_at']} · "
-                    f"{len(chain['hops'])} hop(s) · ends: {chain['end']}")
+        tree = Tree(
+            f"[bold]chain {chain['chain_id']}[/] · {_shown(chain['client'])} · {chain['started_at']} · "
+            f"{len(chain['hops'])} hop(s) · ends: {chain['end']}"
+        )
         for hop in chain["hops"]:
             src = hop["from"]
-            node = tree.add(f"{_shown(src['method'])} {_shown(src['url'])} → [bold]{hop['status']}[/]"
-                            + (" (browser-internal)" if src["synthetic"] else "") + f"  {_body_text(src['body'])}")
+            node = tree.add(
+                f"{_shown(src['method'])} {_shown(src['url'])} → [bold]{hop['status']}[/]"
+                + (" (browser-internal)" if src["synthetic"] else "")
+                + f"  {_body_text(src['body'])}"
+            )
             target = hop["to"]
             if target is None:
-                node.add(f"[red]{chain['end']}[/]" + (f": Location {_shown(src['location'])}" if src["location"]
-                                                      else ""))
+                node.add(
+                    f"[red]{chain['end']}[/]"
+                    + (f": Location {_shown(src['location'])}" if src["location"] else "")
+                )
                 continue
-            node.add(f"→ {_shown(target['method'])} {_shown(target['url'])} · "
-                     f"{target['status'] or _shown(target['error'])}  "
-                     f"{_body_text(target['body'])} · linked {hop['link']} ({hop['confidence']:.2f})")
+            node.add(
+                f"→ {_shown(target['method'])} {_shown(target['url'])} · "
+                f"{target['status'] or _shown(target['error'])}  "
+                f"{_body_text(target['body'])} · linked {hop['link']} ({hop['confidence']:.2f})"
+            )
             for change in hop["changes"]:
                 node.add(f"[yellow]! {_shown(change)}[/]")
         console.print(tree)
@@ -313,19 +428,34 @@ def print_conformance_table(rows: list[dict], console: Console) -> None:
     for row in rows:
         by_client.setdefault(row["client_name"], []).append(row)
     for name, cases in by_client.items():
-        table = Table(title=f"{_shown(name)}: what it did (spec: RFC 9110 / Fetch)", title_justify="left",
-                      header_style="bold")
-        for column in ("case", "seen", "method", "body", "body hdrs", "creds x-origin", "auth same-origin",
-                       "auth x-origin", "verdict"):
+        table = Table(
+            title=f"{_shown(name)}: what it did (spec: RFC 9110 / Fetch)",
+            title_justify="left",
+            header_style="bold",
+        )
+        for column in (
+            "case",
+            "seen",
+            "method",
+            "body",
+            "body hdrs",
+            "creds x-origin",
+            "auth same-origin",
+            "auth x-origin",
+            "verdict",
+        ):
             table.add_column(column, overflow="fold")
         for r in cases:
             style = {"deviated": "red", "not followed": "yellow"}.get(r["verdict"], "green")
             table.add_row(
-                f"{r['status']} {_shown(r['method'])}", f"{r['followed']}/{r['hops']}",
+                f"{r['status']} {_shown(r['method'])}",
+                f"{r['followed']}/{r['hops']}",
                 _against(r["did_method"], r["should_method"], r["followed"]),
                 _against(r["did_body"], r["should_body"], r["followed"]),
                 str(r["body_headers_kept"]) if r["body_headers_kept"] else "-",
-                f"{r['credentials_cross_origin']}/{r['cross_origin_hops']}" if r["cross_origin_hops"] else "-",
+                f"{r['credentials_cross_origin']}/{r['cross_origin_hops']}"
+                if r["cross_origin_hops"]
+                else "-",
                 _auth_against(r.get("auth_same_origin", "-"), "kept"),
                 _auth_against(r.get("auth_cross_origin", "-"), "dropped"),
                 f"[{style}]{r['verdict']}[/]",
@@ -335,11 +465,18 @@ def print_conformance_table(rows: list[dict], console: Console) -> None:
         if fired:
             console.print(f"  rules fired: {', '.join(fired)}", highlight=False)
     deviating = sorted({r["client_name"] for r in rows if r["verdict"] == "deviated"})
-    console.print(f"{len(by_client)} client(s), {len(rows)} (status, method) case(s); "
-                  f"deviating: {_shown(', '.join(deviating)) if deviating else 'none'}", highlight=False)
-    console.print("seen: followed/hops · creds x-origin: follow-ups that carried a credential to a new origin"
-                  " / follow-ups to a new origin · auth: what the client did with Authorization or an API key"
-                  " (Fetch: kept on the same origin, dropped on another)", style="dim", highlight=False)
+    console.print(
+        f"{len(by_client)} client(s), {len(rows)} (status, method) case(s); "
+        f"deviating: {_shown(', '.join(deviating)) if deviating else 'none'}",
+        highlight=False,
+    )
+    console.print(
+        "seen: followed/hops · creds x-origin: follow-ups that carried a credential to a new origin"
+        " / follow-ups to a new origin · auth: what the client did with Authorization or an API key"
+        " (Fetch: kept on the same origin, dropped on another)",
+        style="dim",
+        highlight=False,
+    )
 
 
 def _auth_against(did: str, should: str) -> str:

@@ -62,25 +62,74 @@ URL_HEADERS = frozenset({"location", "referer", "content-location", "link", "ref
 SECRET_FIELDS = frozenset(
     {
         # passwords and keys
-        "password", "passwd", "pwd", "passphrase", "secret", "client_secret", "api_key", "apikey", "key",
-        "access_key", "secret_key", "private_key", "otp", "pin", "cvv", "cvc", "card_number", "ssn",
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "secret",
+        "client_secret",
+        "api_key",
+        "apikey",
+        "key",
+        "access_key",
+        "secret_key",
+        "private_key",
+        "otp",
+        "pin",
+        "cvv",
+        "cvc",
+        "card_number",
+        "ssn",
         # tokens, OAuth and OpenID Connect (RFC 6749, 7636; OIDC Core)
-        "token", "access_token", "refresh_token", "id_token", "auth", "authorization", "code", "state",
-        "nonce", "code_verifier", "session_state", "assertion", "client_assertion", "jwt",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "auth",
+        "authorization",
+        "code",
+        "state",
+        "nonce",
+        "code_verifier",
+        "session_state",
+        "assertion",
+        "client_assertion",
+        "jwt",
         # sessions and single sign-on
-        "session", "sessionid", "session_id", "jsessionid", "phpsessid", "sid", "ticket", "samlresponse",
-        "samlrequest", "relaystate",
+        "session",
+        "sessionid",
+        "session_id",
+        "jsessionid",
+        "phpsessid",
+        "sid",
+        "ticket",
+        "samlresponse",
+        "samlrequest",
+        "relaystate",
         # signed URLs (AWS SigV4, Google, Azure SAS, generic)
-        "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-        "x-goog-credential", "signature", "sig",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "signature",
+        "sig",
     }
 )
 FINGERPRINT_PREFIX = "hmac:"
 NESTED_LEVELS = 3  # URLs percent-encoded inside URLs, looked into this deep
 
 # Bodies of these types hold no fields; they are kept as they are (capped).
-_OPAQUE_TYPES = ("image/", "audio/", "video/", "font/", "application/octet-stream", "application/zip",
-                 "application/pdf", "application/gzip")
+_OPAQUE_TYPES = (
+    "image/",
+    "audio/",
+    "video/",
+    "font/",
+    "application/octet-stream",
+    "application/zip",
+    "application/pdf",
+    "application/gzip",
+)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -130,8 +179,10 @@ class SecretPolicy:
         # name=value after ? & or # (a `;param` in a path also ends at ? and /); the value
         # ends where the URL, the parameter or the header holding it (Link's `>`, quotes,
         # blanks) ends.
-        return re.compile(rf"(?i)(^|[?&#]|;(?=[^?]*$))({self._names})=([^&;#\s>\"']*)|"
-                          rf"(;)({self._names})=([^&;#?/\s>\"']*)")
+        return re.compile(
+            rf"(?i)(^|[?&#]|;(?=[^?]*$))({self._names})=([^&;#\s>\"']*)|"
+            rf"(;)({self._names})=([^&;#?/\s>\"']*)"
+        )
 
     @functools.cached_property
     def quick(self) -> tuple[str, ...]:
@@ -154,8 +205,10 @@ class SecretPolicy:
     @functools.cached_property
     def multipart_field(self) -> re.Pattern[str]:
         # a part whose name is secret: its headers, the blank line, its value up to the boundary
-        return re.compile(rf'(?is)(content-disposition:[^\r\n]*\bname="?(?:{self._names})"?[^\r\n]*\r?\n'
-                          rf'(?:[^\r\n]+\r?\n)*\r?\n)(.*?)(?=\r?\n--)')
+        return re.compile(
+            rf'(?is)(content-disposition:[^\r\n]*\bname="?(?:{self._names})"?[^\r\n]*\r?\n'
+            rf"(?:[^\r\n]+\r?\n)*\r?\n)(.*?)(?=\r?\n--)"
+        )
 
 
 DEFAULT_POLICY = SecretPolicy(SECRET_FIELDS)
@@ -173,14 +226,16 @@ def is_credential_header(name: str) -> bool:
     return name.lower() in CREDENTIAL_HEADERS
 
 
-def protect_headers(headers: Iterable[tuple[str, str]], key: bytes,
-                    policy: SecretPolicy = DEFAULT_POLICY) -> list[tuple[str, str]]:
+def protect_headers(
+    headers: Iterable[tuple[str, str]], key: bytes, policy: SecretPolicy = DEFAULT_POLICY
+) -> list[tuple[str, str]]:
     """Every credential header fingerprinted, every URL in a URL header protected."""
     return protect_and_index(headers, key, policy)[0]
 
 
-def protect_and_index(headers: Iterable[tuple[str, str]], key: bytes, policy: SecretPolicy = DEFAULT_POLICY
-                      ) -> tuple[list[tuple[str, str]], dict[str, str]]:
+def protect_and_index(
+    headers: Iterable[tuple[str, str]], key: bytes, policy: SecretPolicy = DEFAULT_POLICY
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """Headers as stored (secrets protected) plus a lower-case lookup of first values."""
     pairs: list[tuple[str, str]] = []
     lookup: dict[str, str] = {}
@@ -260,7 +315,9 @@ def _fingerprinted(key: bytes, value: str) -> str:
     return fingerprint(key, unquote(value))
 
 
-def redact_body(raw: bytes, content_type: str | None, key: bytes, policy: SecretPolicy = DEFAULT_POLICY) -> bytes:
+def redact_body(
+    raw: bytes, content_type: str | None, key: bytes, policy: SecretPolicy = DEFAULT_POLICY
+) -> bytes:
     """A body with the value of every secret field fingerprinted: JSON, form and multipart
     fields, whatever the declared type. Works on the text, so nesting depth, broken
     syntax and a later cut change nothing; the caller caps the result."""

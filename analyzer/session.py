@@ -99,8 +99,11 @@ def is_loopback_entry(entry: str) -> bool:
         network = ipaddress.ip_network(host.strip("[]"), strict=False)
     except ValueError:
         return False
-    return network.overlaps(ipaddress.ip_network("127.0.0.0/8")) if network.version == 4 \
+    return (
+        network.overlaps(ipaddress.ip_network("127.0.0.0/8"))
+        if network.version == 4
         else network.overlaps(ipaddress.ip_network("::1/128"))
+    )
 
 
 def without_loopback(value: str) -> str:
@@ -138,10 +141,23 @@ class Recording:
         return self.confdir / CA_FILE
 
     def argv(self) -> list[str]:
-        args = [mitmproxy_program("mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-                "--set", f"confdir={self.confdir}", "-s", str(addon_path()), "--set", "flow_detail=0",
-                "--set", f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
-                "--set", f"redirect_audit_live={str(self.live).lower()}"]
+        args = [
+            mitmproxy_program("mitmdump"),
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(self.port),
+            "--set",
+            f"confdir={self.confdir}",
+            "-s",
+            str(addon_path()),
+            "--set",
+            "flow_detail=0",
+            "--set",
+            f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
+            "--set",
+            f"redirect_audit_live={str(self.live).lower()}",
+        ]
         if self.proxy_id:
             args += ["--set", f"redirect_audit_proxy_id={self.proxy_id}"]
         for setting in self.settings:
@@ -163,8 +179,14 @@ class Recording:
         for attempt in range(3):
             self.port = free_port()
             with open(self.log, "ab") as log:
-                self.process = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                self.process = subprocess.Popen(
+                    self.argv(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
             if while_starting is not None and attempt == 0:
                 try:
                     while_starting()
@@ -198,7 +220,9 @@ class Recording:
         for attempt in (0, 1):
             conn = self._control_conn
             if conn is None or conn.port != self.port:
-                conn = self._control_conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+                conn = self._control_conn = http.client.HTTPConnection(
+                    "127.0.0.1", self.port, timeout=timeout
+                )
             conn.timeout = timeout
             if conn.sock is not None:
                 conn.sock.settimeout(timeout)
@@ -210,15 +234,19 @@ class Recording:
             except (OSError, http.client.HTTPException):
                 conn.close()
                 self._control_conn = None
-                if attempt or self.process is not None and self.process.poll() is not None:
+                if attempt or (self.process is not None and self.process.poll() is not None):
                     raise
         try:
             answer = json.loads(body)
         except ValueError:
-            raise SessionError(f"the proxy on port {self.port} is not a redirect-audit recorder "
-                               f"(it answered {response.status} to {path})") from None
+            raise SessionError(
+                f"the proxy on port {self.port} is not a redirect-audit recorder "
+                f"(it answered {response.status} to {path})"
+            ) from None
         if response.status != 200:
-            raise SessionError(f"the recorder answered {response.status} to {path}: {answer.get('error', answer)}")
+            raise SessionError(
+                f"the recorder answered {response.status} to {path}: {answer.get('error', answer)}"
+            )
         return answer
 
     def relabel(self, label: str, to: str | None) -> dict:
@@ -303,14 +331,18 @@ class Recording:
         if not given or not Path(given).is_file():
             return self.ca
         path = self.workdir / "node-extra-ca.pem"
-        write_private(str(path), Path(given).read_text(errors="replace").rstrip("\n") + "\n" + self.ca.read_text())
+        write_private(
+            str(path), Path(given).read_text(errors="replace").rstrip("\n") + "\n" + self.ca.read_text()
+        )
         return path
 
 
 def attach(proxy: str, db_url: str, workdir: Path, label: str | None, confdir: Path) -> Recording:
     """A recording on a recorder that already runs (`redirect-audit run -- pytest --redirect-audit`)."""
     port = int(proxy.rsplit(":", 1)[1].strip("/"))
-    recording = Recording(db_url=db_url, workdir=workdir, label=label, confdir=confdir, port=port, attached=True)
+    recording = Recording(
+        db_url=db_url, workdir=workdir, label=label, confdir=confdir, port=port, attached=True
+    )
     recording.control("/ping", timeout=10.0)
     return recording
 
@@ -345,7 +377,7 @@ def run_command(argv: list[str], env: dict[str, str]) -> ChildResult:
     interrupted = 0
     try:
         try:
-            child = subprocess.Popen(argv, env=env, preexec_fn=_unblock)  # noqa: PLW1509 - no threads run yet
+            child = subprocess.Popen(argv, env=env, preexec_fn=_unblock)
         except FileNotFoundError:
             raise SessionError(f"{argv[0]}: command not found") from None
         except PermissionError:

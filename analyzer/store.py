@@ -12,8 +12,8 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import msgspec
@@ -273,8 +273,9 @@ class Store:
         self.engine.dispose()
 
 
-def open_store(db: str | None = None, *, create: bool = True, wait: float = DEFAULT_WAIT,
-               key_file: str | None = None) -> Store:
+def open_store(
+    db: str | None = None, *, create: bool = True, wait: float = DEFAULT_WAIT, key_file: str | None = None
+) -> Store:
     """Open the store at a URL or path; `create=False` refuses one that does not exist.
 
     Only what writes captures (imports, the proxy, the demo) creates a store: a reading
@@ -357,18 +358,29 @@ def _schema_key(conn: Connection, url: str, key_file: Path | None) -> tuple[byte
     rows = dict(conn.execute(select(meta.c.key, meta.c.value)).all())
     if "schema_version" not in rows:
         key = read_or_create_key(key_file) if key_file is not None else new_key()
-        where = {"key": "hmac_key_id", "value": key_id(key)} if key_file is not None else \
-            {"key": "hmac_key", "value": key.hex()}
-        conn.execute(insert(meta), [{"key": "schema_version", "value": str(SCHEMA_VERSION)}, where,
-                                    {"key": GENERATION, "value": "0"}])
+        where = (
+            {"key": "hmac_key_id", "value": key_id(key)}
+            if key_file is not None
+            else {"key": "hmac_key", "value": key.hex()}
+        )
+        conn.execute(
+            insert(meta),
+            [
+                {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                where,
+                {"key": GENERATION, "value": "0"},
+            ],
+        )
         conn.execute(insert(alembic_version).values(version_num=revision_of(SCHEMA_VERSION)))
         return key, ""
     check_version(rows["schema_version"], url)
     if "hmac_key" in rows:
         return bytes.fromhex(rows["hmac_key"]), ""  # the store keeps its own key; a key file is not used
     if key_file is None:
-        return None, (f"store {url_shown(url)} keeps its key outside it: give its key file with --key-file "
-                      f"or ${KEY_FILE_ENV}")
+        return None, (
+            f"store {url_shown(url)} keeps its key outside it: give its key file with --key-file "
+            f"or ${KEY_FILE_ENV}"
+        )
     key = read_key(key_file)
     if key_id(key) != rows.get("hmac_key_id"):
         return None, f"key file {key_file} is not the key of store {url_shown(url)} (the key ids differ)"
@@ -378,8 +390,9 @@ def _schema_key(conn: Connection, url: str, key_file: Path | None) -> tuple[byte
 def bump_generation(conn: Connection) -> None:
     """Mark the exchanges as changed, so that reading commands re-analyze. Called last in
     each writing transaction: on PostgreSQL the meta row stays locked until the commit."""
-    done = conn.execute(update(meta).where(meta.c.key == GENERATION)
-                        .values(value=cast(cast(meta.c.value, Integer) + 1, Text)))
+    done = conn.execute(
+        update(meta).where(meta.c.key == GENERATION).values(value=cast(cast(meta.c.value, Integer) + 1, Text))
+    )
     if done.rowcount == 0:  # a store from before generations were kept
         conn.execute(insert(meta).values(key=GENERATION, value="1"))
 
@@ -423,11 +436,37 @@ def refresh_statistics(conn: Connection, *tables: str) -> None:
 
 
 EXCHANGE_COLUMNS = (
-    "capture_id", "seq", "flow_id", "client", "connection", "started_at", "response_started_at", "method",
-    "url", "url_norm", "http_version", "status", "status_text", "location", "location_resolved",
-    "location_error", "synthetic", "from_cache", "error", "request_headers", "response_headers",
-    "req_body_len", "req_body_sha256", "req_content_type", "req_body", "resp_body_len", "resp_body_sha256",
-    "resp_content_type", "resp_body", "user_agent", "idempotency_key",
+    "capture_id",
+    "seq",
+    "flow_id",
+    "client",
+    "connection",
+    "started_at",
+    "response_started_at",
+    "method",
+    "url",
+    "url_norm",
+    "http_version",
+    "status",
+    "status_text",
+    "location",
+    "location_resolved",
+    "location_error",
+    "synthetic",
+    "from_cache",
+    "error",
+    "request_headers",
+    "response_headers",
+    "req_body_len",
+    "req_body_sha256",
+    "req_content_type",
+    "req_body",
+    "resp_body_len",
+    "resp_body_sha256",
+    "resp_content_type",
+    "resp_body",
+    "user_agent",
+    "idempotency_key",
 )
 
 
@@ -455,7 +494,11 @@ def headers_json(headers: Sequence[tuple[str, str]]) -> str:
 def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
     try:
         return msgspec.json.encode(headers).decode()
-    except (TypeError, UnicodeEncodeError, msgspec.EncodeError):  # lone surrogates from a sloppy exporter: the stdlib encoder escapes them
+    except (
+        TypeError,
+        UnicodeEncodeError,
+        msgspec.EncodeError,
+    ):  # lone surrogates from a sloppy exporter: the stdlib encoder escapes them
         return json.dumps(headers, ensure_ascii=False)
 
 
@@ -471,12 +514,37 @@ def exchange_row(ex: Exchange) -> tuple:
     if status is not None and not 0 <= status <= 999:
         status = 0 if status < 0 else 999
     row = (
-        ex.capture_id, ex.seq, ex.flow_id, ex.client, ex.connection, ex.started_at, ex.response_started_at,
-        ex.method, ex.url, ex.url_norm, ex.http_version, status, ex.status_text, ex.location,
-        ex.location_resolved, ex.location_error, ex.synthetic, ex.from_cache, ex.error,
-        headers_json(ex.request_headers), headers_json(ex.response_headers),
-        rb.length, rb.sha256, rb.content_type, rb.raw, sb.length, sb.sha256, sb.content_type, sb.raw,
-        ex.user_agent, ex.idempotency_key,
+        ex.capture_id,
+        ex.seq,
+        ex.flow_id,
+        ex.client,
+        ex.connection,
+        ex.started_at,
+        ex.response_started_at,
+        ex.method,
+        ex.url,
+        ex.url_norm,
+        ex.http_version,
+        status,
+        ex.status_text,
+        ex.location,
+        ex.location_resolved,
+        ex.location_error,
+        ex.synthetic,
+        ex.from_cache,
+        ex.error,
+        headers_json(ex.request_headers),
+        headers_json(ex.response_headers),
+        rb.length,
+        rb.sha256,
+        rb.content_type,
+        rb.raw,
+        sb.length,
+        sb.sha256,
+        sb.content_type,
+        sb.raw,
+        ex.user_agent,
+        ex.idempotency_key,
     )
     for i in _TEXT_AT:
         value = row[i]
@@ -487,10 +555,27 @@ def exchange_row(ex: Exchange) -> tuple:
 
 # Text columns of an exchange row that can carry a NUL from the wire (header lists are
 # JSON, where a NUL is already written as an escape).
-_TEXT_AT = tuple(EXCHANGE_COLUMNS.index(name) for name in (
-    "flow_id", "client", "connection", "method", "url", "url_norm", "http_version", "status_text", "location",
-    "location_resolved", "location_error", "error", "req_content_type", "resp_content_type", "user_agent",
-    "idempotency_key"))
+_TEXT_AT = tuple(
+    EXCHANGE_COLUMNS.index(name)
+    for name in (
+        "flow_id",
+        "client",
+        "connection",
+        "method",
+        "url",
+        "url_norm",
+        "http_version",
+        "status_text",
+        "location",
+        "location_resolved",
+        "location_error",
+        "error",
+        "req_content_type",
+        "resp_content_type",
+        "user_agent",
+        "idempotency_key",
+    )
+)
 
 
 def nul_escaped(row: tuple) -> tuple:
@@ -511,8 +596,13 @@ def write_exchange_blocks(conn: Connection, blocks: Iterable[Sequence[tuple]]) -
 MULTI_ROW_LIMIT = 200  # rows per multi-row INSERT (x 31 columns stays far under SQLite's 32766 variables)
 
 
-def insert_tuples(conn: Connection, table: Table, columns: tuple[str, ...], rows: Iterable[tuple],
-                  batch_size: int = BATCH_SIZE) -> int:
+def insert_tuples(
+    conn: Connection,
+    table: Table,
+    columns: tuple[str, ...],
+    rows: Iterable[tuple],
+    batch_size: int = BATCH_SIZE,
+) -> int:
     """Bulk insert, skipping SQLAlchemy's per-row parameter processing.
 
     The single-row statement is compiled once per dialect, so the SQL stays what
@@ -531,7 +621,9 @@ def insert_tuples(conn: Connection, table: Table, columns: tuple[str, ...], rows
     return insert_blocks(conn, table, columns, _batches(rows, batch_size))
 
 
-def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]) -> int:
+def insert_blocks(
+    conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]
+) -> int:
     """insert_tuples() for rows that come in lists already: no per-row regrouping."""
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         return _copy_blocks(conn, table, columns, blocks)
@@ -546,7 +638,11 @@ def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], bloc
                 for n in _chunk_sizes(len(piece)):
                     chunk = piece[at : at + n]
                     at += n
-                    flat = tuple(chain.from_iterable(chunk)) if order is None else tuple(r[i] for r in chunk for i in order)
+                    flat = (
+                        tuple(chain.from_iterable(chunk))
+                        if order is None
+                        else tuple(r[i] for r in chunk for i in order)
+                    )
                     try:
                         conn.exec_driver_sql(plan.statement(n), flat)
                     except _VALUE_ERRORS as exc:
@@ -558,7 +654,10 @@ def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], bloc
     for block in blocks:
         if block:
             try:
-                conn.exec_driver_sql(plan.sql, list(block) if plan.positional else [dict(zip(columns, r)) for r in block])
+                conn.exec_driver_sql(
+                    plan.sql,
+                    list(block) if plan.positional else [dict(zip(columns, r, strict=False)) for r in block],
+                )
             except _VALUE_ERRORS as exc:
                 if isinstance(exc, OperationalError):
                     raise
@@ -567,7 +666,9 @@ def insert_blocks(conn: Connection, table: Table, columns: tuple[str, ...], bloc
     return count
 
 
-def _copy_blocks(conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]) -> int:
+def _copy_blocks(
+    conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]
+) -> int:
     """PostgreSQL: rows go through COPY FROM STDIN (psycopg's copy), in the transaction of
     `conn`: several times the rate of INSERT statements. A value the server refuses fails
     the COPY (and the transaction, as any refused INSERT does); the rows are then searched
@@ -597,13 +698,15 @@ def _copy_blocks(conn: Connection, table: Table, columns: tuple[str, ...], block
 _VALUE_ERRORS = (StatementError, UnicodeError, OverflowError)
 
 
-def refused(dialect: str, table: Table, columns: Sequence[str], rows: Sequence[tuple], exc: BaseException) -> ValueRefused:
+def refused(
+    dialect: str, table: Table, columns: Sequence[str], rows: Sequence[tuple], exc: BaseException
+) -> ValueRefused:
     """The error for a batch the database refused because of a value: which row and which
     column, when a value breaks one of the limits known below, else the database's words."""
     cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     said = cause[0] if cause else type(exc).__name__
     for row in rows:
-        for name, value in zip(columns, row):
+        for name, value in zip(columns, row, strict=False):
             problem = value_problem(dialect, table.c[name], value)
             if problem is not None:
                 return ValueRefused(f"the store refused column {name}: {problem} ({said})", row, name)
@@ -680,7 +783,7 @@ def _chunk_sizes(n: int) -> Iterator[int]:
 def _split_values(sql: str) -> tuple[str, str]:
     """'INSERT INTO t (a, b) VALUES (?, ?)' -> ('INSERT INTO t (a, b) VALUES ', '(?, ?)')."""
     at = sql.upper().rindex("VALUES")
-    return sql[: at + len("VALUES")] + " ", sql[at + len("VALUES"):].strip()
+    return sql[: at + len("VALUES")] + " ", sql[at + len("VALUES") :].strip()
 
 
 def _batches(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
@@ -711,8 +814,9 @@ def remove_captures(conn: Connection, ids: Sequence[int]) -> list[int]:
     missing = [i for i in ids if i not in found]
     if missing:
         return missing
-    clients = list(conn.execute(select(exchanges.c.client).where(exchanges.c.capture_id.in_(ids)).distinct())
-                   .scalars())
+    clients = list(
+        conn.execute(select(exchanges.c.client).where(exchanges.c.capture_id.in_(ids)).distinct()).scalars()
+    )
     for start in range(0, len(clients), 500):
         chunk = clients[start : start + 500]
         theirs = select(chains.c.id).where(chains.c.client.in_(chunk))
@@ -746,12 +850,24 @@ def clear_analysis(conn: Connection) -> None:
 # ---- reads ------------------------------------------------------------------
 
 LINK_COLUMNS = (
-    "id", "capture_id", "seq", "client", "connection", "started_at", "url_norm", "status",
-    "location", "location_resolved", "synthetic", "method",
+    "id",
+    "capture_id",
+    "seq",
+    "client",
+    "connection",
+    "started_at",
+    "url_norm",
+    "status",
+    "location",
+    "location_resolved",
+    "synthetic",
+    "method",
 )
 
 
-def load_exchanges(conn: Connection, where=None, *, light: bool = False, headers: bool = True) -> list[Exchange]:
+def load_exchanges(
+    conn: Connection, where=None, *, light: bool = False, headers: bool = True
+) -> list[Exchange]:
     """Exchanges matching a SQLAlchemy condition.
 
     `light` loads only what linking needs; `headers=False` skips the header lists (the
@@ -786,27 +902,106 @@ def _row_reader(names: list[str]):
     def pos(name: str) -> int:
         return at.get(name, missing)  # a column not selected reads as None
 
-    (i_id, i_cap, i_seq, i_flow, i_client, i_conn, i_start, i_resp_start, i_method, i_url, i_norm, i_ver,
-     i_status, i_text, i_loc, i_res, i_err_loc, i_syn, i_cache, i_err, i_reqh, i_resph, i_rql, i_rqs, i_rqt,
-     i_rqb, i_rsl, i_rss, i_rst, i_rsb, i_ua, i_key) = (pos(n) for n in (
-        "id", "capture_id", "seq", "flow_id", "client", "connection", "started_at", "response_started_at",
-        "method", "url", "url_norm", "http_version", "status", "status_text", "location", "location_resolved",
-        "location_error", "synthetic", "from_cache", "error", "request_headers", "response_headers",
-        "req_body_len", "req_body_sha256", "req_content_type", "req_body", "resp_body_len", "resp_body_sha256",
-        "resp_content_type", "resp_body", "user_agent", "idempotency_key"))
+    (
+        i_id,
+        i_cap,
+        i_seq,
+        i_flow,
+        i_client,
+        i_conn,
+        i_start,
+        i_resp_start,
+        i_method,
+        i_url,
+        i_norm,
+        i_ver,
+        i_status,
+        i_text,
+        i_loc,
+        i_res,
+        i_err_loc,
+        i_syn,
+        i_cache,
+        i_err,
+        i_reqh,
+        i_resph,
+        i_rql,
+        i_rqs,
+        i_rqt,
+        i_rqb,
+        i_rsl,
+        i_rss,
+        i_rst,
+        i_rsb,
+        i_ua,
+        i_key,
+    ) = (
+        pos(n)
+        for n in (
+            "id",
+            "capture_id",
+            "seq",
+            "flow_id",
+            "client",
+            "connection",
+            "started_at",
+            "response_started_at",
+            "method",
+            "url",
+            "url_norm",
+            "http_version",
+            "status",
+            "status_text",
+            "location",
+            "location_resolved",
+            "location_error",
+            "synthetic",
+            "from_cache",
+            "error",
+            "request_headers",
+            "response_headers",
+            "req_body_len",
+            "req_body_sha256",
+            "req_content_type",
+            "req_body",
+            "resp_body_len",
+            "resp_body_sha256",
+            "resp_content_type",
+            "resp_body",
+            "user_agent",
+            "idempotency_key",
+        )
+    )
 
     def make(row: tuple) -> Exchange:
         r = (*row, None)
         return Exchange(
-            id=r[i_id], capture_id=r[i_cap], seq=r[i_seq], flow_id=r[i_flow], client=r[i_client],
-            connection=r[i_conn], started_at=r[i_start], response_started_at=r[i_resp_start], method=r[i_method],
-            url=r[i_url], url_norm=r[i_norm], http_version=r[i_ver], status=r[i_status], status_text=r[i_text],
-            location=r[i_loc], location_resolved=r[i_res], location_error=r[i_err_loc], synthetic=bool(r[i_syn]),
-            from_cache=bool(r[i_cache]), error=r[i_err],
-            request_headers=_headers_from(r[i_reqh]), response_headers=_headers_from(r[i_resph]),
+            id=r[i_id],
+            capture_id=r[i_cap],
+            seq=r[i_seq],
+            flow_id=r[i_flow],
+            client=r[i_client],
+            connection=r[i_conn],
+            started_at=r[i_start],
+            response_started_at=r[i_resp_start],
+            method=r[i_method],
+            url=r[i_url],
+            url_norm=r[i_norm],
+            http_version=r[i_ver],
+            status=r[i_status],
+            status_text=r[i_text],
+            location=r[i_loc],
+            location_resolved=r[i_res],
+            location_error=r[i_err_loc],
+            synthetic=bool(r[i_syn]),
+            from_cache=bool(r[i_cache]),
+            error=r[i_err],
+            request_headers=_headers_from(r[i_reqh]),
+            response_headers=_headers_from(r[i_resph]),
             request_body=Body(r[i_rql], r[i_rqs], r[i_rqt], r[i_rqb]),
             response_body=Body(r[i_rsl], r[i_rss], r[i_rst], r[i_rsb]),
-            user_agent=r[i_ua], idempotency_key=r[i_key],
+            user_agent=r[i_ua],
+            idempotency_key=r[i_key],
         )
 
     return make
@@ -817,9 +1012,21 @@ def _headers_from(text: str | None) -> list[tuple[str, str]]:
 
 
 def light_exchange(row) -> Exchange:
-    ex_id, capture_id, seq, client, connection, started, url_norm, status, loc, loc_res, synthetic, method = row
+    ex_id, capture_id, seq, client, connection, started, url_norm, status, loc, loc_res, synthetic, method = (
+        row
+    )
     return Exchange(
-        capture_id=capture_id, seq=seq, method=method, url=url_norm, url_norm=url_norm, started_at=started,
-        client=client, connection=connection, status=status, location=loc, location_resolved=loc_res,
-        synthetic=bool(synthetic), id=ex_id,
+        capture_id=capture_id,
+        seq=seq,
+        method=method,
+        url=url_norm,
+        url_norm=url_norm,
+        started_at=started,
+        client=client,
+        connection=connection,
+        status=status,
+        location=loc,
+        location_resolved=loc_res,
+        synthetic=bool(synthetic),
+        id=ex_id,
     )

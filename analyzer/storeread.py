@@ -103,7 +103,11 @@ def require_store(url: str) -> None:
     if path is not None and not path.exists():
         where = "" if path.parent.is_dir() else f" (and its directory {path.parent} does not exist)"
         demo = path.with_name(DEMO_DB)
-        also = f" (the demo's store is {DEMO_DB}: --db {DEMO_DB})" if path.name == DEFAULT_DB and demo.exists() else ""
+        also = (
+            f" (the demo's store is {DEMO_DB}: --db {DEMO_DB})"
+            if path.name == DEFAULT_DB and demo.exists()
+            else ""
+        )
         raise StoreMissing(
             f"no store at {path}{where}: nothing was captured there; create it with "
             f"`import-har FILE --db {path}` or `proxy --db {path}`, or pass the --db of an existing store{also}"
@@ -115,8 +119,10 @@ def describe_error(exc: BaseException, url: str, wait: float = DEFAULT_WAIT) -> 
     text = _first_line(exc)
     lowered = text.lower()
     if "database is locked" in lowered or "database table is locked" in lowered:
-        return (f"store busy: another process holds the write lock on {url_shown(url)}; waited {wait:g} s "
-                f"(--wait SECONDS to wait longer)")
+        return (
+            f"store busy: another process holds the write lock on {url_shown(url)}; waited {wait:g} s "
+            f"(--wait SECONDS to wait longer)"
+        )
     if "disk is full" in lowered or "no space left" in lowered:
         return f"store full: the disk under {url_shown(url)} has no space left ({text})"
     if "readonly database" in lowered or "read-only" in lowered:
@@ -125,7 +131,11 @@ def describe_error(exc: BaseException, url: str, wait: float = DEFAULT_WAIT) -> 
         return f"cannot open store {url_shown(url)}: {text}"
     if "file is not a database" in lowered or "file is encrypted" in lowered:
         return f"{url_shown(url)} is not a redirect-audit store (not an SQLite database)"
-    if "no such table" in lowered or "undefinedtable" in lowered or "does not exist" in lowered and "relation" in lowered:
+    if (
+        "no such table" in lowered
+        or "undefinedtable" in lowered
+        or ("does not exist" in lowered and "relation" in lowered)
+    ):
         return f"{url_shown(url)} is not a redirect-audit store ({text})"
     return f"store {url_shown(url)}: {text}"
 
@@ -139,11 +149,15 @@ def missing_driver(url: str, exc: ImportError) -> str:
     """The one line for a database URL whose driver is not installed."""
     scheme = url.split("://", 1)[0]
     if scheme.startswith("postgresql"):
-        how = ("install the postgres extra: `uv sync --extra postgres`, or "
-               "`pip install 'redirect-audit[postgres]'`")
+        how = (
+            "install the postgres extra: `uv sync --extra postgres`, or "
+            "`pip install 'redirect-audit[postgres]'`"
+        )
     else:
         how = f"install the Python driver SQLAlchemy uses for {scheme}://"
-    return f"cannot open store {url_shown(url)}: its database driver is not installed ({exc.name or exc}); {how}"
+    return (
+        f"cannot open store {url_shown(url)}: its database driver is not installed ({exc.name or exc}); {how}"
+    )
 
 
 # ---- reading --------------------------------------------------------------------------
@@ -168,7 +182,7 @@ class Reader:
                 self._connect_sqlalchemy(url)
         except ImportError as exc:
             raise StoreError(missing_driver(url, exc)) from None
-        except Exception as exc:  # noqa: BLE001 - sqlite3's or SQLAlchemy's; named below
+        except Exception as exc:
             raise StoreError(describe_error(exc, url, wait)) from None
 
     def _connect_sqlalchemy(self, url: str) -> None:
@@ -184,7 +198,7 @@ class Reader:
             from sqlalchemy import text
 
             return [tuple(r) for r in self._conn.execute(text(sql), params)]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StoreError(describe_error(exc, self.url, self.wait)) from None
 
     def value(self, sql: str, **params: Any) -> Any:
@@ -253,17 +267,22 @@ def check_version(version: str, url: str) -> None:
     try:
         number = int(version)
     except ValueError:
-        raise StoreError(f"{url_shown(url)} is not a redirect-audit store (schema version {version!r})") from None
+        raise StoreError(
+            f"{url_shown(url)} is not a redirect-audit store (schema version {version!r})"
+        ) from None
     if number < SCHEMA_VERSION:
         path = sqlite_file(url)
         again = f"--db {path}" if path is not None else "and the same --db"
         raise StoreOutdated(
             f"store {url_shown(url)} has schema version {number}, older than this release's {SCHEMA_VERSION}; "
             f"upgrade it with `db upgrade {again}` (its captures are kept; back it up first "
-            f"if an older redirect-audit must still read it)")
+            f"if an older redirect-audit must still read it)"
+        )
     if number > SCHEMA_VERSION:
-        raise StoreError(f"store {url_shown(url)} has schema version {number}, written by a newer "
-                         f"redirect-audit; this one reads version {SCHEMA_VERSION}: upgrade redirect-audit")
+        raise StoreError(
+            f"store {url_shown(url)} has schema version {number}, written by a newer "
+            f"redirect-audit; this one reads version {SCHEMA_VERSION}: upgrade redirect-audit"
+        )
 
 
 def store_state(reader: Reader, count: bool = True) -> StoreState:

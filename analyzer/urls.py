@@ -29,7 +29,7 @@ def normalize_url(url: str) -> str:
         if port is None or int(port) <= 65535:
             if port is not None and int(port) != DEFAULT_PORTS[scheme]:
                 host = f"{host}:{int(port)}"
-            path, _, query = url[plain.end():].partition("#")[0].partition("?")
+            path, _, query = url[plain.end() :].partition("#")[0].partition("?")
             return f"{scheme}://{host}{path or '/'}{'?' + query if query else ''}"
     return _normalize_general(url)
 
@@ -87,7 +87,11 @@ def endpoint(url: str) -> tuple[str, str, int | None]:
         port = parts.port
     except ValueError:
         port = None
-    return scheme, f"[{host}]" if ":" in host else host, port if port is not None else DEFAULT_PORTS.get(scheme)
+    return (
+        scheme,
+        f"[{host}]" if ":" in host else host,
+        port if port is not None else DEFAULT_PORTS.get(scheme),
+    )
 
 
 def origin_with_port(url: str) -> str:

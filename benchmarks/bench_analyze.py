@@ -42,27 +42,56 @@ def rows(n: int):
         status = (302 if downgrade else 307 if post else 302) if redirect else 200
         cacheable = redirect and not post and i % 50 == 0
         target = f"https://svc{i % 40}.example.test/r/{i}/next"
-        yield exchange_row(Exchange(
-            capture_id=1, seq=i, method="POST" if post else "GET", url=url, url_norm=url, started_at=t0 + i * 0.001,
-            client=client, connection=f"c{i}", status=status, location=target if redirect else None,
-            location_resolved=target if redirect else None, request_body=body if post else Body(),
-            response_headers=[("Cache-Control", "max-age=3600")] if cacheable else [],
-        ))
+        yield exchange_row(
+            Exchange(
+                capture_id=1,
+                seq=i,
+                method="POST" if post else "GET",
+                url=url,
+                url_norm=url,
+                started_at=t0 + i * 0.001,
+                client=client,
+                connection=f"c{i}",
+                status=status,
+                location=target if redirect else None,
+                location_resolved=target if redirect else None,
+                request_body=body if post else Body(),
+                response_headers=[("Cache-Control", "max-age=3600")] if cacheable else [],
+            )
+        )
         i += 1
         if redirect:
             follow = "GET" if downgrade else ("POST" if post else "GET")
-            yield exchange_row(Exchange(
-                capture_id=1, seq=i, method=follow, url=target, url_norm=target,
-                started_at=t0 + i * 0.001, client=client, connection=f"c{i - 1}", status=201 if follow == "POST" else 200,
-                request_body=body if follow == "POST" else Body(),
-            ))
+            yield exchange_row(
+                Exchange(
+                    capture_id=1,
+                    seq=i,
+                    method=follow,
+                    url=target,
+                    url_norm=target,
+                    started_at=t0 + i * 0.001,
+                    client=client,
+                    connection=f"c{i - 1}",
+                    status=201 if follow == "POST" else 200,
+                    request_body=body if follow == "POST" else Body(),
+                )
+            )
             i += 1
         elif i % 1000 == 0 and i < n:  # the same order again, from the same client, accepted again
-            yield exchange_row(Exchange(
-                capture_id=1, seq=i, method="POST", url="https://svc0.example.test/orders",
-                url_norm="https://svc0.example.test/orders", started_at=t0 + i * 0.001, client="10.9.9.9",
-                connection=f"c{i}", status=201, request_body=body,
-            ))
+            yield exchange_row(
+                Exchange(
+                    capture_id=1,
+                    seq=i,
+                    method="POST",
+                    url="https://svc0.example.test/orders",
+                    url_norm="https://svc0.example.test/orders",
+                    started_at=t0 + i * 0.001,
+                    client="10.9.9.9",
+                    connection=f"c{i}",
+                    status=201,
+                    request_body=body,
+                )
+            )
             i += 1
 
 
@@ -87,6 +116,7 @@ def main() -> None:
         t = time.perf_counter()
         with store.begin() as conn:
             from analyzer.store import add_capture
+
             add_capture(conn, source="proxy", path="bench")
             written = write_exchanges(conn, rows(args.exchanges))
         fill = time.perf_counter() - t
@@ -95,8 +125,10 @@ def main() -> None:
         chains, findings, seconds = done.stdout.split()
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"store: {written:,} exchanges written in {fill:.1f} s ({written / fill:,.0f} rows/s)")
-    print(f"analyze: {float(seconds):.2f} s for {written:,} exchanges -> {int(chains):,} chains, "
-          f"{int(findings):,} findings")
+    print(
+        f"analyze: {float(seconds):.2f} s for {written:,} exchanges -> {int(chains):,} chains, "
+        f"{int(findings):,} findings"
+    )
     print(f"peak RSS of the analyzing process: {peak_mb:.0f} MB")
 
 

@@ -42,9 +42,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cli-"))
     try:
         demo = work / "demo.db"
-        subprocess.run([str(Path(sys.executable).parent / "redirect-audit"), "demo", "--db", str(demo)],
-                       cwd=work, stdout=subprocess.DEVNULL, check=True)
-        subprocess.run([*tool, "findings", "--db", str(demo)], cwd=work, stdout=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "redirect-audit"), "demo", "--db", str(demo)],
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
+        subprocess.run(
+            [*tool, "findings", "--db", str(demo)], cwd=work, stdout=subprocess.DEVNULL, check=False
+        )
         cases = {
             "--help": [*tool, "--help"],
             "usage error (findings --formt json)": [*tool, "findings", "--formt", "json"],
@@ -58,11 +64,23 @@ def main() -> None:
         for i in range(min(args.runs, 5)):
             copy = work / f"stale-{i}.db"
             shutil.copy(demo, copy)
-            subprocess.run([str(Path(sys.executable).parent / "redirect-audit"), "import-har", "--db", str(copy),
-                            str(FIXTURE)], cwd=work, stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "redirect-audit"),
+                    "import-har",
+                    "--db",
+                    str(copy),
+                    str(FIXTURE),
+                ],
+                cwd=work,
+                stdout=subprocess.DEVNULL,
+                check=True,
+            )
             stale.append(timed([*tool, "findings", "--db", str(copy)], work))
-        print(f"  {'findings, stale (analyzes first)':40} {statistics.median(stale):.3f} "
-              f"({min(stale):.3f}-{max(stale):.3f})")
+        print(
+            f"  {'findings, stale (analyzes first)':40} {statistics.median(stale):.3f} "
+            f"({min(stale):.3f}-{max(stale):.3f})"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -36,12 +36,28 @@ def flows(count: int, kind: str) -> list[http.HTTPFlow]:
     for n in range(count):
         at = T0 + n / 1000
         date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(int(at)))
-        request = http.Request.make("GET", "http://127.0.0.1:8080/", b"", {
-            "Host": "127.0.0.1:8080", "User-Agent": "hey/0.0.1", "Content-Type": "text/html",
-            "Accept-Encoding": "gzip"})
-        response = http.Response.make(200, b"ok\n", {
-            "Server": "nginx/1.22.1", "Date": date, "Content-Type": "text/plain", "Content-Length": "3",
-            "Connection": "keep-alive"})
+        request = http.Request.make(
+            "GET",
+            "http://127.0.0.1:8080/",
+            b"",
+            {
+                "Host": "127.0.0.1:8080",
+                "User-Agent": "hey/0.0.1",
+                "Content-Type": "text/html",
+                "Accept-Encoding": "gzip",
+            },
+        )
+        response = http.Response.make(
+            200,
+            b"ok\n",
+            {
+                "Server": "nginx/1.22.1",
+                "Date": date,
+                "Content-Type": "text/plain",
+                "Content-Length": "3",
+                "Connection": "keep-alive",
+            },
+        )
         if kind != KINDS[0]:
             response.headers["X-Request-Id"] = f"{n:032x}"
         if kind == KINDS[2]:
@@ -82,8 +98,10 @@ def main() -> None:
             for exchange in items:
                 live.add(exchange)
 
-        print(f"{kind:25s}: convert + row {best(convert, batch, args.repeat):5.2f} µs per flow, "
-              f"live rules {best(judge, exchanges, args.repeat):5.2f} µs")
+        print(
+            f"{kind:25s}: convert + row {best(convert, batch, args.repeat):5.2f} µs per flow, "
+            f"live rules {best(judge, exchanges, args.repeat):5.2f} µs"
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ def nginx(tmp: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_port(port)
     return proc, port
 
@@ -72,9 +73,22 @@ def served(tmp: Path) -> list[float]:
 
 def mitmdump(tmp: Path, db: Path, flush_ms: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    args = [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
-            str(port), "--set", f"confdir={tmp / 'mitm'}", "-s", str(ROOT / "addons" / "redirect_recorder.py"),
-            "--set", f"redirect_audit_db={db}", "--set", f"redirect_audit_flush_ms={flush_ms}"]
+    args = [
+        str(Path(sys.executable).parent / "mitmdump"),
+        "-q",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={tmp / 'mitm'}",
+        "-s",
+        str(ROOT / "addons" / "redirect_recorder.py"),
+        "--set",
+        f"redirect_audit_db={db}",
+        "--set",
+        f"redirect_audit_flush_ms={flush_ms}",
+    ]
     out = open(tmp / f"mitmdump-{port}.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     wait_for_port(port)
@@ -83,9 +97,22 @@ def mitmdump(tmp: Path, db: Path, flush_ms: int) -> tuple[subprocess.Popen, int]
 
 def load(port: int, target: int, rate: int, seconds: float) -> subprocess.Popen:
     workers = 10
-    return subprocess.Popen(["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", str(max(1, rate // workers)),
-                             "-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{target}/"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            "hey",
+            "-z",
+            f"{seconds}s",
+            "-c",
+            str(workers),
+            "-q",
+            str(max(1, rate // workers)),
+            "-x",
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{target}/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def stored(db: Path) -> int:
@@ -117,13 +144,17 @@ def kill9(args: argparse.Namespace) -> None:
         lost = len(answered) - kept
         losses.append(lost)
         in_ms.append(1000 * lost / rate if rate else float("nan"))
-        print(f"  trial {trial + 1}: answered {len(answered)}, stored {kept}, lost {lost} "
-              f"({in_ms[-1]:.0f} ms of traffic at {rate:.0f} req/s); integrity_check {sound}")
+        print(
+            f"  trial {trial + 1}: answered {len(answered)}, stored {kept}, lost {lost} "
+            f"({in_ms[-1]:.0f} ms of traffic at {rate:.0f} req/s); integrity_check {sound}"
+        )
         web.terminate()
         web.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"  lost per trial: median {statistics.median(losses)}, max {max(losses)}; "
-          f"in traffic: median {statistics.median(in_ms):.0f} ms, max {max(in_ms):.0f} ms")
+    print(
+        f"  lost per trial: median {statistics.median(losses)}, max {max(losses)}; "
+        f"in traffic: median {statistics.median(in_ms):.0f} ms, max {max(in_ms):.0f} ms"
+    )
 
 
 def outage(args: argparse.Namespace) -> None:
@@ -164,8 +195,10 @@ def outage(args: argparse.Namespace) -> None:
         time.sleep(0.5)
     again.send_signal(signal.SIGTERM)
     again.wait(timeout=60)
-    print(f"  after the lock went and a new start replayed {spool} spool file(s): stored {stored(db)} of "
-          f"{answered} answered")
+    print(
+        f"  after the lock went and a new start replayed {spool} spool file(s): stored {stored(db)} of "
+        f"{answered} answered"
+    )
     web.terminate()
     web.wait()
     shutil.rmtree(tmp, ignore_errors=True)

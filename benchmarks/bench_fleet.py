@@ -31,24 +31,48 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import pgcluster  # noqa: E402
+
 from analyzer.model import Body, Exchange  # noqa: E402
-from analyzer.store import add_capture, exchange_row, finish_capture, header_block, open_store  # noqa: E402
-from analyzer.store import refresh_statistics, write_exchanges  # noqa: E402
+from analyzer.store import (  # noqa: E402
+    add_capture,
+    exchange_row,
+    finish_capture,
+    header_block,
+    open_store,
+    refresh_statistics,
+    write_exchanges,
+)
 
 REQUEST_HEADERS = [
-    ("Host", "svc.example.test"), ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like "
-                                                "Gecko) Chrome/131.0.0.0 Safari/537.36"),
+    ("Host", "svc.example.test"),
+    (
+        "User-Agent",
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like "
+        "Gecko) Chrome/131.0.0.0 Safari/537.36",
+    ),
     ("Accept", "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"),
-    ("Accept-Language", "en-GB,en;q=0.9"), ("Accept-Encoding", "gzip, deflate, br, zstd"),
-    ("Connection", "keep-alive"), ("Upgrade-Insecure-Requests", "1"), ("Sec-Fetch-Dest", "document"),
-    ("Sec-Fetch-Mode", "navigate"), ("Sec-Fetch-Site", "same-origin"), ("Sec-Fetch-User", "?1"),
-    ("Priority", "u=0, i"), ("Cookie", "hmac:3f5e0c1d2b4a69788796a5b4c3d2e1f0"), ("Referer", "https://svc.example.test/"),
+    ("Accept-Language", "en-GB,en;q=0.9"),
+    ("Accept-Encoding", "gzip, deflate, br, zstd"),
+    ("Connection", "keep-alive"),
+    ("Upgrade-Insecure-Requests", "1"),
+    ("Sec-Fetch-Dest", "document"),
+    ("Sec-Fetch-Mode", "navigate"),
+    ("Sec-Fetch-Site", "same-origin"),
+    ("Sec-Fetch-User", "?1"),
+    ("Priority", "u=0, i"),
+    ("Cookie", "hmac:3f5e0c1d2b4a69788796a5b4c3d2e1f0"),
+    ("Referer", "https://svc.example.test/"),
 ]
 RESPONSE_HEADERS = [
-    ("Date", "Tue, 01 Dec 2026 10:00:00 GMT"), ("Content-Type", "text/html; charset=utf-8"),
-    ("Content-Length", "5120"), ("Connection", "keep-alive"), ("Server", "nginx/1.27.3"),
-    ("Cache-Control", "private, no-cache"), ("Strict-Transport-Security", "max-age=63072000"),
-    ("X-Content-Type-Options", "nosniff"), ("X-Request-Id", "8f14e45fceea167a5a36dedd4bea2543"),
+    ("Date", "Tue, 01 Dec 2026 10:00:00 GMT"),
+    ("Content-Type", "text/html; charset=utf-8"),
+    ("Content-Length", "5120"),
+    ("Connection", "keep-alive"),
+    ("Server", "nginx/1.27.3"),
+    ("Cache-Control", "private, no-cache"),
+    ("Strict-Transport-Security", "max-age=63072000"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Request-Id", "8f14e45fceea167a5a36dedd4bea2543"),
     ("Vary", "Accept-Encoding"),
 ]
 T0 = 1_790_000_000.0
@@ -56,10 +80,17 @@ T0 = 1_790_000_000.0
 
 def blocks(variants: int = 64):
     """Header blocks shared between rows (as the proxy shares them), each encoded once."""
-    req = [header_block(REQUEST_HEADERS[:-1] + [("Referer", f"https://svc{i}.example.test/")]) for i in range(variants)]
-    resp = [header_block(RESPONSE_HEADERS[:-1] + [("Vary", f"Accept-Encoding, X-{i}")]) for i in range(variants)]
+    req = [
+        header_block([*REQUEST_HEADERS[:-1], ("Referer", f"https://svc{i}.example.test/")])
+        for i in range(variants)
+    ]
+    resp = [
+        header_block([*RESPONSE_HEADERS[:-1], ("Vary", f"Accept-Encoding, X-{i}")]) for i in range(variants)
+    ]
     redirect = [header_block([*RESPONSE_HEADERS[:2], ("Location", "x"), *RESPONSE_HEADERS[3:]])]
-    cacheable = [header_block([*RESPONSE_HEADERS[:5], ("Cache-Control", "max-age=3600"), *RESPONSE_HEADERS[6:]])]
+    cacheable = [
+        header_block([*RESPONSE_HEADERS[:5], ("Cache-Control", "max-age=3600"), *RESPONSE_HEADERS[6:]])
+    ]
     return req, resp, redirect[0], cacheable[0]
 
 
@@ -74,46 +105,88 @@ def rows(n: int, capture: int, clients: int, first_seq: int = 0, client_offset: 
     i = 0
     while i < n:
         seq = first_seq + i
-        client = f"proxy:runner-{(seq // 97) % 20}:8080/10.{(seq % clients + client_offset) // 250 % 250}." \
-                 f"{(seq % clients + client_offset) % 250}.7"
+        client = (
+            f"proxy:runner-{(seq // 97) % 20}:8080/10.{(seq % clients + client_offset) // 250 % 250}."
+            f"{(seq % clients + client_offset) % 250}.7"
+        )
         url = f"https://svc{seq % 40}.example.test/r/{seq}"
         post = seq % 7 == 0
         redirect = seq % 10 == 0 and i + 1 < n
         downgrade = post and seq % 3 == 0
         status = (302 if downgrade else 307 if post else 302) if redirect else 200
         cacheable = redirect and not post and seq % 50 == 0
-        target = "https://svc.example.test/sale" if cacheable else f"https://svc{seq % 40}.example.test/r/{seq}/next"
-        yield exchange_row(Exchange(
-            capture_id=capture, seq=seq, method="POST" if post else "GET", url=url, url_norm=url,
-            started_at=t0 + seq * 0.001, client=client, connection=f"c{seq}", status=status,
-            location=target if redirect else None, location_resolved=target if redirect else None,
-            request_body=body if post else Body(), request_headers=req[seq % len(req)],
-            response_headers=(cacheable_h if cacheable else redirect_h) if redirect else resp[seq % len(resp)],
-            user_agent=REQUEST_HEADERS[1][1],
-        ))
+        target = (
+            "https://svc.example.test/sale"
+            if cacheable
+            else f"https://svc{seq % 40}.example.test/r/{seq}/next"
+        )
+        yield exchange_row(
+            Exchange(
+                capture_id=capture,
+                seq=seq,
+                method="POST" if post else "GET",
+                url=url,
+                url_norm=url,
+                started_at=t0 + seq * 0.001,
+                client=client,
+                connection=f"c{seq}",
+                status=status,
+                location=target if redirect else None,
+                location_resolved=target if redirect else None,
+                request_body=body if post else Body(),
+                request_headers=req[seq % len(req)],
+                response_headers=(cacheable_h if cacheable else redirect_h)
+                if redirect
+                else resp[seq % len(resp)],
+                user_agent=REQUEST_HEADERS[1][1],
+            )
+        )
         i += 1
         if redirect:
             follow = "GET" if downgrade else ("POST" if post else "GET")
             seq += 1
-            yield exchange_row(Exchange(
-                capture_id=capture, seq=seq, method=follow, url=target, url_norm=target,
-                started_at=t0 + seq * 0.001, client=client, connection=f"c{seq - 1}",
-                status=201 if follow == "POST" else 200, request_body=body if follow == "POST" else Body(),
-                request_headers=req[seq % len(req)], response_headers=resp[seq % len(resp)],
-                user_agent=REQUEST_HEADERS[1][1],
-            ))
+            yield exchange_row(
+                Exchange(
+                    capture_id=capture,
+                    seq=seq,
+                    method=follow,
+                    url=target,
+                    url_norm=target,
+                    started_at=t0 + seq * 0.001,
+                    client=client,
+                    connection=f"c{seq - 1}",
+                    status=201 if follow == "POST" else 200,
+                    request_body=body if follow == "POST" else Body(),
+                    request_headers=req[seq % len(req)],
+                    response_headers=resp[seq % len(resp)],
+                    user_agent=REQUEST_HEADERS[1][1],
+                )
+            )
             i += 1
         elif seq % 1000 == 0 and i < n:
             seq += 1
-            yield exchange_row(Exchange(
-                capture_id=capture, seq=seq, method="POST", url=url, url_norm=url, started_at=t0 + seq * 0.001,
-                client=client, connection=f"c{seq}", status=201, request_body=body,
-                request_headers=req[seq % len(req)], response_headers=resp[seq % len(resp)],
-            ))
+            yield exchange_row(
+                Exchange(
+                    capture_id=capture,
+                    seq=seq,
+                    method="POST",
+                    url=url,
+                    url_norm=url,
+                    started_at=t0 + seq * 0.001,
+                    client=client,
+                    connection=f"c{seq}",
+                    status=201,
+                    request_body=body,
+                    request_headers=req[seq % len(req)],
+                    response_headers=resp[seq % len(resp)],
+                )
+            )
             i += 1
 
 
-def fill(url: str, n: int, clients: int, *, first_seq: int = 0, client_offset: int = 0, t0: float = T0) -> float:
+def fill(
+    url: str, n: int, clients: int, *, first_seq: int = 0, client_offset: int = 0, t0: float = T0
+) -> float:
     store = open_store(url)
     start = time.perf_counter()
     with store.begin() as conn:
@@ -141,8 +214,12 @@ print(json.dumps({"seconds": took, "chains": r.chain_count, "findings": r.findin
 
 
 def run_analyze(url: str, jobs: int = 1, full: bool = True) -> dict:
-    done = subprocess.run([sys.executable, "-c", ANALYZE, url, str(jobs), "full" if full else "incremental"],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", ANALYZE, url, str(jobs), "full" if full else "incremental"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout)
@@ -162,19 +239,28 @@ def cmd_analyze(args, cluster, work: Path) -> None:
             filled = fill(url, n, clients)
             print(f"[{engine} {n:,}] fill: {filled:.1f} s ({n / filled:,.0f} rows/s)", flush=True)
             full = run_analyze(url, jobs=1)
-            print(f"[{engine} {n:,}] analyze --jobs 1: {full['seconds']:.1f} s, peak RSS {full['rss_mb']:.0f} MB, "
-                  f"{full['clients'][1]:,} clients, {full['chains']:,} chains, {full['findings']:,} findings", flush=True)
+            print(
+                f"[{engine} {n:,}] analyze --jobs 1: {full['seconds']:.1f} s, peak RSS {full['rss_mb']:.0f} MB, "
+                f"{full['clients'][1]:,} clients, {full['chains']:,} chains, {full['findings']:,} findings",
+                flush=True,
+            )
             if args.jobs2:
                 two = run_analyze(url, jobs=2)
-                print(f"[{engine} {n:,}] analyze --jobs 2: {two['seconds']:.1f} s (x{full['seconds'] / two['seconds']:.2f}),"
-                      f" peak RSS {two['rss_mb']:.0f} MB here + {two['children_rss_mb']:.0f} MB per worker", flush=True)
+                print(
+                    f"[{engine} {n:,}] analyze --jobs 2: {two['seconds']:.1f} s (x{full['seconds'] / two['seconds']:.2f}),"
+                    f" peak RSS {two['rss_mb']:.0f} MB here + {two['children_rss_mb']:.0f} MB per worker",
+                    flush=True,
+                )
             if args.incremental:
                 extra = n // 100
                 added = fill(url, extra, max(1, clients // 100), first_seq=n + 10, t0=T0 + n * 0.001 + 60)
                 step = run_analyze(url, jobs=1, full=False)
-                print(f"[{engine} {n:,}] +{extra:,} exchanges ({added:.1f} s), a new capture: "
-                      f"analyze {step['seconds']:.2f} s = {100 * step['seconds'] / full['seconds']:.1f}% of the full run, "
-                      f"{step['clients'][0]:,} of {full['clients'][1]:,} clients analyzed", flush=True)
+                print(
+                    f"[{engine} {n:,}] +{extra:,} exchanges ({added:.1f} s), a new capture: "
+                    f"analyze {step['seconds']:.2f} s = {100 * step['seconds'] / full['seconds']:.1f}% of the full run, "
+                    f"{step['clients'][0]:,} of {full['clients'][1]:,} clients analyzed",
+                    flush=True,
+                )
             if engine == "sqlite" and not args.keep:
                 for suffix in ("", "-wal", "-shm"):
                     Path(url + suffix).unlink(missing_ok=True)
@@ -217,8 +303,11 @@ def cmd_startup(args, cluster, work: Path) -> None:
                 proxy.stop()
             times.sort()
             rss.sort()
-            print(f"[{engine}] proxy start-up on a store of {label} exchanges: {times[len(times) // 2]:.2f} s "
-                  f"(median of {args.rounds}), RSS {rss[len(rss) // 2]:.0f} MB", flush=True)
+            print(
+                f"[{engine}] proxy start-up on a store of {label} exchanges: {times[len(times) // 2]:.2f} s "
+                f"(median of {args.rounds}), RSS {rss[len(rss) // 2]:.0f} MB",
+                flush=True,
+            )
 
 
 def write_har(path: Path, entries: int) -> None:
@@ -228,16 +317,32 @@ def write_har(path: Path, entries: int) -> None:
             redirect = i % 10 == 0
             entry = {
                 "startedDateTime": f"2026-03-01T{(i // 3600) % 24:02d}:{(i // 60) % 60:02d}:{i % 60:02d}.{i % 1000:03d}Z",
-                "time": 12, "pageref": f"page_{i // 500}",
-                "request": {"method": "GET", "url": f"https://svc{i % 40}.example.test/r/{i}", "httpVersion": "HTTP/2",
-                            "headers": [{"name": k, "value": v} for k, v in REQUEST_HEADERS],
-                            "queryString": [], "cookies": [], "headersSize": -1, "bodySize": 0},
-                "response": {"status": 302 if redirect else 200, "statusText": "", "httpVersion": "HTTP/2",
-                             "headers": [{"name": k, "value": v} for k, v in RESPONSE_HEADERS]
-                             + ([{"name": "Location", "value": f"/r/{i + 1}"}] if redirect else []),
-                             "cookies": [], "content": {"size": 5120, "mimeType": "text/html"},
-                             "redirectURL": "", "headersSize": -1, "bodySize": 5120},
-                "cache": {}, "timings": {"send": 1, "wait": 10, "receive": 1},
+                "time": 12,
+                "pageref": f"page_{i // 500}",
+                "request": {
+                    "method": "GET",
+                    "url": f"https://svc{i % 40}.example.test/r/{i}",
+                    "httpVersion": "HTTP/2",
+                    "headers": [{"name": k, "value": v} for k, v in REQUEST_HEADERS],
+                    "queryString": [],
+                    "cookies": [],
+                    "headersSize": -1,
+                    "bodySize": 0,
+                },
+                "response": {
+                    "status": 302 if redirect else 200,
+                    "statusText": "",
+                    "httpVersion": "HTTP/2",
+                    "headers": [{"name": k, "value": v} for k, v in RESPONSE_HEADERS]
+                    + ([{"name": "Location", "value": f"/r/{i + 1}"}] if redirect else []),
+                    "cookies": [],
+                    "content": {"size": 5120, "mimeType": "text/html"},
+                    "redirectURL": "",
+                    "headersSize": -1,
+                    "bodySize": 5120,
+                },
+                "cache": {},
+                "timings": {"send": 1, "wait": 10, "receive": 1},
             }
             out.write(("," if i else "") + json.dumps(entry) + "\n")
         out.write("]}}\n")
@@ -252,15 +357,22 @@ def cmd_import(args, cluster, work: Path) -> None:
         for r in range(args.rounds):
             url = stores([engine], cluster, work, f"i{r}")[engine]
             t = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "analyzer", "import-har", str(har), "--db", url],
-                                  capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(
+                [sys.executable, "-m", "analyzer", "import-har", str(har), "--db", url],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             took = time.perf_counter() - t
             if done.returncode != 0:
                 raise SystemExit(done.stderr)
             rates.append(args.entries / took)
         rates.sort()
-        print(f"[{engine}] import-har of {args.entries:,} entries ({size:.0f} MB): {rates[len(rates) // 2]:,.0f} "
-              f"entries/s (median of {args.rounds})", flush=True)
+        print(
+            f"[{engine}] import-har of {args.entries:,} entries ({size:.0f} MB): {rates[len(rates) // 2]:,.0f} "
+            f"entries/s (median of {args.rounds})",
+            flush=True,
+        )
 
 
 def cmd_proxies(args, cluster, work: Path) -> None:
@@ -286,16 +398,24 @@ def cmd_proxies(args, cluster, work: Path) -> None:
         conn.close()
 
     for layout in ("own SQLite each", "one PostgreSQL"):
-        urls = ([str(work / f"p{i}.db") for i in range(3)] if layout.startswith("own")
-                else [cluster.new_database("fleet")] * 3)
+        urls = (
+            [str(work / f"p{i}.db") for i in range(3)]
+            if layout.startswith("own")
+            else [cluster.new_database("fleet")] * 3
+        )
         for url in set(urls):
             open_store(url).close()
-        proxies = [start_proxy(url, work, ("--set", f"redirect_audit_proxy_id=bench-{i}"))[0]
-                   for i, url in enumerate(urls)]
+        proxies = [
+            start_proxy(url, work, ("--set", f"redirect_audit_proxy_id=bench-{i}"))[0]
+            for i, url in enumerate(urls)
+        ]
         answered: list[list] = [[] for _ in proxies]
         before = [psutil.Process(p.process.pid).cpu_times() for p in proxies]
-        threads = [threading.Thread(target=drive, args=(p.port, args.requests, answered[i]))
-                   for i, p in enumerate(proxies) for _ in range(2)]
+        threads = [
+            threading.Thread(target=drive, args=(p.port, args.requests, answered[i]))
+            for i, p in enumerate(proxies)
+            for _ in range(2)
+        ]
         t = time.perf_counter()
         for th in threads:
             th.start()
@@ -312,43 +432,54 @@ def cmd_proxies(args, cluster, work: Path) -> None:
             from sqlalchemy import func, select
 
             from analyzer.store import exchanges
+
             with store.begin() as conn:
                 stored += conn.execute(select(func.count()).select_from(exchanges)).scalar()
             store.close()
         total = sum(len(a) for a in answered)
-        cpu = [(a.user + a.system - b.user - b.system) / max(1, len(ans)) * 1e3
-               for a, b, ans in zip(after, before, answered)]
-        print(f"[{layout}] 3 proxies x 2 clients x {args.requests:,} requests in {took:.1f} s: stored {stored:,} of "
-              f"{total:,} answered; CPU per request {', '.join(f'{c:.2f}' for c in cpu)} ms", flush=True)
+        cpu = [
+            (a.user + a.system - b.user - b.system) / max(1, len(ans)) * 1e3
+            for a, b, ans in zip(after, before, answered, strict=False)
+        ]
+        print(
+            f"[{layout}] 3 proxies x 2 clients x {args.requests:,} requests in {took:.1f} s: stored {stored:,} of "
+            f"{total:,} answered; CPU per request {', '.join(f'{c:.2f}' for c in cpu)} ms",
+            flush=True,
+        )
     upstream.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=("analyze", "startup", "import", "proxies"))
-    parser.add_argument("--exchanges", default="1000000",
-                        type=lambda s: [int(x.replace("_", "")) for x in s.split(",")])
+    parser.add_argument(
+        "--exchanges", default="1000000", type=lambda s: [int(x.replace("_", "")) for x in s.split(",")]
+    )
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engines", default="sqlite,postgresql", type=lambda s: s.split(","))
     parser.add_argument("--no-jobs2", dest="jobs2", action="store_false")
     parser.add_argument("--no-incremental", dest="incremental", action="store_false")
-    parser.add_argument("--keep", action="store_true", help="keep the stores (and the cluster's data) afterwards")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the stores (and the cluster's data) afterwards"
+    )
     parser.add_argument("--workdir", help="where the SQLite stores go (default: a temporary directory)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-fleet-"))
     work.mkdir(parents=True, exist_ok=True)
     cluster = pgcluster.Cluster() if "postgresql" in args.engines else None
     try:
-        {"analyze": cmd_analyze, "startup": cmd_startup, "import": cmd_import, "proxies": cmd_proxies}[args.what](
-            args, cluster, work)
+        {"analyze": cmd_analyze, "startup": cmd_startup, "import": cmd_import, "proxies": cmd_proxies}[
+            args.what
+        ](args, cluster, work)
     finally:
         if cluster is not None:
             cluster.stop()
         if not args.workdir and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_analyze import rows  # noqa: E402
+from bench_analyze import rows
 
-from analyzer.analysis import analyze  # noqa: E402
-from analyzer.store import add_capture, open_store, write_exchanges  # noqa: E402
+from analyzer.analysis import analyze
+from analyzer.store import add_capture, open_store, write_exchanges
 
 CHILD = """
 import resource, sys, time
@@ -46,10 +46,14 @@ def main() -> None:
         store.close()
         print(f"store: {written:,} exchanges")
         for name in ("exchanges", "hops", "chains", "findings", "clients", "temporary_redirects"):
-            done = subprocess.run([sys.executable, "-c", CHILD, db, name], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, db, name], capture_output=True, text=True, check=True
+            )
             count, seconds, frame_mb, peak = done.stdout.split()
-            print(f"{name:20s} {int(count):>9,} rows in {float(seconds):6.2f} s; frame {float(frame_mb):7.1f} MB, "
-                  f"peak RSS {float(peak):6.0f} MB")
+            print(
+                f"{name:20s} {int(count):>9,} rows in {float(seconds):6.2f} s; frame {float(frame_mb):7.1f} MB, "
+                f"peak RSS {float(peak):6.0f} MB"
+            )
 
 
 if __name__ == "__main__":

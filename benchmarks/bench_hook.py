@@ -25,22 +25,28 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_proxy  # noqa: E402
-from bench_proxy import free_port, hey, start_nginx, wait_for_port  # noqa: E402
+import bench_proxy
+from bench_proxy import free_port, hey, start_nginx, wait_for_port
 
 TIMED = Path(__file__).resolve().parent / "timed_recorder.py"
 MODES = {"batched": None, "one at a time": "1"}
 
 
-def round_(tmp: Path, target: int, requests: int, concurrency: int, batch: str | None) -> tuple[float, int, int]:
+def round_(
+    tmp: Path, target: int, requests: int, concurrency: int, batch: str | None
+) -> tuple[float, int, int]:
     """(µs of main-thread recorder CPU per flow, flows, requests answered) for one fresh mitmdump."""
     port = free_port()
     out = tmp / "hook.txt"
     env = {**os.environ, "BENCH_HOOK_OUT": str(out)}
     if batch is not None:
         env["REDIRECT_AUDIT_CONVERT_BATCH"] = batch
-    proc = subprocess.Popen(bench_proxy.mitmdump_args(tmp, port, True, tmp / "hook.db"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        bench_proxy.mitmdump_args(tmp, port, True, tmp / "hook.db"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port)
         answered = hey(port, target, requests, concurrency)["ok"]
@@ -68,8 +74,11 @@ def main() -> None:
                 mode = list(MODES)[k % 2]
                 per_flow, flows, answered = round_(tmp, target, args.requests, args.concurrency, MODES[mode])
                 results[mode].append(per_flow)
-                print(f"round {k + 1}: {mode:13s} {per_flow:6.1f} µs of main-thread CPU per flow "
-                      f"({flows} flows, {answered} answered)", flush=True)
+                print(
+                    f"round {k + 1}: {mode:13s} {per_flow:6.1f} µs of main-thread CPU per flow "
+                    f"({flows} flows, {answered} answered)",
+                    flush=True,
+                )
         finally:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=30)

@@ -28,9 +28,14 @@ from pathlib import Path
 
 import psutil
 
-HEADERS = [("Accept", "text/html,application/xhtml+xml"), ("Accept-Encoding", "gzip, deflate, br"),
-           ("Accept-Language", "en-US,en;q=0.9"), ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/130.0"),
-           ("Cookie", "sid=abcdef0123456789; theme=dark"), ("Sec-Fetch-Mode", "navigate")]
+HEADERS = [
+    ("Accept", "text/html,application/xhtml+xml"),
+    ("Accept-Encoding", "gzip, deflate, br"),
+    ("Accept-Language", "en-US,en;q=0.9"),
+    ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/130.0"),
+    ("Cookie", "sid=abcdef0123456789; theme=dark"),
+    ("Sec-Fetch-Mode", "navigate"),
+]
 
 
 def entry(i: int, start: datetime, filler: str) -> dict:
@@ -38,22 +43,52 @@ def entry(i: int, start: datetime, filler: str) -> dict:
     redirect = i % 10 == 0
     post = i % 7 == 0
     url = f"https://shop{i % 50}.example.test/p/{i % 5000}?q={i}"
-    req = {"method": "POST" if post else "GET", "url": url, "httpVersion": "h2",
-           "headers": [{"name": k, "value": v} for k, v in HEADERS], "queryString": [], "cookies": [],
-           "headersSize": -1, "bodySize": 0}
+    req = {
+        "method": "POST" if post else "GET",
+        "url": url,
+        "httpVersion": "h2",
+        "headers": [{"name": k, "value": v} for k, v in HEADERS],
+        "queryString": [],
+        "cookies": [],
+        "headersSize": -1,
+        "bodySize": 0,
+    }
     if post:
         req["postData"] = {"mimeType": "application/json", "text": json.dumps({"item": i, "qty": 1})}
-    resp_headers = [{"name": "content-type", "value": "text/html"}, {"name": "cache-control", "value": "no-cache"}]
+    resp_headers = [
+        {"name": "content-type", "value": "text/html"},
+        {"name": "cache-control", "value": "no-cache"},
+    ]
     if redirect:
         resp_headers.append({"name": "location", "value": f"/p/{i % 5000}/next"})
-    return {"pageref": "page_1", "startedDateTime": t.isoformat().replace("+00:00", "Z"), "time": 12.5,
-            "request": req,
-            "response": {"status": 302 if redirect else 200, "statusText": "", "httpVersion": "h2",
-                         "headers": resp_headers, "cookies": [], "redirectURL": "",
-                         "content": {"size": len(filler), "mimeType": "text/html", "text": filler},
-                         "headersSize": -1, "bodySize": -1},
-            "cache": {}, "timings": {"blocked": 1, "dns": -1, "connect": -1, "ssl": -1, "send": 0.1, "wait": 10,
-                                     "receive": 1.4}, "connection": str(i % 6)}
+    return {
+        "pageref": "page_1",
+        "startedDateTime": t.isoformat().replace("+00:00", "Z"),
+        "time": 12.5,
+        "request": req,
+        "response": {
+            "status": 302 if redirect else 200,
+            "statusText": "",
+            "httpVersion": "h2",
+            "headers": resp_headers,
+            "cookies": [],
+            "redirectURL": "",
+            "content": {"size": len(filler), "mimeType": "text/html", "text": filler},
+            "headersSize": -1,
+            "bodySize": -1,
+        },
+        "cache": {},
+        "timings": {
+            "blocked": 1,
+            "dns": -1,
+            "connect": -1,
+            "ssl": -1,
+            "send": 0.1,
+            "wait": 10,
+            "receive": 1.4,
+        },
+        "connection": str(i % 6),
+    }
 
 
 def write_har(path: Path, entries: int | None, megabytes: int | None, filler_bytes: int | None = None) -> int:
@@ -62,7 +97,9 @@ def write_har(path: Path, entries: int | None, megabytes: int | None, filler_byt
     target = megabytes * 1024 * 1024 if megabytes else None
     written = count = 0
     with path.open("w") as fh:
-        fh.write('{"log": {"version": "1.2", "creator": {"name": "bench", "version": "1"}, "pages": [], "entries": [\n')
+        fh.write(
+            '{"log": {"version": "1.2", "creator": {"name": "bench", "version": "1"}, "pages": [], "entries": [\n'
+        )
         while (entries is not None and count < entries) or (target is not None and written < target):
             text = ("," if count else "") + json.dumps(entry(count, start, filler))
             fh.write(text)
@@ -132,10 +169,18 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int)
     parser.add_argument("--runs", type=int, default=3, help="imports of the same file, each into a new store")
     parser.add_argument("--workers", default="auto", help="converter processes (auto: the importer decides)")
-    parser.add_argument("--pss", action="store_true", help="also sample the summed PSS of the importer and its "
-                        "workers every 20 ms (the sampling costs CPU: judge speed without it)")
-    parser.add_argument("--filler", type=int, help="bytes of response text per entry (default: 200 with "
-                        "--entries, about 1.3 KB entries; 1800 with --megabytes, about 2.9 KB entries)")
+    parser.add_argument(
+        "--pss",
+        action="store_true",
+        help="also sample the summed PSS of the importer and its "
+        "workers every 20 ms (the sampling costs CPU: judge speed without it)",
+    )
+    parser.add_argument(
+        "--filler",
+        type=int,
+        help="bytes of response text per entry (default: 200 with "
+        "--entries, about 1.3 KB entries; 1800 with --megabytes, about 2.9 KB entries)",
+    )
     args = parser.parse_args()
     if not args.entries and not args.megabytes:
         args.entries = 100_000
@@ -158,10 +203,12 @@ def main() -> None:
                 stdout = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             entries, seconds, own_cpu, kids_cpu, own_rss, kids_rss = (float(x) for x in stdout.split())
             rates.append(entries / seconds)
-            print(f"run {run} (calibration loop {calibration_ms():.0f} ms): {int(entries)} entries in {seconds:.2f} s = {entries / seconds:,.0f} entries/s, "
-                  f"{size_mb / seconds:.1f} MB/s; CPU {own_cpu:.2f} s main + {kids_cpu:.2f} s workers; "
-                  f"peak RSS {own_rss:.0f} MB main, {kids_rss:.0f} MB largest worker"
-                  + (f"; peak PSS of all processes together {pss:.0f} MB" if args.pss else ""))
+            print(
+                f"run {run} (calibration loop {calibration_ms():.0f} ms): {int(entries)} entries in {seconds:.2f} s = {entries / seconds:,.0f} entries/s, "
+                f"{size_mb / seconds:.1f} MB/s; CPU {own_cpu:.2f} s main + {kids_cpu:.2f} s workers; "
+                f"peak RSS {own_rss:.0f} MB main, {kids_rss:.0f} MB largest worker"
+                + (f"; peak PSS of all processes together {pss:.0f} MB" if args.pss else "")
+            )
         print(f"median: {statistics.median(rates):,.0f} entries/s")
 
 

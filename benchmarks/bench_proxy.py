@@ -95,8 +95,9 @@ def start_nginx(tmp: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, extra=NGINX_EXTRA[0]))
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_port(port)
     return proc, port
 
@@ -113,8 +114,16 @@ BASELINE: list[str] = []  # --baseline: a script the "plain" mitmdump runs
 
 def mitmdump_args(tmp: Path, port: int, recorder: bool, db: Path) -> list[str]:
     """mitmdump's command line: plain, or with the recorder (or the --script addon)."""
-    args = [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
-            "--listen-port", str(port), "--set", f"confdir={tmp / 'mitm'}"]
+    args = [
+        str(Path(sys.executable).parent / "mitmdump"),
+        "-q",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={tmp / 'mitm'}",
+    ]
     if not recorder and BASELINE:
         args += ["-s", BASELINE[0]]
     if recorder:
@@ -126,15 +135,30 @@ def mitmdump_args(tmp: Path, port: int, recorder: bool, db: Path) -> list[str]:
 
 def start_mitmdump(tmp: Path, recorder: bool, db: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(mitmdump_args(tmp, port, recorder, db), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        mitmdump_args(tmp, port, recorder, db), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_port(port)
     return proc, port
 
 
 def hey(proxy_port: int, target: int, requests: int, concurrency: int) -> dict:
-    done = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-x", f"http://127.0.0.1:{proxy_port}",
-                           f"http://127.0.0.1:{target}/"], capture_output=True, text=True, timeout=900, check=True)
+    done = subprocess.run(
+        [
+            "hey",
+            "-n",
+            str(requests),
+            "-c",
+            str(concurrency),
+            "-x",
+            f"http://127.0.0.1:{proxy_port}",
+            f"http://127.0.0.1:{target}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
     text = done.stdout
     ok = re.search(r"\[200\]\s+(\d+) responses", text)
 
@@ -143,17 +167,28 @@ def hey(proxy_port: int, target: int, requests: int, concurrency: int) -> dict:
         return float(m.group(1)) if m else float("nan")
 
     p99 = re.search(r"99%+ in ([\d.]+) secs", text)
-    return {"ok": int(ok.group(1)) if ok else 0, "rps": number("Requests/sec"), "avg": number("Average"),
-            "p99": float(p99.group(1)) if p99 else float("nan")}
+    return {
+        "ok": int(ok.group(1)) if ok else 0,
+        "rps": number("Requests/sec"),
+        "avg": number("Average"),
+        "p99": float(p99.group(1)) if p99 else float("nan"),
+    }
 
 
-def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, settle: float, run: int,
-                       warm_up: int) -> int:
+def count_instructions(
+    tmp: Path, recorder: bool, requests: int, target: int, settle: float, run: int, warm_up: int
+) -> int:
     """User-space instructions one mitmdump executes for `requests` requests (callgrind)."""
     port = free_port()
     out = tmp / f"callgrind.{run}.{'recorder' if recorder else 'plain'}"
-    args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-            *mitmdump_args(tmp, port, recorder, tmp / f"count{run}.db")]
+    args = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        *mitmdump_args(tmp, port, recorder, tmp / f"count{run}.db"),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
     db = tmp / f"count{run}.db" if recorder and SCRIPT[0] == str(RECORDER) else None
 
@@ -173,8 +208,13 @@ def count_instructions(tmp: Path, recorder: bool, requests: int, target: int, se
         settled(answered)
 
         def control(*option: str) -> None:
-            subprocess.run(["callgrind_control", *option, str(proc.pid)], cwd=tmp, capture_output=True,
-                           timeout=120, check=True)
+            subprocess.run(
+                ["callgrind_control", *option, str(proc.pid)],
+                cwd=tmp,
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
 
         control("--instr=on")
         answered += hey(port, target, requests, 4)["ok"]
@@ -213,7 +253,9 @@ def instructions_main(args: argparse.Namespace, settle: float) -> None:
     if not any(o.startswith(("redirect_audit_batch=", "redirect_audit_flush_ms=")) for o in args.set):
         # commit by count, as at full speed (see the module docstring): the warm-up fills one
         # batch, the burst the next
-        RECORDER_SET.extend(["--set", f"redirect_audit_batch={args.requests}", "--set", "redirect_audit_flush_ms=60000"])
+        RECORDER_SET.extend(
+            ["--set", f"redirect_audit_batch={args.requests}", "--set", "redirect_audit_flush_ms=60000"]
+        )
         warm_up, settle = args.requests, 3.0
     counts: dict[str, list[float]] = {"plain": [], "recorder": []}
     with tempfile.TemporaryDirectory() as name:
@@ -223,18 +265,24 @@ def instructions_main(args: argparse.Namespace, settle: float) -> None:
             for round_ in range(1, args.rounds + 1):
                 order = ["plain", "recorder"] if round_ % 2 else ["recorder", "plain"]
                 for label in order:
-                    n = count_instructions(tmp, label == "recorder", args.requests, target, settle, round_, warm_up)
+                    n = count_instructions(
+                        tmp, label == "recorder", args.requests, target, settle, round_, warm_up
+                    )
                     counts[label].append(n / args.requests)
-                print(f"round {round_:2d}: plain {counts['plain'][-1]:,.0f} instructions/request, recorder "
-                      f"{counts['recorder'][-1]:,.0f} ({(counts['recorder'][-1] / counts['plain'][-1] - 1) * 100:+.2f}%)",
-                      flush=True)
+                print(
+                    f"round {round_:2d}: plain {counts['plain'][-1]:,.0f} instructions/request, recorder "
+                    f"{counts['recorder'][-1]:,.0f} ({(counts['recorder'][-1] / counts['plain'][-1] - 1) * 100:+.2f}%)",
+                    flush=True,
+                )
         finally:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=30)
     plain, recorder = statistics.median(counts["plain"]), statistics.median(counts["recorder"])
-    print(f"instructions/request, medians of {args.rounds} runs: plain {plain:,.0f}, recorder {recorder:,.0f}: "
-          f"{(recorder / plain - 1) * 100:+.2f}% (spread of runs: plain {spread(counts['plain']):.2f}%, "
-          f"recorder {spread(counts['recorder']):.2f}%)")
+    print(
+        f"instructions/request, medians of {args.rounds} runs: plain {plain:,.0f}, recorder {recorder:,.0f}: "
+        f"{(recorder / plain - 1) * 100:+.2f}% (spread of runs: plain {spread(counts['plain']):.2f}%, "
+        f"recorder {spread(counts['recorder']):.2f}%)"
+    )
 
 
 def spread(values: list[float]) -> float:
@@ -261,7 +309,9 @@ def median_ratio(rounds: list[tuple[float, float]]) -> float:
     return statistics.median(r / p for p, r in rounds)
 
 
-def interval(rounds: list[tuple[float, float]], statistic, draws: int = 2000, seed: int = 1) -> tuple[float, float]:
+def interval(
+    rounds: list[tuple[float, float]], statistic, draws: int = 2000, seed: int = 1
+) -> tuple[float, float]:
     """A 95% percentile-bootstrap interval of statistic(rounds), resampling whole rounds."""
     rng = random.Random(seed)
     values = sorted(statistic(rng.choices(rounds, k=len(rounds))) for _ in range(draws))
@@ -271,24 +321,47 @@ def interval(rounds: list[tuple[float, float]], statistic, draws: int = 2000, se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000, help="requests through each proxy, in all")
-    parser.add_argument("--rounds", type=int, default=10, help="alternations; each sends requests/rounds per proxy")
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="alternations; each sends requests/rounds per proxy"
+    )
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a recorder option, e.g. redirect_audit_live=false")
-    parser.add_argument("--script", help="run this addon instead of the recorder "
-                        "(benchmarks/noop_addon.py shows what any -s script costs)")
-    parser.add_argument("--pairs", type=int, default=1,
-                        help="start a fresh plain and recording mitmdump this many times, the rounds shared out "
-                        "among them: two processes of the same program differ by several percent in CPU "
-                        "per request (memory layout), which more rounds of one pair cannot average out")
-    parser.add_argument("--baseline", metavar="SCRIPT",
-                        help="the plain mitmdump runs this script (benchmarks/freeze_addon.py: the recorder's cost "
-                        "beyond what its start-up freeze saves mitmproxy)")
-    parser.add_argument("--unique-responses", action="store_true",
-                        help="nginx adds an X-Request-Id of its own to each response, so no response header "
-                        "block repeats (the recorder converts each anew: its worst case)")
-    parser.add_argument("--instructions", action="store_true",
-                        help="count instructions per request under valgrind instead of timing (try --requests 400)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a recorder option, e.g. redirect_audit_live=false",
+    )
+    parser.add_argument(
+        "--script",
+        help="run this addon instead of the recorder "
+        "(benchmarks/noop_addon.py shows what any -s script costs)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="start a fresh plain and recording mitmdump this many times, the rounds shared out "
+        "among them: two processes of the same program differ by several percent in CPU "
+        "per request (memory layout), which more rounds of one pair cannot average out",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="SCRIPT",
+        help="the plain mitmdump runs this script (benchmarks/freeze_addon.py: the recorder's cost "
+        "beyond what its start-up freeze saves mitmproxy)",
+    )
+    parser.add_argument(
+        "--unique-responses",
+        action="store_true",
+        help="nginx adds an X-Request-Id of its own to each response, so no response header "
+        "block repeats (the recorder converts each anew: its worst case)",
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request under valgrind instead of timing (try --requests 400)",
+    )
     args = parser.parse_args()
     if args.script:
         SCRIPT[0] = str(Path(args.script).resolve())
@@ -314,8 +387,10 @@ def main() -> None:
         return
     pairs = max(1, min(args.pairs, args.rounds))
     per_pair = [args.rounds // pairs + (1 if k < args.rounds % pairs else 0) for k in range(pairs)]
-    totals = {label: {"cpu": 0.0, "main": 0.0, "threads": 0.0, "ok": 0, "rps": [], "avg": [], "p99": []}
-              for label in ("plain", "recorder")}
+    totals = {
+        label: {"cpu": 0.0, "main": 0.0, "threads": 0.0, "ok": 0, "rps": [], "avg": [], "p99": []}
+        for label in ("plain", "recorder")
+    }
     answered = {"plain": 0, "recorder": 0}
     by_pair: list[list[tuple[float, float]]] = []  # (plain, recorder) CPU ms per request, per round
     with tempfile.TemporaryDirectory() as name:
@@ -324,10 +399,15 @@ def main() -> None:
         nginx, target = start_nginx(tmp)
         try:
             for k, count in enumerate(per_pair, 1):
-                by_pair.append(run_pair(tmp, db, target, count, chunk, args.concurrency, settle, totals, answered))
+                by_pair.append(
+                    run_pair(tmp, db, target, count, chunk, args.concurrency, settle, totals, answered)
+                )
                 if pairs > 1:
-                    print(f"pair {k}: recorder {(ratio_of_sums(by_pair[-1]) - 1) * 100:+.1f}% CPU/request over plain "
-                          f"in its {count} rounds", flush=True)
+                    print(
+                        f"pair {k}: recorder {(ratio_of_sums(by_pair[-1]) - 1) * 100:+.1f}% CPU/request over plain "
+                        f"in its {count} rounds",
+                        flush=True,
+                    )
         finally:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=30)
@@ -335,37 +415,62 @@ def main() -> None:
     rounds = [r for pair in by_pair for r in pair]
     for label in ("plain", "recorder"):
         t = totals[label]
-        print(f"{label:8s}: {t['ok']} requests answered 200, {t['cpu'] / t['ok']:.3f} ms CPU/request, "
-              f"{statistics.median(t['rps']):.0f} req/s, latency avg {statistics.median(t['avg']) * 1000:.1f} ms, "
-              f"p99 {statistics.median(t['p99']) * 1000:.1f} ms (medians over rounds)")
+        print(
+            f"{label:8s}: {t['ok']} requests answered 200, {t['cpu'] / t['ok']:.3f} ms CPU/request, "
+            f"{statistics.median(t['rps']):.0f} req/s, latency avg {statistics.median(t['avg']) * 1000:.1f} ms, "
+            f"p99 {statistics.median(t['p99']) * 1000:.1f} ms (medians over rounds)"
+        )
     for label in ("plain", "recorder"):
         t = totals[label]
-        print(f"{label:8s}: main thread {t['main'] / t['ok'] * 1000:.1f} µs CPU/request, other threads (the "
-              f"recorder's writer) {t['threads'] / t['ok'] * 1000:.1f} µs/request")
-    overall = totals["recorder"]["cpu"] / totals["recorder"]["ok"] / (totals["plain"]["cpu"] / totals["plain"]["ok"])
-    print(f"recorder CPU/request vs plain: {(overall - 1) * 100:+.1f}% overall, "
-          f"{(median_ratio(rounds) - 1) * 100:+.1f}% median of paired rounds")
+        print(
+            f"{label:8s}: main thread {t['main'] / t['ok'] * 1000:.1f} µs CPU/request, other threads (the "
+            f"recorder's writer) {t['threads'] / t['ok'] * 1000:.1f} µs/request"
+        )
+    overall = (
+        totals["recorder"]["cpu"]
+        / totals["recorder"]["ok"]
+        / (totals["plain"]["cpu"] / totals["plain"]["ok"])
+    )
+    print(
+        f"recorder CPU/request vs plain: {(overall - 1) * 100:+.1f}% overall, "
+        f"{(median_ratio(rounds) - 1) * 100:+.1f}% median of paired rounds"
+    )
     if pairs >= 3:
         low, high = interval(by_pair, lambda chosen: ratio_of_sums([r for pair in chosen for r in pair]))
-        print(f"  95% bootstrap interval of the overall figure over the {pairs} process pairs: "
-              f"{(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}%")
+        print(
+            f"  95% bootstrap interval of the overall figure over the {pairs} process pairs: "
+            f"{(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}%"
+        )
     low, high = interval(rounds, ratio_of_sums)
-    print(f"  95% bootstrap interval of the overall figure over rounds (blind to what differs between "
-          f"processes): {(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}%")
+    print(
+        f"  95% bootstrap interval of the overall figure over rounds (blind to what differs between "
+        f"processes): {(low - 1) * 100:+.1f}% to {(high - 1) * 100:+.1f}%"
+    )
     if SCRIPT[0] == str(RECORDER):
-        print(f"exchanges stored {stored} of {answered['recorder']} answered through the recorder "
-              f"(lost: {answered['recorder'] - stored})")
+        print(
+            f"exchanges stored {stored} of {answered['recorder']} answered through the recorder "
+            f"(lost: {answered['recorder'] - stored})"
+        )
 
 
-def run_pair(tmp: Path, db: Path, target: int, count: int, chunk: int, concurrency: int, settle: float,
-             totals: dict, answered: dict) -> list[tuple[float, float]]:
+def run_pair(
+    tmp: Path,
+    db: Path,
+    target: int,
+    count: int,
+    chunk: int,
+    concurrency: int,
+    settle: float,
+    totals: dict,
+    answered: dict,
+) -> list[tuple[float, float]]:
     """Start a plain and a recording mitmdump, alternate `count` bursts between them, stop both."""
     procs = {}
     rounds = []
     try:
         procs["plain"] = start_mitmdump(tmp, False, db)
         procs["recorder"] = start_mitmdump(tmp, True, db)
-        for label, (proc, port) in procs.items():
+        for label, (_proc, port) in procs.items():
             answered[label] += hey(port, target, 20 * concurrency, concurrency)["ok"]  # warm-up
         watched = {label: psutil.Process(proc.pid) for label, (proc, _) in procs.items()}
         time.sleep(settle)  # the warm-up's exchanges are committed before anything is counted
@@ -385,15 +490,20 @@ def run_pair(tmp: Path, db: Path, target: int, count: int, chunk: int, concurren
             now = {label: usage(me) for label, me in watched.items()}
             per = {}
             for label in procs:
-                cpu, system, switches = (b - a for a, b in zip(last[label], now[label]))
+                cpu, system, switches = (b - a for a, b in zip(last[label], now[label], strict=False))
                 per[label] = cpu * 1000 / ok[label]
-                per[label + "_detail"] = f"sys {system * 1000 / ok[label]:.3f} ms, {switches / ok[label]:.1f} ctx switches"
+                per[label + "_detail"] = (
+                    f"sys {system * 1000 / ok[label]:.3f} ms, {switches / ok[label]:.1f} ctx switches"
+                )
                 totals[label]["cpu"] += cpu * 1000
             last = now
             rounds.append((per["plain"], per["recorder"]))
-            print(f"round {round_:2d}: plain {per['plain']:.3f} ms CPU/request ({per['plain_detail']}), "
-                  f"recorder {per['recorder']:.3f} ({per['recorder_detail']}) "
-                  f"({(per['recorder'] / per['plain'] - 1) * 100:+.1f}%)", flush=True)
+            print(
+                f"round {round_:2d}: plain {per['plain']:.3f} ms CPU/request ({per['plain_detail']}), "
+                f"recorder {per['recorder']:.3f} ({per['recorder_detail']}) "
+                f"({(per['recorder'] / per['plain'] - 1) * 100:+.1f}%)",
+                flush=True,
+            )
         time.sleep(settle)  # the last burst's commit
         for label, me in watched.items():
             totals[label]["cpu"] += (usage(me)[0] - last[label][0]) * 1000

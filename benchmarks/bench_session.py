@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from upstream import Upstream  # noqa: E402
 
-SUITE = '''
+SUITE = """
 import os
 import requests
 
@@ -46,7 +46,7 @@ def make(i):
 
 for i in range({n}):
     globals()[f"test_{{i:03d}}"] = make(i)
-'''
+"""
 
 
 def timed(argv: list[str], env: dict, cwd: Path) -> float:
@@ -59,7 +59,9 @@ def timed(argv: list[str], env: dict, cwd: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--suite-runs", type=int, default=3)
     parser.add_argument("--tests", type=int, default=200)
@@ -69,9 +71,11 @@ def main() -> None:
     entry = [sys.executable, "-m", "analyzer"]
     bare = [timed(["true"], env, work) for _ in range(args.runs)]
     wrapped = [timed([*entry, "run", "--", "true"], env, work) for _ in range(args.runs)]
-    print(f"run -- true: median {statistics.median(wrapped):.2f} s (min {min(wrapped):.2f}, max {max(wrapped):.2f}); "
-          f"true alone {statistics.median(bare) * 1000:.1f} ms; added {statistics.median(wrapped) - statistics.median(bare):.2f} s "
-          f"over {args.runs} runs")
+    print(
+        f"run -- true: median {statistics.median(wrapped):.2f} s (min {min(wrapped):.2f}, max {max(wrapped):.2f}); "
+        f"true alone {statistics.median(bare) * 1000:.1f} ms; added {statistics.median(wrapped) - statistics.median(bare):.2f} s "
+        f"over {args.runs} runs"
+    )
     upstream = Upstream()
     try:
         suite = work / "suite"
@@ -82,8 +86,10 @@ def main() -> None:
         variants = {
             "without the plugin": [],
             "--redirect-audit": ["--redirect-audit=" + str(work / "a.db")],
-            "--redirect-audit --redirect-audit-fail-on=high": ["--redirect-audit=" + str(work / "b.db"),
-                                                               "--redirect-audit-fail-on=high"],
+            "--redirect-audit --redirect-audit-fail-on=high": [
+                "--redirect-audit=" + str(work / "b.db"),
+                "--redirect-audit-fail-on=high",
+            ],
         }
         results = {}
         for _ in range(args.suite_runs):  # interleaved, so that drift hits every variant alike
@@ -94,8 +100,10 @@ def main() -> None:
         base = statistics.median(results["without the plugin"])
         for name, times in results.items():
             median = statistics.median(times)
-            print(f"{args.tests} tests, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
-                  f"+{median - base:.2f} s, {(median - base) / args.tests * 1000:.1f} ms per test")
+            print(
+                f"{args.tests} tests, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
+                f"+{median - base:.2f} s, {(median - base) / args.tests * 1000:.1f} ms per test"
+            )
     finally:
         upstream.close()
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_har_fastpath import entry, write_har  # noqa: E402
+from test_har_fastpath import entry, write_har
 
 ENTRIES = 100_000
 HANG = 30.0
@@ -35,8 +35,13 @@ HANG = 30.0
 
 def trial(command: list[str], har: Path, db: Path, workers: str, moment: float) -> dict:
     master, slave = pty.openpty()
-    proc = subprocess.Popen([*command, "import-har", str(har), "--db", str(db), "--workers", workers],
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(
+        [*command, "import-har", str(har), "--db", str(db), "--workers", workers],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     chunks: list[bytes] = []
 
@@ -64,7 +69,9 @@ def trial(command: list[str], har: Path, db: Path, workers: str, moment: float) 
     except subprocess.TimeoutExpired:
         hung = True
         if os.environ.get("CTRL_C_TRIALS_DUMP"):  # what the hung processes were doing
-            group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            group = subprocess.run(
+                ["pgrep", "-g", str(proc.pid)], capture_output=True, text=True
+            ).stdout.split()
             for pid in group:
                 subprocess.run(["py-spy", "dump", "--pid", pid], check=False)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -89,10 +96,18 @@ def trial(command: list[str], har: Path, db: Path, workers: str, moment: float) 
         except sqlite3.Error:
             stored = -1
     said_nothing = "nothing of" in out
-    return {"code": code, "hung": hung, "traceback": "Traceback" in out, "partial": stored not in (0, ENTRIES),
-            "leftover": leftover, "completed": stored == ENTRIES,
-            "wrong message": (stored == ENTRIES and said_nothing) or (stored == 0 and "was stored just before" in out),
-            "output": out, "stopped_in": stopped_in}
+    return {
+        "code": code,
+        "hung": hung,
+        "traceback": "Traceback" in out,
+        "partial": stored not in (0, ENTRIES),
+        "leftover": leftover,
+        "completed": stored == ENTRIES,
+        "wrong message": (stored == ENTRIES and said_nothing)
+        or (stored == 0 and "was stored just before" in out),
+        "output": out,
+        "stopped_in": stopped_in,
+    }
 
 
 def main() -> None:
@@ -114,12 +129,16 @@ def main() -> None:
             Path(f"{db}{suffix}").unlink(missing_ok=True)
     codes = collections.Counter(r["code"] for r in results)
     print(f"{args.command}, import-har --workers {args.workers}, {args.trials} trials")
-    print(f"  exit statuses: {dict(codes)}; completed before the signal: {sum(r['completed'] for r in results)}")
+    print(
+        f"  exit statuses: {dict(codes)}; completed before the signal: {sum(r['completed'] for r in results)}"
+    )
     for key in ("hung", "traceback", "partial", "leftover", "wrong message"):
         print(f"  {key}: {sum(r[key] for r in results)}")
     waits = sorted(r["stopped_in"] for r in results if r["code"] == 130)
     if waits:
-        print(f"  from Ctrl-C to exit when interrupted: median {waits[len(waits) // 2]:.2f} s, max {waits[-1]:.2f} s")
+        print(
+            f"  from Ctrl-C to exit when interrupted: median {waits[len(waits) // 2]:.2f} s, max {waits[-1]:.2f} s"
+        )
     for r in results:
         if r["hung"] or r["traceback"] or r["wrong message"]:
             print("---- output of a trial that went wrong:\n" + r["output"][-1500:])

@@ -32,6 +32,7 @@ def timed(work):
         finally:
             spent[0] += time.thread_time_ns() - start
             spent[1] = 0
+
     return run
 
 

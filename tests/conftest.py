@@ -8,9 +8,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import pgcluster
 import pytest
 
-import pgcluster
 from analyzer.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,13 +69,24 @@ def sqlite_path(tmp_path) -> str:
     return str(tmp_path / "cli.db")
 
 
-def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: Path | str = ROOT,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    env: dict | None = None,
+    input: str | None = None,
+    cwd: Path | str = ROOT,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
     """The real console entry point in a child process, as a user runs it (stdin closed
     unless `input` is given)."""
     return subprocess.run(
-        [sys.executable, "-m", "analyzer", *args], input=input, stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd,
+        [sys.executable, "-m", "analyzer", *args],
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 
@@ -100,8 +111,11 @@ def require_corpus() -> None:
         pytest.fail(f"HAR corpus not found at {CORPUS} (set REDIRECT_AUDIT_CORPUS)")
 
 
-DEMO = [Path(str(p)) for p in sorted(resources.files("analyzer").joinpath("demo").iterdir(), key=lambda p: p.name)
-        if p.name.endswith(".har")]
+DEMO = [
+    Path(str(p))
+    for p in sorted(resources.files("analyzer").joinpath("demo").iterdir(), key=lambda p: p.name)
+    if p.name.endswith(".har")
+]
 
 
 @pytest.fixture

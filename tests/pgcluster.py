@@ -53,12 +53,36 @@ class Cluster:
         os.chown(self.dir, user.pw_uid, user.pw_gid)
         os.chmod(self.dir, 0o755)
         try:
-            self._as_server(find_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", SERVER_USER,
-                            "-E", "UTF8", "--locale=C", "--no-sync")
-            options = (f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
-                       f"-c synchronous_commit=off -c max_connections=200 -c shared_buffers=128MB")
-            self._as_server(find_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
-                            "-w", "-t", "60", "start")
+            self._as_server(
+                find_bin("initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                SERVER_USER,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
+            options = (
+                f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
+                f"-c synchronous_commit=off -c max_connections=200 -c shared_buffers=128MB"
+            )
+            self._as_server(
+                find_bin("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            )
         except BaseException:
             self.stop()
             raise
@@ -80,7 +104,9 @@ class Cluster:
         import psycopg
 
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
-        with psycopg.connect(host=str(self.dir), user=SERVER_USER, dbname="postgres", autocommit=True) as conn:
+        with psycopg.connect(
+            host=str(self.dir), user=SERVER_USER, dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
@@ -88,13 +114,15 @@ class Cluster:
         import psycopg
 
         name = url.rsplit("/", 1)[1].split("?")[0]
-        with psycopg.connect(host=str(self.dir), user=SERVER_USER, dbname="postgres", autocommit=True) as conn:
+        with psycopg.connect(
+            host=str(self.dir), user=SERVER_USER, dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             try:
                 self._as_server(find_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-            except Exception:  # noqa: BLE001 - removing the directory below is what matters
+            except Exception:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)

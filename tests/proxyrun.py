@@ -39,14 +39,29 @@ class Mitmdump:
         self.confdir = confdir
         confdir.mkdir(parents=True, exist_ok=True)
         program = Path(sys.executable).parent / "mitmdump"
-        args = [str(program), "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-                "--set", f"confdir={confdir}", "--set", "ssl_insecure=true", "--set", "flow_detail=0"]
+        args = [
+            str(program),
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(self.port),
+            "--set",
+            f"confdir={confdir}",
+            "--set",
+            "ssl_insecure=true",
+            "--set",
+            "flow_detail=0",
+        ]
         if db is not None:
             args += ["-s", str(ADDON), "--set", f"redirect_audit_db={db}"]
         self.log = log or confdir / f"mitmdump-{self.port}.log"
         self._out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([*args, *extra], stdout=self._out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.process = subprocess.Popen(
+            [*args, *extra],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:
             wait_for_port(self.port)
         except TimeoutError:

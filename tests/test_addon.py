@@ -12,19 +12,28 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ENGINES, new_store_url
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 from sqlalchemy import select
 
 from addons.redirect_recorder import CONVERT_BATCH, CONVERT_DELAY, MARK, RedirectRecorder
 from analyzer.store import EXCHANGE_COLUMNS, captures, exchanges, open_store
-from conftest import ENGINES, new_store_url
 
 T0 = 1_790_000_000.0
 
 
-def make_flow(method: str, url: str, *, status: int | None = None, location: str | None = None,
-              body: bytes = b"", at: float = T0, conn=None, headers: dict | None = None) -> http.HTTPFlow:
+def make_flow(
+    method: str,
+    url: str,
+    *,
+    status: int | None = None,
+    location: str | None = None,
+    body: bytes = b"",
+    at: float = T0,
+    conn=None,
+    headers: dict | None = None,
+) -> http.HTTPFlow:
     client = conn or tflow.tclient_conn()
     client.peername = ("127.0.0.1", 40000)
     request = http.Request.make(method, url, body, headers or {})
@@ -68,12 +77,15 @@ def stored(db: str) -> list:
         store.close()
 
 
-@pytest.mark.parametrize("option, value, problem", [
-    ("redirect_audit_batch", 0, "batch size must be at least 1"),
-    ("redirect_audit_flush_ms", 0, "flush interval"),
-    ("redirect_audit_body_cap", -1, "body cap"),
-    ("redirect_audit_link_window", 0, "link window"),
-])
+@pytest.mark.parametrize(
+    "option, value, problem",
+    [
+        ("redirect_audit_batch", 0, "batch size must be at least 1"),
+        ("redirect_audit_flush_ms", 0, "flush interval"),
+        ("redirect_audit_body_cap", -1, "body cap"),
+        ("redirect_audit_link_window", 0, "link window"),
+    ],
+)
 def test_options_are_checked_in_configure(tmp_path, option, value, problem):
     addon = RedirectRecorder()
     with taddons.context(addon) as tctx:
@@ -90,7 +102,9 @@ def test_a_store_that_cannot_be_opened_is_an_option_error(tmp_path):
 
 def test_a_finding_marks_and_comments_both_flows_and_is_logged(recorder, tmp_path, caplog):
     conn = tflow.tclient_conn()
-    first = make_flow("PUT", "http://api.test/items/1", status=302, location="/items/1/v2", body=b'{"n":1}', conn=conn)
+    first = make_flow(
+        "PUT", "http://api.test/items/1", status=302, location="/items/1/v2", body=b'{"n":1}', conn=conn
+    )
     second = make_flow("GET", "http://api.test/items/1/v2", status=200, at=T0 + 0.1, conn=conn)
     quiet = make_flow("GET", "http://api.test/other", status=200, at=T0 + 0.2, conn=conn)
     with caplog.at_level(logging.WARNING, logger="redirect_audit"):
@@ -98,12 +112,20 @@ def test_a_finding_marks_and_comments_both_flows_and_is_logged(recorder, tmp_pat
             recorder.response(flow)
     assert first.marked == second.marked == MARK and not quiet.marked
     assert "RA101 method-downgrade (medium)" in first.comment and "RA101" in second.comment
-    assert "redirect-audit RA101 method-downgrade [medium] PUT http://api.test/items/1 -> 302 -> GET" in caplog.text
+    assert (
+        "redirect-audit RA101 method-downgrade [medium] PUT http://api.test/items/1 -> 302 -> GET"
+        in caplog.text
+    )
 
 
 def test_every_flow_is_stored_once_with_secrets_fingerprinted(recorder, addon_db, tmp_path, caplog):
-    answered = make_flow("POST", "http://api.test/login?access_token=abc123", status=200, body=b"user=a",
-                         headers={"Authorization": "Bearer s3cret-token"})
+    answered = make_flow(
+        "POST",
+        "http://api.test/login?access_token=abc123",
+        status=200,
+        body=b"user=a",
+        headers={"Authorization": "Bearer s3cret-token"},
+    )
     broken = make_flow("GET", "http://api.test/slow", at=T0 + 1)
     broken.error = tflow.terr("connection reset")
     recorder.response(answered)
@@ -170,8 +192,10 @@ def test_a_row_the_store_refuses_costs_only_itself(recorder, addon_db, tmp_path,
     with caplog.at_level(logging.INFO, logger="redirect_audit"):
         recorder.done()
     assert "saw 9 exchanges, stored 8" in caplog.text
-    assert ("exchange 4 (http://api.test/\\udce9) cannot be stored: the store refused column url: text with a lone "
-            "surrogate" in caplog.text)
+    assert (
+        "exchange 4 (http://api.test/\\udce9) cannot be stored: the store refused column url: text with a lone "
+        "surrogate" in caplog.text
+    )
     assert "attempt" not in caplog.text  # a bad row is not retried
     assert [r["url"] for r in stored(addon_db)] == [f"http://api.test/{n}" for n in range(9) if n != 4]
 
@@ -185,15 +209,19 @@ def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behin
             tctx.configure(addon, redirect_audit_db=addon_db, redirect_audit_flush_ms=50)
             addon.running()
             conn = tflow.tclient_conn()
-            put = make_flow("PUT", "http://api.test/items/1", status=302, location="/items/1/v2", body=b"{}",
-                            conn=conn)
+            put = make_flow(
+                "PUT", "http://api.test/items/1", status=302, location="/items/1/v2", body=b"{}", conn=conn
+            )
             get = make_flow("GET", "http://api.test/items/1/v2", status=200, at=T0 + 0.1, conn=conn)
             addon.response(put)
             addon.response(get)
             assert addon.recorder.seen == 0 and not put.marked  # set aside, not converted yet
             await asyncio.sleep(CONVERT_DELAY * 4)
             assert addon.recorder.seen == 2 and put.marked == get.marked == MARK
-            batch = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + 1 + n) for n in range(CONVERT_BATCH)]
+            batch = [
+                make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + 1 + n)
+                for n in range(CONVERT_BATCH)
+            ]
             for flow in batch[:-1]:
                 addon.response(flow)
             assert addon.recorder.seen == 2
@@ -211,19 +239,34 @@ def test_on_the_event_loop_flows_are_converted_in_batches_and_none_is_left_behin
     assert [r["flow_id"] for r in stored(addon_db)] == [f.id for f in flows]
 
 
-@pytest.mark.parametrize("part, error, message, kept", [
-    ("converter.convert", ValueError("converter bug"), "flow {id} could not be recorded: ValueError('converter bug')",
-     [0, 2]),
-    ("live.add", KeyError("rule bug"), "the live rules failed on flow {id}: KeyError('rule bug')", [0, 1, 2]),
-])
-def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(recorder, addon_db, caplog, monkeypatch, part, error,
-                                                          message, kept):
+@pytest.mark.parametrize(
+    "part, error, message, kept",
+    [
+        (
+            "converter.convert",
+            ValueError("converter bug"),
+            "flow {id} could not be recorded: ValueError('converter bug')",
+            [0, 2],
+        ),
+        (
+            "live.add",
+            KeyError("rule bug"),
+            "the live rules failed on flow {id}: KeyError('rule bug')",
+            [0, 1, 2],
+        ),
+    ],
+)
+def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(
+    recorder, addon_db, caplog, monkeypatch, part, error, message, kept
+):
     flows = [make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n) for n in range(3)]
     owner, name = part.split(".")
     original = getattr(getattr(recorder, owner), name)
 
     def fails_on_the_second(*args):  # convert(seq, flow) or add(exchange)
-        if flows[1].id in {getattr(arg, "id", None) for arg in args} | {getattr(arg, "flow_id", None) for arg in args}:
+        if flows[1].id in {getattr(arg, "id", None) for arg in args} | {
+            getattr(arg, "flow_id", None) for arg in args
+        }:
             raise error
         return original(*args)
 
@@ -237,7 +280,9 @@ def test_a_bug_that_one_flow_trips_costs_at_most_that_flow(recorder, addon_db, c
     assert [r["flow_id"] for r in stored(addon_db)] == [flows[n].id for n in kept]
 
 
-def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(recorder, addon_db, tmp_path, caplog):
+def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(
+    recorder, addon_db, tmp_path, caplog
+):
     # mitmproxy serves the connections in flight while it shuts down: their clients get
     # answers after the done hook has run.
     first = make_flow("GET", "http://api.test/first", status=200)
@@ -254,14 +299,18 @@ def test_a_flow_that_finishes_after_shutdown_began_is_stored_and_counted(recorde
         assert conn.execute(select(captures.c.entries)).scalar_one() == 2
 
 
-def test_totals_after_mitmproxy_took_its_log_handler_down_go_to_stderr(recorder, addon_db, monkeypatch, capsys):
+def test_totals_after_mitmproxy_took_its_log_handler_down_go_to_stderr(
+    recorder, addon_db, monkeypatch, capsys
+):
     # mitmproxy uninstalls its log handler after the last done hook, then cancels the
     # connections still open; a flow that finishes in between is stored, and its totals
     # must still be seen (a real mitmdump stopped mid-burst printed 304 for 305 stored).
     recorder.response(make_flow("GET", "http://api.test/first", status=200))
     recorder.done()
     capsys.readouterr()
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no handler left anywhere, as after mitmproxy's done
+    monkeypatch.setattr(
+        logging.getLogger(), "handlers", []
+    )  # no handler left anywhere, as after mitmproxy's done
     recorder.response(make_flow("GET", "http://api.test/late", status=200, at=T0 + 1))
     assert "redirect-audit: saw 2 exchanges, stored 2 (1 after shutdown began)" in capsys.readouterr().err
     assert len(stored(addon_db)) == 2
@@ -296,8 +345,13 @@ def test_the_recorder_adds_no_audit_hook_to_the_proxy(tmp_path):
     # A Python audit hook runs on every audited call in the process: mitmproxy makes about
     # 27 per request (id(), socket calls). tldextract's filelock added one, which cost
     # the proxy about 1% more CPU per request. An earlier hook sees every later one added.
-    done = subprocess.run([sys.executable, "-c", AUDIT_PROBE, str(tmp_path / "probe.db")], capture_output=True,
-                          text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", AUDIT_PROBE, str(tmp_path / "probe.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0"]
 
@@ -312,7 +366,10 @@ FAST = [  # the proxy's everyday shapes: built straight from mitmproxy's fields
 ]
 GENERAL = [  # everything else takes the general path
     ("GET", "https://api.test/login?access_token=abc&x=1"),  # a secret to fingerprint
-    ("GET", "http://API.test/Upper"),  # mitmproxy lower-cases a host it parses; one set by an addon may not be
+    (
+        "GET",
+        "http://API.test/Upper",
+    ),  # mitmproxy lower-cases a host it parses; one set by an addon may not be
     ("GET", "http://[::1]:8080/v6"),
     ("GET", "http://api.test/caf\u00e9"),  # UTF-8 bytes in the target
     ("OPTIONS", "http://api.test*"),
@@ -352,8 +409,13 @@ def test_a_repeated_header_block_is_converted_once_and_fingerprinted_with_each_s
     from analyzer.store import exchange_row, headers_json
 
     def flow(n):
-        return make_flow("GET", f"http://api.test/{n}", status=200, at=T0 + n,
-                         headers={"Authorization": "Bearer s3cret", "Accept": "*/*"})
+        return make_flow(
+            "GET",
+            f"http://api.test/{n}",
+            status=200,
+            at=T0 + n,
+            headers={"Authorization": "Bearer s3cret", "Accept": "*/*"},
+        )
 
     first, second, listed = flow(1), flow(2), flow(3)
     listed.request.headers.fields = [list(field) for field in listed.request.headers.fields]  # not hashable
@@ -369,7 +431,9 @@ def test_a_repeated_header_block_is_converted_once_and_fingerprinted_with_each_s
     assert dict(d.request_headers)["Authorization"].startswith("Bearer hmac:")
     row = exchange_row(b)
     stored_headers = json.loads(row[EXCHANGE_COLUMNS.index("request_headers")])
-    assert stored_headers == [list(pair) for pair in b.request_headers] and "s3cret" not in str(stored_headers)
+    assert stored_headers == [list(pair) for pair in b.request_headers] and "s3cret" not in str(
+        stored_headers
+    )
     for n in range(HEADER_BLOCKS + 1):  # what is remembered stays bounded
         one.convert(n, make_flow("GET", "http://api.test/", status=200, headers={"X-N": str(n)}))
     assert 0 < len(one._blocks) <= HEADER_BLOCKS
@@ -378,8 +442,9 @@ def test_a_repeated_header_block_is_converted_once_and_fingerprinted_with_each_s
 def test_the_script_module_is_the_only_stop_on_mitmproxys_walk():
     # mitmproxy offers each of its eight events per request to every addon, walking into
     # any `addons` list: the script module carries the hooks itself, all of one recorder.
-    import addons.redirect_recorder as script
     from mitmproxy.addonmanager import traverse
+
+    import addons.redirect_recorder as script
 
     assert list(traverse([script])) == [script]
     hooks = ("load", "configure", "running", "response", "error", "done")

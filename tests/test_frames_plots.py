@@ -8,6 +8,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import RULE_FIXTURES, run_cli
 from matplotlib.figure import Figure
 from sqlalchemy import text
 
@@ -15,7 +16,6 @@ from analyzer import frames, plots
 from analyzer.analysis import analyze
 from analyzer.ingest import import_har
 from analyzer.store import open_store
-from conftest import RULE_FIXTURES, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -35,30 +35,50 @@ def test_exchanges_are_tidy(demo_db):
     ex = frames.exchanges(demo_db)
     assert len(ex) == 25
     assert str(ex["started"].dt.tz) == "UTC"
-    assert isinstance(ex["method"].dtype, pd.CategoricalDtype) and isinstance(ex["host"].dtype, pd.CategoricalDtype)
+    assert isinstance(ex["method"].dtype, pd.CategoricalDtype) and isinstance(
+        ex["host"].dtype, pd.CategoricalDtype
+    )
     assert "request_headers" not in ex and "req_body" not in ex  # neither header lists nor bodies
 
 
 def test_hops_say_what_changed_and_whether_it_conforms(demo_db):
     h = frames.hops(demo_db).set_index("from_url")
     put = h.loc["https://api.shop.example.test/v1/profile"]
-    assert (put["status"], put["method_before"], put["method_after"], put["verdict"]) == (302, "PUT", "GET", "deviated")
+    assert (put["status"], put["method_before"], put["method_after"], put["verdict"]) == (
+        302,
+        "PUT",
+        "GET",
+        "deviated",
+    )
     assert put["credentials_forwarded"] and all("hmac:" in c for c in put["credentials_forwarded"])
     login = h.loc["https://shop.example.test/login"]
     assert (login["status"], login["method_after"], login["verdict"]) == (303, "GET", "as specified")
     failover = h.loc["https://api.shop.example.test/v1/orders"]
-    assert bool(failover["cross_origin"]) and failover["verdict"] == "deviated"  # 307 followed without the body
+    assert (
+        bool(failover["cross_origin"]) and failover["verdict"] == "deviated"
+    )  # 307 followed without the body
 
 
-@pytest.mark.parametrize("status, before, after, followed, len0, len1, expected", [
-    (303, "HEAD", "GET", True, None, None, "deviated"),       # urllib3 on 303; Fetch keeps HEAD
-    (303, "PUT", "GET", True, 5, 0, "as specified"),
-    (302, "POST", "GET", True, 5, 0, "as specified"),          # historical, reported at low severity
-    (302, "DELETE", "GET", True, None, None, "deviated"),
-    (307, "POST", "POST", True, 5, 0, "deviated"),
-    (307, "POST", "POST", True, 5, None, "as specified"),      # body not captured: no verdict against the client
-    (308, "PUT", None, False, 5, None, "not followed"),
-])
+@pytest.mark.parametrize(
+    "status, before, after, followed, len0, len1, expected",
+    [
+        (303, "HEAD", "GET", True, None, None, "deviated"),  # urllib3 on 303; Fetch keeps HEAD
+        (303, "PUT", "GET", True, 5, 0, "as specified"),
+        (302, "POST", "GET", True, 5, 0, "as specified"),  # historical, reported at low severity
+        (302, "DELETE", "GET", True, None, None, "deviated"),
+        (307, "POST", "POST", True, 5, 0, "deviated"),
+        (
+            307,
+            "POST",
+            "POST",
+            True,
+            5,
+            None,
+            "as specified",
+        ),  # body not captured: no verdict against the client
+        (308, "PUT", None, False, 5, None, "not followed"),
+    ],
+)
 def test_verdicts(status, before, after, followed, len0, len1, expected):
     assert frames.verdict(status, before, after, followed, len0, len1, None, None) == expected
 
@@ -80,7 +100,9 @@ def test_temporary_redirects(demo_db):
     docs = tr.loc["https://shop.example.test/docs"]
     assert docs["count"] == 2 and bool(docs["stale"]) and docs["age_days"] == pytest.approx(49.31, abs=0.01)
     assert "max-age=2592000" in tr.loc["https://shop.example.test/sale", "cache_control"]
-    assert "https://shop.example.test/login" not in tr.index  # 303 after POST is Post/Redirect/Get, not a detour
+    assert (
+        "https://shop.example.test/login" not in tr.index
+    )  # 303 after POST is Post/Redirect/Get, not a detour
 
 
 def test_frames_cannot_change_the_store(demo_db):
@@ -90,21 +112,30 @@ def test_frames_cannot_change_the_store(demo_db):
 
 
 def test_figures(demo_db):
-    f, c, h, t = (frames.findings(demo_db), frames.chains(demo_db), frames.hops(demo_db),
-                  frames.temporary_redirects(demo_db))
+    f, c, h, t = (
+        frames.findings(demo_db),
+        frames.chains(demo_db),
+        frames.hops(demo_db),
+        frames.temporary_redirects(demo_db),
+    )
     fig = plots.findings_by_rule(f)
     assert isinstance(fig, Figure)
     assert sum(bar.get_width() for bar in fig.axes[0].patches) == 7
     lengths = plots.chain_lengths(c)
     assert sum(p.get_height() for p in lengths.axes[0].patches) == 11
     graph = plots.redirect_graph(h)
-    colors = {tuple(np.round(p.get_edgecolor(), 2)) for p in graph.axes[0].patches if hasattr(p, "get_arrowstyle")}
+    colors = {
+        tuple(np.round(p.get_edgecolor(), 2)) for p in graph.axes[0].patches if hasattr(p, "get_arrowstyle")
+    }
     assert len(colors) == 2  # same-origin and cross-origin edges drawn apart
     timeline = plots.temporary_timeline(t)
     assert len(timeline.axes[0].get_yticklabels()) == len(t)
     heat = plots.conformance_heatmap(h)
     image = heat.axes[0].images[0].get_array()
-    assert image.shape == (1, h.assign(c=h["status"].astype(str) + h["method_before"].astype(str))["c"].nunique())
+    assert image.shape == (
+        1,
+        h.assign(c=h["status"].astype(str) + h["method_before"].astype(str))["c"].nunique(),
+    )
     for figure in (fig, lengths, graph, timeline, heat):
         figure.savefig("/dev/null", format="png")
 
@@ -112,19 +143,31 @@ def test_figures(demo_db):
 def test_figures_of_an_empty_store(tmp_path):
     db = str(tmp_path / "empty.db")
     open_store(db).close()
-    for fig in (plots.findings_by_rule(frames.findings(db)), plots.chain_lengths(frames.chains(db)),
-                plots.redirect_graph(frames.hops(db)), plots.temporary_timeline(frames.temporary_redirects(db)),
-                plots.conformance_heatmap(frames.hops(db))):
+    for fig in (
+        plots.findings_by_rule(frames.findings(db)),
+        plots.chain_lengths(frames.chains(db)),
+        plots.redirect_graph(frames.hops(db)),
+        plots.temporary_timeline(frames.temporary_redirects(db)),
+        plots.conformance_heatmap(frames.hops(db)),
+    ):
         assert "no " in fig.axes[0].texts[0].get_text()
 
 
-@pytest.mark.parametrize("forwarded, before, after, leaked", [
-    (["authorization=hmac:1"], "https://api.test/a", "https://cdn.test/b", ["authorization=hmac:1"]),
-    (["authorization=hmac:1"], "http://api.test/a", "https://api.test/a", []),  # same-host upgrade
-    (["cookie=hmac:2"], "https://yahoo.com/", "https://www.yahoo.com/", []),  # one site: a jar does this
-    (["cookie=hmac:2"], "https://shop.co.uk/", "https://pay.co.uk/", ["cookie=hmac:2"]),  # two sites
-    (["cookie=hmac:2"], "https://alice.github.io/", "https://bob.github.io/", ["cookie=hmac:2"]),  # private suffix
-])
+@pytest.mark.parametrize(
+    "forwarded, before, after, leaked",
+    [
+        (["authorization=hmac:1"], "https://api.test/a", "https://cdn.test/b", ["authorization=hmac:1"]),
+        (["authorization=hmac:1"], "http://api.test/a", "https://api.test/a", []),  # same-host upgrade
+        (["cookie=hmac:2"], "https://yahoo.com/", "https://www.yahoo.com/", []),  # one site: a jar does this
+        (["cookie=hmac:2"], "https://shop.co.uk/", "https://pay.co.uk/", ["cookie=hmac:2"]),  # two sites
+        (
+            ["cookie=hmac:2"],
+            "https://alice.github.io/",
+            "https://bob.github.io/",
+            ["cookie=hmac:2"],
+        ),  # private suffix
+    ],
+)
 def test_which_forwarded_credentials_count_as_a_deviation(forwarded, before, after, leaked):
     assert frames._leaked(forwarded, before, after) == leaked
     verdict = frames.verdict(302, "GET", "GET", True, None, None, None, None, (), leaked)
@@ -145,16 +188,26 @@ def test_the_chain_length_figure_draws_a_bar_per_length_not_per_hop():
 def test_the_conformance_table_says_what_each_client_did_with_credentials(db_path):
     """Per client: Authorization kept, dropped, replaced or re-added on same-origin and
     cross-origin follow-ups, next to Fetch (kept on the same origin, dropped on another)."""
-    names = ["cd-same-origin.har", "cd-kept.har", "cd-other-host.har", "cd-reauthenticated.har",
-             "cd-headers-unknown.har", "cc-dropped-then-back.har"]
+    names = [
+        "cd-same-origin.har",
+        "cd-kept.har",
+        "cd-other-host.har",
+        "cd-reauthenticated.har",
+        "cd-headers-unknown.har",
+        "cc-dropped-then-back.har",
+    ]
     done = run_cli("import-har", *[str(RULE_FIXTURES / n) for n in names], "--db", db_path)
     assert done.returncode == 0, done.stderr
-    rows = {(r["client_name"], r["status"]): r
-            for r in json.loads(run_cli("clients", "-f", "json", "--db", db_path).stdout)}
+    rows = {
+        (r["client_name"], r["status"]): r
+        for r in json.loads(run_cli("clients", "-f", "json", "--db", db_path).stdout)
+    }
     fixture_client = rows[("fixture-client 1", 307)]  # cd-same-origin (dropped), cd-kept, cd-headers-unknown
     assert fixture_client["auth_same_origin"] == "dropped (1), kept (1)"
     assert fixture_client["verdict"] == "deviated" and fixture_client["rules"] == ["credential-dropped"]
-    other = rows[("fixture-client 1", 302)]  # dropped to another host (as Fetch does), replaced by a new token
+    other = rows[
+        ("fixture-client 1", 302)
+    ]  # dropped to another host (as Fetch does), replaced by a new token
     assert other["auth_cross_origin"] == "dropped (1), replaced (1)" and other["auth_same_origin"] == "-"
     assert other["verdict"] == "as specified"
     back = rows[("redirect-audit fixtures 1", 302)]  # not known on hop 0 (no headers kept), re-added on hop 1

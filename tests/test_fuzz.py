@@ -23,26 +23,73 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from conftest import CORPUS, RULE_FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CORPUS, RULE_FIXTURES
-
-SEEDS_HAR = [CORPUS / "good" / name for name in (
-    "chrome-har__sitespeedio__redirect-and-back.har", "charles42__gatling__redirect-post-303.har",
-    "firefox126__zaproxy__noresponse.har", "chrome__mitmproxy__timed-out.har",
-    "handwritten__grafana__request-only-multipart.har", "safari__mitmproxy__safari.har",
-)] + [RULE_FIXTURES / name for name in ("md-307-post-to-get.har", "dw-failover.har", "st-7-days.har",
-                                        "cc-authorization-other-host.har")]
+SEEDS_HAR = [
+    CORPUS / "good" / name
+    for name in (
+        "chrome-har__sitespeedio__redirect-and-back.har",
+        "charles42__gatling__redirect-post-303.har",
+        "firefox126__zaproxy__noresponse.har",
+        "chrome__mitmproxy__timed-out.har",
+        "handwritten__grafana__request-only-multipart.har",
+        "safari__mitmproxy__safari.har",
+    )
+] + [
+    RULE_FIXTURES / name
+    for name in (
+        "md-307-post-to-get.har",
+        "dw-failover.har",
+        "st-7-days.har",
+        "cc-authorization-other-host.har",
+    )
+]
 # About a minute in CI; set REDIRECT_AUDIT_FUZZ_MUTANTS for a longer hunt (the seeds stay fixed).
 MUTANTS_PER_SEED = int(__import__("os").environ.get("REDIRECT_AUDIT_FUZZ_MUTANTS", "30"))
-ODD_VALUES = [None, True, 0, -1, 1e308, 10**40, 2**63, -(2**63) - 1, 301.5, "", "x" * 300_000, [], {}, [[[]]],
-              "\ud800", "a\u0000b", "\u202e", "1e400"]
-ODD_DATES = ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00Z", "not a date", 12345, "2026-13-45T99:99:99Z",
-             "1500-06-01T00:00:00+00:00", ""]
-ODD_URLS = ["", "http://", "//x.test/a", "javascript:alert(1)", "http://[::1", "http://h.test:99999/",
-            "https://h.test/" + "a" * 20_000, "https://h.test/a b\r\nX: y", "https://bücher.test/ü?ä=1",
-            "https://h.test/\x1b[2J", "data:text/html,<script>"]
+ODD_VALUES = [
+    None,
+    True,
+    0,
+    -1,
+    1e308,
+    10**40,
+    2**63,
+    -(2**63) - 1,
+    301.5,
+    "",
+    "x" * 300_000,
+    [],
+    {},
+    [[[]]],
+    "\ud800",
+    "a\u0000b",
+    "\u202e",
+    "1e400",
+]
+ODD_DATES = [
+    "9999-12-31T23:59:59-14:00",
+    "0001-01-01T00:00:00Z",
+    "not a date",
+    12345,
+    "2026-13-45T99:99:99Z",
+    "1500-06-01T00:00:00+00:00",
+    "",
+]
+ODD_URLS = [
+    "",
+    "http://",
+    "//x.test/a",
+    "javascript:alert(1)",
+    "http://[::1",
+    "http://h.test:99999/",
+    "https://h.test/" + "a" * 20_000,
+    "https://h.test/a b\r\nX: y",
+    "https://bücher.test/ü?ä=1",
+    "https://h.test/\x1b[2J",
+    "data:text/html,<script>",
+]
 ODD_STATUSES = [0, -1, 999, "301", 301.5, None, 10**10, 307]
 
 
@@ -81,8 +128,24 @@ def _nested(depth: int, inner) -> object:
 
 def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
     """One mutation of a HAR file's bytes; returns (what was done, the new bytes)."""
-    kind = rng.choice(["truncate", "flip", "bad-utf8", "cut-range", "delete", "retype", "huge-number", "deep",
-                       "date", "url", "location-crlf", "status", "surrogate", "nul"])
+    kind = rng.choice(
+        [
+            "truncate",
+            "flip",
+            "bad-utf8",
+            "cut-range",
+            "delete",
+            "retype",
+            "huge-number",
+            "deep",
+            "date",
+            "url",
+            "location-crlf",
+            "status",
+            "surrogate",
+            "nul",
+        ]
+    )
     if kind == "truncate":
         at = rng.randrange(1, len(raw))
         return f"truncate@{at}", raw[:at]
@@ -93,10 +156,12 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
         return kind, bytes(data)
     if kind == "bad-utf8":
         at = rng.randrange(len(raw))
-        return f"bad-utf8@{at}", raw[:at] + rng.choice([b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xe2\x82"]) + raw[at:]
+        return f"bad-utf8@{at}", raw[:at] + rng.choice(
+            [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xe2\x82"]
+        ) + raw[at:]
     if kind == "cut-range":
         a = rng.randrange(len(raw))
-        return f"cut@{a}", raw[:a] + raw[a + rng.randint(1, 400):]
+        return f"cut@{a}", raw[:a] + raw[a + rng.randint(1, 400) :]
     doc = json.loads(raw.decode("utf-8-sig"))
     entries = doc["log"]["entries"]
     paths = [p for p in _paths(doc) if p]
@@ -129,14 +194,17 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
         entry.setdefault("request", {})["url"] = rng.choice(ODD_URLS)
     elif kind == "location-crlf":
         entry.setdefault("response", {}).setdefault("headers", []).append(
-            {"name": "Location", "value": "/next\r\nSet-Cookie: injected=1"})
+            {"name": "Location", "value": "/next\r\nSet-Cookie: injected=1"}
+        )
         entry["response"]["status"] = 302
     elif kind == "status":
         entry.setdefault("response", {})["status"] = rng.choice(ODD_STATUSES)
     elif kind == "surrogate":
         entry.setdefault("request", {})["url"] = "https://h.test/\ud83d" + "x"
     elif kind == "nul":
-        entry.setdefault("request", {}).setdefault("headers", []).append({"name": "User-Agent", "value": "a\x00b"})
+        entry.setdefault("request", {}).setdefault("headers", []).append(
+            {"name": "User-Agent", "value": "a\x00b"}
+        )
     return kind, json.dumps(doc).encode()
 
 
@@ -165,8 +233,11 @@ def exchanges_in(db: Path) -> int:
 
 
 def judge(path: Path, db: Path, what: str, command: str = "import-har", html: bool = False) -> None:
-    code, out, err = run([command, str(path), "--db", str(db), "--workers", "0"] if command == "import-har"
-                         else [command, str(path), "--db", str(db)])
+    code, _out, err = run(
+        [command, str(path), "--db", str(db), "--workers", "0"]
+        if command == "import-har"
+        else [command, str(path), "--db", str(db)]
+    )
     assert "Traceback" not in err and "internal error" not in err, f"{what}: {err}"
     if code == 2:
         lines = err.strip().splitlines()
@@ -175,18 +246,33 @@ def judge(path: Path, db: Path, what: str, command: str = "import-har", html: bo
         return
     assert code == 0, f"{what}: exit {code}: {err}"
     assert [line for line in err.splitlines() if not line.startswith("redirect-audit: warning:")] == [], what
-    for args in (["findings", "-f", "json"], ["findings"], ["findings", "-f", "sarif"], ["findings", "-f", "junit"],
-                 ["findings", "-f", "markdown"], ["chains", "-f", "json"], ["chains"], ["captures"],
-                 ["check", "--allow-empty", "--fail-on", "high"]):
-        code, out, err = run([*args, "--db", str(db)])
+    for args in (
+        ["findings", "-f", "json"],
+        ["findings"],
+        ["findings", "-f", "sarif"],
+        ["findings", "-f", "junit"],
+        ["findings", "-f", "markdown"],
+        ["chains", "-f", "json"],
+        ["chains"],
+        ["captures"],
+        ["check", "--allow-empty", "--fail-on", "high"],
+    ):
+        code, _out, err = run([*args, "--db", str(db)])
         assert code in (0, 1) and "Traceback" not in err and "error" not in err, f"{what}: {args}: {err}"
     from analyzer import frames
 
-    for frame in (frames.exchanges, frames.hops, frames.chains, frames.findings, frames.clients,
-                  frames.temporary_redirects, frames.client_summary):
+    for frame in (
+        frames.exchanges,
+        frames.hops,
+        frames.chains,
+        frames.findings,
+        frames.clients,
+        frames.temporary_redirects,
+        frames.client_summary,
+    ):
         frame(str(db))
     if html:
-        code, out, err = run(["findings", "-f", "html", "-o", str(db.with_suffix(".html")), "--db", str(db)])
+        code, _out, err = run(["findings", "-f", "html", "-o", str(db.with_suffix(".html")), "--db", str(db)])
         assert code == 0 and "Warning" not in err, f"{what}: html: {err}"
 
 
@@ -221,9 +307,11 @@ def _flow_dump(rng: random.Random) -> bytes:
         state = rng.choice(states)
         section = rng.choice(["request", "response"])
         key = rng.choice(sorted(state[section]))
-        state[section][key] = {"retype": rng.choice([None, -1, "x", [1, 2], {b"a": 1}, 1.5e308]),
-                               "huge-int": int("9" * rng.choice([19, 64, 400])),
-                               "deep": _nested(rng.choice([70, 900]), 1)}[kind]
+        state[section][key] = {
+            "retype": rng.choice([None, -1, "x", [1, 2], {b"a": 1}, 1.5e308]),
+            "huge-int": int("9" * rng.choice([19, 64, 400])),
+            "deep": _nested(rng.choice([70, 900]), 1),
+        }[kind]
         what = f"{kind} {section}.{key}"
     buf = io.BytesIO()
     for state in states:
@@ -241,7 +329,7 @@ def _flow_dump(rng: random.Random) -> bytes:
             raw[rng.randrange(len(raw))] = rng.randrange(256)
         data = bytes(raw)
     elif kind == "length":
-        data, what = b"99999999999:" + data[data.index(b":") + 1:], "length prefix"
+        data, what = b"99999999999:" + data[data.index(b":") + 1 :], "length prefix"
     return what, data
 
 
@@ -258,13 +346,33 @@ def test_a_flow_dump_mutant_imports_cleanly_or_is_refused_in_one_line(tmp_path, 
 
 HOSTS = st.sampled_from(["a.test", "B.test", "xn--bcher-kva.test", "127.0.0.1", "[::1]"])
 SEGMENT = st.text(alphabet="abc%2F-._~!$&'()*+,;=:@", max_size=6)
-URLS = st.builds(lambda scheme, host, port, segs, q: f"{scheme}://{host}{port}/{'/'.join(segs)}{q}",
-                 st.sampled_from(["http", "https", "HTTPS"]), HOSTS,
-                 st.sampled_from(["", ":80", ":443", ":8080"]), st.lists(SEGMENT, max_size=3),
-                 st.sampled_from(["", "?", "?a=1", "?a=1&access_token=x", "#f"]))
-LOCATIONS = st.one_of(URLS, st.builds(lambda s: "/" + s, SEGMENT), st.builds(lambda s: "//h.test/" + s, SEGMENT),
-                      st.sampled_from(["", "?q=1", "#frag", "../up", ".", "http://", "http://h:99999/", " /x ",
-                                       "https://h.test/\r\n", "mailto:x@y"]))
+URLS = st.builds(
+    lambda scheme, host, port, segs, q: f"{scheme}://{host}{port}/{'/'.join(segs)}{q}",
+    st.sampled_from(["http", "https", "HTTPS"]),
+    HOSTS,
+    st.sampled_from(["", ":80", ":443", ":8080"]),
+    st.lists(SEGMENT, max_size=3),
+    st.sampled_from(["", "?", "?a=1", "?a=1&access_token=x", "#f"]),
+)
+LOCATIONS = st.one_of(
+    URLS,
+    st.builds(lambda s: "/" + s, SEGMENT),
+    st.builds(lambda s: "//h.test/" + s, SEGMENT),
+    st.sampled_from(
+        [
+            "",
+            "?q=1",
+            "#frag",
+            "../up",
+            ".",
+            "http://",
+            "http://h:99999/",
+            " /x ",
+            "https://h.test/\r\n",
+            "mailto:x@y",
+        ]
+    ),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -293,8 +401,17 @@ def test_protecting_a_url_is_idempotent_and_keeps_ordinary_urls(url):
         assert once == url
 
 
-EXCHANGES = st.lists(st.tuples(st.sampled_from(["alice", "bob"]), st.integers(0, 3), st.integers(0, 3),
-                               st.sampled_from([200, 301, 302, 307, 308]), st.floats(0, 60)), min_size=1, max_size=14)
+EXCHANGES = st.lists(
+    st.tuples(
+        st.sampled_from(["alice", "bob"]),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.sampled_from([200, 301, 302, 307, 308]),
+        st.floats(0, 60),
+    ),
+    min_size=1,
+    max_size=14,
+)
 
 
 def _exchanges(spec):
@@ -304,9 +421,21 @@ def _exchanges(spec):
     for i, (client, path, to, status, at) in enumerate(spec):
         url = f"https://h.test/p{path}"
         redirect = status != 200
-        out.append(Exchange(capture_id=1, seq=i, method="GET", url=url, url_norm=url, started_at=at, client=client,
-                            status=status, location=f"/p{to}" if redirect else None,
-                            location_resolved=f"https://h.test/p{to}" if redirect else None, id=i + 1))
+        out.append(
+            Exchange(
+                capture_id=1,
+                seq=i,
+                method="GET",
+                url=url,
+                url_norm=url,
+                started_at=at,
+                client=client,
+                status=status,
+                location=f"/p{to}" if redirect else None,
+                location_resolved=f"https://h.test/p{to}" if redirect else None,
+                id=i + 1,
+            )
+        )
     return out
 
 
@@ -318,12 +447,16 @@ def test_a_chain_never_crosses_clients_and_does_not_depend_on_entry_order(spec, 
     exchanges = _exchanges(spec)
     chains = build_chains(exchanges)
     for chain in chains:
-        clients = {hop.source.client for hop in chain.hops} | {hop.target.client for hop in chain.hops if hop.target}
+        clients = {hop.source.client for hop in chain.hops} | {
+            hop.target.client for hop in chain.hops if hop.target
+        }
         assert len(clients) == 1
     shuffled = list(exchanges)
     shuffler.shuffle(shuffled)
 
     def shape(found):
-        return sorted((tuple((h.source.id, h.target.id if h.target else None) for h in c.hops)) for c in found)
+        return sorted(
+            (tuple((h.source.id, h.target.id if h.target else None) for h in c.hops)) for c in found
+        )
 
     assert shape(build_chains(shuffled)) == shape(chains)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import CORPUS
 from sqlalchemy import select
 
 from analyzer.ingest import ImportError_, import_har
 from analyzer.ingest.harsplit import Blocks, entries_offset
 from analyzer.store import EXCHANGE_COLUMNS, captures, exchanges
-from conftest import CORPUS
 
 GOOD = sorted((CORPUS / "good").glob("*.har"))
 COMPARED = [c for c in EXCHANGE_COLUMNS if c != "capture_id"]
@@ -67,21 +67,37 @@ def entry(i: int, extra: dict | None = None) -> dict:
     return {
         "startedDateTime": f"2026-11-01T00:00:{i % 60:02d}.{i:06d}Z",
         "time": 1,
-        "request": {"method": "POST" if i % 3 == 0 else "GET", "url": f"https://a.test/p/{i}?token=t{i}",
-                    "httpVersion": "HTTP/1.1", "headers": [{"name": "Authorization", "value": f"Bearer {i}"},
-                                                           {"name": "Accept", "value": "*/*"}],
-                    "postData": {"mimeType": "text/plain", "text": "}, {\"time\": 1}"} if i % 3 == 0 else None},
-        "response": {"status": 302 if i % 4 == 0 else 200, "statusText": "", "httpVersion": "HTTP/1.1",
-                     "headers": [{"name": "Location", "value": f"/p/{i + 1}"}] if i % 4 == 0 else [],
-                     "content": {"size": 3, "mimeType": "text/plain", "text": "abc"}, "redirectURL": ""},
+        "request": {
+            "method": "POST" if i % 3 == 0 else "GET",
+            "url": f"https://a.test/p/{i}?token=t{i}",
+            "httpVersion": "HTTP/1.1",
+            "headers": [
+                {"name": "Authorization", "value": f"Bearer {i}"},
+                {"name": "Accept", "value": "*/*"},
+            ],
+            "postData": {"mimeType": "text/plain", "text": '}, {"time": 1}'} if i % 3 == 0 else None,
+        },
+        "response": {
+            "status": 302 if i % 4 == 0 else 200,
+            "statusText": "",
+            "httpVersion": "HTTP/1.1",
+            "headers": [{"name": "Location", "value": f"/p/{i + 1}"}] if i % 4 == 0 else [],
+            "content": {"size": 3, "mimeType": "text/plain", "text": "abc"},
+            "redirectURL": "",
+        },
         "timings": {"send": 0, "wait": 1, "receive": 0},
         **(extra or {}),
     }
 
 
 def write_har(path, entries: list[dict], tail: str = "") -> None:
-    path.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"},
-                                        "entries": entries}})[:-2] + tail + "}}")
+    path.write_text(
+        json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"}, "entries": entries}})[
+            :-2
+        ]
+        + tail
+        + "}}"
+    )
 
 
 def test_worker_processes_store_the_same_rows_as_the_streaming_parser(store, tmp_path):
@@ -95,8 +111,10 @@ def test_worker_processes_store_the_same_rows_as_the_streaming_parser(store, tmp
 def test_lookalike_entry_boundaries_inside_entries_do_not_fool_the_cutter(store, tmp_path):
     # Arrays of objects whose first key is an entry key ("time", "_x") sit inside the
     # entries, and strings hold "}, {" too; a cut there must fail verification.
-    nested = {"_webSocketMessages": [{"time": n, "opcode": 1, "data": "x"} for n in range(40)],
-              "_meta": [{"_a": 1}, {"_b": 2}] * 20}
+    nested = {
+        "_webSocketMessages": [{"time": n, "opcode": 1, "data": "x"} for n in range(40)],
+        "_meta": [{"_a": 1}, {"_b": 2}] * 20,
+    }
     path = tmp_path / "lookalike.har"
     write_har(path, [entry(i, nested) for i in range(400)])
     fast, slow = both_ways(store, path, workers=0, block_size=2048)
@@ -111,11 +129,17 @@ def test_entries_followed_by_more_log_fields_import(store, tmp_path):
     assert result.entries == 50
 
 
-@pytest.mark.parametrize("cut, problem", [
-    (lambda text: text[:-1], "not valid JSON"),  # the final brace is missing
-    (lambda text: text.replace("]}}", "] }"), "not valid JSON"),
-    (lambda text: text[: text.index('"startedDateTime"', 20000)], "not valid JSON"),  # truncated mid-entries
-])
+@pytest.mark.parametrize(
+    "cut, problem",
+    [
+        (lambda text: text[:-1], "not valid JSON"),  # the final brace is missing
+        (lambda text: text.replace("]}}", "] }"), "not valid JSON"),
+        (
+            lambda text: text[: text.index('"startedDateTime"', 20000)],
+            "not valid JSON",
+        ),  # truncated mid-entries
+    ],
+)
 def test_broken_files_are_refused_by_the_fast_path_too(store, tmp_path, cut, problem):
     path = tmp_path / "broken.har"
     write_har(path, [entry(i) for i in range(200)])
@@ -136,7 +160,7 @@ def test_a_non_object_entry_is_named_with_its_index(store, tmp_path):
 
 def test_without_recognizable_boundaries_the_whole_array_is_verified_as_one(tmp_path):
     path = tmp_path / "unknown-keys.har"
-    path.write_text('{"log": {"entries": [' + ", ".join('{"x": %d}' % i for i in range(5000)) + "]}}")
+    path.write_text('{"log": {"entries": [' + ", ".join(f'{{"x": {i}}}' for i in range(5000)) + "]}}")
     with open(path, "rb") as fh:
         start = entries_offset(fh, 1 << 26)
         fh.seek(start)
@@ -151,7 +175,7 @@ def test_what_the_block_parser_refuses_goes_to_the_streaming_parser(store, tmp_p
     write_har(path, [entry(i) for i in range(3000)])
     text = path.read_text()
     at = text.index('"text": "abc"', len(text) // 2)
-    path.write_text(text[:at] + '"text": "ab\\ud800c"' + text[at + len('"text": "abc"'):])
+    path.write_text(text[:at] + '"text": "ab\\ud800c"' + text[at + len('"text": "abc"') :])
     for workers in (0, 2):
         fast, slow = both_ways(store, path, workers=workers, block_size=16 * 1024)
         assert fast.entries == slow.entries == 3000
@@ -163,7 +187,7 @@ def test_a_number_neither_parser_can_hold_is_refused_cleanly(store, tmp_path):
     path = tmp_path / "huge-number.har"
     write_har(path, [entry(i) for i in range(300)])
     path.write_text(path.read_text().replace('"wait": 1,', '"wait": 1e400,', 1))
-    with pytest.raises(ImportError_, match="huge-number.har: not valid JSON: .*overflow"):
+    with pytest.raises(ImportError_, match=r"huge-number\.har: not valid JSON: .*overflow"):
         import_har(store, path, workers=0, block_size=1024)
     with store.begin() as conn:
         assert conn.execute(select(captures.c.id)).first() is None
@@ -172,8 +196,13 @@ def test_a_number_neither_parser_can_hold_is_refused_cleanly(store, tmp_path):
 def test_integers_beyond_64_bits_are_left_empty_not_fatal(store, tmp_path):
     path = tmp_path / "big-int.har"
     write_har(path, [entry(i) for i in range(10)])
-    path.write_text(path.read_text().replace('"size": 3, "mimeType": "text/plain", "text": "abc"',
-                                             '"size": 123456789012345678901234, "mimeType": "text/plain"', 1))
+    path.write_text(
+        path.read_text().replace(
+            '"size": 3, "mimeType": "text/plain", "text": "abc"',
+            '"size": 123456789012345678901234, "mimeType": "text/plain"',
+            1,
+        )
+    )
     result = import_har(store, path, workers=0)
     assert result.entries == 10
     with store.begin() as conn:

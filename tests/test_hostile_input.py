@@ -8,7 +8,6 @@ amount of memory (measured on the importing process itself).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -16,24 +15,29 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, RULE_FIXTURES, run_cli
+from conftest import RULE_FIXTURES, run_cli
 
 MEMORY_BOUND = 200 << 20  # bytes of peak RSS for any input under 1 MB (issue 17)
 DEEP = 100_000
-ENTRY = {"startedDateTime": "2026-01-01T00:00:00Z", "request": {"method": "GET", "url": "https://h.test/a",
-                                                                 "headers": []},
-         "response": {"status": 200, "headers": []}}
+ENTRY = {
+    "startedDateTime": "2026-01-01T00:00:00Z",
+    "request": {"method": "GET", "url": "https://h.test/a", "headers": []},
+    "response": {"status": 200, "headers": []},
+}
 
 
 def measured(args: list[str], cwd: Path) -> tuple[int, str, str, int]:
     """Run the CLI from a fresh interpreter that reports its child's peak RSS."""
-    code = ("import resource, subprocess, sys, json\n"
-            "p = subprocess.run([sys.executable, '-m', 'analyzer', *sys.argv[1:]], capture_output=True, text=True,"
-            " stdin=subprocess.DEVNULL)\n"
-            "print(json.dumps([p.returncode, p.stdout, p.stderr,"
-            " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))\n")
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=180)
+    code = (
+        "import resource, subprocess, sys, json\n"
+        "p = subprocess.run([sys.executable, '-m', 'analyzer', *sys.argv[1:]], capture_output=True, text=True,"
+        " stdin=subprocess.DEVNULL)\n"
+        "print(json.dumps([p.returncode, p.stdout, p.stderr,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=180
+    )
     return tuple(json.loads(done.stdout))
 
 
@@ -44,7 +48,9 @@ def write_deep_har(path: Path, where: str) -> None:
         "head": '{"x": ' + deep + ', "log": {"version": "1.2", "entries": [' + entry + "]}}",
         "entries": '{"log": {"version": "1.2", "entries": [' + deep + "]}}",
         "unread field": '{"log": {"version": "1.2", "entries": [' + entry[:-1] + ', "_x": ' + deep + "}]}}",
-        "read field": '{"log": {"version": "1.2", "entries": [' + entry.replace('"https://h.test/a"', deep) + "]}}",
+        "read field": '{"log": {"version": "1.2", "entries": ['
+        + entry.replace('"https://h.test/a"', deep)
+        + "]}}",
         "after entries": '{"log": {"version": "1.2", "entries": [' + entry + '], "pages": ' + deep + "}}",
     }[where]
     path.write_text(text)
@@ -57,8 +63,10 @@ def test_deep_nesting_is_refused_naming_the_file_within_bounded_memory(tmp_path,
     assert har.stat().st_size < 1 << 20
     code, out, err, peak = measured(["import-har", str(har), "--db", str(tmp_path / "s.db")], tmp_path)
     assert code == 2, (out, err)
-    assert err.strip() == (f"redirect-audit: error: {har}: nested more than 64 levels deep "
-                           f"{err.split('deep ', 1)[1].split(')')[0]}); no HAR file is, so it is refused")
+    assert err.strip() == (
+        f"redirect-audit: error: {har}: nested more than 64 levels deep "
+        f"{err.split('deep ', 1)[1].split(')')[0]}); no HAR file is, so it is refused"
+    )
     assert peak < MEMORY_BOUND, f"peak RSS {peak >> 20} MB"
     db = tmp_path / "s.db"
     assert not db.exists() or sqlite3.connect(db).execute("select count(*) from exchanges").fetchone()[0] == 0
@@ -72,29 +80,39 @@ def test_nesting_up_to_the_limit_is_fine(tmp_path):
     assert run_cli("import-har", str(har), "--db", str(tmp_path / "s.db")).returncode == 0
 
 
-@pytest.mark.parametrize("text, said", [
-    ('{"log": {"version": "1.2", "entries": [], "entries": [ENTRY]}}', "log holds 'entries' twice"),
-    ('{"log": {"version": "1.2", "entries": [ENTRY]}, "log": {"entries": []}}', "the document holds 'log' twice"),
-])
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ('{"log": {"version": "1.2", "entries": [], "entries": [ENTRY]}}', "log holds 'entries' twice"),
+        (
+            '{"log": {"version": "1.2", "entries": [ENTRY]}, "log": {"entries": []}}',
+            "the document holds 'log' twice",
+        ),
+    ],
+)
 def test_a_repeated_log_or_entries_key_is_refused_never_read_as_empty(tmp_path, text, said):
     har = tmp_path / "twice.har"
     har.write_text(text.replace("ENTRY", json.dumps(ENTRY)))
     for workers in ("0", "2"):
         done = run_cli("import-har", str(har), "--db", str(tmp_path / "s.db"), "--workers", workers)
         assert done.returncode == 2
-        assert done.stderr.strip() == (f"redirect-audit: error: {har}: {said}; JSON readers disagree on which "
-                                       "counts, so the file is refused (keep one)")
+        assert done.stderr.strip() == (
+            f"redirect-audit: error: {har}: {said}; JSON readers disagree on which "
+            "counts, so the file is refused (keep one)"
+        )
 
 
 def test_metadata_past_the_head_limit_is_named_as_such(tmp_path, monkeypatch):
-    from analyzer.ingest import har as har_module
     from analyzer.ingest import ImportError_, import_har
+    from analyzer.ingest import har as har_module
     from analyzer.store import open_store
 
     monkeypatch.setattr(har_module, "HEAD_SCAN_LIMIT", 1 << 16)
     path = tmp_path / "fat.har"
     path.write_text(json.dumps({"log": {"version": "1.2", "comment": "c" * 200_000, "entries": [ENTRY]}}))
-    with pytest.raises(ImportError_, match=r"fat.har: no log.entries array in its first 0 MB: metadata that large"):
+    with pytest.raises(
+        ImportError_, match=r"fat.har: no log.entries array in its first 0 MB: metadata that large"
+    ):
         import_har(open_store(str(tmp_path / "s.db")), path)
 
 
@@ -104,10 +122,12 @@ def test_metadata_past_the_head_limit_is_named_as_such(tmp_path, monkeypatch):
 def test_a_record_length_beyond_the_file_is_refused_before_anything_is_allocated(tmp_path):
     dump = tmp_path / "huge.mitm"
     dump.write_bytes(b"999999999999:" + b"x" * 100)
-    code, out, err, peak = measured(["import-flows", str(dump), "--db", str(tmp_path / "s.db")], tmp_path)
+    code, _out, err, peak = measured(["import-flows", str(dump), "--db", str(tmp_path / "s.db")], tmp_path)
     assert code == 2
-    assert err.strip() == (f"redirect-audit: error: {dump}: damaged mitmproxy flow dump: a record of 999999999999 "
-                           "bytes where 100 remain (truncated, or not a flow dump)")
+    assert err.strip() == (
+        f"redirect-audit: error: {dump}: damaged mitmproxy flow dump: a record of 999999999999 "
+        "bytes where 100 remain (truncated, or not a flow dump)"
+    )
     assert peak < MEMORY_BOUND
 
 
@@ -117,10 +137,12 @@ def test_a_deeply_nested_record_is_refused_before_mitmproxy_parses_it(tmp_path):
         data = str(len(data)).encode() + b":" + data + b"]"
     dump = tmp_path / "deep.mitm"
     dump.write_bytes(data)
-    code, out, err, peak = measured(["import-flows", str(dump), "--db", str(tmp_path / "s.db")], tmp_path)
+    code, _out, err, peak = measured(["import-flows", str(dump), "--db", str(tmp_path / "s.db")], tmp_path)
     assert code == 2
-    assert err.strip() == (f"redirect-audit: error: {dump}: a record nested more than 64 levels deep; no flow is, "
-                           "so the file is refused")
+    assert err.strip() == (
+        f"redirect-audit: error: {dump}: a record nested more than 64 levels deep; no flow is, "
+        "so the file is refused"
+    )
     assert peak < MEMORY_BOUND
 
 
@@ -146,22 +168,46 @@ def test_a_64_digit_timestamp_in_a_flow_is_stored_as_a_number_and_warned_about(t
 def test_dates_no_report_can_place_are_kept_and_every_output_still_works(tmp_path):
     def entry(at, url, status=200, location=None, method="GET"):
         headers = [{"name": "Location", "value": location}] if location else []
-        return {"startedDateTime": at, "request": {"method": method, "url": url, "headers": []},
-                "response": {"status": status, "headers": headers}}
+        return {
+            "startedDateTime": at,
+            "request": {"method": method, "url": url, "headers": []},
+            "response": {"status": status, "headers": headers},
+        }
 
     har = tmp_path / "dates.har"
-    har.write_text(json.dumps({"log": {"version": "1.2", "entries": [
-        entry("9999-12-31T23:59:59-14:00", "https://h.test/a", 302, "/b"),
-        entry("9999-12-31T23:59:59-14:00", "https://h.test/b"),
-        entry("1500-01-01T00:00:00Z", "https://h.test/c", 307, "/d", "POST"),
-        entry("1500-01-01T00:00:01Z", "https://h.test/d")]}}))
+    har.write_text(
+        json.dumps(
+            {
+                "log": {
+                    "version": "1.2",
+                    "entries": [
+                        entry("9999-12-31T23:59:59-14:00", "https://h.test/a", 302, "/b"),
+                        entry("9999-12-31T23:59:59-14:00", "https://h.test/b"),
+                        entry("1500-01-01T00:00:00Z", "https://h.test/c", 307, "/d", "POST"),
+                        entry("1500-01-01T00:00:01Z", "https://h.test/d"),
+                    ],
+                }
+            }
+        )
+    )
     db = str(tmp_path / "d.db")
     done = run_cli("import-har", str(har), str(RULE_FIXTURES / "md-307-post-to-get.har"), "--db", db)
     assert done.returncode == 0
-    assert (f"redirect-audit: warning: {har}: 4 of its entries dated outside 1677-2262, which reports and frames "
-            "cannot place on a timeline; kept as given: entry 0 (year ~10000)") in done.stderr
-    for args in (["findings"], ["findings", "-f", "json"], ["findings", "-f", "sarif"], ["findings", "-f", "junit"],
-                 ["findings", "-f", "markdown"], ["chains"], ["chains", "-f", "json"], ["clients"], ["captures"]):
+    assert (
+        f"redirect-audit: warning: {har}: 4 of its entries dated outside 1677-2262, which reports and frames "
+        "cannot place on a timeline; kept as given: entry 0 (year ~10000)"
+    ) in done.stderr
+    for args in (
+        ["findings"],
+        ["findings", "-f", "json"],
+        ["findings", "-f", "sarif"],
+        ["findings", "-f", "junit"],
+        ["findings", "-f", "markdown"],
+        ["chains"],
+        ["chains", "-f", "json"],
+        ["clients"],
+        ["captures"],
+    ):
         shown = run_cli(*args, "--db", db)
         assert shown.returncode == 0, (args, shown.stderr)
         assert "Traceback" not in shown.stderr and "error" not in shown.stderr, args
@@ -172,7 +218,8 @@ def test_dates_no_report_can_place_are_kept_and_every_output_still_works(tmp_pat
     assert html.returncode == 0 and report.stat().st_size > 10_000 and "Warning" not in html.stderr
     records = json.loads(run_cli("findings", "-f", "json", "--db", db).stdout)
     assert {r["observed_at"] for r in records if r["capture"]["file"].endswith("dates.har")} == {
-        "1500-01-01T00:00:01Z"}  # a year a calendar date can say
+        "1500-01-01T00:00:01Z"
+    }  # a year a calendar date can say
     chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
     assert sorted(c["started_at"] or "none" for c in chains)[-1] == "none"  # year 10000: none can
 
@@ -189,23 +236,52 @@ ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m"
 
 def test_control_characters_from_a_capture_never_reach_the_terminal_raw(tmp_path):
     har = tmp_path / "esc.har"
-    har.write_text(json.dumps({"log": {"version": "1.2", "entries": [
-        {"startedDateTime": "2026-01-01T00:00:00Z",
-         "request": {"method": "PUT", "url": f"https://h.test/a{ESCAPES}", "headers": []},
-         "response": {"status": 307, "headers": [{"name": "Location", "value": f"/b{ESCAPES}<img src=x onerror=alert(1)>"}]}},
-    ]}}))
+    har.write_text(
+        json.dumps(
+            {
+                "log": {
+                    "version": "1.2",
+                    "entries": [
+                        {
+                            "startedDateTime": "2026-01-01T00:00:00Z",
+                            "request": {"method": "PUT", "url": f"https://h.test/a{ESCAPES}", "headers": []},
+                            "response": {
+                                "status": 307,
+                                "headers": [
+                                    {"name": "Location", "value": f"/b{ESCAPES}<img src=x onerror=alert(1)>"}
+                                ],
+                            },
+                        },
+                    ],
+                }
+            }
+        )
+    )
     db = str(tmp_path / "e.db")
     assert run_cli("import-har", str(har), "--db", db).returncode == 0
-    for args in (["findings"], ["findings", "-f", "json"], ["findings", "-f", "jsonl"], ["findings", "-f", "sarif"],
-                 ["chains"], ["chains", "-f", "json"], ["check"], ["clients"], ["captures"]):
+    for args in (
+        ["findings"],
+        ["findings", "-f", "json"],
+        ["findings", "-f", "jsonl"],
+        ["findings", "-f", "sarif"],
+        ["chains"],
+        ["chains", "-f", "json"],
+        ["check"],
+        ["clients"],
+        ["captures"],
+    ):
         shown = run_cli(*args, "--db", db)
         for char in "\x1b\x07\x9b":
             assert char not in shown.stdout + shown.stderr, (args, repr(char))
-        coloured = run_cli(*args, "--db", db, env={"FORCE_COLOR": "1", "NO_COLOR": ""})  # our own colours only
+        coloured = run_cli(
+            *args, "--db", db, env={"FORCE_COLOR": "1", "NO_COLOR": ""}
+        )  # our own colours only
         for sequence in ("\x1b]0;", "\x1b[2J", "\x07", "\x9b"):
             assert sequence not in coloured.stdout + coloured.stderr, (args, repr(sequence))
     assert "\\x1b]0;pwned\\x07" in run_cli("findings", "--db", db).stdout  # shown, escaped
-    ET.fromstring(run_cli("findings", "-f", "junit", "--db", db).stdout)  # valid XML whatever the capture holds
+    ET.fromstring(
+        run_cli("findings", "-f", "junit", "--db", db).stdout
+    )  # valid XML whatever the capture holds
     markdown = run_cli("findings", "-f", "markdown", "--db", db).stdout
     assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
 
@@ -217,7 +293,9 @@ def test_the_live_finding_log_escapes_what_an_upstream_sends(tmp_path):
     from upstream import Upstream
 
     up = Upstream()
-    proxy = Mitmdump(tmp_path / "mitm", db=str(tmp_path / "live.db"), extra=["--set", "redirect_audit_link_window=1"])
+    proxy = Mitmdump(
+        tmp_path / "mitm", db=str(tmp_path / "live.db"), extra=["--set", "redirect_audit_link_window=1"]
+    )
     try:
         import http.client
 

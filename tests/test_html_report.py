@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import require_program, run_cli
 
 CHROMIUM_HOW = "apt-get install chromium (Debian's package; .ci/run installs it)"
@@ -35,7 +34,9 @@ def test_chromium_renders_tables_and_images_without_console_errors(report):
         try:
             page = browser.new_page()
             errors: list[str] = []
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on(
+                "console", lambda message: errors.append(message.text) if message.type == "error" else None
+            )
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(report.as_uri())
             tables = page.locator("table.findings")

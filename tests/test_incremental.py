@@ -31,15 +31,22 @@ def test_new_captures_are_analyzed_alone_and_every_id_stays(db_path):
     assert first.returncode == 0 and "analyzed" not in first.stdout  # a first analysis is a full one
     before_findings, before_chains = findings(db_path), chains(db_path)
     assert len(before_findings) >= 4
-    assert all(c["chain_id"] == c["hops"][0]["from"]["id"] for c in before_chains)  # a chain is its root exchange
+    assert all(
+        c["chain_id"] == c["hops"][0]["from"]["id"] for c in before_chains
+    )  # a chain is its root exchange
     assert run_cli("import-har", *[str(RULE_FIXTURES / f) for f in LATER], "--db", db_path).returncode == 0
     again = run_cli("analyze", "--db", db_path)
     assert again.returncode == 0, again.stderr
-    assert f"(analyzed the {len(LATER)} client(s) with new exchanges; the others had nothing new)" in again.stdout
+    assert (
+        f"(analyzed the {len(LATER)} client(s) with new exchanges; the others had nothing new)"
+        in again.stdout
+    )
     after_findings, after_chains = findings(db_path), chains(db_path)
     kept = ids(after_findings)
     assert {k: kept[k] for k in ids(before_findings)} == ids(before_findings)  # same findings, same ids
-    assert [c for c in after_chains if c["chain_id"] in {b["chain_id"] for b in before_chains}] == before_chains
+    assert [
+        c for c in after_chains if c["chain_id"] in {b["chain_id"] for b in before_chains}
+    ] == before_chains
     new = [f for f in after_findings if ids([f]).keys() - ids(before_findings).keys()]
     assert {f["rule"] for f in new} >= {"dropped-body", "method-downgrade"}
     assert min(f["finding_id"] for f in new) > max(f["finding_id"] for f in before_findings)
@@ -54,8 +61,12 @@ def test_new_captures_are_analyzed_alone_and_every_id_stays(db_path):
 
 
 def test_new_options_analyze_everything_again_and_ids_still_stay(db_path):
-    assert run_cli("import-har", *[str(RULE_FIXTURES / f) for f in FIRST + ["st-7-days.har"]],
-                   "--db", db_path).returncode == 0
+    assert (
+        run_cli(
+            "import-har", *[str(RULE_FIXTURES / f) for f in [*FIRST, "st-7-days.har"]], "--db", db_path
+        ).returncode
+        == 0
+    )
     before = findings(db_path)
     assert "stale-temporary-redirect" in {f["rule"] for f in before}
     done = run_cli("analyze", "--stale-days", "30", "--db", db_path)
@@ -92,13 +103,17 @@ def test_worker_processes_give_what_one_process_gives(db_path, tmp_path):
     assert one.returncode == 0, one.stderr
     expected = (findings(db_path), chains(db_path))
     # small batches, so that two workers share the clients
-    script = ("import sys; from analyzer.store import open_store; from analyzer.analysis import analyze; "
-              "s = open_store(sys.argv[1], create=False); r = analyze(s, jobs=2, full=True, batch_exchanges=10); "
-              "print(r.chain_count, r.finding_count)")
+    script = (
+        "import sys; from analyzer.store import open_store; from analyzer.analysis import analyze; "
+        "s = open_store(sys.argv[1], create=False); r = analyze(s, jobs=2, full=True, batch_exchanges=10); "
+        "print(r.chain_count, r.finding_count)"
+    )
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", script, db_path], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, db_path], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert (findings(db_path), chains(db_path)) == expected
     assert done.stdout.split() == [str(len(expected[1])), str(len(expected[0]))]
@@ -115,9 +130,16 @@ def test_removing_a_capture_takes_its_results_and_leaves_the_rest(db_path):
 
 
 def sighting(seq: int, when: str, headers: list[dict] | None = None) -> dict:
-    return {"startedDateTime": when, "request": {"method": "GET", "url": "https://api.test/docs",
-                                                 "httpVersion": "HTTP/1.1", "headers": []},
-            "response": {"status": 307, "headers": [{"name": "Location", "value": "/docs/v2"}, *(headers or [])]}}
+    return {
+        "startedDateTime": when,
+        "request": {
+            "method": "GET",
+            "url": "https://api.test/docs",
+            "httpVersion": "HTTP/1.1",
+            "headers": [],
+        },
+        "response": {"status": 307, "headers": [{"name": "Location", "value": "/docs/v2"}, *(headers or [])]},
+    }
 
 
 def test_the_proxy_starts_from_the_store_s_summary_and_judges_as_analyze_does(store, tmp_path):
@@ -128,12 +150,15 @@ def test_the_proxy_starts_from_the_store_s_summary_and_judges_as_analyze_does(st
     from analyzer.live import LiveAnalyzer
     from analyzer.model import Exchange
 
-    entries = [sighting(0, "2026-03-01T12:00:00Z", [{"name": "Retry-After", "value": "3600"}]),
-               sighting(1, "2026-03-03T12:00:00Z", [{"name": "Cache-Control", "value": "no-cache"}]),
-               sighting(2, "2026-03-04T12:00:00Z")]
+    entries = [
+        sighting(0, "2026-03-01T12:00:00Z", [{"name": "Retry-After", "value": "3600"}]),
+        sighting(1, "2026-03-03T12:00:00Z", [{"name": "Cache-Control", "value": "no-cache"}]),
+        sighting(2, "2026-03-04T12:00:00Z"),
+    ]
     har = tmp_path / "history.har"
-    har.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"},
-                                       "entries": entries}}))
+    har.write_text(
+        json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"}, "entries": entries}})
+    )
     import_har(store, har)
     with store.begin() as conn:
         history = stale_history(conn)
@@ -141,21 +166,43 @@ def test_the_proxy_starts_from_the_store_s_summary_and_judges_as_analyze_does(st
     assert (group.count, group.statuses, group.latest_status) == (3, {307}, 307)
     assert group.earliest_deadline is not None and group.lifetime == 0.0
     live = LiveAnalyzer(history=history)
-    new = Exchange(capture_id=9, seq=0, method="GET", url="https://api.test/docs", url_norm="https://api.test/docs",
-                   client="c", status=307, location="/docs/v2", location_resolved="https://api.test/docs/v2",
-                   started_at=group.last + 5 * 86400, id=10**6)
+    new = Exchange(
+        capture_id=9,
+        seq=0,
+        method="GET",
+        url="https://api.test/docs",
+        url_norm="https://api.test/docs",
+        client="c",
+        status=307,
+        location="/docs/v2",
+        location_resolved="https://api.test/docs/v2",
+        started_at=group.last + 5 * 86400,
+        id=10**6,
+    )
     found = live.add(new, now=new.started_at) + live.expire(now=new.started_at + 3600)
     [finding] = [f for f in found if f.rule == "stale-temporary-redirect"]
     assert finding.evidence["sightings"] == 4 and finding.evidence["age_days"] == 8.0
     assert "after its Retry-After ran out" in finding.message
     later = tmp_path / "later.har"  # the same sighting, imported: analyze agrees
-    later.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"},
-                                         "entries": [sighting(3, "2026-03-09T12:00:00Z")]}}))
+    later.write_text(
+        json.dumps(
+            {
+                "log": {
+                    "version": "1.2",
+                    "creator": {"name": "t", "version": "1"},
+                    "entries": [sighting(3, "2026-03-09T12:00:00Z")],
+                }
+            }
+        )
+    )
     import_har(store, later)
-    [expected] = [f for f in analyze(store, keep=True, full=True).findings if f.rule == "stale-temporary-redirect"]
+    [expected] = [
+        f for f in analyze(store, keep=True, full=True).findings if f.rule == "stale-temporary-redirect"
+    ]
     assert expected.message == finding.message
-    assert {k: v for k, v in expected.evidence.items() if k != "first_seen"} == \
-        {k: v for k, v in finding.evidence.items() if k != "first_seen"}
+    assert {k: v for k, v in expected.evidence.items() if k != "first_seen"} == {
+        k: v for k, v in finding.evidence.items() if k != "first_seen"
+    }
 
 
 def test_an_incremental_analysis_reads_through_indexes_only(tmp_path):
@@ -172,7 +219,7 @@ def test_an_incremental_analysis_reads_through_indexes_only(tmp_path):
 
     db = str(tmp_path / "plans.db")
     store = open_store(db)
-    for name in FIRST + ["st-7-days.har"]:
+    for name in [*FIRST, "st-7-days.har"]:
         import_har(store, RULE_FIXTURES / name)
     analyze(store)
     import_har(store, RULE_FIXTURES / "db-307-empty.har")

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
 from test_har_fastpath import entry, write_har
 
@@ -37,9 +36,15 @@ class Trial:
 
     def __init__(self, *args: str, cwd: Path, program: list[str] | None = None):
         master, slave = pty.openpty()
-        self.proc = subprocess.Popen([*(program or [str(SCRIPT)]), *args], stdin=slave, stdout=slave,
-                                     stderr=slave, cwd=cwd, start_new_session=True, env={**os.environ,
-                                                                                           "COLUMNS": "100"})
+        self.proc = subprocess.Popen(
+            [*(program or [str(SCRIPT)]), *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            start_new_session=True,
+            env={**os.environ, "COLUMNS": "100"},
+        )
         os.close(slave)
         self.master = master
         self.chunks: list[bytes] = []
@@ -142,12 +147,17 @@ def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
     assert code == 130, out[-2000:]
     stored = exchanges_in(db) if db.exists() else 0  # a store interrupted while being created is removed
     if stored == 2 + ENTRIES:  # the signal came after the big file's commit: the message must say so
-        assert f"redirect-audit: interrupted: {big} was stored just before; the 1 file(s) before it were stored" in out
+        assert (
+            f"redirect-audit: interrupted: {big} was stored just before; the 1 file(s) before it were stored"
+            in out
+        )
         return
     assert stored in (0, 2), "the interrupted file was stored in part"
     if stored == 2:  # the small file went in first; nothing of the big one
-        assert f"redirect-audit: interrupted: nothing of {big} was stored; the 1 file(s) before it were stored" \
-            in out, out[-2000:]
+        assert (
+            f"redirect-audit: interrupted: nothing of {big} was stored; the 1 file(s) before it were stored"
+            in out
+        ), out[-2000:]
     else:
         assert "redirect-audit: interrupted" in out, out[-2000:]
     lines = [line for line in out.replace("\r", "\n").splitlines() if "redirect-audit" in line]
@@ -168,19 +178,33 @@ def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, tmp_path, m
         return
     assert code == 130
     said = [line.strip() for line in out.splitlines() if "redirect-audit" in line]
-    assert said in (["redirect-audit: interrupted: the clients analyzed so far have their new results, the others "
-                     "keep their earlier ones; the store still counts as not analyzed"],
-                    ["redirect-audit: interrupted"]), said  # the latter: before it began
+    assert said in (
+        [
+            "redirect-audit: interrupted: the clients analyzed so far have their new results, the others "
+            "keep their earlier ones; the store still counts as not analyzed"
+        ],
+        ["redirect-audit: interrupted"],
+    ), said  # the latter: before it began
     assert exchanges_in(db) == ENTRIES
     with sqlite3.connect(db) as conn:  # not recorded as analyzed: the next reading command finishes the job
         assert conn.execute("SELECT value FROM meta WHERE key = 'analyzed_generation'").fetchone() is None
-    finished = subprocess.run([sys.executable, "-m", "analyzer", "chains", "-f", "json", "--db", str(db)],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    finished = subprocess.run(
+        [sys.executable, "-m", "analyzer", "chains", "-f", "json", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert "analyzing it now" in finished.stderr
     reference = tmp_path / "ref.db"
     shutil.copy(big_store, reference)
-    expected = subprocess.run([sys.executable, "-m", "analyzer", "chains", "-f", "json", "--db", str(reference)],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    expected = subprocess.run(
+        [sys.executable, "-m", "analyzer", "chains", "-f", "json", "--db", str(reference)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert finished.stdout == expected.stdout and len(finished.stdout) > 100
 
 
@@ -207,8 +231,13 @@ def test_ctrl_c_during_a_report_leaves_no_half_file(big_store, tmp_path, moment)
 def test_ctrl_c_while_starting(tmp_path, moment):
     """Interrupted while its modules load (what `import-har` loads takes ~0.5 s here)."""
     assert SCRIPT.exists(), "the console script is installed with the package"
-    trial = Trial("import-har", "--db", str(tmp_path / "s.db"), str(ROOT / "tests" / "fixtures" / "rules" /
-                                                                      "md-307-post-to-get.har"), cwd=tmp_path)
+    trial = Trial(
+        "import-har",
+        "--db",
+        str(tmp_path / "s.db"),
+        str(ROOT / "tests" / "fixtures" / "rules" / "md-307-post-to-get.har"),
+        cwd=tmp_path,
+    )
     time.sleep(moment)
     trial.ctrl_c()
     code, out = trial.finish()
@@ -225,7 +254,7 @@ def test_a_ctrl_c_that_lands_in_a_weakref_callback_is_delivered_again_not_swallo
     Ctrl-C, with a traceback). The entry point delivers it again, once the callback is over."""
     import textwrap
 
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import _signal, os, signal, sys, time, weakref
         import analyzer.__main__ as entry
         _signal.signal(_signal.SIGINT, entry._on_sigint)
@@ -244,7 +273,9 @@ def test_a_ctrl_c_that_lands_in_a_weakref_callback_is_delivered_again_not_swallo
             print("swallowed")
         except KeyboardInterrupt:
             print("delivered")
-    ''')
+    """)
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30
+        )
         assert done.stdout.strip() == "delivered" and done.stderr == "", done.stderr

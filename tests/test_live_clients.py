@@ -33,14 +33,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from conftest import require_program
+from proxyrun import ROOT, Mitmdump
+from upstream import Upstream, self_signed_context
 
 from analyzer.analysis import analyze
 from analyzer.detectors import RULES
 from analyzer.model import Severity
 from analyzer.store import open_store
-from conftest import require_program
-from proxyrun import ROOT, Mitmdump
-from upstream import Upstream, self_signed_context
 
 CLIENTS = ["curl", "requests", "httpx", "urllib3", "urllib", "node"]
 STATUSES = [301, 302, 303, 307, 308]
@@ -49,8 +49,11 @@ BODY_METHODS = {"POST", "PUT", "PATCH"}
 WRITES = {"POST", "PUT", "PATCH", "DELETE"}
 SCHEMES = ["http", "https"]
 ORIGINS = ["same", "port"]  # the matrix: same origin, or another port on the same host
-CREDENTIALS = {"Authorization": "Bearer t0ken-for-127.0.0.1", "Cookie": "sid=s3ss10n",
-               "Proxy-Authorization": "Bearer pr0xy-t0ken"}  # Basic would be a client label
+CREDENTIALS = {
+    "Authorization": "Bearer t0ken-for-127.0.0.1",
+    "Cookie": "sid=s3ss10n",
+    "Proxy-Authorization": "Bearer pr0xy-t0ken",
+}  # Basic would be a client label
 NODE_DIR = ROOT / "tests" / "node"
 URLLIB_KEEPS_HEAD = 'method="HEAD"' in inspect.getsource(urllib.request.HTTPRedirectHandler.redirect_request)
 LOOP, LONG = "loop", "long"
@@ -63,8 +66,12 @@ class Case:
     scheme: str
     status: int
     method: str
-    origin: str  # same | port (another port) | host (127.0.0.2) | plain (https -> http) | upgrade (http -> https)
-    kind: str = "matrix"  # matrix | creds | auth (to a target that answers 401 without it) | loop | long | open
+    origin: (
+        str  # same | port (another port) | host (127.0.0.2) | plain (https -> http) | upgrade (http -> https)
+    )
+    kind: str = (
+        "matrix"  # matrix | creds | auth (to a target that answers 401 without it) | loop | long | open
+    )
     credential: str | None = None  # a credential header the caller sets
 
     @property
@@ -128,7 +135,9 @@ def behaviour(client: str, status: int, method: str) -> Follow:
     if client == "node":
         # Fetch, HTTP-redirect fetch step 12: POST on 301/302, and anything but GET/HEAD on 303,
         # becomes GET without body or request-body headers; otherwise method and body are kept.
-        changed = (status in (301, 302) and method == "POST") or (status == 303 and method not in ("GET", "HEAD"))
+        changed = (status in (301, 302) and method == "POST") or (
+            status == 303 and method not in ("GET", "HEAD")
+        )
         return Follow(True, "GET" if changed else method, body and not changed)
     if client == "curl":
         # curl -L: POST (-d) becomes GET on 301/302/303; -X sets the method for every request
@@ -217,8 +226,11 @@ def expected_follow(case: Case) -> Follow:
         return Follow(False)  # nowhere to go: every client hands the 3xx back
     follow = behaviour(case.client, case.status, case.method)
     if case.credential and follow.followed:
-        keeps = keeps_authorization(case.client, case.origin) if case.kind == "auth" else \
-            keeps_credential(case.client, case.credential)
+        keeps = (
+            keeps_authorization(case.client, case.origin)
+            if case.kind == "auth"
+            else keeps_credential(case.client, case.credential)
+        )
         follow = Follow(True, follow.method, follow.body, follow.body_headers, keeps)
     return follow
 
@@ -269,16 +281,30 @@ def expected_findings(case: Case) -> list[tuple[str, str]]:
     return found
 
 
-MATRIX = [Case(c, s, st, m, o) for c in CLIENTS for s in SCHEMES for st in STATUSES for m in METHODS for o in ORIGINS]
+MATRIX = [
+    Case(c, s, st, m, o)
+    for c in CLIENTS
+    for s in SCHEMES
+    for st in STATUSES
+    for m in METHODS
+    for o in ORIGINS
+]
 SPECIAL = [
     case
     for c in CLIENTS
     for case in (
-        *(Case(c, "http", 302, "GET", target, "creds", cred) for cred in CREDENTIALS for target in ("port", "host")),
+        *(
+            Case(c, "http", 302, "GET", target, "creds", cred)
+            for cred in CREDENTIALS
+            for target in ("port", "host")
+        ),
         Case(c, "https", 302, "GET", "plain", "creds", "Authorization"),  # https -> http with a token
         # Authorization to an API that answers 401 without it: same origin, another port,
         # an http -> https upgrade (to another port), another host
-        *(Case(c, "http", 302, "GET", target, "auth", "Authorization") for target in ("same", "port", "upgrade", "host")),
+        *(
+            Case(c, "http", 302, "GET", target, "auth", "Authorization")
+            for target in ("same", "port", "upgrade", "host")
+        ),
         Case(c, "http", 302, "GET", "same", LOOP),
         Case(c, "http", 302, "GET", "same", LONG),
         Case(c, "http", 302, "GET", "port", "open"),
@@ -296,9 +322,13 @@ class World:
 
     def __init__(self, tmp: Path):
         tls = self_signed_context(tmp)
-        self.origins = {("http", 0): Upstream(), ("http", 1): Upstream(),
-                        ("https", 0): Upstream(tls), ("https", 1): Upstream(tls),
-                        ("http", "host"): Upstream(host="127.0.0.2")}
+        self.origins = {
+            ("http", 0): Upstream(),
+            ("http", 1): Upstream(),
+            ("https", 0): Upstream(tls),
+            ("https", 1): Upstream(tls),
+            ("http", "host"): Upstream(host="127.0.0.2"),
+        }
         for scheme in SCHEMES:
             here = self.origins[(scheme, 0)]
             here.peers["port"] = self.origins[(scheme, 1)].origin
@@ -337,8 +367,21 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 def run_curl(world: World, cases: list[Case]) -> None:
     for case in cases:
-        args = ["curl", "-sS", "-o", "/dev/null", "-L", "--max-time", "15",
-                "--proxy", world.proxy.url, "--cacert", world.ca, "--noproxy", ""]
+        args = [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-L",
+            "--max-time",
+            "15",
+            "--proxy",
+            world.proxy.url,
+            "--cacert",
+            world.ca,
+            "--noproxy",
+            "",
+        ]
         if case.kind not in (LOOP, LONG):
             args += ["--max-redirs", "5"]
         for name, value in CREDENTIALS.items():
@@ -350,7 +393,9 @@ def run_curl(world: World, cases: list[Case]) -> None:
             args += ["-d", case.body.decode()]
         elif case.method != "GET":
             args += ["-X", case.method] + (["-d", case.body.decode()] if case.body else [])
-        subprocess.run([*args, world.url(case)], capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+        subprocess.run(
+            [*args, world.url(case)], capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"}
+        )
 
 
 def run_requests(world: World, cases: list[Case]) -> None:
@@ -362,7 +407,9 @@ def run_requests(world: World, cases: list[Case]) -> None:
         session.verify = world.ca
         for case in cases:
             try:
-                session.request(case.method, world.url(case), data=case.body, headers=case.headers, timeout=15)
+                session.request(
+                    case.method, world.url(case), data=case.body, headers=case.headers, timeout=15
+                )
             except requests.TooManyRedirects:
                 pass
 
@@ -371,8 +418,9 @@ def run_httpx(world: World, cases: list[Case]) -> None:
     import httpx
 
     context = ssl.create_default_context(cafile=world.ca)
-    with httpx.Client(proxy=world.proxy.url, verify=context, follow_redirects=True, trust_env=False,
-                      timeout=15) as client:
+    with httpx.Client(
+        proxy=world.proxy.url, verify=context, follow_redirects=True, trust_env=False, timeout=15
+    ) as client:
         for case in cases:
             try:
                 client.request(case.method, world.url(case), content=case.body, headers=case.headers)
@@ -389,9 +437,15 @@ def run_urllib3(world: World, cases: list[Case]) -> None:
                 with contextlib.suppress(urllib3.exceptions.MaxRetryError):
                     pool.request(case.method, world.url(case), headers=case.headers, timeout=15)
                 continue
-            pool.request(case.method, world.url(case), body=case.body, headers=case.headers,
-                         redirect=True, retries=urllib3.Retry(total=5, redirect=5, raise_on_redirect=False),
-                         timeout=15)
+            pool.request(
+                case.method,
+                world.url(case),
+                body=case.body,
+                headers=case.headers,
+                redirect=True,
+                retries=urllib3.Retry(total=5, redirect=5, raise_on_redirect=False),
+                timeout=15,
+            )
 
 
 def run_urllib(world: World, cases: list[Case]) -> None:
@@ -401,7 +455,9 @@ def run_urllib(world: World, cases: list[Case]) -> None:
         urllib.request.HTTPSHandler(context=context),
     )
     for case in cases:
-        request = urllib.request.Request(world.url(case), data=case.body, method=case.method, headers=case.headers)
+        request = urllib.request.Request(
+            world.url(case), data=case.body, method=case.method, headers=case.headers
+        )
         try:
             with opener.open(request, timeout=15) as response:
                 response.read()
@@ -410,20 +466,39 @@ def run_urllib(world: World, cases: list[Case]) -> None:
 
 
 def run_node(world: World, cases: list[Case]) -> None:
-    payload = [{"id": c.id, "url": world.url(c), "method": c.method,
-                "body": c.body.decode() if c.body else None,
-                "headers": {k: v for k, v in c.headers.items() if k != "Content-Type"}} for c in cases]
-    done = subprocess.run(["node", str(NODE_DIR / "fetch_cases.mjs"), world.proxy.url], input=json.dumps(payload),
-                          capture_output=True, text=True, timeout=300, cwd=NODE_DIR,
-                          env={"PATH": "/usr/bin:/bin:/usr/local/bin", "NODE_EXTRA_CA_CERTS": world.ca})
+    payload = [
+        {
+            "id": c.id,
+            "url": world.url(c),
+            "method": c.method,
+            "body": c.body.decode() if c.body else None,
+            "headers": {k: v for k, v in c.headers.items() if k != "Content-Type"},
+        }
+        for c in cases
+    ]
+    done = subprocess.run(
+        ["node", str(NODE_DIR / "fetch_cases.mjs"), world.proxy.url],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=NODE_DIR,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "NODE_EXTRA_CA_CERTS": world.ca},
+    )
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(results) == len(cases), done.stdout + done.stderr
     world.errors.update((r["id"], r["error"]) for r in results if r["error"])
 
 
-RUNNERS = {"curl": run_curl, "requests": run_requests, "httpx": run_httpx, "urllib3": run_urllib3,
-           "urllib": run_urllib, "node": run_node}
+RUNNERS = {
+    "curl": run_curl,
+    "requests": run_requests,
+    "httpx": run_httpx,
+    "urllib3": run_urllib3,
+    "urllib": run_urllib,
+    "node": run_node,
+}
 
 
 @dataclass
@@ -443,8 +518,13 @@ def prerequisites() -> None:
     require_program("node", "apt-get install nodejs (.ci/run installs it)")
     if not (NODE_DIR / "node_modules" / "undici").exists():
         npm = require_program("npm", "apt-get install npm: it installs undici for the Node client")
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if done.returncode != 0:
             pytest.fail(f"npm ci in tests/node failed: {done.stderr.strip()[-500:]}")
 
@@ -474,7 +554,9 @@ def outcome(tmp_path_factory) -> Outcome:
         source = f.chain.hops[f.hop].source if f.chain else f.exchange
         case_id = (f.chain.root.url if f.chain else f.exchange.url).rsplit("/", 1)[-1].split("?")[0]
         findings.setdefault(case_id, []).append((f.rule_id, str(f.severity)))
-        if f.rule == "stale-temporary-redirect":  # judged on sight, live: before any follow-up, so by its Location
+        if (
+            f.rule == "stale-temporary-redirect"
+        ):  # judged on sight, live: before any follow-up, so by its Location
             after = source.location_resolved
         elif f.chain is not None and f.chain.hops[f.hop].target is None:
             after = "not followed"
@@ -482,8 +564,16 @@ def outcome(tmp_path_factory) -> Outcome:
             after = f.exchange.url
         analyzed.add((f.rule_id, str(f.severity), source.url, after))
     live = {(m["rule"], m["sev"], m["src"], m["dst"] or "not followed") for m in LIVE_LINE.finditer(output)}
-    return Outcome(chains, findings, analyzed, live, output, {k: findings.get(k, []) for k in extra}, world.errors,
-                   str(world.db))
+    return Outcome(
+        chains,
+        findings,
+        analyzed,
+        live,
+        output,
+        {k: findings.get(k, []) for k in extra},
+        world.errors,
+        str(world.db),
+    )
 
 
 LIVE_LINE = re.compile(
@@ -516,9 +606,13 @@ def recorded(case: Case, chain) -> Follow:
         return Follow(False)
     names = {name.lower() for name, _ in target.request_headers}
     switched = target.method in ("GET", "HEAD") and target.method != case.method
-    return Follow(True, target.method, bool(target.request_body.length),
-                  body_headers=switched and "content-type" in names,
-                  credential=bool(case.credential) and case.credential.lower() in names)
+    return Follow(
+        True,
+        target.method,
+        bool(target.request_body.length),
+        body_headers=switched and "content-type" in names,
+        credential=bool(case.credential) and case.credential.lower() in names,
+    )
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -590,14 +684,22 @@ def test_real_clients_make_every_chain_rule_fire(outcome):
     for found in outcome.findings.values():
         for rule, _ in found:
             by_rule[rule] = by_rule.get(rule, 0) + 1
-    assert by_rule["RA105"] == sum(1 for c in SPECIAL if expected_follow(c).credential and c.origin != "same"
-                                   and not refused(c))
-    assert by_rule["RA115"] == sum(1 for c in SPECIAL if c.kind == "auth" and not expected_follow(c).credential)
+    assert by_rule["RA105"] == sum(
+        1 for c in SPECIAL if expected_follow(c).credential and c.origin != "same" and not refused(c)
+    )
+    assert by_rule["RA115"] == sum(
+        1 for c in SPECIAL if c.kind == "auth" and not expected_follow(c).credential
+    )
 
 
-
-UA_NAMES = {"curl": "curl", "requests": "Python Requests", "httpx": "python-httpx", "urllib3": "python-urllib3",
-            "urllib": "Python-urllib", "node": "node"}
+UA_NAMES = {
+    "curl": "curl",
+    "requests": "Python Requests",
+    "httpx": "python-httpx",
+    "urllib3": "python-urllib3",
+    "urllib": "Python-urllib",
+    "node": "node",
+}
 SPEC_RULES = {"RA101", "RA102", "RA105", "RA107", "RA108", "RA109"}  # what a deviation verdict covers
 
 
@@ -605,8 +707,10 @@ def test_conformance_table_reads_each_client_off_the_capture(outcome):
     from analyzer import frames
 
     table = frames.clients(outcome.db)
-    names = {client: next(n for n in table["client_name"].unique() if n.startswith(prefix))
-             for client, prefix in UA_NAMES.items()}
+    names = {
+        client: next(n for n in table["client_name"].unique() if n.startswith(prefix))
+        for client, prefix in UA_NAMES.items()
+    }
     rows = {(row.client_name, row.status, row.method): row for row in table.itertuples()}
     wrong = []
     for client in CLIENTS:
@@ -617,31 +721,45 @@ def test_conformance_table_reads_each_client_off_the_capture(outcome):
                 follow = behaviour(client, status, method)
                 if (status, method) != (302, "GET"):  # that cell also holds the special cases
                     # POST -> GET on 301/302 is allowed (RFC 9110 15.4.2/15.4.3), only flagged low.
-                    deviates = any(rule in SPEC_RULES and (rule, sev) != ("RA101", "low")
-                                   for c in cases for rule, sev in expected_findings(c))
+                    deviates = any(
+                        rule in SPEC_RULES and (rule, sev) != ("RA101", "low")
+                        for c in cases
+                        for rule, sev in expected_findings(c)
+                    )
                     want = "deviated" if deviates else ("as specified" if follow.followed else "not followed")
                     if row.verdict != want or row.hops != len(cases):
-                        wrong.append(f"{client} {status} {method}: {row.verdict} over {row.hops}, expected {want}")
+                        wrong.append(
+                            f"{client} {status} {method}: {row.verdict} over {row.hops}, expected {want}"
+                        )
                 if follow.followed and row.did_method != follow.method:
-                    wrong.append(f"{client} {status} {method}: did {row.did_method}, expected {follow.method}")
+                    wrong.append(
+                        f"{client} {status} {method}: did {row.did_method}, expected {follow.method}"
+                    )
                 if row.should_method != frames.prescribed_method(status, method):
                     wrong.append(f"{client} {status} {method}: should {row.should_method}")
                 if row.body_headers_kept != (len(cases) if follow.body_headers else 0):
                     wrong.append(f"{client} {status} {method}: body headers kept {row.body_headers_kept}")
-        leaks = sum(1 for c in SPECIAL if c.client == client and expected_follow(c).credential
-                    and c.origin != "same" and not refused(c))
+        leaks = sum(
+            1
+            for c in SPECIAL
+            if c.client == client and expected_follow(c).credential and c.origin != "same" and not refused(c)
+        )
         # Authorization on the 302 GETs: kept on the same origin by all, across origins by urllib alone
         row = rows[(names[client], 302, "GET")]
         same = "kept" if keeps_authorization(client, "same") else "dropped"
         across = "kept" if keeps_authorization(client, "port") else "dropped"
         if (row.auth_same_origin, row.auth_cross_origin) != (same, across):
-            wrong.append(f"{client}: Authorization {row.auth_same_origin} on the same origin, "
-                         f"{row.auth_cross_origin} across origins; expected {same}, {across}")
+            wrong.append(
+                f"{client}: Authorization {row.auth_same_origin} on the same origin, "
+                f"{row.auth_cross_origin} across origins; expected {same}, {across}"
+            )
         if same == "dropped" and row.verdict != "deviated":
             wrong.append(f"{client}: a same-origin drop must read as deviated, not {row.verdict}")
         if rows[(names[client], 302, "GET")].credentials_cross_origin != leaks:
-            wrong.append(f"{client}: {rows[(names[client], 302, 'GET')].credentials_cross_origin} credential leaks, "
-                         f"expected {leaks}")
+            wrong.append(
+                f"{client}: {rows[(names[client], 302, 'GET')].credentials_cross_origin} credential leaks, "
+                f"expected {leaks}"
+            )
     assert not wrong, "\n".join(wrong)
 
 
@@ -649,16 +767,33 @@ def test_clients_command_prints_the_table_and_json(outcome):
     import os
 
     env = {**os.environ, "COLUMNS": "160"}
-    done = subprocess.run(["redirect-audit", "clients", "--db", outcome.db, "--format", "json"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        ["redirect-audit", "clients", "--db", outcome.db, "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     records = json.loads(done.stdout)
     assert {r["client_name"].split()[0] for r in records} >= {"curl", "node", "python-httpx", "Python-urllib"}
-    httpx_put = next(r for r in records if r["client_name"].startswith("python-httpx") and (r["status"], r["method"])
-                     == (302, "PUT"))
-    assert (httpx_put["did_method"], httpx_put["should_method"], httpx_put["verdict"]) == ("GET", "PUT", "deviated")
+    httpx_put = next(
+        r
+        for r in records
+        if r["client_name"].startswith("python-httpx") and (r["status"], r["method"]) == (302, "PUT")
+    )
+    assert (httpx_put["did_method"], httpx_put["should_method"], httpx_put["verdict"]) == (
+        "GET",
+        "PUT",
+        "deviated",
+    )
     assert "body-on-get" in httpx_put["rules"] and "method-downgrade" in httpx_put["rules"]
-    shown = subprocess.run(["redirect-audit", "clients", "--db", outcome.db], capture_output=True, text=True,
-                           timeout=120, env=env)
+    shown = subprocess.run(
+        ["redirect-audit", "clients", "--db", outcome.db],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert shown.returncode == 0, shown.stderr
     assert "python-httpx" in shown.stdout and "[spec: PUT]" in shown.stdout and "deviating:" in shown.stdout

@@ -7,21 +7,25 @@ import os
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import ROOT
+from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_three_small_notebooks_committed_clean():
-    assert [p.name for p in NOTEBOOKS] == ["01-overview.ipynb", "02-chain-explorer.ipynb",
-                                           "03-temporary-redirects.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01-overview.ipynb",
+        "02-chain-explorer.ipynb",
+        "03-temporary-redirects.ipynb",
+    ]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         code = [c for c in book.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
-        assert not any("def " in c.source or "lambda" in c.source for c in code), f"{path.name} defines functions"
+        assert not any("def " in c.source or "lambda" in c.source for c in code), (
+            f"{path.name} defines functions"
+        )
         assert len(code) <= 12
 
 
@@ -33,7 +37,9 @@ def execute(path, cwd, env: dict) -> nbformat.NotebookNode:
         if v is None:
             os.environ.pop(k, None)
     try:
-        NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+        NotebookClient(
+            book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+        ).execute()
     finally:
         for k, v in old.items():
             if v is None:
@@ -44,15 +50,21 @@ def execute(path, cwd, env: dict) -> nbformat.NotebookNode:
 
 
 def outputs(book) -> str:
-    return "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
-                     for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    return "\n".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for c in book.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_runs_on_the_demo_capture_by_default(path, tmp_path):
     book = execute(path, tmp_path, {"REDIRECT_AUDIT_DB": None})
     assert (tmp_path / "redirect-audit-demo.db").exists()  # built where the notebook runs, nowhere else
-    images = sum("image/png" in o.get("data", {}) for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    images = sum(
+        "image/png" in o.get("data", {}) for c in book.cells if c.cell_type == "code" for o in c.outputs
+    )
     assert images == {"01-overview": 4, "02-chain-explorer": 0, "03-temporary-redirects": 1}[path.stem]
     text = outputs(book)
     assert "Error" not in text and "Traceback" not in text

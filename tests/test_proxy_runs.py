@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_cli
+from proxyrun import Mitmdump, free_port, wait_for_port
 from sqlalchemy import func, select
+from upstream import Upstream, self_signed_context
 
 from analyzer.analysis import analyze
 from analyzer.ingest import ImportError_
 from analyzer.ingest.flows import import_flows
 from analyzer.store import captures, exchanges, open_store
-from conftest import ROOT, run_cli
-from proxyrun import Mitmdump, free_port, wait_for_port
-from upstream import Upstream, self_signed_context
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,23 @@ def test_proxy_command_prints_where_things_are_and_records(tmp_path, upstream):
     confdir = tmp_path / "conf"
     log = open(tmp_path / "proxy.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer", "proxy", "--db", str(db), "-p", str(port), "--confdir", str(confdir),
-         "--set", "termlog_verbosity=info"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "analyzer",
+            "proxy",
+            "--db",
+            str(db),
+            "-p",
+            str(port),
+            "--confdir",
+            str(confdir),
+            "--set",
+            "termlog_verbosity=info",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "UV_RUN_RECURSION_DEPTH": ""},
     )
     try:
@@ -127,13 +141,29 @@ def test_reverse_mode_is_passed_through(tmp_path, upstream):
     db = tmp_path / "reverse.db"
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer", "proxy", "--db", str(db), "-p", str(port),
-         "--confdir", str(tmp_path / "conf"), "--mode", f"reverse:{upstream.origin}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "analyzer",
+            "proxy",
+            "--db",
+            str(db),
+            "-p",
+            str(port),
+            "--confdir",
+            str(tmp_path / "conf"),
+            "--mode",
+            f"reverse:{upstream.origin}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
     )
     try:
         wait_for_port(port)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # talks to the proxy as if to the server
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", port, timeout=10
+        )  # talks to the proxy as if to the server
         conn.request("POST", "/r/302/rev-case", body=b"n=1")
         assert conn.getresponse().read() and True
         conn.request("GET", "/echo/rev-case")  # the relative Location, followed with GET
@@ -159,14 +189,33 @@ def test_web_mode_runs_mitmweb_with_the_recorder(tmp_path, upstream):
     port, web_port = free_port(), free_port()
     log = open(tmp_path / "web.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer", "proxy", "--web", "--db", str(db), "-p", str(port),
-         "--confdir", str(tmp_path / "conf"), "--set", f"web_port={web_port}", "--set", "web_password=letmein"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "analyzer",
+            "proxy",
+            "--web",
+            "--db",
+            str(db),
+            "-p",
+            str(port),
+            "--confdir",
+            str(tmp_path / "conf"),
+            "--set",
+            f"web_port={web_port}",
+            "--set",
+            "web_password=letmein",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
     )
     try:
         wait_for_port(port)
         wait_for_port(web_port)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # one client connection, as a client would
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", port, timeout=10
+        )  # one client connection, as a client would
         conn.request("PUT", f"{upstream.origin}/r/302/web-case", body=b"n=1")
         assert conn.getresponse().read() and True
         conn.request("GET", f"{upstream.origin}/echo/web-case")  # follows the 302 with GET: RA101 medium
@@ -185,7 +234,10 @@ def test_web_mode_runs_mitmweb_with_the_recorder(tmp_path, upstream):
     for path in ("/r/302/web-case", "/echo/web-case"):  # both flows of the hop stand out in mitmweb
         assert shown[path]["marked"] in (":warning:", "\u26a0")  # mitmweb shows the shortcode as its emoji
         assert "RA101 method-downgrade (medium)" in shown[path]["comment"]
-    assert sorted(stored_urls(db)) == [f"{upstream.origin}/echo/web-case", f"{upstream.origin}/r/302/web-case"]
+    assert sorted(stored_urls(db)) == [
+        f"{upstream.origin}/echo/web-case",
+        f"{upstream.origin}/r/302/web-case",
+    ]
 
 
 PROXY_USER, PROXY_PASSWORD = "tester", "pr0xy-s3cret"
@@ -206,9 +258,28 @@ def test_proxy_credentials_never_reach_the_store_in_clear(tmp_path, upstream, pr
     try:
         for url in urls:
             done = subprocess.run(
-                ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--proxy", proxy.url,
-                 "--proxy-user", f"{PROXY_USER}:{PROXY_PASSWORD}", "--proxy-basic", "--cacert", str(proxy.ca), url],
-                capture_output=True, text=True, timeout=60)
+                [
+                    "curl",
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "20",
+                    "--proxy",
+                    proxy.url,
+                    "--proxy-user",
+                    f"{PROXY_USER}:{PROXY_PASSWORD}",
+                    "--proxy-basic",
+                    "--cacert",
+                    str(proxy.ca),
+                    url,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert done.stdout == "200", (url, done.stderr)
     finally:
         output = proxy.stop()
@@ -255,9 +326,16 @@ def test_import_flows_stores_what_the_live_recorder_stored(tmp_path, saved_flows
 
     def summary(store):
         with store.begin() as conn:
-            rows = conn.execute(select(exchanges.c.flow_id, exchanges.c.method, exchanges.c.url_norm,
-                                       exchanges.c.status, exchanges.c.req_body_len, exchanges.c.error)
-                                .order_by(exchanges.c.seq)).all()
+            rows = conn.execute(
+                select(
+                    exchanges.c.flow_id,
+                    exchanges.c.method,
+                    exchanges.c.url_norm,
+                    exchanges.c.status,
+                    exchanges.c.req_body_len,
+                    exchanges.c.error,
+                ).order_by(exchanges.c.seq)
+            ).all()
         found = sorted((f.rule_id, str(f.severity)) for f in analyze(store, keep=True).findings)
         return rows, found
 
@@ -293,8 +371,12 @@ def test_bad_flow_files_are_refused_and_leave_nothing(tmp_path, saved_flows):
     empty = tmp_path / "empty.mitm"
     empty.write_bytes(b"")
     store = open_store(str(tmp_path / "x.db"))
-    for path, problem in [(truncated, "flow dump"), (har, "use import-har"), (noise, "flow dump"),
-                          (empty, "empty file")]:
+    for path, problem in [
+        (truncated, "flow dump"),
+        (har, "use import-har"),
+        (noise, "flow dump"),
+        (empty, "empty file"),
+    ]:
         with pytest.raises(ImportError_, match=re.escape(str(path)) + ".*" + problem):
             import_flows(store, path)
     with store.begin() as conn:

@@ -12,13 +12,12 @@ import sqlite3
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from conftest import run_cli
 from upstream import Upstream
 
 pytest_plugins = ["pytester"]
 
-SUITE = '''
+SUITE = """
 import os, time
 import httpx, requests
 
@@ -63,10 +62,13 @@ def test_fixture_clean(redirect_audit):
     requests.get(f"{UP}/r/308/fine")
     redirect_audit.assert_no_findings(min_severity="info")
     assert len(redirect_audit.chains()) == 1
-'''
+"""
 
-CULPRITS = {"test_post_302_becomes_get": ("low", "/r/302/pay"), "test_sdk_changes_method_on_307": ("high", "/r/307/order"),
-            "test_fixture_sees_its_own": ("low", "/r/302/own")}
+CULPRITS = {
+    "test_post_302_becomes_get": ("low", "/r/302/pay"),
+    "test_sdk_changes_method_on_307": ("high", "/r/307/order"),
+    "test_fixture_sees_its_own": ("low", "/r/302/own"),
+}
 
 
 @pytest.fixture
@@ -120,15 +122,25 @@ def test_each_finding_is_put_on_the_test_that_caused_it(suite, tmp_path, workers
     assert f"redirect-audit chains --db {db} --chain " in summary
     assert f"3 finding(s) in 3 test(s); store: {db}" in summary
     with sqlite3.connect(db) as conn:
-        runs = conn.execute("SELECT nodeid, worker, client, outcome FROM test_runs ORDER BY nodeid").fetchall()
+        runs = conn.execute(
+            "SELECT nodeid, worker, client, outcome FROM test_runs ORDER BY nodeid"
+        ).fetchall()
         clients = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
     assert [(n.split("::")[1], o) for n, _, _, o in runs] == sorted(
-        [("test_clean", "passed"), ("test_fixture_clean", "passed"), ("test_fixture_sees_its_own", "passed"),
-         ("test_httpx_keeps_the_307", "passed"), ("test_post_302_becomes_get", "passed"),
-         ("test_sdk_changes_method_on_307", "failed")])
+        [
+            ("test_clean", "passed"),
+            ("test_fixture_clean", "passed"),
+            ("test_fixture_sees_its_own", "passed"),
+            ("test_httpx_keeps_the_307", "passed"),
+            ("test_post_302_becomes_get", "passed"),
+            ("test_sdk_changes_method_on_307", "failed"),
+        ]
+    )
     workers_seen = {w for _, w, _, _ in runs}
     assert workers_seen == ({"gw0", "gw1"} if workers else {"main"})
-    assert clients == {c for _, _, c, _ in runs} and len(clients) == 6  # each test's traffic under its own label
+    assert (
+        clients == {c for _, _, c, _ in runs} and len(clients) == 6
+    )  # each test's traffic under its own label
     assert all(re.fullmatch(f"pytest-{w}-[0-9a-f]{{8}}-t[0-9]+", c) for _, w, c, _ in runs)
     chain = run_cli("chains", "--db", db, "--chain", "1")
     assert chain.returncode == 0 and "/r/301/clean" in chain.stdout
@@ -136,7 +148,9 @@ def test_each_finding_is_put_on_the_test_that_caused_it(suite, tmp_path, workers
 
 def test_sarif_and_junit_name_the_test(suite, tmp_path):
     db = str(tmp_path / "suite.db")
-    suite.runpytest_subprocess("--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300).assert_outcomes(passed=6)
+    suite.runpytest_subprocess(
+        "--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300
+    ).assert_outcomes(passed=6)
     sarif = json.loads(run_cli("findings", "-f", "sarif", "--db", db).stdout)
     tests = sorted(r["properties"]["test"] for r in sarif["runs"][0]["results"])
     assert tests == sorted(f"test_sample.py::{name}" for name in CULPRITS)
@@ -152,22 +166,42 @@ def test_a_baseline_keeps_known_findings_from_failing_tests(suite, tmp_path):
     suite.runpytest_subprocess("--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300)
     baseline = tmp_path / "known.json"
     assert run_cli("check", "--db", db, "--write-baseline", str(baseline)).returncode == 0
-    again = suite.runpytest_subprocess(f"--redirect-audit={tmp_path / 'second.db'}", "--redirect-audit-fail-on=low",
-                                       f"--redirect-audit-baseline={baseline}", "-p", "no:cacheprovider", timeout=300)
+    again = suite.runpytest_subprocess(
+        f"--redirect-audit={tmp_path / 'second.db'}",
+        "--redirect-audit-fail-on=low",
+        f"--redirect-audit-baseline={baseline}",
+        "-p",
+        "no:cacheprovider",
+        timeout=300,
+    )
     again.assert_outcomes(passed=6)
-    fresh = suite.runpytest_subprocess(f"--redirect-audit={tmp_path / 'third.db'}", "--redirect-audit-fail-on=low",
-                                       "-p", "no:cacheprovider", timeout=300)
+    fresh = suite.runpytest_subprocess(
+        f"--redirect-audit={tmp_path / 'third.db'}",
+        "--redirect-audit-fail-on=low",
+        "-p",
+        "no:cacheprovider",
+        timeout=300,
+    )
     fresh.assert_outcomes(passed=3, failed=3)  # without it, every test with a low finding fails
-    bad = suite.runpytest_subprocess("--redirect-audit", "--redirect-audit-baseline=" + str(tmp_path / "none.json"),
-                                     "-p", "no:cacheprovider", timeout=300)
+    bad = suite.runpytest_subprocess(
+        "--redirect-audit",
+        "--redirect-audit-baseline=" + str(tmp_path / "none.json"),
+        "-p",
+        "no:cacheprovider",
+        timeout=300,
+    )
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--redirect-audit-baseline: " in bad.stderr.str() and "none.json: cannot read baseline" in bad.stderr.str()
+    assert (
+        "--redirect-audit-baseline: " in bad.stderr.str()
+        and "none.json: cannot read baseline" in bad.stderr.str()
+    )
 
 
 def test_off_unless_asked_for_and_the_fixture_says_how(suite):
-    suite.makepyfile(test_needs=
-                     "def test_needs(redirect_audit):\n    redirect_audit.findings()\n")
-    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "test_needs.py", "test_sample.py", timeout=300)
+    suite.makepyfile(test_needs="def test_needs(redirect_audit):\n    redirect_audit.findings()\n")
+    result = suite.runpytest_subprocess(
+        "-p", "no:cacheprovider", "test_needs.py", "test_sample.py", timeout=300
+    )
     result.assert_outcomes(passed=4, errors=3)  # the two fixture tests and test_needs say why
     out = result.stdout.str()
     assert out.count("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit") >= 3
@@ -180,8 +214,9 @@ def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
     result.assert_outcomes(passed=2, deselected=4)
     assert f"No findings in this session's traffic (store: {tmp_path / 'ini.db'})." in result.stdout.str()
     suite.makeini("[pytest]\n")
-    path_after = suite.runpytest_subprocess("-p", "no:cacheprovider", "--redirect-audit", "test_sample.py",
-                                            "-k", "post_302", timeout=300)
+    path_after = suite.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--redirect-audit", "test_sample.py", "-k", "post_302", timeout=300
+    )
     path_after.assert_outcomes(passed=1, deselected=5)
     assert "test_sample.py::test_post_302_becomes_get: 1 finding(s)" in path_after.stdout.str()
     assert "store: a fresh store, " in path_after.stdout.str()
@@ -193,9 +228,26 @@ def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path
     import sys
 
     db = tmp_path / "outer.db"
-    done = run_cli("run", "--db", str(db), "--fail-on", "high", "--", sys.executable, "-m", "pytest",
-                   "--redirect-audit", "-p", "no:cacheprovider", "test_sample.py", cwd=suite.path, timeout=300)
-    assert done.returncode == 1, done.stdout + done.stderr  # pytest passed; run's gate failed on the high finding
+    done = run_cli(
+        "run",
+        "--db",
+        str(db),
+        "--fail-on",
+        "high",
+        "--",
+        sys.executable,
+        "-m",
+        "pytest",
+        "--redirect-audit",
+        "-p",
+        "no:cacheprovider",
+        "test_sample.py",
+        cwd=suite.path,
+        timeout=300,
+    )
+    assert done.returncode == 1, (
+        done.stdout + done.stderr
+    )  # pytest passed; run's gate failed on the high finding
     assert "6 passed" in done.stdout
     assert "test_sample.py::test_sdk_changes_method_on_307: 1 finding(s)" in done.stdout
     assert f"3 finding(s) in 3 test(s); store: {db}" in done.stdout
@@ -209,7 +261,9 @@ def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path
 
 def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
     url = pg_cluster.new_database()
-    result = suite.runpytest_subprocess(f"--redirect-audit={url}", "-p", "no:cacheprovider", "-n", "2", timeout=300)
+    result = suite.runpytest_subprocess(
+        f"--redirect-audit={url}", "-p", "no:cacheprovider", "-n", "2", timeout=300
+    )
     result.assert_outcomes(passed=6)
     assert findings_by_test(url) == expected_by_test()
     assert "3 finding(s) in 3 test(s); store: postgresql" in result.stdout.str()

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import RULE_FIXTURES
 
 from analyzer.analysis import analyze
 from analyzer.detectors import RULES
 from analyzer.ingest import import_har
-from conftest import RULE_FIXTURES
 
 FIXTURES = sorted(RULE_FIXTURES.glob("*.har"))
 
@@ -30,11 +30,23 @@ def test_fixture_produces_exactly_its_expected_findings(store, path):
 
 def test_every_rule_has_firing_and_quiet_fixtures():
     fired = {row[0] for p in FIXTURES for row in expected(p)}
-    prefixes = {"method-downgrade": "md-", "dropped-body": "db-", "duplicate-write": "dw-",
-                "stale-temporary-redirect": "st-", "credential-cross-origin": "cc-", "https-downgrade": "hd-",
-                "body-on-get": "bg-", "head-to-get": "hg-", "non-get-after-303": "ng-", "redirect-loop": "rl-",
-                "too-many-redirects": "tm-", "missing-location": "ml-", "lost-write": "lw-",
-                "open-redirect-pattern": "or-", "credential-dropped": "cd-"}
+    prefixes = {
+        "method-downgrade": "md-",
+        "dropped-body": "db-",
+        "duplicate-write": "dw-",
+        "stale-temporary-redirect": "st-",
+        "credential-cross-origin": "cc-",
+        "https-downgrade": "hd-",
+        "body-on-get": "bg-",
+        "head-to-get": "hg-",
+        "non-get-after-303": "ng-",
+        "redirect-loop": "rl-",
+        "too-many-redirects": "tm-",
+        "missing-location": "ml-",
+        "lost-write": "lw-",
+        "open-redirect-pattern": "or-",
+        "credential-dropped": "cd-",
+    }
     for rule in RULES:
         assert rule.slug in fired, f"{rule.slug} has no firing fixture"
         quiet = [p for p in FIXTURES if p.name.startswith(prefixes[rule.slug]) and not expected(p)]
@@ -58,7 +70,9 @@ def test_checks_do_no_io(rule):
     """A check is a pure function: its module imports no store, CLI or I/O helpers."""
     source = Path(__import__(rule.check.__module__, fromlist=["_"]).__file__).read_text()
     imported = {
-        node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
     }
     assert not imported & {"analyzer.store", "analyzer.cli", "analyzer.report", "sqlalchemy", "os", "io"}
 
@@ -89,26 +103,43 @@ def test_analyze_is_idempotent(store):
 def _one_hop(source, target=None):
     from analyzer.model import Chain, Hop
 
-    return Chain(hops=[Hop(0, source, target, "same-client" if target else "not-followed", 0.9)],
-                 end="final" if target else "not-followed")
+    return Chain(
+        hops=[Hop(0, source, target, "same-client" if target else "not-followed", 0.9)],
+        end="final" if target else "not-followed",
+    )
 
 
-@pytest.mark.parametrize("ctype, raw, fires", [
-    ("application/x-www-form-urlencoded", b"user=a&next=https%3A%2F%2Fevil.test%2Fx", True),
-    ("application/json", b'{"return_to": "//evil.test/x"}', True),
-    ("application/json", b'{"return_to": "/account"}', False),
-    ("text/plain", b"next=https://evil.test/x", False),  # not a format whose fields we read
-])
+@pytest.mark.parametrize(
+    "ctype, raw, fires",
+    [
+        ("application/x-www-form-urlencoded", b"user=a&next=https%3A%2F%2Fevil.test%2Fx", True),
+        ("application/json", b'{"return_to": "//evil.test/x"}', True),
+        ("application/json", b'{"return_to": "/account"}', False),
+        ("text/plain", b"next=https://evil.test/x", False),  # not a format whose fields we read
+    ],
+)
 def test_open_redirect_reads_kept_bodies(ctype, raw, fires):
     """With --keep-bodies the target may be named in a form or JSON field instead of the query."""
     from analyzer.detectors import RULES_BY_SLUG, run_detectors
     from analyzer.model import Body, Exchange
 
-    post = Exchange(capture_id=1, seq=0, method="POST", url="https://site.test/login",
-                    url_norm="https://site.test/login", started_at=1.0, status=303, location="https://evil.test/x",
-                    location_resolved="https://evil.test/x", request_body=Body(len(raw), None, ctype, raw), id=1)
+    post = Exchange(
+        capture_id=1,
+        seq=0,
+        method="POST",
+        url="https://site.test/login",
+        url_norm="https://site.test/login",
+        started_at=1.0,
+        status=303,
+        location="https://evil.test/x",
+        location_resolved="https://evil.test/x",
+        request_body=Body(len(raw), None, ctype, raw),
+        id=1,
+    )
     found = run_detectors([_one_hop(post)], rules=[RULES_BY_SLUG["open-redirect-pattern"]])
-    assert [(f.rule, f.evidence.get("in")) for f in found] == ([("open-redirect-pattern", "body")] if fires else [])
+    assert [(f.rule, f.evidence.get("in")) for f in found] == (
+        [("open-redirect-pattern", "body")] if fires else []
+    )
 
 
 def test_credential_evidence_names_the_header_never_the_value(store):
@@ -118,15 +149,18 @@ def test_credential_evidence_names_the_header_never_the_value(store):
     assert finding.evidence["header"] == "authorization" and "s3cr3t" not in text and "hmac:" not in text
 
 
-@pytest.mark.parametrize("host, expected", [
-    ("www.example.co.uk", "example.co.uk"),
-    ("api.example.co.uk", "example.co.uk"),
-    ("co.uk", "co.uk"),  # a public suffix is nobody's site but its own
-    ("alice.github.io", "alice.github.io"),  # the list's private section counts, as in browsers
-    ("127.0.0.1", "127.0.0.1"),
-    ("localhost", "localhost"),
-    ("a.b.internal", "a.b.internal"),  # a top-level label the list does not know: a private name
-])
+@pytest.mark.parametrize(
+    "host, expected",
+    [
+        ("www.example.co.uk", "example.co.uk"),
+        ("api.example.co.uk", "example.co.uk"),
+        ("co.uk", "co.uk"),  # a public suffix is nobody's site but its own
+        ("alice.github.io", "alice.github.io"),  # the list's private section counts, as in browsers
+        ("127.0.0.1", "127.0.0.1"),
+        ("localhost", "localhost"),
+        ("a.b.internal", "a.b.internal"),  # a top-level label the list does not know: a private name
+    ],
+)
 def test_site_is_the_registrable_domain_or_the_host_itself(host, expected):
     from analyzer.detectors.base import site
 
@@ -137,6 +171,13 @@ def test_credential_dropped_watches_every_api_key_header_the_secrets_list_knows(
     from analyzer.detectors.credential_dropped import API_KEY_HEADERS
     from analyzer.secrets import CREDENTIAL_HEADERS
 
-    not_keys = {"authorization", "proxy-authorization", "cookie", "set-cookie", "set-cookie2", "x-csrf-token",
-                "x-xsrf-token"}
+    not_keys = {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "set-cookie2",
+        "x-csrf-token",
+        "x-xsrf-token",
+    }
     assert set(API_KEY_HEADERS) == CREDENTIAL_HEADERS - not_keys

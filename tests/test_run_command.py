@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_program, run_cli
 from proxyrun import ROOT
 from upstream import Upstream, self_signed_context
@@ -50,7 +49,9 @@ def test_a_post_answered_302_is_found_and_the_gate_decides_the_exit_status(upstr
     assert f"NEW low RA101 method-downgrade: POST {upstream.origin}/r/302/pay" in low.stderr
     assert "exited with 0; 2 exchange(s) seen, 2 stored" in low.stderr
     db = store_of(low.stderr)
-    assert db.startswith(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) and Path(db).exists()  # kept, printed
+    assert (
+        db.startswith(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) and Path(db).exists()
+    )  # kept, printed
     assert f"chains --db {db}" in low.stderr
     passing = run("--fail-on", "medium", *argv, env=env)  # the same finding is below the bar
     assert passing.returncode == 0, passing.stderr
@@ -75,10 +76,14 @@ def test_a_clean_command_passes_and_a_store_named_with_db_is_kept(upstream, env,
     second = run("--db", str(db), "--label", "smoke", "--", sys.executable, "-c", script, env=env)
     assert second.returncode == 0
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT client, count(*) FROM exchanges GROUP BY client").fetchall() == [("smoke", 4)]
+        assert conn.execute("SELECT client, count(*) FROM exchanges GROUP BY client").fetchall() == [
+            ("smoke", 4)
+        ]
         assert conn.execute("SELECT count(*) FROM captures").fetchone() == (2,)
         # the label was the proxy's credential: neither forwarded nor stored
-        assert "Proxy-Authorization" not in "".join(r[0] for r in conn.execute("SELECT request_headers FROM exchanges"))
+        assert "Proxy-Authorization" not in "".join(
+            r[0] for r in conn.execute("SELECT request_headers FROM exchanges")
+        )
 
 
 def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, env, tmp_path):
@@ -93,10 +98,13 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
     second = Upstream(tls=self_signed_context(tls_dir))
     secure = Upstream(tls=self_signed_context(tmp_path))
     try:
-        own_trust = tls_dir / "upstream-cert.pem"  # the certificate self_signed_context wrote, as the child's trust
+        own_trust = (
+            tls_dir / "upstream-cert.pem"
+        )  # the certificate self_signed_context wrote, as the child's trust
         assert own_trust.exists()
         script = tmp_path / "client.py"
-        script.write_text(textwrap.dedent(f"""
+        script.write_text(
+            textwrap.dedent(f"""
             import http.client, json, ssl, urllib.request
             # through the proxy, over HTTPS: trusts mitmproxy's CA through the bundle
             print(urllib.request.urlopen('{secure.origin}/r/303/tls', data=b'k=v').read().decode())
@@ -104,27 +112,37 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
             conn = http.client.HTTPSConnection('127.0.0.1', {second.port}, context=ssl.create_default_context())
             conn.request('GET', '/echo/direct')
             print('direct', conn.getresponse().status)
-        """))
-        done = run("--set", "ssl_insecure=true", "--", sys.executable, str(script),
-                   env={**env, "SSL_CERT_FILE": str(own_trust)})
+        """)
+        )
+        done = run(
+            "--set",
+            "ssl_insecure=true",
+            "--",
+            sys.executable,
+            str(script),
+            env={**env, "SSL_CERT_FILE": str(own_trust)},
+        )
         assert done.returncode == 0, done.stderr + done.stdout
         assert "direct 200" in done.stdout
         assert "exited with 0; 2 exchange(s) seen, 2 stored" in done.stderr  # the direct request went around
         js = tmp_path / "client.mjs"
-        js.write_text(textwrap.dedent(f"""
-            import {{ EnvHttpProxyAgent, setGlobalDispatcher }} from "{NODE_DIR / 'node_modules' / 'undici' / 'index.js'}";
+        js.write_text(
+            textwrap.dedent(f"""
+            import {{ EnvHttpProxyAgent, setGlobalDispatcher }} from "{NODE_DIR / "node_modules" / "undici" / "index.js"}";
             setGlobalDispatcher(new EnvHttpProxyAgent());
             const r = await fetch("{secure.origin}/r/303/node", {{ method: "POST", body: "a=1" }});
             console.log("node", r.status, (await r.json()).method);
-        """))
+        """)
+        )
         node_run = run("--set", "ssl_insecure=true", "--", node, str(js), env=env)
         assert node_run.returncode == 0, node_run.stderr + node_run.stdout
         assert "node 200 GET" in node_run.stdout
         assert "2 exchange(s) seen, 2 stored" in node_run.stderr
         db = store_of(node_run.stderr)
         chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
-        assert [(h["from"]["method"], h["status"], h["to"]["method"]) for c in chains for h in c["hops"]] == \
-            [("POST", 303, "GET")]
+        assert [(h["from"]["method"], h["status"], h["to"]["method"]) for c in chains for h in c["hops"]] == [
+            ("POST", 303, "GET")
+        ]
     finally:
         second.close()
         secure.close()
@@ -132,21 +150,37 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
 
 def test_verbose_lists_what_it_set_and_loopback_no_proxy_entries_are_removed(upstream, env):
     script = "import os, json; print(json.dumps({k: os.environ.get(k) for k in ('NO_PROXY', 'no_proxy', 'HTTP_PROXY')}))"
-    done = run("-v", "--label", "ci", "--", sys.executable, "-c", script,
-               env={**env, "NO_PROXY": "localhost,127.0.0.1,::1,.corp.example", "no_proxy": "127.0.0.0/8"})
+    done = run(
+        "-v",
+        "--label",
+        "ci",
+        "--",
+        sys.executable,
+        "-c",
+        script,
+        env={**env, "NO_PROXY": "localhost,127.0.0.1,::1,.corp.example", "no_proxy": "127.0.0.0/8"},
+    )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.splitlines()[0])
     assert seen["NO_PROXY"] == ".corp.example" and seen["no_proxy"] is None
     assert seen["HTTP_PROXY"].startswith("http://ci:x@127.0.0.1:")
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-                 "NODE_EXTRA_CA_CERTS"):
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+    ):
         assert f"redirect-audit run:   {name}=" in done.stderr
     assert "redirect-audit run:   no_proxy removed" in done.stderr
 
 
 def test_a_signal_is_passed_to_the_command_and_what_it_did_is_still_analyzed(upstream, env, tmp_path):
     script = tmp_path / "slow.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time, urllib.request
         try:
             urllib.request.urlopen('{upstream.origin}/r/302/before', data=b'a=1').read()
@@ -155,10 +189,16 @@ def test_a_signal_is_passed_to_the_command_and_what_it_did_is_still_analyzed(ups
         except KeyboardInterrupt:
             print('interrupted', flush=True)
             sys.exit(130)
-    """))
-    process = subprocess.Popen([sys.executable, "-m", "analyzer", "run", "--", sys.executable, str(script)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**os.environ, **env})
+    """)
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "analyzer", "run", "--", sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
     deadline = time.monotonic() + 60
     line = process.stdout.readline()
     assert line.strip() == "sent" and time.monotonic() < deadline
@@ -174,8 +214,10 @@ def test_a_signal_is_passed_to_the_command_and_what_it_did_is_still_analyzed(ups
 def test_usage_mistakes_and_a_missing_command_are_one_line(env):
     missing = run("--", "no-such-program-here", env=env)
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines()[-1] == \
-        "redirect-audit: error: no-such-program-here: command not found"
+    assert (
+        missing.stderr.strip().splitlines()[-1]
+        == "redirect-audit: error: no-such-program-here: command not found"
+    )
     no_cmd = run_cli("run", env=env)
     assert no_cmd.returncode == 2 and "Missing argument '-- CMD [ARGS]...'" in no_cmd.stderr
     bad_set = run("--set", "ssl_insecure", "--", "true", env=env)

@@ -21,11 +21,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from conftest import ROOT, run_cli
+from proxyrun import free_port, wait_for_port
+from upstream import Upstream
 
 from analyzer.secrets import fingerprint, protect_headers, protect_url, redact_body
-from conftest import ROOT, run_cli
-from proxyrun import Mitmdump, free_port, wait_for_port
-from upstream import Upstream
 
 KEY = b"k" * 32
 
@@ -49,21 +49,24 @@ def leaks(blob: bytes, secrets: dict[str, str]) -> list[str]:
 # ---- the mechanism ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url, secret", [
-    ("https://h/cb?code=SEKRET1&state=x", "SEKRET1"),
-    ("https://h/cb?state=SEKRET2", "SEKRET2"),
-    ("https://app/cb#access_token=SEKRET3&token_type=bearer", "SEKRET3"),
-    ("https://app/home?id_token=SEKRET4", "SEKRET4"),
-    ("https://x/login?next=https%3A%2F%2Fy%2F%3Faccess_token%3DSEKRET5%26a%3D1", "SEKRET5"),
-    ("https://x/login?next=https%253A%252F%252Fy%252F%253Ftoken%253DSEKRET6", "SEKRET6"),
-    ("https://s3.test/b/o?X-Amz-Credential=AKIASEKRET7%2F2026&X-Amz-Signature=abc", "SEKRET7"),
-    ("https://s3.test/b/o?X-Amz-Signature=SEKRET8&X-Amz-Date=1", "SEKRET8"),
-    ("https://h/a;jsessionid=SEKRET9?b=1", "SEKRET9"),
-    ("https://blob.test/c/f?sv=2024&sig=SEKRET10", "SEKRET10"),
-])
+@pytest.mark.parametrize(
+    "url, secret",
+    [
+        ("https://h/cb?code=SEKRET1&state=x", "SEKRET1"),
+        ("https://h/cb?state=SEKRET2", "SEKRET2"),
+        ("https://app/cb#access_token=SEKRET3&token_type=bearer", "SEKRET3"),
+        ("https://app/home?id_token=SEKRET4", "SEKRET4"),
+        ("https://x/login?next=https%3A%2F%2Fy%2F%3Faccess_token%3DSEKRET5%26a%3D1", "SEKRET5"),
+        ("https://x/login?next=https%253A%252F%252Fy%252F%253Ftoken%253DSEKRET6", "SEKRET6"),
+        ("https://s3.test/b/o?X-Amz-Credential=AKIASEKRET7%2F2026&X-Amz-Signature=abc", "SEKRET7"),
+        ("https://s3.test/b/o?X-Amz-Signature=SEKRET8&X-Amz-Date=1", "SEKRET8"),
+        ("https://h/a;jsessionid=SEKRET9?b=1", "SEKRET9"),
+        ("https://blob.test/c/f?sv=2024&sig=SEKRET10", "SEKRET10"),
+    ],
+)
 def test_secret_parameters_are_fingerprinted_wherever_they_sit_in_a_url(url, secret):
     protected = protect_url(url, KEY)
-    assert secret not in protected and "hmac:" in protected or "hmac%" in protected
+    assert (secret not in protected and "hmac:" in protected) or "hmac%" in protected
     assert protect_url(protected, KEY) == protected  # protecting twice changes nothing
 
 
@@ -73,13 +76,26 @@ def test_ordinary_parameters_are_left_alone_and_the_url_object_is_returned():
 
 
 def test_url_headers_have_their_urls_protected():
-    out = dict(protect_headers([
-        ("Location", "https://app/cb?code=L1"), ("Referer", "https://app/home?id_token=R1"),
-        ("Content-Location", "https://app/x?sig=C1"), ("Link", '<https://h/n?access_token=K1>; rel="next"'),
-        ("Refresh", "0; url=https://h/?token=F1"), ("Accept", "text/html"),
-    ], KEY))
-    for name, secret in (("Location", "L1"), ("Referer", "R1"), ("Content-Location", "C1"), ("Link", "K1"),
-                         ("Refresh", "F1")):
+    out = dict(
+        protect_headers(
+            [
+                ("Location", "https://app/cb?code=L1"),
+                ("Referer", "https://app/home?id_token=R1"),
+                ("Content-Location", "https://app/x?sig=C1"),
+                ("Link", '<https://h/n?access_token=K1>; rel="next"'),
+                ("Refresh", "0; url=https://h/?token=F1"),
+                ("Accept", "text/html"),
+            ],
+            KEY,
+        )
+    )
+    for name, secret in (
+        ("Location", "L1"),
+        ("Referer", "R1"),
+        ("Content-Location", "C1"),
+        ("Link", "K1"),
+        ("Refresh", "F1"),
+    ):
         assert secret not in out[name] and "hmac:" in out[name], name
     assert out["Link"].endswith('>; rel="next"') and out["Accept"] == "text/html"
 
@@ -90,7 +106,8 @@ def test_the_same_secret_gets_the_same_fingerprint_wherever_it_appears():
     assert mark in protect_url(f"https://h/?access_token={token}", KEY)
     assert mark in protect_url(f"https://h/cb#access_token={token}", KEY)
     assert mark in protect_url(f"https://h/?next={quote(f'https://i/?token={token}', safe='')}", KEY).replace(
-        "%3A", ":")
+        "%3A", ":"
+    )
     assert mark.encode() in redact_body(json.dumps({"token": token}).encode(), "text/plain", KEY)
     assert mark.encode() in redact_body(f"a=1&password={token}".encode(), None, KEY)
 
@@ -109,8 +126,10 @@ def test_a_body_is_redacted_before_the_cap_cuts_it_and_at_any_depth():
 
 
 def test_multipart_fields_are_redacted():
-    body = (b'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\nMPSECRET\r\n'
-            b'--B\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--B--\r\n')
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\nMPSECRET\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--B--\r\n'
+    )
     out = redact_body(body, "multipart/form-data; boundary=B", KEY)
     assert b"MPSECRET" not in out and b"hello" in out
 
@@ -128,57 +147,142 @@ def test_extra_secret_fields_extend_the_list():
 
 
 def har_with_canaries(path: Path) -> dict[str, str]:
-    c = {name: canary(i) for i, name in enumerate((
-        "authorization", "cookie", "referer id_token", "nested access_token", "json password as text/plain",
-        "cut json password", "location code", "location state", "location fragment", "link", "refresh",
-        "content-location", "set-cookie", "response json", "amz credential", "amz signature", "multipart password",
-        "deep json token", "params password", "location access_token"))}
+    c = {
+        name: canary(i)
+        for i, name in enumerate(
+            (
+                "authorization",
+                "cookie",
+                "referer id_token",
+                "nested access_token",
+                "json password as text/plain",
+                "cut json password",
+                "location code",
+                "location state",
+                "location fragment",
+                "link",
+                "refresh",
+                "content-location",
+                "set-cookie",
+                "response json",
+                "amz credential",
+                "amz signature",
+                "multipart password",
+                "deep json token",
+                "params password",
+                "location access_token",
+            )
+        )
+    }
     deep = '{"a": ' * 200 + json.dumps({"token": c["deep json token"]}) + "}" * 200
-    multipart = (f'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\n{c["multipart password"]}\r\n'
-                 '--B\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nhello\r\n--B--\r\n')
+    multipart = (
+        f'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\n{c["multipart password"]}\r\n'
+        '--B\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nhello\r\n--B--\r\n'
+    )
 
     def entry(i, method, url, status, req_headers=(), resp_headers=(), post=None, content=None):
         return {
             "startedDateTime": f"2026-06-01T10:00:0{i}Z",
-            "request": {"method": method, "url": url, "httpVersion": "HTTP/1.1",
-                        "headers": [{"name": n, "value": v} for n, v in req_headers],
-                        **({"postData": post} if post else {})},
-            "response": {"status": status, "statusText": "", "headers": [{"name": n, "value": v} for n, v in
-                                                                          resp_headers],
-                         "content": content or {"size": 0, "mimeType": "text/plain"}},
+            "request": {
+                "method": method,
+                "url": url,
+                "httpVersion": "HTTP/1.1",
+                "headers": [{"name": n, "value": v} for n, v in req_headers],
+                **({"postData": post} if post else {}),
+            },
+            "response": {
+                "status": status,
+                "statusText": "",
+                "headers": [{"name": n, "value": v} for n, v in resp_headers],
+                "content": content or {"size": 0, "mimeType": "text/plain"},
+            },
         }
 
     callback = f"https://app.test/cb?code={c['location code']}&state={c['location state']}"
     entries = [
-        entry(0, "POST", "https://app.test/login?next=" + quote(
-            f"https://x.test/?access_token={c['nested access_token']}", safe=""), 302,
-            [("Authorization", f"Bearer {c['authorization']}"), ("Cookie", f"sid={c['cookie']}"),
-             ("Referer", f"https://app.test/home?id_token={c['referer id_token']}"), ("Content-Type", "text/plain")],
-            [("Location", f"{callback}#access_token={c['location fragment']}"),
-             ("Link", f'<https://app.test/n?access_token={c["link"]}>; rel="next"'),
-             ("Refresh", f"0; url=https://app.test/?token={c['refresh']}"),
-             ("Content-Location", f"https://app.test/x?sig={c['content-location']}"),
-             ("Set-Cookie", f"s={c['set-cookie']}; HttpOnly")],
-            post={"mimeType": "text/plain",
-                  "text": json.dumps({"user": "u", "password": c["json password as text/plain"]})}),
-        entry(1, "GET", callback, 200, content={"size": 60, "mimeType": "application/json",
-                                                "text": json.dumps({"access_token": c["response json"]})}),
-        entry(2, "POST", f"https://s3.test/b/o?X-Amz-Credential={c['amz credential']}"
-                         f"&X-Amz-Signature={c['amz signature']}", 307,
-              [("Content-Type", "multipart/form-data; boundary=B")],
-              [("Location", f"https://s3b.test/o?access_token={c['location access_token']}")],
-              post={"mimeType": "multipart/form-data; boundary=B", "text": multipart}),
-        entry(3, "POST", "https://api.test/deep", 200, [("Content-Type", "application/json")],
-              post={"mimeType": "application/json", "text": deep}),
-        entry(4, "POST", "https://api.test/cut", 200, [("Content-Type", "application/json")],
-              post={"mimeType": "application/json",
-                    "text": json.dumps({"password": c["cut json password"], "pad": "p" * 5000})}),
-        entry(5, "POST", "https://api.test/form", 303, [], [("Location", "/done")],
-              post={"mimeType": "application/x-www-form-urlencoded",
-                    "params": [{"name": "user", "value": "u"}, {"name": "password", "value": c["params password"]}]}),
+        entry(
+            0,
+            "POST",
+            "https://app.test/login?next="
+            + quote(f"https://x.test/?access_token={c['nested access_token']}", safe=""),
+            302,
+            [
+                ("Authorization", f"Bearer {c['authorization']}"),
+                ("Cookie", f"sid={c['cookie']}"),
+                ("Referer", f"https://app.test/home?id_token={c['referer id_token']}"),
+                ("Content-Type", "text/plain"),
+            ],
+            [
+                ("Location", f"{callback}#access_token={c['location fragment']}"),
+                ("Link", f'<https://app.test/n?access_token={c["link"]}>; rel="next"'),
+                ("Refresh", f"0; url=https://app.test/?token={c['refresh']}"),
+                ("Content-Location", f"https://app.test/x?sig={c['content-location']}"),
+                ("Set-Cookie", f"s={c['set-cookie']}; HttpOnly"),
+            ],
+            post={
+                "mimeType": "text/plain",
+                "text": json.dumps({"user": "u", "password": c["json password as text/plain"]}),
+            },
+        ),
+        entry(
+            1,
+            "GET",
+            callback,
+            200,
+            content={
+                "size": 60,
+                "mimeType": "application/json",
+                "text": json.dumps({"access_token": c["response json"]}),
+            },
+        ),
+        entry(
+            2,
+            "POST",
+            f"https://s3.test/b/o?X-Amz-Credential={c['amz credential']}"
+            f"&X-Amz-Signature={c['amz signature']}",
+            307,
+            [("Content-Type", "multipart/form-data; boundary=B")],
+            [("Location", f"https://s3b.test/o?access_token={c['location access_token']}")],
+            post={"mimeType": "multipart/form-data; boundary=B", "text": multipart},
+        ),
+        entry(
+            3,
+            "POST",
+            "https://api.test/deep",
+            200,
+            [("Content-Type", "application/json")],
+            post={"mimeType": "application/json", "text": deep},
+        ),
+        entry(
+            4,
+            "POST",
+            "https://api.test/cut",
+            200,
+            [("Content-Type", "application/json")],
+            post={
+                "mimeType": "application/json",
+                "text": json.dumps({"password": c["cut json password"], "pad": "p" * 5000}),
+            },
+        ),
+        entry(
+            5,
+            "POST",
+            "https://api.test/form",
+            303,
+            [],
+            [("Location", "/done")],
+            post={
+                "mimeType": "application/x-www-form-urlencoded",
+                "params": [
+                    {"name": "user", "value": "u"},
+                    {"name": "password", "value": c["params password"]},
+                ],
+            },
+        ),
     ]
-    path.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"},
-                                        "entries": entries}}))
+    path.write_text(
+        json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"}, "entries": entries}})
+    )
     return c
 
 
@@ -188,9 +292,19 @@ def store_bytes(db: Path) -> bytes:
 
 def exports_of(db: Path, tmp_path: Path) -> dict[str, bytes]:
     out = {}
-    for args in (["findings"], ["findings", "-f", "json"], ["findings", "-f", "sarif"], ["findings", "-f", "junit"],
-                 ["findings", "-f", "markdown"], ["chains"], ["chains", "-f", "json"], ["clients"],
-                 ["clients", "-f", "json"], ["captures"], ["check", "--fail-on", "high"]):
+    for args in (
+        ["findings"],
+        ["findings", "-f", "json"],
+        ["findings", "-f", "sarif"],
+        ["findings", "-f", "junit"],
+        ["findings", "-f", "markdown"],
+        ["chains"],
+        ["chains", "-f", "json"],
+        ["clients"],
+        ["clients", "-f", "json"],
+        ["captures"],
+        ["check", "--fail-on", "high"],
+    ):
         done = run_cli(*args, "--db", str(db))
         assert done.returncode in (0, 1), (args, done.stderr)
         out[" ".join(args)] = (done.stdout + done.stderr).encode()
@@ -216,7 +330,11 @@ def test_no_canary_of_a_har_reaches_the_store_or_any_export(tmp_path, keep_bodie
     if keep_bodies:
         import sqlite3
 
-        kept = sqlite3.connect(db).execute("select req_body from exchanges where req_body is not null").fetchall()
+        kept = (
+            sqlite3.connect(db)
+            .execute("select req_body from exchanges where req_body is not null")
+            .fetchall()
+        )
         assert kept and all(len(raw) <= 200 for (raw,) in kept)
 
 
@@ -224,12 +342,17 @@ def test_no_canary_of_a_flow_dump_reaches_the_store_or_any_export(tmp_path):
     from mitmproxy import io as mio
     from mitmproxy.test import tflow
 
-    secrets = {n: canary(i) for i, n in enumerate(("url", "authorization", "referer", "location", "fragment",
-                                                   "body", "nested"))}
+    secrets = {
+        n: canary(i)
+        for i, n in enumerate(("url", "authorization", "referer", "location", "fragment", "body", "nested"))
+    }
     flow = tflow.tflow(resp=True)
-    flow.request.url = (f"http://app.test/login?access_token={secrets['url']}&next="
-                        + quote(f"https://x/?token={secrets['nested']}", safe=""))
-    flow.request.headers["Authorization"] = f"Basic {base64.b64encode(('user:' + secrets['authorization']).encode()).decode()}"
+    flow.request.url = f"http://app.test/login?access_token={secrets['url']}&next=" + quote(
+        f"https://x/?token={secrets['nested']}", safe=""
+    )
+    flow.request.headers["Authorization"] = (
+        f"Basic {base64.b64encode(('user:' + secrets['authorization']).encode()).decode()}"
+    )
     flow.request.headers["Referer"] = f"http://app.test/home?id_token={secrets['referer']}"
     flow.request.method = "POST"
     flow.request.content = json.dumps({"password": secrets["body"]}).encode()
@@ -254,39 +377,88 @@ def upstream():
 
 
 @pytest.mark.parametrize("keep_bodies", [False, True], ids=["default", "keep-bodies"])
-def test_no_canary_through_a_real_proxy_reaches_the_store_the_terminal_or_an_export(tmp_path, upstream,
-                                                                                  keep_bodies):
-    secrets = {n: canary(i) for i, n in enumerate(("query", "fragment location", "location code", "bearer",
-                                                   "referer", "json body", "form body", "multipart body",
-                                                   "basic", "nested", "deep json"))}
+def test_no_canary_through_a_real_proxy_reaches_the_store_the_terminal_or_an_export(
+    tmp_path, upstream, keep_bodies
+):
+    secrets = {
+        n: canary(i)
+        for i, n in enumerate(
+            (
+                "query",
+                "fragment location",
+                "location code",
+                "bearer",
+                "referer",
+                "json body",
+                "form body",
+                "multipart body",
+                "basic",
+                "nested",
+                "deep json",
+            )
+        )
+    }
     db = tmp_path / "p.db"
     port = free_port()
-    args = [sys.executable, "-m", "analyzer", "proxy", "--db", str(db), "-p", str(port),
-            "--confdir", str(tmp_path / "conf")] + (["--keep-bodies"] if keep_bodies else [])
+    args = [
+        sys.executable,
+        "-m",
+        "analyzer",
+        "proxy",
+        "--db",
+        str(db),
+        "-p",
+        str(port),
+        "--confdir",
+        str(tmp_path / "conf"),
+    ] + (["--keep-bodies"] if keep_bodies else [])
     log = tmp_path / "proxy.out"
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         try:
             wait_for_port(port)
-            target = quote(f"/echo/canary?code={secrets['location code']}#access_token={secrets['fragment location']}",
-                           safe="")
+            target = quote(
+                f"/echo/canary?code={secrets['location code']}#access_token={secrets['fragment location']}",
+                safe="",
+            )
             requests_ = [
-                ("POST", f"/r/307/canary?to={target}&access_token={secrets['query']}&next="
-                         + quote(quote(f"https://x/?token={secrets['nested']}", safe=""), safe=""),
-                 {"Authorization": f"Bearer {secrets['bearer']}", "Content-Type": "text/plain",
-                  "Referer": f"http://app.test/?id_token={secrets['referer']}"},
-                 json.dumps({"password": secrets["json body"]}).encode()),
-                ("POST", "/r/303/form", {"Content-Type": "application/x-www-form-urlencoded",
-                                         "Authorization": "Basic " + base64.b64encode(
-                                             f"user:{secrets['basic']}".encode()).decode()},
-                 f"user=u&password={secrets['form body']}".encode()),
-                ("POST", "/echo/multi", {"Content-Type": "multipart/form-data; boundary=B"},
-                 f'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\n{secrets["multipart body"]}\r\n'
-                 f"--B--\r\n".encode()),
+                (
+                    "POST",
+                    f"/r/307/canary?to={target}&access_token={secrets['query']}&next="
+                    + quote(quote(f"https://x/?token={secrets['nested']}", safe=""), safe=""),
+                    {
+                        "Authorization": f"Bearer {secrets['bearer']}",
+                        "Content-Type": "text/plain",
+                        "Referer": f"http://app.test/?id_token={secrets['referer']}",
+                    },
+                    json.dumps({"password": secrets["json body"]}).encode(),
+                ),
+                (
+                    "POST",
+                    "/r/303/form",
+                    {
+                        "Content-Type": "application/x-www-form-urlencoded",
+                        "Authorization": "Basic "
+                        + base64.b64encode(f"user:{secrets['basic']}".encode()).decode(),
+                    },
+                    f"user=u&password={secrets['form body']}".encode(),
+                ),
+                (
+                    "POST",
+                    "/echo/multi",
+                    {"Content-Type": "multipart/form-data; boundary=B"},
+                    f'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\n{secrets["multipart body"]}\r\n'
+                    f"--B--\r\n".encode(),
+                ),
                 # 1,000 levels deep: redacting it must not recurse (it once cost the flow its record)
-                ("POST", "/echo/deep", {"Content-Type": "application/json"},
-                 ('{"a": ' * 1000 + json.dumps({"token": secrets["deep json"]}) + "}" * 1000).encode()),
+                (
+                    "POST",
+                    "/echo/deep",
+                    {"Content-Type": "application/json"},
+                    ('{"a": ' * 1000 + json.dumps({"token": secrets["deep json"]}) + "}" * 1000).encode(),
+                ),
             ]
             for method, path, headers, body in requests_:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -339,14 +511,19 @@ def test_the_key_can_live_outside_the_store(tmp_path):
     other = Path(__file__).parent / "fixtures" / "rules" / "md-307-post-to-get.har"
     refused = run_cli("import-har", str(other), "--db", str(db), env={"REDIRECT_AUDIT_KEY_FILE": ""})
     assert refused.returncode == 2
-    assert (f"store {db} keeps its key outside it: give its key file with --key-file or "
-            "$REDIRECT_AUDIT_KEY_FILE") in refused.stderr
+    assert (
+        f"store {db} keeps its key outside it: give its key file with --key-file or $REDIRECT_AUDIT_KEY_FILE"
+    ) in refused.stderr
     wrong = tmp_path / "wrong.key"
     wrong.write_text("ab" * 32 + "\n")
     mismatch = run_cli("import-har", str(other), "--db", str(db), "--key-file", str(wrong))
     assert mismatch.returncode == 2 and f"key file {wrong} is not the key of store {db}" in mismatch.stderr
-    assert run_cli("import-har", str(other), "--db", str(db),
-                   env={"REDIRECT_AUDIT_KEY_FILE": str(key_file)}).returncode == 0
+    assert (
+        run_cli(
+            "import-har", str(other), "--db", str(db), env={"REDIRECT_AUDIT_KEY_FILE": str(key_file)}
+        ).returncode
+        == 0
+    )
 
 
 def test_the_proxy_keeps_the_store_url_off_the_command_line():
@@ -357,5 +534,8 @@ def test_the_proxy_keeps_the_store_url_off_the_command_line():
     assert not any("s3cret" in a or "redirect_audit_db" in a for a in argv)
     assert "flow_detail=0" in argv
     env = plan.environ()
-    assert env["REDIRECT_AUDIT_DB"].endswith("s3cret@127.0.0.1/audit") and env["REDIRECT_AUDIT_KEY_FILE"] == "/tmp/k"
+    assert (
+        env["REDIRECT_AUDIT_DB"].endswith("s3cret@127.0.0.1/audit")
+        and env["REDIRECT_AUDIT_KEY_FILE"] == "/tmp/k"
+    )
     assert "s3cret" not in plan.banner() and re.search(r"auditor:\*\*\*@", plan.banner())

@@ -17,9 +17,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import RULE_FIXTURES, run_cli
 from sqlalchemy import MetaData, create_engine, insert, select
 
-from conftest import RULE_FIXTURES, run_cli
 from analyzer.migrate import create_at, head_revision
 from analyzer.store import metadata, open_store
 from analyzer.storeread import SCHEMA_VERSION, StoreOutdated, resolve_db_url, revision_of
@@ -30,10 +30,21 @@ LAST = STORES / "release-17a54ff.db"
 SCHEMA_2 = STORES / "release-026e1d2.db"
 RELEASES = pytest.mark.parametrize("fixture", [OLD, LAST, SCHEMA_2], ids=["be7a892", "17a54ff", "026e1d2"])
 FILES = {
-    OLD: ["md-307-post-to-get.har", "dw-failover.har", "st-7-days.har", "cc-authorization-other-host.har",
-          "lw-put-307.har"],
-    LAST: ["md-307-post-to-get.har", "dw-failover.har", "st-7-days.har", "cc-authorization-other-host.har",
-           "lw-put-307.har", "db-307-empty.har"],
+    OLD: [
+        "md-307-post-to-get.har",
+        "dw-failover.har",
+        "st-7-days.har",
+        "cc-authorization-other-host.har",
+        "lw-put-307.har",
+    ],
+    LAST: [
+        "md-307-post-to-get.har",
+        "dw-failover.har",
+        "st-7-days.har",
+        "cc-authorization-other-host.har",
+        "lw-put-307.har",
+        "db-307-empty.har",
+    ],
 }
 FILES[SCHEMA_2] = FILES[LAST]
 VERSION = {OLD: 1, LAST: 1, SCHEMA_2: 2}
@@ -41,8 +52,19 @@ REVISION = {OLD: "none", LAST: "none", SCHEMA_2: "0002"}
 
 
 def summary(stdout: str) -> list[tuple]:
-    return sorted((f["rule"], f["severity"], f["status"], f["method_before"], f["method_after"], f["from_url"],
-                   f["to_url"], f["fingerprint"]) for f in json.loads(stdout))
+    return sorted(
+        (
+            f["rule"],
+            f["severity"],
+            f["status"],
+            f["method_before"],
+            f["method_after"],
+            f["from_url"],
+            f["to_url"],
+            f["fingerprint"],
+        )
+        for f in json.loads(stdout)
+    )
 
 
 def digest(path: Path) -> str:
@@ -58,20 +80,29 @@ def test_an_older_store_is_refused_with_the_upgrade_command_and_left_untouched(f
     old = tmp_path / "old.db"
     shutil.copy(fixture, old)
     before = digest(old)
-    for argv in (["findings"], ["chains", "-f", "json"], ["check"], ["analyze"], ["captures"],
-                 ["import-har", str(RULE_FIXTURES / "db-308-changed.har")]):
+    for argv in (
+        ["findings"],
+        ["chains", "-f", "json"],
+        ["check"],
+        ["analyze"],
+        ["captures"],
+        ["import-har", str(RULE_FIXTURES / "db-308-changed.har")],
+    ):
         done = run_cli(*argv, "--db", str(old))
         assert done.returncode == 2, argv
         assert done.stderr.strip().splitlines() == [
             f"redirect-audit: error: store {old} has schema version {VERSION[fixture]}, older than this release's {SCHEMA_VERSION}; "
             f"upgrade it with `db upgrade --db {old}` (its captures are kept; back it up first if an older "
-            f"redirect-audit must still read it)"], argv
+            f"redirect-audit must still read it)"
+        ], argv
     assert digest(old) == before  # nothing read or written changed a byte
     current = run_cli("db", "current", "--db", str(old))
     assert current.returncode == 0
     made = " (made before migrations)" if REVISION[fixture] == "none" else ""
     assert f"schema version {VERSION[fixture]}, revision {REVISION[fixture]}{made}" in current.stdout
-    prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"  # as run
+    prefix = (
+        "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
+    )  # as run
     assert f"outdated: `{prefix} db upgrade --db {old}` upgrades it" in current.stdout
     with pytest.raises(StoreOutdated):
         open_store(str(old), create=False)
@@ -82,18 +113,25 @@ def test_an_upgraded_store_keeps_everything_and_answers_as_a_fresh_import(fixtur
     old = tmp_path / "old.db"
     shutil.copy(fixture, old)
     with sqlite3.connect(old) as conn:
-        columns = {t: ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({t})"))
-                   for t in ("captures", "exchanges", "chains", "hops", "findings")}
+        columns = {
+            t: ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({t})"))
+            for t in ("captures", "exchanges", "chains", "hops", "findings")
+        }
         if VERSION[fixture] >= 2:
             columns["analyzed_captures"] = "capture_id, exchanges, max_seq"
         kept = {t: conn.execute(f"SELECT {columns[t]} FROM {t} ORDER BY 1").fetchall() for t in columns}
         key = conn.execute("SELECT value FROM meta WHERE key = 'hmac_key'").fetchone()
     done = run_cli("db", "upgrade", "--db", str(old))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == (f"upgraded {old} from schema version {VERSION[fixture]} to {SCHEMA_VERSION} "
-                                   f"(revision {REVISION[fixture]} -> {head_revision()})")
+    assert done.stdout.strip() == (
+        f"upgraded {old} from schema version {VERSION[fixture]} to {SCHEMA_VERSION} "
+        f"(revision {REVISION[fixture]} -> {head_revision()})"
+    )
     again = run_cli("db", "upgrade", "--db", str(old))
-    assert again.stdout.strip() == f"{old} is up to date (schema version {SCHEMA_VERSION}, revision {head_revision()})"
+    assert (
+        again.stdout.strip()
+        == f"{old} is up to date (schema version {SCHEMA_VERSION}, revision {head_revision()})"
+    )
     with sqlite3.connect(old) as conn:
         for table, rows in kept.items():  # every column it had, as it was (new columns are empty)
             assert conn.execute(f"SELECT {columns[table]} FROM {table} ORDER BY 1").fetchall() == rows, table
@@ -102,7 +140,12 @@ def test_an_upgraded_store_keeps_everything_and_answers_as_a_fresh_import(fixtur
     first = run_cli("findings", "-f", "json", "--db", str(old))
     assert first.returncode == 0, first.stderr
     fresh = tmp_path / "fresh.db"
-    assert run_cli("import-har", *[str(RULE_FIXTURES / f) for f in FILES[fixture]], "--db", str(fresh)).returncode == 0
+    assert (
+        run_cli(
+            "import-har", *[str(RULE_FIXTURES / f) for f in FILES[fixture]], "--db", str(fresh)
+        ).returncode
+        == 0
+    )
     assert summary(first.stdout) == summary(run_cli("findings", "-f", "json", "--db", str(fresh)).stdout)
     assert len(summary(first.stdout)) >= 5
 
@@ -129,7 +172,9 @@ def test_a_store_of_a_newer_release_is_refused(tmp_path):
     for argv in (["findings"], ["db", "upgrade"]):
         done = run_cli(*argv, "--db", str(new))
         assert done.returncode == 2
-        assert "schema version 99" in done.stderr and "newer" in done.stderr and "Traceback" not in done.stderr
+        assert (
+            "schema version 99" in done.stderr and "newer" in done.stderr and "Traceback" not in done.stderr
+        )
 
 
 def test_a_postgresql_store_of_the_last_release_upgrades_with_nothing_lost(tmp_path, pg_cluster):
@@ -146,7 +191,7 @@ def test_a_postgresql_store_of_the_last_release_upgrades_with_nothing_lost(tmp_p
         for table in ("meta", "captures", "exchanges", "chains", "hops", "findings"):
             cur = source.execute(f"SELECT * FROM {table}")
             names = [d[0] for d in cur.description]
-            rows = [dict(zip(names, r)) for r in cur.fetchall()]
+            rows = [dict(zip(names, r, strict=False)) for r in cur.fetchall()]
             for r in rows:
                 for flag in ("synthetic", "from_cache"):
                     if flag in r:
@@ -156,15 +201,20 @@ def test_a_postgresql_store_of_the_last_release_upgrades_with_nothing_lost(tmp_p
         for table in ("captures", "exchanges", "chains", "findings"):
             conn.exec_driver_sql(f"SELECT setval('{table}_id_seq', (SELECT max(id) FROM {table}))")
     with engine.connect() as conn:
-        kept = {t: conn.execute(select(old.tables[t]).order_by(*old.tables[t].primary_key.columns)).all()
-                for t in ("captures", "exchanges", "chains", "hops", "findings")}
+        kept = {
+            t: conn.execute(select(old.tables[t]).order_by(*old.tables[t].primary_key.columns)).all()
+            for t in ("captures", "exchanges", "chains", "hops", "findings")
+        }
     refused = run_cli("findings", "--db", url)
     assert refused.returncode == 2 and "upgrade it with `db upgrade and the same --db`" in refused.stderr
     done = run_cli("db", "upgrade", "--db", url)
     assert done.returncode == 0, done.stderr
     new = MetaData()
     new.reflect(engine)
-    assert str(new.tables["exchanges"].c.id.type) == "BIGINT" and str(new.tables["exchanges"].c.method.type) == "TEXT"
+    assert (
+        str(new.tables["exchanges"].c.id.type) == "BIGINT"
+        and str(new.tables["exchanges"].c.method.type) == "TEXT"
+    )
     with engine.connect() as conn:
         for table, rows in kept.items():
             same = [new.tables[table].c[c.name] for c in old.tables[table].columns]
@@ -174,7 +224,10 @@ def test_a_postgresql_store_of_the_last_release_upgrades_with_nothing_lost(tmp_p
     shutil.copy(LAST, lite)
     assert run_cli("db", "upgrade", "--db", str(lite)).returncode == 0
     for what in ("findings", "chains", "clients"):
-        assert run_cli(what, "-f", "json", "--db", url).stdout == run_cli(what, "-f", "json", "--db", str(lite)).stdout
+        assert (
+            run_cli(what, "-f", "json", "--db", url).stdout
+            == run_cli(what, "-f", "json", "--db", str(lite)).stdout
+        )
     big = run_cli("import-har", str(RULE_FIXTURES / "db-308-changed.har"), "--db", url)
     assert big.returncode == 0, big.stderr
 
@@ -187,23 +240,33 @@ def test_a_migrated_store_has_exactly_the_schema_a_new_store_has(engine_, tmp_pa
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    url = str(tmp_path / "m.db") if engine_ == "sqlite" else request.getfixturevalue("pg_cluster").new_database()
+    url = (
+        str(tmp_path / "m.db")
+        if engine_ == "sqlite"
+        else request.getfixturevalue("pg_cluster").new_database()
+    )
     create_at(url, "0001")
     engine = create_engine(resolve_db_url(url))
     with engine.begin() as conn:
-        conn.execute(insert(metadata.tables["meta"]), [{"key": "schema_version", "value": "1"},
-                                                        {"key": "hmac_key", "value": "00" * 32}])
+        conn.execute(
+            insert(metadata.tables["meta"]),
+            [{"key": "schema_version", "value": "1"}, {"key": "hmac_key", "value": "00" * 32}],
+        )
     engine.dispose()
     assert run_cli("db", "upgrade", "--db", url).returncode == 0
     engine = create_engine(resolve_db_url(url))
     with engine.connect() as conn:
+
         def made_here(obj, name, type_, reflected, compare_to):
             """An index declared for another dialect only (Index.ddl_if) is not expected here."""
             condition = getattr(obj, "_ddl_if", None)
-            return not (type_ == "index" and condition is not None and condition.dialect not in (None, engine_))
+            return not (
+                type_ == "index" and condition is not None and condition.dialect not in (None, engine_)
+            )
 
-        context = MigrationContext.configure(conn, opts={"compare_type": engine_ == "postgresql",
-                                                         "include_object": made_here})
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": engine_ == "postgresql", "include_object": made_here}
+        )
         differences = compare_metadata(context, metadata)
     engine.dispose()
     assert differences == []

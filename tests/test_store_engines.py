@@ -13,13 +13,15 @@ import sys
 import time
 
 import pytest
+from conftest import CORPUS, ROOT, RULE_FIXTURES, new_store_url, require_corpus, run_cli
 from sqlalchemy import select
 
-from conftest import CORPUS, ROOT, RULE_FIXTURES, new_store_url, require_corpus, run_cli
 from analyzer.store import captures, exchanges, meta, open_store
 
 BIG = 2**33 + 7
-NOISE = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(200))  # 12,800 characters, incompressible
+NOISE = "".join(
+    hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)
+)  # 12,800 characters, incompressible
 
 
 def hostile_values_har(tmp_path):
@@ -27,28 +29,64 @@ def hostile_values_har(tmp_path):
     40-character method and HTTP version, NUL in a URL and a User-Agent, statuses outside HTTP's."""
     method = "X" * 40
     entries = [
-        {"startedDateTime": "2026-03-01T12:00:00Z",
-         "request": {"method": "POST", "url": "https://api.test/up\u0000load", "httpVersion": "HTTP/1.1" + "1" * 32,
-                     "headers": [{"name": "User-Agent", "value": "agent\u0000nul"},
-                                 {"name": "Content-Length", "value": str(BIG)}],
-                     "bodySize": BIG},
-         "response": {"status": 307, "headers": [{"name": "Location", "value": "/next\u0000"}],
-                      "bodySize": BIG, "content": {"size": BIG, "mimeType": "text/plain"}}},
-        {"startedDateTime": "2026-03-01T12:00:01Z",
-         "request": {"method": method, "url": "https://api.test/m", "httpVersion": "HTTP/1.1", "headers": []},
-         "response": {"status": 2**40, "headers": []}},
-        {"startedDateTime": "2026-03-01T12:00:02Z",
-         "request": {"method": "GET", "url": "https://api.test/neg", "httpVersion": "HTTP/1.1", "headers": []},
-         "response": {"status": -5, "headers": []}},
+        {
+            "startedDateTime": "2026-03-01T12:00:00Z",
+            "request": {
+                "method": "POST",
+                "url": "https://api.test/up\u0000load",
+                "httpVersion": "HTTP/1.1" + "1" * 32,
+                "headers": [
+                    {"name": "User-Agent", "value": "agent\u0000nul"},
+                    {"name": "Content-Length", "value": str(BIG)},
+                ],
+                "bodySize": BIG,
+            },
+            "response": {
+                "status": 307,
+                "headers": [{"name": "Location", "value": "/next\u0000"}],
+                "bodySize": BIG,
+                "content": {"size": BIG, "mimeType": "text/plain"},
+            },
+        },
+        {
+            "startedDateTime": "2026-03-01T12:00:01Z",
+            "request": {
+                "method": method,
+                "url": "https://api.test/m",
+                "httpVersion": "HTTP/1.1",
+                "headers": [],
+            },
+            "response": {"status": 2**40, "headers": []},
+        },
+        {
+            "startedDateTime": "2026-03-01T12:00:02Z",
+            "request": {
+                "method": "GET",
+                "url": "https://api.test/neg",
+                "httpVersion": "HTTP/1.1",
+                "headers": [],
+            },
+            "response": {"status": -5, "headers": []},
+        },
         # longer than a PostgreSQL B-tree entry may be (2,704 bytes): a URL, a Location, a page (the client id)
-        {"startedDateTime": "2026-03-01T12:00:03Z", "pageref": NOISE,
-         "request": {"method": "GET", "url": "https://api.test/long?q=" + NOISE, "httpVersion": "HTTP/1.1",
-                     "headers": []},
-         "response": {"status": 302, "headers": [{"name": "Location", "value": "/long?r=" + NOISE}]}},
+        {
+            "startedDateTime": "2026-03-01T12:00:03Z",
+            "pageref": NOISE,
+            "request": {
+                "method": "GET",
+                "url": "https://api.test/long?q=" + NOISE,
+                "httpVersion": "HTTP/1.1",
+                "headers": [],
+            },
+            "response": {"status": 302, "headers": [{"name": "Location", "value": "/long?r=" + NOISE}]},
+        },
     ]
     path = tmp_path / "hostile-values.har"
-    path.write_text(json.dumps({"log": {"version": "1.2", "creator": {"name": "t\u0000x", "version": "1"},
-                                        "entries": entries}}))
+    path.write_text(
+        json.dumps(
+            {"log": {"version": "1.2", "creator": {"name": "t\u0000x", "version": "1"}, "entries": entries}}
+        )
+    )
     return path
 
 
@@ -60,16 +98,26 @@ def test_values_real_traffic_carries_are_stored_on_both_engines(db_path, tmp_pat
     store = open_store(db_path, create=False)
     try:
         with store.begin() as conn:
-            rows = conn.execute(select(exchanges.c.method, exchanges.c.url, exchanges.c.http_version,
-                                       exchanges.c.status, exchanges.c.req_body_len, exchanges.c.resp_body_len,
-                                       exchanges.c.user_agent, exchanges.c.location)
-                                .order_by(exchanges.c.seq)).all()
+            rows = conn.execute(
+                select(
+                    exchanges.c.method,
+                    exchanges.c.url,
+                    exchanges.c.http_version,
+                    exchanges.c.status,
+                    exchanges.c.req_body_len,
+                    exchanges.c.resp_body_len,
+                    exchanges.c.user_agent,
+                    exchanges.c.location,
+                ).order_by(exchanges.c.seq)
+            ).all()
             creator = conn.execute(select(captures.c.creator)).scalar()
     finally:
         store.close()
     first, second, third, long = rows
     assert len(long.url) > 6000 and len(long.location) > 6000
-    assert first.url == "https://api.test/up\\x00load"  # NUL written as \x00, like other bytes that are not text
+    assert (
+        first.url == "https://api.test/up\\x00load"
+    )  # NUL written as \x00, like other bytes that are not text
     assert first.user_agent == "agent\\x00nul"
     assert first.location == "/next\\x00"
     assert first.http_version == "HTTP/1.1" + "1" * 32
@@ -83,7 +131,9 @@ def test_values_real_traffic_carries_are_stored_on_both_engines(db_path, tmp_pat
 
 
 def outputs(db: str) -> dict[str, str]:
-    return {what: run_cli(what, "-f", "json", "--db", db).stdout for what in ("findings", "chains", "clients")}
+    return {
+        what: run_cli(what, "-f", "json", "--db", db).stdout for what in ("findings", "chains", "clients")
+    }
 
 
 def test_both_engines_give_byte_identical_answers_on_the_corpus_and_every_fixture(tmp_path, request):
@@ -122,8 +172,16 @@ def test_many_processes_creating_one_store_at_once_all_get_it(engine, tmp_path, 
         request.param = engine
         url = new_store_url(request, tmp_path, f"race{trial}.db")
         at = time.time() + 1.5  # every process past its imports, then all at once
-        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, url, str(at)], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_AT, url, str(at)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
         results = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0] * 6, [err[-500:] for _, err in results]
         store = open_store(url, create=False)
@@ -140,8 +198,16 @@ def test_imports_into_a_new_store_at_once_all_land(engine, tmp_path, request):
     request.param = engine
     url = new_store_url(request, tmp_path, "together.db")
     files = sorted(RULE_FIXTURES.glob("md-*.har"))[:5]
-    procs = [subprocess.Popen([sys.executable, "-m", "analyzer", "import-har", str(f), "--db", url], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in files]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "analyzer", "import-har", str(f), "--db", url],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for f in files
+    ]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * len(files), [err for _, err in results]
     listed = json.loads(run_cli("captures", "-f", "json", "--db", url).stdout)
@@ -160,8 +226,21 @@ def test_the_notebook_frames_read_postgresql_as_they_read_sqlite(tmp_path, reque
     key = str(tmp_path / "key")
     for db in (lite, pg):
         assert run_cli("import-har", *files, "--db", db, "--key-file", key).returncode == 0
-    for name in ("exchanges", "hops", "chains", "findings", "clients", "client_summary", "temporary_redirects"):
+    for name in (
+        "exchanges",
+        "hops",
+        "chains",
+        "findings",
+        "clients",
+        "client_summary",
+        "temporary_redirects",
+    ):
         on_lite, on_pg = getattr(frames, name)(lite), getattr(frames, name)(pg)
         assert len(on_lite) > 0, name
-        pd.testing.assert_frame_equal(on_pg.reset_index(drop=True), on_lite.reset_index(drop=True),
-                                      check_dtype=False, check_categorical=False, obj=name)
+        pd.testing.assert_frame_equal(
+            on_pg.reset_index(drop=True),
+            on_lite.reset_index(drop=True),
+            check_dtype=False,
+            check_categorical=False,
+            obj=name,
+        )

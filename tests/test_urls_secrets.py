@@ -8,23 +8,29 @@ from analyzer.secrets import fingerprint, protect_headers, protect_url, redact_b
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
 
-@pytest.mark.parametrize("raw, norm", [
-    ("HTTP://Example.COM", "http://example.com/"),
-    ("https://example.com:443/a#top", "https://example.com/a"),
-    ("https://example.com:8443/a", "https://example.com:8443/a"),
-    ("http://example.com/a%2Fb;p=1?q=%7E", "http://example.com/a%2Fb;p=1?q=%7E"),
-    ("http://[::1]:8080/x", "http://[::1]:8080/x"),
-])
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("HTTP://Example.COM", "http://example.com/"),
+        ("https://example.com:443/a#top", "https://example.com/a"),
+        ("https://example.com:8443/a", "https://example.com:8443/a"),
+        ("http://example.com/a%2Fb;p=1?q=%7E", "http://example.com/a%2Fb;p=1?q=%7E"),
+        ("http://[::1]:8080/x", "http://[::1]:8080/x"),
+    ],
+)
 def test_normalize(raw, norm):
     assert normalize_url(raw) == norm
 
 
-@pytest.mark.parametrize("location, resolved", [
-    ("/b", "https://h/b"),
-    ("b?x=1", "https://h/dir/b?x=1"),
-    ("//other:443/c", "https://other/c"),
-    ("http://X/", "http://x/"),
-])
+@pytest.mark.parametrize(
+    "location, resolved",
+    [
+        ("/b", "https://h/b"),
+        ("b?x=1", "https://h/dir/b?x=1"),
+        ("//other:443/c", "https://other/c"),
+        ("http://X/", "http://x/"),
+    ],
+)
 def test_resolve(location, resolved):
     assert resolve_location("https://h/dir/a", location) == resolved
 
@@ -53,18 +59,41 @@ def test_secret_query_values_are_fingerprinted():
 
 def test_kept_bodies_are_redacted():
     key = b"k" * 32
-    assert b"hunter2" not in redact_body(b"user=ada&password=hunter2", "application/x-www-form-urlencoded", key)
-    assert b"zq9x" not in redact_body(b'{"a": {"token": "zq9x"}, "b": 1}', "application/json; charset=utf-8", key)
+    assert b"hunter2" not in redact_body(
+        b"user=ada&password=hunter2", "application/x-www-form-urlencoded", key
+    )
+    assert b"zq9x" not in redact_body(
+        b'{"a": {"token": "zq9x"}, "b": 1}', "application/json; charset=utf-8", key
+    )
 
 
 def test_fast_url_normalization_agrees_with_the_general_one():
-    from analyzer.urls import _normalize_general
     from conftest import CORPUS
 
-    urls = ["http://A.example:80", "https://a.example:0443/x?y#z", "http://a:65536/", "http://a:/", "HTTP://a.b/c?",
-            "http://a/b?#c", "http://a?x", "https://a.b_c-d.e/%7e?q=%41", " http://a/", "http://a/\t", "http://a\n.b/",
-            "wss://x:443", "ws://x:443/a", "http://a.example:8080?x=1", "http://a/b#?c", "http://1.2.3.4:99999",
-            "https://h.test:00080/", "http://a.example\u3000", "http://[::1]:8080/x", "http://u:p@h/"]
+    from analyzer.urls import _normalize_general
+
+    urls = [
+        "http://A.example:80",
+        "https://a.example:0443/x?y#z",
+        "http://a:65536/",
+        "http://a:/",
+        "HTTP://a.b/c?",
+        "http://a/b?#c",
+        "http://a?x",
+        "https://a.b_c-d.e/%7e?q=%41",
+        " http://a/",
+        "http://a/\t",
+        "http://a\n.b/",
+        "wss://x:443",
+        "ws://x:443/a",
+        "http://a.example:8080?x=1",
+        "http://a/b#?c",
+        "http://1.2.3.4:99999",
+        "https://h.test:00080/",
+        "http://a.example\u3000",
+        "http://[::1]:8080/x",
+        "http://u:p@h/",
+    ]
     for har in sorted((CORPUS / "good").glob("*.har")):
         for entry in json.loads(har.read_text(encoding="utf-8-sig"))["log"].get("entries") or []:
             url = ((entry or {}).get("request") or {}).get("url")

@@ -44,7 +44,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "upstream/1"
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):
         pass
 
     def _body(self) -> bytes:
@@ -97,13 +97,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, b"moved\n", headers)
             return
         if segments[0] == "auth" and "Authorization" not in self.headers:  # an API that needs its token
-            self._send(401, b'{"error": "no credentials"}', {"Content-Type": "application/json",
-                                                            "WWW-Authenticate": 'Bearer realm="upstream"'})
+            self._send(
+                401,
+                b'{"error": "no credentials"}',
+                {"Content-Type": "application/json", "WWW-Authenticate": 'Bearer realm="upstream"'},
+            )
             return
         if segments[0] in ("echo", "auth"):
             seen = {
-                "method": self.command, "path": self.path, "headers": dict(self.headers.items()),
-                "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest() if body else None,
+                "method": self.command,
+                "path": self.path,
+                "headers": dict(self.headers.items()),
+                "body_len": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest() if body else None,
             }
             self._send(200, json.dumps(seen).encode(), {"Content-Type": "application/json"})
             return
@@ -151,17 +157,28 @@ def self_signed_context(directory: Path) -> ssl.SSLContext:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "upstream.test")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
-                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "upstream-cert.pem", directory / "upstream-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     return context

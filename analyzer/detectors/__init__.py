@@ -27,9 +27,20 @@ from analyzer.model import Chain, Exchange, Finding
 RULES: tuple[Rule, ...] = tuple(
     rule_from_module(m)
     for m in (
-        method_downgrade, dropped_body, duplicate_write, stale_temporary_redirect,  # the mission's four
-        credential_cross_origin, https_downgrade, body_on_get, head_to_get, non_get_after_303,
-        redirect_loop, too_many_redirects, missing_location, lost_write, open_redirect_pattern,
+        method_downgrade,
+        dropped_body,
+        duplicate_write,
+        stale_temporary_redirect,  # the mission's four
+        credential_cross_origin,
+        https_downgrade,
+        body_on_get,
+        head_to_get,
+        non_get_after_303,
+        redirect_loop,
+        too_many_redirects,
+        missing_location,
+        lost_write,
+        open_redirect_pattern,
         credential_dropped,
     )
 )
@@ -38,7 +49,9 @@ RULES_BY_SLUG = {rule.slug: rule for rule in RULES}
 
 def arrivals_of(chains: Sequence[Chain]) -> dict[int, tuple[Chain, int]]:
     """Map each follow-up exchange id to the chain and hop that led to it."""
-    return {hop.target.id: (chain, hop.index) for chain in chains for hop in chain.hops if hop.target is not None}
+    return {
+        hop.target.id: (chain, hop.index) for chain in chains for hop in chain.hops if hop.target is not None
+    }
 
 
 def run_detectors(
@@ -54,4 +67,4 @@ def run_detectors(
     return found
 
 
-__all__ = ["RULES", "RULES_BY_SLUG", "DetectorOptions", "Rule", "run_detectors", "arrivals_of"]
+__all__ = ["RULES", "RULES_BY_SLUG", "DetectorOptions", "Rule", "arrivals_of", "run_detectors"]

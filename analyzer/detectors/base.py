@@ -8,7 +8,7 @@ from functools import lru_cache
 from types import ModuleType
 
 from analyzer.model import Chain, Exchange, Finding, Hop, Severity
-from analyzer.urls import endpoint, origin_with_port as origin
+from analyzer.urls import endpoint
 
 DEFAULT_STALE_AFTER_DAYS = 7.0
 DEFAULT_DUPLICATE_WINDOW = 600.0  # seconds between two deliveries of one logical write
@@ -73,8 +73,14 @@ def rule_from_module(module: ModuleType) -> Rule:
 
 
 def hop_finding(
-    module: ModuleType, hop: Hop, chain: Chain, message: str, evidence: dict, *,
-    severity: Severity | None = None, confidence: float | None = None,
+    module: ModuleType,
+    hop: Hop,
+    chain: Chain,
+    message: str,
+    evidence: dict,
+    *,
+    severity: Severity | None = None,
+    confidence: float | None = None,
 ) -> Finding:
     """A finding about one followed hop, pointing at its follow-up request."""
     return Finding(
@@ -115,9 +121,11 @@ def body_headers(headers: Iterable[tuple[str, str]]) -> list[str]:
     found: list[str] = []
     for name, value in headers:
         lname = name.lower()
-        if lname in REQUEST_BODY_HEADERS or (lname == "content-length" and str(value).strip() not in ("", "0")):
-            if lname not in found:
-                found.append(lname)
+        has_body = lname in REQUEST_BODY_HEADERS or (
+            lname == "content-length" and str(value).strip() not in ("", "0")
+        )
+        if has_body and lname not in found:
+            found.append(lname)
     return found
 
 

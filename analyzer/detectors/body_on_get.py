@@ -44,14 +44,30 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         body = target.request_body
         if not body.is_present and not kept:
             continue
-        evidence = {"status": source.status, "method_before": source.method, "method_after": target.method,
-                    "body_length_after": body.length, "headers_kept": kept}
+        evidence = {
+            "status": source.status,
+            "method_before": source.method,
+            "method_after": target.method,
+            "body_length_after": body.length,
+            "headers_kept": kept,
+        }
         where = f"{source.status} turned {source.method} into {target.method}"
         if body.is_present or "content-length" in kept:
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{where} but the follow-up still carried a body ({body.length if body.is_present else 'declared'} "
-                "bytes): RFC 9110 15.4 and Fetch step 12 remove it with the method change", evidence)
+                "bytes): RFC 9110 15.4 and Fetch step 12 remove it with the method change",
+                evidence,
+            )
         else:
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{where} but kept the body header{'s' if len(kept) > 1 else ''} {', '.join(kept)} with no body "
-                "(RFC 9110 15.4, Fetch HTTP-redirect fetch step 12)", evidence, severity=Severity.LOW)
+                "(RFC 9110 15.4, Fetch HTTP-redirect fetch step 12)",
+                evidence,
+                severity=Severity.LOW,
+            )

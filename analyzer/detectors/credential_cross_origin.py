@@ -36,8 +36,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
-from analyzer.detectors.base import Context, endpoint, hop_finding, is_upgrade, origin, site
+from analyzer.detectors.base import Context, hop_finding, is_upgrade, site
 from analyzer.model import Chain, Exchange, Finding, Severity
+from analyzer.urls import endpoint
+from analyzer.urls import origin_with_port as origin
 
 RULE_ID = "RA105"
 SLUG = "credential-cross-origin"
@@ -89,31 +91,59 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
 
 
 def _finding(module, chain: Chain, hop, name: str, before: str, after: str) -> Finding:
-    evidence = {"header": name, "from_origin": origin(before), "to_origin": origin(after),
-                "status": hop.source.status, "hop_source_url": hop.source.url_norm}
+    evidence = {
+        "header": name,
+        "from_origin": origin(before),
+        "to_origin": origin(after),
+        "status": hop.source.status,
+        "hop_source_url": hop.source.url_norm,
+    }
     if is_upgrade(before, after):
         evidence["kind"] = "https-upgrade"
-        return hop_finding(module, hop, chain,
+        return hop_finding(
+            module,
+            hop,
+            chain,
             f"{_title(name)} was sent again after an upgrade from {origin(before)} to {origin(after)}: the same "
             "host over https, which several clients treat as the same site on purpose; Fetch counts it as "
-            "another origin and drops Authorization", evidence, severity=Severity.LOW)
+            "another origin and drops Authorization",
+            evidence,
+            severity=Severity.LOW,
+        )
     b, a = endpoint(before)[1], endpoint(after)[1]
     dropped = conforming_client_drops(name, before, after)
-    evidence["kind"] = "other-site" if site(b) != site(a) else ("other-host" if b != a else "other-port-or-scheme")
+    evidence["kind"] = (
+        "other-site" if site(b) != site(a) else ("other-host" if b != a else "other-port-or-scheme")
+    )
     if name == "cookie":
         severity = Severity.MEDIUM if dropped else Severity.LOW
-        why = ("a Cookie header set by the caller leaks this way; no cookie jar sends one site's cookie to "
-               "another site (RFC 6265 5.4)") if dropped else (
-               "a cookie jar may send a domain cookie to every host of the site and cookies do not isolate ports "
-               "(RFC 6265 5.4, 8.5), but a Cookie header set by the caller should not follow the request to "
-               "another origin")
+        why = (
+            (
+                "a Cookie header set by the caller leaks this way; no cookie jar sends one site's cookie to "
+                "another site (RFC 6265 5.4)"
+            )
+            if dropped
+            else (
+                "a cookie jar may send a domain cookie to every host of the site and cookies do not isolate ports "
+                "(RFC 6265 5.4, 8.5), but a Cookie header set by the caller should not follow the request to "
+                "another origin"
+            )
+        )
     else:
         severity = Severity.HIGH
-        why = ("Fetch removes Authorization when a redirect changes origin (HTTP-redirect fetch step 13) and "
-               "RFC 9110 15.4 tells clients to consider dropping credentials")
-    return hop_finding(module, hop, chain,
+        why = (
+            "Fetch removes Authorization when a redirect changes origin (HTTP-redirect fetch step 13) and "
+            "RFC 9110 15.4 tells clients to consider dropping credentials"
+        )
+    return hop_finding(
+        module,
+        hop,
+        chain,
         f"{_title(name)} sent to {origin(before)} was forwarded to {origin(after)} after a {hop.source.status}: "
-        f"{why}", evidence, severity=severity)
+        f"{why}",
+        evidence,
+        severity=severity,
+    )
 
 
 def _title(name: str) -> str:

@@ -43,16 +43,27 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 
-from analyzer.detectors.base import Context, hop_finding, origin
+from analyzer.detectors.base import Context, hop_finding
 from analyzer.model import Chain, Finding, Severity
+from analyzer.urls import origin_with_port as origin
 
 RULE_ID = "RA115"
 SLUG = "credential-dropped"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A credential the request carried was missing on the follow-up of a redirect."
 
-API_KEY_HEADERS = ("x-api-key", "api-key", "apikey", "x-auth-token", "x-access-token", "x-goog-api-key",
-                   "private-token", "x-vault-token", "ocp-apim-subscription-key", "x-amz-security-token")
+API_KEY_HEADERS = (
+    "x-api-key",
+    "api-key",
+    "apikey",
+    "x-auth-token",
+    "x-access-token",
+    "x-goog-api-key",
+    "private-token",
+    "x-vault-token",
+    "ocp-apim-subscription-key",
+    "x-amz-security-token",
+)
 WATCHED = ("authorization", *API_KEY_HEADERS, "cookie")
 DENIED = (401, 403)
 
@@ -81,29 +92,50 @@ def _judge(module, chain: Chain, hop, name: str) -> Finding | None:
     before, after = origin(source.url_norm), origin(target.url_norm)
     denied = target.status in DENIED
     title = "-".join(part.capitalize() for part in name.split("-"))
-    evidence = {"header": name, "from_origin": before, "to_origin": after, "status": source.status,
-                "follow_up_status": target.status, "same_origin": before == after}
+    evidence = {
+        "header": name,
+        "from_origin": before,
+        "to_origin": after,
+        "status": source.status,
+        "follow_up_status": target.status,
+        "same_origin": before == after,
+    }
     answered = f" and the follow-up was answered {target.status}" if denied else ""
     if name == "cookie":
         if not denied:
             return None
-        return hop_finding(module, hop, chain,
+        return hop_finding(
+            module,
+            hop,
+            chain,
             f"Cookie sent to {before} was not sent on the follow-up to {after} after a {source.status}{answered}: "
             "which cookies go with a request is the cookie jar's decision (domain, path, expiry, SameSite; "
             "RFC 6265 5.4), so check that the session cookie's scope covers the redirect's target",
-            evidence, severity=Severity.LOW)
+            evidence,
+            severity=Severity.LOW,
+        )
     if before == after:
-        return hop_finding(module, hop, chain,
+        return hop_finding(
+            module,
+            hop,
+            chain,
             f"{title} sent to {before} was dropped on the follow-up to the same origin after a "
             f"{source.status}{answered}: Fetch keeps it on a same-origin redirect (HTTP-redirect fetch step 13 "
             "removes Authorization only when the origin changes), so the client lost it; fix the client to "
             "re-send the request's headers on a same-origin redirect",
-            evidence, severity=Severity.HIGH if denied else Severity.MEDIUM)
+            evidence,
+            severity=Severity.HIGH if denied else Severity.MEDIUM,
+        )
     if not denied:
         return None  # what a conforming client does; the target let the call through without it
-    return hop_finding(module, hop, chain,
+    return hop_finding(
+        module,
+        hop,
+        chain,
         f"{title} sent to {before} was dropped, as it should be, on the {source.status} to {after}, which then "
         f"answered {target.status}: an authenticated call redirected across origins can only fail or leak the "
         f"credential; serve the call at {before}, or have the client authenticate at {after} explicitly "
         "(a token for that origin, or a signed URL in the Location)",
-        evidence, severity=Severity.MEDIUM)
+        evidence,
+        severity=Severity.MEDIUM,
+    )

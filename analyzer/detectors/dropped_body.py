@@ -47,24 +47,44 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         if not before.is_present or not after.is_known:
             continue  # nothing to lose, or we cannot see what was sent
         evidence = {
-            "status": source.status, "method": source.method,
-            "length_before": before.length, "length_after": after.length,
-            "sha256_before": before.sha256, "sha256_after": after.sha256,
-            "content_type_before": before.content_type, "content_type_after": after.content_type,
+            "status": source.status,
+            "method": source.method,
+            "length_before": before.length,
+            "length_after": after.length,
+            "sha256_before": before.sha256,
+            "sha256_after": after.sha256,
+            "content_type_before": before.content_type,
+            "content_type_after": after.content_type,
         }
         where = f"{source.status} after {source.method}"
         if after.length == 0:
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{where} was followed with no body (the original had {before.length} bytes): the payload was lost",
-                evidence)
+                evidence,
+            )
         elif _differs(before, after):
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{where} was followed with a different body ({before.length} -> {after.length} bytes): "
-                "the request was not repeated as sent (RFC 9110 15.4.8/15.4.9)", evidence)
-        elif media_type(before.content_type) and media_type(before.content_type) != media_type(after.content_type):
-            yield hop_finding(module, hop, chain,
+                "the request was not repeated as sent (RFC 9110 15.4.8/15.4.9)",
+                evidence,
+            )
+        elif media_type(before.content_type) and media_type(before.content_type) != media_type(
+            after.content_type
+        ):
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{where} was followed with Content-Type {after.content_type!r} instead of {before.content_type!r}",
-                evidence, severity=Severity.MEDIUM)
+                evidence,
+                severity=Severity.MEDIUM,
+            )
 
 
 def _preserves_body(status: int | None, method: str) -> bool:

@@ -45,7 +45,12 @@ METHOD_SEVERITY = {"POST": Severity.HIGH, "PATCH": Severity.HIGH, "PUT": Severit
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
     groups: dict[tuple, list[Exchange]] = {}
     for ex in context.writes:
-        if ex.method in METHOD_SEVERITY and succeeded(ex) and ex.request_body.sha256 and ex.request_body.length:
+        if (
+            ex.method in METHOD_SEVERITY
+            and succeeded(ex)
+            and ex.request_body.sha256
+            and ex.request_body.length
+        ):
             key = (ex.client, ex.method, logical_target(ex, context), ex.request_body.sha256)
             groups.setdefault(key, []).append(ex)
     for deliveries in groups.values():
@@ -94,7 +99,8 @@ def _judge(group: list[Exchange], context: Context) -> Finding | None:
     routes = ["via redirect" if ex.id in context.arrivals else "direct" for ex in group]
     key_note = (
         f"all carried Idempotency-Key but the answers differ ({len(answers)} distinct)"
-        if keyed else "no shared Idempotency-Key"
+        if keyed
+        else "no shared Idempotency-Key"
     )
     arrival = context.arrivals.get(repeat.id)
     chain, hop = arrival if arrival else (None, 0)

@@ -30,11 +30,16 @@ SLUG = "head-to-get"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A HEAD request came back from a redirect as GET."
 
+
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
     module = sys.modules[__name__]
     for chain, hop, source, target in followed_hops(chains):
         if source.method == "HEAD" and target.method == "GET":
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{source.status} after HEAD was followed with GET: HEAD must stay HEAD (RFC 9110 15.4, Fetch "
                 "HTTP-redirect fetch step 12); the client fetched a body it never asked for",
-                {"status": source.status, "method_before": "HEAD", "method_after": "GET"})
+                {"status": source.status, "method_before": "HEAD", "method_after": "GET"},
+            )

@@ -41,19 +41,36 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
     for chain, hop, source, target in followed_hops(chains):
         if not (source.url_norm.startswith("https:") and target.url_norm.startswith("http:")):
             continue
-        exposed = sorted({name.lower() for name, _ in target.request_headers if name.lower() in CREDENTIAL_HEADERS})
+        exposed = sorted(
+            {name.lower() for name, _ in target.request_headers if name.lower() in CREDENTIAL_HEADERS}
+        )
         if target.request_body.is_present:
             exposed.append(f"request body ({target.request_body.length} bytes)")
         referer = header(target.request_headers, "referer")
         if referer and referer.lower().startswith("https:"):
             exposed.append("referer")
-        evidence = {"status": source.status, "from_url": source.url_norm, "to_url": target.url_norm,
-                    "exposed": exposed}
+        evidence = {
+            "status": source.status,
+            "from_url": source.url_norm,
+            "to_url": target.url_norm,
+            "exposed": exposed,
+        }
         if exposed:
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{source.status} sent the client from https to {target.url_norm} and it followed in clear, "
-                f"carrying {', '.join(exposed)} (RFC 9110 4.2.2, 10.1.3)", evidence, severity=Severity.HIGH)
+                f"carrying {', '.join(exposed)} (RFC 9110 4.2.2, 10.1.3)",
+                evidence,
+                severity=Severity.HIGH,
+            )
         else:
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{source.status} sent the client from https to {target.url_norm} and it followed in clear: the "
-                "request and its answer can be read and changed on the path (RFC 9110 4.2.2)", evidence)
+                "request and its answer can be read and changed on the path (RFC 9110 4.2.2)",
+                evidence,
+            )

@@ -49,9 +49,13 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         source = hop.source
         if source.method not in WRITE_METHODS or source.status not in STATUSES:
             continue
-        yield hop_finding(module, hop, chain,
+        yield hop_finding(
+            module,
+            hop,
+            chain,
             f"{source.method} answered {source.status} to {source.location_resolved} was never re-sent there: the "
             "write reached no one, unless the client handed the redirect back to its caller on purpose and the "
             "caller dealt with it",
             {"status": source.status, "method": source.method, "location": source.location_resolved},
-            confidence=CONFIDENCE)
+            confidence=CONFIDENCE,
+        )

@@ -48,10 +48,13 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         evidence = {"status": status, "method_before": before, "method_after": after}
         if status in METHOD_PRESERVING:
             yield hop_finding(
-                module, hop, chain,
+                module,
+                hop,
+                chain,
                 f"{status} after {before} was followed with {after}: {status} forbids changing the method "
                 f"(RFC 9110 15.4.{8 if status == 307 else 9}); the request was not delivered as sent",
-                evidence, severity=Severity.HIGH,
+                evidence,
+                severity=Severity.HIGH,
             )
         elif status in HISTORICAL_REWRITE and not (before == "HEAD" and after == "GET"):
             yield _historical(module, hop, chain, before, after, status, evidence)
@@ -60,15 +63,21 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
 def _historical(module, hop, chain, before, after, status, evidence) -> Finding:
     if before == "POST" and after == "GET":
         return hop_finding(
-            module, hop, chain,
+            module,
+            hop,
+            chain,
             f"{status} after POST was followed with GET: allowed for historical reasons (RFC 9110 "
             f"15.4.{2 if status == 301 else 3}) but the POST body was dropped; answer 307/308 to keep it, "
             "or 303 if the switch to GET is meant",
-            evidence, severity=Severity.LOW,
+            evidence,
+            severity=Severity.LOW,
         )
     return hop_finding(
-        module, hop, chain,
+        module,
+        hop,
+        chain,
         f"{status} after {before} was followed with {after}: only POST may be rewritten on {status} "
         "(RFC 9110 15.4, Fetch HTTP-redirect fetch step 12); the write never reached the new location",
-        evidence, severity=Severity.MEDIUM,
+        evidence,
+        severity=Severity.MEDIUM,
     )

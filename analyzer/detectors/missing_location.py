@@ -38,12 +38,22 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         if hop.target is not None or not source.is_redirect:
             continue
         if source.location is None:
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{source.status} after {source.method} came without a Location header: no client can follow it "
-                "(RFC 9110 15.4)", {"status": source.status, "location": None}, confidence=1.0)
+                "(RFC 9110 15.4)",
+                {"status": source.status, "location": None},
+                confidence=1.0,
+            )
         elif source.location_resolved is None:
-            yield hop_finding(module, hop, chain,
+            yield hop_finding(
+                module,
+                hop,
+                chain,
                 f"{source.status} after {source.method} has a Location that cannot be resolved against "
                 f"{source.url_norm}: {source.location_error or 'unusable value'} (RFC 9110 10.2.2, RFC 3986 5)",
                 {"status": source.status, "location": source.location, "error": source.location_error},
-                confidence=1.0)
+                confidence=1.0,
+            )

@@ -36,12 +36,24 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         if source.status != 303 or target.method in SAFE_RETRIEVAL:
             continue
         body = target.request_body
-        evidence = {"status": 303, "method_before": source.method, "method_after": target.method,
-                    "body_length_after": body.length}
-        message = (f"303 after {source.method} was followed with {target.method}: 303 means 'retrieve the result "
-                   "with GET' (RFC 9110 15.4.4, Fetch HTTP-redirect fetch step 12)")
+        evidence = {
+            "status": 303,
+            "method_before": source.method,
+            "method_after": target.method,
+            "body_length_after": body.length,
+        }
+        message = (
+            f"303 after {source.method} was followed with {target.method}: 303 means 'retrieve the result "
+            "with GET' (RFC 9110 15.4.4, Fetch HTTP-redirect fetch step 12)"
+        )
         if body.is_present:
-            yield hop_finding(module, hop, chain, f"{message}; the body ({body.length} bytes) was sent again",
-                              evidence, severity=Severity.HIGH)
+            yield hop_finding(
+                module,
+                hop,
+                chain,
+                f"{message}; the body ({body.length} bytes) was sent again",
+                evidence,
+                severity=Severity.HIGH,
+            )
         else:
             yield hop_finding(module, hop, chain, message, evidence)

@@ -30,9 +30,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
-from analyzer.detectors.base import Context, every_hop, hop_finding, origin
+from analyzer.detectors.base import Context, every_hop, hop_finding
 from analyzer.model import Chain, Exchange, Finding, Severity
 from analyzer.urls import BadURL, normalize_url
+from analyzer.urls import origin_with_port as origin
 
 RULE_ID = "RA114"
 SLUG = "open-redirect-pattern"
@@ -55,12 +56,22 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         for where, name, value in _parameters(source):
             named = _absolute(source.url, value)
             if named is not None and origin(named) == there:
-                yield hop_finding(module, hop, chain,
+                yield hop_finding(
+                    module,
+                    hop,
+                    chain,
                     f"{source.status} sent the client to {there}, which the request itself named in {where} "
                     f"parameter {name!r}: the shape of an open redirect (CWE-601); fine only if the server checks "
-                    "the target against an allow-list", {"status": source.status, "parameter": name, "in": where,
-                                                         "to_origin": there, "location": target},
-                    confidence=CONFIDENCE)
+                    "the target against an allow-list",
+                    {
+                        "status": source.status,
+                        "parameter": name,
+                        "in": where,
+                        "to_origin": there,
+                        "location": target,
+                    },
+                    confidence=CONFIDENCE,
+                )
                 break
 
 

@@ -43,13 +43,22 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
             first = seen.get(key)
             if first is not None:
                 if _same_answer(chain.hops[first].source, target):  # exchange `first` of the chain
-                    yield hop_finding(module, hop, chain,
+                    yield hop_finding(
+                        module,
+                        hop,
+                        chain,
                         f"{target.method} {target.url_norm} was requested again after {hop.index + 1 - first} "
                         f"redirect(s) and answered with the same {target.status} to {target.location_resolved}: "
                         "the chain is a loop only the client's redirect limit ends",
-                        {"url": target.url_norm, "method": target.method, "first_seen_hop": first,
-                         "cycle_length": hop.index + 1 - first, "status": target.status,
-                         "location": target.location_resolved})
+                        {
+                            "url": target.url_norm,
+                            "method": target.method,
+                            "first_seen_hop": first,
+                            "cycle_length": hop.index + 1 - first,
+                            "status": target.status,
+                            "location": target.location_resolved,
+                        },
+                    )
                     break
             else:
                 seen[key] = hop.index + 1

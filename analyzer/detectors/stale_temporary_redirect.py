@@ -64,8 +64,14 @@ class Sightings:
         self.count_sighting(ex.status, ex.started_at, ex)
         self.note_headers(ex)
 
-    def count_sighting(self, status: int, at: float | None, ex: Exchange | None = None, times: int = 1,
-                       first: float | None = None) -> None:
+    def count_sighting(
+        self,
+        status: int,
+        at: float | None,
+        ex: Exchange | None = None,
+        times: int = 1,
+        first: float | None = None,
+    ) -> None:
         """`times` sightings of this status, the earliest at `first` (default `at`), the latest at `at`."""
         self.count += times
         self.statuses.add(status)
@@ -109,16 +115,31 @@ def is_temporary(ex: Exchange) -> bool:
 
 
 def stale_finding(message: str, evidence: dict, ex: Exchange, chain: Chain | None, hop: int) -> Finding:
-    return Finding(rule=SLUG, rule_id=RULE_ID, severity=SEVERITY, confidence=1.0, message=message,
-                   chain=chain, hop=hop, evidence=evidence, exchange=ex)
+    return Finding(
+        rule=SLUG,
+        rule_id=RULE_ID,
+        severity=SEVERITY,
+        confidence=1.0,
+        message=message,
+        chain=chain,
+        hop=hop,
+        evidence=evidence,
+        exchange=ex,
+    )
 
 
 def judge(source: str, target: str, sightings: Sightings, options) -> tuple[str, dict] | None:
     """The finding's message and evidence for one group, or None when it is not stale."""
     first, last = sightings.first, sightings.last
     reasons: list[str] = []
-    evidence: dict = {"source": source, "target": target, "sightings": sightings.count,
-                      "statuses": sorted(sightings.statuses), "first_seen": first, "last_seen": last}
+    evidence: dict = {
+        "source": source,
+        "target": target,
+        "sightings": sightings.count,
+        "statuses": sorted(sightings.statuses),
+        "first_seen": first,
+        "last_seen": last,
+    }
     threshold = options.stale_after_days * DAY
     if first is not None and last - first >= threshold:
         days = (last - first) / DAY
@@ -133,8 +154,11 @@ def judge(source: str, target: str, sightings: Sightings, options) -> tuple[str,
         evidence["cache_lifetime_seconds"] = sightings.lifetime
     if not reasons:
         return None
-    message = (f"temporary {sightings.latest_status} {source} -> {target}: " + "; ".join(reasons)
-               + "; make it permanent (301/308) or remove it")
+    message = (
+        f"temporary {sightings.latest_status} {source} -> {target}: "
+        + "; ".join(reasons)
+        + "; make it permanent (301/308) or remove it"
+    )
     return message, evidence
 
 

@@ -38,7 +38,11 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         if followed <= limit:
             continue
         hop = chain.hops[limit]
-        yield hop_finding(module, hop, chain,
+        yield hop_finding(
+            module,
+            hop,
+            chain,
             f"the chain made {followed} follow-ups, over the limit of {limit}: Fetch and browsers give up at 20 "
             "(HTTP-redirect fetch: a redirect count of 20 is a network error); collapse it into one redirect to the final URL",
-            {"follow_ups": followed, "limit": limit, "root_url": chain.root.url_norm})
+            {"follow_ups": followed, "limit": limit, "root_url": chain.root.url_norm},
+        )

@@ -19,7 +19,7 @@ DEFAULT_BODY_CAP = 64 * 1024
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key")
 
 
-class ImportError_(ReportedError):  # noqa: N801 - "ImportError" is a builtin
+class ImportError_(ReportedError):
     """A capture that cannot be imported; str() is one line naming the file and the problem."""
 
 
@@ -81,10 +81,17 @@ def dates_out_of_range(conn: Connection, capture_id: int) -> tuple[int, list[tup
     """How many exchanges of a capture start outside DATE_RANGE, and the first few (seq,
     seconds). They are kept as given; every report shows them as best it can."""
     low, high = DATE_RANGE
-    odd = (exchanges.c.capture_id == capture_id) & ((exchanges.c.started_at < low) | (exchanges.c.started_at > high))
+    odd = (exchanges.c.capture_id == capture_id) & (
+        (exchanges.c.started_at < low) | (exchanges.c.started_at > high)
+    )
     count = conn.execute(select(func.count()).select_from(exchanges).where(odd)).scalar_one()
-    first = conn.execute(select(exchanges.c.seq, exchanges.c.started_at).where(odd).order_by(exchanges.c.seq)
-                         .limit(3)).all() if count else []
+    first = (
+        conn.execute(
+            select(exchanges.c.seq, exchanges.c.started_at).where(odd).order_by(exchanges.c.seq).limit(3)
+        ).all()
+        if count
+        else []
+    )
     return count, [tuple(r) for r in first]
 
 

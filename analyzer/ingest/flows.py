@@ -23,8 +23,8 @@ from analyzer.ingest.common import (
     ImportError_,
     ImportResult,
     dates_out_of_range,
-    file_sha256,
     empty_body,
+    file_sha256,
     refuse_reimport,
     summarize_body,
 )
@@ -39,8 +39,8 @@ from analyzer.store import (
     add_capture,
     exchange_row,
     finish_capture,
-    refresh_statistics,
     header_block,
+    refresh_statistics,
     write_exchanges,
 )
 from analyzer.urls import BadURL, normalize_url, resolve_location
@@ -55,8 +55,9 @@ LABEL_KEY = "redirect_audit_label"
 class FlowConverter:
     """Turns HTTP flows into Exchanges for one capture."""
 
-    def __init__(self, capture_id: int, key: bytes, options: CaptureOptions = CaptureOptions(), *,
-                 recorder: str = ""):
+    def __init__(
+        self, capture_id: int, key: bytes, options: CaptureOptions = CaptureOptions(), *, recorder: str = ""
+    ):
         self.capture_id = capture_id
         self.key = key
         # A client is its peer address as seen by one recorder: "proxy:HOST:PORT/10.0.0.7", or
@@ -182,7 +183,9 @@ def _urls(request: http.Request, key: bytes, policy: SecretPolicy) -> tuple[str,
 HEADER_BLOCKS = 256  # distinct header blocks a converter remembers (about 2 KB each, with index and JSON)
 
 
-def _header_block(blocks: dict, fields, key: bytes, policy: SecretPolicy) -> tuple[HeaderBlock, dict[str, str]]:
+def _header_block(
+    blocks: dict, fields, key: bytes, policy: SecretPolicy
+) -> tuple[HeaderBlock, dict[str, str]]:
     """A header block as stored (credentials fingerprinted) and its lower-case index.
 
     A client sends the same request headers again and again, and under load a server
@@ -232,7 +235,9 @@ def read_flows(path: str, name: str | None = None) -> Iterator[http.HTTPFlow]:
     with open(path, "rb") as fh:
         start = fh.read(4)
         if start.lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
-            raise ImportError_(f"{name}: this is JSON (a HAR file?), not a mitmproxy flow dump; use import-har")
+            raise ImportError_(
+                f"{name}: this is JSON (a HAR file?), not a mitmproxy flow dump; use import-har"
+            )
         if not start:
             raise ImportError_(f"{name}: empty file, not a mitmproxy flow dump")
         fh.seek(0)
@@ -277,8 +282,10 @@ class _GuardedDump:
             return self.fh.read(n)
         left = self.size - self.fh.tell()
         if n > left:
-            raise ImportError_(f"{self.name}: damaged mitmproxy flow dump: a record of {n} bytes where {left} "
-                               "remain (truncated, or not a flow dump)")
+            raise ImportError_(
+                f"{self.name}: damaged mitmproxy flow dump: a record of {n} bytes where {left} "
+                "remain (truncated, or not a flow dump)"
+            )
         data = self.fh.read(n)
         if data.count(b"]") + data.count(b"}") > MAX_DEPTH:  # only then can it be nested that deep
             _check_depth(data, self.name)
@@ -301,8 +308,10 @@ def _check_depth(data: bytes, name: str) -> None:
             tag = data[stop]
             if tag in (0x5D, 0x7D):  # "]" or "}": a container, its elements inside
                 if len(ends) >= MAX_DEPTH:
-                    raise ImportError_(f"{name}: a record nested more than {MAX_DEPTH} levels deep; no flow is, "
-                                       "so the file is refused")
+                    raise ImportError_(
+                        f"{name}: a record nested more than {MAX_DEPTH} levels deep; no flow is, "
+                        "so the file is refused"
+                    )
                 ends.append(stop)
                 pos = start
             else:
@@ -311,8 +320,14 @@ def _check_depth(data: bytes, name: str) -> None:
         return
 
 
-def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions = CaptureOptions(), *,
-                 force: bool = False, name: str | None = None) -> ImportResult:
+def import_flows(
+    store: Store,
+    path: str | os.PathLike,
+    options: CaptureOptions = CaptureOptions(),
+    *,
+    force: bool = False,
+    name: str | None = None,
+) -> ImportResult:
     """Import a `mitmdump -w` / mitmweb dump in one transaction; a bad file stores nothing.
 
     Content the store already holds raises AlreadyImported unless `force`; `name` is how
@@ -326,10 +341,17 @@ def import_flows(store: Store, path: str | os.PathLike, options: CaptureOptions 
             with store.begin() as conn:
                 refuse_reimport(conn, name, sha256)
         with store.begin() as conn:
-            capture_id = add_capture(conn, source="flows", path=name if name != path else str(Path(path).resolve()),
-                                     sha256=sha256, creator=f"mitmproxy {MITMPROXY_VERSION}")
+            capture_id = add_capture(
+                conn,
+                source="flows",
+                path=name if name != path else str(Path(path).resolve()),
+                sha256=sha256,
+                creator=f"mitmproxy {MITMPROXY_VERSION}",
+            )
             converter = FlowConverter(capture_id, store.secret_key, options, recorder=f"flows:{capture_id}")
-            rows = (exchange_row(converter.convert(seq, flow)) for seq, flow in enumerate(read_flows(path, name)))
+            rows = (
+                exchange_row(converter.convert(seq, flow)) for seq, flow in enumerate(read_flows(path, name))
+            )
             count = write_exchanges(conn, rows)
             if not force:
                 refuse_reimport(conn, name, sha256, capture_id)

@@ -18,8 +18,8 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -35,8 +35,8 @@ from analyzer.ingest.common import (
     ImportError_,
     ImportResult,
     dates_out_of_range,
-    file_sha256,
     empty_body,
+    file_sha256,
     refuse_reimport,
     summarize_body,
 )
@@ -74,7 +74,7 @@ class _Header(msgspec.Struct, gc=False):
 
 
 class _PostData(msgspec.Struct, gc=False):
-    mimeType: Any = None  # noqa: N815 - HAR's names
+    mimeType: Any = None
     text: Any = None
     encoding: Any = None
     params: Any = None
@@ -83,14 +83,14 @@ class _PostData(msgspec.Struct, gc=False):
 class _Request(msgspec.Struct, gc=False):
     method: Any = None
     url: Any = None
-    httpVersion: Any = None  # noqa: N815
+    httpVersion: Any = None
     headers: list[_Header] | None = None
-    postData: _PostData | None = None  # noqa: N815
-    bodySize: Any = None  # noqa: N815
+    postData: _PostData | None = None
+    bodySize: Any = None
 
 
 class _Content(msgspec.Struct, gc=False):
-    mimeType: Any = None  # noqa: N815
+    mimeType: Any = None
     text: Any = None
     encoding: Any = None
     size: Any = None
@@ -98,10 +98,10 @@ class _Content(msgspec.Struct, gc=False):
 
 class _Response(msgspec.Struct, gc=False):
     status: Any = None
-    statusText: Any = None  # noqa: N815
+    statusText: Any = None
     headers: list[_Header] | None = None
     content: _Content | None = None
-    redirectURL: Any = None  # noqa: N815
+    redirectURL: Any = None
     error: Any = msgspec.field(default=None, name="_error")
 
 
@@ -119,12 +119,12 @@ class _Entry(msgspec.Struct, gc=False):
     msgspec builds no dicts and skips what is not read (cookies, queryString, cache)."""
 
     pageref: Any = None
-    startedDateTime: Any = None  # noqa: N815
+    startedDateTime: Any = None
     request: _Request | None = None
     response: _Response | None = None
     timings: _Timings | None = None
     connection: Any = None
-    fromCache: Any = msgspec.field(default=None, name="_fromCache")  # noqa: N815
+    fromCache: Any = msgspec.field(default=None, name="_fromCache")
     error: Any = msgspec.field(default=None, name="_error")
 
 
@@ -141,10 +141,18 @@ def _as_entry(entry: dict) -> _Entry:
     has always read them."""
     request = _obj(entry.get("request"))
     if request is not None:
-        request = {**request, "headers": _objects(request.get("headers")), "postData": _obj(request.get("postData"))}
+        request = {
+            **request,
+            "headers": _objects(request.get("headers")),
+            "postData": _obj(request.get("postData")),
+        }
     response = _obj(entry.get("response"))
     if response is not None:
-        response = {**response, "headers": _objects(response.get("headers")), "content": _obj(response.get("content"))}
+        response = {
+            **response,
+            "headers": _objects(response.get("headers")),
+            "content": _obj(response.get("content")),
+        }
     shaped = {**entry, "request": request, "response": response, "timings": _obj(entry.get("timings"))}
     return msgspec.convert(shaped, _Entry)
 
@@ -196,8 +204,18 @@ def import_har(
                 browser=_named(head, "log.browser"),
                 format_version=head.get("log.version"),
             )
-            count, warnings = _import_entries(conn, path, name, capture_id, store.secret_key, options, progress,
-                                              _worker_count(path, workers), block_size, fast)
+            count, warnings = _import_entries(
+                conn,
+                path,
+                name,
+                capture_id,
+                store.secret_key,
+                options,
+                progress,
+                _worker_count(path, workers),
+                block_size,
+                fast,
+            )
             if not force:  # another process may have imported the same file meanwhile
                 refuse_reimport(conn, name, sha256, capture_id)
             finish_capture(conn, capture_id, entries=count, warnings=warnings)
@@ -211,15 +229,27 @@ def import_har(
     except (ijson.JSONError, ijson.IncompleteJSONError) as exc:
         raise ImportError_(f"{name}: not valid JSON: {_one_line(exc)}") from None
     except UnicodeDecodeError as exc:
-        raise ImportError_(f"{name}: a string in it is not valid UTF-8 ({exc.reason}): raw bytes that are not "
-                           f"UTF-8, or an escaped lone surrogate such as \\ud800") from None
+        raise ImportError_(
+            f"{name}: a string in it is not valid UTF-8 ({exc.reason}): raw bytes that are not "
+            f"UTF-8, or an escaped lone surrogate such as \\ud800"
+        ) from None
     except OSError as exc:
         raise ImportError_(f"{name}: cannot read: {exc.strerror or exc}") from None
     return ImportResult(name, capture_id, count, warnings, odd)
 
 
-def _import_entries(conn, path: str, name: str, capture_id: int, key: bytes, options: CaptureOptions,
-                    progress: Progress | None, workers: int, block_size: int, fast: bool) -> tuple[int, int]:
+def _import_entries(
+    conn,
+    path: str,
+    name: str,
+    capture_id: int,
+    key: bytes,
+    options: CaptureOptions,
+    progress: Progress | None,
+    workers: int,
+    block_size: int,
+    fast: bool,
+) -> tuple[int, int]:
     """Write a file's entries as exchanges of a capture; (entries, warnings)."""
     converter = _HarEntries(name, path, capture_id, key, options)
     reader = _FastImport(converter, progress, workers, block_size)
@@ -302,7 +332,9 @@ class _FastImport:
             context.set_forkserver_preload([__name__])
         conv = self.converter
         with ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_init_worker,
+            self.workers,
+            mp_context=context,
+            initializer=_init_worker,
             initargs=(conv.name, conv.path, conv.capture_id, conv.key, conv.options),
         ) as pool:
             pending: deque[Future] = deque()
@@ -430,7 +462,9 @@ def _scan_head(path: str, name: str) -> dict[str, str | None]:
         if not start.startswith(b"{"):
             snippet = start[:24].decode("utf-8", "replace").split("\n")[0]
             hint = " (a JSONP/HARP wrapper?)" if b"(" in start[:40] else ""
-            raise ImportError_(f"{name}: not a HAR file: does not start with a JSON object but {snippet!r}{hint}")
+            raise ImportError_(
+                f"{name}: not a HAR file: does not start with a JSON object but {snippet!r}{hint}"
+            )
         fh.seek(0)
         return _walk_head(name, _CountingReader(fh, None))
 
@@ -441,9 +475,13 @@ def _named(head: dict[str, Any], where: str) -> str | None:
     return text or None
 
 
-_HEAD_FIELDS = {("log", "version"): "log.version", ("log", "creator", "name"): "log.creator.name",
-                ("log", "creator", "version"): "log.creator.version", ("log", "browser", "name"): "log.browser.name",
-                ("log", "browser", "version"): "log.browser.version"}
+_HEAD_FIELDS = {
+    ("log", "version"): "log.version",
+    ("log", "creator", "name"): "log.creator.name",
+    ("log", "creator", "version"): "log.creator.version",
+    ("log", "browser", "name"): "log.browser.name",
+    ("log", "browser", "version"): "log.browser.version",
+}
 _SCALARS = frozenset({"string", "number", "boolean", "null"})
 
 
@@ -472,8 +510,10 @@ def _walk_head(name: str, reader: _CountingReader) -> dict[str, Any]:
     path = _Path(name)
     for event, value, depth in checked_events(reader, name):
         if reader.read_bytes > HEAD_SCAN_LIMIT:
-            raise ImportError_(f"{name}: no log.entries array in its first {HEAD_SCAN_LIMIT >> 20} MB: metadata that "
-                               "large is not a HAR file's")
+            raise ImportError_(
+                f"{name}: no log.entries array in its first {HEAD_SCAN_LIMIT >> 20} MB: metadata that "
+                "large is not a HAR file's"
+            )
         path.see(event, value, depth)
         if event == "map_key":
             if depth == 1:
@@ -482,21 +522,21 @@ def _walk_head(name: str, reader: _CountingReader) -> dict[str, Any]:
         if event in _SCALARS:
             where = path.to(depth + 1)
             if where == ("log", "entries"):
-                raise ImportError_(f"{name}: not a HAR file: \"log.entries\" is not an array")
+                raise ImportError_(f'{name}: not a HAR file: "log.entries" is not an array')
             if where in _HEAD_FIELDS and event in ("string", "number"):
                 found[_HEAD_FIELDS[where]] = str(value)
         elif event in ("start_map", "start_array"):
             where = path.to(depth)
             if where == ("log",) and event == "start_array":
-                raise ImportError_(f"{name}: not a HAR file: \"log\" is an array, not an object")
+                raise ImportError_(f'{name}: not a HAR file: "log" is an array, not an object')
             if where == ("log", "entries"):
                 if event == "start_array":
                     return found
-                raise ImportError_(f"{name}: not a HAR file: \"log.entries\" is not an array")
+                raise ImportError_(f'{name}: not a HAR file: "log.entries" is not an array')
     if "log" not in top_keys:
         keys = ", ".join(top_keys[:5]) or "none"
-        raise ImportError_(f"{name}: not a HAR file: no top-level \"log\" object (top-level keys: {keys})")
-    raise ImportError_(f"{name}: not a HAR file: \"log\" has no \"entries\" array")
+        raise ImportError_(f'{name}: not a HAR file: no top-level "log" object (top-level keys: {keys})')
+    raise ImportError_(f'{name}: not a HAR file: "log" has no "entries" array')
 
 
 def _entry_values(reader: _CountingReader, name: str) -> Iterator[Any]:
@@ -526,7 +566,9 @@ def _entry_values(reader: _CountingReader, name: str) -> Iterator[Any]:
             in_entries = True
 
 
-PAGEREF_KEPT = 200  # characters of a pageref kept in the client id; longer ones are shortened, told apart by a digest
+PAGEREF_KEPT = (
+    200  # characters of a pageref kept in the client id; longer ones are shortened, told apart by a digest
+)
 
 
 class _HarEntries:
@@ -692,7 +734,9 @@ class _HarEntries:
                 self.warnings += 1
         return text.encode("utf-8", "surrogatepass")
 
-    def _fill_response(self, ex: Exchange, entry: _Entry, response: _Response, headers: dict[str, str]) -> None:
+    def _fill_response(
+        self, ex: Exchange, entry: _Entry, response: _Response, headers: dict[str, str]
+    ) -> None:
         status = _int(response.status)
         if not status or status < 100:
             ex.error = _text(entry.error) or _text(response.error) or "no response"
@@ -716,7 +760,9 @@ class _HarEntries:
         content_type = content_type or _text(content.mimeType) or None
         text = content.text
         if isinstance(text, str) and text:
-            return summarize_body(self._text_bytes(text, content.encoding), content_type, self.options, self.key)
+            return summarize_body(
+                self._text_bytes(text, content.encoding), content_type, self.options, self.key
+            )
         size = _int(content.size)
         return Body(length=size if size is not None and size >= 0 else None, content_type=content_type)
 
@@ -742,6 +788,6 @@ def _response_start(started: float | None, timings: _Timings | None) -> float | 
         return started
     spent = 0.0
     for value in (timings.blocked, timings.dns, timings.connect, timings.send, timings.wait):
-        if isinstance(value, (int, float)) and value > 0:  # noqa: UP038 - the tuple form is faster
+        if isinstance(value, (int, float)) and value > 0:
             spent += value
     return started + spent / 1000.0

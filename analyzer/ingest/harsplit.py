@@ -35,9 +35,7 @@ MAX_BLOCK = 64 << 20  # an entry larger than this is left to the streaming parse
 TRIES = 6  # candidates verified per block before giving up
 TAIL = 64 << 10  # a block's cut is looked for in its last TAIL bytes first
 
-_ENTRY_KEYS = (
-    "pageref|startedDateTime|time|request|response|cache|timings|serverIPAddress|connection|comment|_[^\"\\\\]*"
-)
+_ENTRY_KEYS = 'pageref|startedDateTime|time|request|response|cache|timings|serverIPAddress|connection|comment|_[^"\\\\]*'
 ENTRY_BREAK = re.compile(rb'\}\s*,\s*(?=\{\s*"(?:' + _ENTRY_KEYS.encode() + rb')"\s*:)')
 ARRAY_END = re.compile(rb"\}\s*\]")
 _HEAD_TOKEN = re.compile(rb'\s*(?:("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([^\s{}\[\]:,"]+))')

@@ -45,8 +45,10 @@ def checked_events(reader: IO[bytes], name: str) -> Iterator[tuple[str, Any, int
         if event in _OPEN:
             depth += 1
             if depth > MAX_DEPTH:
-                raise ImportError_(f"{name}: nested more than {MAX_DEPTH} levels deep ({Position(reader)}); "
-                                   "no HAR file is, so it is refused")
+                raise ImportError_(
+                    f"{name}: nested more than {MAX_DEPTH} levels deep ({Position(reader)}); "
+                    "no HAR file is, so it is refused"
+                )
         elif event in _CLOSE:
             depth -= 1
         yield event, value, depth
@@ -62,9 +64,11 @@ class KeyWatch:
 
     def key(self, depth: int, key: str, parent_key: str | None) -> None:
         """A key at `depth` (1: the document's own keys; 2: those of the object under `parent_key`)."""
-        if depth == 1 and key == "log" or depth == 2 and parent_key == "log" and key == "entries":
+        if (depth == 1 and key == "log") or (depth == 2 and parent_key == "log" and key == "entries"):
             if (depth, key) in self.seen:
                 where = "the document" if key == "log" else "log"
-                raise ImportError_(f"{self.name}: {where} holds {key!r} twice; JSON readers disagree on which "
-                                   f"counts, so the file is refused (keep one)")
+                raise ImportError_(
+                    f"{self.name}: {where} holds {key!r} twice; JSON readers disagree on which "
+                    f"counts, so the file is refused (keep one)"
+                )
             self.seen.add((depth, key))

@@ -96,7 +96,9 @@ def _row_bytes(row: tuple) -> int:
 class Recorder:
     """Queue, writer thread and spool for one capture (one proxy run)."""
 
-    def __init__(self, store: Store, settings: RecorderSettings = RecorderSettings(), *, creator: str | None = None):
+    def __init__(
+        self, store: Store, settings: RecorderSettings = RecorderSettings(), *, creator: str | None = None
+    ):
         self.store = store
         self.settings = settings
         self.creator = creator
@@ -145,8 +147,10 @@ class Recorder:
             self._write_now([row])
             self._handled_here += 1
             return
-        if (len(self._waiting) >= self.settings.queue_rows
-                or self._bytes_in - self._bytes_out >= self.settings.queue_bytes):
+        if (
+            len(self._waiting) >= self.settings.queue_rows
+            or self._bytes_in - self._bytes_out >= self.settings.queue_bytes
+        ):
             self._spool_rows([row])  # memory stays bounded whatever the store does
             self._handled_here += 1
             return
@@ -198,14 +202,16 @@ class Recorder:
 
     def _take(self) -> list[tuple]:
         waiting, size = self._waiting, self.settings.batch_size
-        batch = [waiting.popleft() for _ in range(min(size, len(waiting)))]  # only this thread takes from the left
+        batch = [
+            waiting.popleft() for _ in range(min(size, len(waiting)))
+        ]  # only this thread takes from the left
         self._bytes_out += sum(_row_bytes(r) for r in batch)
         return batch
 
     def _drain(self, deadline: float | None) -> None:
         while self._waiting:
             batch = self._take()
-            if deadline is not None and time.monotonic() > deadline or not self._try_store(batch):
+            if (deadline is not None and time.monotonic() > deadline) or not self._try_store(batch):
                 self._spool_rows(batch)
             self._handled_writer += len(batch)
 
@@ -229,8 +235,10 @@ class Recorder:
 
     def _up(self) -> None:
         if self._store_down_since is not None:
-            log.warning("redirect-audit: the store takes writes again after %.0f s; replaying the spool",
-                        time.monotonic() - self._store_down_since)
+            log.warning(
+                "redirect-audit: the store takes writes again after %.0f s; replaying the spool",
+                time.monotonic() - self._store_down_since,
+            )
             self._store_down_since = None
 
     def _write(self, rows: list[tuple]) -> None:
@@ -243,7 +251,7 @@ class Recorder:
                 finish_capture(conn, capture, entries=self.stored + len(rows))
         except StoreUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - what is in a row: no retry helps, only the row is lost
+        except Exception as exc:
             self._isolate(rows, exc)
             return
         self.stored += len(rows)
@@ -267,14 +275,21 @@ class Recorder:
             return
         self.lost += 1
         url = str(rows[0][_URL])[:200].encode("utf-8", "backslashreplace").decode()
-        log.error("redirect-audit: exchange %s (%s) cannot be stored: %s", rows[0][_SEQ], url,
-                  str(exc).splitlines()[0])
+        log.error(
+            "redirect-audit: exchange %s (%s) cannot be stored: %s",
+            rows[0][_SEQ],
+            url,
+            str(exc).splitlines()[0],
+        )
 
     def _down(self, exc: Exception) -> None:
         if self._store_down_since is None:
             self._store_down_since = time.monotonic()
-            log.error("redirect-audit: the store is not taking writes (%s); exchanges go to %s until it does",
-                      str(exc).splitlines()[0], self._spool.path)
+            log.error(
+                "redirect-audit: the store is not taking writes (%s); exchanges go to %s until it does",
+                str(exc).splitlines()[0],
+                self._spool.path,
+            )
         self._next_try = time.monotonic() + self.settings.retry_interval
 
     def _spool_rows(self, rows: list[tuple]) -> None:
@@ -282,8 +297,12 @@ class Recorder:
             self.spooled += self._spool.append(rows)
         except OSError as exc:
             self.lost += len(rows)
-            log.error("redirect-audit: %d exchanges lost: the store and the spool %s both refused them (%s)",
-                      len(rows), self._spool.path, exc.strerror or exc)
+            log.error(
+                "redirect-audit: %d exchanges lost: the store and the spool %s both refused them (%s)",
+                len(rows),
+                self._spool.path,
+                exc.strerror or exc,
+            )
 
     # ---- start, replay, finish -----------------------------------------------------------
 
@@ -295,9 +314,19 @@ class Recorder:
             with self.store.begin() as conn:
                 self._report_unclean(conn)
                 self.capture_id = add_capture(conn, source="proxy", creator=self.creator)
-                conn.execute(insert(meta).values(key=self._marker, value=json.dumps(
-                    {"host": socket.gethostname(), "pid": os.getpid(), "capture": self.capture_id,
-                     "spool": str(self._spool.path)})))
+                conn.execute(
+                    insert(meta).values(
+                        key=self._marker,
+                        value=json.dumps(
+                            {
+                                "host": socket.gethostname(),
+                                "pid": os.getpid(),
+                                "capture": self.capture_id,
+                                "spool": str(self._spool.path),
+                            }
+                        ),
+                    )
+                )
         except StoreError as exc:
             self._down(exc)
             return False
@@ -312,7 +341,9 @@ class Recorder:
         the spool it left."""
         here = socket.gethostname()
         told: set[str] = set()
-        for key, value in conn.execute(select(meta.c.key, meta.c.value).where(meta.c.key.like(f"{RUNNING}%"))):
+        for key, value in conn.execute(
+            select(meta.c.key, meta.c.value).where(meta.c.key.like(f"{RUNNING}%"))
+        ):
             try:
                 mark = json.loads(value)
             except ValueError:
@@ -322,18 +353,25 @@ class Recorder:
             spool = Path(mark["spool"]) if mark.get("spool") else None
             waiting = Spool.count(spool) if spool is not None else 0
             told.add(key.removeprefix(RUNNING))
-            log.warning("redirect-audit: the last run on this store (capture %s, pid %s) stopped uncleanly; %s",
-                        mark.get("capture"), mark.get("pid"),
-                        f"its spool holds {waiting} exchanges, replayed now" if waiting else
-                        "what it had committed is stored (a commit every 250 ms by default)")
+            log.warning(
+                "redirect-audit: the last run on this store (capture %s, pid %s) stopped uncleanly; %s",
+                mark.get("capture"),
+                mark.get("pid"),
+                f"its spool holds {waiting} exchanges, replayed now"
+                if waiting
+                else "what it had committed is stored (a commit every 250 ms by default)",
+            )
             conn.execute(delete(meta).where(meta.c.key == key))
         for spool in old_spools(self._spool.directory, self.run_id):
             head = spool.header()
             if spool.run_id in told or head.get("host") != here or _alive(head.get("pid")):
                 continue
-            log.warning("redirect-audit: an earlier run on this store (pid %s) stopped uncleanly before it could "
-                        "write to it; its spool holds %d exchanges, replayed now", head.get("pid"),
-                        Spool.count(spool.path))
+            log.warning(
+                "redirect-audit: an earlier run on this store (pid %s) stopped uncleanly before it could "
+                "write to it; its spool holds %d exchanges, replayed now",
+                head.get("pid"),
+                Spool.count(spool.path),
+            )
 
     def _replay(self, deadline: float | None) -> None:
         """Move spooled rows (this run's and earlier runs') into the store, a batch at a time."""

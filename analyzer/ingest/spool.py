@@ -47,8 +47,11 @@ def old_spools(directory: Path, this_run: str) -> list[Spool]:
     """The spool files other runs left in the directory (replayed by whoever runs next)."""
     if not directory.is_dir():
         return []
-    return [Spool(directory, f.stem, None, reader_only=True) for f in sorted(directory.glob(f"*{SUFFIX}"))
-            if f.stem != this_run]
+    return [
+        Spool(directory, f.stem, None, reader_only=True)
+        for f in sorted(directory.glob(f"*{SUFFIX}"))
+        if f.stem != this_run
+    ]
 
 
 class Spool:
@@ -94,8 +97,15 @@ class Spool:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._fh = os.fdopen(fd, "ab")
             if self._fh.tell() == 0:
-                header = json.dumps({"run": self.run_id, "creator": self.creator, "started": time.time(),
-                                     "host": socket.gethostname(), "pid": os.getpid()}).encode()
+                header = json.dumps(
+                    {
+                        "run": self.run_id,
+                        "creator": self.creator,
+                        "started": time.time(),
+                        "host": socket.gethostname(),
+                        "pid": os.getpid(),
+                    }
+                ).encode()
                 self._fh.write(_LENGTH.pack(len(header)) + header)
         return self._fh
 
@@ -132,7 +142,10 @@ class Spool:
                     self.path.unlink(missing_ok=True)
                 return None
             capture = state.get("capture") or self.capture_id
-            if capture is None or conn.execute(select(captures.c.id).where(captures.c.id == capture)).first() is None:
+            if (
+                capture is None
+                or conn.execute(select(captures.c.id).where(captures.c.id == capture)).first() is None
+            ):
                 creator = (header or {}).get("creator") or self.creator
                 capture = add_capture(conn, source="proxy", creator=f"{creator or 'proxy'} (from its spool)")
             write_exchange_blocks(conn, [[(capture, *row) for row in rows]])

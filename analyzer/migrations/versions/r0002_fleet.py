@@ -28,13 +28,29 @@ depends_on = None
 
 WIDER = {
     "captures": {"entries": sa.BigInteger(), "warnings": sa.BigInteger(), "format_version": sa.Text()},
-    "exchanges": {"id": sa.BigInteger(), "seq": sa.BigInteger(), "flow_id": sa.Text(), "method": sa.Text(),
-                  "http_version": sa.Text(), "req_body_len": sa.BigInteger(), "resp_body_len": sa.BigInteger()},
+    "exchanges": {
+        "id": sa.BigInteger(),
+        "seq": sa.BigInteger(),
+        "flow_id": sa.Text(),
+        "method": sa.Text(),
+        "http_version": sa.Text(),
+        "req_body_len": sa.BigInteger(),
+        "resp_body_len": sa.BigInteger(),
+    },
     "chains": {"id": sa.BigInteger(), "root_exchange_id": sa.BigInteger(), "hops": sa.BigInteger()},
-    "hops": {"chain_id": sa.BigInteger(), "idx": sa.BigInteger(), "from_exchange_id": sa.BigInteger(),
-             "to_exchange_id": sa.BigInteger()},
-    "findings": {"id": sa.BigInteger(), "chain_id": sa.BigInteger(), "hop": sa.BigInteger(),
-                 "from_exchange_id": sa.BigInteger(), "to_exchange_id": sa.BigInteger()},
+    "hops": {
+        "chain_id": sa.BigInteger(),
+        "idx": sa.BigInteger(),
+        "from_exchange_id": sa.BigInteger(),
+        "to_exchange_id": sa.BigInteger(),
+    },
+    "findings": {
+        "id": sa.BigInteger(),
+        "chain_id": sa.BigInteger(),
+        "hop": sa.BigInteger(),
+        "from_exchange_id": sa.BigInteger(),
+        "to_exchange_id": sa.BigInteger(),
+    },
 }
 SEQUENCES = ("exchanges_id_seq", "chains_id_seq", "findings_id_seq")
 

@@ -33,4 +33,3 @@ def upgrade() -> None:
     )
     op.create_index("ix_test_runs_client_start", "test_runs", ["client", "started_at"])
     op.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-
