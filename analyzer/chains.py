@@ -70,10 +70,20 @@ class LinkOptions:
             raise ValueError("link window must be > 0 seconds")
 
 
-def order_key(ex: Linkable) -> tuple[float, int, int]:
+def order_key(ex: Linkable) -> OrderKey:
     """Total order of exchanges: start time, then capture and position in it."""
     start = ex.started_at if ex.started_at is not None else UNDATED
     return (start, ex.capture_id, ex.seq)
+
+
+OrderKey = tuple[float, int, int]
+
+
+def stored_id(ex: Linkable) -> int:
+    """An exchange's id in the store; linking and chains only deal in stored exchanges."""
+    if ex.id is None:
+        raise ValueError(f"exchange {ex.capture_id}:{ex.seq} has no id: store it before linking")
+    return ex.id
 
 
 def is_followable(ex: Linkable) -> bool:
@@ -106,12 +116,14 @@ def link_redirects(
     redirects: Iterable[Linkable], candidates: Iterable[Linkable], options: LinkOptions = LinkOptions()
 ) -> dict[int, Link]:
     """Map each followable redirect's id to the request that followed it."""
-    groups: dict[tuple[str, str], list[Linkable]] = {}
+    groups: dict[tuple[str, str | None], list[Linkable]] = {}
     for ex in candidates:
         groups.setdefault((ex.client, ex.url_norm), []).append(ex)
     index = {key: _Candidates(sorted(items, key=order_key)) for key, items in groups.items()}
     redirects = list(redirects)
-    on_connection: dict[tuple[str, str], list[tuple]] = {}  # redirects per (client, connection), in order
+    on_connection: dict[
+        tuple[str, str | None], list[OrderKey]
+    ] = {}  # redirects per (client, connection), in order
     for r in redirects:
         if r.connection is not None:
             on_connection.setdefault((r.client, r.connection), []).append(order_key(r))
@@ -123,22 +135,21 @@ def link_redirects(
         if pool is not None:
             link = _pick(source, pool, options, on_connection.get((source.client, source.connection), []))
             if link is not None:
-                links[source.id] = link
+                links[stored_id(source)] = link
     return links
 
 
 def _pick(
-    source: Linkable, pool: _Candidates, options: LinkOptions, connection_redirects: list[tuple]
+    source: Linkable, pool: _Candidates, options: LinkOptions, connection_redirects: list[OrderKey]
 ) -> Link | None:
     """`connection_redirects`: order keys of the client's redirects on source's connection."""
     source_key = order_key(source)
-    undated = source.started_at is None
     i = pool.first_free(bisect_right(pool.keys, source_key))
     chosen, seen = None, 0
     while i < len(pool.items) and seen < CONNECTION_SCAN_LIMIT:
         cand = pool.items[i]
         if (
-            not undated
+            source.started_at is not None
             and cand.started_at is not None
             and cand.started_at - source.started_at > options.window
         ):
@@ -157,7 +168,7 @@ def _pick(
         return None
     pool.claim(chosen)
     target = pool.items[chosen]
-    return Link(target.id, *grade_link(source, target, ambiguous=seen > 1))
+    return Link(stored_id(target), *grade_link(source, target, ambiguous=seen > 1))
 
 
 def grade_link(source: Linkable, target: Linkable, *, ambiguous: bool) -> tuple[str, float]:
@@ -187,7 +198,7 @@ def _walk(root: Exchange, exchanges: dict[int, Exchange], links: dict[int, Link]
     hops: list[Hop] = []
     current = root
     while True:
-        link = links.get(current.id)
+        link = links.get(stored_id(current))
         if link is None:
             hops.append(Hop(len(hops), current, None, unfollowed_end(current), 0.0))
             return Chain(hops=hops, end=hops[-1].link)
@@ -208,7 +219,7 @@ def unfollowed_end(ex: Exchange) -> str:
 
 def build_chains(exchanges: Sequence[Exchange], options: LinkOptions = LinkOptions()) -> list[Chain]:
     """Link and assemble in one call; exchanges must carry distinct ids."""
-    by_id = {ex.id: ex for ex in exchanges}
+    by_id = {stored_id(ex): ex for ex in exchanges}
     wanted = {(ex.client, ex.location_resolved) for ex in exchanges if is_followable(ex)}
     candidates = [ex for ex in exchanges if (ex.client, ex.url_norm) in wanted]
     links = link_redirects((ex for ex in exchanges if ex.is_redirect), candidates, options)

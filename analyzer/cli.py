@@ -1284,7 +1284,23 @@ def db_upgrade_cmd(db: str | None, wait: float) -> None:
 
 @cli.command("rules")
 @click.argument("rule", required=False)
-def rules_cmd(rule: str | None) -> None:
+@click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(["text", "markdown"]),
+    default="text",
+    show_default=True,
+    help="markdown: the rules page (docs/rules.md) with references linked.",
+)
+@click.option(
+    "--examples",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="With --format markdown: a directory of rule fixtures (HAR files with log._expect); "
+    "each rule's page shows the finding it produced on the first one that fires it.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+def rules_cmd(rule: str | None, fmt: str, examples: Path | None, output: str | None) -> None:
     """Describe every rule (or one: `rules RA102`, `rules dropped-body`): id, slug, severity, documentation."""
     from analyzer.detectors import RULES
 
@@ -1300,8 +1316,18 @@ def rules_cmd(rule: str | None) -> None:
             raise click.BadParameter(
                 f"no rule {rule!r}.{hint} (`redirect-audit rules` lists them all)", param_hint="'RULE'"
             )
-    text = "\n".join(f"{r.id} {r.slug} (default severity {r.severity})\n\n{r.doc.rstrip()}\n" for r in chosen)
-    _emit(None, lambda out: out.write(text))
+    if examples is not None and fmt != "markdown":
+        raise click.UsageError("--examples goes with --format markdown")
+    if fmt == "markdown":
+        from analyzer import ruledocs
+
+        found = ruledocs.collect_examples(chosen, examples) if examples is not None else None
+        text = ruledocs.render(chosen, found)
+    else:
+        text = "\n".join(
+            f"{r.id} {r.slug} (default severity {r.severity})\n\n{r.doc.rstrip()}\n" for r in chosen
+        )
+    _emit(output, lambda out: out.write(text))
 
 
 # ---- plumbing ---------------------------------------------------------------------------

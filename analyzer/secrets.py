@@ -29,7 +29,7 @@ import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -155,11 +155,12 @@ def body_digest(key: bytes, raw: bytes) -> str:
     state.update(raw)
     result = outer.copy()
     result.update(state.digest())
-    return result.hexdigest()
+    digest: str = result.hexdigest()
+    return digest
 
 
 @functools.lru_cache(maxsize=8)
-def _pads(key: bytes):
+def _pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
     return hashlib.sha256(bytes(b ^ 0x36 for b in block)), hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
@@ -299,8 +300,8 @@ def _protect_nested(value: str, key: bytes, policy: SecretPolicy, level: int) ->
     return value if protected is inner else quote(protected, safe="")
 
 
-def _url_value(key: bytes):
-    def replace(m: re.Match) -> str:
+def _url_value(key: bytes) -> Callable[[re.Match[str]], str]:
+    def replace(m: re.Match[str]) -> str:
         if m[2] is not None:
             return f"{m[1]}{m[2]}={_fingerprinted(key, m[3])}"
         return f"{m[4]}{m[5]}={_fingerprinted(key, m[6])}"

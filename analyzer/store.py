@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from sqlalchemy import (
@@ -41,6 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.sql import ColumnElement
 
 from analyzer.keys import KEY_FILE_ENV, key_file_from, key_id, new_key, read_key, read_or_create_key
 from analyzer.model import Body, Exchange
@@ -68,6 +70,8 @@ from analyzer.storeread import (  # noqa: F401 - re-exported: where a store is a
 )
 
 BATCH_SIZE = 2000
+
+Row = tuple[Any, ...]  # an exchanges-table row, in EXCHANGE_COLUMNS order
 
 metadata = MetaData()
 
@@ -231,8 +235,8 @@ test_runs = Table(
 )
 
 
-def _sqlite_pragmas(wait: float):
-    def on_connect(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(wait: float) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")  # first: the WAL switch may wait too
         cur.execute("PRAGMA journal_mode=WAL")
@@ -304,7 +308,9 @@ def open_store(
     except BaseException as exc:
         if engine is not None:
             engine.dispose()
-        if made_file:  # a store that was never finished is no store: leave no file that looks like one
+        if (
+            made_file and path is not None
+        ):  # a store that was never finished is no store: leave no file that looks like one
             _remove_sqlite_files(path)
         if isinstance(exc, SQLAlchemyError):
             raise StoreError(describe_error(exc, url, wait)) from None
@@ -402,7 +408,7 @@ def read_generation(conn: Connection) -> int:
     return int(value or 0)
 
 
-def record_analysis(conn: Connection, generation: int, options: dict) -> None:
+def record_analysis(conn: Connection, generation: int, options: dict[str, Any]) -> None:
     """Remember which generation the results describe and the options they were made with."""
     for key, value in ((ANALYZED_GENERATION, str(generation)), (ANALYSIS_OPTIONS, json.dumps(options))):
         set_meta(conn, key, value)
@@ -411,13 +417,15 @@ def record_analysis(conn: Connection, generation: int, options: dict) -> None:
 # ---- writes -----------------------------------------------------------------
 
 
-def add_capture(conn: Connection, **values) -> int:
+def add_capture(conn: Connection, **values: Any) -> int:
     values.setdefault("imported_at", time.time())
     values = {k: v.replace("\x00", "\\x00") if type(v) is str else v for k, v in values.items()}
-    return conn.execute(insert(captures).values(**values)).inserted_primary_key[0]
+    key = conn.execute(insert(captures).values(**values)).inserted_primary_key
+    assert key is not None  # an INSERT always returns the new row's key
+    return int(key[0])
 
 
-def finish_capture(conn: Connection, capture_id: int, **values) -> None:
+def finish_capture(conn: Connection, capture_id: int, **values: Any) -> None:
     """Record a capture's totals at the end of the transaction that wrote its exchanges."""
     conn.execute(update(captures).where(captures.c.id == capture_id).values(**values))
     bump_generation(conn)
@@ -470,12 +478,13 @@ EXCHANGE_COLUMNS = (
 )
 
 
-class HeaderBlock(list):
+class HeaderBlock(list[tuple[str, str]]):
     """Header pairs as stored, with the JSON they are stored as. The proxy's converter
     shares one block between all the exchanges that carry the same headers (flows.py),
     so it is encoded once. Never changed once made."""
 
     __slots__ = ("json",)
+    json: str
 
 
 def header_block(pairs: Sequence[tuple[str, str]]) -> HeaderBlock:
@@ -502,7 +511,7 @@ def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
         return json.dumps(headers, ensure_ascii=False)
 
 
-def exchange_row(ex: Exchange) -> tuple:
+def exchange_row(ex: Exchange) -> Row:
     """The exchanges-table row for one Exchange, in EXCHANGE_COLUMNS order (capture_id must be set).
 
     Stored the same on every engine: a NUL character (which PostgreSQL text cannot hold)
@@ -548,7 +557,7 @@ def exchange_row(ex: Exchange) -> tuple:
     )
     for i in _TEXT_AT:
         value = row[i]
-        if value is not None and "\x00" in value:
+        if type(value) is str and "\x00" in value:
             return nul_escaped(row)
     return row
 
@@ -578,17 +587,17 @@ _TEXT_AT = tuple(
 )
 
 
-def nul_escaped(row: tuple) -> tuple:
+def nul_escaped(row: Row) -> Row:
     """The row with every NUL character in a text value written as `\\x00`."""
     return tuple(v.replace("\x00", "\\x00") if type(v) is str else v for v in row)
 
 
-def write_exchanges(conn: Connection, rows: Iterable[tuple], batch_size: int = BATCH_SIZE) -> int:
+def write_exchanges(conn: Connection, rows: Iterable[Row], batch_size: int = BATCH_SIZE) -> int:
     """Insert exchange_row() tuples in executemany batches; return how many were written."""
     return insert_tuples(conn, exchanges, EXCHANGE_COLUMNS, rows, batch_size)
 
 
-def write_exchange_blocks(conn: Connection, blocks: Iterable[Sequence[tuple]]) -> int:
+def write_exchange_blocks(conn: Connection, blocks: Iterable[Sequence[Row]]) -> int:
     """write_exchanges() for rows that come in lists already (a HAR import's blocks)."""
     return insert_blocks(conn, exchanges, EXCHANGE_COLUMNS, blocks)
 
@@ -600,7 +609,7 @@ def insert_tuples(
     conn: Connection,
     table: Table,
     columns: tuple[str, ...],
-    rows: Iterable[tuple],
+    rows: Iterable[Row],
     batch_size: int = BATCH_SIZE,
 ) -> int:
     """Bulk insert, skipping SQLAlchemy's per-row parameter processing.
@@ -622,7 +631,7 @@ def insert_tuples(
 
 
 def insert_blocks(
-    conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]
+    conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[Row]]
 ) -> int:
     """insert_tuples() for rows that come in lists already: no per-row regrouping."""
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
@@ -667,7 +676,7 @@ def insert_blocks(
 
 
 def _copy_blocks(
-    conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[tuple]]
+    conn: Connection, table: Table, columns: tuple[str, ...], blocks: Iterable[Sequence[Row]]
 ) -> int:
     """PostgreSQL: rows go through COPY FROM STDIN (psycopg's copy), in the transaction of
     `conn`: several times the rate of INSERT statements. A value the server refuses fails
@@ -675,7 +684,9 @@ def _copy_blocks(
     for the value, as for a refused INSERT."""
     import psycopg
 
-    cursor = conn.connection.driver_connection.cursor()
+    driver = conn.connection.driver_connection
+    assert driver is not None  # an open connection has its driver connection
+    cursor = driver.cursor()
     names = ", ".join(f'"{c}"' for c in columns)
     count = 0
     for block in blocks:
@@ -699,7 +710,7 @@ _VALUE_ERRORS = (StatementError, UnicodeError, OverflowError)
 
 
 def refused(
-    dialect: str, table: Table, columns: Sequence[str], rows: Sequence[tuple], exc: BaseException
+    dialect: str, table: Table, columns: Sequence[str], rows: Sequence[Row], exc: BaseException
 ) -> ValueRefused:
     """The error for a batch the database refused because of a value: which row and which
     column, when a value breaks one of the limits known below, else the database's words."""
@@ -713,7 +724,7 @@ def refused(
     return ValueRefused(f"the store refused a row: {said}", rows[0] if len(rows) == 1 else None)
 
 
-def value_problem(dialect: str, column: Column, value: object) -> str | None:
+def value_problem(dialect: str, column: Column[Any], value: object) -> str | None:
     """Why a database of this dialect would refuse this value in this column, if it would."""
     if isinstance(value, str):
         try:
@@ -749,7 +760,7 @@ class _InsertPlan:
         return sql
 
 
-_PLANS: dict[tuple, _InsertPlan] = {}
+_PLANS: dict[tuple[str, str, str, tuple[str, ...]], _InsertPlan] = {}
 
 
 def _insert_plan(conn: Connection, table: Table, columns: tuple[str, ...]) -> _InsertPlan:
@@ -758,7 +769,7 @@ def _insert_plan(conn: Connection, table: Table, columns: tuple[str, ...]) -> _I
     if plan is None:
         compiled = insert(table).compile(dialect=conn.dialect, column_keys=list(columns))
         positional = bool(compiled.positional)
-        order = [columns.index(name) for name in compiled.positiontup] if positional else None
+        order = [columns.index(name) for name in compiled.positiontup or ()] if positional else None
         plan = _PLANS[key] = _InsertPlan(
             sql=compiled.string,
             positional=positional,
@@ -786,8 +797,8 @@ def _split_values(sql: str) -> tuple[str, str]:
     return sql[: at + len("VALUES")] + " ", sql[at + len("VALUES") :].strip()
 
 
-def _batches(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
-    batch: list[tuple] = []
+def _batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    batch: list[Row] = []
     for row in rows:
         batch.append(row)
         if len(batch) >= size:
@@ -866,7 +877,7 @@ LINK_COLUMNS = (
 
 
 def load_exchanges(
-    conn: Connection, where=None, *, light: bool = False, headers: bool = True
+    conn: Connection, where: ColumnElement[bool] | None = None, *, light: bool = False, headers: bool = True
 ) -> list[Exchange]:
     """Exchanges matching a SQLAlchemy condition.
 
@@ -888,13 +899,13 @@ def load_exchanges(
     return [make(row) for row in rows]
 
 
-def exchange_from_row(row) -> Exchange:
+def exchange_from_row(row: Mapping[str, Any]) -> Exchange:
     """The Exchange a full exchanges-table row (a mapping) describes."""
     names = [c.name for c in exchanges.c if c.name in row]
     return _row_reader(names)(tuple(row[n] for n in names))
 
 
-def _row_reader(names: list[str]):
+def _row_reader(names: list[str]) -> Callable[[Row], Exchange]:
     """A function turning a row of these columns, by position, into an Exchange."""
     at = {name: i for i, name in enumerate(names)}
     missing = len(names)
@@ -973,7 +984,7 @@ def _row_reader(names: list[str]):
         )
     )
 
-    def make(row: tuple) -> Exchange:
+    def make(row: Row) -> Exchange:
         r = (*row, None)
         return Exchange(
             id=r[i_id],
@@ -1011,7 +1022,7 @@ def _headers_from(text: str | None) -> list[tuple[str, str]]:
     return [tuple(h) for h in json.loads(text)] if text else []
 
 
-def light_exchange(row) -> Exchange:
+def light_exchange(row: Row) -> Exchange:
     ex_id, capture_id, seq, client, connection, started, url_norm, status, loc, loc_res, synthetic, method = (
         row
     )

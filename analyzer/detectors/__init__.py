@@ -50,7 +50,10 @@ RULES_BY_SLUG = {rule.slug: rule for rule in RULES}
 def arrivals_of(chains: Sequence[Chain]) -> dict[int, tuple[Chain, int]]:
     """Map each follow-up exchange id to the chain and hop that led to it."""
     return {
-        hop.target.id: (chain, hop.index) for chain in chains for hop in chain.hops if hop.target is not None
+        hop.target.id: (chain, hop.index)
+        for chain in chains
+        for hop in chain.hops
+        if hop.target is not None and hop.target.id is not None
     }
 
 

@@ -6,9 +6,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from analyzer.model import Chain, Exchange, Finding, Hop, Severity
 from analyzer.urls import endpoint
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
 
 DEFAULT_STALE_AFTER_DAYS = 7.0
 DEFAULT_DUPLICATE_WINDOW = 600.0  # seconds between two deliveries of one logical write
@@ -46,6 +50,10 @@ class Context:
     # exchange id -> (chain, hop index) where that exchange is the follow-up
     arrivals: dict[int, tuple[Chain, int]] = field(default_factory=dict)
 
+    def arrival(self, ex: Exchange) -> tuple[Chain, int] | None:
+        """The chain and hop that led to `ex`, if a redirect did."""
+        return None if ex.id is None else self.arrivals.get(ex.id)
+
 
 Check = Callable[[Sequence[Chain], Context], Iterator[Finding]]
 
@@ -56,17 +64,19 @@ class Rule:
     slug: str
     severity: Severity
     summary: str
+    fix: str  # the fix in one line (the README's table); the docstring says it in full
     doc: str
     check: Check
 
 
 def rule_from_module(module: ModuleType) -> Rule:
-    """A detector module declares RULE_ID, SLUG, SEVERITY, SUMMARY and check()."""
+    """A detector module declares RULE_ID, SLUG, SEVERITY, SUMMARY, FIX and check()."""
     return Rule(
         id=module.RULE_ID,
         slug=module.SLUG,
         severity=module.SEVERITY,
         summary=module.SUMMARY,
+        fix=module.FIX,
         doc=(module.__doc__ or "").strip(),
         check=module.check,
     )
@@ -77,7 +87,7 @@ def hop_finding(
     hop: Hop,
     chain: Chain,
     message: str,
-    evidence: dict,
+    evidence: dict[str, Any],
     *,
     severity: Severity | None = None,
     confidence: float | None = None,
@@ -151,7 +161,7 @@ def site(host: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _suffixes():
+def _suffixes() -> PublicSuffixList:
     # publicsuffixlist ships its own snapshot of the list and never fetches or caches
     # anything. The whole list, private section included, as browsers use it for
     # cookies: alice.github.io and bob.github.io are two sites. tldextract,

@@ -33,6 +33,7 @@ RULE_ID = "RA107"
 SLUG = "body-on-get"
 SEVERITY = Severity.HIGH
 SUMMARY = "A follow-up that became GET or HEAD still carried a body or request-body headers."
+FIX = "When a redirect turns the request into GET, drop the body and its Content-* headers."
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from types import ModuleType
 
 from analyzer.detectors.base import Context, hop_finding, is_upgrade, site
-from analyzer.model import Chain, Exchange, Finding, Severity
+from analyzer.model import Chain, Exchange, Finding, Hop, Severity
 from analyzer.urls import endpoint
 from analyzer.urls import origin_with_port as origin
 
@@ -45,6 +46,7 @@ RULE_ID = "RA105"
 SLUG = "credential-cross-origin"
 SEVERITY = Severity.HIGH
 SUMMARY = "A credential header was forwarded on a redirect to another origin."
+FIX = "Clients strip credentials when a redirect leaves the origin; servers hand out a signed URL instead of redirecting authenticated calls."
 
 WATCHED = ("authorization", "proxy-authorization", "cookie")
 
@@ -90,7 +92,7 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
                 earlier.append(target.url_norm)
 
 
-def _finding(module, chain: Chain, hop, name: str, before: str, after: str) -> Finding:
+def _finding(module: ModuleType, chain: Chain, hop: Hop, name: str, before: str, after: str) -> Finding:
     evidence = {
         "header": name,
         "from_origin": origin(before),

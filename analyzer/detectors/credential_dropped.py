@@ -41,16 +41,18 @@ How to fix
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from types import ModuleType
 
 from analyzer.detectors.base import Context, hop_finding
-from analyzer.model import Chain, Finding, Severity
+from analyzer.model import Chain, Finding, Hop, Severity
 from analyzer.urls import origin_with_port as origin
 
 RULE_ID = "RA115"
 SLUG = "credential-dropped"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A credential the request carried was missing on the follow-up of a redirect."
+FIX = "Same origin: fix the client to keep the header; another origin: serve the call where the client authenticated, or authenticate at the target."
 
 API_KEY_HEADERS = (
     "x-api-key",
@@ -68,7 +70,7 @@ WATCHED = ("authorization", *API_KEY_HEADERS, "cookie")
 DENIED = (401, 403)
 
 
-def carried(headers) -> set[str]:
+def carried(headers: Iterable[tuple[str, str]]) -> set[str]:
     """The watched credential headers a request carried (lower-case names)."""
     return {name.lower() for name, _ in headers if name.lower() in WATCHED}
 
@@ -87,8 +89,10 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
                     yield finding
 
 
-def _judge(module, chain: Chain, hop, name: str) -> Finding | None:
+def _judge(module: ModuleType, chain: Chain, hop: Hop, name: str) -> Finding | None:
     source, target = hop.source, hop.target
+    if target is None:
+        return None
     before, after = origin(source.url_norm), origin(target.url_norm)
     denied = target.status in DENIED
     title = "-".join(part.capitalize() for part in name.split("-"))

@@ -26,12 +26,13 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from analyzer.detectors.base import Context, followed_hops, hop_finding, media_type
-from analyzer.model import Chain, Finding, Severity
+from analyzer.model import Body, Chain, Finding, Severity
 
 RULE_ID = "RA102"
 SLUG = "dropped-body"
 SEVERITY = Severity.HIGH
 SUMMARY = "A method-preserving redirect was followed without the original request body."
+FIX = "Clients re-send the body on 307/308 (make streamed bodies replayable); a server that cannot take it again answers 303."
 
 METHOD_PRESERVING = frozenset({307, 308})
 HISTORICAL_REWRITE = frozenset({301, 302})
@@ -93,7 +94,7 @@ def _preserves_body(status: int | None, method: str) -> bool:
     return status in HISTORICAL_REWRITE and method in BODY_METHODS
 
 
-def _differs(before, after) -> bool:
+def _differs(before: Body, after: Body) -> bool:
     if before.sha256 and after.sha256:
         return before.sha256 != after.sha256
     return before.length != after.length

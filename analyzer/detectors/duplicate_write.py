@@ -38,12 +38,13 @@ RULE_ID = "RA103"
 SLUG = "duplicate-write"
 SEVERITY = Severity.HIGH
 SUMMARY = "The same write was delivered and accepted more than once."
+FIX = "Send an Idempotency-Key with every write and honour it; never retry a write that was accepted."
 
 METHOD_SEVERITY = {"POST": Severity.HIGH, "PATCH": Severity.HIGH, "PUT": Severity.LOW, "DELETE": Severity.LOW}
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
-    groups: dict[tuple, list[Exchange]] = {}
+    groups: dict[tuple[str, str, str, str], list[Exchange]] = {}
     for ex in context.writes:
         if (
             ex.method in METHOD_SEVERITY
@@ -64,7 +65,7 @@ def succeeded(ex: Exchange) -> bool:
 
 
 def logical_target(ex: Exchange, context: Context) -> str:
-    arrival = context.arrivals.get(ex.id)
+    arrival = context.arrival(ex)
     return arrival[0].root.url_norm if arrival else ex.url_norm
 
 
@@ -102,7 +103,7 @@ def _judge(group: list[Exchange], context: Context) -> Finding | None:
         if keyed
         else "no shared Idempotency-Key"
     )
-    arrival = context.arrivals.get(repeat.id)
+    arrival = context.arrival(repeat)
     chain, hop = arrival if arrival else (None, 0)
     return Finding(
         rule=SLUG,

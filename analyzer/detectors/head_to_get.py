@@ -29,6 +29,7 @@ RULE_ID = "RA108"
 SLUG = "head-to-get"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A HEAD request came back from a redirect as GET."
+FIX = "Keep HEAD on every redirect."
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:

@@ -34,6 +34,7 @@ RULE_ID = "RA106"
 SLUG = "https-downgrade"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A followed redirect left https for plain http."
+FIX = "Never put an http `Location` in an https answer (honour `X-Forwarded-Proto`, send HSTS); clients refuse https → http."
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:

@@ -35,6 +35,7 @@ RULE_ID = "RA113"
 SLUG = "lost-write"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A write was redirected and never re-sent."
+FIX = "Clients follow 307/308 for writes with the body, or report the 3xx as an error; servers answer writes where they are sent."
 
 CONFIDENCE = 0.7
 STATUSES = frozenset({301, 302, 307, 308})

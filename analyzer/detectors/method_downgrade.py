@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import Any
 
 from analyzer.detectors.base import Context, followed_hops, hop_finding
-from analyzer.model import Chain, Finding, Severity
+from analyzer.model import Chain, Finding, Hop, Severity
 
 RULE_ID = "RA101"
 SLUG = "method-downgrade"
 SEVERITY = Severity.HIGH
 SUMMARY = "The follow-up request used another method than the redirect status allows."
+FIX = "Answer 307/308 when the request must arrive as sent, 303 for a result page; a client that changes the method on 307/308 is broken."
 
 METHOD_PRESERVING = frozenset({307, 308})
 HISTORICAL_REWRITE = frozenset({301, 302})  # POST -> GET tolerated, RFC 9110 15.4.2/15.4.3
@@ -60,7 +63,15 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
             yield _historical(module, hop, chain, before, after, status, evidence)
 
 
-def _historical(module, hop, chain, before, after, status, evidence) -> Finding:
+def _historical(
+    module: ModuleType,
+    hop: Hop,
+    chain: Chain,
+    before: str,
+    after: str,
+    status: int,
+    evidence: dict[str, Any],
+) -> Finding:
     if before == "POST" and after == "GET":
         return hop_finding(
             module,

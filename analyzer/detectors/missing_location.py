@@ -28,6 +28,7 @@ RULE_ID = "RA112"
 SLUG = "missing-location"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A redirect answer had no Location, or one that cannot be resolved."
+FIX = "Always send a `Location` that resolves with a redirect."
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:

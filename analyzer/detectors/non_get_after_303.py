@@ -28,6 +28,7 @@ RULE_ID = "RA109"
 SLUG = "non-get-after-303"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A 303 See Other was followed with a method other than GET or HEAD."
+FIX = "On 303 switch to GET and drop the body (curl: no `-X POST` with `-d`)."
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:

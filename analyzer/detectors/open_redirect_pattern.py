@@ -39,6 +39,7 @@ RULE_ID = "RA114"
 SLUG = "open-redirect-pattern"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A redirect went to another origin named by the request's own parameters."
+FIX = "Redirect only to relative paths or allow-listed origins; match OAuth `redirect_uri` exactly."
 
 CONFIDENCE = 0.5
 

@@ -23,12 +23,13 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from analyzer.detectors.base import Context, hop_finding
-from analyzer.model import Chain, Finding, Severity
+from analyzer.model import Chain, Exchange, Finding, Severity
 
 RULE_ID = "RA110"
 SLUG = "redirect-loop"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A redirect chain went round a cycle."
+FIX = "Find the condition that keeps redirecting (a cookie never set, contradicting http/https or www rules)."
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
@@ -64,5 +65,5 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
                 seen[key] = hop.index + 1
 
 
-def _same_answer(a, b) -> bool:
+def _same_answer(a: Exchange, b: Exchange) -> bool:
     return a.status == b.status and a.is_redirect and a.location_resolved == b.location_resolved

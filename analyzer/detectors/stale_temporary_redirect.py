@@ -28,14 +28,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from typing import Any
 
-from analyzer.detectors.base import Context
+from analyzer.detectors.base import Context, DetectorOptions
 from analyzer.model import Chain, Exchange, Finding, Hop, Severity, header
 
 RULE_ID = "RA104"
 SLUG = "stale-temporary-redirect"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A temporary redirect is still served long after 'temporary' should have ended."
+FIX = "Make the detour permanent (301/308) if it stays, or remove it."
 
 ALWAYS_TEMPORARY = frozenset({302, 307})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
@@ -61,6 +63,8 @@ class Sightings:
     latest_status: int | None = None
 
     def add(self, ex: Exchange) -> None:
+        if ex.status is None:  # only answered redirects are sighted
+            return
         self.count_sighting(ex.status, ex.started_at, ex)
         self.note_headers(ex)
 
@@ -97,12 +101,13 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
     for chain in chains:
         for hop in chain.hops:
             ex = hop.source
-            if is_temporary(ex) and (ex.location_resolved or ex.location):
-                groups.setdefault((ex.url_norm, ex.location_resolved or ex.location), Sightings()).add(ex)
+            target = ex.location_resolved or ex.location
+            if is_temporary(ex) and target:
+                groups.setdefault((ex.url_norm, target), Sightings()).add(ex)
                 where[id(ex)] = (chain, hop)
     for (source, target), sightings in groups.items():
         judged = judge(source, target, sightings, context.options)
-        if judged is not None:
+        if judged is not None and sightings.latest is not None:
             message, evidence = judged
             chain, hop = where[id(sightings.latest)]
             yield stale_finding(message, evidence, sightings.latest, chain, hop.index)
@@ -114,7 +119,9 @@ def is_temporary(ex: Exchange) -> bool:
     )
 
 
-def stale_finding(message: str, evidence: dict, ex: Exchange, chain: Chain | None, hop: int) -> Finding:
+def stale_finding(
+    message: str, evidence: dict[str, Any], ex: Exchange, chain: Chain | None, hop: int
+) -> Finding:
     return Finding(
         rule=SLUG,
         rule_id=RULE_ID,
@@ -128,11 +135,13 @@ def stale_finding(message: str, evidence: dict, ex: Exchange, chain: Chain | Non
     )
 
 
-def judge(source: str, target: str, sightings: Sightings, options) -> tuple[str, dict] | None:
+def judge(
+    source: str, target: str, sightings: Sightings, options: DetectorOptions
+) -> tuple[str, dict[str, Any]] | None:
     """The finding's message and evidence for one group, or None when it is not stale."""
     first, last = sightings.first, sightings.last
     reasons: list[str] = []
-    evidence: dict = {
+    evidence: dict[str, Any] = {
         "source": source,
         "target": target,
         "sightings": sightings.count,
@@ -141,7 +150,7 @@ def judge(source: str, target: str, sightings: Sightings, options) -> tuple[str,
         "last_seen": last,
     }
     threshold = options.stale_after_days * DAY
-    if first is not None and last - first >= threshold:
+    if first is not None and last is not None and last - first >= threshold:
         days = (last - first) / DAY
         reasons.append(f"served for {days:.1f} days (threshold {options.stale_after_days:g})")
         evidence["age_days"] = round(days, 3)

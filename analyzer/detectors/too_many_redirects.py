@@ -28,6 +28,7 @@ RULE_ID = "RA111"
 SLUG = "too-many-redirects"
 SEVERITY = Severity.MEDIUM
 SUMMARY = "A redirect chain was longer than the redirect limit."
+FIX = "Collapse the chain into one redirect to the final URL."
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
