@@ -310,6 +310,11 @@ def _credential_fingerprints(text: str | None) -> list[str]:
     return [f"{name}={value}" for name, value in watched(json.loads(text))]
 
 
+ALLOWED_BODY_LOST = "allowed, body lost"
+# A group of hops reads as its worst verdict.
+VERDICT_ORDER = ("deviated", ALLOWED_BODY_LOST, "as specified", "not followed")
+
+
 def verdict(
     status,
     before,
@@ -323,7 +328,9 @@ def verdict(
     credentials_leaked=(),
     auth_same_origin=None,
 ) -> str:
-    """What RFC 9110 / Fetch say of one hop: 'as specified', 'deviated' or 'not followed'."""
+    """What RFC 9110 / Fetch say of one hop: 'as specified', 'allowed, body lost' (POST -> GET
+    on 301/302: permitted for historical reasons, what method-downgrade reports at low
+    severity), 'deviated' or 'not followed'."""
     if not followed:
         return "not followed"
     if len(credentials_leaked):
@@ -342,7 +349,7 @@ def verdict(
         return "as specified" if after == prescribed_method(status, before) else "deviated"
     if before != after:
         if status in (301, 302) and before == "POST" and after == "GET":
-            return "as specified"  # allowed for historical reasons, flagged at low severity
+            return ALLOWED_BODY_LOST  # allowed for historical reasons, flagged at low severity
         return "deviated"
     had_body = pd.notna(len_before) and len_before and before in WRITE_METHODS
     if had_body and status in (301, 302, 307, 308):
@@ -531,9 +538,7 @@ def clients(db: str | None = None) -> pd.DataFrame:
                 "credentials_cross_origin": int(followed["credentials_cross_origin"].map(len).gt(0).sum()),
                 "auth_same_origin": _tally_or_none(followed["auth"][~followed["cross_origin"]]),
                 "auth_cross_origin": _tally_or_none(followed["auth"][followed["cross_origin"]]),
-                "verdict": "deviated"
-                if "deviated" in verdicts
-                else ("as specified" if "as specified" in verdicts else "not followed"),
+                "verdict": next((v for v in VERDICT_ORDER if v in verdicts), "not followed"),
                 "deviated": int((group["verdict"] == "deviated").sum()),
                 "rules": sorted({r for found in group["rules"] for r in found}),
             }

@@ -1,30 +1,45 @@
-"""`findings --format html`: one self-contained HTML file with the plots and a table per rule.
+"""`findings --format html`: one self-contained HTML file that leads with what matters.
 
-The figures are PNGs embedded as data URIs and the styles are inline, so the file can
-be mailed or attached to a ticket and opens anywhere, offline, with no script at all.
+A summary first (findings by severity, chains, clients, captures and their time span),
+then every finding ordered by severity and rule, each with its hop on one line, the
+message, the fix and the whole chain behind a disclosure; then the rules that found
+nothing, in one line; then the figures. Filters (severity, rule, client, host) and
+sortable columns are a few lines of inline script; the figures are PNGs in data URIs and
+the styles are inline, so the file can be mailed or attached to a ticket and opens
+anywhere, offline. Without script, every finding is shown in its order.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import re
+import warnings
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import PurePath
+from urllib.parse import urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup, escape
 from matplotlib.figure import Figure
 
 from analyzer import frames, plots
-from analyzer.detectors import RULES
-from analyzer.report import hop_text
-from analyzer.storeread import url_shown
+from analyzer.detectors import RULES, RULES_BY_SLUG
+from analyzer.report import capture_records, hop_text
+from analyzer.storeread import open_reader, url_shown
 
 SEVERITIES = ("high", "medium", "low", "info")
+RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 def _png(fig: Figure, title: str) -> dict:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=96)
+    with warnings.catch_warnings():
+        # constrained layout gives up on a figure too small for its labels and says so on
+        # stderr; the figure is still drawn, and a report is no place for the noise
+        warnings.filterwarnings("ignore", message="constrained_layout not applied")
+        fig.savefig(buffer, format="png", dpi=96)
     width, height = (int(v * 96) for v in fig.get_size_inches())
     return {
         "title": title,
@@ -34,50 +49,125 @@ def _png(fig: Figure, title: str) -> dict:
     }
 
 
-def _pointer(capture: dict) -> str:
+def breakable(text: object) -> Markup:
+    """Escaped text that wraps at spaces and after `/`, `?` and `&` (URLs), nowhere else: each
+    piece between those points is kept whole (a browser would also break after `-`)."""
+    out = []
+    for token in re.split(r"(\s+)", str(text)):
+        if not token or token.isspace():
+            out.append(str(escape(token)))
+            continue
+        pieces = [p for p in re.split(r"(?<=[/?&])", token) if p]
+        out.append("<wbr>".join(f'<span class="nb">{escape(p)}</span>' for p in pieces))
+    return Markup("".join(out))
+
+
+def pointer(capture: dict) -> tuple[str, str]:
+    """(`file.har#12`, the full path) for a HAR entry; (`flow 3f2a…`, source) for a flow."""
+    path = capture.get("file") or capture.get("source") or "?"
     if capture.get("entry_index") is not None:
-        return f"{capture.get('file')} entry {capture['entry_index']}"
-    return f"{capture.get('source')} flow {capture.get('flow_id')}"
+        return (
+            f"{PurePath(path).name}#{capture['entry_index']}",
+            f"{path}, entry {capture['entry_index']} (0-based)",
+        )
+    flow = str(capture.get("flow_id") or "")
+    return f"{PurePath(path).name} flow {flow[:8]}", f"{path}, flow {flow}"
+
+
+def _host(url: str | None) -> str:
+    return (urlsplit(url).hostname or "") if url else ""
+
+
+def _chains(hops) -> dict[int, list[str]]:
+    """Every chain hop by hop, one line per hop."""
+    out: dict[int, list[str]] = {}
+    for row in hops.sort_values(["chain_id", "hop"]).itertuples():
+        follow = (
+            f"{row.method_after} {row.to_url}" if row.followed else f"not followed (Location {row.to_url})"
+        )
+        out.setdefault(int(row.chain_id), []).append(
+            f"{row.method_before} {row.from_url} → {row.status} → {follow}"
+        )
+    return out
+
+
+def _findings(records: list[dict], hops) -> list[dict]:
+    names = dict(zip(hops["chain_id"].astype(int), hops["client_name"].astype(str), strict=False))
+    chains = _chains(hops)
+    rows = []
+    for r in records:
+        rule = RULES_BY_SLUG.get(r["rule"])
+        short, full = pointer(r["capture"])
+        rows.append(
+            {
+                **r,
+                "hop_line": hop_text(r),
+                "fix": rule.fix if rule else "",
+                "client_name": names.get(r["chain_id"], r["client"]),
+                "host": _host(r["from_url"]),
+                "pointer": short,
+                "pointer_title": full,
+                "chain": chains.get(r["chain_id"], []),
+            }
+        )
+    rows.sort(key=lambda f: (RANK.get(f["severity"], 9), f["rule_id"], -f["confidence"], f["finding_id"]))
+    return rows
+
+
+def _summary(db: str | None, records: list[dict], hops, chains) -> dict:
+    reader = open_reader(db)
+    try:
+        captures = capture_records(reader)
+    finally:
+        reader.close()
+    for c in captures:
+        c["name"] = PurePath(c["file"]).name if c["file"] else c["source"]
+    starts = [c["first_at"] for c in captures if c["first_at"]]
+    ends = [c["last_at"] for c in captures if c["last_at"]]
+    counts = Counter(r["severity"] for r in records)
+    return {
+        "counts": [(s, counts[s]) for s in SEVERITIES],
+        "findings": len(records),
+        "chains": len(chains),
+        "clients": hops["client_name"].nunique() if len(hops) else 0,
+        "exchanges": sum(c["exchanges"] or 0 for c in captures),
+        "captures": captures,
+        "span": (min(starts)[:16].replace("T", " "), max(ends)[:16].replace("T", " ")) if starts else None,
+    }
 
 
 def render(db: str | None, records: list[dict]) -> str:
     hops = frames.hops(db)
     chains = frames.chains(db)
+    found = _findings(records, hops)
+    fired = {f["rule"] for f in found}
     figures = [
         _png(plots.findings_by_rule(frames.findings(db)), "Findings by rule and severity"),
-        _png(plots.chain_lengths(chains), "Chain length distribution"),
         _png(
-            plots.redirect_graph(hops), "Redirects between hosts (orange: cross-origin, red: HTTPS to HTTP)"
+            plots.conformance_heatmap(hops),
+            "What each client did on each kind of redirect (RFC 9110 / Fetch)",
+        ),
+        _png(
+            plots.redirect_graph(hops), "Redirects between origins (orange: cross-origin, red: HTTPS to HTTP)"
         ),
         _png(plots.temporary_timeline(frames.temporary_redirects(db)), "Temporary redirects over time"),
-        _png(plots.conformance_heatmap(hops), "Client conformance by status and method"),
+        _png(plots.chain_lengths(chains), "Hops per chain"),
     ]
-    by_rule = {rule.slug: [] for rule in RULES}
-    for r in records:
-        by_rule.setdefault(r["rule"], []).append(
-            {**r, "pointer": _pointer(r["capture"]), "follow": hop_text(r).split(" → ", 1)[1]}
-        )
-    rules = [
-        {
-            "id": rule.id,
-            "slug": rule.slug,
-            "summary": rule.summary,
-            "doc": rule.doc,
-            "findings": by_rule[rule.slug],
-        }
-        for rule in RULES
-    ]
-    counts = Counter(r["severity"] for r in records)
     env = Environment(
         loader=PackageLoader("analyzer", "templates"), autoescape=select_autoescape(["html", "j2"])
     )
-    exchanges = frames.exchanges(db, columns=("id",))
+    env.filters["breakable"] = breakable
     return env.get_template("report.html.j2").render(
         store=url_shown(frames.resolve_db_url(db)),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        exchanges=len(exchanges),
-        chains=len(chains),
+        summary=_summary(db, records, hops, chains),
+        findings=found,
+        choices={
+            "severity": [s for s in SEVERITIES if any(f["severity"] == s for f in found)],
+            "rule": sorted({f["rule"] for f in found}),
+            "client": sorted({f["client_name"] for f in found}),
+            "host": sorted({f["host"] for f in found if f["host"]}),
+        },
+        quiet=[r for r in RULES if r.slug not in fired],
         figures=figures,
-        rules=rules,
-        counts=[(s, counts[s]) for s in SEVERITIES if counts[s]],
     )

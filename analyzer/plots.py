@@ -17,19 +17,57 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, Patch
+from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS
 from analyzer.text import printable
 
 SEVERITIES = ["high", "medium", "low", "info"]
 SEVERITY_COLORS = {"high": "#c0392b", "medium": "#e67e22", "low": "#2e86c1", "info": "#95a5a6"}
-VERDICTS = ["as specified", "deviated", "not followed"]
-VERDICT_COLORS = ["#27ae60", "#c0392b", "#bdc3c7"]
+
+
+def shorten(text: str, width: int = 42) -> str:
+    """`text` cut in the middle to `width` characters: `shop.example…/v1/payments`. The host
+    and the end of a path say the most; the middle of a long URL says the least."""
+    text = printable(text)
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
+def unique_labels(texts: list[str], width: int = 42) -> list[str]:
+    """Shortened labels, made distinct: two that shorten alike keep more of their end,
+    and any still alike are numbered."""
+    labels = [shorten(t, width) for t in texts]
+    seen: dict[str, int] = {}
+    for i, (label, text) in enumerate(zip(labels, texts, strict=True)):
+        if labels.count(label) > 1 and len(printable(text)) > width:
+            labels[i] = "…" + printable(text)[-(width - 1) :]
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if labels.count(label) > 1:
+            labels[i] = f"{label} ({seen[label]})"
+    return labels
+
+
+def _url_label(url: str, width: int) -> str:
+    """host/path of a URL, its query as `?…`: tracking parameters say nothing in a label."""
+    rest = str(url).split("://", 1)[-1]
+    path, query = rest.split("?", 1) if "?" in rest else (rest, "")
+    return shorten(path + ("?…" if query else ""), width)
+
+
+def origin_label(origin: object) -> str:
+    """An origin as shown in a figure: the scheme kept (http and https of one host are two
+    origins), the default port dropped; a redirect with no usable Location has no target."""
+    if not isinstance(origin, str) or not origin:
+        return "(no target)"
+    return origin.removesuffix(":443") if origin.startswith("https://") else origin.removesuffix(":80")
 
 
 def _figure(size: tuple[float, float], title: str):
@@ -69,102 +107,114 @@ LENGTH_CAP = 25  # chains longer than this share one bar; Fetch gives up after 2
 
 
 def chain_lengths(chains: pd.DataFrame) -> Figure:
-    """How many chains have 1, 2, ... hops: one bar per length that occurs, lengths past
+    """How many chains have 1, 2, ... hops: an integer axis from 1 to the longest (at least
+    5, so one length reads as one bar among the lengths that did not occur), lengths past
     LENGTH_CAP in one last bar, a log scale when counts differ by more than 50 times. A
     bar per length, not per hop: a 20,000-hop chain is one bar, drawn at once."""
-    fig, ax = _figure((6, 4), "Chain length")
+    fig, ax = _figure((6, 4), "Hops per chain")
     if chains.empty:
         return _empty(fig, ax, "no chains")
+    longest = int(chains["hops"].max())
     lengths = chains["hops"].astype(int).clip(upper=LENGTH_CAP + 1)
     counts = lengths.value_counts().sort_index()
-    labels = [str(n) if n <= LENGTH_CAP else f">{LENGTH_CAP}" for n in counts.index]
-    ax.bar(range(len(counts)), counts.to_numpy(), color="#2e86c1", edgecolor="white")
-    ax.set_xticks(range(len(counts)), labels)
+    positions = range(1, max(min(longest, LENGTH_CAP + 1), 5) + 1)
+    bars = ax.bar(counts.index, counts.to_numpy(), color="#0072b2", edgecolor="white", width=0.7)
+    ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(list(positions), [str(n) if n <= LENGTH_CAP else f">{LENGTH_CAP}" for n in positions])
+    ax.tick_params(axis="x", labelsize=8 if len(positions) > 15 else 10)
+    ax.set_xlim(0.4, positions[-1] + 0.6)
     if counts.max() > 50 * counts.min():
         ax.set_yscale("log")
-    ax.set_xlabel(
-        "hops per chain"
-        + (f" (longest: {int(chains['hops'].max())})" if counts.index[-1] > LENGTH_CAP else "")
-    )
+    ax.margins(y=0.15)
+    ax.set_xlabel("hops per chain" + (f" (longest: {longest})" if longest > LENGTH_CAP else ""))
     ax.set_ylabel("chains")
     return fig
 
 
-def redirect_graph(hops: pd.DataFrame, max_hosts: int = 30) -> Figure:
-    fig, ax = _figure((8, 8), "Redirects between hosts")
+OTHER = "other origins"
+
+
+def redirect_graph(hops: pd.DataFrame, max_hosts: int = 16, max_edges: int = 60) -> Figure:
+    """Origins (scheme, host, port) as nodes on a circle, the busiest `max_hosts` by hops;
+    the rest share one node, so the graph stays legible at any number of hosts."""
+    fig, ax = _figure((10, 6.5), "Redirects between origins")
     if hops.empty:
         return _empty(fig, ax, "no redirects")
-    frame = hops.assign(src=hops["from_origin"].astype(str), dst=hops["to_origin"].astype(str))
+    frame = hops.assign(
+        src=hops["from_origin"].map(origin_label),
+        dst=hops["to_origin"].map(origin_label),
+    )
+    weight = pd.concat([frame["src"], frame["dst"]]).value_counts()
+    kept = set(weight.index[:max_hosts])
+    others = len(weight) - len(kept)
+    if others:
+        other = f"{others} {OTHER}"
+        frame["src"] = frame["src"].where(frame["src"].isin(kept), other)
+        frame["dst"] = frame["dst"].where(frame["dst"].isin(kept), other)
     edges = (
         frame.groupby(["src", "dst"])
         .agg(count=("hop", "size"), cross=("cross_origin", "any"), downgrade=("https_to_http", "any"))
         .reset_index()
     )
-    weight = (
-        pd.concat([edges.groupby("src")["count"].sum(), edges.groupby("dst")["count"].sum()])
-        .groupby(level=0)
-        .sum()
-    )
-    hosts = list(weight.sort_values(ascending=False).index[:max_hosts])
-    edges = edges[edges["src"].isin(hosts) & edges["dst"].isin(hosts)]
-    angle = {h: 2 * math.pi * i / len(hosts) for i, h in enumerate(hosts)}
+    if len(edges) > max_edges:  # the busiest links; a hairball of rare ones hides them
+        ax.set_title(f"Redirects between origins (the {max_edges} busiest of {len(edges)} links)")
+        edges = edges.nlargest(max_edges, "count", keep="first")
+    hosts = list(pd.concat([frame["src"], frame["dst"]]).value_counts().index)
+    angle = {h: math.pi / 2 - 2 * math.pi * i / len(hosts) for i, h in enumerate(hosts)}
     pos = {h: (math.cos(a), math.sin(a)) for h, a in angle.items()}
     top = edges["count"].max()
     for row in edges.itertuples():
-        color = "#c0392b" if row.downgrade else ("#e67e22" if row.cross else "#7f8c8d")
-        width = 1 + 6 * row.count / top
-        if row.src == row.dst:
-            x, y = pos[row.src]
-            ax.add_patch(
-                FancyArrowPatch(
-                    (x, y),
-                    (x * 1.001, y * 1.001),
-                    connectionstyle="arc3,rad=3",
-                    arrowstyle="-|>",
-                    mutation_scale=12,
-                    linewidth=width,
-                    color=color,
-                )
-            )
-        else:
-            ax.add_patch(
-                FancyArrowPatch(
-                    pos[row.src],
-                    pos[row.dst],
-                    connectionstyle="arc3,rad=0.15",
-                    arrowstyle="-|>",
-                    mutation_scale=14,
-                    linewidth=width,
-                    color=color,
-                    shrinkA=12,
-                    shrinkB=12,
-                )
-            )
-    for host, (x, y) in pos.items():
+        _edge(ax, pos, row, 1 + 6 * row.count / top)
+    for host, label in zip(hosts, unique_labels(hosts, 34), strict=True):
+        x, y = pos[host]
         ax.plot(x, y, "o", color="#2c3e50", markersize=9)
         ax.annotate(
-            printable(host.split("://")[-1]),
+            label,
             (x, y),
             xytext=(8 * x, 8 * y),
             textcoords="offset points",
-            ha="left" if x >= 0 else "right",
-            va="center",
+            ha="left" if x > 0.05 else ("right" if x < -0.05 else "center"),
+            va="bottom" if y > 0.05 else ("top" if y < -0.05 else "center"),
             fontsize=8,
         )
     ax.legend(
         handles=[
             Patch(color="#7f8c8d", label="same origin"),
-            Patch(color="#e67e22", label="cross-origin"),
-            Patch(color="#c0392b", label="HTTPS -> HTTP"),
+            Patch(color="#e69f00", label="cross-origin"),
+            Patch(color="#d55e00", label="HTTPS -> HTTP"),
         ],
-        loc="lower left",
+        loc="upper left",
+        bbox_to_anchor=(0, -0.02),
+        ncols=3,
         fontsize=8,
     )
-    ax.set_xlim(-1.6, 1.6)
-    ax.set_ylim(-1.4, 1.4)
+    ax.set_xlim(-2.1, 2.1)
+    ax.set_ylim(-1.35, 1.35)
     ax.set_aspect("equal")
     ax.set_axis_off()
     return fig
+
+
+def _edge(ax, pos: dict, row, width: float) -> None:
+    color = "#d55e00" if row.downgrade else ("#e69f00" if row.cross else "#7f8c8d")
+    if row.src == row.dst:
+        x, y = pos[row.src]
+        start, end, style = (x, y), (x * 1.001, y * 1.001), "arc3,rad=3"
+    else:
+        start, end, style = pos[row.src], pos[row.dst], "arc3,rad=0.15"
+    ax.add_patch(
+        FancyArrowPatch(
+            start,
+            end,
+            connectionstyle=style,
+            arrowstyle="-|>",
+            mutation_scale=14,
+            linewidth=width,
+            color=color,
+            shrinkA=12 if row.src != row.dst else 0,
+            shrinkB=12 if row.src != row.dst else 0,
+        )
+    )
 
 
 def temporary_timeline(
@@ -172,56 +222,89 @@ def temporary_timeline(
 ) -> Figure:
     rows = temporary.sort_values("first_seen").tail(max_rows)
     fig, ax = _figure(
-        (9, 1.5 + 0.35 * max(len(rows), 1)),
+        (10, 1.8 + 0.32 * max(len(rows), 1)),
         f"Temporary redirects over time (stale after {stale_after_days:g} days)",
     )
     if rows.empty:
         return _empty(fig, ax, "no temporary redirects")
-    labels = [
-        printable(f"{s.split('://')[-1]} -> {t.split('://')[-1]}")
-        for s, t in zip(rows["source"], rows["target"], strict=False)
-    ]
+    labels = unique_labels(
+        [
+            f"{_url_label(s, 34)} → {_url_label(t, 34)}"
+            for s, t in zip(rows["source"], rows["target"], strict=True)
+        ],
+        72,
+    )
     first = rows["first_seen"].dt.tz_convert(None)
     last = rows["last_seen"].dt.tz_convert(None)
     y = np.arange(len(rows))
-    colors = ["#c0392b" if stale else "#2e86c1" for stale in rows["stale"]]
+    colors = [STALE if stale else FRESH for stale in rows["stale"]]
     ax.hlines(y, first, last, colors=colors, linewidth=4)
     ax.scatter(first, y, color=colors, s=18, zorder=3)
     ax.scatter(last, y, color=colors, s=18, zorder=3)
     deadline = first + pd.Timedelta(days=stale_after_days)
-    ax.scatter(deadline, y, marker="|", s=160, color="#2c3e50", zorder=4, label="stale threshold")
+    threshold = ax.scatter(deadline, y, marker="|", s=160, color="#2c3e50", zorder=4, label="stale threshold")
     ax.set_yticks(y, labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    locator = mdates.AutoDateLocator(maxticks=8)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.margins(x=0.05)
     ax.legend(
-        handles=[
-            Patch(color="#2e86c1", label="within threshold"),
-            Patch(color="#c0392b", label="stale"),
-            ax.collections[-1],
-        ],
-        loc="lower right",
+        handles=[Patch(color=FRESH, label="within threshold"), Patch(color=STALE, label="stale"), threshold],
+        loc="upper left",
+        bbox_to_anchor=(0, -0.08),
+        ncols=3,
         fontsize=8,
     )
-    fig.autofmt_xdate()
     return fig
 
 
+# Okabe-Ito colours, told apart with any colour vision; "deviated" is also hatched.
+VERDICT_STYLE = {
+    "as specified": ("#0072b2", ""),
+    "allowed, body lost": ("#f0e442", ""),
+    "deviated": ("#d55e00", "////"),
+    "not followed": ("#bbbbbb", ".."),
+}
+FRESH, STALE = "#0072b2", "#d55e00"
+
+
 def conformance_heatmap(hops: pd.DataFrame) -> Figure:
-    fig, ax = _figure((10, 4), "Client conformance (RFC 9110 / Fetch) by redirect status and method")
+    """Client x (status, method): the worst verdict of that client's hops, the same verdict as
+    the rules give (POST -> GET on 301/302 is "allowed, body lost", which RA101 reports low)."""
     if hops.empty:
+        fig, ax = _figure((10, 3), "Client conformance (RFC 9110 / Fetch) by redirect status and method")
         return _empty(fig, ax, "no redirects")
+    order = list(VERDICT_STYLE)
     frame = hops.assign(
         case=hops["status"].astype(int).astype(str) + " " + hops["method_before"].astype(str),
-        code=hops["verdict"].map({v: i for i, v in enumerate(VERDICTS)}),
+        code=hops["verdict"].astype(str).map({v: i for i, v in enumerate(order)}),
     )
-    # A cell shows the worst verdict seen for that client and case.
     grid = frame.pivot_table(index="client_name", columns="case", values="code", aggfunc=_worst)
     grid = grid.reindex(columns=sorted(grid.columns, key=lambda c: (int(c.split()[0]), c.split()[1])))
-    masked = np.ma.masked_invalid(grid.to_numpy(dtype=float))
-    ax.imshow(masked, cmap=ListedColormap(VERDICT_COLORS), vmin=-0.5, vmax=2.5, aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), [printable(c) for c in grid.columns], rotation=90, fontsize=7)
-    ax.set_yticks(range(grid.shape[0]), [printable(r) for r in grid.index], fontsize=8)
+    rows, cols = grid.shape
+    fig, ax = _figure((max(6.0, 2.5 + 0.45 * cols + 2.2), 1.9 + 0.38 * rows), "")
+    # over the whole figure: centred over a grid of one or two columns, it would run off the page
+    fig.suptitle("Client conformance (RFC 9110 / Fetch) by redirect status and method")
+    for (r, c), code in np.ndenumerate(grid.to_numpy(dtype=float)):
+        if not np.isnan(code):
+            color, hatch = VERDICT_STYLE[order[int(code)]]
+            ax.add_patch(
+                Rectangle(
+                    (c - 0.5, r - 0.5), 1, 1, facecolor=color, hatch=hatch, edgecolor="white", linewidth=1.5
+                )
+            )
+    ax.set_xlim(-0.5, cols - 0.5)
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_xticks(range(cols), [printable(c) for c in grid.columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(rows), unique_labels([str(r) for r in grid.index], 28), fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
     ax.legend(
-        handles=[Patch(color=c, label=v) for v, c in zip(VERDICTS, VERDICT_COLORS, strict=False)],
+        handles=[
+            Patch(facecolor=c, hatch=h, edgecolor="white", label=v) for v, (c, h) in VERDICT_STYLE.items()
+        ],
         loc="upper left",
         bbox_to_anchor=(1.01, 1),
         fontsize=8,
@@ -230,9 +313,9 @@ def conformance_heatmap(hops: pd.DataFrame) -> Figure:
 
 
 def _worst(codes: pd.Series) -> float:
-    """deviated beats not followed beats as specified."""
+    """deviated beats allowed-body-lost beats not followed beats as specified."""
     values = set(codes.dropna().astype(int))
-    for code in (1, 2, 0):
+    for code in (2, 1, 3, 0):  # indexes into VERDICT_STYLE
         if code in values:
             return float(code)
     return float("nan")

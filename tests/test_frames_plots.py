@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import RULE_FIXTURES, run_cli
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from sqlalchemy import text
 
@@ -64,7 +65,7 @@ def test_hops_say_what_changed_and_whether_it_conforms(demo_db):
     [
         (303, "HEAD", "GET", True, None, None, "deviated"),  # urllib3 on 303; Fetch keeps HEAD
         (303, "PUT", "GET", True, 5, 0, "as specified"),
-        (302, "POST", "GET", True, 5, 0, "as specified"),  # historical, reported at low severity
+        (302, "POST", "GET", True, 5, 0, "allowed, body lost"),  # historical, RA101 at low severity
         (302, "DELETE", "GET", True, None, None, "deviated"),
         (307, "POST", "POST", True, 5, 0, "deviated"),
         (
@@ -131,11 +132,21 @@ def test_figures(demo_db):
     timeline = plots.temporary_timeline(t)
     assert len(timeline.axes[0].get_yticklabels()) == len(t)
     heat = plots.conformance_heatmap(h)
-    image = heat.axes[0].images[0].get_array()
-    assert image.shape == (
-        1,
-        h.assign(c=h["status"].astype(str) + h["method_before"].astype(str))["c"].nunique(),
+    cells = {
+        (round(p.get_x() + 0.5), round(p.get_y() + 0.5)): (to_hex(p.get_facecolor()), p.get_hatch())
+        for p in heat.axes[0].patches
+    }
+    cases = [t.get_text() for t in heat.axes[0].get_xticklabels()]
+    assert (
+        len(cells)
+        == len(cases)
+        == h.assign(c=h["status"].astype(str) + h["method_before"].astype(str))["c"].nunique()
     )
+    # the same verdict as the rules: POST -> GET on 302 is allowed but loses the body (RA101 low),
+    # PUT -> GET on 302 deviates (RA101 medium), hatched as well as coloured
+    assert cells[(cases.index("302 POST"), 0)] == (plots.VERDICT_STYLE["allowed, body lost"][0], "")
+    assert cells[(cases.index("302 PUT"), 0)] == ("#d55e00", "////")
+    assert cells[(cases.index("303 POST"), 0)][0] == plots.VERDICT_STYLE["as specified"][0]
     for figure in (fig, lengths, graph, timeline, heat):
         figure.savefig("/dev/null", format="png")
 
@@ -181,8 +192,56 @@ def test_the_chain_length_figure_draws_a_bar_per_length_not_per_hop():
     fig = plots.chain_lengths(chains)
     ax = fig.axes[0]
     assert [round(p.get_height()) for p in ax.patches] == [500, 30, 1, 1]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", f">{plots.LENGTH_CAP}"]
+    cap = plots.LENGTH_CAP
+    assert [t.get_text() for t in ax.get_xticklabels()] == [*map(str, range(1, cap + 1)), f">{cap}"]
+    assert [round(p.get_x() + p.get_width() / 2) for p in ax.patches] == [1, 2, 3, cap + 1]
     assert ax.get_yscale() == "log" and "longest: 20000" in ax.get_xlabel()
+
+
+def test_one_chain_length_is_one_narrow_bar_on_an_integer_axis():
+    import pandas as pd
+
+    ax = plots.chain_lengths(pd.DataFrame({"hops": [1] * 55})).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4", "5"]
+    assert [round(p.get_height()) for p in ax.patches] == [55] and ax.get_yscale() == "linear"
+
+
+def test_labels_are_cut_in_the_middle_and_stay_distinct():
+    assert plots.shorten("shop.example.test/api/v1/payments/checkout", 25) == "shop.example…nts/checkout"
+    assert plots.shorten("short", 25) == "short"
+    long_a = "tracker.example/collect/" + "a" * 40 + "/1-b4c2-31f9c84f5aba"
+    long_b = "tracker.example/collect/" + "a" * 40 + "/2-b4c2-31f9c84f5aba"
+    labels = plots.unique_labels([long_a, long_b, long_a], 30)
+    assert len(set(labels)) == 3 and all(len(label) <= 34 for label in labels)
+    assert all(label.startswith("tracker") or label.startswith("…") for label in labels)
+
+
+def test_graph_nodes_are_origins_and_a_crowd_is_grouped():
+    import pandas as pd
+
+    hsts = pd.DataFrame(
+        {
+            "hop": [0],
+            "from_origin": ["http://www.google-analytics.com"],
+            "to_origin": ["https://www.google-analytics.com"],
+            "cross_origin": [True],
+            "https_to_http": [False],
+        }
+    )
+    names = {t.get_text() for t in plots.redirect_graph(hsts).axes[0].texts}
+    assert names == {"http://www.google-analytics.com", "https://www.google-analytics.com"}
+    many = pd.DataFrame(
+        {
+            "hop": range(60),
+            "from_origin": ["https://hub.test"] * 60,
+            "to_origin": [f"https://cdn{i}.test:8443" for i in range(60)],
+            "cross_origin": [True] * 60,
+            "https_to_http": [False] * 60,
+        }
+    )
+    fig = plots.redirect_graph(many, max_hosts=16)
+    names = [t.get_text() for t in fig.axes[0].texts]
+    assert len(names) == 17 and "45 other origins" in names and "https://cdn0.test:8443" in names
 
 
 def test_the_conformance_table_says_what_each_client_did_with_credentials(db_path):

@@ -1,4 +1,5 @@
-"""The HTML report opened in a real headless Chromium (Debian's package, as .ci/run installs it)."""
+"""The HTML report opened in a real headless Chromium (Debian's package, as .ci/run installs it):
+what a reader sees first, the order, the filters and sorting, and that it stays one file."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import re
 
 import pytest
 from conftest import require_program, run_cli
+
+from analyzer.detectors import RULES
+from analyzer.htmlreport import breakable, pointer
 
 CHROMIUM_HOW = "apt-get install chromium (Debian's package; .ci/run installs it)"
 
@@ -15,38 +19,118 @@ def report(demo_db, tmp_path):
     path = tmp_path / "report.html"
     done = run_cli("findings", "--db", demo_db, "--format", "html", "--output", str(path))
     assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
     return path
 
 
 def test_the_report_is_one_self_contained_file(report):
     html = report.read_text()
-    assert "<script" not in html
-    assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from anywhere
+    assert html.count("<script") == 1 and "<script src" not in html  # inline, nothing fetched
+    assert not re.search(r'(src|href)="(https?:)?//', html)
     assert html.count('src="data:image/png;base64,') == 5
+    # the summary comes before the findings, and the figures after them
+    assert html.index('id="summary"') < html.index('id="findings"') < html.index("data:image/png")
 
 
-def test_chromium_renders_tables_and_images_without_console_errors(report):
+def test_urls_break_only_after_slash_query_and_ampersand():
+    def nb(text):
+        return f'<span class="nb">{text}</span>'
+
+    assert str(breakable("GET https://api-eu.test/x?y=1&z=<2>")) == nb("GET") + " " + "<wbr>".join(
+        [nb("https:/"), nb("/"), nb("api-eu.test/"), nb("x?"), nb("y=1&amp;"), nb("z=&lt;2&gt;")]
+    )
+
+
+def test_a_capture_is_its_file_name_and_entry_with_the_path_in_a_tooltip():
+    short, full = pointer({"source": "har", "file": "/home/me/captures/shop.har", "entry_index": 12})
+    assert (short, full) == ("shop.har#12", "/home/me/captures/shop.har, entry 12 (0-based)")
+
+
+def open_page(p, chromium, report):
+    browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(report.as_uri())
+    return browser, page, errors
+
+
+def visible(page) -> list[tuple[str, str, str]]:
+    """(severity, rule, capture) of each finding row shown, in order."""
+    return page.evaluate(
+        """Array.from(document.querySelectorAll('#findings tbody tr'))
+             .filter(r => r.offsetParent !== null)
+             .map(r => [r.dataset.severity, r.dataset.rule, r.querySelector('td.capture').innerText])"""
+    )
+
+
+def test_chromium_shows_summary_findings_by_severity_filters_and_sorts(report):
     chromium = require_program("chromium", CHROMIUM_HOW)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser, page, errors = open_page(p, chromium, report)
         try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on(
-                "console", lambda message: errors.append(message.text) if message.type == "error" else None
+            cards = page.locator("#summary .cards").inner_text()
+            for text in ("3\nhigh", "3\nmedium", "1\nlow", "11\nchains", "1\nclients", "25\nexchanges"):
+                assert text in cards, cards
+            assert (
+                "traffic from 2026-10-02 09:00 to 2026-11-20 16:30 UTC"
+                in page.locator("#summary").inner_text()
             )
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(report.as_uri())
-            tables = page.locator("table.findings")
-            assert tables.count() == 4  # one per rule that fired
-            rows = page.locator("table.findings tbody tr")
-            assert rows.count() == 7
+            rows = visible(page)
+            assert [r[0] for r in rows] == ["high"] * 3 + ["medium"] * 3 + ["low"]
+            assert rows[0] == ["high", "method-downgrade", "shop-2026-10-02.har#16"]
+            capture = page.locator("td.capture code").first
+            assert capture.get_attribute("title").endswith("shop-2026-10-02.har, entry 16 (0-based)")
+            # the hop in monospace, the message, the fix, and the whole chain behind a disclosure
+            first = page.locator("#findings tbody tr").first
+            assert "POST https://api.shop.example.test/v1/subscriptions → 308 → GET" in first.inner_text()
+            assert "Fix: Answer 307/308" in first.inner_text()
+            assert not first.locator("details pre").is_visible()
+            first.locator("details summary").click()
+            assert (
+                "0: POST https://api.shop.example.test/v1/subscriptions → 308"
+                in first.locator("pre").inner_text()
+            )
+
+            page.select_option("select[data-filter=severity]", "medium")
+            assert [r[0] for r in visible(page)] == ["medium"] * 3
+            assert page.locator("#shown").inner_text() == "3 of 7 shown"
+            page.select_option("select[data-filter=rule]", "stale-temporary-redirect")
+            assert [r[1] for r in visible(page)] == ["stale-temporary-redirect"] * 2
+            page.select_option("select[data-filter=severity]", "")
+            page.select_option("select[data-filter=rule]", "")
+            page.select_option("select[data-filter=host]", "api.shop.example.test")
+            assert len(visible(page)) == 4 and page.locator("#shown").inner_text() == "4 of 7 shown"
+            page.select_option("select[data-filter=host]", "")
+            page.select_option("select[data-filter=client]", "Firefox 133")
+            assert len(visible(page)) == 7
+
+            page.click("th[data-sort=capture]")
+            captures = [r[2] for r in visible(page)]
+            assert captures == sorted(captures) and captures[-1] == "shop-2026-11-20.har#0"
+            page.click("th[data-sort=capture]")
+            assert [r[2] for r in visible(page)] == sorted(captures, reverse=True)
+            page.click("th[data-sort=rank]")
+            assert [r[0] for r in visible(page)][:3] == ["high"] * 3
+
+            quiet = page.locator(".quiet").inner_text()
+            assert quiet.startswith("No findings for: RA105 credential-cross-origin")
+            assert quiet.count("RA1") == len(RULES) - 4  # four rules fired on the demo
+            # the table and the figures use the page's width
+            assert page.locator("#findings").bounding_box()["width"] > 1150
+            assert page.locator("figure img").first.bounding_box()["width"] > 1150
             widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
             assert len(widths) == 5 and all(w > 100 for w in widths)
-            assert page.locator("img").first.bounding_box()["width"] > 100  # laid out, not just loaded
-            assert "3 high" in page.locator(".counts").inner_text()
+            # on a narrow window URLs wrap after / ? & only: no piece is broken over two lines
+            page.set_viewport_size({"width": 520, "height": 900})
+            pieces = page.evaluate(
+                "Array.from(document.querySelectorAll('.hop .nb')).map(e => [e.innerText, e.getClientRects().length])"
+            )
+            assert ["api-eu.shop.example.test/", 1] in pieces
+            assert all(lines == 1 for _, lines in pieces), [p for p in pieces if p[1] != 1]
             assert errors == []
         finally:
             browser.close()
