@@ -132,7 +132,9 @@ def _summary(db: str | None, records: list[dict], hops, chains) -> dict:
         "clients": hops["client_name"].nunique() if len(hops) else 0,
         "exchanges": sum(c["exchanges"] or 0 for c in captures),
         "captures": captures,
-        "span": (min(starts)[:16].replace("T", " "), max(ends)[:16].replace("T", " ")) if starts else None,
+        "span": (min(starts)[:16].replace("T", " "), max(ends or starts)[:16].replace("T", " "))
+        if starts
+        else None,
     }
 
 
