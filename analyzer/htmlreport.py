@@ -49,16 +49,24 @@ def _png(fig: Figure, title: str) -> dict:
     }
 
 
+LONG_PIECE = 40  # a piece longer than this (an encoded URL in a parameter) may break anywhere
+
+
 def breakable(text: object) -> Markup:
     """Escaped text that wraps at spaces and after `/`, `?` and `&` (URLs), nowhere else: each
-    piece between those points is kept whole (a browser would also break after `-`)."""
+    piece between those points is kept whole (a browser would also break after `-`), unless
+    it is too long for any line."""
     out = []
     for token in re.split(r"(\s+)", str(text)):
         if not token or token.isspace():
             out.append(str(escape(token)))
             continue
         pieces = [p for p in re.split(r"(?<=[/?&])", token) if p]
-        out.append("<wbr>".join(f'<span class="nb">{escape(p)}</span>' for p in pieces))
+        out.append(
+            "<wbr>".join(
+                f'<span class="{"nb" if len(p) <= LONG_PIECE else "long"}">{escape(p)}</span>' for p in pieces
+            )
+        )
     return Markup("".join(out))
 
 

@@ -22,12 +22,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS
 from analyzer.text import printable
 
 SEVERITIES = ["high", "medium", "low", "info"]
-SEVERITY_COLORS = {"high": "#c0392b", "medium": "#e67e22", "low": "#2e86c1", "info": "#95a5a6"}
+# Okabe-Ito, as in the HTML report: told apart with any colour vision
+SEVERITY_COLORS = {"high": "#d55e00", "medium": "#e69f00", "low": "#0072b2", "info": "#bbbbbb"}
 
 
 def shorten(text: str, width: int = 42) -> str:
@@ -84,22 +86,29 @@ def _empty(fig: Figure, ax, text: str) -> Figure:
 
 
 def findings_by_rule(findings: pd.DataFrame) -> Figure:
-    fig, ax = _figure((8, 4), "Findings by rule and severity")
     if findings.empty:
+        fig, ax = _figure((8, 3), "Findings by rule and severity")
         return _empty(fig, ax, "no findings")
     table = findings.assign(
         severity=findings["severity"].astype(str), label=findings["rule_id"] + " " + findings["rule"]
     ).pivot_table(index="label", columns="severity", values="message", aggfunc="count", fill_value=0)
+    fig, ax = _figure((8, 1.4 + 0.42 * len(table)), "Findings by rule and severity")
     bottom = np.zeros(len(table))
     for severity in SEVERITIES:
         if severity in table:
             ax.barh(
-                table.index, table[severity], left=bottom, color=SEVERITY_COLORS[severity], label=severity
+                table.index,
+                table[severity],
+                left=bottom,
+                height=0.6,
+                color=SEVERITY_COLORS[severity],
+                label=severity,
             )
             bottom += table[severity].to_numpy()
     ax.set_xlabel("findings")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.invert_yaxis()
-    ax.legend(title="severity", loc="lower right")
+    ax.legend(title="severity", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return fig
 
 
@@ -128,6 +137,8 @@ def chain_lengths(chains: pd.DataFrame) -> Figure:
     ax.margins(y=0.15)
     ax.set_xlabel("hops per chain" + (f" (longest: {longest})" if longest > LENGTH_CAP else ""))
     ax.set_ylabel("chains")
+    if ax.get_yscale() == "linear":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 

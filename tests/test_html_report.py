@@ -41,6 +41,13 @@ def test_urls_break_only_after_slash_query_and_ampersand():
     )
 
 
+def test_a_piece_too_long_for_any_line_may_break_anywhere():
+    encoded = "next=" + "https%3A%2F%2Fexample.test%2F" * 3
+    assert str(breakable(f"/a?{encoded}")) == (
+        f'<span class="nb">/</span><wbr><span class="nb">a?</span><wbr><span class="long">{encoded}</span>'
+    )
+
+
 def test_a_capture_is_its_file_name_and_entry_with_the_path_in_a_tooltip():
     short, full = pointer({"source": "har", "file": "/home/me/captures/shop.har", "entry_index": 12})
     assert (short, full) == ("shop.har#12", "/home/me/captures/shop.har, entry 12 (0-based)")
@@ -121,7 +128,10 @@ def test_chromium_shows_summary_findings_by_severity_filters_and_sorts(report):
             assert quiet.count("RA1") == len(RULES) - 4  # four rules fired on the demo
             # the table and the figures use the page's width
             assert page.locator("#findings").bounding_box()["width"] > 1150
-            assert page.locator("figure img").first.bounding_box()["width"] > 1150
+            assert page.locator(".figures").bounding_box()["width"] > 1150
+            boxes = [page.locator("figure img").nth(i).bounding_box() for i in range(5)]
+            assert len({round(b["y"]) for b in boxes}) < 5  # side by side where they fit
+            assert all(b["width"] > 500 for b in boxes)
             widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
             assert len(widths) == 5 and all(w > 100 for w in widths)
             # on a narrow window URLs wrap after / ? & only: no piece is broken over two lines
@@ -131,6 +141,40 @@ def test_chromium_shows_summary_findings_by_severity_filters_and_sorts(report):
             )
             assert ["api-eu.shop.example.test/", 1] in pieces
             assert all(lines == 1 for _, lines in pieces), [p for p in pieces if p[1] != 1]
+            # nothing wider than a half-screen window: long file names and URLs wrap
+            page.set_viewport_size({"width": 800, "height": 900})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 800
+            assert errors == []
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize(
+    "har",
+    [
+        "chrome-har__sitespeedio__yahoo-devtoolslog.har",
+        "chrome-har__sitespeedio__case-sensitive-protocol.har",
+    ],
+)
+def test_real_tracking_urls_and_long_file_names_fit_a_half_screen_window(har, tmp_path):
+    """Real captures carry 300-character tracking URLs with encoded URLs inside, and long
+    file names: nothing may push the page wider than the window."""
+    from conftest import CORPUS
+
+    chromium = require_program("chromium", CHROMIUM_HOW)
+    db, path = str(tmp_path / "c.db"), tmp_path / "report.html"
+    assert run_cli("import-har", str(CORPUS / "good" / har), "--db", db).returncode == 0
+    done = run_cli("findings", "--db", db, "--format", "html", "--output", str(path))
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page, errors = open_page(p, chromium, path)
+        try:
+            assert len(visible(page)) >= 3
+            for width in (1280, 800):
+                page.set_viewport_size({"width": width, "height": 900})
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
             assert errors == []
         finally:
             browser.close()
