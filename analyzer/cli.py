@@ -1325,7 +1325,8 @@ def rules_cmd(rule: str | None, fmt: str, examples: Path | None, output: str | N
         text = ruledocs.render(chosen, found)
     else:
         text = "\n".join(
-            f"{r.id} {r.slug} (default severity {r.severity})\n\n{r.doc.rstrip()}\n" for r in chosen
+            f"{r.id} {r.slug} (default severity {r.severity})\nFix: {r.fix}\n\n{r.doc.rstrip()}\n"
+            for r in chosen
         )
     _emit(output, lambda out: out.write(text))
 

@@ -329,7 +329,9 @@ def test_rules_shows_one_rule_by_id_or_slug(name):
 
     done = run_cli("rules", name)
     assert done.returncode == 0
-    assert done.stdout.startswith("RA102 dropped-body (default severity high)\n")
+    assert done.stdout.startswith(
+        "RA102 dropped-body (default severity high)\nFix: Clients re-send the body on 307/308 "
+    )
     assert "RA101" not in done.stdout
     rule = next(r for r in RULES if r.id == "RA102")
     for line in rule.doc.strip().splitlines():  # the documentation as written, not re-wrapped
