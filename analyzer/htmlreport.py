@@ -151,18 +151,29 @@ def render(db: str | None, records: list[dict]) -> str:
     chains = frames.chains(db)
     found = _findings(records, hops)
     fired = {f["rule"] for f in found}
-    figures = [
-        _png(plots.findings_by_rule(frames.findings(db)), "Findings by rule and severity"),
-        _png(
-            plots.conformance_heatmap(hops),
+    findings_frame, temporary = frames.findings(db), frames.temporary_redirects(db)
+    wanted = [  # (title, has something to draw, how to draw it)
+        (
+            "Findings by rule and severity",
+            not findings_frame.empty,
+            lambda: plots.findings_by_rule(findings_frame),
+        ),
+        (
             "What each client did on each kind of redirect (RFC 9110 / Fetch)",
+            not hops.empty,
+            lambda: plots.conformance_heatmap(hops),
         ),
-        _png(
-            plots.redirect_graph(hops), "Redirects between origins (orange: cross-origin, red: HTTPS to HTTP)"
+        (
+            "Redirects between origins (grey: same origin, orange: cross-origin, light blue: HTTP to "
+            "HTTPS on one host, red: HTTPS to HTTP)",
+            not hops.empty,
+            lambda: plots.redirect_graph(hops),
         ),
-        _png(plots.temporary_timeline(frames.temporary_redirects(db)), "Temporary redirects over time"),
-        _png(plots.chain_lengths(chains), "Hops per chain"),
+        ("Temporary redirects over time", not temporary.empty, lambda: plots.temporary_timeline(temporary)),
+        ("Hops per chain", not chains.empty, lambda: plots.chain_lengths(chains)),
     ]
+    figures = [_png(draw(), title) for title, has_data, draw in wanted if has_data]
+    undrawn = [title for title, has_data, _ in wanted if not has_data]
     env = Environment(
         loader=PackageLoader("analyzer", "templates"), autoescape=select_autoescape(["html", "j2"])
     )
@@ -180,4 +191,5 @@ def render(db: str | None, records: list[dict]) -> str:
         },
         quiet=[r for r in RULES if r.slug not in fired],
         figures=figures,
+        undrawn=undrawn,
     )

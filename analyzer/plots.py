@@ -186,18 +186,19 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 16, max_edges: int = 60)
             textcoords="offset points",
             ha="left" if x > 0.05 else ("right" if x < -0.05 else "center"),
             va="bottom" if y > 0.05 else ("top" if y < -0.05 else "center"),
-            fontsize=8,
+            fontsize=9,
         )
     ax.legend(
         handles=[
             Patch(color="#7f8c8d", label="same origin"),
             Patch(color="#e69f00", label="cross-origin"),
+            Patch(color="#56b4e9", label="HTTP -> HTTPS, same host"),
             Patch(color="#d55e00", label="HTTPS -> HTTP"),
         ],
         loc="upper left",
         bbox_to_anchor=(0, -0.02),
-        ncols=3,
-        fontsize=8,
+        ncols=4,
+        fontsize=9,
     )
     ax.set_xlim(-2.1, 2.1)
     ax.set_ylim(-1.35, 1.35)
@@ -206,8 +207,18 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 16, max_edges: int = 60)
     return fig
 
 
+def _is_upgrade(src: str, dst: str) -> bool:
+    """http://host -> https://host (default ports): HSTS or a server's upgrade, not a new host."""
+    return src.startswith("http://") and dst == "https://" + src.removeprefix("http://")
+
+
 def _edge(ax, pos: dict, row, width: float) -> None:
-    color = "#d55e00" if row.downgrade else ("#e69f00" if row.cross else "#7f8c8d")
+    if row.downgrade:
+        color = "#d55e00"
+    elif _is_upgrade(row.src, row.dst):
+        color = "#56b4e9"
+    else:
+        color = "#e69f00" if row.cross else "#7f8c8d"
     if row.src == row.dst:
         x, y = pos[row.src]
         start, end, style = (x, y), (x * 1.001, y * 1.001), "arc3,rad=3"

@@ -228,8 +228,12 @@ def test_graph_nodes_are_origins_and_a_crowd_is_grouped():
             "https_to_http": [False],
         }
     )
-    names = {t.get_text() for t in plots.redirect_graph(hsts).axes[0].texts}
+    graph = plots.redirect_graph(hsts).axes[0]
+    names = {t.get_text() for t in graph.texts}
     assert names == {"http://www.google-analytics.com", "https://www.google-analytics.com"}
+    # an upgrade to HTTPS on one host is told apart from a move to another host
+    arrows = [p for p in graph.patches if hasattr(p, "get_arrowstyle")]
+    assert [to_hex(p.get_edgecolor()) for p in arrows] == ["#56b4e9"]
     many = pd.DataFrame(
         {
             "hop": range(60),
