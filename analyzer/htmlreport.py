@@ -90,9 +90,12 @@ def _chains(hops) -> dict[int, list[str]]:
     """Every chain hop by hop, one line per hop."""
     out: dict[int, list[str]] = {}
     for row in hops.sort_values(["chain_id", "hop"]).itertuples():
-        follow = (
-            f"{row.method_after} {row.to_url}" if row.followed else f"not followed (Location {row.to_url})"
-        )
+        if row.followed:
+            follow = f"{row.method_after} {row.to_url}"
+        else:
+            follow = (
+                f"not followed (Location {row.to_url})" if isinstance(row.to_url, str) else "not followed"
+            )
         out.setdefault(int(row.chain_id), []).append(
             f"{row.method_before} {row.from_url} → {row.status} → {follow}"
         )

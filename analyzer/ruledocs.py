@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,6 @@ FETCH_REDIRECT = "https://fetch.spec.whatwg.org/#http-redirect-fetch"
 SECTION = r"\d+(?:\.\d+)*"
 # "RFC 9110 15.4.8", "RFC 9110 15.4.8 and 15.4.9", "RFC 9110 15.4.8/15.4.9", "RFC 6265"
 RFC_SECTION = re.compile(rf"RFC (\d{{4}})((?:(?:,? (?:and |or )?|/|, )(?:section |§ ?)?{SECTION})*)")
-SPEC_ORDER = ("What fires", "Why", "Not flagged", "How to fix")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,6 @@ def sections(doc: str) -> list[tuple[str, str]]:
 
 
 def _dedent(lines: list[str]) -> str:
-    import textwrap
-
     return textwrap.dedent("\n".join(lines)).strip()
 
 
@@ -92,7 +90,7 @@ def _markdown_body(text: str) -> str:
 
 
 def summary_table(rules: Iterable[Rule], link: str = "docs/rules.md") -> str:
-    """The rules as one Markdown table with the fix's first sentence (the README's)."""
+    """The rules as one Markdown table with each rule's one-line fix (the README's)."""
     rows = ["| Id | Rule | Severity | What it finds | How to fix |", "|---|---|---|---|---|"]
     for r in rules:
         anchor = f"{link}#{r.id.lower()}-{r.slug}"
@@ -139,9 +137,19 @@ def render(rules: Iterable[Rule], examples: dict[str, Example] | None = None) ->
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _expected(path: Path) -> list[list[str]]:
+    try:
+        expect = json.loads(path.read_text(encoding="utf-8-sig"))["log"]["_expect"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [row for row in expect if isinstance(row, list) and len(row) == 3]
+
+
 def collect_examples(rules: Iterable[Rule], fixtures: Path) -> dict[str, Example]:
-    """For each rule, the first fixture (by name) expected to fire it at its default severity,
-    analyzed in a store in a temporary directory removed afterwards; its finding."""
+    """For each rule, the fixture expected to fire it at its default severity with the fewest
+    other findings (then the first by name), analyzed in a store in a temporary directory
+    removed afterwards; the finding it produced. Files that are not rule fixtures (no
+    `log._expect`) are passed over."""
     from analyzer.analysis import analyze
     from analyzer.ingest import import_har
     from analyzer.report import finding_records, hop_text
@@ -151,7 +159,7 @@ def collect_examples(rules: Iterable[Rule], fixtures: Path) -> dict[str, Example
     wanted = {r.slug: str(r.severity) for r in rules}
     chosen: dict[str, tuple[int, Path]] = {}  # fewest other findings first, then by name
     for path in sorted(fixtures.glob("*.har")):
-        expect = json.loads(path.read_text())["log"].get("_expect", [])
+        expect = _expected(path)
         for slug, _hop, severity in expect:
             if wanted.get(slug) == severity and len(expect) < chosen.get(slug, (1 << 30, path))[0]:
                 chosen[slug] = (len(expect), path)
