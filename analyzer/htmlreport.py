@@ -118,6 +118,8 @@ def _findings(records: list[dict], hops) -> list[dict]:
                 "host": _host(r["from_url"]),
                 "pointer": short,
                 "pointer_title": full,
+                # sorts shop.har#9 before shop.har#12
+                "pointer_key": re.sub(r"\d+", lambda m: m[0].zfill(10), short),
                 "chain": chains.get(r["chain_id"], []),
             }
         )
