@@ -151,11 +151,8 @@ def _summary(db: str | None, records: list[dict], hops, chains) -> dict:
     }
 
 
-def render(db: str | None, records: list[dict]) -> str:
-    hops = frames.hops(db)
-    chains = frames.chains(db)
-    found = _findings(records, hops)
-    fired = {f["rule"] for f in found}
+def _figures(db: str | None, hops, chains) -> tuple[list[dict], list[str]]:
+    """The figures that have something to show, as PNGs, and the titles of those that do not."""
     findings_frame, temporary = frames.findings(db), frames.temporary_redirects(db)
     wanted = [  # (title, has something to draw, how to draw it)
         (
@@ -178,7 +175,15 @@ def render(db: str | None, records: list[dict]) -> str:
         ("Hops per chain", not chains.empty, lambda: plots.chain_lengths(chains)),
     ]
     figures = [_png(draw(), title) for title, has_data, draw in wanted if has_data]
-    undrawn = [title for title, has_data, _ in wanted if not has_data]
+    return figures, [title for title, has_data, _ in wanted if not has_data]
+
+
+def render(db: str | None, records: list[dict]) -> str:
+    hops = frames.hops(db)
+    chains = frames.chains(db)
+    found = _findings(records, hops)
+    fired = {f["rule"] for f in found}
+    figures, undrawn = _figures(db, hops, chains)
     env = Environment(
         loader=PackageLoader("analyzer", "templates"), autoescape=select_autoescape(["html", "j2"])
     )

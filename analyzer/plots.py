@@ -151,50 +151,18 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 16, max_edges: int = 60)
     fig, ax = _figure((10, 6.5), "Redirects between origins")
     if hops.empty:
         return _empty(fig, ax, "no redirects")
-    frame = hops.assign(
-        src=hops["from_origin"].map(origin_label),
-        dst=hops["to_origin"].map(origin_label),
-    )
-    weight = pd.concat([frame["src"], frame["dst"]]).value_counts()
-    kept = set(weight.index[:max_hosts])
-    others = len(weight) - len(kept)
-    if others:
-        other = f"{others} {OTHER}"
-        frame["src"] = frame["src"].where(frame["src"].isin(kept), other)
-        frame["dst"] = frame["dst"].where(frame["dst"].isin(kept), other)
-    edges = (
-        frame.groupby(["src", "dst"])
-        .agg(count=("hop", "size"), cross=("cross_origin", "any"), downgrade=("https_to_http", "any"))
-        .reset_index()
-    )
+    hosts, edges = _origin_edges(hops, max_hosts)
     if len(edges) > max_edges:  # the busiest links; a hairball of rare ones hides them
         ax.set_title(f"Redirects between origins (the {max_edges} busiest of {len(edges)} links)")
         edges = edges.nlargest(max_edges, "count", keep="first")
-    hosts = list(pd.concat([frame["src"], frame["dst"]]).value_counts().index)
     angle = {h: math.pi / 2 - 2 * math.pi * i / len(hosts) for i, h in enumerate(hosts)}
     pos = {h: (math.cos(a), math.sin(a)) for h, a in angle.items()}
     top = edges["count"].max()
     for row in edges.itertuples():
         _edge(ax, pos, row, 1 + 6 * row.count / top)
-    for host, label in zip(hosts, unique_labels(hosts, 34), strict=True):
-        x, y = pos[host]
-        ax.plot(x, y, "o", color="#2c3e50", markersize=9)
-        ax.annotate(
-            label,
-            (x, y),
-            xytext=(8 * x, 8 * y),
-            textcoords="offset points",
-            ha="left" if x > 0.05 else ("right" if x < -0.05 else "center"),
-            va="bottom" if y > 0.05 else ("top" if y < -0.05 else "center"),
-            fontsize=9,
-        )
+    _nodes(ax, pos)
     ax.legend(
-        handles=[
-            Patch(color="#7f8c8d", label="same origin"),
-            Patch(color="#e69f00", label="cross-origin"),
-            Patch(color="#56b4e9", label="HTTP -> HTTPS, same host"),
-            Patch(color="#d55e00", label="HTTPS -> HTTP"),
-        ],
+        handles=[Patch(color=color, label=label) for label, color in EDGE_COLORS.items()],
         loc="upper left",
         bbox_to_anchor=(0, -0.02),
         ncols=4,
@@ -207,6 +175,48 @@ def redirect_graph(hops: pd.DataFrame, max_hosts: int = 16, max_edges: int = 60)
     return fig
 
 
+EDGE_COLORS = {
+    "same origin": "#7f8c8d",
+    "cross-origin": "#e69f00",
+    "HTTP -> HTTPS, same host": "#56b4e9",
+    "HTTPS -> HTTP": "#d55e00",
+}
+
+
+def _origin_edges(hops: pd.DataFrame, max_hosts: int) -> tuple[list[str], pd.DataFrame]:
+    """The origins busiest first (past `max_hosts`, one "N other origins" node) and the
+    links between them: count, any cross-origin hop, any HTTPS -> HTTP hop."""
+    frame = hops.assign(src=hops["from_origin"].map(origin_label), dst=hops["to_origin"].map(origin_label))
+    weight = pd.concat([frame["src"], frame["dst"]]).value_counts()
+    kept = set(weight.index[:max_hosts])
+    if len(weight) > len(kept):
+        other = f"{len(weight) - len(kept)} {OTHER}"
+        frame["src"] = frame["src"].where(frame["src"].isin(kept), other)
+        frame["dst"] = frame["dst"].where(frame["dst"].isin(kept), other)
+    edges = (
+        frame.groupby(["src", "dst"])
+        .agg(count=("hop", "size"), cross=("cross_origin", "any"), downgrade=("https_to_http", "any"))
+        .reset_index()
+    )
+    return list(pd.concat([frame["src"], frame["dst"]]).value_counts().index), edges
+
+
+def _nodes(ax, pos: dict[str, tuple[float, float]]) -> None:
+    """Each origin as a dot, its label pointing away from the circle's centre."""
+    for host, label in zip(pos, unique_labels(list(pos), 34), strict=True):
+        x, y = pos[host]
+        ax.plot(x, y, "o", color="#2c3e50", markersize=9)
+        ax.annotate(
+            label,
+            (x, y),
+            xytext=(8 * x, 8 * y),
+            textcoords="offset points",
+            ha="left" if x > 0.05 else ("right" if x < -0.05 else "center"),
+            va="bottom" if y > 0.05 else ("top" if y < -0.05 else "center"),
+            fontsize=9,
+        )
+
+
 def _is_upgrade(src: str, dst: str) -> bool:
     """http://host -> https://host (default ports): HSTS or a server's upgrade, not a new host."""
     return src.startswith("http://") and dst == "https://" + src.removeprefix("http://")
@@ -214,11 +224,11 @@ def _is_upgrade(src: str, dst: str) -> bool:
 
 def _edge(ax, pos: dict, row, width: float) -> None:
     if row.downgrade:
-        color = "#d55e00"
+        color = EDGE_COLORS["HTTPS -> HTTP"]
     elif _is_upgrade(row.src, row.dst):
-        color = "#56b4e9"
+        color = EDGE_COLORS["HTTP -> HTTPS, same host"]
     else:
-        color = "#e69f00" if row.cross else "#7f8c8d"
+        color = EDGE_COLORS["cross-origin" if row.cross else "same origin"]
     if row.src == row.dst:
         x, y = pos[row.src]
         start, end, style = (x, y), (x * 1.001, y * 1.001), "arc3,rad=3"
