@@ -138,6 +138,20 @@ def key_file_option(f):
     )(f)
 
 
+def keep_bodies_option(f):
+    return click.option(
+        "--keep-bodies",
+        is_flag=True,
+        help="Also store request/response bodies (capped, secret fields redacted)",
+    )(f)
+
+
+def baseline_option(f):
+    return click.option(
+        "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
+    )(f)
+
+
 def import_options(f):
     f = wait_option(f)
     f = key_file_option(f)
@@ -152,11 +166,7 @@ def import_options(f):
         show_default=True,
         help="Bytes kept per body with --keep-bodies (65536, 64KB, 1MiB, ...)",
     )(f)
-    f = click.option(
-        "--keep-bodies",
-        is_flag=True,
-        help="Also store request/response bodies (capped, secret fields redacted)",
-    )(f)
+    f = keep_bodies_option(f)
     return db_option(f)
 
 
@@ -439,9 +449,7 @@ def _with_progress(path: str, name: str, run: Callable):
     help="mitmproxy mode, repeatable (regular, reverse:URL, socks5, upstream:URL, ...)",
 )
 @click.option("--web", is_flag=True, help="Run mitmweb (flows in a browser UI) instead of mitmdump")
-@click.option(
-    "--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)"
-)
+@keep_bodies_option
 @click.option(
     "--body-cap",
     type=Size(),
@@ -534,17 +542,13 @@ def proxy_cmd(
     show_default=True,
     help="Lowest severity of a new finding that fails the run (when CMD itself succeeded)",
 )
-@click.option(
-    "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
-)
+@baseline_option
 @click.option(
     "--label",
     metavar="NAME",
     help="Client label CMD's traffic is recorded under (in the proxy URL CMD is given)",
 )
-@click.option(
-    "--keep-bodies", is_flag=True, help="Also store request/response bodies (capped, secret fields redacted)"
-)
+@keep_bodies_option
 @click.option(
     "--confdir",
     default="~/.mitmproxy",
@@ -899,9 +903,7 @@ def _print_findings(records: list[dict], out: IO[str], scope: str) -> None:
     show_default=True,
     help="Lowest severity that fails",
 )
-@click.option(
-    "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
-)
+@baseline_option
 @click.option(
     "--write-baseline",
     type=click.Path(dir_okay=False),

@@ -36,8 +36,7 @@ from urllib.parse import quote
 
 from analyzer.errors import ReportedError
 from analyzer.files import write_private
-from analyzer.keys import KEY_FILE_ENV
-from analyzer.proxy import CA_FILE, addon_path, mitmproxy_program
+from analyzer.proxy import CA_FILE, ProxyPlan
 from analyzer.storeread import DB_ENV
 
 CONTROL_HOST = "redirect-audit.invalid"  # answered by the addon (addons/redirect_recorder.py)
@@ -140,29 +139,19 @@ class Recording:
     def ca(self) -> Path:
         return self.confdir / CA_FILE
 
-    def argv(self) -> list[str]:
-        args = [
-            mitmproxy_program("mitmdump"),
-            "--listen-host",
-            "127.0.0.1",
-            "--listen-port",
-            str(self.port),
-            "--set",
-            f"confdir={self.confdir}",
-            "-s",
-            str(addon_path()),
-            "--set",
-            "flow_detail=0",
-            "--set",
-            f"redirect_audit_bodies={str(self.keep_bodies).lower()}",
-            "--set",
-            f"redirect_audit_live={str(self.live).lower()}",
-        ]
-        if self.proxy_id:
-            args += ["--set", f"redirect_audit_proxy_id={self.proxy_id}"]
-        for setting in self.settings:
-            args += ["--set", setting]
-        return args
+    def plan(self) -> ProxyPlan:
+        """The recorder as `redirect-audit proxy` would run it on this port: one command
+        line and one environment for both (the user's `--set`s last, so they win)."""
+        return ProxyPlan(
+            db_url=self.db_url,
+            port=self.port,
+            keep_bodies=self.keep_bodies,
+            live=self.live,
+            confdir=self.confdir,
+            key_file=self.key_file,
+            proxy_id=self.proxy_id,
+            extra=[arg for setting in self.settings for arg in ("--set", setting)],
+        )
 
     def start(self, timeout: float = START_TIMEOUT, while_starting=None) -> None:
         """Start mitmdump and wait until the recorder answers; a port someone took between
@@ -171,16 +160,14 @@ class Recording:
         (open the store) costs no extra time; if it raises, mitmdump is stopped."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.confdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, DB_ENV: self.db_url, "PYTHONUNBUFFERED": "1"}
-        if self.key_file:
-            env[KEY_FILE_ENV] = str(Path(self.key_file).expanduser().resolve())
+        env = {**self.plan().environ(), "PYTHONUNBUFFERED": "1"}
         for name in (*PROXY_VARS, PROXY_ENV):  # mitmdump's own traffic goes straight out
             env.pop(name, None)
         for attempt in range(3):
             self.port = free_port()
             with open(self.log, "ab") as log:
                 self.process = subprocess.Popen(
-                    self.argv(),
+                    self.plan().argv(),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -946,43 +946,7 @@ def _row_reader(names: list[str]) -> Callable[[Row], Exchange]:
         i_rsb,
         i_ua,
         i_key,
-    ) = (
-        pos(n)
-        for n in (
-            "id",
-            "capture_id",
-            "seq",
-            "flow_id",
-            "client",
-            "connection",
-            "started_at",
-            "response_started_at",
-            "method",
-            "url",
-            "url_norm",
-            "http_version",
-            "status",
-            "status_text",
-            "location",
-            "location_resolved",
-            "location_error",
-            "synthetic",
-            "from_cache",
-            "error",
-            "request_headers",
-            "response_headers",
-            "req_body_len",
-            "req_body_sha256",
-            "req_content_type",
-            "req_body",
-            "resp_body_len",
-            "resp_body_sha256",
-            "resp_content_type",
-            "resp_body",
-            "user_agent",
-            "idempotency_key",
-        )
-    )
+    ) = (pos(n) for n in ("id", *EXCHANGE_COLUMNS))
 
     def make(row: Row) -> Exchange:
         r = (*row, None)
