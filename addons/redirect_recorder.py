@@ -45,9 +45,12 @@ import socket
 import sys
 import time
 import weakref
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
 from mitmproxy.proxy import mode_specs
 
@@ -60,7 +63,8 @@ from analyzer.ingest.flows import LABEL_KEY, MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
-from analyzer.store import StoreError, open_store, safe_url
+from analyzer.store import Store, open_store
+from analyzer.storeread import StoreError, safe_url
 from analyzer.text import printable
 
 log = logging.getLogger("redirect_audit")
@@ -117,7 +121,7 @@ def _after(finding: Finding, target: Exchange) -> str:
 
 def proxy_id() -> str:
     """redirect_audit_proxy_id, else this machine's name and the port the proxy listens on."""
-    given = ctx.options.redirect_audit_proxy_id.strip()
+    given = str(ctx.options.redirect_audit_proxy_id).strip()
     if given:
         return given
     return f"{socket.gethostname()}:{ctx.options.listen_port or 8080}"
@@ -130,11 +134,11 @@ class RedirectRecorder:
         self.live: LiveAnalyzer | None = None
         self.flows: weakref.WeakValueDictionary[int, http.HTTPFlow] = weakref.WeakValueDictionary()
         self.findings = 0
-        self.store = None
+        self.store: Store | None = None
         self.settings = RecorderSettings()
         self.capture = CaptureOptions()
         self.analysis = AnalysisOptions()
-        self._ticker: asyncio.Task | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[http.HTTPFlow] = []  # finished flows not yet converted, in order
         self._timer: asyncio.TimerHandle | None = None
@@ -146,7 +150,7 @@ class RedirectRecorder:
 
     # ---- options -------------------------------------------------------------
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             PREFIX + "db",
             str,
@@ -223,20 +227,21 @@ class RedirectRecorder:
                 link=LinkOptions(window=opts.redirect_audit_link_window), detect=DetectorOptions()
             )
         except ValueError as exc:
-            raise exceptions.OptionsError(f"redirect_audit: {exc}") from None
+            raise _options_error(f"redirect_audit: {exc}") from None
         if self.recorder is not None:
             if PREFIX + "db" in updated or PREFIX + "live" in updated:
-                raise exceptions.OptionsError(
+                raise _options_error(
                     "redirect_audit_db and redirect_audit_live cannot change while the proxy runs"
                 )
-            self.converter.options = self.capture
+            if self.converter is not None:
+                self.converter.options = self.capture
             return
         if PREFIX + "db" in updated or self.store is None:
             try:  # opened now so that a bad store stops the proxy at start, with one line
                 # A short wait for another process's lock: past it, the writer spools (never the proxy waiting).
                 self.store = open_store(opts.redirect_audit_db or None, wait=STORE_WAIT)
             except StoreError as exc:
-                raise exceptions.OptionsError(f"redirect_audit_db: {exc}") from None
+                raise _options_error(f"redirect_audit_db: {exc}") from None
 
     def running(self) -> None:
         self._start()
@@ -296,14 +301,14 @@ class RedirectRecorder:
         if label is not None:
             flow.metadata[LABEL_KEY] = self.renamed.get(label, label)
 
-    def request(self, flow: http.HTTPFlow):
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         # Not a coroutine function: mitmproxy would then create and await a coroutine for
         # every request through the proxy. Only a control request gets one (it awaits the writer).
         if flow.request.host == CONTROL_HOST:
             return self._control(flow)
         return None
 
-    def client_disconnected(self, client) -> None:
+    def client_disconnected(self, client: connection.Client) -> None:
         self.labels.pop(client.id, None)
 
     async def _control(self, flow: http.HTTPFlow) -> None:
@@ -363,7 +368,7 @@ class RedirectRecorder:
         )
 
     @staticmethod
-    def _answer(flow: http.HTTPFlow, status: int, body: dict) -> None:
+    def _answer(flow: http.HTTPFlow, status: int, body: dict[str, object]) -> None:
         flow.response = http.Response.make(
             status,
             json.dumps(body).encode(),
@@ -402,6 +407,8 @@ class RedirectRecorder:
             self._timer.cancel()
             self._timer = None
         pending, self._pending = self._pending, []
+        if self.converter is None or self.recorder is None:  # made together by _start()
+            return
         convert, recorder, live = self.converter.convert, self.recorder, self.live
         if self.converter.capture_id != recorder.capture_id and recorder.capture_id is not None:
             self.converter.capture_id = recorder.capture_id  # the writer made it: rows carry it from now on
@@ -426,7 +433,7 @@ class RedirectRecorder:
         found = live.add(exchange)
         # Only flows a later finding can point back at are remembered (redirects and
         # writes); a plain GET is marked, if at all, by the finding it completes now.
-        if found or exchange.is_redirect or exchange.method in WRITE_METHODS:
+        if exchange.id is not None and (found or exchange.is_redirect or exchange.method in WRITE_METHODS):
             self.flows[exchange.id] = flow
         if found:
             self._report(found)
@@ -452,7 +459,7 @@ class RedirectRecorder:
             )
             involved = [source, target] if source is not target else [target]
             for ex in involved:
-                flow = self.flows.get(ex.id)
+                flow = self.flows.get(ex.id) if ex.id is not None else None
                 if flow is None:
                     continue
                 flow.marked = MARK
@@ -497,6 +504,8 @@ class RedirectRecorder:
 
     def _log_totals(self) -> None:
         rec = self.recorder
+        if rec is None:
+            return
         seen, stored = rec.seen + self.unqueued, rec.stored
         late = f" ({self.late} after shutdown began)" if self.late else ""
         extra = ", ".join(
@@ -526,6 +535,10 @@ class RedirectRecorder:
             "%s",
             line,
         )
+
+
+def _options_error(message: str) -> exceptions.OptionsError:
+    return exceptions.OptionsError(message)  # type: ignore[no-untyped-call]  # mitmproxy's exceptions are unannotated
 
 
 # mitmproxy offers every event to every addon, eight per request (four lifecycle hooks,

@@ -13,11 +13,15 @@ import os
 import sys
 import time
 
+TYPE_CHECKING = False  # as typing's, without loading typing before the handler is set
+if TYPE_CHECKING:
+    from types import FrameType
+
 EXIT_INTERRUPTED = 130
 _interrupted = False
 
 
-def _on_sigint(signum, frame) -> None:
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
     global _interrupted
     if _interrupted:  # the user insists: leave now; an open transaction is rolled back by the database
         os.write(2, b"\nredirect-audit: interrupted again: stopping now\n")
@@ -26,7 +30,7 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _unraisable(unraisable) -> None:
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     """A Ctrl-C that lands while Python runs a finalizer or a weakref callback is printed as
     "Exception ignored" and swallowed: the work would go on. Deliver it again instead."""
     global _interrupted

@@ -28,14 +28,15 @@ import multiprocessing
 import signal
 import threading
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select
-from sqlalchemy.engine import Connection
+from sqlalchemy import ColumnElement, Select, Table, and_, delete, func, insert, or_, select
+from sqlalchemy.engine import Connection, Engine
 
-from analyzer.chains import LinkOptions, assemble_chains, link_redirects
+from analyzer.chains import LinkOptions, assemble_chains, link_redirects, stored_id
 from analyzer.detectors import RULES, DetectorOptions, run_detectors
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import WRITE_METHODS
@@ -71,7 +72,11 @@ from analyzer.store import (
 from analyzer.store import (
     hops as hops_t,
 )
-from analyzer.storeread import ANALYSIS_OPTIONS
+from analyzer.storeread import ANALYSIS_OPTIONS, Row
+
+FindingRow = dict[str, Any]  # a findings row as inserted
+FindingKey = tuple[Any, ...]  # what makes a finding the same one in the next analysis
+CaptureCounts = dict[int, tuple[int, int | None]]  # capture id -> (exchanges, highest seq)
 
 ID_CHUNK = 500  # ids or clients per IN (...) list: well under every backend's parameter limit
 BATCH_EXCHANGES = 200_000  # exchanges of the clients analyzed together
@@ -86,7 +91,7 @@ class AnalysisOptions:
     link: LinkOptions = field(default_factory=LinkOptions)
     detect: DetectorOptions = field(default_factory=DetectorOptions)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float]:
         """The options as stored with the results, so that a re-analysis on its own uses them again."""
         d = self.detect
         return {
@@ -97,7 +102,7 @@ class AnalysisOptions:
         }
 
     @classmethod
-    def from_dict(cls, stored: dict | None) -> AnalysisOptions:
+    def from_dict(cls, stored: dict[str, Any] | None) -> AnalysisOptions:
         """Options stored by as_dict(); what is missing or unreadable takes its default."""
         stored = stored or {}
         defaults = cls().as_dict()
@@ -122,7 +127,7 @@ class AnalysisResult:
 
     chain_count: int = 0
     hop_count: int = 0
-    by_severity: Counter = field(default_factory=Counter)
+    by_severity: Counter[str] = field(default_factory=Counter)
     clients_analyzed: int = 0
     clients_total: int | None = None  # counted in a full analysis only
     full: bool = True
@@ -196,7 +201,7 @@ def analyze(
                 result.chains.extend(out.chains)
                 result.findings.extend(out.findings)
                 where.update(
-                    (hop.source.id, (chain, hop.index)) for chain in out.chains for hop in chain.hops
+                    (stored_id(hop.source), (chain, hop.index)) for chain in out.chains for hop in chain.hops
                 )
         with store.begin() as conn:
             lock_results(conn)
@@ -224,7 +229,7 @@ def analyze(
     return result
 
 
-def _order(ex: Exchange) -> tuple:
+def _order(ex: Exchange) -> tuple[float, int, int]:
     return (ex.started_at or 0.0, ex.capture_id, ex.seq)
 
 
@@ -281,7 +286,7 @@ def _client_sizes(conn: Connection, clients: list[str] | None = None) -> dict[st
     return sizes
 
 
-def _dirty_clients(conn: Connection, now: dict, before: dict) -> set[str]:
+def _dirty_clients(conn: Connection, now: CaptureCounts, before: CaptureCounts) -> set[str]:
     """Clients with exchanges the last analysis did not read. A capture only grows at its
     end (one writer per capture: an import's transaction, a proxy run's writer), so its new
     exchanges are those past the highest seq seen; a capture that shrank or gained rows
@@ -323,9 +328,9 @@ def _batches(clients: Sequence[str], sizes: dict[str, int], limit: int) -> Itera
 @dataclass
 class BatchOutput:
     clients: list[str]
-    chain_rows: list[tuple] = field(default_factory=list)
-    hop_rows: list[tuple] = field(default_factory=list)
-    finding_rows: list[dict] = field(default_factory=list)
+    chain_rows: list[Row] = field(default_factory=list)
+    hop_rows: list[Row] = field(default_factory=list)
+    finding_rows: list[FindingRow] = field(default_factory=list)
     groups: set[tuple[str, str]] = field(default_factory=set)  # (source, target) of its temporary redirects
     chains: list[Chain] = field(default_factory=list)  # with keep only
     findings: list[Finding] = field(default_factory=list)
@@ -355,8 +360,9 @@ def analyze_clients(
                     hop.confidence,
                 )
             )
-            if stale.is_temporary(source) and (source.location_resolved or source.location):
-                out.groups.add((source.url_norm, source.location_resolved or source.location))
+            target = source.location_resolved or source.location
+            if stale.is_temporary(source) and target:
+                out.groups.add((source.url_norm, target))
     out.finding_rows = [_finding_row(f) for f in found]
     if keep:
         out.chains, out.findings = chains, found
@@ -369,21 +375,21 @@ def rebuild_chains(
     """The chains of these clients (all clients when None) and their writes that repeat."""
     mine = ex_t.c.client.in_(clients) if clients is not None else None
 
-    def of(*conditions):
+    def of(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
         return and_(*conditions, mine) if mine is not None else and_(*conditions)
 
     redirects = load_exchanges(conn, of(ex_t.c.status.in_(REDIRECT_STATUSES)))
     candidates = _candidates(conn, clients)
     links = link_redirects(redirects, candidates, options)
-    by_id = {ex.id: ex for ex in redirects}
+    by_id = {stored_id(ex): ex for ex in redirects}
     # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
     missing = [link.target_id for link in links.values() if link.target_id not in by_id]
     for start in range(0, len(missing), ID_CHUNK):
         chunk = missing[start : start + ID_CHUNK]
-        by_id.update((ex.id, ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk)))
+        by_id.update((stored_id(ex), ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk)))
     # Writes are compared by body, not headers: skip decoding those where not loaded already.
     writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes(clients)), headers=False)
-    writes = [by_id.setdefault(ex.id, ex) for ex in writes]  # one object per exchange
+    writes = [by_id.setdefault(stored_id(ex), ex) for ex in writes]  # one object per exchange
     return assemble_chains(by_id, links), writes
 
 
@@ -399,7 +405,7 @@ def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
     if conn.dialect.name != "sqlite":
         mine = ex_t.c.client.in_(clients) if clients is not None else None
 
-        def of(*conditions):
+        def of(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
             return and_(*conditions, mine) if mine is not None else and_(*conditions)
 
         targets = select(ex_t.c.location_resolved).where(
@@ -424,7 +430,7 @@ def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
     return list(seen.values())
 
 
-def repeated_writes(clients: list[str] | None = None):
+def repeated_writes(clients: list[str] | None = None) -> Select[tuple[int]]:
     """Ids of accepted writes whose (client, method, body hash) occurs more than once.
 
     Only these can be duplicate deliveries, so only these are loaded. A window count over
@@ -452,7 +458,7 @@ def repeated_writes(clients: list[str] | None = None):
     return select(counted.c.id).where(counted.c.n > 1)
 
 
-def _finding_row(finding: Finding) -> dict:
+def _finding_row(finding: Finding) -> FindingRow:
     source = finding.chain.hops[finding.hop].source if finding.chain else finding.exchange
     return {
         "rule": finding.rule,
@@ -502,7 +508,7 @@ def _snapshot(conn: Connection) -> None:
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
 
-_worker: dict = {}
+_worker: dict[str, Engine] = {}
 
 
 def _init_worker(url: str) -> None:
@@ -524,7 +530,7 @@ def _parallel(
     finding ids come out the same whatever finishes first), at most 2 x jobs in flight."""
     context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(url,)) as pool:
-        pending: deque[Future] = deque()
+        pending: deque[Future[BatchOutput]] = deque()
         try:
             for clients in batches:
                 held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -548,14 +554,16 @@ class _FindingIds:
     """Finding ids kept across runs: a finding found again takes the id it had."""
 
     def __init__(self) -> None:
-        self.by_key: dict[tuple, int] = {}
+        self.by_key: dict[FindingKey, int] = {}
         self.highest = 0
 
-    def remember(self, key: tuple, finding_id: int) -> None:
+    def remember(self, key: FindingKey, finding_id: int) -> None:
         self.by_key[key] = finding_id
         self.highest = max(self.highest, finding_id)
 
-    def take(self, conn: Connection, rows: list[dict], key_of) -> None:
+    def take(
+        self, conn: Connection, rows: list[FindingRow], key_of: Callable[[FindingRow], FindingKey]
+    ) -> None:
         top = max(self.highest, conn.execute(select(func.max(findings_t.c.id))).scalar() or 0)
         for row in rows:
             kept = self.by_key.pop(key_of(row), None)
@@ -566,7 +574,7 @@ class _FindingIds:
         self.highest = max(self.highest, top)
 
 
-def _key(row: dict) -> tuple:
+def _key(row: FindingRow) -> FindingKey:
     return (row["rule"], row["from_exchange_id"], row["to_exchange_id"], row["hop"])
 
 
@@ -613,7 +621,7 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
         conn.execute(insert(findings_t), out.finding_rows)
 
 
-def _delete_ids(conn: Connection, table, column, values: list[int]) -> None:
+def _delete_ids(conn: Connection, table: Table, column: ColumnElement[int], values: list[int]) -> None:
     for start in range(0, len(values), ID_CHUNK):
         conn.execute(delete(table).where(column.in_(values[start : start + ID_CHUNK])))
 
@@ -690,7 +698,7 @@ def stale_findings(
                 ids.remember((stale.SLUG, source, target), fid)
                 doomed.append(fid)
     _delete_ids(conn, findings_t, findings_t.c.id, doomed)
-    rows: list[dict] = []
+    rows: list[FindingRow] = []
     found: list[Finding] = []
     for query in queries:
         ordered = query.order_by(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.capture_id, ex_t.c.seq)
@@ -700,7 +708,7 @@ def stale_findings(
             if groups is not None and (source, target) not in groups:
                 continue
             judged = stale.judge(source, target, sightings, options)
-            if judged is None:
+            if judged is None or sightings.latest is None:  # streamed sightings always have one
                 continue
             message, evidence = judged
             finding = stale.stale_finding(message, evidence, sightings.latest, None, 0)
@@ -713,12 +721,13 @@ def stale_findings(
                 _store_stale(conn, rows, ids)
                 rows = []
     _store_stale(conn, rows, ids)
-    for finding in found:
-        finding.chain, finding.hop = where.get(finding.exchange.id, (None, 0))
+    for finding in found:  # `found` is only filled when `where` is given
+        assert where is not None
+        finding.chain, finding.hop = where.get(stored_id(finding.exchange), (None, 0))
     return found
 
 
-def _store_stale(conn: Connection, rows: list[dict], ids: _FindingIds) -> None:
+def _store_stale(conn: Connection, rows: list[FindingRow], ids: _FindingIds) -> None:
     """Insert stale findings, each on the hop where its latest sighting was served."""
     if not rows:
         return
@@ -792,14 +801,15 @@ def stale_history(conn: Connection) -> dict[tuple[str, str], stale.Sightings]:
     return summary
 
 
-def _stale_key(row: dict) -> tuple:
+def _stale_key(row: FindingRow) -> FindingKey:
     evidence = json.loads(row["evidence"])
     return (stale.SLUG, evidence["source"], evidence["target"])
 
 
-def _groups(rows: Iterable) -> Iterator[tuple[tuple[str, str], stale.Sightings]]:
+def _groups(rows: Iterable[Row]) -> Iterator[tuple[tuple[str, str], stale.Sightings]]:
     """Consecutive sightings of one (source, target), summarized as they pass."""
-    key, summary = None, None
+    key: tuple[str, str] | None = None
+    summary: stale.Sightings | None = None
     for row in rows:
         (
             ex_id,
@@ -834,12 +844,12 @@ def _groups(rows: Iterable) -> Iterator[tuple[tuple[str, str], stale.Sightings]]
         if response_headers:
             ex.response_headers = [tuple(h) for h in json.loads(response_headers)]
         here = (url_norm, resolved or location)
-        if here != key:
-            if summary is not None:
-                yield key, summary
+        if key is not None and summary is not None and here != key:
+            yield key, summary
+        if here != key or summary is None:
             key, summary = here, stale.Sightings()
         summary.add(ex)
-    if summary is not None:
+    if key is not None and summary is not None:
         yield key, summary
 
 

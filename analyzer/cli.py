@@ -13,16 +13,25 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import click
 
 from analyzer import __version__
 from analyzer.errors import ReportedError
 from analyzer.text import printable
+
+if TYPE_CHECKING:  # for annotations only: each command imports what it runs
+    from rich.console import Console
+
+    from analyzer.detectors import Rule
+    from analyzer.model import Severity
+    from analyzer.report import Record
+    from analyzer.store import Store
+    from analyzer.storeread import Reader, StoreState
 
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
@@ -48,7 +57,7 @@ class PipeClosed(Exception):
 # ---- shared options -------------------------------------------------------------------
 
 
-class Size(click.ParamType):
+class Size(click.ParamType):  # type: ignore[type-arg]  # generic in newer click only; 8.1 is supported
     """A byte count: 65536, 64KB, 64KiB, 1MB, 1.5MiB."""
 
     name = "size"
@@ -66,7 +75,7 @@ class Size(click.ParamType):
         "gib": 1024**3,
     }
 
-    def convert(self, value, param, ctx) -> int:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
         text = str(value).strip().lower().replace(" ", "")
@@ -83,7 +92,7 @@ class Size(click.ParamType):
         return int(size)
 
 
-def db_option(f):
+def db_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--db",
         metavar="URL|PATH",
@@ -91,7 +100,7 @@ def db_option(f):
     )(f)
 
 
-def wait_option(f):
+def wait_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--wait",
         type=click.FloatRange(min=0),
@@ -102,7 +111,7 @@ def wait_option(f):
     )(f)
 
 
-def reading_options(f):
+def reading_options[F: Callable[..., Any]](f: F) -> F:
     """--db, --no-analyze and --wait: every command that reads results."""
     f = wait_option(f)
     f = click.option(
@@ -113,13 +122,13 @@ def reading_options(f):
     return db_option(f)
 
 
-def output_option(f):
+def output_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--output", "-o", metavar="FILE", help="Write to FILE instead of stdout ('-': stdout)"
     )(f)
 
 
-def secret_field_option(f):
+def secret_field_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--secret-field",
         "secret_fields",
@@ -129,7 +138,7 @@ def secret_field_option(f):
     )(f)
 
 
-def key_file_option(f):
+def key_file_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--key-file",
         metavar="PATH",
@@ -138,7 +147,7 @@ def key_file_option(f):
     )(f)
 
 
-def keep_bodies_option(f):
+def keep_bodies_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--keep-bodies",
         is_flag=True,
@@ -146,13 +155,13 @@ def keep_bodies_option(f):
     )(f)
 
 
-def baseline_option(f):
+def baseline_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
     )(f)
 
 
-def import_options(f):
+def import_options[F: Callable[..., Any]](f: F) -> F:
     f = wait_option(f)
     f = key_file_option(f)
     f = secret_field_option(f)
@@ -227,7 +236,7 @@ def import_har_cmd(
     store = _StoreOnDemand(db, wait, key_file)
     options = CaptureOptions(keep_bodies=keep_bodies, body_cap=body_cap, secret_fields=secret_fields)
 
-    def one(path: str, name: str):
+    def one(path: str, name: str) -> Any:
         return _with_progress(
             path,
             name,
@@ -269,7 +278,7 @@ def import_flows_cmd(
     )
 
 
-def _open_for_writing(db: str | None, wait: float, key_file: str | None = None):
+def _open_for_writing(db: str | None, wait: float, key_file: str | None = None) -> Store:
     from analyzer.store import open_store
 
     store = open_store(db, wait=wait, key_file=key_file)
@@ -282,9 +291,10 @@ class _StoreOnDemand:
     read: `import-har missing.har` must not leave an empty store behind."""
 
     def __init__(self, db: str | None, wait: float, key_file: str | None):
-        self.db, self.wait, self.key_file, self._store = db, wait, key_file, None
+        self.db, self.wait, self.key_file = db, wait, key_file
+        self._store: Store | None = None
 
-    def get(self):
+    def get(self) -> Store:
         if self._store is None:
             self._store = _open_for_writing(self.db, self.wait, self.key_file)
         return self._store
@@ -301,7 +311,9 @@ class _StoreOnDemand:
             return conn.execute(select(func.max(captures.c.id))).scalar() or 0
 
 
-def _import_files(files: tuple[str, ...], import_one: Callable, noun: str, store: _StoreOnDemand) -> None:
+def _import_files(
+    files: tuple[str, ...], import_one: Callable[[str, str], Any], noun: str, store: _StoreOnDemand
+) -> None:
     """Import each file in turn: a file that fails is named in one line and the others
     still go in; exit status 2 at the end if any failed. Ctrl-C stops at the file in hand,
     of which nothing is stored."""
@@ -400,7 +412,7 @@ def _readable(given: str) -> Iterator[str]:
         os.close(fd)
 
 
-def _with_progress(path: str, name: str, run: Callable):
+def _with_progress(path: str, name: str, run: Callable[[Callable[[int], None] | None], Any]) -> Any:
     """A progress bar on stderr while a file imports, when stderr is a terminal."""
     if not sys.stderr.isatty():
         return run(None)
@@ -611,7 +623,7 @@ def run_cmd(
     )  # a bad file: before CMD runs
     fresh = db is None
     workdir = Path(tempfile.mkdtemp(prefix="redirect-audit-run-"))
-    if fresh:
+    if db is None:
         db = str(workdir / "capture.db")
     extra = list(settings)
     if secret_fields:
@@ -643,7 +655,7 @@ def run_cmd(
             raise UserError(str(exc)) from None
         keep_workdir = fresh
         try:
-            capture = recording.flush().get("capture") if recording.process.poll() is None else None
+            capture = recording.flush().get("capture") if recording.running else None
         except (OSError, SessionError):
             capture = None
         proxy_status = recording.stop()
@@ -666,7 +678,7 @@ def run_cmd(
             raise UserError(f"the recorder failed: {last_error(recording.output())} (log: {recording.log})")
         records, failing = _judge_run(db, capture, Severity.parse(fail_on), known)
     finally:
-        if recording.process is not None and recording.process.poll() is None:
+        if recording.running:
             recording.stop()
         if not keep_workdir:
             import shutil
@@ -685,7 +697,9 @@ def run_cmd(
         raise click.exceptions.Exit(EXIT_FINDINGS)
 
 
-def _judge_run(db: str, capture: int | None, floor, known: set[str]) -> tuple[list[dict], list[dict]]:
+def _judge_run(
+    db: str, capture: int | None, floor: Severity, known: set[str]
+) -> tuple[list[Record], list[Record]]:
     """Analyze the store; (this capture's findings, those that fail the gate)."""
     from analyzer import exports
     from analyzer.analysis import analyze
@@ -857,7 +871,7 @@ def findings_cmd(
 
 
 def _write_findings(
-    format_: str, records: list[dict], chain_list: list[dict], db: str | None, out: IO[str], scope: str
+    format_: str, records: list[Record], chain_list: list[Record], db: str | None, out: IO[str], scope: str
 ) -> None:
     from analyzer.report import write_json, write_jsonl
 
@@ -888,7 +902,7 @@ def _write_findings(
         _print_findings(records, out, scope)
 
 
-def _print_findings(records: list[dict], out: IO[str], scope: str) -> None:
+def _print_findings(records: list[Record], out: IO[str], scope: str) -> None:
     from analyzer.report import print_findings_table
 
     print_findings_table(records, _console(out), scope)
@@ -1306,7 +1320,7 @@ def rules_cmd(rule: str | None, fmt: str, examples: Path | None, output: str | N
     """Describe every rule (or one: `rules RA102`, `rules dropped-body`): id, slug, severity, documentation."""
     from analyzer.detectors import RULES
 
-    chosen = RULES
+    chosen: Sequence[Rule] = RULES
     if rule is not None:
         chosen = [r for r in RULES if rule.lower() in (r.id.lower(), r.slug)]
         if not chosen:
@@ -1337,7 +1351,7 @@ def rules_cmd(rule: str | None, fmt: str, examples: Path | None, output: str | N
 
 
 @contextmanager
-def _results(db: str | None, no_analyze: bool, wait: float):
+def _results(db: str | None, no_analyze: bool, wait: float) -> Iterator[tuple[Reader, StoreState]]:
     """(reader, state) on an existing store whose results are current (see analyzer.current)."""
     from analyzer.current import ANALYZE_WHEN_STALE, open_current
 
@@ -1361,7 +1375,7 @@ def command_prefix() -> str:
     return "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
 
 
-def _console(file: IO[str]):
+def _console(file: IO[str]) -> Console:
     """A rich console for `file`: on a terminal as usual; elsewhere nothing is wrapped,
     coloured or highlighted (FORCE_COLOR keeps colour, NO_COLOR removes it anywhere)."""
     from rich.console import Console
@@ -1381,7 +1395,7 @@ def _console(file: IO[str]):
     )
 
 
-def _emit(output: str | None, write: Callable[[IO[str]], None]) -> None:
+def _emit(output: str | None, write: Callable[[IO[str]], object]) -> None:
     """Run a writer into stdout (None, '-') or into a file, which is only written once the
     whole output is ready (a failure leaves no half file behind)."""
     if output in (None, "-"):

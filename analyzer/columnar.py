@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Table, select
+from sqlalchemy import Column, Select, Table, select
 
 from analyzer.errors import ReportedError
 from analyzer.store import Store, captures, chains, exchanges, findings, hops
@@ -53,7 +54,7 @@ def _day(seconds: float | None) -> str:
         return UNKNOWN
 
 
-def _arrow_type(column):
+def _arrow_type(column: Column[Any]) -> Any:  # a pyarrow DataType (pyarrow has no type information)
     import pyarrow as pa
     from sqlalchemy import BigInteger, Boolean, Float, Integer, LargeBinary
 
@@ -71,14 +72,14 @@ def _arrow_type(column):
     return pa.string()
 
 
-def _schema(table: Table, extra: tuple = ()):
+def _schema(table: Table, extra: tuple[Any, ...] = ()) -> Any:
     import pyarrow as pa
 
     fields = [pa.field(c.name, _arrow_type(c)) for c in table.columns]
     return pa.schema([*fields, *extra, pa.field("capture_date", pa.string())])
 
 
-def _batches(store: Store, stmt, schema, day_at: int) -> Iterator:
+def _batches(store: Store, stmt: Select[Any], schema: Any, day_at: int) -> Iterator[Any]:
     """RecordBatches of CHUNK_ROWS rows, each row with its capture date from column `day_at`."""
     import pyarrow as pa
 
@@ -105,7 +106,7 @@ def _private_umask() -> Iterator[None]:
         os.umask(old)
 
 
-def check_target(directory: str | os.PathLike) -> Path:
+def check_target(directory: str | os.PathLike[str]) -> Path:
     """Refuse a DIR that holds anything, or whose parent does not exist."""
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -117,7 +118,7 @@ def check_target(directory: str | os.PathLike) -> Path:
     return target
 
 
-def export_parquet(store: Store, directory: str | os.PathLike) -> ExportResult:
+def export_parquet(store: Store, directory: str | os.PathLike[str]) -> ExportResult:
     """Write the store's exchanges, hops, chains, findings and captures under `directory`,
     which must not exist or be empty (nothing is overwritten)."""
     import pyarrow as pa
@@ -147,7 +148,7 @@ def export_parquet(store: Store, directory: str | os.PathLike) -> ExportResult:
             for name, (stmt, schema, day_column) in plans.items():
                 count = 0
 
-                def counted(batches):
+                def counted(batches: Iterator[Any]) -> Iterator[Any]:
                     nonlocal count
                     for batch in batches:
                         count += batch.num_rows

@@ -23,11 +23,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from analyzer import __version__
-from analyzer.detectors import RULES
+from analyzer.detectors import RULES, Rule
 from analyzer.errors import ReportedError
 from analyzer.files import write_private
 from analyzer.model import Severity
-from analyzer.report import hop_text
+from analyzer.report import Record, hop_text
 from analyzer.text import printable, xml_safe
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
@@ -38,7 +38,7 @@ BASELINE_VERSION = 1
 # ---- SARIF ---------------------------------------------------------------------
 
 
-def sarif(records: list[dict]) -> dict:
+def sarif(records: list[Record]) -> Record:
     rules = [_sarif_rule(rule) for rule in RULES]
     index = {rule.slug: i for i, rule in enumerate(RULES)}
     artifacts: dict[str, int] = {}
@@ -52,7 +52,7 @@ def sarif(records: list[dict]) -> dict:
     return {"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [run]}
 
 
-def _sarif_rule(rule) -> dict:
+def _sarif_rule(rule: Rule) -> Record:
     return {
         "id": rule.id,
         "name": rule.slug,
@@ -68,9 +68,9 @@ def _artifact_uri(path: str) -> str:
     return Path(path).resolve().as_uri()
 
 
-def _sarif_result(r: dict, index: dict[str, int], artifacts: dict[str, int]) -> dict:
+def _sarif_result(r: Record, index: dict[str, int], artifacts: dict[str, int]) -> Record:
     capture = r["capture"]
-    location: dict = {}
+    location: Record = {}
     if capture.get("file"):
         uri = _artifact_uri(capture["file"])
         artifacts.setdefault(uri, len(artifacts))
@@ -105,8 +105,8 @@ def _sarif_result(r: dict, index: dict[str, int], artifacts: dict[str, int]) -> 
 # ---- JUnit ---------------------------------------------------------------------
 
 
-def junit(findings: list[dict], chains: list[dict]) -> str:
-    by_chain: dict[int | None, list[dict]] = defaultdict(list)
+def junit(findings: list[Record], chains: list[Record]) -> str:
+    by_chain: dict[int | None, list[Record]] = defaultdict(list)
     for f in findings:
         by_chain[f["chain_id"]].append(f)
     suite = ET.Element("testsuite", name="redirect-audit")
@@ -131,7 +131,7 @@ def junit(findings: list[dict], chains: list[dict]) -> str:
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def _case(suite: ET.Element, client: str, name: str, found: list[dict]) -> None:
+def _case(suite: ET.Element, client: str, name: str, found: list[Record]) -> None:
     # Whatever a capture holds, the file stays XML: characters XML 1.0 cannot hold are escaped.
     case = ET.SubElement(
         suite, "testcase", classname=xml_safe(f"redirect-audit.{client}"), name=xml_safe(name)
@@ -155,14 +155,14 @@ def _case(suite: ET.Element, client: str, name: str, found: list[dict]) -> None:
 # ---- Markdown ------------------------------------------------------------------
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[Record]) -> str:
     lines = ["# redirect-audit findings", ""]
     if not records:
         return "\n".join([*lines, "No findings.", ""])
     counts = Counter(r["severity"] for r in records)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
     lines += [f"{len(records)} finding(s): {summary}.", ""]
-    by_rule: dict[str, list[dict]] = defaultdict(list)
+    by_rule: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_rule[f"{r['rule_id']} `{r['rule']}`"].append(r)
     for title in sorted(by_rule):
@@ -182,7 +182,7 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _md(text) -> str:
+def _md(text: object) -> str:
     """A table cell: HTML escaped (a renderer would run `<img onerror=...>`), pipes escaped,
     control characters written as escapes."""
     return html.escape(printable(text), quote=False).replace("|", "\\|").replace("`", "\\`")
@@ -195,7 +195,7 @@ class BaselineError(ValueError, ReportedError):
     """A baseline file that cannot be used; one line."""
 
 
-def write_baseline(records: list[dict], path: Path) -> int:
+def write_baseline(records: list[Record], path: Path) -> int:
     entries = sorted(
         (
             {
@@ -236,6 +236,6 @@ def read_baseline(path: Path) -> set[str]:
     return {str(e.get("fingerprint")) for e in data["findings"] if isinstance(e, dict)}
 
 
-def gate(records: list[dict], fail_on: Severity, known: set[str]) -> list[dict]:
+def gate(records: list[Record], fail_on: Severity, known: set[str]) -> list[Record]:
     """The findings that fail the gate: at or above `fail_on` and not in the baseline."""
     return [r for r in records if Severity.parse(r["severity"]) >= fail_on and r["fingerprint"] not in known]

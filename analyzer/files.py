@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 
-def write_private(path: str | os.PathLike, text: str) -> None:
+def write_private(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` (UTF-8) to `path`: created 0600 if new, truncated if it exists."""
     fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -19,10 +19,12 @@ comfortably in memory. Timestamps are timezone-aware UTC.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import pandas as pd
-from sqlalchemy import case, create_engine, func, select
+from sqlalchemy import Select, case, create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
@@ -86,7 +88,7 @@ def _utc(series: pd.Series) -> pd.Series:
     return pd.to_datetime(seconds, unit="s", utc=True)
 
 
-def _read(stmt, db: str | None) -> pd.DataFrame:
+def _read(stmt: Select[Any], db: str | None) -> pd.DataFrame:
     eng = engine(db)
     try:
         with eng.connect() as conn:
@@ -264,7 +266,7 @@ def _auth_outcomes(frame: pd.DataFrame) -> list[str | None]:
     return out
 
 
-def _leaked(forwarded: list[str], before, after) -> list[str]:
+def _leaked(forwarded: list[str], before: object, after: object) -> list[str]:
     """The forwarded credentials ('name=fingerprint') a conforming client would have dropped."""
     if not forwarded or not isinstance(before, str) or not isinstance(after, str):
         return []
@@ -276,7 +278,7 @@ def _body_headers(text: str | None) -> list[str]:
     return body_headers(json.loads(text)) if isinstance(text, str) and text else []
 
 
-def prescribed_method(status, method: str) -> str:
+def prescribed_method(status: object, method: str) -> str:
     """The follow-up's method per RFC 9110 15.4 and Fetch's HTTP-redirect fetch."""
     if status in (301, 302) and method == "POST":
         return "GET"  # "for historical reasons"; Fetch rewrites POST only
@@ -285,7 +287,9 @@ def prescribed_method(status, method: str) -> str:
     return method
 
 
-def body_change(followed, len_before, len_after, sha_before, sha_after) -> str:
+def body_change(
+    followed: object, len_before: Any, len_after: Any, sha_before: str | None, sha_after: str | None
+) -> str:
     """What happened to the request body on one hop: kept, changed, dropped, added, none."""
     if not followed:
         return "-"
@@ -316,17 +320,17 @@ VERDICT_ORDER = ("deviated", ALLOWED_BODY_LOST, "as specified", "not followed")
 
 
 def verdict(
-    status,
-    before,
-    after,
-    followed,
-    len_before,
-    len_after,
-    sha_before,
-    sha_after,
-    body_headers_after=(),
-    credentials_leaked=(),
-    auth_same_origin=None,
+    status: object,
+    before: str,
+    after: object,
+    followed: object,
+    len_before: Any,
+    len_after: Any,
+    sha_before: str | None,
+    sha_after: str | None,
+    body_headers_after: Sequence[str] = (),
+    credentials_leaked: Sequence[str] = (),
+    auth_same_origin: str | None = None,
 ) -> str:
     """What RFC 9110 / Fetch say of one hop: 'as specified', 'allowed, body lost' (POST -> GET
     on 301/302: permitted for historical reasons, what method-downgrade reports at low

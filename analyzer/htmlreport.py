@@ -16,24 +16,26 @@ import io
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import PurePath
 from urllib.parse import urlsplit
 
+import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
 from matplotlib.figure import Figure
 
 from analyzer import frames, plots
 from analyzer.detectors import RULES, RULES_BY_SLUG
-from analyzer.report import capture_records, hop_text
-from analyzer.storeread import open_reader, url_shown
+from analyzer.report import Record, capture_records, hop_text
+from analyzer.storeread import open_reader, resolve_db_url, url_shown
 
 SEVERITIES = ("high", "medium", "low", "info")
 RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
-def _png(fig: Figure, title: str) -> dict:
+def _png(fig: Figure, title: str) -> Record:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # constrained layout gives up on a figure too small for its labels and says so on
@@ -70,7 +72,7 @@ def breakable(text: object) -> Markup:
     return Markup("".join(out))
 
 
-def pointer(capture: dict) -> tuple[str, str]:
+def pointer(capture: Record) -> tuple[str, str]:
     """(`file.har#12`, the full path) for a HAR entry; (`flow 3f2a…`, source) for a flow."""
     path = capture.get("file") or capture.get("source") or "?"
     if capture.get("entry_index") is not None:
@@ -86,7 +88,7 @@ def _host(url: str | None) -> str:
     return (urlsplit(url).hostname or "") if url else ""
 
 
-def _chains(hops) -> dict[int, list[str]]:
+def _chains(hops: pd.DataFrame) -> dict[int, list[str]]:
     """Every chain hop by hop, one line per hop."""
     out: dict[int, list[str]] = {}
     for row in hops.sort_values(["chain_id", "hop"]).itertuples():
@@ -102,7 +104,7 @@ def _chains(hops) -> dict[int, list[str]]:
     return out
 
 
-def _findings(records: list[dict], hops) -> list[dict]:
+def _findings(records: list[Record], hops: pd.DataFrame) -> list[Record]:
     names = dict(zip(hops["chain_id"].astype(int), hops["client_name"].astype(str), strict=False))
     chains = _chains(hops)
     rows = []
@@ -127,7 +129,7 @@ def _findings(records: list[dict], hops) -> list[dict]:
     return rows
 
 
-def _summary(db: str | None, records: list[dict], hops, chains) -> dict:
+def _summary(db: str | None, records: list[Record], hops: pd.DataFrame, chains: pd.DataFrame) -> Record:
     reader = open_reader(db)
     try:
         captures = capture_records(reader)
@@ -151,10 +153,10 @@ def _summary(db: str | None, records: list[dict], hops, chains) -> dict:
     }
 
 
-def _figures(db: str | None, hops, chains) -> tuple[list[dict], list[str]]:
+def _figures(db: str | None, hops: pd.DataFrame, chains: pd.DataFrame) -> tuple[list[Record], list[str]]:
     """The figures that have something to show, as PNGs, and the titles of those that do not."""
     findings_frame, temporary = frames.findings(db), frames.temporary_redirects(db)
-    wanted = [  # (title, has something to draw, how to draw it)
+    wanted: list[tuple[str, bool, Callable[[], Figure]]] = [  # (title, has something to draw, how to draw it)
         (
             "Findings by rule and severity",
             not findings_frame.empty,
@@ -178,7 +180,7 @@ def _figures(db: str | None, hops, chains) -> tuple[list[dict], list[str]]:
     return figures, [title for title, has_data, _ in wanted if not has_data]
 
 
-def render(db: str | None, records: list[dict]) -> str:
+def render(db: str | None, records: list[Record]) -> str:
     hops = frames.hops(db)
     chains = frames.chains(db)
     found = _findings(records, hops)
@@ -189,7 +191,7 @@ def render(db: str | None, records: list[dict]) -> str:
     )
     env.filters["breakable"] = breakable
     return env.get_template("report.html.j2").render(
-        store=url_shown(frames.resolve_db_url(db)),
+        store=url_shown(resolve_db_url(db)),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         summary=_summary(db, records, hops, chains),
         findings=found,

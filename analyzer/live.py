@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 from analyzer.analysis import AnalysisOptions
 from analyzer.chains import grade_link, is_followable, order_key, unfollowed_end
-from analyzer.detectors import RULES, Context, duplicate_write, run_detectors, stale_temporary_redirect
-from analyzer.detectors.base import site
+from analyzer.detectors import RULES, duplicate_write, run_detectors, stale_temporary_redirect
+from analyzer.detectors.base import Context, site
 from analyzer.detectors.stale_temporary_redirect import Sightings
 from analyzer.model import Chain, Exchange, Finding, Hop
 
@@ -37,6 +37,8 @@ CHAIN_RULES = tuple(
     rule for rule in RULES if rule.slug not in (duplicate_write.SLUG, stale_temporary_redirect.SLUG)
 )
 PENDING = "pending"
+# One logical write: (client, method, target, body digest)
+WriteKey = tuple[str, str, str, str | None]
 
 
 @dataclass
@@ -65,13 +67,16 @@ class LiveAnalyzer:
         self.options = options
         self.window = options.link.window
         self._next_id = 1
-        self._waiting: dict[tuple[str, str], list[_Waiting]] = {}
+        # waiting redirects by (client, target URL); a redirect that is waiting always has a target
+        self._waiting: dict[tuple[str, str | None], list[_Waiting]] = {}
         self._expiry: deque[_Waiting] = deque()  # in arrival order
-        self._on_connection: dict[tuple[str, str], list[_Waiting]] = {}  # waiting, by (client, connection)
+        self._on_connection: dict[
+            tuple[str, str | None], list[_Waiting]
+        ] = {}  # waiting, by (client, connection)
         self._arrivals: dict[int, tuple[Chain, int]] = {}
         self._arrival_times: deque[tuple[float, int]] = deque()
-        self._writes: dict[tuple, _WriteGroup] = {}
-        self._write_times: deque[tuple[float, tuple]] = deque()
+        self._writes: dict[WriteKey, _WriteGroup] = {}
+        self._write_times: deque[tuple[float, WriteKey]] = deque()
         self._stale_reported: set[tuple[str, str]] = set()
         if isinstance(history, dict):
             self._sightings: dict[tuple[str, str], Sightings] = history
@@ -208,9 +213,10 @@ class LiveAnalyzer:
     # ---- rules beyond one chain ------------------------------------------------
 
     def _sight(self, ex: Exchange) -> tuple[str, str] | None:
-        if not stale_temporary_redirect.is_temporary(ex) or not (ex.location_resolved or ex.location):
+        target = ex.location_resolved or ex.location
+        if not stale_temporary_redirect.is_temporary(ex) or not target:
             return None
-        key = (ex.url_norm, ex.location_resolved or ex.location)
+        key = (ex.url_norm, target)
         if key not in self._stale_reported:
             self._sightings.setdefault(key, Sightings()).add(ex)
         return key
@@ -237,7 +243,12 @@ class LiveAnalyzer:
         ):
             return []
         context = Context(options=self.options.detect, arrivals=self._arrivals)
-        key = (ex.client, ex.method, duplicate_write.logical_target(ex, context), ex.request_body.sha256)
+        key: WriteKey = (
+            ex.client,
+            ex.method,
+            duplicate_write.logical_target(ex, context),
+            ex.request_body.sha256,
+        )
         group = self._writes.get(key)
         window = self.options.detect.duplicate_window
         if group is None or duplicate_write.gap(group.deliveries[0], ex) > window:

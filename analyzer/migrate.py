@@ -13,10 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 from analyzer.store import alembic_version, lock_schema, make_engine, meta
 from analyzer.storeread import (
@@ -45,7 +49,7 @@ class SchemaState:
         return self.version == SCHEMA_VERSION and self.revision == self.head
 
 
-def _config(conn: Connection):
+def _config(conn: Connection) -> Config:
     from alembic.config import Config
 
     config = Config()
@@ -57,7 +61,10 @@ def _config(conn: Connection):
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migration in {MIGRATIONS}: the package is damaged")
+    return head
 
 
 def _state(conn: Connection, url: str) -> SchemaState:

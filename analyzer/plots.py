@@ -16,10 +16,13 @@ reports and inside notebooks alike: `fig.savefig(...)`, or let Jupyter display i
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
@@ -72,14 +75,14 @@ def origin_label(origin: object) -> str:
     return origin.removesuffix(":443") if origin.startswith("https://") else origin.removesuffix(":80")
 
 
-def _figure(size: tuple[float, float], title: str):
+def _figure(size: tuple[float, float], title: str) -> tuple[Figure, Axes]:
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
     return fig, ax
 
 
-def _empty(fig: Figure, ax, text: str) -> Figure:
+def _empty(fig: Figure, ax: Axes, text: str) -> Figure:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
     ax.set_axis_off()
     return fig
@@ -201,7 +204,7 @@ def _origin_edges(hops: pd.DataFrame, max_hosts: int) -> tuple[list[str], pd.Dat
     return list(pd.concat([frame["src"], frame["dst"]]).value_counts().index), edges
 
 
-def _nodes(ax, pos: dict[str, tuple[float, float]]) -> None:
+def _nodes(ax: Axes, pos: dict[str, tuple[float, float]]) -> None:
     """Each origin as a dot, its label pointing away from the circle's centre."""
     for host, label in zip(pos, unique_labels(list(pos), 34), strict=True):
         x, y = pos[host]
@@ -222,7 +225,7 @@ def _is_upgrade(src: str, dst: str) -> bool:
     return src.startswith("http://") and dst == "https://" + src.removeprefix("http://")
 
 
-def _edge(ax, pos: dict, row, width: float) -> None:
+def _edge(ax: Axes, pos: dict[str, tuple[float, float]], row: Any, width: float) -> None:
     if row.downgrade:
         color = EDGE_COLORS["HTTPS -> HTTP"]
     elif _is_upgrade(row.src, row.dst):
@@ -247,6 +250,21 @@ def _edge(ax, pos: dict, row, width: float) -> None:
             shrinkB=12 if row.src != row.dst else 0,
         )
     )
+
+
+def date_axis(axis: Axis) -> None:
+    """Date ticks for any span, from milliseconds to centuries, with no warning.
+
+    AutoDateLocator takes the coarsest unit with at least `minticks` ticks, then the first
+    of that unit's intervals giving at most `maxticks`. Its default `minticks` of 5 with
+    fewer `maxticks` leaves gaps: 3.4 to 4.4 years fall below 5 yearly ticks and above
+    6-monthly x 7, and it warns. With `minticks` 3 every unit hands over to the next finer
+    one before that one runs out of intervals (3 years = 36 months <= 6 x 7; 3 months
+    <= 14 days x 7; 3 days <= 12 hours x 7; 3 hours and 3 minutes <= 30 x 7).
+    """
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=8)  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]  # as above
 
 
 def temporary_timeline(
@@ -277,9 +295,7 @@ def temporary_timeline(
     threshold = ax.scatter(deadline, y, marker="|", s=160, color="#2c3e50", zorder=4, label="stale threshold")
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    locator = mdates.AutoDateLocator(maxticks=8)
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    date_axis(ax.xaxis)
     ax.margins(x=0.05)
     ax.legend(
         handles=[Patch(color=FRESH, label="within threshold"), Patch(color=STALE, label="stale"), threshold],

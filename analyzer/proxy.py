@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class ProxyPlan:
             raise ProxyError(problem)
         self._check_port()
 
-    def _conflicts(self):
+    def _conflicts(self) -> Iterator[str]:
         args = self.extra
         recorder = addon_path().resolve()
         for i, arg in enumerate(args):

@@ -33,9 +33,17 @@ import shlex
 import tempfile
 import time
 import uuid
+from collections.abc import Generator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:  # annotations only: nothing heavy is imported until the plugin is enabled
+    from analyzer.model import Severity
+    from analyzer.report import Record
+    from analyzer.session import Recording
+    from analyzer.store import Store
 
 SEVERITIES = ("info", "low", "medium", "high")
 WORKER_MAIN = "main"
@@ -88,7 +96,7 @@ def _enabled(config: pytest.Config) -> bool:
 
 
 def _worker(config: pytest.Config) -> str:
-    return getattr(config, "workerinput", {}).get("workerid", WORKER_MAIN)
+    return str(getattr(config, "workerinput", {}).get("workerid", WORKER_MAIN))
 
 
 def _xdist_controller(config: pytest.Config) -> bool:
@@ -153,7 +161,14 @@ class AuditSession:
     """The plugin's state for one pytest process (the controller, or one xdist worker)."""
 
     def __init__(
-        self, config: pytest.Config, *, db: str, session: str, fresh: bool, fail_on, baseline: str | None
+        self,
+        config: pytest.Config,
+        *,
+        db: str,
+        session: str,
+        fresh: bool,
+        fail_on: Severity | None,
+        baseline: str | None,
     ):
         self.config = config
         self.db = db
@@ -163,12 +178,12 @@ class AuditSession:
         self.worker = _worker(config)
         self.controller = _xdist_controller(config)  # workers record; the controller only sums up
         self.label = f"pytest-{self.worker}-{session}"
-        self.recording = None
+        self.recording: Recording | None = None
         self.saved_env: dict[str, str | None] = {}
-        self.current: dict | None = None  # the running test: nodeid, row id, start
+        self.current: dict[str, Any] | None = None  # the running test: nodeid, row id, start
         self.outcomes: dict[str, str] = {}
         self.known: set[str] = set()
-        self._opened = None  # the Store, once used
+        self._opened: Store | None = None  # once used
         self._last_seen: int | None = None  # the recorder's count at the last analysis
         self.tests = 0  # tests started in this process
         self.baseline = baseline
@@ -186,7 +201,7 @@ class AuditSession:
     # ---- xdist -----------------------------------------------------------------------------
 
     @pytest.hookimpl(optionalhook=True)
-    def pytest_configure_node(self, node) -> None:
+    def pytest_configure_node(self, node: Any) -> None:  # xdist's WorkerController
         node.workerinput["redirect_audit_db"] = self.db
         node.workerinput["redirect_audit_session"] = self.session
         node.workerinput["redirect_audit_fresh"] = self.fresh
@@ -194,7 +209,8 @@ class AuditSession:
     # ---- the recorder ------------------------------------------------------------------------
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        from analyzer.store import StoreError, open_store
+        from analyzer.store import open_store
+        from analyzer.storeread import StoreError
 
         try:
             open_store(self.db).close()  # made (or checked) once, before workers and recorders use it
@@ -209,15 +225,16 @@ class AuditSession:
         outer = os.environ.get(PROXY_ENV)
         try:
             if outer and self.url == os.environ.get("REDIRECT_AUDIT_DB"):
-                self.recording = attach(outer, self.url, workdir, self.label, confdir)
+                recording = attach(outer, self.url, workdir, self.label, confdir)
             else:
-                self.recording = Recording(
+                recording = Recording(
                     db_url=self.url, workdir=workdir, label=self.label, proxy_id=self.label, confdir=confdir
                 )
-                self.recording.start()
+                recording.start()
         except SessionError as exc:
             raise pytest.UsageError(f"--redirect-audit: {exc}") from None
-        env, _ = self.recording.environ()
+        self.recording = recording
+        env, _ = recording.environ()
         for name in set(env) | set(os.environ):
             if env.get(name) != os.environ.get(name):
                 self.saved_env[name] = os.environ.get(name)
@@ -249,8 +266,11 @@ class AuditSession:
     # ---- each test -------------------------------------------------------------------------
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
-        if self.recording is None:
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
+        recording = self.recording
+        if recording is None:
             return (yield)
         from sqlalchemy import insert, update
 
@@ -258,10 +278,10 @@ class AuditSession:
 
         self.tests += 1
         client = f"{self.label}-t{self.tests}"  # this test's own client: chains never cross tests
-        self.recording.relabel(self.label, client)
+        recording.relabel(self.label, client)
         started = time.time()
         with self._store() as store, store.begin() as conn:
-            row = conn.execute(
+            key = conn.execute(
                 insert(test_runs).values(
                     session=self.session,
                     nodeid=item.nodeid,
@@ -270,13 +290,15 @@ class AuditSession:
                     recorder=self.label,
                     started_at=started,
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+        assert key is not None  # an INSERT always returns the new row's key
+        row = key[0]
         self.current = {"nodeid": item.nodeid, "row": row, "started": started, "client": client}
         try:
             return (yield)
         finally:
             self.current = None
-            self.recording.relabel(self.label, None)  # between tests: the worker's own label
+            recording.relabel(self.label, None)  # between tests: the worker's own label
             with self._store() as store, store.begin() as conn:
                 conn.execute(
                     update(test_runs)
@@ -291,7 +313,9 @@ class AuditSession:
             self.outcomes[report.nodeid] = "skipped"
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         if call.when != "call" or self.fail_on is None or self.recording is None or self.current is None:
             return report
@@ -321,7 +345,7 @@ class AuditSession:
 
     # ---- reading the store -----------------------------------------------------------------
 
-    def _store(self):
+    def _store(self) -> _Kept:
         """The store, opened once per process (an engine per test would cost ~10 ms each)."""
         if self._opened is None:
             from analyzer.store import open_store
@@ -333,8 +357,9 @@ class AuditSession:
         """Everything the recorder has seen is stored and analyzed; False when it has seen
         nothing since the last call (the analysis would not change)."""
         seen = None
-        if self.recording is not None and (self.recording.attached or self.recording.process.poll() is None):
-            seen = self.recording.flush().get("seen")
+        recording = self.recording
+        if recording is not None and (recording.attached or recording.running):
+            seen = recording.flush().get("seen")
         if seen is not None and seen == self._last_seen:
             return False
         from analyzer.analysis import analyze
@@ -349,7 +374,7 @@ class AuditSession:
         label = self.current["client"] if self.current else self.label
         return client is not None and (client == label or client.startswith(f"proxy:{self.label}/"))
 
-    def test_findings(self, min_severity: str = "info") -> list[dict]:
+    def test_findings(self, min_severity: str = "info") -> list[Record]:
         """The findings of the running test, after a flush and an analysis (skipped, and the
         last answer reused, when the recorder has seen nothing since)."""
         from analyzer.model import Severity
@@ -368,7 +393,7 @@ class AuditSession:
         floor = Severity.parse(min_severity)
         return [r for r in found if Severity.parse(r["severity"]) >= floor]
 
-    def test_chains(self) -> list[dict]:
+    def test_chains(self) -> list[Record]:
         from analyzer.report import chain_records
         from analyzer.storeread import open_reader
 
@@ -384,7 +409,7 @@ class AuditSession:
             and _epoch(c["hops"][0]["from"]["started_at"]) >= started - 1e-3
         ]
 
-    def command(self, chain_id) -> str:
+    def command(self, chain_id: int) -> str:
         prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
         return f"{prefix} chains --db {shlex.quote(self.shown)} --chain {chain_id}"
 
@@ -397,7 +422,9 @@ class AuditSession:
 
     # ---- the summary -----------------------------------------------------------------------
 
-    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+    def pytest_terminal_summary(
+        self, terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+    ) -> None:
         if hasattr(config, "workerinput"):
             return  # the controller sums up for every worker
         from analyzer.report import hop_text
@@ -413,7 +440,7 @@ class AuditSession:
         if not records:
             tr.write_line(f"No findings in this session's traffic (store: {where}).")
             return
-        by_test: dict[str, list[dict]] = {}
+        by_test: dict[str, list[Record]] = {}
         for r in records:
             by_test.setdefault(r["test"] or "(outside any test)", []).append(r)
         for test, found in by_test.items():
@@ -425,7 +452,7 @@ class AuditSession:
         tests = sum(1 for t in by_test if t != "(outside any test)")
         tr.write_line(f"{len(records)} finding(s) in {tests} test(s); store: {where}")
 
-    def session_findings(self) -> list[dict]:
+    def session_findings(self) -> list[Record]:
         from analyzer.analysis import analyze
         from analyzer.report import finding_records
         from analyzer.storeread import open_reader
@@ -457,13 +484,13 @@ class AuditSession:
 class _Kept:
     """`with` on the store the session keeps open: nothing to close after each use."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store):
         self.store = store
 
-    def __enter__(self):
+    def __enter__(self) -> Store:
         return self.store
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         return None
 
 
@@ -488,15 +515,17 @@ class RedirectAudit:
         """The client label this process's traffic is recorded under."""
         return self._audit.label
 
-    def flush(self) -> dict:
+    def flush(self) -> dict[str, Any]:
         """Wait until the recorder has stored everything the test has sent so far."""
-        return self._audit.recording.flush()
+        recording = self._audit.recording
+        assert recording is not None  # the fixture is only handed out with a recorder
+        return recording.flush()
 
-    def findings(self, min_severity: str = "info") -> list[dict]:
+    def findings(self, min_severity: str = "info") -> list[Record]:
         """Findings (the JSON records of `redirect-audit findings -f json`) about this test's traffic."""
         return self._audit.test_findings(min_severity)
 
-    def chains(self) -> list[dict]:
+    def chains(self) -> list[Record]:
         """Chains this test's traffic made, hop by hop (as `redirect-audit chains -f json`)."""
         return self._audit.test_chains()
 

@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,8 +18,11 @@ from rich.table import Table
 from rich.tree import Tree
 
 from analyzer.model import Severity
-from analyzer.storeread import Reader
+from analyzer.storeread import Reader, Row
 from analyzer.text import json_terminal_safe, printable
+
+# One finding, chain or hop as the JSON contract has it (design.md).
+Record = dict[str, Any]
 
 SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
@@ -34,7 +38,7 @@ def iso(ts: float | None) -> str | None:
         return None
 
 
-def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None) -> dict:
+def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None) -> Record:
     """Where an exchange came from: HAR file + 0-based entry index, or a flow id."""
     if source == "har":
         return {"source": "har", "file": path, "entry_index": seq}
@@ -66,10 +70,10 @@ def finding_records(
     *,
     capture_id: int | None = None,
     clients: tuple[str, str] | None = None,
-) -> list[dict]:
+) -> list[Record]:
     """Every finding at or above a severity, in the JSON contract of design.md; only those
     about exchanges of one capture, or of clients `(label, recorder)`, when given."""
-    where, params = "", {}
+    where, params = "", dict[str, object]()
     if capture_id is not None:
         where, params = "AND b.capture_id = :capture", {"capture": capture_id}
     if clients is not None:  # one client (a label), and the clients a recorder knows by address
@@ -82,7 +86,7 @@ def finding_records(
     ]
 
 
-def _finding_record(row: tuple) -> dict:
+def _finding_record(row: Row) -> Record:
     (
         finding_id,
         rule,
@@ -144,7 +148,7 @@ def _finding_record(row: tuple) -> dict:
     }
 
 
-def hop_text(r: dict) -> str:
+def hop_text(r: Record) -> str:
     """A finding's hop in one line: `POST https://a/x → 307 → POST https://b/x`, or
     `→ 307 → not followed (Location https://b/x)` for a redirect nobody followed; a
     finding on no hop (a write repeated directly) shows its request and answer."""
@@ -180,7 +184,7 @@ EXCHANGE_FIELDS = (
 _EXCHANGE_SELECT = ", ".join(f"e.{name}" for name in EXCHANGE_FIELDS) + ", c.source, c.path"
 
 
-def chain_records(reader: Reader, url_substring: str | None = None) -> list[dict]:
+def chain_records(reader: Reader, url_substring: str | None = None) -> list[Record]:
     """Every chain hop by hop; with url_substring, only chains where some URL contains it."""
     by_id = {}
     for sql in (
@@ -191,7 +195,7 @@ def chain_records(reader: Reader, url_substring: str | None = None) -> list[dict
     ):
         for row in reader.rows(sql.format(cols=_EXCHANGE_SELECT)):
             by_id[row[0]] = _exchange_record(row)
-    out: dict[int, dict] = {}
+    out: dict[int, Record] = {}
     for chain_id, client, end, started in reader.rows(
         "SELECT c.id, c.client, c.end_reason, c.started_at FROM chains c JOIN exchanges r ON r.id = c.root_exchange_id "
         "ORDER BY COALESCE(r.started_at, -1), r.capture_id, r.seq"
@@ -235,7 +239,7 @@ ORDER BY c.id
 """
 
 
-def capture_records(reader: Reader) -> list[dict]:
+def capture_records(reader: Reader) -> list[Record]:
     """What the store holds, capture by capture: where from, how much, over what time."""
     return [
         {
@@ -255,14 +259,14 @@ def capture_records(reader: Reader) -> list[dict]:
     ]
 
 
-def _urls(chain: dict) -> Iterator[str]:
+def _urls(chain: Record) -> Iterator[str]:
     for hop in chain["hops"]:
         yield hop["from"]["url"]
         if hop["to"]:
             yield hop["to"]["url"]
 
 
-def _exchange_record(row: tuple) -> dict:
+def _exchange_record(row: Row) -> Record:
     r = dict(zip((*EXCHANGE_FIELDS, "source", "path"), row, strict=False))
     return {
         "id": r["id"],
@@ -282,7 +286,7 @@ def _exchange_record(row: tuple) -> dict:
     }
 
 
-def hop_changes(source: dict, target: dict | None) -> list[str]:
+def hop_changes(source: Record, target: Record | None) -> list[str]:
     """What differs between a request and its follow-up, in words."""
     if target is None:
         return []
@@ -308,16 +312,16 @@ def hop_changes(source: dict, target: dict | None) -> list[str]:
 # ---- rendering --------------------------------------------------------------
 
 
-def write_json(records: list[dict], out) -> None:
+def write_json(records: object, out: IO[str]) -> None:
     out.write(json_terminal_safe(json.dumps(records, indent=2, ensure_ascii=False)) + "\n")
 
 
-def write_jsonl(records: Iterable[dict], out) -> None:
+def write_jsonl(records: Iterable[Record], out: IO[str]) -> None:
     for record in records:
         out.write(json_terminal_safe(json.dumps(record, ensure_ascii=False)) + "\n")
 
 
-def print_findings_table(records: list[dict], console: Console, scope: str = "") -> None:
+def print_findings_table(records: list[Record], console: Console, scope: str = "") -> None:
     """One block per finding: severity and rule, the hop, then what happened. `scope` says
     what was looked at (" in 120 exchange(s)"), so that an empty answer is never mistaken
     for an all-clear about something else."""
@@ -338,7 +342,7 @@ def print_findings_table(records: list[dict], console: Console, scope: str = "")
     console.print(f"\n{len(records)} finding(s): {summary}")
 
 
-def print_capture_table(records: list[dict], console: Console, store: str) -> None:
+def print_capture_table(records: list[Record], console: Console, store: str) -> None:
     """`captures`: one row per capture."""
     if not records:
         console.print(f"{store} holds no captures.", markup=False)
@@ -365,14 +369,14 @@ def print_capture_table(records: list[dict], console: Console, store: str) -> No
     console.print(f"{len(records)} capture(s), {total} exchange(s)", markup=False)
 
 
-def _pointer_text(capture: dict) -> str:
+def _pointer_text(capture: Record) -> str:
     name = (capture.get("file") or "").rsplit("/", 1)[-1]
     if capture["source"] == "har":
         return f"{name}#{capture['entry_index']}"
     return f"{capture['source']}:{capture.get('flow_id')}"
 
 
-def print_chain_trees(records: list[dict], console: Console) -> None:
+def print_chain_trees(records: list[Record], console: Console) -> None:
     if not records:
         console.print("No chains.")
         return
@@ -405,7 +409,7 @@ def print_chain_trees(records: list[dict], console: Console) -> None:
         console.print(tree)
 
 
-def _body_text(body: dict) -> str:
+def _body_text(body: Record) -> str:
     if body["length"] is None:
         return "[dim]body: not captured[/]"
     if body["length"] == 0:
@@ -419,12 +423,12 @@ def _shown(text: object) -> str:
     return escape(printable(text))
 
 
-def print_conformance_table(rows: list[dict], console: Console) -> None:
+def print_conformance_table(rows: list[Record], console: Console) -> None:
     """frames.clients() as one table per client: what it did on each redirect next to the spec."""
     if not rows:
         console.print("No redirect hops in the store (import a capture, then run `redirect-audit analyze`).")
         return
-    by_client: dict[str, list[dict]] = {}
+    by_client: dict[str, list[Record]] = {}
     for row in rows:
         by_client.setdefault(row["client_name"], []).append(row)
     for name, cases in by_client.items():

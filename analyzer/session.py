@@ -30,8 +30,10 @@ import signal
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from analyzer.errors import ReportedError
@@ -58,7 +60,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     with socket.socket() as probe:
         probe.bind((host, 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def proxy_url(port: int, label: str | None = None, host: str = "127.0.0.1") -> str:
@@ -123,13 +126,18 @@ class Recording:
     settings: list[str] = field(default_factory=list)  # mitmproxy options, NAME=VALUE
     key_file: str | None = None
     port: int = 0
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     attached: bool = False  # a recorder someone else started (REDIRECT_AUDIT_PROXY): never stopped here
     _control_conn: http.client.HTTPConnection | None = field(default=None, repr=False)
 
     @property
     def log(self) -> Path:
         return self.workdir / "proxy.log"
+
+    @property
+    def running(self) -> bool:
+        """This object's mitmdump was started and has not exited."""
+        return self.process is not None and self.process.poll() is None
 
     @property
     def url(self) -> str:
@@ -153,7 +161,9 @@ class Recording:
             extra=[arg for setting in self.settings for arg in ("--set", setting)],
         )
 
-    def start(self, timeout: float = START_TIMEOUT, while_starting=None) -> None:
+    def start(
+        self, timeout: float = START_TIMEOUT, while_starting: Callable[[], object] | None = None
+    ) -> None:
         """Start mitmdump and wait until the recorder answers; a port someone took between
         our choice and mitmdump's bind costs a retry, not the run. `while_starting` runs
         while mitmdump boots (about 2 s of imports): what the caller has to do anyway
@@ -191,7 +201,7 @@ class Recording:
         """Wait for the recorder's answer to /ping: True once it answers, False if mitmdump exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if not self.running:
                 return False
             try:
                 self.control("/ping", timeout=2.0)
@@ -201,7 +211,7 @@ class Recording:
         self._kill()
         raise SessionError(f"the recorder did not answer within {timeout:.0f} s; its log: {self.log}")
 
-    def control(self, path: str, timeout: float = 60.0) -> dict:
+    def control(self, path: str, timeout: float = 60.0) -> dict[str, Any]:
         """Send a control request through the proxy; the addon answers it itself. One
         connection is kept for them (a new one costs a few ms, twice per test)."""
         for attempt in (0, 1):
@@ -224,7 +234,7 @@ class Recording:
                 if attempt or (self.process is not None and self.process.poll() is not None):
                     raise
         try:
-            answer = json.loads(body)
+            answer: dict[str, Any] = json.loads(body)
         except ValueError:
             raise SessionError(
                 f"the proxy on port {self.port} is not a redirect-audit recorder "
@@ -236,13 +246,13 @@ class Recording:
             )
         return answer
 
-    def relabel(self, label: str, to: str | None) -> dict:
+    def relabel(self, label: str, to: str | None) -> dict[str, Any]:
         """Record traffic labelled `label` under `to` from now on (None: as `label` again)."""
         from urllib.parse import urlencode
 
         return self.control("/label?" + urlencode({"from": label, "to": to or ""}), timeout=30.0)
 
-    def flush(self, timeout: float = 60.0) -> dict:
+    def flush(self, timeout: float = 60.0) -> dict[str, Any]:
         """Once this returns, every exchange the proxy finished before the call is stored."""
         return self.control("/flush", timeout=timeout)
 

@@ -19,9 +19,14 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analyzer.errors import ReportedError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+Row = tuple[Any, ...]  # one result row, whatever the engine
 
 DB_ENV = "REDIRECT_AUDIT_DB"
 DEFAULT_DB = "redirect-audit.db"
@@ -54,7 +59,7 @@ class ValueRefused(StoreError):
     """The database refused a value in a row: trying again never helps. `row` is the row,
     `column` the column when it could be told."""
 
-    def __init__(self, message: str, row: tuple | None = None, column: str | None = None):
+    def __init__(self, message: str, row: Row | None = None, column: str | None = None):
         super().__init__(message)
         self.row = row
         self.column = column
@@ -170,8 +175,8 @@ class Reader:
         self.url = url
         self.wait = wait
         self._sqlite: sqlite3.Connection | None = None
-        self._engine = None
-        self._conn = None
+        self._engine: Engine | None = None
+        self._conn: Connection | None = None
         path = sqlite_file(url)
         try:
             if path is not None:
@@ -188,15 +193,16 @@ class Reader:
     def _connect_sqlalchemy(self, url: str) -> None:
         from sqlalchemy import create_engine
 
-        self._engine = create_engine(url)
-        self._conn = self._engine.connect()
+        self._engine = engine = create_engine(url)
+        self._conn = engine.connect()
 
-    def rows(self, sql: str, **params: Any) -> list[tuple]:
+    def rows(self, sql: str, **params: Any) -> list[Row]:
         try:
             if self._sqlite is not None:
                 return self._sqlite.execute(sql, params).fetchall()
             from sqlalchemy import text
 
+            assert self._conn is not None  # one of the two connections is always open
             return [tuple(r) for r in self._conn.execute(text(sql), params)]
         except Exception as exc:
             raise StoreError(describe_error(exc, self.url, self.wait)) from None
@@ -210,6 +216,7 @@ class Reader:
             self._sqlite.close()
         if self._conn is not None:
             self._conn.close()
+        if self._engine is not None:
             self._engine.dispose()
 
     def __enter__(self) -> Reader:
@@ -238,7 +245,7 @@ class StoreState:
 
     generation: int  # advanced by every change to the exchanges
     analyzed: int | None  # the generation the last analysis read; None: never analyzed
-    options: dict | None  # the options of the last analysis
+    options: dict[str, Any] | None  # the options of the last analysis
     exchanges: int  # -1: not counted
 
     @property
@@ -248,7 +255,7 @@ class StoreState:
 
 def check_schema(reader: Reader) -> dict[str, str]:
     """The store's meta table, after checking that this release can read it."""
-    meta = dict(reader.rows("SELECT key, value FROM meta"))
+    meta: dict[str, str] = dict(reader.rows("SELECT key, value FROM meta"))
     version = meta.get("schema_version")
     if version is None:
         raise StoreError(f"{url_shown(reader.url)} is not a redirect-audit store (no schema version)")
@@ -287,7 +294,7 @@ def check_version(version: str, url: str) -> None:
 
 def store_state(reader: Reader, count: bool = True) -> StoreState:
     """Generations, last analysis options and (with `count`) how many exchanges are stored."""
-    meta = dict(reader.rows("SELECT key, value FROM meta"))
+    meta: dict[str, str] = dict(reader.rows("SELECT key, value FROM meta"))
     analyzed = meta.get(ANALYZED_GENERATION)
     options = meta.get(ANALYSIS_OPTIONS)
     return StoreState(

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from io import BufferedReader
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from mitmproxy import exceptions, http, io, version
 
@@ -35,7 +37,6 @@ from analyzer.store import (
     STATISTICS_AFTER,
     HeaderBlock,
     Store,
-    ValueRefused,
     add_capture,
     exchange_row,
     finish_capture,
@@ -43,6 +44,7 @@ from analyzer.store import (
     refresh_statistics,
     write_exchanges,
 )
+from analyzer.storeread import ValueRefused
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
 MITMPROXY_VERSION = version.VERSION
@@ -75,7 +77,9 @@ class FlowConverter:
     def options(self, options: CaptureOptions) -> None:
         self._options = options
         self.policy = options.policy
-        self._blocks: dict = {}  # header fields -> (HeaderBlock, index): see _header_block(); of this policy
+        self._blocks: dict[
+            Any, tuple[HeaderBlock, dict[str, str]]
+        ] = {}  # header fields -> (HeaderBlock, index): see _header_block(); of this policy
 
     def convert(self, seq: int, flow: http.HTTPFlow) -> Exchange:
         # Runs on the proxy's event loop for every exchange: mitmproxy's raw fields are
@@ -91,8 +95,8 @@ class FlowConverter:
             except BadURL:
                 self.warnings += 1
                 url_norm = url
-        method = data.method
-        method = method.decode().upper() if method.isascii() else _clean(request.method).upper()
+        raw_method = data.method
+        method = raw_method.decode().upper() if raw_method.isascii() else _clean(request.method).upper()
         peer = flow.client_conn.peername
         label = flow.metadata.get(LABEL_KEY)
         response = flow.response
@@ -180,11 +184,13 @@ def _urls(request: http.Request, key: bytes, policy: SecretPolicy) -> tuple[str,
     return url, url
 
 
+# Header fields as mitmproxy keeps them: (name, value) byte pairs.
+Fields = tuple[tuple[bytes, bytes], ...]
 HEADER_BLOCKS = 256  # distinct header blocks a converter remembers (about 2 KB each, with index and JSON)
 
 
 def _header_block(
-    blocks: dict, fields, key: bytes, policy: SecretPolicy
+    blocks: dict[Any, tuple[HeaderBlock, dict[str, str]]], fields: Fields, key: bytes, policy: SecretPolicy
 ) -> tuple[HeaderBlock, dict[str, str]]:
     """A header block as stored (credentials fingerprinted) and its lower-case index.
 
@@ -209,12 +215,12 @@ def _header_block(
     return found
 
 
-def _convert_block(fields, key: bytes, policy: SecretPolicy) -> tuple[HeaderBlock, dict[str, str]]:
+def _convert_block(fields: Fields, key: bytes, policy: SecretPolicy) -> tuple[HeaderBlock, dict[str, str]]:
     pairs, index = protect_and_index(_pairs(fields), key, policy)
     return header_block(pairs), index
 
 
-def _pairs(fields) -> list[tuple[str, str]]:
+def _pairs(fields: Fields) -> list[tuple[str, str]]:
     """The header fields as text, bytes that are not UTF-8 written as `\\xNN`.
 
     mitmproxy's own `items(multi=True)` decodes with surrogateescape, and a lone
@@ -241,12 +247,13 @@ def read_flows(path: str, name: str | None = None) -> Iterator[http.HTTPFlow]:
         if not start:
             raise ImportError_(f"{name}: empty file, not a mitmproxy flow dump")
         fh.seek(0)
-        for flow in io.FlowReader(_GuardedDump(fh, name)).stream():
+        # mitmproxy's reader only calls read() and peek(), which the guard provides
+        for flow in io.FlowReader(cast(BinaryIO, _GuardedDump(fh, name))).stream():
             if isinstance(flow, http.HTTPFlow):
                 yield flow
 
 
-def _seconds(value) -> float | None:
+def _seconds(value: Any) -> float | None:
     """A timestamp as the store keeps it: a float, whatever a saved dump put there (an
     integer of 64 digits included); one no float can hold is unknown."""
     if type(value) is float or value is None:  # what mitmproxy itself records
@@ -269,7 +276,7 @@ class _GuardedDump:
     recurses once per nesting level: a record nested past MAX_DEPTH is refused first,
     by a loop over the length prefixes."""
 
-    def __init__(self, fh, name: str):
+    def __init__(self, fh: BufferedReader, name: str):
         self.fh = fh
         self.name = name
         self.size = os.fstat(fh.fileno()).st_size
@@ -322,7 +329,7 @@ def _check_depth(data: bytes, name: str) -> None:
 
 def import_flows(
     store: Store,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     options: CaptureOptions = CaptureOptions(),
     *,
     force: bool = False,

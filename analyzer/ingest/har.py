@@ -17,15 +17,17 @@ import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import IO, Any
 
 import ijson
 import msgspec
+from sqlalchemy.engine import Connection
 
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.ingest.common import (
@@ -48,7 +50,6 @@ from analyzer.store import (
     EXCHANGE_COLUMNS,
     STATISTICS_AFTER,
     Store,
-    ValueRefused,
     add_capture,
     drop_exchanges,
     exchange_row,
@@ -57,6 +58,7 @@ from analyzer.store import (
     write_exchange_blocks,
     write_exchanges,
 )
+from analyzer.storeread import Row, ValueRefused
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -135,7 +137,7 @@ _ENTRIES = msgspec.json.Decoder(list[_Entry])
 _ANY_JSON = msgspec.json.Decoder()
 
 
-def _as_entry(entry: dict) -> _Entry:
+def _as_entry(entry: dict[str, Any]) -> _Entry:
     """An _Entry from a generic JSON object, with every container of the wrong type
     dropped (a string `request`, a header that is not an object...), as the converter
     has always read them."""
@@ -157,17 +159,17 @@ def _as_entry(entry: dict) -> _Entry:
     return msgspec.convert(shaped, _Entry)
 
 
-def _obj(value: Any) -> dict | None:
+def _obj(value: Any) -> dict[str, Any] | None:
     return value if type(value) is dict else None
 
 
-def _objects(value: Any) -> list[dict] | None:
+def _objects(value: Any) -> list[dict[str, Any]] | None:
     return [v for v in value if type(v) is dict] if type(value) is list else None
 
 
 def import_har(
     store: Store,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     options: CaptureOptions = CaptureOptions(),
     progress: Progress | None = None,
     *,
@@ -239,7 +241,7 @@ def import_har(
 
 
 def _import_entries(
-    conn,
+    conn: Connection,
     path: str,
     name: str,
     capture_id: int,
@@ -252,17 +254,18 @@ def _import_entries(
 ) -> tuple[int, int]:
     """Write a file's entries as exchanges of a capture; (entries, warnings)."""
     converter = _HarEntries(name, path, capture_id, key, options)
-    reader = _FastImport(converter, progress, workers, block_size)
+    fast_reader = _FastImport(converter, progress, workers, block_size)
     try:
         if not fast:
             raise Unsure("streaming parser asked for")
-        with closing(reader.blocks()) as blocks:  # closed at once on failure: its workers stop
+        with closing(fast_reader.blocks()) as blocks:  # closed at once on failure: its workers stop
             count = write_exchange_blocks(conn, blocks)
+        return count, fast_reader.warnings
     except Unsure:
         # Start over with the streaming parser; it imports the file or names the problem.
         drop_exchanges(conn, capture_id)
         if progress is not None:
-            progress(-reader.read_bytes)
+            progress(-fast_reader.read_bytes)
         converter = _HarEntries(name, path, capture_id, key, options)
         reader = _StreamImport(converter, progress)
         count = write_exchanges(conn, reader)
@@ -303,7 +306,7 @@ class _FastImport:
         self.warnings = 0
         self.read_bytes = 0
 
-    def blocks(self) -> Iterator[list[tuple]]:
+    def blocks(self) -> Generator[list[Row]]:
         with open(self.path, "rb") as fh:
             start = entries_offset(fh, HEAD_SCAN_LIMIT)
             fh.seek(0)
@@ -321,15 +324,16 @@ class _FastImport:
             finally:
                 self.read_bytes = reader.read_bytes
 
-    def _parallel(self, blocks: Iterator[tuple[int, bytes, int, int]]) -> Iterator[list[tuple]]:
+    def _parallel(self, blocks: Iterator[tuple[int, bytes, int, int]]) -> Iterator[list[Row]]:
         """Workers read their blocks from the file themselves: only offsets cross the pipe."""
         # fork starts workers at once and shares the imported code; it is only safe
         # while this process has no other thread (a lock held by one would be copied).
+        context: BaseContext
         if threading.active_count() == 1:
             context = multiprocessing.get_context("fork")
         else:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
+            context = server = multiprocessing.get_context("forkserver")
+            server.set_forkserver_preload([__name__])
         conv = self.converter
         with ProcessPoolExecutor(
             self.workers,
@@ -337,7 +341,7 @@ class _FastImport:
             initializer=_init_worker,
             initargs=(conv.name, conv.path, conv.capture_id, conv.key, conv.options),
         ) as pool:
-            pending: deque[Future] = deque()
+            pending: deque[Future[tuple[bytes | list[Row], int]]] = deque()
             try:
                 for first, block, _, offset in blocks:
                     with _sigint_held():  # the first submit forks the workers: they must not get Ctrl-C
@@ -355,10 +359,10 @@ class _FastImport:
                 for future in pending:
                     future.cancel()
 
-    def _collect(self, future: Future) -> list:
+    def _collect(self, future: Future[tuple[bytes | list[Row], int]]) -> list[Row]:
         rows, warnings = future.result()
         self.warnings += warnings
-        return _ROWS.decode(rows) if type(rows) is bytes else rows
+        return _ROWS.decode(rows) if isinstance(rows, bytes) else rows
 
 
 _worker_converter: _HarEntries | None = None
@@ -388,7 +392,7 @@ def _init_worker(name: str, path: str, capture_id: int, key: bytes, options: Cap
     _worker_converter = _HarEntries(name, path, capture_id, key, options)
 
 
-def _convert_in_worker(first: int, offset: int, length: int) -> tuple[bytes | list[tuple], int]:
+def _convert_in_worker(first: int, offset: int, length: int) -> tuple[bytes | list[Row], int]:
     """Rows for one block, as MessagePack: half the CPU of pickling them, on both sides."""
     assert _worker_converter is not None
     with open(_worker_converter.path, "rb") as fh:
@@ -403,7 +407,7 @@ def _convert_in_worker(first: int, offset: int, length: int) -> tuple[bytes | li
 
 
 _ROWS_OUT = msgspec.msgpack.Encoder()
-_ROWS = msgspec.msgpack.Decoder(list[tuple])
+_ROWS = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
 
 
 class _StreamImport:
@@ -417,7 +421,7 @@ class _StreamImport:
     def warnings(self) -> int:
         return self.converter.warnings
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[Row]:
         with open(self.converter.path, "rb") as fh:
             reader = _CountingReader(fh, self.progress)
             for index, entry in enumerate(_entry_values(reader, self.converter.name)):
@@ -475,7 +479,7 @@ def _named(head: dict[str, Any], where: str) -> str | None:
     return text or None
 
 
-_HEAD_FIELDS = {
+_HEAD_FIELDS: dict[tuple[str | None, ...], str] = {
     ("log", "version"): "log.version",
     ("log", "creator", "name"): "log.creator.name",
     ("log", "creator", "version"): "log.creator.version",
@@ -499,7 +503,7 @@ class _Path:
         elif event in ("start_map", "start_array"):
             self.keys[depth] = None  # until the object's first key; an array's items have none
 
-    def to(self, depth: int) -> tuple:
+    def to(self, depth: int) -> tuple[str | None, ...]:
         """The keys leading to a value at `depth` (a container opened there, or a scalar in it)."""
         return tuple(self.keys[1:depth])
 
@@ -584,7 +588,7 @@ class _HarEntries:
         self.warnings = 0
         self._client_ids: dict[Any, str] = {}
 
-    def convert_block(self, first: int, block: bytes) -> tuple[list[tuple], int]:
+    def convert_block(self, first: int, block: bytes) -> tuple[list[Row], int]:
         """Rows for a verified block of entries, and the warnings it raised."""
         before = self.warnings
         data = b"[" + block + b"]"
@@ -767,7 +771,7 @@ class _HarEntries:
         return Body(length=size if size is not None and size >= 0 else None, content_type=content_type)
 
 
-def _as_dict(value: Any) -> dict:
+def _as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 

@@ -27,7 +27,7 @@ from typing import IO
 import ijson
 import msgspec
 
-from analyzer.ingest.jsonlimits import KeyWatch, checked_events
+from analyzer.ingest.jsonlimits import KeyWatch, Readable, checked_events
 
 BLOCK = 1 << 20  # bytes of entries handed out at a time
 READ = 4 << 20
@@ -97,7 +97,7 @@ class Blocks:
     sequentially to the end.
     """
 
-    def __init__(self, reader: IO[bytes], offset: int, block: int = BLOCK, name: str = "the file") -> None:
+    def __init__(self, reader: Readable, offset: int, block: int = BLOCK, name: str = "the file") -> None:
         self.reader = reader
         self.offset = offset
         self.block = block
@@ -125,10 +125,9 @@ class Blocks:
             return True
 
         while True:
-            ws = _WS.match(buf, pos)
-            pos = ws.end()
+            pos = _skip_space(buf, pos)
             while pos >= len(buf) and more():
-                pos = _WS.match(buf, pos).end()
+                pos = _skip_space(buf, pos)
             if pos >= len(buf):
                 raise Unsure("file ends inside log.entries")
             if buf[pos] == 0x5D:  # "]": the array is over
@@ -175,7 +174,7 @@ class Blocks:
                     return m.start() + 1, m.end() - 1, count
         return None
 
-    def _check_tail(self, rest: bytes, fh: IO[bytes]) -> None:
+    def _check_tail(self, rest: bytes, fh: Readable) -> None:
         """What follows the array must close log and the root object, as JSON (within the
         depth limit, without a second `entries` in log or a second `log`)."""
         keys: dict[int, str] = {}
@@ -192,6 +191,12 @@ class Blocks:
 _RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])  # validates without building objects
 
 
+def _skip_space(buf: bytes, pos: int) -> int:
+    """The first position at or after `pos` that is not JSON whitespace."""
+    found = _WS.match(buf, pos)
+    return found.end() if found is not None else pos  # the pattern matches the empty string too
+
+
 def _count_entries(block: bytes) -> int:
     try:
         return len(_RAW_LIST.decode(b"[" + block + b"]"))
@@ -204,7 +209,7 @@ def _count_entries(block: bytes) -> int:
 class _Chain:
     """A read() over some bytes followed by the rest of a file."""
 
-    def __init__(self, first: bytes, fh: IO[bytes]) -> None:
+    def __init__(self, first: bytes, fh: Readable) -> None:
         self.first = first
         self.fh = fh
 

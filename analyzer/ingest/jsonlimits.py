@@ -16,13 +16,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any, Protocol
 
 import ijson
 
 from analyzer.ingest.common import ImportError_
 
 MAX_DEPTH = 64
+
+
+class Readable(Protocol):
+    """What the streaming parser reads from: a file, or a wrapper that counts or chains."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 _OPEN = frozenset({"start_map", "start_array"})
 _CLOSE = frozenset({"end_map", "end_array"})
 
@@ -30,7 +38,7 @@ _CLOSE = frozenset({"end_map", "end_array"})
 class Position:
     """How far a reader has got, for messages."""
 
-    def __init__(self, reader: IO[bytes]):
+    def __init__(self, reader: Readable):
         self.reader = reader
 
     def __str__(self) -> str:
@@ -38,7 +46,7 @@ class Position:
         return f"within the first {read} bytes" if read is not None else "in it"
 
 
-def checked_events(reader: IO[bytes], name: str) -> Iterator[tuple[str, Any, int]]:
+def checked_events(reader: Readable, name: str) -> Iterator[tuple[str, Any, int]]:
     """ijson's basic events of a document with their depth; refuses nesting past MAX_DEPTH."""
     depth = 0
     for event, value in ijson.basic_parse(reader, use_float=True):

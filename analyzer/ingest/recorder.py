@@ -34,20 +34,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import Connection
 
 from analyzer.ingest.spool import Spool, default_spool_path, old_spools
 from analyzer.model import Exchange
 from analyzer.store import (
     EXCHANGE_COLUMNS,
     Store,
-    StoreError,
-    StoreUnavailable,
     add_capture,
     exchange_row,
     finish_capture,
     meta,
     write_exchange_blocks,
 )
+from analyzer.storeread import Row, StoreError, StoreUnavailable
 
 log = logging.getLogger("redirect_audit")
 
@@ -80,7 +80,7 @@ _REQH, _RESPH = EXCHANGE_COLUMNS.index("request_headers"), EXCHANGE_COLUMNS.inde
 _REQB, _RESPB = EXCHANGE_COLUMNS.index("req_body"), EXCHANGE_COLUMNS.index("resp_body")
 
 
-def _row_bytes(row: tuple) -> int:
+def _row_bytes(row: Row) -> int:
     """About what a queued row holds (its long fields), for the queue's bound in bytes.
     Written out, not a generator: it runs for every exchange on the proxy's thread."""
     size = 200 + len(row[_URL]) + len(row[_REQH]) + len(row[_RESPH])
@@ -113,7 +113,7 @@ class Recorder:
         self._handled_writer = 0  # by the writer thread
         self.run_id = uuid.uuid4().hex
         self.capture_id: int | None = None  # made by the writer, as soon as the store takes writes
-        self._waiting: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
+        self._waiting: deque[Row] = deque()  # append/popleft are atomic: no lock needed
         # Bytes queued and bytes taken, each counted by one thread only (no lock, no lost update).
         self._bytes_in = 0
         self._bytes_out = 0
@@ -200,7 +200,7 @@ class Recorder:
                 self._finish()
                 return
 
-    def _take(self) -> list[tuple]:
+    def _take(self) -> list[Row]:
         waiting, size = self._waiting, self.settings.batch_size
         batch = [
             waiting.popleft() for _ in range(min(size, len(waiting)))
@@ -221,7 +221,7 @@ class Recorder:
             return True
         return time.monotonic() >= self._next_try and (self.capture_id is not None or self._try_start())
 
-    def _try_store(self, rows: list[tuple]) -> bool:
+    def _try_store(self, rows: list[Row]) -> bool:
         """Store a batch if the store takes it; False (and the store marked down) if not."""
         if not self._store_up() or (self.capture_id is None and not self._try_start()):
             return False
@@ -241,8 +241,9 @@ class Recorder:
             )
             self._store_down_since = None
 
-    def _write(self, rows: list[tuple]) -> None:
+    def _write(self, rows: list[Row]) -> None:
         capture = self.capture_id
+        assert capture is not None  # only called once the capture is made (_try_store)
         if rows[0][0] != capture or rows[-1][0] != capture:  # converted before the capture was made
             rows = [row if row[0] == capture else (capture, *row[1:]) for row in rows]
         try:
@@ -256,13 +257,13 @@ class Recorder:
             return
         self.stored += len(rows)
 
-    def _write_now(self, rows: list[tuple]) -> None:
+    def _write_now(self, rows: list[Row]) -> None:
         """After close(): one transaction, now; what the store will not take goes to the spool."""
         if self.capture_id is None or not self._try_store(rows):
             self._spool_rows(rows)
             self._spool.sync()
 
-    def _isolate(self, rows: list[tuple], exc: Exception) -> None:
+    def _isolate(self, rows: list[Row], exc: Exception) -> None:
         """A batch failed because of what is in it: store the rows around the bad one."""
         if len(rows) > 1:
             half = len(rows) // 2
@@ -292,7 +293,7 @@ class Recorder:
             )
         self._next_try = time.monotonic() + self.settings.retry_interval
 
-    def _spool_rows(self, rows: list[tuple]) -> None:
+    def _spool_rows(self, rows: list[Row]) -> None:
         try:
             self.spooled += self._spool.append(rows)
         except OSError as exc:
@@ -335,7 +336,7 @@ class Recorder:
         log.info("redirect-audit: recording into capture %d", self.capture_id)
         return True
 
-    def _report_unclean(self, conn) -> None:
+    def _report_unclean(self, conn: Connection) -> None:
         """Runs of this host whose process is gone did not stop cleanly: say so, and forget them.
         A run is known by its mark in the store, or, if the store was down all its life, by
         the spool it left."""
@@ -350,8 +351,8 @@ class Recorder:
                 mark = {}
             if mark.get("host") != here or _alive(mark.get("pid")):
                 continue
-            spool = Path(mark["spool"]) if mark.get("spool") else None
-            waiting = Spool.count(spool) if spool is not None else 0
+            spooled = Path(mark["spool"]) if mark.get("spool") else None
+            waiting = Spool.count(spooled) if spooled is not None else 0
             told.add(key.removeprefix(RUNNING))
             log.warning(
                 "redirect-audit: the last run on this store (capture %s, pid %s) stopped uncleanly; %s",
@@ -408,7 +409,7 @@ class Recorder:
             self._spool.remove()
 
 
-def _alive(pid) -> bool:
+def _alive(pid: object) -> bool:
     if not isinstance(pid, int):
         return False
     try:

@@ -21,12 +21,13 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import msgspec
 from sqlalchemy import delete, insert, select, update
 
 from analyzer.store import Store, add_capture, captures, finish_capture, meta, write_exchange_blocks
-from analyzer.storeread import sqlite_file
+from analyzer.storeread import Row, sqlite_file
 
 SUFFIX = ".rows"
 _LENGTH = struct.Struct(">I")
@@ -64,15 +65,15 @@ class Spool:
         self.capture_id: int | None = None
         self.path = self.directory / f"{run_id}{SUFFIX}"
         self.reader_only = reader_only
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._lock = threading.Lock()  # the writer thread and, past the queue's bound, the proxy's own
         self._unsynced = 0
         self._written = 0  # bytes this run appended (for `pending`)
-        self._replayed = None  # offset replay has reached, once known
+        self._replayed: int | None = None  # offset replay has reached, once known
 
     # ---- appending -------------------------------------------------------------------
 
-    def append(self, rows: list[tuple]) -> int:
+    def append(self, rows: list[Row]) -> int:
         """Append rows (capture id left out); returns how many were written."""
         payload = []
         for row in rows:
@@ -91,12 +92,12 @@ class Spool:
                 self._unsynced = 0
         return len(payload)
 
-    def _open(self):
+    def _open(self) -> BinaryIO:
         if self._fh is None:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._fh = os.fdopen(fd, "ab")
-            if self._fh.tell() == 0:
+            self._fh = fh = os.fdopen(fd, "ab")
+            if fh.tell() == 0:
                 header = json.dumps(
                     {
                         "run": self.run_id,
@@ -106,7 +107,7 @@ class Spool:
                         "pid": os.getpid(),
                     }
                 ).encode()
-                self._fh.write(_LENGTH.pack(len(header)) + header)
+                fh.write(_LENGTH.pack(len(header)) + header)
         return self._fh
 
     def sync(self) -> None:
@@ -175,12 +176,12 @@ class Spool:
         """Rows in a spool file (for messages)."""
         return len(_read(path, None, 1 << 62)[0]) if path.exists() else 0
 
-    def header(self) -> dict:
+    def header(self) -> dict[str, Any]:
         """The run header (host, pid, creator, started); {} if there is none to read."""
         return (_read(self.path, None, 0)[2] or {}) if self.path.exists() else {}
 
 
-def _read(path: Path, offset: int | None, limit: int) -> tuple[list[tuple], int, dict | None]:
+def _read(path: Path, offset: int | None, limit: int) -> tuple[list[Row], int, dict[str, Any] | None]:
     """Up to `limit` rows from `offset` (None: after the header); (rows, end offset, header)."""
     with open(path, "rb") as fh:
         data_header = _record(fh)
@@ -192,7 +193,7 @@ def _read(path: Path, offset: int | None, limit: int) -> tuple[list[tuple], int,
                 header = None
         if offset is not None:
             fh.seek(offset)
-        rows = []
+        rows: list[Row] = []
         end = fh.tell()
         while len(rows) < limit:
             record = _record(fh)
@@ -206,10 +207,10 @@ def _read(path: Path, offset: int | None, limit: int) -> tuple[list[tuple], int,
     return rows, end, header
 
 
-def _record(fh) -> bytes | None:
+def _record(fh: BinaryIO) -> bytes | None:
     head = fh.read(_LENGTH.size)
     if len(head) < _LENGTH.size:
         return None
     (length,) = _LENGTH.unpack(head)
-    data = fh.read(length)
+    data: bytes = fh.read(length)
     return data if len(data) == length else None

@@ -18,6 +18,8 @@ Revision ID: 0002
 Revises: 0001
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -26,7 +28,7 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-WIDER = {
+WIDER: dict[str, dict[str, sa.types.TypeEngine[Any]]] = {
     "captures": {"entries": sa.BigInteger(), "warnings": sa.BigInteger(), "format_version": sa.Text()},
     "exchanges": {
         "id": sa.BigInteger(),
