@@ -10,14 +10,41 @@ from pathlib import Path
 
 import pgcluster
 import pytest
+from hypothesis import settings
 
 from analyzer.store import open_store
+
+# Generated cases: the default profile is sized for every run of the suite; a longer hunt
+# is `pytest tests/test_fuzz.py --hypothesis-profile=deep` (also ten mutants per kind of
+# damage per seed file in the mutation fuzzing).
+settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True)
+settings.register_profile("deep", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile("ci")
+
+# The suite starts hundreds of Python processes (the command line, mitmdump, pytester runs).
+# Where the environment says not to write bytecode (CI images often do), each of them would
+# compile every module it imports from source again: the children may write it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Real HAR files from public projects, kept in the repository with their sources and
 # licences (tests/corpus/NOTICE.md); REDIRECT_AUDIT_CORPUS points at another copy.
 CORPUS = Path(os.environ.get("REDIRECT_AUDIT_CORPUS") or Path(__file__).parent / "corpus" / "har")
 RULE_FIXTURES = Path(__file__).parent / "fixtures" / "rules"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the session's PostgreSQL server are marked `postgresql` (and `slow`), whether
+    they ask for the server or run once per engine through the `store`/`db_path` fixtures."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgresql = "pg_cluster" in item.fixturenames or (
+            callspec is not None and "postgresql" in callspec.params.values()
+        )
+        if on_postgresql:
+            item.add_marker(pytest.mark.postgresql)
+        if on_postgresql or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
 
 
 def in_ci() -> bool:

@@ -32,6 +32,8 @@ from conftest import require_program, run_cli
 from proxyrun import Mitmdump
 from upstream import Upstream, self_signed_context
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.xdist_group("browser")]
+
 CHROMIUM_HOW = "apt-get install chromium (Debian's package; .ci/run installs it)"
 STATUSES = (301, 302, 303, 307, 308)
 

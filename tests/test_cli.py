@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import CORPUS, RULE_FIXTURES, run_cli
+
+pytestmark = pytest.mark.slow
 
 FINDING_FIELDS = {
     "rule",

@@ -22,6 +22,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from conftest import ROOT, RULE_FIXTURES, run_cli
 
+pytestmark = pytest.mark.slow
+
 ANSI = re.compile(r"\x1b\[")
 NO_UV = {"UV_RUN_RECURSION_DEPTH": ""}  # hints as for an installed command
 

@@ -6,7 +6,10 @@ import json
 import stat
 
 import duckdb
+import pytest
 from conftest import RULE_FIXTURES, run_cli
+
+pytestmark = pytest.mark.slow
 
 FILES = [
     "md-307-post-to-get.har",

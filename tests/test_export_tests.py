@@ -24,6 +24,8 @@ import requests
 from conftest import RULE_FIXTURES, run_cli
 from proxyrun import Mitmdump
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export_tests")]
+
 pytest_plugins = ["pytester"]
 TOKEN = "Bearer c0ntract-t0ken"
 

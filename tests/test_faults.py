@@ -25,6 +25,8 @@ from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.model import Exchange
 from analyzer.store import open_store
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
+
 
 def exchange(i: int) -> Exchange:
     url = f"http://api.test/item/{i}"

@@ -17,6 +17,8 @@ from analyzer.report import finding_records
 from analyzer.store import open_store
 from analyzer.storeread import open_reader
 
+pytestmark = pytest.mark.slow
+
 HARS = sorted((CORPUS / "good").glob("*.har"))
 
 

@@ -13,12 +13,15 @@ import json
 import threading
 import time
 
+import pytest
 from conftest import run_cli
 from proxyrun import Mitmdump
 from sqlalchemy import func, select
 from upstream import Upstream
 
 from analyzer.store import captures, exchanges, open_store
+
+pytestmark = pytest.mark.slow
 
 ROUNDS = 120  # per proxy; bounded in count and in time (DEADLINE)
 DEADLINE = 120.0

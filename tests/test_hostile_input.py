@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import RULE_FIXTURES, run_cli
 
+pytestmark = pytest.mark.slow
+
 MEMORY_BOUND = 200 << 20  # bytes of peak RSS for any input under 1 MB (issue 17)
 DEEP = 100_000
 ENTRY = {

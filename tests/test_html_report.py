@@ -11,6 +11,8 @@ from conftest import require_program, run_cli
 from analyzer.detectors import RULES
 from analyzer.htmlreport import breakable, pointer
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.xdist_group("html_report")]
+
 CHROMIUM_HOW = "apt-get install chromium (Debian's package; .ci/run installs it)"
 
 

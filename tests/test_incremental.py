@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import RULE_FIXTURES, run_cli
+
+pytestmark = pytest.mark.slow
 
 FIRST = ["md-307-post-to-get.har", "dw-failover.har", "lw-put-307.har", "cc-authorization-other-host.har"]
 LATER = ["db-307-empty.har", "md-302-put-to-get.har"]

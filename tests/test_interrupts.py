@@ -23,6 +23,8 @@ import pytest
 from conftest import ROOT, run_cli
 from test_har_fastpath import entry, write_har
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("interrupts")]
+
 ENTRIES = 100_000  # ~53 MB: an import takes seconds here, so a Ctrl-C lands in the middle of it
 BOUND = 60  # seconds a trial may take, interrupted or not
 # The installed command, as users run it. Before its first line runs, the interpreter
@@ -119,6 +121,17 @@ def big_store(big, tmp_path_factory) -> Path:
     return db
 
 
+@pytest.fixture(scope="module")
+def big_chains(big_store, tmp_path_factory) -> str:
+    """`chains -f json` of the big store analyzed without interruption: what every
+    interrupted analysis must come to once the next reading command finishes it."""
+    reference = tmp_path_factory.mktemp("interrupts-reference") / "ref.db"
+    shutil.copy(big_store, reference)
+    done = run_cli("chains", "-f", "json", "--db", str(reference), timeout=300)
+    assert done.returncode == 0 and len(done.stdout) > 100, done.stderr
+    return done.stdout
+
+
 def no_traceback(text: str) -> None:
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
 
@@ -165,7 +178,7 @@ def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
 
 
 @pytest.mark.parametrize("moment", [0.3, 1.0, 2.0])
-def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, tmp_path, moment):
+def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, big_chains, tmp_path, moment):
     db = tmp_path / "a.db"
     shutil.copy(big_store, db)
     trial = Trial("analyze", "--db", str(db), cwd=tmp_path)
@@ -196,16 +209,7 @@ def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, tmp_path, m
         cwd=tmp_path,
     )
     assert "analyzing it now" in finished.stderr
-    reference = tmp_path / "ref.db"
-    shutil.copy(big_store, reference)
-    expected = subprocess.run(
-        [sys.executable, "-m", "analyzer", "chains", "-f", "json", "--db", str(reference)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert finished.stdout == expected.stdout and len(finished.stdout) > 100
+    assert finished.stdout == big_chains
 
 
 @pytest.mark.parametrize("moment", [0.5, 2.0, 4.0])

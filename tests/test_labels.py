@@ -19,6 +19,8 @@ from conftest import require_program, run_cli
 from proxyrun import Mitmdump
 from upstream import Upstream, self_signed_context
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def proxy(tmp_path):

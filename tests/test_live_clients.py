@@ -42,6 +42,8 @@ from analyzer.detectors import RULES
 from analyzer.model import Severity
 from analyzer.store import open_store
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live_clients")]
+
 CLIENTS = ["curl", "requests", "httpx", "urllib3", "urllib", "node"]
 STATUSES = [301, 302, 303, 307, 308]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]

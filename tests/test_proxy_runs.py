@@ -28,6 +28,8 @@ from analyzer.ingest import ImportError_
 from analyzer.ingest.flows import import_flows
 from analyzer.store import captures, exchanges, open_store
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("proxy_runs")]
+
 
 @pytest.fixture(scope="module")
 def upstream():

@@ -15,6 +15,8 @@ import pytest
 from conftest import run_cli
 from upstream import Upstream
 
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["pytester"]
 
 SUITE = """

@@ -20,6 +20,8 @@ from conftest import require_program, run_cli
 from proxyrun import ROOT
 from upstream import Upstream, self_signed_context
 
+pytestmark = pytest.mark.slow
+
 NODE_DIR = ROOT / "tests" / "node"
 
 

@@ -27,6 +27,8 @@ from upstream import Upstream
 
 from analyzer.secrets import fingerprint, protect_headers, protect_url, redact_body
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("secrets_everywhere")]
+
 KEY = b"k" * 32
 
 

@@ -24,6 +24,8 @@ from analyzer.migrate import create_at, head_revision
 from analyzer.store import metadata, open_store
 from analyzer.storeread import SCHEMA_VERSION, StoreOutdated, resolve_db_url, revision_of
 
+pytestmark = pytest.mark.slow
+
 STORES = Path(__file__).parent / "fixtures" / "stores"
 OLD = STORES / "release-be7a892.db"
 LAST = STORES / "release-17a54ff.db"

@@ -18,6 +18,8 @@ from sqlalchemy import select
 
 from analyzer.store import captures, exchanges, meta, open_store
 
+pytestmark = pytest.mark.slow
+
 BIG = 2**33 + 7
 NOISE = "".join(
     hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)
