@@ -9,6 +9,7 @@ exit 130; a closed pipe (`| head`) ends quietly, exit 141, as for other Unix too
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -1375,16 +1376,27 @@ def command_prefix() -> str:
     return "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
 
 
+@functools.cache
+def _console_type() -> type[Console]:
+    from rich.console import Console
+
+    class PipeAwareConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's own exits with status 1; a closed pipe is 141 here, whatever the format
+            raise PipeClosed()
+
+    return PipeAwareConsole
+
+
 def _console(file: IO[str]) -> Console:
     """A rich console for `file`: on a terminal as usual; elsewhere nothing is wrapped,
     coloured or highlighted (FORCE_COLOR keeps colour, NO_COLOR removes it anywhere)."""
-    from rich.console import Console
-
+    console = _console_type()
     tty = file.isatty() if hasattr(file, "isatty") else False
     colour = (tty or bool(os.environ.get("FORCE_COLOR"))) and not os.environ.get("NO_COLOR")
     if tty:
-        return Console(file=file, highlight=False, emoji=False, no_color=not colour)
-    return Console(
+        return console(file=file, highlight=False, emoji=False, no_color=not colour)
+    return console(
         file=file,
         highlight=False,
         emoji=False,

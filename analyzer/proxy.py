@@ -23,6 +23,10 @@ from analyzer.errors import ReportedError
 from analyzer.keys import KEY_FILE_ENV
 from analyzer.storeread import DB_ENV, safe_url
 
+# Both spellings: curl reads only the lower-case http_proxy (an upper-case HTTP_PROXY can
+# come from a request's Proxy header in CGI, CVE-2016-5385); some clients read only upper case.
+CLIENT_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+
 ADDON_MODULE = "addons.redirect_recorder"
 CA_FILE = "mitmproxy-ca-cert.pem"
 
@@ -200,7 +204,7 @@ class ProxyPlan:
             f"  exchanges go to  {safe_url(self.db_url)}",
             f"  mitmproxy CA     {ca} ({where})",
             "  make a client use the proxy and trust the CA:",
-            f"    export HTTP_PROXY={proxy} HTTPS_PROXY={proxy}",
+            "    export " + " ".join(f"{name}={proxy}" for name in CLIENT_PROXY_VARS),
             f"    a client label (its name in every output): http://NAME@{self.listen_host}:{self.port}",
             f"    curl --proxy {proxy} --cacert {ca} https://...",
             f"    Python requests/httpx/urllib: SSL_CERT_FILE={ca} REQUESTS_CA_BUNDLE={ca}",

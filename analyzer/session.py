@@ -38,12 +38,12 @@ from urllib.parse import quote
 
 from analyzer.errors import ReportedError
 from analyzer.files import write_private
-from analyzer.proxy import CA_FILE, ProxyPlan
+from analyzer.proxy import CA_FILE, CLIENT_PROXY_VARS, ProxyPlan
 from analyzer.storeread import DB_ENV
 
 CONTROL_HOST = "redirect-audit.invalid"  # answered by the addon (addons/redirect_recorder.py)
 PROXY_ENV = "REDIRECT_AUDIT_PROXY"  # set for the child: the recorder a nested plugin can use
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+PROXY_VARS = (*CLIENT_PROXY_VARS, "ALL_PROXY", "all_proxy")
 TRUST_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
 START_TIMEOUT = 60.0  # seconds mitmdump gets to answer its first control request

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -299,18 +300,13 @@ def open_store(
         if path is not None and create:
             made_file = _create_private_file(path)
         engine = make_engine(url, wait)
-        with engine.begin() as conn:
-            if create and not inspect(conn).has_table("meta"):
-                lock_schema(conn)  # two processes creating one store: the second waits, then finds it made
-                if not inspect(conn).has_table("meta"):
-                    metadata.create_all(conn)
-            key, problem = _schema_key(conn, url, key_file_from(key_file))
+        key, problem = _open_schema(engine, url, create, key_file_from(key_file), wait)
     except BaseException as exc:
         if engine is not None:
             engine.dispose()
-        if (
-            made_file and path is not None
-        ):  # a store that was never finished is no store: leave no file that looks like one
+        if made_file and path is not None and not _holds_a_store(path):
+            # a store that was never finished is no store: leave no file that looks like one
+            # (but one another process finished in the file made here is theirs: kept)
             _remove_sqlite_files(path)
         if isinstance(exc, SQLAlchemyError):
             raise StoreError(describe_error(exc, url, wait)) from None
@@ -318,6 +314,37 @@ def open_store(
             raise StoreError(missing_driver(url, exc)) from None
         raise
     return Store(engine=engine, url=url, key=key, wait=wait, key_problem=problem)
+
+
+def _open_schema(
+    engine: Engine, url: str, create: bool, key_file: Path | None, wait: float
+) -> tuple[bytes | None, str]:
+    """The store's key (its schema made first when `create` and it has none). Processes
+    creating one SQLite store at once can be told "locked" at once rather than after the
+    busy timeout (SQLite refuses to wait where waiting could deadlock): they try again
+    until `wait` has passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with engine.begin() as conn:
+                if create and not inspect(conn).has_table("meta"):
+                    lock_schema(conn)  # two processes creating one store: the second waits, then finds it made
+                    if not inspect(conn).has_table("meta"):
+                        metadata.create_all(conn)
+                return _schema_key(conn, url, key_file)
+        except OperationalError as exc:
+            if "database is locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _holds_a_store(path: Path) -> bool:
+    """Whether the SQLite file at `path` has a finished store's schema in it."""
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)) as conn:
+            return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 def make_engine(url: str, wait: float = DEFAULT_WAIT) -> Engine:

@@ -3,10 +3,14 @@ somewhere; every command the CLI has is in its table."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import click
-from conftest import ROOT
+import pytest
+from conftest import ROOT, run_cli
 
 from analyzer.cli import cli
 
@@ -52,3 +56,77 @@ def test_every_relative_link_and_anchor_exists():
             assert dest.exists(), f"{page.name}: link to missing {target}"
             if anchor and dest.suffix == ".md":
                 assert anchor in anchors(dest), f"{page.name}: no heading #{anchor} in {dest.name}"
+
+
+# ---- what the README claims, checked against what the code does ---------------------------
+
+FIGURE = re.compile(r"\d[\d,.]*(?:k|M)?(?: entries/s|%| MB| ms| s\b)")
+
+
+def section(text: str, heading: str) -> str:
+    return text.split(heading, 1)[1].split("\n#", 1)[0]
+
+
+def test_the_readme_quotes_the_latest_measured_figures():
+    """Every figure in the README's Performance paragraph is one that docs/benchmarks.md
+    lists among its latest ("Targets at a glance"), word for word."""
+    performance = section((ROOT / "README.md").read_text(), "## Performance")
+    latest = section((ROOT / "docs" / "benchmarks.md").read_text(), "## Targets at a glance")
+    figures = FIGURE.findall(performance)
+    assert len(figures) >= 8, figures
+    missing = [f for f in figures if f not in latest]
+    assert missing == [], f"README figures not among docs/benchmarks.md's latest: {missing}"
+
+
+def test_the_proxy_banner_and_the_readme_set_both_spellings_of_the_proxy_variables(tmp_path):
+    """curl reads only the lower-case http_proxy; other clients read the upper case."""
+    from analyzer.proxy import ProxyPlan
+
+    banner = ProxyPlan(db_url=f"sqlite:///{tmp_path / 'x.db'}", confdir=tmp_path).banner()
+    block = section((ROOT / "README.md").read_text(), "### A long-running proxy")
+    for text in (banner, block):
+        for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            assert f"{name}=" in text, f"{name} not set in:\n{text}"
+
+
+@pytest.mark.slow
+def test_the_notebook_command_names_the_store_that_demo_makes(tmp_path):
+    notebook = section((ROOT / "README.md").read_text(), "### A notebook")
+    store = re.search(r"REDIRECT_AUDIT_DB=\$PWD/(\S+) uv run", notebook)
+    assert store, notebook
+    assert run_cli("demo", cwd=tmp_path).returncode == 0
+    assert (tmp_path / store[1]).is_file(), f"`demo` made {sorted(p.name for p in tmp_path.iterdir())}"
+
+
+def _formats(command: click.Command) -> list[str | None]:
+    for param in command.params:
+        if "--format" in getattr(param, "opts", ()) and isinstance(param.type, click.Choice):
+            return list(param.type.choices)
+    return [None]
+
+
+@pytest.mark.slow
+def test_a_reader_that_went_away_gives_141_for_every_command_and_format(demo_db):
+    """The README's exit status 141 (`| head`): the reader closes the pipe before anything
+    is written, so every writer meets a closed pipe, whatever renders the output."""
+    ctx = click.Context(cli)
+    runs = []
+    for name in ("findings", "chains", "clients", "captures", "check", "rules"):
+        for fmt in _formats(cli.get_command(ctx, name)):
+            args = [name, *(["--format", fmt] if fmt else []), *([] if name == "rules" else ["--db", demo_db])]
+            if name == "check":
+                args += ["--fail-on", "info"]
+            runs.append(args)
+    assert len(runs) >= 14
+    failures = []
+    for args in runs:
+        read, write = os.pipe()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "analyzer", *args], stdout=write, stderr=subprocess.PIPE, cwd=ROOT
+        )
+        os.close(write)
+        os.close(read)
+        _, err = child.communicate(timeout=120)
+        if child.returncode != 141 or err:
+            failures.append((args, child.returncode, err.decode()[-300:]))
+    assert failures == []
