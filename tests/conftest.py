@@ -33,10 +33,19 @@ CORPUS = Path(os.environ.get("REDIRECT_AUDIT_CORPUS") or Path(__file__).parent /
 RULE_FIXTURES = Path(__file__).parent / "fixtures" / "rules"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own, which names each test's group
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests on the session's PostgreSQL server are marked `postgresql` (and `slow`), whether
-    they ask for the server or run once per engine through the `store`/`db_path` fixtures."""
+    they ask for the server or run once per engine through the `store`/`db_path` fixtures.
+    Under `--dist loadgroup`, a test of an xdist group must carry its group in its id, or
+    the group's servers would start on every worker (pytest 9.2 with pytest-xdist 3.8)."""
+    grouping = hasattr(config, "workerinput") and bool(config.getoption("loadgroup", False))
     for item in items:
+        if grouping and item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"pytest-xdist did not group {item.nodeid}: this pytest and pytest-xdist disagree "
+                "on node ids (see the pytest pin in pyproject.toml)"
+            )
         callspec = getattr(item, "callspec", None)
         on_postgresql = "pg_cluster" in item.fixturenames or (
             callspec is not None and "postgresql" in callspec.params.values()
