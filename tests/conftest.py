@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pgcluster
 import pytest
+import warmcli
 from hypothesis import settings
 
 from analyzer.store import open_store
@@ -111,17 +112,25 @@ def run_cli(
     input: str | None = None,
     cwd: Path | str = ROOT,
     timeout: float = 120,
+    stdout: int | None = None,
 ) -> subprocess.CompletedProcess:
     """The real console entry point in a child process, as a user runs it (stdin closed
-    unless `input` is given)."""
+    unless `input` is given; `stdout`, a descriptor to write to instead of a pipe read here).
+    The child starts warm (tests/warmcli.py: forked from a process that has done the
+    imports); REDIRECT_AUDIT_TEST_COLD=1 starts each from scratch."""
+    environment = {**os.environ, **(env or {})}
+    warm = None if os.environ.get("REDIRECT_AUDIT_TEST_COLD") else warmcli.server()
+    if warm is not None:
+        return warm.run(list(args), environment, str(cwd), input, timeout, stdout)
     return subprocess.run(
         [sys.executable, "-m", "analyzer", *args],
         input=input,
         stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=environment,
         cwd=cwd,
     )
 

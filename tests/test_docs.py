@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import click
 import pytest
@@ -113,7 +111,11 @@ def test_a_reader_that_went_away_gives_141_for_every_command_and_format(demo_db)
     runs = []
     for name in ("findings", "chains", "clients", "captures", "check", "rules"):
         for fmt in _formats(cli.get_command(ctx, name)):
-            args = [name, *(["--format", fmt] if fmt else []), *([] if name == "rules" else ["--db", demo_db])]
+            args = [
+                name,
+                *(["--format", fmt] if fmt else []),
+                *([] if name == "rules" else ["--db", demo_db]),
+            ]
             if name == "check":
                 args += ["--fail-on", "info"]
             runs.append(args)
@@ -121,12 +123,11 @@ def test_a_reader_that_went_away_gives_141_for_every_command_and_format(demo_db)
     failures = []
     for args in runs:
         read, write = os.pipe()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "analyzer", *args], stdout=write, stderr=subprocess.PIPE, cwd=ROOT
-        )
-        os.close(write)
         os.close(read)
-        _, err = child.communicate(timeout=120)
-        if child.returncode != 141 or err:
-            failures.append((args, child.returncode, err.decode()[-300:]))
+        try:
+            done = run_cli(*args, stdout=write)
+        finally:
+            os.close(write)
+        if done.returncode != 141 or done.stderr:
+            failures.append((args, done.returncode, done.stderr[-300:]))
     assert failures == []

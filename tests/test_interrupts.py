@@ -201,13 +201,7 @@ def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, big_chains,
     assert exchanges_in(db) == ENTRIES
     with sqlite3.connect(db) as conn:  # not recorded as analyzed: the next reading command finishes the job
         assert conn.execute("SELECT value FROM meta WHERE key = 'analyzed_generation'").fetchone() is None
-    finished = subprocess.run(
-        [sys.executable, "-m", "analyzer", "chains", "-f", "json", "--db", str(db)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    finished = run_cli("chains", "-f", "json", "--db", str(db), timeout=300, cwd=tmp_path)
     assert "analyzing it now" in finished.stderr
     assert finished.stdout == big_chains
 
