@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -133,6 +135,18 @@ def run_cli(
         env=environment,
         cwd=cwd,
     )
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, every: float = 0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds have passed (False):
+    what a test waits for, instead of a sleep long enough on a quiet machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)
 
 
 def require_program(name: str, how: str) -> str:

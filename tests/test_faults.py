@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 from proxyrun import Mitmdump
 from upstream import Upstream
 
@@ -80,8 +81,8 @@ def test_a_locked_store_spools_and_the_spool_is_replayed_when_it_takes_writes_ag
     for i in range(20_000):
         recorder.submit(exchange(i))
         peak = max(peak, len(recorder._waiting))
-    time.sleep(0.5)
-    assert recorder.spooled > 0 and recorder.stored == 0
+    assert wait_until(lambda: recorder.spooled > 0)
+    assert recorder.stored == 0
     assert peak <= SETTINGS.queue_rows  # memory stays bounded while the store is gone
     spool = recorder.spool_path
     assert stat.S_IMODE(spool.stat().st_mode) == 0o600
@@ -103,8 +104,7 @@ def test_closing_on_a_store_that_does_not_answer_spools_the_rest_and_the_next_ru
     recorder = Recorder(store, SETTINGS, creator="first run")
     for i in range(300):
         recorder.submit(exchange(i))
-    time.sleep(0.3)
-    assert count(db) == 300
+    assert wait_until(lambda: count(db) == 300)
     holder = Holder(db)
     for i in range(300, 5_000):
         recorder.submit(exchange(i))
@@ -169,7 +169,7 @@ def test_the_proxy_keeps_answering_and_loses_nothing_while_its_store_is_locked(t
         holder.release()
         holder = None
         drive(proxy.port, upstream, 2.0, answered)
-        time.sleep(1.5)
+        wait_until(lambda: count(db) == len(answered))  # the spool replayed; asserted below
     finally:
         if holder is not None:
             holder.release()
@@ -200,7 +200,7 @@ def test_kill_9_loses_at_most_the_last_commit_interval_and_the_next_start_says_s
     with sqlite3.connect(db) as conn:
         assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
     again = Mitmdump(tmp_path / "mitm2", db=str(db))
-    time.sleep(1.0)
+    wait_until(lambda: "stopped uncleanly" in again.output())  # asserted below, after the stop
     output = again.stop()
     assert "the last run on this store (capture 1, pid" in output and "stopped uncleanly" in output
 

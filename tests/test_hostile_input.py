@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import RULE_FIXTURES, run_cli
+from conftest import RULE_FIXTURES, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -306,9 +306,8 @@ def test_the_live_finding_log_escapes_what_an_upstream_sends(tmp_path):
         conn.request("PUT", f"{up.origin}/r/307/esc?to={target}", body=b"x=1")
         conn.getresponse().read()
         conn.close()
-        import time
-
-        time.sleep(3)  # the link window closes: nobody followed the 307, a lost write
+        # the link window (1 s) closes: nobody followed the 307, a lost write (asserted below)
+        wait_until(lambda: "RA113 lost-write" in proxy.output(), timeout=30)
     finally:
         output = proxy.stop()
         up.close()

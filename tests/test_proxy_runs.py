@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, wait_until
 from proxyrun import Mitmdump, free_port, wait_for_port
 from sqlalchemy import func, select
 from upstream import Upstream, self_signed_context
@@ -223,12 +223,18 @@ def test_web_mode_runs_mitmweb_with_the_recorder(tmp_path, upstream):
         conn.request("GET", f"{upstream.origin}/echo/web-case")  # follows the 302 with GET: RA101 medium
         assert conn.getresponse().status == 200
         conn.close()
-        time.sleep(0.5)
-        web = http.client.HTTPConnection("127.0.0.1", web_port, timeout=10)
-        web.request("GET", "/flows?token=letmein")
-        reply = web.getresponse()
-        assert reply.status == 200
-        shown = {f["request"]["path"]: f for f in json.loads(reply.read())}
+        shown: dict = {}
+
+        def marked() -> bool:  # the live rules judge the hop a moment after its follow-up
+            web = http.client.HTTPConnection("127.0.0.1", web_port, timeout=10)
+            web.request("GET", "/flows?token=letmein")
+            reply = web.getresponse()
+            assert reply.status == 200
+            shown.update({f["request"]["path"]: f for f in json.loads(reply.read())})
+            web.close()
+            return all(shown.get(p, {}).get("comment") for p in ("/r/302/web-case", "/echo/web-case"))
+
+        wait_until(marked, timeout=20, every=0.1)  # what they show is asserted below
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
