@@ -121,7 +121,7 @@ def run_cli(
     The child starts warm (tests/warmcli.py: forked from a process that has done the
     imports); REDIRECT_AUDIT_TEST_COLD=1 starts each from scratch."""
     environment = {**os.environ, **(env or {})}
-    warm = None if os.environ.get("REDIRECT_AUDIT_TEST_COLD") else warmcli.server()
+    warm = warmcli.server()
     if warm is not None:
         return warm.run(list(args), environment, str(cwd), input, timeout, stdout)
     return subprocess.run(
@@ -134,6 +134,35 @@ def run_cli(
         timeout=timeout,
         env=environment,
         cwd=cwd,
+    )
+
+
+def start_python(code: str, *args: str, cwd: Path | str = ROOT) -> warmcli.WarmProcess | subprocess.Popen:
+    """`python -c CODE ARGS` started now (warm where it can be), its output kept for communicate()."""
+    warm = warmcli.server()
+    if warm is not None:
+        return warm.start("python", list(args), cwd=cwd, code=code)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def start_cli(*args: str, cwd: Path | str = ROOT) -> warmcli.WarmProcess | subprocess.Popen:
+    """The command line started now, not waited for (see run_cli)."""
+    warm = warmcli.server()
+    if warm is not None:
+        return warm.start("analyzer", list(args), cwd=cwd)
+    return subprocess.Popen(
+        [sys.executable, "-m", "analyzer", *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

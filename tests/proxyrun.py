@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import warmcli
+
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addons" / "redirect_recorder.py"
 
@@ -56,12 +58,23 @@ class Mitmdump:
             args += ["-s", str(ADDON), "--set", f"redirect_audit_db={db}"]
         self.log = log or confdir / f"mitmdump-{self.port}.log"
         self._out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [*args, *extra],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        warm = warmcli.server()  # mitmproxy imported already: a second or two less per proxy
+        if warm is not None:
+            with open(os.devnull, "rb") as nothing:
+                self.process: warmcli.WarmProcess | subprocess.Popen = warm.popen(
+                    "mitmdump",
+                    [*args[1:], *extra],
+                    env=env,
+                    cwd=os.getcwd(),
+                    stdin=nothing.fileno(),
+                    stdout=self._out.fileno(),
+                    stderr=self._out.fileno(),
+                )
+        else:
+            self.process = subprocess.Popen(
+                [*args, *extra], stdout=self._out, stderr=subprocess.STDOUT, env=env
+            )
         try:
             wait_for_port(self.port)
         except TimeoutError:

@@ -208,10 +208,10 @@ def test_kill_9_loses_at_most_the_last_commit_interval_and_the_next_start_says_s
 def test_kill_9_while_spooling_then_the_next_start_replays_the_spool(tmp_path, upstream):
     db = tmp_path / "s.db"
     open_store(str(db)).close()
-    proxy = Mitmdump(tmp_path / "mitm", db=str(db))
+    holder = Holder(db)  # locked before the proxy starts: it never writes to the store
     answered: list[float] = []
-    holder = Holder(db)
     try:
+        proxy = Mitmdump(tmp_path / "mitm", db=str(db))
         drive(proxy.port, upstream, 2.5, answered)
         time.sleep(0.6)  # the batch after the last request reaches the spool
         proxy.process.send_signal(signal.SIGKILL)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import CORPUS, ROOT, RULE_FIXTURES, new_store_url, require_corpus, run_cli
+import warmcli
+from conftest import CORPUS, RULE_FIXTURES, new_store_url, require_corpus, run_cli, start_cli, start_python
 from sqlalchemy import select
 
 from analyzer.store import captures, exchanges, meta, open_store
@@ -173,17 +172,9 @@ def test_many_processes_creating_one_store_at_once_all_get_it(engine, tmp_path, 
     for trial in range(4):
         request.param = engine
         url = new_store_url(request, tmp_path, f"race{trial}.db")
-        at = time.time() + 1.5  # every process past its imports, then all at once
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", OPEN_AT, url, str(at)],
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(6)
-        ]
+        # every process past its imports, then all at once (warm children start past them)
+        at = time.time() + (0.3 if warmcli.server() else 1.5)
+        procs = [start_python(OPEN_AT, url, str(at)) for _ in range(6)]
         results = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0] * 6, [err[-500:] for _, err in results]
         store = open_store(url, create=False)
@@ -200,16 +191,7 @@ def test_imports_into_a_new_store_at_once_all_land(engine, tmp_path, request):
     request.param = engine
     url = new_store_url(request, tmp_path, "together.db")
     files = sorted(RULE_FIXTURES.glob("md-*.har"))[:5]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "analyzer", "import-har", str(f), "--db", url],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for f in files
-    ]
+    procs = [start_cli("import-har", str(f), "--db", url) for f in files]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * len(files), [err for _, err in results]
     listed = json.loads(run_cli("captures", "-f", "json", "--db", url).stdout)

@@ -1,30 +1,37 @@
-"""The command line in a child process of its own, started warm.
+"""Child processes that start warm: the command line, mitmdump, a Python script.
 
-A test that runs `redirect-audit …` as a user does pays Python's start and the imports
-(SQLAlchemy, click, rich; pandas and matplotlib for some commands) in every child: about
-0.5 s of CPU, most of the suite's time. Here a server process imports them once and forks
-one child per command. The child is what `python -m analyzer ARGS` would be: a process of
-its own with the test's environment, working directory and stdin, its stdout and stderr on
-pipes, the real entry point (`analyzer.__main__.main`), atexit handlers run, the exit status
-as the test sees it. Only the interpreter's start and the imports are shared.
+A test that runs `redirect-audit …` or `mitmdump` as a user does pays Python's start and
+the imports (SQLAlchemy, click, rich, mitmproxy)
+in every child: about 0.5 s of CPU a command and 1.5 s a proxy, most of the suite's time.
+Here a server process imports them once and forks one child per program. The child is what
+the program would be: a process of its own with the test's environment, working directory
+and descriptors, the program's real entry point (`analyzer.__main__.main`, mitmproxy's
+`mitmdump()`), its atexit handlers run, signals and exit status as the test sees them.
+Only the interpreter's start and the imports are shared.
 
-Where the server cannot run (not Linux), `run` falls back to a fresh interpreter.
+Where the server cannot run (not Linux), callers fall back to a fresh interpreter.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import locale
 import os
 import selectors
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import IO
 
-# What the commands import on their way (the server imports them before forking).
+# What the programs import on their way (the server imports them before it forks). Not
+# pandas: it imports pyarrow, which starts a thread, and a fork must find none.
 PRELOAD = (
     "analyzer.cli",
     "analyzer.store",
@@ -32,29 +39,65 @@ PRELOAD = (
     "analyzer.current",
     "analyzer.ingest",
     "analyzer.ingest.har",
+    "analyzer.ingest.flows",
+    "analyzer.ingest.recorder",
     "analyzer.analysis",
+    "analyzer.live",
     "analyzer.report",
     "analyzer.exports",
-    "analyzer.frames",
-    "analyzer.plots",
-    "analyzer.htmlreport",
     "analyzer.migrate",
     "rich.console",
     "rich.table",
     "sqlalchemy.dialects.sqlite",
+    "mitmproxy.tools.main",
+    "mitmproxy.tools.dump",
+    "mitmproxy.addons",
 )
 
 SERVER = r"""
-import atexit, io, json, os, selectors, signal, socket, sys, traceback
+import atexit, io, json, os, selectors, signal, socket, sys, threading, traceback
 import importlib
 
 for name in sys.argv[2].split(","):
     importlib.import_module(name)
+if len(os.listdir("/proc/self/task")) != 1:  # a fork with another thread alive could copy a held lock
+    sys.exit("the warm server has threads after its imports: " + str(threading.enumerate()))
+
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(sys.argv[1])
 listener.listen(64)
 print("ready", flush=True)
 STDIO = [(s.encoding, s.errors) for s in (sys.stdin, sys.stdout, sys.stderr)]
+
+
+def stdio(env):
+    # as the interpreter sets them up: stdout block-buffered on a pipe (unless
+    # PYTHONUNBUFFERED), stderr line-buffered
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+    (ienc, ierr), (oenc, oerr), (eenc, eerr) = STDIO
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), ienc, ierr)
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), oenc, oerr, write_through=unbuffered
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), eenc, eerr, line_buffering=True,
+        write_through=unbuffered,
+    )
+
+
+def entry(request):
+    kind = request["kind"]
+    if kind == "analyzer":
+        sys.argv = [os.path.join(os.path.dirname(sys.modules["analyzer"].__file__), "__main__.py"), *request["args"]]
+        from analyzer.__main__ import main
+        main()
+    elif kind == "mitmdump":
+        sys.argv = [os.path.join(os.path.dirname(sys.executable), "mitmdump"), *request["args"]]
+        from mitmproxy.tools.main import mitmdump
+        sys.exit(mitmdump())
+    else:
+        sys.argv = ["-c", *request["args"]]
+        exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
 
 
 def child(request, fds):
@@ -64,18 +107,13 @@ def child(request, fds):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if request.get("new_session"):
+        os.setsid()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    (ienc, ierr), (oenc, oerr), (eenc, eerr) = STDIO
-    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), ienc, ierr)
-    sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), oenc, oerr)
-    sys.stderr = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), eenc, eerr, line_buffering=True
-    )
-    sys.argv = [os.path.join(os.path.dirname(sys.modules["analyzer"].__file__), "__main__.py"), *request["args"]]
+    stdio(request["env"])
     code = 0
     try:
-        from analyzer.__main__ import main
-        main()
+        entry(request)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, int) and exc.code is not None:
@@ -125,9 +163,74 @@ while True:
 """
 
 
+class WarmProcess:
+    """A child of the warm server, as much of `subprocess.Popen` as the tests use."""
+
+    def __init__(self, args: list[str], conn: socket.socket) -> None:
+        self.args = args
+        self.conn = conn
+        self.returncode: int | None = None
+        self.outputs: tuple[IO[bytes], IO[bytes]] | None = None
+        self._replies = b""
+        reply = self._next(None)
+        self.pid: int = reply["pid"]
+
+    def _next(self, timeout: float | None) -> dict:
+        while b"\n" not in self._replies:
+            self.conn.settimeout(timeout)
+            try:
+                data = self.conn.recv(4096)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+            if not data:
+                raise RuntimeError("the warm server went away")
+            self._replies += data
+        line, self._replies = self._replies.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.wait(timeout=0.0001)
+            except subprocess.TimeoutExpired:
+                return None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._next(timeout)["status"]
+            self.conn.close()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """(stdout, stderr) of a child started by `start()`, once it has exited."""
+        self.wait(timeout)
+        assert self.outputs is not None, "started without captured output"
+        texts = []
+        for handle in self.outputs:
+            with handle:
+                handle.seek(0)
+                texts.append(_text([handle.read()]))
+        self.outputs = None
+        return texts[0], texts[1]
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class WarmServer:
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="ra-warmcli-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="ra-warm-"))
         self.path = str(self.dir / "sock")
         self.process = subprocess.Popen(
             [sys.executable, "-c", SERVER, self.path, ",".join(PRELOAD)],
@@ -138,7 +241,52 @@ class WarmServer:
         )
         assert self.process.stdout is not None
         if self.process.stdout.readline().strip() != "ready":
-            raise RuntimeError("the warm command-line server did not start")
+            raise RuntimeError("the warm server did not start")
+
+    def popen(
+        self,
+        kind: str,
+        args: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str | Path,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        code: str = "",
+        new_session: bool = False,
+    ) -> WarmProcess:
+        """Start `kind` ("analyzer", "mitmdump", or "python" running `code`) on these descriptors."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.path)
+        request = {
+            "kind": kind,
+            "args": args,
+            "code": code,
+            "env": env,
+            "cwd": str(cwd),
+            "new_session": new_session,
+        }
+        socket.send_fds(conn, [json.dumps(request).encode()], [stdin, stdout, stderr])
+        return WarmProcess([kind, *args], conn)
+
+    def start(self, kind: str, args: list[str], *, cwd: str | Path, code: str = "") -> WarmProcess:
+        """A child with stdin closed and its output kept for `communicate()`, as
+        `Popen(stdout=PIPE, stderr=PIPE, text=True)` gives it (in this process's environment)."""
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # noqa: SIM115 - closed by communicate()
+        with open(os.devnull, "rb") as nothing:
+            child = self.popen(
+                kind,
+                args,
+                env=dict(os.environ),
+                cwd=cwd,
+                stdin=nothing.fileno(),
+                stdout=out.fileno(),
+                stderr=err.fileno(),
+                code=code,
+            )
+        child.outputs = (out, err)
+        return child
 
     def run(
         self,
@@ -149,84 +297,60 @@ class WarmServer:
         timeout: float,
         stdout: int | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """`stdout`: a descriptor for the child's stdout (the caller's pipe, say) instead of one read here."""
+        """The command line, as `subprocess.run(capture_output=True, text=True)` runs it;
+        `stdout`: a descriptor for its stdout (the caller's pipe, say) instead of one read here."""
         out_r, out_w = os.pipe() if stdout is None else (-1, os.dup(stdout))
         err_r, err_w = os.pipe()
-        stdin = tempfile.TemporaryFile() if input is not None else open(os.devnull, "rb")  # noqa: SIM115
-        with stdin:
-            if input is not None:
-                stdin.write(input.encode())
-                stdin.seek(0)
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.connect(self.path)
-            request = {"args": args, "env": env, "cwd": str(cwd)}
-            socket.send_fds(conn, [json.dumps(request).encode()], [stdin.fileno(), out_w, err_w])
-        os.close(out_w)
-        os.close(err_w)
-        return _collect(args, conn, out_r, err_r, timeout)
+        source = tempfile.TemporaryFile() if input is not None else open(os.devnull, "rb")  # noqa: SIM115
+        try:
+            with source:
+                if input is not None:
+                    source.write(input.encode())
+                    source.seek(0)
+                child = self.popen(
+                    "analyzer", args, env=env, cwd=cwd, stdin=source.fileno(), stdout=out_w, stderr=err_w
+                )
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return _collect(child, out_r, err_r, timeout)
 
 
-def _collect(
-    args: list[str], conn: socket.socket, out_r: int, err_r: int, timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """Read the child's stdout and stderr to their end and its status, as communicate() does."""
+def _collect(child: WarmProcess, out_r: int, err_r: int, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Read the child's stdout and stderr to their end, then its status, as communicate() does."""
     chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-    replies = b""
-    pid = status = None
     selector = selectors.DefaultSelector()
     for fd in (out_r, err_r):
         if fd >= 0:
             selector.register(fd, selectors.EVENT_READ)
-    selector.register(conn, selectors.EVENT_READ)
-    deadline = _now() + timeout
+    deadline = time.monotonic() + timeout
     try:
-        while status is None or len(selector.get_map()) > 1:
-            ready = selector.select(max(0.0, deadline - _now()))
+        while selector.get_map():
+            ready = selector.select(max(0.0, deadline - time.monotonic()))
             if not ready:
-                if pid is not None:
-                    os.kill(pid, 9)
-                raise subprocess.TimeoutExpired(["redirect-audit", *args], timeout)
+                child.kill()
+                raise subprocess.TimeoutExpired(child.args, timeout)
             for key, _ in ready:
-                if key.fileobj is conn:
-                    data = conn.recv(65536)
-                    if not data:
-                        raise RuntimeError("the warm command-line server went away")
-                    replies += data
-                    *lines, replies = replies.split(b"\n")
-                    for line in lines:
-                        reply = json.loads(line)
-                        pid = reply.get("pid", pid)
-                        status = reply.get("status", status)
-                    continue
-                fd = key.fd
-                data = os.read(fd, 65536)
+                data = os.read(key.fd, 65536)
                 if data:
-                    chunks[fd].append(data)
+                    chunks[key.fd].append(data)
                 else:
-                    selector.unregister(fd)
+                    selector.unregister(key.fd)
+        status = child.wait(max(0.1, deadline - time.monotonic()))
     finally:
         selector.close()
-        conn.close()
         for fd in (out_r, err_r):
             if fd >= 0:
                 os.close(fd)
     return subprocess.CompletedProcess(
-        ["redirect-audit", *args], status, _text(chunks[out_r]), _text(chunks[err_r])
+        ["redirect-audit", *child.args[1:]], status, _text(chunks[out_r]), _text(chunks[err_r])
     )
 
 
 def _text(chunks: list[bytes]) -> str:
     """As subprocess's text mode reads a pipe: the locale's encoding, universal newlines."""
-    import locale
-
     text = b"".join(chunks).decode(locale.getpreferredencoding(False))
     return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
 
 
 _server: WarmServer | None = None
@@ -234,13 +358,21 @@ _lock = threading.Lock()
 
 
 def server() -> WarmServer | None:
-    """This process's server, started on first use (None where it cannot run)."""
+    """This process's server, started on first use (None where it cannot run, or when
+    REDIRECT_AUDIT_TEST_COLD=1 asks for fresh interpreters)."""
     global _server
+    if os.environ.get("REDIRECT_AUDIT_TEST_COLD"):
+        return None
     if not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
         return None
     with _lock:
         if _server is None or _server.process.poll() is not None:
-            _server = WarmServer()
+            try:
+                _server = WarmServer()
+            except RuntimeError as exc:  # slower, not wrong: fresh interpreters from here on
+                print(f"tests/warmcli.py: {exc}; children start cold", file=sys.stderr)
+                os.environ["REDIRECT_AUDIT_TEST_COLD"] = "1"
+                return None
             atexit.register(_stop, _server)
         return _server
 
@@ -248,6 +380,4 @@ def server() -> WarmServer | None:
 def _stop(warm: WarmServer) -> None:
     warm.process.kill()
     warm.process.wait()
-    import shutil
-
     shutil.rmtree(warm.dir, ignore_errors=True)
