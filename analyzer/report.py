@@ -186,6 +186,11 @@ _EXCHANGE_SELECT = ", ".join(f"e.{name}" for name in EXCHANGE_FIELDS) + ", c.sou
 
 def chain_records(reader: Reader, url_substring: str | None = None) -> list[Record]:
     """Every chain hop by hop; with url_substring, only chains where some URL contains it."""
+    with reader.snapshot():  # an analysis committing between the queries would leave hops dangling
+        return _chain_records(reader, url_substring)
+
+
+def _chain_records(reader: Reader, url_substring: str | None) -> list[Record]:
     by_id = {}
     for sql in (
         "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.from_exchange_id "

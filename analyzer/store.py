@@ -328,7 +328,9 @@ def _open_schema(
         try:
             with engine.begin() as conn:
                 if create and not inspect(conn).has_table("meta"):
-                    lock_schema(conn)  # two processes creating one store: the second waits, then finds it made
+                    lock_schema(
+                        conn
+                    )  # two processes creating one store: the second waits, then finds it made
                     if not inspect(conn).has_table("meta"):
                         metadata.create_all(conn)
                 return _schema_key(conn, url, key_file)

@@ -17,6 +17,8 @@ import json
 import os
 import re
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,6 +208,28 @@ class Reader:
             return [tuple(r) for r in self._conn.execute(text(sql), params)]
         except Exception as exc:
             raise StoreError(describe_error(exc, self.url, self.wait)) from None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the store, whatever other processes commit meanwhile
+        (a chain's hops and the exchanges they point at are read by separate queries)."""
+        if self._sqlite is not None:
+            self._sqlite.execute("BEGIN")  # WAL: the first read fixes what the others see
+            try:
+                yield
+            finally:
+                self._sqlite.rollback()
+            return
+        assert self._conn is not None
+        conn = self._conn
+        conn.rollback()
+        level = conn.get_isolation_level()
+        conn.execution_options(isolation_level="REPEATABLE READ")
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.execution_options(isolation_level=level)
 
     def value(self, sql: str, **params: Any) -> Any:
         found = self.rows(sql, **params)

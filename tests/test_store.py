@@ -51,3 +51,37 @@ def test_every_row_is_stored_once_in_order_whatever_the_batch_size(store, n):
         (i, f"http://a.test/{i}", 200 + i % 5, 1.5 * i, f'[["X-N","{i}"]]', i, b"\x00" * (i % 3))
         for i in range(n)
     ]
+
+
+def test_a_chain_listing_reads_one_state_of_the_store_while_an_analysis_commits(store):
+    """`chains` reads hops and the exchanges they point at in separate queries; a test run's
+    analysis committing in between (pytest -n 2: the other worker) left hops whose exchanges
+    the listing had not read (KeyError)."""
+    from conftest import RULE_FIXTURES
+
+    from analyzer.analysis import analyze
+    from analyzer.ingest import import_har
+    from analyzer.report import chain_records
+    from analyzer.storeread import open_reader
+
+    import_har(store, RULE_FIXTURES / "md-307-post-to-get.har")
+    analyze(store)
+    with open_reader(store.url) as reader:
+        before = chain_records(reader)
+    with open_reader(store.url) as reader:
+        read = reader.rows
+        calls = []
+
+        def rows_while_another_process_writes(sql: str, **params):
+            calls.append(sql)
+            found = read(sql, **params)
+            if len(calls) == 1:  # between the listing's first and second query
+                import_har(store, RULE_FIXTURES / "db-307-empty.har")
+                analyze(store)
+            return found
+
+        reader.rows = rows_while_another_process_writes
+        during = chain_records(reader)
+    assert len(calls) > 2 and during == before
+    with open_reader(store.url) as reader:
+        assert len(chain_records(reader)) > len(before)  # and the new chains are there afterwards

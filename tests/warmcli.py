@@ -74,15 +74,17 @@ def stdio(env):
     # as the interpreter sets them up: stdout block-buffered on a pipe (unless
     # PYTHONUNBUFFERED), stderr line-buffered
     unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+
+    def writer(fd, encoding, errors, line_buffering):
+        raw = io.FileIO(fd, "w", closefd=False)
+        if unbuffered:  # as -u: no binary buffer at all, every write goes straight out
+            return io.TextIOWrapper(raw, encoding, errors, write_through=True)
+        return io.TextIOWrapper(io.BufferedWriter(raw), encoding, errors, line_buffering=line_buffering)
+
     (ienc, ierr), (oenc, oerr), (eenc, eerr) = STDIO
     sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), ienc, ierr)
-    sys.stdout = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), oenc, oerr, write_through=unbuffered
-    )
-    sys.stderr = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), eenc, eerr, line_buffering=True,
-        write_through=unbuffered,
-    )
+    sys.stdout = writer(1, oenc, oerr, False)
+    sys.stderr = writer(2, eenc, eerr, True)
 
 
 def entry(request):
@@ -107,6 +109,8 @@ def child(request, fds):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    import tempfile
+    tempfile.tempdir = None  # found again from this environment's TMPDIR, as a new process would
     if request.get("new_session"):
         os.setsid()
     signal.signal(signal.SIGINT, signal.default_int_handler)
