@@ -36,19 +36,11 @@ CORPUS = Path(os.environ.get("REDIRECT_AUDIT_CORPUS") or Path(__file__).parent /
 RULE_FIXTURES = Path(__file__).parent / "fixtures" / "rules"
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-xdist's own, which names each test's group
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by them
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests on the session's PostgreSQL server are marked `postgresql` (and `slow`), whether
-    they ask for the server or run once per engine through the `store`/`db_path` fixtures.
-    Under `--dist loadgroup`, a test of an xdist group must carry its group in its id, or
-    the group's servers would start on every worker (pytest 9.2 with pytest-xdist 3.8)."""
-    grouping = hasattr(config, "workerinput") and bool(config.getoption("loadgroup", False))
+    they ask for the server or run once per engine through the `store`/`db_path` fixtures."""
     for item in items:
-        if grouping and item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
-            raise pytest.UsageError(
-                f"pytest-xdist did not group {item.nodeid}: this pytest and pytest-xdist disagree "
-                "on node ids (see the pytest pin in pyproject.toml)"
-            )
         callspec = getattr(item, "callspec", None)
         on_postgresql = "pg_cluster" in item.fixturenames or (
             callspec is not None and "postgresql" in callspec.params.values()
@@ -57,6 +49,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.postgresql)
         if on_postgresql or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under `--dist loadgroup`, a test of an xdist group carries its group in its id, or the
+    group's servers would start on every worker (as with pytest 9.2 and pytest-xdist 3.8)."""
+    config = session.config
+    if not (hasattr(config, "workerinput") and config.getoption("loadgroup", False)):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"pytest-xdist did not group {item.nodeid}: this pytest and pytest-xdist disagree "
+                "on node ids (see the pytest pin in pyproject.toml)"
+            )
 
 
 def in_ci() -> bool:
@@ -85,7 +91,10 @@ def new_store_url(request, tmp_path: Path, name: str) -> str:
     fresh database on the session's PostgreSQL server."""
     if request.param == "sqlite":
         return str(tmp_path / name)
-    return request.getfixturevalue("pg_cluster").new_database()
+    cluster = request.getfixturevalue("pg_cluster")
+    url = cluster.new_database()
+    request.addfinalizer(lambda: cluster.recycle(url))
+    return url
 
 
 @pytest.fixture(params=ENGINES)
