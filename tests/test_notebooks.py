@@ -70,6 +70,15 @@ def test_runs_on_the_demo_capture_by_default(path, tmp_path):
     assert images == {"01-overview": 4, "02-chain-explorer": 0, "03-temporary-redirects": 1}[path.stem]
     text = outputs(book)
     assert "Error" not in text and "Traceback" not in text
+    # nothing on stderr either (matplotlib's date locator warned on captures years apart)
+    said = [o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    assert [
+        t
+        for c in book.cells
+        for o in c.get("outputs", [])
+        if o.get("name") == "stderr"
+        for t in [o.get("text")]
+    ] == [], said
     if path.stem == "02-chain-explorer":
         assert "credentials_forwarded" in text and "cross_origin" in text and "body_sha256_before" in text
     if path.stem == "03-temporary-redirects":

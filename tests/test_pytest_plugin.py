@@ -7,8 +7,12 @@ must fail exactly those tests; the fixture must see its own test's traffic and n
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -88,6 +92,37 @@ def suite(pytester, upstream):
     return pytester
 
 
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory) -> tuple[pytest.RunResult, str]:
+    """The sample suite run once serially with `--redirect-audit-fail-on=high`, as pytester
+    runs it; several tests read its outcome and its store."""
+    where = tmp_path_factory.mktemp("serial-suite")
+    (where / "test_sample.py").write_text(SUITE)
+    db = str(where / "suite.db")
+    server = Upstream()
+    try:
+        env = {**os.environ, "UPSTREAM": server.origin, "REDIRECT_AUDIT_CONFDIR": str(where / "conf")}
+        env.pop("PYTEST_ADDOPTS", None)
+        started = time.monotonic()
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "pytest", f"--redirect-audit={db}", "--redirect-audit-fail-on=high"),
+                *("-p", "no:cacheprovider", f"--basetemp={where / 'tmp'}"),
+            ],
+            cwd=where,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        server.close()
+    result = pytest.RunResult(
+        done.returncode, done.stdout.splitlines(), done.stderr.splitlines(), time.monotonic() - started
+    )
+    return result, db
+
+
 def findings_by_test(db: str) -> dict[str, list[tuple]]:
     done = run_cli("findings", "-f", "json", "--db", db)
     assert done.returncode == 0, done.stderr
@@ -102,12 +137,14 @@ def expected_by_test() -> dict[str, list[tuple]]:
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["serial", "xdist-2"])
-def test_each_finding_is_put_on_the_test_that_caused_it(suite, tmp_path, workers):
-    db = str(tmp_path / "suite.db")
-    args = ["--redirect-audit=" + db, "--redirect-audit-fail-on=high", "-p", "no:cacheprovider"]
+def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, workers):
     if workers:
-        args += ["-n", str(workers)]
-    result = suite.runpytest_subprocess(*args, timeout=300)
+        suite = request.getfixturevalue("suite")
+        db = str(tmp_path / "suite.db")
+        args = ["--redirect-audit=" + db, "--redirect-audit-fail-on=high", "-p", "no:cacheprovider"]
+        result = suite.runpytest_subprocess(*args, "-n", str(workers), timeout=300)
+    else:
+        result, db = request.getfixturevalue("serial_run")
     result.assert_outcomes(passed=5, failed=1)
     out = result.stdout.str()
     # the failing test is the one with the high finding, failed with the finding in its report
@@ -148,11 +185,8 @@ def test_each_finding_is_put_on_the_test_that_caused_it(suite, tmp_path, workers
     assert chain.returncode == 0 and "/r/301/clean" in chain.stdout
 
 
-def test_sarif_and_junit_name_the_test(suite, tmp_path):
-    db = str(tmp_path / "suite.db")
-    suite.runpytest_subprocess(
-        "--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300
-    ).assert_outcomes(passed=6)
+def test_sarif_and_junit_name_the_test(serial_run):
+    _, db = serial_run
     sarif = json.loads(run_cli("findings", "-f", "sarif", "--db", db).stdout)
     tests = sorted(r["properties"]["test"] for r in sarif["runs"][0]["results"])
     assert tests == sorted(f"test_sample.py::{name}" for name in CULPRITS)
@@ -164,7 +198,7 @@ def test_sarif_and_junit_name_the_test(suite, tmp_path):
 
 
 def test_a_baseline_keeps_known_findings_from_failing_tests(suite, tmp_path):
-    db = str(tmp_path / "first.db")
+    db = str(tmp_path / "first.db")  # against the same upstream as the runs below: the same URLs
     suite.runpytest_subprocess("--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300)
     baseline = tmp_path / "known.json"
     assert run_cli("check", "--db", db, "--write-baseline", str(baseline)).returncode == 0
