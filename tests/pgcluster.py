@@ -119,7 +119,7 @@ class Cluster:
         and made again) for the next `new_database()`; one that cannot be emptied is left."""
         import psycopg
 
-        name = url.rsplit("/", 1)[1].split("?")[0]
+        name = url.split("@/", 1)[1].split("?")[0]
         try:
             with psycopg.connect(host=str(self.dir), user=SERVER_USER, dbname=name, autocommit=True) as conn:
                 conn.execute(
@@ -135,7 +135,7 @@ class Cluster:
     def drop_database(self, url: str) -> None:
         import psycopg
 
-        name = url.rsplit("/", 1)[1].split("?")[0]
+        name = url.split("@/", 1)[1].split("?")[0]
         with psycopg.connect(
             host=str(self.dir), user=SERVER_USER, dbname="postgres", autocommit=True
         ) as conn:

@@ -49,6 +49,8 @@ PRELOAD = (
     "rich.console",
     "rich.table",
     "sqlalchemy.dialects.sqlite",
+    "sqlalchemy.dialects.postgresql.psycopg",
+    "psycopg",
     "mitmproxy.tools.main",
     "mitmproxy.tools.dump",
     "mitmproxy.addons",
