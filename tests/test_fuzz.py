@@ -64,12 +64,14 @@ HAR_DAMAGE = (
     "nul",
 )
 FLOW_DAMAGE = ("truncate", "flip", "retype", "huge-int", "deep", "length")
-# Every kind of damage on every seed file, as many times as the Hypothesis profile asks:
-# once under the default profile (ci), ten times under --hypothesis-profile=deep; set
-# REDIRECT_AUDIT_FUZZ_MUTANTS for another count (the seeds stay fixed, so a failure replays).
-MUTANTS_PER_KIND = int(
-    os.environ.get("REDIRECT_AUDIT_FUZZ_MUTANTS") or max(1, settings().max_examples // 200)
-)
+# Every kind of damage, each on several seed files and every seed file under several kinds.
+# The default profile (ci) applies each kind to SEEDS_PER_KIND seed files, taken in turn so
+# that every seed file meets 4 or 5 kinds; --hypothesis-profile=deep applies every kind to
+# every seed file, ten times. REDIRECT_AUDIT_FUZZ_MUTANTS sets the count per (seed, kind);
+# the seeds stay fixed, so a failure replays.
+DEEP = settings().max_examples > 200
+MUTANTS_PER_KIND = int(os.environ.get("REDIRECT_AUDIT_FUZZ_MUTANTS") or (10 if DEEP else 1))
+SEEDS_PER_KIND = None if DEEP or os.environ.get("REDIRECT_AUDIT_FUZZ_MUTANTS") else 3
 ODD_VALUES = [
     None,
     True,
@@ -280,7 +282,20 @@ def judge(path: Path, db: Path, what: str, command: str = "import-har", html: bo
         assert code == 0 and "Warning" not in err, f"{what}: html: {err}"
 
 
-CASES = [(seed, kind, n) for seed in SEEDS_HAR for kind in HAR_DAMAGE for n in range(MUTANTS_PER_KIND)]
+def _seeds_for(index: int) -> list[Path]:
+    """The seed files kind number `index` damages: all, or SEEDS_PER_KIND of them in turn."""
+    if SEEDS_PER_KIND is None:
+        return SEEDS_HAR
+    return [SEEDS_HAR[(index * SEEDS_PER_KIND + k) % len(SEEDS_HAR)] for k in range(SEEDS_PER_KIND)]
+
+
+CASES = [
+    (seed, kind, n)
+    for i, kind in enumerate(HAR_DAMAGE)
+    for seed in _seeds_for(i)
+    for n in range(MUTANTS_PER_KIND)
+]
+HTML_ONCE = {seed: (seed, kind, n) for seed, kind, n in reversed(CASES)}  # each seed's first case
 
 
 @pytest.mark.parametrize(
@@ -292,7 +307,7 @@ def test_a_har_mutant_imports_cleanly_or_is_refused_in_one_line(tmp_path, seed, 
     path = tmp_path / f"mutant-{n}.har"
     path.write_bytes(data)
     # the HTML report (pandas and matplotlib over the store) once per seed file
-    judge(path, tmp_path / "m.db", f"{seed.name} #{n}: {what}", html=kind == HAR_DAMAGE[0] and n == 0)
+    judge(path, tmp_path / "m.db", f"{seed.name} #{n}: {what}", html=HTML_ONCE[seed] == (seed, kind, n))
 
 
 def _flow_dump(rng: random.Random, kind: str) -> tuple[str, bytes]:
@@ -340,6 +355,15 @@ def _flow_dump(rng: random.Random, kind: str) -> tuple[str, bytes]:
 
 
 FLOW_CASES = [(kind, n) for kind in FLOW_DAMAGE for n in range(3 * MUTANTS_PER_KIND)]
+
+
+def test_every_kind_of_damage_meets_several_seed_files_and_every_seed_file_several_kinds():
+    kinds_of: dict[Path, set[str]] = {}
+    for seed, kind, _ in CASES:
+        kinds_of.setdefault(seed, set()).add(kind)
+    assert set(kinds_of) == set(SEEDS_HAR)
+    assert min(len(k) for k in kinds_of.values()) >= 4
+    assert {kind for _, kind, _ in CASES} == set(HAR_DAMAGE)
 
 
 @pytest.mark.parametrize("kind, n", FLOW_CASES, ids=[f"{kind}-seed-{n}" for kind, n in FLOW_CASES])

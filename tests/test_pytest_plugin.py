@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -92,35 +94,64 @@ def suite(pytester, upstream):
     return pytester
 
 
-@pytest.fixture(scope="module")
-def serial_run(tmp_path_factory) -> tuple[pytest.RunResult, str]:
-    """The sample suite run once serially with `--redirect-audit-fail-on=high`, as pytester
-    runs it; several tests read its outcome and its store."""
-    where = tmp_path_factory.mktemp("serial-suite")
-    (where / "test_sample.py").write_text(SUITE)
-    db = str(where / "suite.db")
-    server = Upstream()
-    try:
-        env = {**os.environ, "UPSTREAM": server.origin, "REDIRECT_AUDIT_CONFDIR": str(where / "conf")}
+class SampleSuite:
+    """The sample suite in a directory of its own with one upstream for the module, run as
+    pytester runs a suite (a subprocess, no cache); runs against it share URLs, so their
+    findings share fingerprints (a baseline from one holds for the next)."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        (where / "test_sample.py").write_text(SUITE)
+        self.server = Upstream()
+        self.runs = 0
+
+    def run(self, *args: str) -> pytest.RunResult:
+        self.runs += 1
+        env = {
+            **os.environ,
+            "UPSTREAM": self.server.origin,
+            "REDIRECT_AUDIT_CONFDIR": str(self.where / "conf"),
+        }
         env.pop("PYTEST_ADDOPTS", None)
         started = time.monotonic()
         done = subprocess.run(
             [
-                *(sys.executable, "-m", "pytest", f"--redirect-audit={db}", "--redirect-audit-fail-on=high"),
-                *("-p", "no:cacheprovider", f"--basetemp={where / 'tmp'}"),
+                sys.executable,
+                "-m",
+                "pytest",
+                *args,
+                "-p",
+                "no:cacheprovider",
+                f"--basetemp={self.where / f'tmp{self.runs}'}",
             ],
-            cwd=where,
+            cwd=self.where,
             env=env,
             capture_output=True,
             text=True,
             timeout=300,
         )
-    finally:
-        server.close()
-    result = pytest.RunResult(
-        done.returncode, done.stdout.splitlines(), done.stderr.splitlines(), time.monotonic() - started
-    )
-    return result, db
+        return pytest.RunResult(
+            done.returncode, done.stdout.splitlines(), done.stderr.splitlines(), time.monotonic() - started
+        )
+
+
+# the tests that read the shared run: one worker runs them all, so the suite runs once
+SHARED = pytest.mark.xdist_group("sample_suite")
+
+
+@pytest.fixture(scope="module")
+def sample_suite(tmp_path_factory) -> Iterator[SampleSuite]:
+    suite = SampleSuite(tmp_path_factory.mktemp("sample-suite"))
+    yield suite
+    suite.server.close()
+
+
+@pytest.fixture(scope="module")
+def serial_run(sample_suite) -> tuple[pytest.RunResult, str]:
+    """The sample suite run once serially with `--redirect-audit-fail-on=high`; several tests
+    read its outcome and its store."""
+    db = str(sample_suite.where / "suite.db")
+    return sample_suite.run(f"--redirect-audit={db}", "--redirect-audit-fail-on=high"), db
 
 
 def findings_by_test(db: str) -> dict[str, list[tuple]]:
@@ -136,6 +167,7 @@ def expected_by_test() -> dict[str, list[tuple]]:
     return {f"test_sample.py::{name}": [(sev, path.lstrip("/"))] for name, (sev, path) in CULPRITS.items()}
 
 
+@SHARED
 @pytest.mark.parametrize("workers", [0, 2], ids=["serial", "xdist-2"])
 def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, workers):
     if workers:
@@ -185,6 +217,7 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
     assert chain.returncode == 0 and "/r/301/clean" in chain.stdout
 
 
+@SHARED
 def test_sarif_and_junit_name_the_test(serial_run):
     _, db = serial_run
     sarif = json.loads(run_cli("findings", "-f", "sarif", "--db", db).stdout)
@@ -197,35 +230,20 @@ def test_sarif_and_junit_name_the_test(serial_run):
     assert "test: test_sample.py::test_sdk_changes_method_on_307" in failure.text
 
 
-def test_a_baseline_keeps_known_findings_from_failing_tests(suite, tmp_path):
-    db = str(tmp_path / "first.db")  # against the same upstream as the runs below: the same URLs
-    suite.runpytest_subprocess("--redirect-audit=" + db, "-p", "no:cacheprovider", timeout=300)
+@SHARED
+def test_a_baseline_keeps_known_findings_from_failing_tests(sample_suite, serial_run, tmp_path):
+    _, db = serial_run  # the first run, against the same upstream as the runs below
     baseline = tmp_path / "known.json"
     assert run_cli("check", "--db", db, "--write-baseline", str(baseline)).returncode == 0
-    again = suite.runpytest_subprocess(
+    again = sample_suite.run(
         f"--redirect-audit={tmp_path / 'second.db'}",
         "--redirect-audit-fail-on=low",
         f"--redirect-audit-baseline={baseline}",
-        "-p",
-        "no:cacheprovider",
-        timeout=300,
     )
     again.assert_outcomes(passed=6)
-    fresh = suite.runpytest_subprocess(
-        f"--redirect-audit={tmp_path / 'third.db'}",
-        "--redirect-audit-fail-on=low",
-        "-p",
-        "no:cacheprovider",
-        timeout=300,
-    )
+    fresh = sample_suite.run(f"--redirect-audit={tmp_path / 'third.db'}", "--redirect-audit-fail-on=low")
     fresh.assert_outcomes(passed=3, failed=3)  # without it, every test with a low finding fails
-    bad = suite.runpytest_subprocess(
-        "--redirect-audit",
-        "--redirect-audit-baseline=" + str(tmp_path / "none.json"),
-        "-p",
-        "no:cacheprovider",
-        timeout=300,
-    )
+    bad = sample_suite.run("--redirect-audit", "--redirect-audit-baseline=" + str(tmp_path / "none.json"))
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     assert (
         "--redirect-audit-baseline: " in bad.stderr.str()
