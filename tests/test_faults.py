@@ -26,7 +26,7 @@ from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.model import Exchange
 from analyzer.store import open_store
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
+pytestmark = pytest.mark.slow
 
 
 def exchange(i: int) -> Exchange:

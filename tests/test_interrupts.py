@@ -23,7 +23,11 @@ import pytest
 from conftest import ROOT, run_cli
 from test_har_fastpath import entry, write_har
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("interrupts")]
+pytestmark = pytest.mark.slow
+# The tests that share the big file, and those that share the store made of it: two groups,
+# each on one worker, so each shared thing is made once per group.
+ON_THE_BIG_FILE = pytest.mark.xdist_group("interrupts-file")
+ON_THE_BIG_STORE = pytest.mark.xdist_group("interrupts-store")
 
 ENTRIES = 100_000  # ~53 MB: an import takes seconds here, so a Ctrl-C lands in the middle of it
 BOUND = 60  # seconds a trial may take, interrupted or not
@@ -141,6 +145,7 @@ def no_traceback(text: str) -> None:
 IMPORT_MOMENTS = [0.1, 0.3, 0.8, 1.5, 2.5, 4.0]
 
 
+@ON_THE_BIG_FILE
 @pytest.mark.parametrize("workers", ["0", "2"], ids=["serial", "parallel"])
 @pytest.mark.parametrize("moment", IMPORT_MOMENTS)
 def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
@@ -177,6 +182,7 @@ def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
     assert len(lines) == 1, lines  # one line says it
 
 
+@ON_THE_BIG_STORE
 @pytest.mark.parametrize("moment", [0.3, 1.0, 2.0])
 def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, big_chains, tmp_path, moment):
     db = tmp_path / "a.db"
@@ -206,6 +212,7 @@ def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, big_chains,
     assert finished.stdout == big_chains
 
 
+@ON_THE_BIG_STORE
 @pytest.mark.parametrize("moment", [0.5, 2.0, 4.0])
 def test_ctrl_c_during_a_report_leaves_no_half_file(big_store, tmp_path, moment):
     db = tmp_path / "r.db"

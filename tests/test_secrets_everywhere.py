@@ -27,7 +27,7 @@ from upstream import Upstream
 
 from analyzer.secrets import fingerprint, protect_headers, protect_url, redact_body
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("secrets_everywhere")]
+pytestmark = pytest.mark.slow
 
 KEY = b"k" * 32
 
