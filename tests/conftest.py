@@ -88,12 +88,13 @@ ENGINES = ("sqlite", "postgresql")
 
 def new_store_url(request, tmp_path: Path, name: str) -> str:
     """Where a test's store goes on the engine it runs on: a SQLite path in tmp_path, or a
-    fresh database on the session's PostgreSQL server."""
+    database on the session's PostgreSQL server with no rows (tests/pgcluster.py: the
+    store's schema may be made already, as `open_store` would make it)."""
     if request.param == "sqlite":
         return str(tmp_path / name)
     cluster = request.getfixturevalue("pg_cluster")
-    url = cluster.new_database()
-    request.addfinalizer(lambda: cluster.recycle(url))
+    url = cluster.new_store_database()
+    request.addfinalizer(lambda: cluster.recycle(url, keep_schema=True))
     return url
 
 
