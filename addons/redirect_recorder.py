@@ -31,6 +31,8 @@ through the proxy, are answered by the recorder itself and never forwarded or re
 store is down, in the spool): what the pytest plugin waits on before it reads a test's
 findings. `/label?from=A&to=B` records the traffic of clients labelled A under B from
 the next request on (`to` empty: as A again): the plugin gives each test its own.
+`/flush` also says, per host, how many TLS handshakes a client refused (it does not trust
+the recorder's CA, so nothing it sent was seen) and how many upstream handshakes failed.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
 from mitmproxy.proxy import mode_specs
@@ -147,6 +149,11 @@ class RedirectRecorder:
         self.late = 0  # flows that finished after done()
         self.labels: dict[str, str] = {}  # client connection id -> label given on its CONNECT
         self.renamed: dict[str, str] = {}  # label a client gives -> label it is recorded under (/label)
+        # TLS handshakes that failed, per host (SNI, else the address): a client that refused the
+        # recorder's certificate sent nothing we could see; an upstream that failed verification
+        # was answered by the proxy. Both go out with /flush, for the end-of-run summary.
+        self.tls_refused: dict[str, int] = {}
+        self.tls_upstream_failed: dict[str, int] = {}
 
     # ---- options -------------------------------------------------------------
 
@@ -311,6 +318,12 @@ class RedirectRecorder:
     def client_disconnected(self, client: connection.Client) -> None:
         self.labels.pop(client.id, None)
 
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        _count(self.tls_refused, _tls_host(data))
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        _count(self.tls_upstream_failed, _tls_host(data))
+
     async def _control(self, flow: http.HTTPFlow) -> None:
         flow.metadata[RECORDED] = True  # answered here: never forwarded, never recorded
         path = flow.request.path.split("?", 1)[0]
@@ -364,6 +377,8 @@ class RedirectRecorder:
                 "stored": recorder.stored,
                 "spooled": recorder.spooled,
                 "capture": recorder.capture_id,
+                "tls_refused": self.tls_refused,
+                "tls_upstream_failed": self.tls_upstream_failed,
             },
         )
 
@@ -537,6 +552,23 @@ class RedirectRecorder:
         )
 
 
+TLS_HOSTS_KEPT = 1000  # hosts counted one by one; past it, the rest are counted as one
+
+
+def _tls_host(data: tls.TlsData) -> str:
+    conn = data.conn
+    if conn.sni:
+        return printable(conn.sni)[:253]
+    peer = data.context.server.address  # where the client was going, or the server itself
+    return f"{peer[0]}:{peer[1]}" if peer else "(no name)"
+
+
+def _count(counts: dict[str, int], host: str) -> None:
+    if host not in counts and len(counts) >= TLS_HOSTS_KEPT:
+        host = "(other hosts)"
+    counts[host] = counts.get(host, 0) + 1
+
+
 def _options_error(message: str) -> exceptions.OptionsError:
     return exceptions.OptionsError(message)  # type: ignore[no-untyped-call]  # mitmproxy's exceptions are unannotated
 
@@ -554,6 +586,8 @@ http_connect = recorder.http_connect
 requestheaders = recorder.requestheaders
 request = recorder.request
 client_disconnected = recorder.client_disconnected
+tls_failed_client = recorder.tls_failed_client
+tls_failed_server = recorder.tls_failed_server
 response = recorder.response
 error = recorder.error
 done = recorder.done

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for annotations only: each command imports what it runs
 
     from analyzer.detectors import Rule
     from analyzer.model import Severity
+    from analyzer.recorded import ClientSeen
     from analyzer.report import Record
     from analyzer.store import Store
     from analyzer.storeread import Reader, StoreState
@@ -578,6 +579,11 @@ def proxy_cmd(
     "with self-signed certificates)",
 )
 @click.option("--verbose", "-v", is_flag=True, help="List the environment variables set for CMD")
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="A run that recorded no exchange passes (by default it exits 2: nothing was judged)",
+)
 @secret_field_option
 @key_file_option
 def run_cmd(
@@ -590,6 +596,7 @@ def run_cmd(
     confdir: str,
     settings: tuple[str, ...],
     verbose: bool,
+    allow_empty: bool,
     secret_fields: tuple[str, ...],
     key_file: str | None,
 ) -> None:
@@ -598,8 +605,11 @@ def run_cmd(
     CMD gets the proxy in HTTP_PROXY, HTTPS_PROXY and ALL_PROXY (both cases), a CA bundle
     with the system's CAs and mitmproxy's (SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
     CURL_CA_BUNDLE; NODE_EXTRA_CA_CERTS), and NO_PROXY without its loopback entries.
-    Exit status: CMD's when it failed; else 1 when a finding at or above --fail-on is not
-    in the baseline, else 0; 2 when redirect-audit itself could not do its part.
+    At the end it says what it recorded: exchanges per client, TLS handshakes a client
+    refused (it does not trust the recorder's CA), and, when nothing was recorded, why
+    that may be. Exit status: CMD's when it failed; else 1 when a finding at or above
+    --fail-on is not in the baseline; 2 when nothing was recorded (unless --allow-empty)
+    or redirect-audit itself could not do its part; else 0.
 
     \b
         redirect-audit run -- pytest tests/api
@@ -656,9 +666,10 @@ def run_cmd(
             raise UserError(str(exc)) from None
         keep_workdir = fresh
         try:
-            capture = recording.flush().get("capture") if recording.running else None
+            flushed = recording.flush() if recording.running else {}
         except (OSError, SessionError):
-            capture = None
+            flushed = {}
+        capture = flushed.get("capture")
         proxy_status = recording.stop()
         totals = recording.totals()
         status = (
@@ -677,7 +688,7 @@ def run_cmd(
 
             keep_workdir = True
             raise UserError(f"the recorder failed: {last_error(recording.output())} (log: {recording.log})")
-        records, failing = _judge_run(db, capture, Severity.parse(fail_on), known)
+        records, failing, seen_clients = _judge_run(db, capture, Severity.parse(fail_on), known)
     finally:
         if recording.running:
             recording.stop()
@@ -685,6 +696,21 @@ def run_cmd(
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
+    from analyzer import recorded
+
+    refused = flushed.get("tls_refused") or {}
+    say(recorded.recorded_line(seen_clients))
+    for line in recorded.tls_lines(refused, flushed.get("tls_upstream_failed") or {}):
+        say(line)
+    if not seen_clients:
+        say("nothing was judged, so this is not an all-clear. It may be that:")
+        for reason in recorded.empty_reasons(refused=refused, unproxied=0, pytest=_is_pytest(command)):
+            say(f"  - {reason}")
+        say("(--allow-empty accepts a run that records nothing; -v lists the variables CMD was given)")
+        if child.status != 0:
+            raise click.exceptions.Exit(child.status)
+        if not allow_empty:
+            raise click.exceptions.Exit(EXIT_ERROR)
     _emit(None, lambda out: _print_findings(records, out, " in this run's traffic"))
     for r in failing:
         say(f"NEW {r['severity']} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
@@ -700,10 +726,11 @@ def run_cmd(
 
 def _judge_run(
     db: str, capture: int | None, floor: Severity, known: set[str]
-) -> tuple[list[Record], list[Record]]:
-    """Analyze the store; (this capture's findings, those that fail the gate)."""
+) -> tuple[list[Record], list[Record], list[ClientSeen]]:
+    """Analyze the store; (this capture's findings, those that fail the gate, its clients)."""
     from analyzer import exports
     from analyzer.analysis import analyze
+    from analyzer.recorded import clients_seen
     from analyzer.report import finding_records
     from analyzer.store import open_store
     from analyzer.storeread import open_reader
@@ -711,11 +738,17 @@ def _judge_run(
     store = open_store(db, create=False)
     try:
         analyze(store)
+        seen = clients_seen(store, capture_ids=[capture]) if capture is not None else []
     finally:
         store.close()
     with open_reader(db) as reader:
         records = finding_records(reader, capture_id=capture) if capture is not None else []
-    return records, exports.gate(records, floor, known)
+    return records, exports.gate(records, floor, known), seen
+
+
+def _is_pytest(command: tuple[str, ...]) -> bool:
+    """Is CMD a pytest run (`pytest`, `py.test`, `python -m pytest`, `uv run pytest`)?"""
+    return any(Path(arg).name in ("pytest", "py.test") for arg in command[:4])
 
 
 @cli.command("demo")

@@ -41,6 +41,7 @@ import pytest
 
 if TYPE_CHECKING:  # annotations only: nothing heavy is imported until the plugin is enabled
     from analyzer.model import Severity
+    from analyzer.recorded import ClientSeen
     from analyzer.report import Record
     from analyzer.session import Recording
     from analyzer.store import Store
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # annotations only: nothing heavy is imported until the plugi
 SEVERITIES = ("info", "low", "medium", "high")
 WORKER_MAIN = "main"
 STATE = pytest.StashKey["AuditSession"]()
+UNPROXIED = pytest.StashKey[list[str]]()  # the proxy variables a test ran without
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
@@ -74,6 +76,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SEVERITY",
         help="Fail a test during which a new finding at or above SEVERITY "
         f"happened ({', '.join(SEVERITIES)})",
+    )
+    group.addoption(
+        "--redirect-audit-allow-empty",
+        dest="redirect_audit_allow_empty",
+        action="store_true",
+        default=False,
+        help="A session that recorded no exchange passes (by default it exits 2: nothing was judged)",
     )
     group.addoption(
         "--redirect-audit-baseline",
@@ -186,6 +195,13 @@ class AuditSession:
         self._opened: Store | None = None  # once used
         self._last_seen: int | None = None  # the recorder's count at the last analysis
         self.tests = 0  # tests started in this process
+        self.allow_empty = bool(config.getoption("redirect_audit_allow_empty"))
+        self.given_env: dict[str, str] = {}  # the proxy variables as the recorder set them
+        self.unproxied: dict[str, list[str]] = {}  # test -> proxy variables it ran without
+        self.tls_refused: dict[str, int] = {}  # host -> handshakes refused (every worker's)
+        self.tls_upstream_failed: dict[str, int] = {}
+        self.seen: list[ClientSeen] | None = None  # what the session recorded, once it ended
+        self.recorder_lost = False  # the recorder stopped answering before the session ended
         self.baseline = baseline
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
@@ -235,6 +251,9 @@ class AuditSession:
             raise pytest.UsageError(f"--redirect-audit: {exc}") from None
         self.recording = recording
         env, _ = recording.environ()
+        from analyzer.session import PROXY_VARS
+
+        self.given_env = {name: env[name] for name in PROXY_VARS if name in env}
         for name in set(env) | set(os.environ):
             if env.get(name) != os.environ.get(name):
                 self.saved_env[name] = os.environ.get(name)
@@ -245,7 +264,9 @@ class AuditSession:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Stop this process's recorder (it stores what it holds) before the summary reads the store."""
+        """Stop this process's recorder (it stores what it holds) before the summary reads the
+        store; then, in the process that sums up, learn what the session recorded: a session
+        that recorded nothing exits 2 (unless allowed), since nothing was judged."""
         for name, value in self.saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -253,10 +274,40 @@ class AuditSession:
                 os.environ[name] = value
         self.saved_env = {}
         if self.recording is not None:
-            if self.recording.attached:
-                self.recording.flush()
-            else:
+            from http.client import HTTPException
+
+            from analyzer.session import SessionError
+
+            try:
+                self._add_tls(self.recording.flush())
+            except (OSError, HTTPException, SessionError):
+                self.recorder_lost = True  # it stopped answering: what it held may be missing
+            if not self.recording.attached:
                 self.recording.stop()
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: the controller sums up
+            workeroutput["redirect_audit_tls"] = [self.tls_refused, self.tls_upstream_failed]
+            return
+        from analyzer.recorded import clients_seen
+
+        clients, recorders = self.session_clients()
+        with self._store() as store:
+            self.seen = clients_seen(store, clients=clients, prefixes=[f"proxy:{r}/" for r in recorders])
+        if not self.seen and not self.allow_empty and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.INTERRUPTED  # 2, as `redirect-audit run` exits
+
+    def _add_tls(self, flushed: dict[str, Any]) -> None:
+        for mine, theirs in (
+            (self.tls_refused, flushed.get("tls_refused") or {}),
+            (self.tls_upstream_failed, flushed.get("tls_upstream_failed") or {}),
+        ):
+            for host, count in theirs.items():
+                mine[host] = mine.get(host, 0) + int(count)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:  # xdist: a worker finished
+        refused, upstream = getattr(node, "workeroutput", {}).get("redirect_audit_tls", ({}, {}))
+        self._add_tls({"tls_refused": refused, "tls_upstream_failed": upstream})
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self._opened is not None:
@@ -306,7 +357,27 @@ class AuditSession:
                     .values(ended_at=time.time(), outcome=self.outcomes.get(item.nodeid, "passed"))
                 )
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        """Note a test that runs with the proxy variables removed or changed (a fixture that
+        clears them, as HTTP libraries' suites often do): its traffic went around the recorder."""
+        if self.recording is None or not self.given_env:
+            return (yield)
+        before = self._unproxied()
+        try:
+            return (yield)
+        finally:
+            gone = sorted(set(before) | set(self._unproxied()))
+            if gone:
+                item.stash[UNPROXIED] = gone
+
+    def _unproxied(self) -> list[str]:
+        return [name for name, value in self.given_env.items() if os.environ.get(name) != value]
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        gone = getattr(report, "redirect_audit_unproxied", None)
+        if gone:
+            self.unproxied[report.nodeid] = list(gone)
         if report.failed:
             self.outcomes[report.nodeid] = "failed"
         elif report.skipped and self.outcomes.get(report.nodeid) != "failed":
@@ -317,6 +388,8 @@ class AuditSession:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
+        if call.when == "call" and UNPROXIED in item.stash:
+            report.redirect_audit_unproxied = item.stash[UNPROXIED]  # type: ignore[attr-defined]  # sent to xdist's controller with the report
         if call.when != "call" or self.fail_on is None or self.recording is None or self.current is None:
             return report
         from analyzer.exports import gate
@@ -437,6 +510,8 @@ class AuditSession:
             tr.write_line(f"redirect-audit: could not read the findings: {exc}")
             return
         where = f"a fresh store, {self.shown}" if self.fresh else self.shown
+        if not self._what_was_seen(tr, where):
+            return
         if not records:
             tr.write_line(f"No findings in this session's traffic (store: {where}).")
             return
@@ -451,6 +526,33 @@ class AuditSession:
                     tr.write_line(f"         {self.command(f['chain_id'])}")
         tests = sum(1 for t in by_test if t != "(outside any test)")
         tr.write_line(f"{len(records)} finding(s) in {tests} test(s); store: {where}")
+
+    def _what_was_seen(self, tr: pytest.TerminalReporter, where: str) -> bool:
+        """Say what the session recorded and could not see; False when it recorded nothing."""
+        from analyzer import recorded
+
+        seen = self.seen or []
+        tr.write_line(recorded.recorded_line(seen))
+        if self.recorder_lost:
+            tr.write_line(
+                "The recorder stopped answering before the session ended: its last exchanges may be missing."
+            )
+        for line in recorded.tls_lines(self.tls_refused, self.tls_upstream_failed):
+            tr.write_line(line)
+        if self.unproxied:
+            tr.write_line(recorded.unproxied_line(sorted(self.unproxied)))
+        if seen:
+            return True
+        tr.write_line(f"Nothing was judged (store: {where}), so this is not an all-clear. It may be that:")
+        for reason in recorded.empty_reasons(
+            refused=self.tls_refused, unproxied=len(self.unproxied), pytest=True
+        ):
+            tr.write_line(f"  - {reason}")
+        verdict = "passes" if self.allow_empty else "exits 2"
+        tr.write_line(
+            f"The session {verdict}; --redirect-audit-allow-empty accepts a session that records nothing."
+        )
+        return False
 
     def session_findings(self) -> list[Record]:
         from analyzer.analysis import analyze

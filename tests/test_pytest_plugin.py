@@ -192,6 +192,11 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
     assert "test_clean" not in summary and "test_fixture_clean" not in summary
     assert f"redirect-audit chains --db {db} --chain " in summary
     assert f"3 finding(s) in 3 test(s); store: {db}" in summary
+    who = "pytest gw0" if workers else "pytest main"
+    assert re.search(
+        rf"recorded 1[0-9] exchange\(s\) from [2-4] client\(s\): requests 2\.\d+ \({who}\) \(\d+\)", summary
+    ), summary
+    assert "TLS handshake" not in summary and "proxy variables removed" not in summary
     with sqlite3.connect(db) as conn:
         runs = conn.execute(
             "SELECT nodeid, worker, client, outcome FROM test_runs ORDER BY nodeid"
@@ -321,3 +326,51 @@ def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
     result.assert_outcomes(passed=6)
     assert findings_by_test(url) == expected_by_test()
     assert "3 finding(s) in 3 test(s); store: postgresql" in result.stdout.str()
+
+
+SCRUBBING_SUITE = '''
+import os, pytest, requests
+
+UP = os.environ["UPSTREAM"]
+
+
+@pytest.fixture(autouse=True)
+def no_proxies(monkeypatch):
+    """As the test suites of many HTTP libraries do: no proxy from the environment."""
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
+
+
+def test_post():
+    assert requests.post(f"{UP}/r/302/pay", data=b"a=1").status_code == 200
+
+
+def test_get():
+    assert requests.get(f"{UP}/r/301/x").status_code == 200
+'''
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["serial", "xdist-2"])
+def test_a_suite_that_clears_the_proxy_variables_is_not_an_all_clear(pytester, upstream, workers):
+    """A suite whose fixture deletes every proxy variable records nothing: the session says
+    so, names the tests that ran without them, and exits 2 unless told that is fine."""
+    pytester.makepyfile(test_scrub=SCRUBBING_SUITE)
+    xdist = ["-n", str(workers)] if workers else []
+    result = pytester.runpytest_subprocess("--redirect-audit", "-p", "no:cacheprovider", *xdist, timeout=300)
+    result.assert_outcomes(passed=2)  # the tests themselves pass
+    assert result.ret == 2
+    out = result.stdout.str()
+    assert "No findings" not in out
+    assert "recorded nothing: no HTTP(S) exchange went through the recorder" in out
+    assert (
+        "2 test(s) ran with the proxy variables removed (a fixture or the test cleared them), so "
+        "their HTTP traffic was not recorded: test_scrub.py::test_get, test_scrub.py::test_post"
+    ) in out
+    assert "so this is not an all-clear" in out and "- 2 test(s) ran with the proxy variables removed" in out
+    assert "The session exits 2; --redirect-audit-allow-empty accepts a session that records nothing." in out
+    allowed = pytester.runpytest_subprocess(
+        "--redirect-audit", "--redirect-audit-allow-empty", "-p", "no:cacheprovider", *xdist, timeout=300
+    )
+    assert allowed.ret == 0
+    assert "The session passes;" in allowed.stdout.str()

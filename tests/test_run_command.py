@@ -50,6 +50,7 @@ def test_a_post_answered_302_is_found_and_the_gate_decides_the_exit_status(upstr
     assert f"POST {upstream.origin}/r/302/pay → 302 → GET {upstream.origin}/echo/pay" in low.stdout
     assert f"NEW low RA101 method-downgrade: POST {upstream.origin}/r/302/pay" in low.stderr
     assert "exited with 0; 2 exchange(s) seen, 2 stored" in low.stderr
+    assert f"recorded 2 exchange(s) from 1 client(s): curl {curl_version(curl)} (2)" in low.stderr
     db = store_of(low.stderr)
     assert (
         db.startswith(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) and Path(db).exists()
@@ -154,6 +155,7 @@ def test_verbose_lists_what_it_set_and_loopback_no_proxy_entries_are_removed(ups
     script = "import os, json; print(json.dumps({k: os.environ.get(k) for k in ('NO_PROXY', 'no_proxy', 'HTTP_PROXY')}))"
     done = run(
         "-v",
+        "--allow-empty",
         "--label",
         "ci",
         "--",
@@ -230,7 +232,7 @@ def test_nothing_is_left_in_the_temporary_directory_but_a_fresh_store(upstream, 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**env, "TMPDIR": str(scratch)}
-    kept = run("--db", str(tmp_path / "named.db"), "--", "true", env=env)
+    kept = run("--db", str(tmp_path / "named.db"), "--allow-empty", "--", "true", env=env)
     assert kept.returncode == 0, kept.stderr
     assert list(scratch.iterdir()) == []  # with --db, the CA bundle and the log went with the run
     refused = run("--db", str(tmp_path / "no" / "such" / "dir.db"), "--", "true", env=env)
@@ -239,3 +241,50 @@ def test_nothing_is_left_in_the_temporary_directory_but_a_fresh_store(upstream, 
     fresh = run("--", "true", env=env)
     (left,) = scratch.iterdir()
     assert store_of(fresh.stderr) == str(left / "capture.db")  # the fresh store stays, where it said
+
+
+def curl_version(curl: str) -> str:
+    """curl's version as its User-Agent gives it, major.minor: '8.14'."""
+    words = subprocess.run([curl, "--version"], capture_output=True, text=True, check=True).stdout.split()
+    return ".".join(words[1].split(".")[:2])
+
+
+def test_a_run_that_records_nothing_says_why_and_exits_2(env):
+    """Not "No findings": nothing was judged. The command cleared the proxy variables here,
+    as the fixtures of many HTTP libraries' test suites do."""
+    script = "import os; [os.environ.pop(k) for k in list(os.environ) if k.lower().endswith('_proxy')]"
+    empty = run("--", sys.executable, "-c", script, env=env)
+    assert empty.returncode == 2, empty.stderr
+    assert "No findings" not in empty.stdout + empty.stderr
+    assert "recorded nothing: no HTTP(S) exchange went through the recorder" in empty.stderr
+    assert "nothing was judged, so this is not an all-clear" in empty.stderr
+    assert "the command cleared the proxy variables, or its clients do not read them" in empty.stderr
+    assert "--allow-empty accepts a run that records nothing" in empty.stderr
+    allowed = run("--allow-empty", "--", sys.executable, "-c", script, env=env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "recorded nothing" in allowed.stderr  # still said
+    failed = run("--", sys.executable, "-c", "import sys; sys.exit(5)", env=env)
+    assert failed.returncode == 5 and "recorded nothing" in failed.stderr  # the command's failure wins
+    pytest_run = run("--", sys.executable, "-m", "pytest", "--version", env=env)
+    assert pytest_run.returncode == 2
+    assert "the tests' HTTP clients do not read the proxy variables" in pytest_run.stderr
+
+
+def test_tls_handshakes_a_client_refused_are_counted_by_host(upstream, env, tmp_path):
+    """curl pinned to a CA bundle of its own does not trust the recorder: what it sent is
+    not seen, and the summary names the host instead of passing quietly."""
+    curl = require_program("curl", "apt-get install curl")
+    secure = Upstream(tls=self_signed_context(tmp_path))
+    try:
+        pinned = tmp_path / "upstream-cert.pem"
+        url = secure.origin.replace("127.0.0.1", "localhost")
+        done = run("--", curl, "-s", "--cacert", str(pinned), f"{url}/echo/pinned", env=env)
+    finally:
+        secure.close()
+    assert done.returncode == 60, done.stderr  # curl: the peer's certificate is not trusted
+    assert "recorded nothing" in done.stderr
+    assert (
+        "1 TLS handshake(s) refused by a client that does not trust the recorder's CA, so what it "
+        "sent there was not seen: localhost (1)"
+    ) in done.stderr
+    assert "1 TLS handshake(s) were refused: a client pinned its own CA bundle" in done.stderr

@@ -1,0 +1,159 @@
+"""What a recording saw and what it could not: the end-of-run summary of `run` and the plugin.
+
+A recording that stored nothing is not an all-clear. The summary says how many exchanges
+were stored from which clients (by product and version, with the label they came under),
+which TLS handshakes a client refused (it does not trust the recorder's CA, so nothing it
+sent over them was seen), which tests ran with the proxy variables removed, and which
+runtimes started without sending anything; when nothing was recorded, it says why that
+may be. pandas-free: `run` and the plugin import it at the end of every session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sqlalchemy import func, select
+
+from analyzer.store import Store
+from analyzer.store import exchanges as ex_t
+
+PLUGIN_LABEL = re.compile(r"^pytest-(?P<worker>[\w.-]+?)-(?P<session>[0-9a-f]{8})(?:-t(?P<test>\d+))?$")
+SHOWN = 4  # hosts, clients or tests named in one line; the rest are counted
+
+
+@dataclass(frozen=True)
+class ClientSeen:
+    client: str  # the label or address it was recorded under (what --client takes)
+    name: str  # its product and version, and its label in words: "requests 2.32 (pytest gw0)"
+    exchanges: int
+
+
+@lru_cache(maxsize=1024)
+def product(user_agent: str | None) -> str:
+    """A client's product and version from its User-Agent: 'requests 2.32', 'curl 8.5',
+    'Chrome 130'. Browsers by ua-parser's family (their first token is always Mozilla);
+    everything else by its first product token, with a `python-` prefix dropped."""
+    if not user_agent or not user_agent.strip():
+        return "no User-Agent"
+    if user_agent.startswith("Mozilla/"):
+        from ua_parser import parse
+
+        agent = parse(user_agent).user_agent
+        if agent is not None and agent.family != "Other":
+            return f"{agent.family} {agent.major}" if agent.major else agent.family
+    token = user_agent.split()[0]
+    name, _, version = token.partition("/")
+    if name.lower().startswith("python-") and name[7:].islower():
+        name = name[7:]  # python-requests, python-httpx: the library's own name
+    parts = re.findall(r"\d+", version)[:2]
+    return f"{name} {'.'.join(parts)}" if parts else name
+
+
+def label_words(client: str) -> str:
+    """The label a client was recorded under, in words: 'pytest gw0' for the plugin's,
+    '' for traffic without one (a recorder's name and the client's address)."""
+    if client.startswith("proxy:"):
+        return ""
+    found = PLUGIN_LABEL.match(client)
+    if found:
+        return f"pytest {found['worker']}"
+    return client
+
+
+def clients_seen(
+    store: Store,
+    *,
+    capture_ids: Iterable[int] | None = None,
+    clients: Iterable[str] | None = None,
+    prefixes: Iterable[str] = (),
+) -> list[ClientSeen]:
+    """The clients whose exchanges a recording stored, most traffic first, by readable name.
+    Chosen by capture (a `run`), or by client label and address prefix (a pytest session)."""
+    query = select(ex_t.c.client, ex_t.c.user_agent, func.count()).group_by(ex_t.c.client, ex_t.c.user_agent)
+    if capture_ids is not None:
+        query = query.where(ex_t.c.capture_id.in_(list(capture_ids)))
+    if clients is not None:
+        from sqlalchemy import or_
+
+        query = query.where(
+            or_(
+                ex_t.c.client.in_(list(clients)),
+                *(ex_t.c.client.startswith(p, autoescape=True) for p in prefixes),
+            )
+        )
+    named: dict[str, int] = {}
+    first: dict[str, str] = {}
+    with store.begin() as conn:
+        for client, agent, count in conn.execute(query):
+            words = label_words(client)
+            name = f"{product(agent)} ({words})" if words else product(agent)
+            named[name] = named.get(name, 0) + count
+            first.setdefault(name, client)
+    return sorted(
+        (ClientSeen(first[n], n, c) for n, c in named.items()), key=lambda s: (-s.exchanges, s.name)
+    )
+
+
+def counted(items: Mapping[str, int], unit: str = "") -> str:
+    """'a (3), b (1) and 2 more' for the SHOWN commonest."""
+    ranked = sorted(items.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{k} ({v}{unit})" for k, v in ranked[:SHOWN])
+    rest = len(ranked) - SHOWN
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+def recorded_line(seen: list[ClientSeen]) -> str:
+    total = sum(s.exchanges for s in seen)
+    if not total:
+        return "recorded nothing: no HTTP(S) exchange went through the recorder"
+    clients = counted({s.name: s.exchanges for s in seen})
+    return f"recorded {total} exchange(s) from {len(seen)} client(s): {clients}"
+
+
+def tls_lines(refused: Mapping[str, int], upstream: Mapping[str, int]) -> list[str]:
+    lines = []
+    if refused:
+        lines.append(
+            f"{sum(refused.values())} TLS handshake(s) refused by a client that does not trust the "
+            f"recorder's CA, so what it sent there was not seen: {counted(refused)}"
+        )
+    if upstream:
+        lines.append(
+            f"{sum(upstream.values())} TLS handshake(s) with an upstream server failed (the recorder "
+            f"answered the client with an error): {counted(upstream)}"
+        )
+    return lines
+
+
+def unproxied_line(tests: list[str]) -> str:
+    shown = ", ".join(tests[:SHOWN]) + (f" and {len(tests) - SHOWN} more" if len(tests) > SHOWN else "")
+    return (
+        f"{len(tests)} test(s) ran with the proxy variables removed (a fixture or the test cleared "
+        f"them), so their HTTP traffic was not recorded: {shown}"
+    )
+
+
+def empty_reasons(*, refused: Mapping[str, int], unproxied: int, pytest: bool) -> list[str]:
+    """Why a recording may have seen nothing, the likeliest first."""
+    reasons = []
+    if unproxied:
+        reasons.append(f"{unproxied} test(s) ran with the proxy variables removed")
+    if refused:
+        reasons.append(
+            f"{sum(refused.values())} TLS handshake(s) were refused: a client pinned its own CA bundle"
+        )
+    if pytest:
+        reasons.append(
+            "the tests' HTTP clients do not read the proxy variables (aiohttp without "
+            "trust_env=True, a client given proxies= or a transport of its own)"
+        )
+    else:
+        reasons.append(
+            "the command cleared the proxy variables, or its clients do not read them "
+            "(Go's net/http never proxies loopback; aiohttp needs trust_env=True)"
+        )
+    reasons.append("it sent no HTTP(S) traffic at all")
+    return reasons
