@@ -604,7 +604,8 @@ def run_cmd(
 
     CMD gets the proxy in HTTP_PROXY, HTTPS_PROXY and ALL_PROXY (both cases), a CA bundle
     with the system's CAs and mitmproxy's (SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
-    CURL_CA_BUNDLE; NODE_EXTRA_CA_CERTS), and NO_PROXY without its loopback entries.
+    CURL_CA_BUNDLE; NODE_EXTRA_CA_CERTS), NO_PROXY without its loopback entries, and a
+    preload in NODE_OPTIONS that sends Node's fetch and http/https through the recorder.
     At the end it says what it recorded: exchanges per client, TLS handshakes a client
     refused (it does not trust the recorder's CA), and, when nothing was recorded, why
     that may be. Exit status: CMD's when it failed; else 1 when a finding at or above
@@ -665,6 +666,7 @@ def run_cmd(
         except SessionError as exc:
             raise UserError(str(exc)) from None
         keep_workdir = fresh
+        runtimes = recording.runtimes()
         try:
             flushed = recording.flush() if recording.running else {}
         except (OSError, SessionError):
@@ -702,6 +704,9 @@ def run_cmd(
     say(recorded.recorded_line(seen_clients))
     for line in recorded.tls_lines(refused, flushed.get("tls_upstream_failed") or {}):
         say(line)
+    started = recorded.runtimes_line(runtimes)
+    if started:
+        say(started)
     if not seen_clients:
         say("nothing was judged, so this is not an all-clear. It may be that:")
         for reason in recorded.empty_reasons(refused=refused, unproxied=0, pytest=_is_pytest(command)):

@@ -136,6 +136,28 @@ def unproxied_line(tests: list[str]) -> str:
     )
 
 
+def runtimes_line(reports: list[dict[str, object]]) -> str | None:
+    """The runtimes the preload reached (one report per process, as it exited), and those
+    that sent nothing through the recorder: 'node 20.20.2: 3 process(es), 1 sent nothing (npm-cli.js)'."""
+    if not reports:
+        return None
+    by_runtime: dict[str, list[dict[str, object]]] = {}
+    for report in reports:
+        by_runtime.setdefault(str(report.get("runtime", "unknown")), []).append(report)
+    parts = []
+    for runtime, processes in sorted(by_runtime.items()):
+        silent = [p for p in processes if not p.get("tunnels")]
+        text = f"{runtime}: {len(processes)} process(es)"
+        if silent:
+            scripts = sorted({str(p.get("script") or "?") for p in silent})
+            shown = ", ".join(scripts[:SHOWN]) + (
+                f" and {len(scripts) - SHOWN} more" if len(scripts) > SHOWN else ""
+            )
+            text += f", {len(silent)} sent nothing ({shown})"
+        parts.append(text)
+    return "runtimes started with the recorder's preload: " + "; ".join(parts)
+
+
 def empty_reasons(*, refused: Mapping[str, int], unproxied: int, pytest: bool) -> list[str]:
     """Why a recording may have seen nothing, the likeliest first."""
     reasons = []

@@ -12,7 +12,10 @@ child needs to send its traffic through it and still trust everything it trusted
   replace the trust store, so mitmproxy's CA alone would break the child's other HTTPS;
   `NODE_EXTRA_CA_CERTS` adds to Node's, so it gets mitmproxy's CA (and what it had);
 * `NO_PROXY` without the entries that send loopback around the proxy (the systems
-  under test in a test suite are mostly on loopback).
+  under test in a test suite are mostly on loopback);
+* a preload in `NODE_OPTIONS` (analyzer/preload/node.cjs): Node before 22.21 reads no
+  proxy variable, so its fetch and http/https are routed through the recorder there,
+  and each Node process leaves a line in the run's directory as it exits (`runtimes()`).
 
 `flush()` returns once the recorder has stored every exchange it has seen (the addon's
 `/flush` control request); `stop()` stops mitmdump, which drains its writer first.
@@ -43,6 +46,8 @@ from analyzer.storeread import DB_ENV
 
 CONTROL_HOST = "redirect-audit.invalid"  # answered by the addon (addons/redirect_recorder.py)
 PROXY_ENV = "REDIRECT_AUDIT_PROXY"  # set for the child: the recorder a nested plugin can use
+NODE_PROXY_ENV = "REDIRECT_AUDIT_NODE_PROXY"  # the proxy (with its label) for the Node preload
+RUNTIMES_ENV = "REDIRECT_AUDIT_RUNTIMES"  # where preloaded runtimes report that they ran
 PROXY_VARS = (*CLIENT_PROXY_VARS, "ALL_PROXY", "all_proxy")
 TRUST_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
@@ -301,6 +306,10 @@ class Recording:
             env[name] = str(bundle)
         env["NODE_EXTRA_CA_CERTS"] = str(self.node_extra(env))
         env["NODE_USE_ENV_PROXY"] = "1"  # Node 24 (and 22.21+): fetch and http honour HTTP(S)_PROXY
+        # Node before that reads no proxy variable: a preload routes fetch and http/https
+        env["NODE_OPTIONS"] = node_options(env.get("NODE_OPTIONS", ""))
+        env[NODE_PROXY_ENV] = url
+        env[RUNTIMES_ENV] = str(self.runtimes_dir())
         for name in NO_PROXY_VARS:
             if name in env:
                 kept = without_loopback(env[name])
@@ -312,6 +321,22 @@ class Recording:
         env[DB_ENV] = self.db_url
         changed = sorted(n for n in set(env) | set(before) if env.get(n) != before.get(n))
         return env, changed
+
+    def runtimes_dir(self) -> Path:
+        """Where the runtimes a preload reached say, as they exit, that they ran."""
+        path = self.workdir / "runtimes"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    def runtimes(self) -> list[dict[str, Any]]:
+        """What each preloaded process said when it exited (runtime, script, tunnels opened)."""
+        found = []
+        for report in sorted((self.workdir / "runtimes").glob("*.json")):
+            try:
+                found.append(json.loads(report.read_text()))
+            except (OSError, ValueError):
+                continue  # one cut short by a kill: the others still count
+        return found
 
     def trust_bundle(self, env: dict[str, str]) -> Path:
         """What the child trusted, plus mitmproxy's CA, in one file."""
@@ -332,6 +357,19 @@ class Recording:
             str(path), Path(given).read_text(errors="replace").rstrip("\n") + "\n" + self.ca.read_text()
         )
         return path
+
+
+def node_preload() -> Path:
+    return Path(__file__).parent / "preload" / "node.cjs"
+
+
+def node_options(given: str) -> str:
+    """NODE_OPTIONS with the preload required first (once, whatever was there)."""
+    path = str(node_preload())
+    required = f'--require "{path}"' if " " in path else f"--require {path}"
+    if path in given:
+        return given
+    return f"{required} {given}".strip()
 
 
 def attach(proxy: str, db_url: str, workdir: Path, label: str | None, confdir: Path) -> Recording:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -21,8 +22,6 @@ from proxyrun import ROOT
 from upstream import Upstream, self_signed_context
 
 pytestmark = pytest.mark.slow
-
-NODE_DIR = ROOT / "tests" / "node"
 
 
 @pytest.fixture
@@ -91,11 +90,11 @@ def test_a_clean_command_passes_and_a_store_named_with_db_is_kept(upstream, env,
 
 def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, env, tmp_path):
     """The child trusts what it trusted before (here: a private CA in SSL_CERT_FILE, for a
-    second TLS server it reaches directly) and mitmproxy's CA; Node reads the proxy from
-    the environment (undici's EnvHttpProxyAgent) and trusts the CA via NODE_EXTRA_CA_CERTS."""
+    second TLS server it reaches directly) and mitmproxy's CA. Node's fetch and https,
+    used as any application does, are recorded whatever the Node version (a preload in
+    NODE_OPTIONS; Node before 22.21 reads no proxy variable) and trust the CA through
+    NODE_EXTRA_CA_CERTS; each Node process says as it exits whether it sent anything."""
     node = require_program("node", "apt-get install nodejs")
-    if not (NODE_DIR / "node_modules" / "undici").exists():
-        pytest.fail("npm ci --prefix tests/node first (.ci/run does)")
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
     second = Upstream(tls=self_signed_context(tls_dir))
@@ -131,21 +130,51 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
         js = tmp_path / "client.mjs"
         js.write_text(
             textwrap.dedent(f"""
-            import {{ EnvHttpProxyAgent, setGlobalDispatcher }} from "{NODE_DIR / "node_modules" / "undici" / "index.js"}";
-            setGlobalDispatcher(new EnvHttpProxyAgent());
+            // Node's own clients, as an application uses them: nothing here knows of a proxy
+            import https from "node:https";
             const r = await fetch("{secure.origin}/r/303/node", {{ method: "POST", body: "a=1" }});
             console.log("node", r.status, (await r.json()).method);
+            await new Promise((resolve, reject) => https
+                .request("{secure.origin}/r/307/https", {{ method: "PUT" }}, (res) => {{
+                    console.log("https", res.statusCode);
+                    res.resume();
+                    res.on("end", resolve);
+                }})
+                .on("error", reject)
+                .end("b=2"));
         """)
         )
-        node_run = run("--set", "ssl_insecure=true", "--", node, str(js), env=env)
-        assert node_run.returncode == 0, node_run.stderr + node_run.stdout
-        assert "node 200 GET" in node_run.stdout
-        assert "2 exchange(s) seen, 2 stored" in node_run.stderr
+        both = f"{shlex.quote(node)} -e 0 && {shlex.quote(node)} {shlex.quote(str(js))}"
+        node_run = run(
+            "--set",
+            "ssl_insecure=true",
+            "--label",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            both,
+            env={**env, "NODE_OPTIONS": "--no-deprecation"},  # the user's own options are kept
+        )
+        assert node_run.returncode == 1, node_run.stderr + node_run.stdout  # the 307 nobody followed
+        assert "node 200 GET" in node_run.stdout and "https 307" in node_run.stdout
+        assert "3 exchange(s) seen, 3 stored" in node_run.stderr
+        version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()[1:]
+        assert (
+            f"runtimes started with the recorder's preload: node {version}: 2 process(es), "
+            "1 sent nothing ((no script))"
+        ) in node_run.stderr
+        assert (
+            "recorded 3 exchange(s) from 2 client(s): node (web) (2), no User-Agent (web) (1)"
+            in node_run.stderr
+        )
         db = store_of(node_run.stderr)
         chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
-        assert [(h["from"]["method"], h["status"], h["to"]["method"]) for c in chains for h in c["hops"]] == [
-            ("POST", 303, "GET")
-        ]
+        assert sorted(
+            (h["from"]["method"], h["status"], h["to"]["method"] if h["to"] else None)
+            for c in chains
+            for h in c["hops"]
+        ) == [("POST", 303, "GET"), ("PUT", 307, None)]
     finally:
         second.close()
         secure.close()
@@ -176,6 +205,7 @@ def test_verbose_lists_what_it_set_and_loopback_no_proxy_entries_are_removed(ups
         "REQUESTS_CA_BUNDLE",
         "CURL_CA_BUNDLE",
         "NODE_EXTRA_CA_CERTS",
+        "NODE_OPTIONS",
     ):
         assert f"redirect-audit run:   {name}=" in done.stderr
     assert "redirect-audit run:   no_proxy removed" in done.stderr
