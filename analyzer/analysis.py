@@ -26,7 +26,6 @@ import hashlib
 import json
 import multiprocessing
 import signal
-import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,6 +39,7 @@ from analyzer.chains import LinkOptions, assemble_chains, link_redirects, stored
 from analyzer.detectors import RULES, DetectorOptions, run_detectors
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import WRITE_METHODS
+from analyzer.forking import start_method
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
 from analyzer.store import (
@@ -528,7 +528,7 @@ def _parallel(
 ) -> Iterator[BatchOutput]:
     """Batches through worker processes, results in the batches' order (so that new
     finding ids come out the same whatever finishes first), at most 2 x jobs in flight."""
-    context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
+    context = multiprocessing.get_context(start_method())
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(url,)) as pool:
         pending: deque[Future[BatchOutput]] = deque()
         try:

@@ -29,6 +29,7 @@ import ijson
 import msgspec
 from sqlalchemy.engine import Connection
 
+from analyzer.forking import start_method
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.ingest.common import (
     IDEMPOTENCY_HEADERS,
@@ -329,7 +330,7 @@ class _FastImport:
         # fork starts workers at once and shares the imported code; it is only safe
         # while this process has no other thread (a lock held by one would be copied).
         context: BaseContext
-        if threading.active_count() == 1:
+        if start_method() == "fork":
             context = multiprocessing.get_context("fork")
         else:
             context = server = multiprocessing.get_context("forkserver")
