@@ -31,6 +31,8 @@ through the proxy, are answered by the recorder itself and never forwarded or re
 store is down, in the spool): what the pytest plugin waits on before it reads a test's
 findings. `/label?from=A&to=B` records the traffic of clients labelled A under B from
 the next request on (`to` empty: as A again): the plugin gives each test its own.
+`/listen?label=L` opens a listener on a free loopback port whose traffic is recorded
+under L: the label without a credential in the client's proxy URL (`run`, the plugin).
 `/flush` also says, per host, how many TLS handshakes a client refused (it does not trust
 the recorder's CA, so nothing it sent was seen) and how many upstream handshakes failed.
 """
@@ -149,6 +151,7 @@ class RedirectRecorder:
         self.late = 0  # flows that finished after done()
         self.labels: dict[str, str] = {}  # client connection id -> label given on its CONNECT
         self.renamed: dict[str, str] = {}  # label a client gives -> label it is recorded under (/label)
+        self.port_labels: dict[str, str] = {}  # a listener's mode spec -> the label of its traffic (/listen)
         # TLS handshakes that failed, per host (SNI, else the address): a client that refused the
         # recorder's certificate sent nothing we could see; an upstream that failed verification
         # was answered by the proxy. Both go out with /flush, for the end-of-run summary.
@@ -291,14 +294,19 @@ class RedirectRecorder:
     # ---- labels and control requests ------------------------------------------
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.client_conn.proxy_mode.full_spec in self.port_labels:
+            return  # labelled by its port: a credential there is the client's own business
         label = take_label(flow.request)
         if label is not None:  # every request through this tunnel is the labelled client's
             self.labels[flow.client_conn.id] = label
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         conn = flow.client_conn
-        label = None
-        if isinstance(conn.proxy_mode, _PROXY_MODES) and not conn.tls_established:
+        # A listener of a label's own (/listen) labels its traffic and leaves every header
+        # as the client sent it: a Proxy-Authorization the client sends goes on, as it
+        # would without the recorder.
+        label = self.port_labels.get(conn.proxy_mode.full_spec)
+        if label is None and isinstance(conn.proxy_mode, _PROXY_MODES) and not conn.tls_established:
             label = take_label(flow.request)  # a plain-HTTP request to the proxy carries its own
         if label is None:
             label = self.labels.get(conn.id)
@@ -349,11 +357,17 @@ class RedirectRecorder:
                 self.renamed.pop(given, None)
             self._answer(flow, 200, {"from": given, "to": self.renamed.get(given, given)})
             return
+        if path == "/listen":
+            await self._listen(flow)
+            return
         if path != "/flush":
             self._answer(
                 flow,
                 404,
-                {"error": f"unknown control request {printable(path)[:100]}; known: /ping, /flush, /label"},
+                {
+                    "error": f"unknown control request {printable(path)[:100]}; "
+                    "known: /ping, /flush, /label, /listen"
+                },
             )
             return
         if self.recorder is None:
@@ -381,6 +395,41 @@ class RedirectRecorder:
                 "tls_upstream_failed": self.tls_upstream_failed,
             },
         )
+
+    async def _listen(self, flow: http.HTTPFlow) -> None:
+        """`/listen?label=L`: a listener of its own on a free loopback port, whose traffic is
+        recorded under L. A client given that port needs no credential in its proxy URL, so
+        nothing of the label reaches a header the client sends (a test's own
+        Proxy-Authorization stays its own). Answers the port once it accepts connections."""
+        label = printable(flow.request.query.get("label", "").strip())[:LABEL_MAX]
+        if not label:
+            self._answer(flow, 400, {"error": "/listen needs label=LABEL"})
+            return
+        for spec, known in self.port_labels.items():
+            if known == label:  # asked again (a retry): the same port
+                self._answer(
+                    flow, 200, {"label": label, "port": mode_specs.ProxyMode.parse(spec).listen_port()}
+                )
+                return
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        spec = f"regular@127.0.0.1:{port}"
+        self.port_labels[spec] = label
+        try:
+            ctx.options.mode = [*ctx.options.mode, spec]  # proxyserver starts the listener
+        except exceptions.OptionsError as exc:
+            del self.port_labels[spec]
+            self._answer(flow, 500, {"error": f"cannot listen for {label}: {exc}"})
+            return
+        server = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy's addon manager is unannotated
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while time.monotonic() < deadline:
+            if any(addr[1] == port for addr in server.listen_addrs()):
+                self._answer(flow, 200, {"label": label, "port": port})
+                return
+            await asyncio.sleep(0.005)
+        self._answer(flow, 504, {"error": f"the listener for {label} on port {port} did not start"})
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, status: int, body: dict[str, object]) -> None:

@@ -657,7 +657,8 @@ def run_cmd(
             raise UserError(str(exc)) from None
         env, changed = recording.environ()
         where = f"a fresh store, {db}" if fresh else _db_shown(db)
-        say(f"recording through {recording.url} into {where}")
+        labelled = f" (label {label})" if label else ""
+        say(f"recording through {recording.url}{labelled} into {where}")
         if verbose:
             for name in changed:
                 say(f"  {name}={env[name]}" if name in env else f"  {name} removed")

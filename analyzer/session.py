@@ -6,7 +6,8 @@ proxy), and waits until the addon answers its control request. `environ()` is wh
 child needs to send its traffic through it and still trust everything it trusted:
 
 * the proxy, in every variable clients read (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`,
-  each in both cases), with the client label in it when there is one;
+  each in both cases); with a client label, a port of the label's own (the recorder's
+  `/listen`), so that no credential is in the URL and no header the child sends changes;
 * one CA bundle, the trust the child had (`SSL_CERT_FILE`, else the system's) plus
   mitmproxy's CA, for `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE` and `CURL_CA_BUNDLE`: these
   replace the trust store, so mitmproxy's CA alone would break the child's other HTTPS;
@@ -133,6 +134,7 @@ class Recording:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     attached: bool = False  # a recorder someone else started (REDIRECT_AUDIT_PROXY): never stopped here
+    client_port: int = 0  # the listener whose traffic is recorded under `label` (the recorder's /listen)
     _control_conn: http.client.HTTPConnection | None = field(default=None, repr=False)
 
     @property
@@ -146,7 +148,16 @@ class Recording:
 
     @property
     def url(self) -> str:
-        return proxy_url(self.port, self.label)
+        """The proxy as the child is given it: the label's own listener, so that the URL
+        carries no credential (nothing of the label reaches a header the child sends)."""
+        return proxy_url(self.client_port or self.port)
+
+    def listen(self) -> None:
+        """Ask the recorder for a listener of the label's own (no label: the main port)."""
+        if self.label and not self.client_port:
+            from urllib.parse import urlencode
+
+            self.client_port = int(self.control("/listen?" + urlencode({"label": self.label}))["port"])
 
     @property
     def ca(self) -> Path:
@@ -196,6 +207,7 @@ class Recording:
                     self._kill()
                     raise
             if self._answers(timeout):
+                self.listen()
                 return
             output = self.output()
             if "address already in use" in output.lower() and attempt < 2:
@@ -379,6 +391,7 @@ def attach(proxy: str, db_url: str, workdir: Path, label: str | None, confdir: P
         db_url=db_url, workdir=workdir, label=label, confdir=confdir, port=port, attached=True
     )
     recording.control("/ping", timeout=10.0)
+    recording.listen()
     return recording
 
 

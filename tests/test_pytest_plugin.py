@@ -66,6 +66,13 @@ def test_fixture_sees_its_own(redirect_audit):
         redirect_audit.assert_no_findings(min_severity="low")
 
 
+def test_own_proxy_authorization(redirect_audit):
+    # a header of the test's own, that the recorder's label must never replace or take off
+    sent = "Basic dXNlcjpwYXNz"
+    seen = requests.get(f"{UP}/echo/own-auth", headers={"Proxy-Authorization": sent}).json()
+    assert seen["headers"].get("Proxy-Authorization") == sent, seen
+
+
 def test_fixture_clean(redirect_audit):
     requests.get(f"{UP}/r/308/fine")
     redirect_audit.assert_no_findings(min_severity="info")
@@ -177,7 +184,7 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
         result = suite.runpytest_subprocess(*args, "-n", str(workers), timeout=300)
     else:
         result, db = request.getfixturevalue("serial_run")
-    result.assert_outcomes(passed=5, failed=1)
+    result.assert_outcomes(passed=6, failed=1)
     out = result.stdout.str()
     # the failing test is the one with the high finding, failed with the finding in its report
     assert "FAILED test_sample.py::test_sdk_changes_method_on_307 - redirect-audit: 1 new" in out
@@ -208,6 +215,7 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
             ("test_fixture_clean", "passed"),
             ("test_fixture_sees_its_own", "passed"),
             ("test_httpx_keeps_the_307", "passed"),
+            ("test_own_proxy_authorization", "passed"),
             ("test_post_302_becomes_get", "passed"),
             ("test_sdk_changes_method_on_307", "failed"),
         ]
@@ -215,7 +223,7 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
     workers_seen = {w for _, w, _, _ in runs}
     assert workers_seen == ({"gw0", "gw1"} if workers else {"main"})
     assert (
-        clients == {c for _, _, c, _ in runs} and len(clients) == 6
+        clients == {c for _, _, c, _ in runs} and len(clients) == 7
     )  # each test's traffic under its own label
     assert all(re.fullmatch(f"pytest-{w}-[0-9a-f]{{8}}-t[0-9]+", c) for _, w, c, _ in runs)
     chain = run_cli("chains", "--db", db, "--chain", "1")
@@ -245,9 +253,9 @@ def test_a_baseline_keeps_known_findings_from_failing_tests(sample_suite, serial
         "--redirect-audit-fail-on=low",
         f"--redirect-audit-baseline={baseline}",
     )
-    again.assert_outcomes(passed=6)
+    again.assert_outcomes(passed=7)
     fresh = sample_suite.run(f"--redirect-audit={tmp_path / 'third.db'}", "--redirect-audit-fail-on=low")
-    fresh.assert_outcomes(passed=3, failed=3)  # without it, every test with a low finding fails
+    fresh.assert_outcomes(passed=4, failed=3)  # without it, every test with a low finding fails
     bad = sample_suite.run("--redirect-audit", "--redirect-audit-baseline=" + str(tmp_path / "none.json"))
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     assert (
@@ -261,7 +269,7 @@ def test_off_unless_asked_for_and_the_fixture_says_how(suite):
     result = suite.runpytest_subprocess(
         "-p", "no:cacheprovider", "test_needs.py", "test_sample.py", timeout=300
     )
-    result.assert_outcomes(passed=4, errors=3)  # the two fixture tests and test_needs say why
+    result.assert_outcomes(passed=4, errors=4)  # the three fixture tests and test_needs say why
     out = result.stdout.str()
     assert out.count("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit") >= 3
     assert "= redirect-audit =" not in out  # no recorder, no summary
@@ -270,13 +278,13 @@ def test_off_unless_asked_for_and_the_fixture_says_how(suite):
 def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
     suite.makeini("[pytest]\nredirect_audit = true\nredirect_audit_db = " + str(tmp_path / "ini.db") + "\n")
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-k", "clean", timeout=300)
-    result.assert_outcomes(passed=2, deselected=4)
+    result.assert_outcomes(passed=2, deselected=5)
     assert f"No findings in this session's traffic (store: {tmp_path / 'ini.db'})." in result.stdout.str()
     suite.makeini("[pytest]\n")
     path_after = suite.runpytest_subprocess(
         "-p", "no:cacheprovider", "--redirect-audit", "test_sample.py", "-k", "post_302", timeout=300
     )
-    path_after.assert_outcomes(passed=1, deselected=5)
+    path_after.assert_outcomes(passed=1, deselected=6)
     assert "test_sample.py::test_post_302_becomes_get: 1 finding(s)" in path_after.stdout.str()
     assert "store: a fresh store, " in path_after.stdout.str()
 
@@ -307,14 +315,14 @@ def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path
     assert done.returncode == 1, (
         done.stdout + done.stderr
     )  # pytest passed; run's gate failed on the high finding
-    assert "6 passed" in done.stdout
+    assert "7 passed" in done.stdout
     assert "test_sample.py::test_sdk_changes_method_on_307: 1 finding(s)" in done.stdout
     assert f"3 finding(s) in 3 test(s); store: {db}" in done.stdout
     assert "NEW high RA101 method-downgrade" in done.stderr
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM captures").fetchone() == (1,)  # run's recorder only
         labels = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
-    assert len(labels) == 6 and all(label.startswith("pytest-main-") for label in labels)  # one per test
+    assert len(labels) == 7 and all(label.startswith("pytest-main-") for label in labels)  # one per test
     assert findings_by_test(str(db)) == expected_by_test()
 
 
@@ -323,7 +331,7 @@ def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
     result = suite.runpytest_subprocess(
         f"--redirect-audit={url}", "-p", "no:cacheprovider", "-n", "2", timeout=300
     )
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
     assert findings_by_test(url) == expected_by_test()
     assert "3 finding(s) in 3 test(s); store: postgresql" in result.stdout.str()
 
