@@ -708,9 +708,14 @@ def run_cmd(
     started = recorded.runtimes_line(runtimes)
     if started:
         say(started)
+    unproxied = sorted({str(t) for r in runtimes for t in r.get("unproxied") or ()})  # from the plugin
+    if unproxied:
+        say(recorded.unproxied_line(unproxied))
     if not seen_clients:
         say("nothing was judged, so this is not an all-clear. It may be that:")
-        for reason in recorded.empty_reasons(refused=refused, unproxied=0, pytest=_is_pytest(command)):
+        for reason in recorded.empty_reasons(
+            refused=refused, unproxied=len(unproxied), pytest=_is_pytest(command)
+        ):
             say(f"  - {reason}")
         say("(--allow-empty accepts a run that records nothing; -v lists the variables CMD was given)")
         if child.status != 0:

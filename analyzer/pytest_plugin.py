@@ -101,7 +101,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _enabled(config: pytest.Config) -> bool:
+    return _asked(config) or _under_run()
+
+
+def _asked(config: pytest.Config) -> bool:
     return config.getoption("redirect_audit") is not None or bool(config.getini("redirect_audit"))
+
+
+def _under_run() -> bool:
+    """Started by `redirect-audit run` (its recorder and store in the environment): the
+    tests are the unit there too, each with its own label, whether asked for or not."""
+    return bool(os.environ.get("REDIRECT_AUDIT_PROXY") and os.environ.get("REDIRECT_AUDIT_DB"))
 
 
 def _worker(config: pytest.Config) -> str:
@@ -154,6 +164,7 @@ def pytest_configure(config: pytest.Config) -> None:
             fresh = True
     fail_on = config.getoption("redirect_audit_fail_on")
     baseline = config.getoption("redirect_audit_baseline")
+    quiet = not _asked(config) and not (workerinput or {}).get("redirect_audit_asked", False)
     audit = AuditSession(
         config,
         db=db,
@@ -161,6 +172,7 @@ def pytest_configure(config: pytest.Config) -> None:
         fresh=fresh,
         fail_on=Severity.parse(fail_on) if fail_on else None,
         baseline=baseline,
+        quiet=quiet,
     )
     config.stash[STATE] = audit
     config.pluginmanager.register(audit, "redirect-audit-session")
@@ -178,8 +190,12 @@ class AuditSession:
         fresh: bool,
         fail_on: Severity | None,
         baseline: str | None,
+        quiet: bool = False,
     ):
         self.config = config
+        # Under `run` without --redirect-audit: labels and attribution only; `run` sums up
+        # (this session's findings, its exit status), with the tests that ran unproxied.
+        self.quiet = quiet
         self.db = db
         self.session = session
         self.fresh = fresh
@@ -221,6 +237,7 @@ class AuditSession:
         node.workerinput["redirect_audit_db"] = self.db
         node.workerinput["redirect_audit_session"] = self.session
         node.workerinput["redirect_audit_fresh"] = self.fresh
+        node.workerinput["redirect_audit_asked"] = not self.quiet
 
     # ---- the recorder ------------------------------------------------------------------------
 
@@ -288,6 +305,9 @@ class AuditSession:
         if workeroutput is not None:  # an xdist worker: the controller sums up
             workeroutput["redirect_audit_tls"] = [self.tls_refused, self.tls_upstream_failed]
             return
+        if self.quiet:
+            self._tell_run()
+            return
         from analyzer.recorded import clients_seen
 
         clients, recorders = self.session_clients()
@@ -295,6 +315,27 @@ class AuditSession:
             self.seen = clients_seen(store, clients=clients, prefixes=[f"proxy:{r}/" for r in recorders])
         if not self.seen and not self.allow_empty and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.INTERRUPTED  # 2, as `redirect-audit run` exits
+
+    def _tell_run(self) -> None:
+        """Leave `run` a line about this session (as the Node preload does about each process):
+        the tests that ran with the proxy variables removed go into its summary."""
+        from analyzer.files import write_private
+        from analyzer.session import RUNTIMES_ENV
+
+        where = os.environ.get(RUNTIMES_ENV)
+        if not where or not Path(where).is_dir():
+            return
+        import json
+        import platform
+
+        line = {
+            "runtime": f"pytest {pytest.__version__} (Python {platform.python_version()})",
+            "pid": os.getpid(),
+            "script": "pytest",
+            "tests": self.tests or len(self.outcomes),
+            "unproxied": sorted(self.unproxied),
+        }
+        write_private(str(Path(where) / f"pytest-{os.getpid()}.json"), json.dumps(line) + "\n")
 
     def _add_tls(self, flushed: dict[str, Any]) -> None:
         for mine, theirs in (
@@ -498,8 +539,8 @@ class AuditSession:
     def pytest_terminal_summary(
         self, terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
     ) -> None:
-        if hasattr(config, "workerinput"):
-            return  # the controller sums up for every worker
+        if hasattr(config, "workerinput") or self.quiet:
+            return  # the controller sums up for every worker; `run` for a quiet session
         from analyzer.report import hop_text
 
         tr = terminalreporter

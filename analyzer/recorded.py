@@ -137,8 +137,9 @@ def unproxied_line(tests: list[str]) -> str:
 
 
 def runtimes_line(reports: list[dict[str, object]]) -> str | None:
-    """The runtimes the preload reached (one report per process, as it exited), and those
-    that sent nothing through the recorder: 'node 20.20.2: 3 process(es), 1 sent nothing (npm-cli.js)'."""
+    """The runtimes that reported as they exited (a process the Node preload reached, a
+    pytest session), and those that sent nothing through the recorder:
+    'node 20.20.2: 3 process(es), 1 sent nothing (npm-cli.js)'."""
     if not reports:
         return None
     by_runtime: dict[str, list[dict[str, object]]] = {}
@@ -146,7 +147,7 @@ def runtimes_line(reports: list[dict[str, object]]) -> str | None:
         by_runtime.setdefault(str(report.get("runtime", "unknown")), []).append(report)
     parts = []
     for runtime, processes in sorted(by_runtime.items()):
-        silent = [p for p in processes if not p.get("tunnels")]
+        silent = [p for p in processes if p.get("tunnels") == 0]  # pytest's report has no count
         text = f"{runtime}: {len(processes)} process(es)"
         if silent:
             scripts = sorted({str(p.get("script") or "?") for p in silent})
@@ -155,7 +156,7 @@ def runtimes_line(reports: list[dict[str, object]]) -> str | None:
             )
             text += f", {len(silent)} sent nothing ({shown})"
         parts.append(text)
-    return "runtimes started with the recorder's preload: " + "; ".join(parts)
+    return "runtimes seen starting: " + "; ".join(parts)
 
 
 def empty_reasons(*, refused: Mapping[str, int], unproxied: int, pytest: bool) -> list[str]:

@@ -289,11 +289,11 @@ def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
     assert "store: a fresh store, " in path_after.stdout.str()
 
 
-def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path):
-    """`redirect-audit run -- pytest --redirect-audit`: one recorder (run's), one store,
-    the findings on their tests in pytest's summary, and run's gate on top."""
-    import sys
-
+def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
+    """`redirect-audit run -- pytest`, the plugin not asked for: one recorder (run's), one
+    store, each test under its own label (two tests are never one client's duplicate
+    write), the findings on their tests, run's gate and summary on top; pytest's own
+    output has no section of ours."""
     db = tmp_path / "outer.db"
     done = run_cli(
         "run",
@@ -305,7 +305,6 @@ def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path
         sys.executable,
         "-m",
         "pytest",
-        "--redirect-audit",
         "-p",
         "no:cacheprovider",
         "test_sample.py",
@@ -316,14 +315,40 @@ def test_under_redirect_audit_run_the_plugin_uses_run_s_recorder(suite, tmp_path
         done.stdout + done.stderr
     )  # pytest passed; run's gate failed on the high finding
     assert "7 passed" in done.stdout
-    assert "test_sample.py::test_sdk_changes_method_on_307: 1 finding(s)" in done.stdout
-    assert f"3 finding(s) in 3 test(s); store: {db}" in done.stdout
+    assert "= redirect-audit =" not in done.stdout  # run sums up, not the plugin
     assert "NEW high RA101 method-downgrade" in done.stderr
+    assert re.search(
+        r"recorded 1\d exchange\(s\) from \d client\(s\): requests 2\.\d+ \(pytest main\)", done.stderr
+    )
+    assert re.search(
+        r"runtimes seen starting: pytest [\d.]+ \(Python 3\.\d+\.\d+\): 1 process\(es\)", done.stderr
+    )
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM captures").fetchone() == (1,)  # run's recorder only
         labels = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
     assert len(labels) == 7 and all(label.startswith("pytest-main-") for label in labels)  # one per test
     assert findings_by_test(str(db)) == expected_by_test()
+    # a suite that clears the proxy variables: run names its tests and does not pass
+    suite.makepyfile(test_scrub=SCRUBBING_SUITE)
+    scrubbed = run_cli(
+        "run",
+        "--",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "test_scrub.py",
+        cwd=suite.path,
+        timeout=300,
+    )
+    assert scrubbed.returncode == 2, scrubbed.stdout + scrubbed.stderr
+    assert "2 passed" in scrubbed.stdout
+    assert (
+        "2 test(s) ran with the proxy variables removed (a fixture or the test cleared them), so their "
+        "HTTP traffic was not recorded: test_scrub.py::test_get, test_scrub.py::test_post"
+    ) in scrubbed.stderr
+    assert "  - 2 test(s) ran with the proxy variables removed" in scrubbed.stderr
 
 
 def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):

@@ -132,6 +132,7 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
         js.write_text(
             textwrap.dedent(f"""
             // Node's own clients, as an application uses them: nothing here knows of a proxy
+            import http from "node:http";
             import https from "node:https";
             const r = await fetch("{secure.origin}/r/303/node", {{ method: "POST", body: "a=1" }});
             console.log("node", r.status, (await r.json()).method);
@@ -143,6 +144,13 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
                 }})
                 .on("error", reject)
                 .end("b=2"));
+            // a client that proxies by itself (axios does): straight to the recorder, once
+            const proxy = new URL(process.env.HTTP_PROXY);
+            const plain = "{upstream.origin}/r/301/self";
+            await new Promise((resolve, reject) => http
+                .get({{ host: proxy.hostname, port: proxy.port, path: plain, headers: {{ Host: new URL(plain).host }} }},
+                    (res) => {{ console.log("self", res.statusCode); res.resume(); res.on("end", resolve); }})
+                .on("error", reject));
         """)
         )
         both = f"{shlex.quote(node)} -e 0 && {shlex.quote(node)} {shlex.quote(str(js))}"
@@ -159,14 +167,14 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
         )
         assert node_run.returncode == 1, node_run.stderr + node_run.stdout  # the 307 nobody followed
         assert "node 200 GET" in node_run.stdout and "https 307" in node_run.stdout
-        assert "3 exchange(s) seen, 3 stored" in node_run.stderr
+        assert "self 301" in node_run.stdout
+        assert "4 exchange(s) seen, 4 stored" in node_run.stderr
         version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()[1:]
         assert (
-            f"runtimes started with the recorder's preload: node {version}: 2 process(es), "
-            "1 sent nothing ((no script))"
+            f"runtimes seen starting: node {version}: 2 process(es), 1 sent nothing ((no script))"
         ) in node_run.stderr
         assert (
-            "recorded 3 exchange(s) from 2 client(s): node (web) (2), no User-Agent (web) (1)"
+            "recorded 4 exchange(s) from 2 client(s): no User-Agent (web) (2), node (web) (2)"
             in node_run.stderr
         )
         db = store_of(node_run.stderr)
@@ -175,7 +183,7 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
             (h["from"]["method"], h["status"], h["to"]["method"] if h["to"] else None)
             for c in chains
             for h in c["hops"]
-        ) == [("POST", 303, "GET"), ("PUT", 307, None)]
+        ) == [("GET", 301, None), ("POST", 303, "GET"), ("PUT", 307, None)]
     finally:
         second.close()
         secure.close()

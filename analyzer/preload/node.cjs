@@ -23,7 +23,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 
 const given = process.env.REDIRECT_AUDIT_NODE_PROXY;
-let tunnels = 0;
+let tunnels = 0; // connections through the recorder (tunnels, and a client's own proxying)
 
 function parseProxy(text) {
   const url = new URL(text);
@@ -33,7 +33,12 @@ function parseProxy(text) {
   return { host: url.hostname.replace(/^\[|\]$/g, ''), port: Number(url.port || 80), auth };
 }
 
-function bypassed(host) {
+function bypassed(proxy, host, port) {
+  // a client that proxies by itself (axios reads HTTP_PROXY) connects to the recorder: direct
+  if (Number(port) === proxy.port && host.replace(/^\[|\]$/g, '') === proxy.host) {
+    tunnels += 1; // through the recorder all the same
+    return true;
+  }
   const list = (process.env.NO_PROXY || process.env.no_proxy || '').split(',').map((e) => e.trim().toLowerCase());
   const name = host.toLowerCase().replace(/^\[|\]$/g, '');
   return list.some((entry) => {
@@ -117,7 +122,7 @@ function install(proxy) {
         connect(opts, callback) {
           const host = opts.hostname;
           const port = Number(opts.port || (opts.protocol === 'https:' ? 443 : 80));
-          if (bypassed(host)) {
+          if (bypassed(proxy, host, port)) {
             const direct = opts.protocol === 'https:'
               ? tls.connect({ host, port, servername: net.isIP(host) ? undefined : host, ALPNProtocols: ['http/1.1'] })
               : net.connect(port, host);
@@ -139,14 +144,14 @@ function install(proxy) {
   // http and https: agents whose connections are tunnels
   class TunnelAgent extends http.Agent {
     createConnection(options, callback) {
-      if (bypassed(options.host)) return super.createConnection(options, callback);
+      if (bypassed(proxy, options.host, options.port)) return super.createConnection(options, callback);
       tunnel(proxy, options.host, options.port, callback);
       return undefined;
     }
   }
   class TunnelTlsAgent extends https.Agent {
     createConnection(options, callback) {
-      if (bypassed(options.host)) return super.createConnection(options, callback);
+      if (bypassed(proxy, options.host, options.port)) return super.createConnection(options, callback);
       tunnel(proxy, options.host, options.port, (error, socket) => {
         if (error) return callback(error);
         overTls(socket, options, callback);
