@@ -56,14 +56,14 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
-from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy import mode_specs, server_hooks
 
 from analyzer.analysis import AnalysisOptions, stale_history
 from analyzer.chains import LinkOptions
 from analyzer.detectors import DetectorOptions
 from analyzer.detectors.base import WRITE_METHODS
 from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
-from analyzer.ingest.flows import LABEL_KEY, MITMPROXY_VERSION, FlowConverter
+from analyzer.ingest.flows import ANSWERED_KEY, LABEL_KEY, MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
@@ -157,6 +157,9 @@ class RedirectRecorder:
         # was answered by the proxy. Both go out with /flush, for the end-of-run summary.
         self.tls_refused: dict[str, int] = {}
         self.tls_upstream_failed: dict[str, int] = {}
+        # client connection id -> the server address it could not reach (refused, TLS failed):
+        # mitmproxy answers such a request 502 itself, and the exchange says so
+        self.unreachable: dict[str, tuple[str, int]] = {}
 
     # ---- options -------------------------------------------------------------
 
@@ -325,12 +328,20 @@ class RedirectRecorder:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.labels.pop(client.id, None)
+        self.unreachable.pop(client.id, None)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.address is not None:
+            self.unreachable[data.client.id] = data.server.address
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         _count(self.tls_refused, _tls_host(data))
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         _count(self.tls_upstream_failed, _tls_host(data))
+        server = data.context.server
+        if data.conn is server and server.address is not None:
+            self.unreachable[data.context.client.id] = server.address
 
     async def _control(self, flow: http.HTTPFlow) -> None:
         flow.metadata[RECORDED] = True  # answered here: never forwarded, never recorded
@@ -445,6 +456,9 @@ class RedirectRecorder:
         self._set_aside(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        failed = self.unreachable.pop(flow.client_conn.id, None)
+        if failed is not None and flow.response is None and failed[1] == flow.request.port:
+            flow.metadata[ANSWERED_KEY] = 502  # what mitmproxy sends when it cannot connect
         self._set_aside(flow)
 
     def _set_aside(self, flow: http.HTTPFlow) -> None:
@@ -635,6 +649,7 @@ http_connect = recorder.http_connect
 requestheaders = recorder.requestheaders
 request = recorder.request
 client_disconnected = recorder.client_disconnected
+server_connect_error = recorder.server_connect_error
 tls_failed_client = recorder.tls_failed_client
 tls_failed_server = recorder.tls_failed_server
 response = recorder.response

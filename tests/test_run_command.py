@@ -329,3 +329,28 @@ def test_tls_handshakes_a_client_refused_are_counted_by_host(upstream, env, tmp_
         "sent there was not seen: localhost (1)"
     ) in done.stderr
     assert "1 TLS handshake(s) were refused: a client pinned its own CA bundle" in done.stderr
+
+
+def test_a_follow_up_the_recorder_answered_itself_is_stored_as_such(upstream, env):
+    """The redirect points at a port where nothing listens: the client still sent the
+    follow-up, the recorder answered it 502 itself, and the chain shows that hop."""
+    target = "http://127.0.0.1:1/gone"  # loopback, nothing listens: refused at once
+    script = (
+        "import urllib.request, urllib.error\n"
+        f"try: urllib.request.urlopen('{upstream.origin}/r/302/gone?to={target}')\n"
+        "except urllib.error.HTTPError as e: print('answered', e.code)\n"
+    )
+    done = run("--allow-empty", "--", sys.executable, "-c", script, env=env)
+    assert "answered 502" in done.stdout, done.stderr
+    db = store_of(done.stderr)
+    chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
+    (hop,) = [h for c in chains for h in c["hops"]]
+    assert (hop["from"]["method"], hop["status"], hop["to"]["method"], hop["to"]["url"]) == (
+        "GET",
+        302,
+        "GET",
+        target,
+    )
+    assert hop["to"]["error"].startswith(
+        "answered 502 by the recorder, the server gave no response: [Errno 111] Connect call failed"
+    ), hop["to"]

@@ -51,6 +51,7 @@ MITMPROXY_VERSION = version.VERSION
 # flow.metadata key: the label the client gave in its proxy URL (http://LABEL@host:port),
 # set by the recorder addon, which took the proxy credentials off the request. Saved
 # with the flow, so an imported dump keeps its clients' labels.
+ANSWERED_KEY = "redirect_audit_answered"  # flow.metadata: the status the recorder answered with itself
 LABEL_KEY = "redirect_audit_label"
 
 
@@ -123,6 +124,10 @@ class FlowConverter:
         if response is None:
             if error is None:
                 ex.error = "no response"
+            elif flow.metadata.get(ANSWERED_KEY):
+                # the server could not be reached (refused, unresolvable, TLS failed): mitmproxy
+                # answered the client itself, and the client went on from that answer
+                ex.error = f"answered {flow.metadata[ANSWERED_KEY]} by the recorder, the server gave no response: {error.msg}"
             return ex
         rdata = response.data
         resp_headers, resp_h = _header_block(self._blocks, rdata.headers.fields, self.key, self.policy)
