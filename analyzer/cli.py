@@ -604,8 +604,9 @@ def run_cmd(
 
     CMD gets the proxy in HTTP_PROXY, HTTPS_PROXY and ALL_PROXY (both cases), a CA bundle
     with the system's CAs and mitmproxy's (SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
-    CURL_CA_BUNDLE; NODE_EXTRA_CA_CERTS), NO_PROXY without its loopback entries, and a
-    preload in NODE_OPTIONS that sends Node's fetch and http/https through the recorder.
+    CURL_CA_BUNDLE; NODE_EXTRA_CA_CERTS), NO_PROXY without its loopback entries, a
+    preload in NODE_OPTIONS that sends Node's fetch and http/https through the recorder,
+    and Java's proxy properties and truststore in JAVA_TOOL_OPTIONS.
     At the end it says what it recorded: exchanges per client, TLS handshakes a client
     refused (it does not trust the recorder's CA), and, when nothing was recorded, why
     that may be. Exit status: CMD's when it failed; else 1 when a finding at or above

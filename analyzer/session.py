@@ -16,7 +16,9 @@ child needs to send its traffic through it and still trust everything it trusted
   under test in a test suite are mostly on loopback);
 * a preload in `NODE_OPTIONS` (analyzer/preload/node.cjs): Node before 22.21 reads no
   proxy variable, so its fetch and http/https are routed through the recorder there,
-  and each Node process leaves a line in the run's directory as it exits (`runtimes()`).
+  and each Node process leaves a line in the run's directory as it exits (`runtimes()`);
+* `JAVA_TOOL_OPTIONS` with the proxy as Java's system properties (loopback included) and
+  the bundle as a PKCS#12 truststore.
 
 `flush()` returns once the recorder has stored every exchange it has seen (the addon's
 `/flush` control request); `stop()` stops mitmdump, which drains its writer first.
@@ -51,6 +53,7 @@ NODE_PROXY_ENV = "REDIRECT_AUDIT_NODE_PROXY"  # the proxy (with its label) for t
 RUNTIMES_ENV = "REDIRECT_AUDIT_RUNTIMES"  # where preloaded runtimes report that they ran
 PROXY_VARS = (*CLIENT_PROXY_VARS, "ALL_PROXY", "all_proxy")
 TRUST_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+JAVA_STORE_PASSWORD = b"changeit"  # the JDK's usual one: the truststore holds public certificates only
 NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
 START_TIMEOUT = 60.0  # seconds mitmdump gets to answer its first control request
 STOP_TIMEOUT = 60.0  # seconds it gets to drain and exit before it is killed
@@ -322,6 +325,12 @@ class Recording:
         env["NODE_OPTIONS"] = node_options(env.get("NODE_OPTIONS", ""))
         env[NODE_PROXY_ENV] = url
         env[RUNTIMES_ENV] = str(self.runtimes_dir())
+        # Java reads no proxy variable: system properties, with loopback no longer excluded
+        # (an empty http.nonProxyHosts; a non-empty one gets the JDK's loopback entries added
+        # back), and a truststore with the same CAs as the bundle
+        env["JAVA_TOOL_OPTIONS"] = java_options(
+            env.get("JAVA_TOOL_OPTIONS", ""), self.client_port or self.port, self.java_truststore(bundle)
+        )
         for name in NO_PROXY_VARS:
             if name in env:
                 kept = without_loopback(env[name])
@@ -360,6 +369,32 @@ class Recording:
         write_private(str(path), "\n".join(p.rstrip("\n") + "\n" for p in parts))
         return path
 
+    def java_truststore(self, bundle: Path) -> Path:
+        """The CA bundle as a PKCS#12 truststore, in the form Java reads (trusted entries)."""
+        import warnings
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+
+        certificates = []
+        blocks = re.findall(
+            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", bundle.read_bytes(), re.S
+        )
+        for index, block in enumerate(blocks):
+            with warnings.catch_warnings():  # a system CA with a negative serial: Java takes it, so do we
+                warnings.simplefilter("ignore")
+                try:
+                    cert = x509.load_pem_x509_certificate(block)
+                except ValueError:
+                    continue  # one the parser refuses: left out, the rest still trusted
+            certificates.append(pkcs12.PKCS12Certificate(cert, f"ca-{index}".encode()))
+        data = pkcs12.serialize_java_truststore(certificates, BestAvailableEncryption(JAVA_STORE_PASSWORD))
+        path = self.workdir / "java-truststore.p12"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        return path
+
     def node_extra(self, env: dict[str, str]) -> Path:
         given = env.get("NODE_EXTRA_CA_CERTS")
         if not given or not Path(given).is_file():
@@ -369,6 +404,19 @@ class Recording:
             str(path), Path(given).read_text(errors="replace").rstrip("\n") + "\n" + self.ca.read_text()
         )
         return path
+
+
+def java_options(given: str, port: int, truststore: Path) -> str:
+    """JAVA_TOOL_OPTIONS with the recorder as Java's proxy and its truststore (the user's
+    own options after ours, so that theirs win)."""
+    ours = [
+        f"-Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort={port}",
+        f"-Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort={port}",
+        "-Dhttp.nonProxyHosts=",
+        f"-Djavax.net.ssl.trustStore={truststore} -Djavax.net.ssl.trustStoreType=PKCS12",
+        f"-Djavax.net.ssl.trustStorePassword={JAVA_STORE_PASSWORD.decode()}",
+    ]
+    return " ".join([*ours, given]).strip()
 
 
 def node_preload() -> Path:

@@ -217,6 +217,7 @@ def test_verbose_lists_what_it_set_and_loopback_no_proxy_entries_are_removed(ups
         "CURL_CA_BUNDLE",
         "NODE_EXTRA_CA_CERTS",
         "NODE_OPTIONS",
+        "JAVA_TOOL_OPTIONS",
     ):
         assert f"redirect-audit run:   {name}=" in done.stderr
     assert "redirect-audit run:   no_proxy removed" in done.stderr
@@ -354,3 +355,33 @@ def test_a_follow_up_the_recorder_answered_itself_is_stored_as_such(upstream, en
     assert hop["to"]["error"].startswith(
         "answered 502 by the recorder, the server gave no response: [Errno 111] Connect call failed"
     ), hop["to"]
+
+
+def test_java_s_clients_are_recorded_over_http_and_https(upstream, env, tmp_path):
+    """Java reads no proxy variable: run sets its proxy properties (loopback included) and a
+    truststore in JAVA_TOOL_OPTIONS, so HttpClient and HttpURLConnection are recorded."""
+    java = require_program("java", "apt-get install openjdk-17-jdk-headless")
+    secure = Upstream(tls=self_signed_context(tmp_path))
+    client = str(ROOT / "tests" / "java" / "RedirectClient.java")
+    try:
+        for origin in (upstream.origin, secure.origin):
+            done = run("--set", "ssl_insecure=true", "--label", "jvm", "--", java, client, origin, env=env)
+            assert done.returncode == 0, done.stderr
+            assert "httpclient 200" in done.stdout and "urlconnection 200" in done.stdout
+            assert "4 exchange(s) seen, 4 stored" in done.stderr
+            assert re.search(
+                r"recorded 4 exchange\(s\) from 2 client\(s\): Java 1\d\.\d \(jvm\) \(2\), "
+                r"Java-http-client 1\d\.\d \(jvm\) \(2\)",
+                done.stderr,
+            ), done.stderr
+            assert "Warning" not in done.stderr  # nothing of ours on the way
+            chains = json.loads(run_cli("chains", "-f", "json", "--db", store_of(done.stderr)).stdout)
+            assert sorted(
+                (h["from"]["method"], h["status"], h["to"]["method"]) for c in chains for h in c["hops"]
+            ) == [
+                ("GET", 302, "GET"),
+                ("POST", 307, "POST"),
+            ]
+            assert all(c["hops"][0]["from"]["url"].startswith(origin) for c in chains)
+    finally:
+        secure.close()
