@@ -328,7 +328,8 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
         labels = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
     assert len(labels) == 7 and all(label.startswith("pytest-main-") for label in labels)  # one per test
     assert findings_by_test(str(db)) == expected_by_test()
-    # a suite that clears the proxy variables: run names its tests and does not pass
+    # a suite that clears the proxy variables, under xdist: run names its tests (each
+    # worker's note reaches the controller, which tells run) and does not pass
     suite.makepyfile(test_scrub=SCRUBBING_SUITE)
     scrubbed = run_cli(
         "run",
@@ -338,6 +339,8 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
         "pytest",
         "-p",
         "no:cacheprovider",
+        "-n",
+        "2",
         "test_scrub.py",
         cwd=suite.path,
         timeout=300,
@@ -386,8 +389,8 @@ def test_get():
 
 def test_a_suite_that_clears_the_proxy_variables_is_not_an_all_clear(pytester, upstream):
     """A suite whose fixture deletes every proxy variable records nothing: the session says
-    so, names the tests that ran without them (from every xdist worker), and exits 2
-    unless told that is fine."""
+    so, names the tests that ran without them, and exits 2 unless told that is fine
+    (under xdist, the workers' notes reach the controller: the test under `run` below)."""
     pytester.makepyfile(test_scrub=SCRUBBING_SUITE)
     result = pytester.runpytest_subprocess("--redirect-audit", "-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(passed=2)  # the tests themselves pass
@@ -403,8 +406,8 @@ def test_a_suite_that_clears_the_proxy_variables_is_not_an_all_clear(pytester, u
     assert "so this is not an all-clear" in out and "- 2 test(s) ran with the proxy variables removed" in out
     assert "The session exits 2; --redirect-audit-allow-empty accepts a session that records nothing." in out
     allowed = pytester.runpytest_subprocess(
-        "--redirect-audit", "--redirect-audit-allow-empty", "-p", "no:cacheprovider", "-n", "2", timeout=300
+        "--redirect-audit", "--redirect-audit-allow-empty", "-p", "no:cacheprovider", timeout=300
     )
     assert allowed.ret == 0
-    assert unproxied in allowed.stdout.str()  # the workers' reports reach the controller
+    assert unproxied in allowed.stdout.str()
     assert "The session passes;" in allowed.stdout.str()
