@@ -356,9 +356,7 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
 
 def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
     url = pg_cluster.new_database()
-    result = suite.runpytest_subprocess(
-        f"--redirect-audit={url}", "-p", "no:cacheprovider", "-n", "2", timeout=300
-    )
+    result = suite.runpytest_subprocess(f"--redirect-audit={url}", "-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(passed=7)
     assert findings_by_test(url) == expected_by_test()
     assert "3 finding(s) in 3 test(s); store: postgresql" in result.stdout.str()
