@@ -199,10 +199,11 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
     assert "test_clean" not in summary and "test_fixture_clean" not in summary
     assert f"redirect-audit chains --db {db} --chain " in summary
     assert f"3 finding(s) in 3 test(s); store: {db}" in summary
-    who = "pytest gw0" if workers else "pytest main"
-    assert re.search(
-        rf"recorded 1[0-9] exchange\(s\) from [2-4] client\(s\): requests 2\.\d+ \({who}\) \(\d+\)", summary
-    ), summary
+    line = next(line for line in summary.splitlines() if line.startswith("recorded "))
+    assert re.fullmatch(r"recorded 1\d exchange\(s\) from [2-4] client\(s\): .+", line), line
+    named = set(re.findall(r"(requests|httpx) \d+\.\d+ \(pytest (\w+)\)", line))
+    assert {lib for lib, _ in named} == {"requests", "httpx"}, line
+    assert {worker for _, worker in named} <= ({"gw0", "gw1"} if workers else {"main"}), line
     assert "TLS handshake" not in summary and "proxy variables removed" not in summary
     with sqlite3.connect(db) as conn:
         runs = conn.execute(
