@@ -458,7 +458,16 @@ class RedirectRecorder:
     def error(self, flow: http.HTTPFlow) -> None:
         failed = self.unreachable.pop(flow.client_conn.id, None)
         if failed is not None and flow.response is None and failed[1] == flow.request.port:
-            flow.metadata[ANSWERED_KEY] = 502  # what mitmproxy sends when it cannot connect
+            # The server could not be reached. mitmproxy would answer 502 Bad Gateway, which
+            # a client takes for the server's answer (a test expecting a connection error
+            # would fail); closing the client's connection instead is what the client meets
+            # without the recorder: a connection error.
+            reason = flow.error.msg if flow.error is not None else "unreachable"
+            if flow.killable:
+                flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy's Flow.kill is unannotated
+                flow.metadata[ANSWERED_KEY] = ("closed", reason)
+            else:
+                flow.metadata[ANSWERED_KEY] = (502, reason)
         self._set_aside(flow)
 
     def _set_aside(self, flow: http.HTTPFlow) -> None:

@@ -332,17 +332,20 @@ def test_tls_handshakes_a_client_refused_are_counted_by_host(upstream, env, tmp_
     assert "1 TLS handshake(s) were refused: a client pinned its own CA bundle" in done.stderr
 
 
-def test_a_follow_up_the_recorder_answered_itself_is_stored_as_such(upstream, env):
-    """The redirect points at a port where nothing listens: the client still sent the
-    follow-up, the recorder answered it 502 itself, and the chain shows that hop."""
+def test_a_follow_up_to_an_unreachable_server_fails_as_without_the_recorder_and_is_stored(upstream, env):
+    """The redirect points at a port where nothing listens. Without the recorder, requests
+    raises ConnectionError; through it, it must too (not get a 502 the recorder made up),
+    and the chain shows the follow-up the client sent, with why it went nowhere."""
     target = "http://127.0.0.1:1/gone"  # loopback, nothing listens: refused at once
     script = (
-        "import urllib.request, urllib.error\n"
-        f"try: urllib.request.urlopen('{upstream.origin}/r/302/gone?to={target}')\n"
-        "except urllib.error.HTTPError as e: print('answered', e.code)\n"
+        "import requests\n"
+        f"try: print('answered', requests.get('{upstream.origin}/r/302/gone?to={target}').status_code)\n"
+        "except requests.ConnectionError as e: print('connection error')\n"
     )
-    done = run("--allow-empty", "--", sys.executable, "-c", script, env=env)
-    assert "answered 502" in done.stdout, done.stderr
+    direct = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert direct.stdout.strip() == "connection error", direct.stderr
+    done = run("--", sys.executable, "-c", script, env=env)
+    assert done.stdout.splitlines()[0] == "connection error", done.stdout + done.stderr
     db = store_of(done.stderr)
     chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
     (hop,) = [h for c in chains for h in c["hops"]]
@@ -353,7 +356,8 @@ def test_a_follow_up_the_recorder_answered_itself_is_stored_as_such(upstream, en
         target,
     )
     assert hop["to"]["error"].startswith(
-        "answered 502 by the recorder, the server gave no response: [Errno 111] Connect call failed"
+        "the server could not be reached; the recorder closed the client's connection: "
+        "[Errno 111] Connect call failed"
     ), hop["to"]
 
 

@@ -51,7 +51,8 @@ MITMPROXY_VERSION = version.VERSION
 # flow.metadata key: the label the client gave in its proxy URL (http://LABEL@host:port),
 # set by the recorder addon, which took the proxy credentials off the request. Saved
 # with the flow, so an imported dump keeps its clients' labels.
-ANSWERED_KEY = "redirect_audit_answered"  # flow.metadata: the status the recorder answered with itself
+# flow.metadata: (how the recorder answered a request itself: "closed" or a status, why)
+ANSWERED_KEY = "redirect_audit_answered"
 LABEL_KEY = "redirect_audit_label"
 
 
@@ -127,7 +128,9 @@ class FlowConverter:
             elif flow.metadata.get(ANSWERED_KEY):
                 # the server could not be reached (refused, unresolvable, TLS failed): mitmproxy
                 # answered the client itself, and the client went on from that answer
-                ex.error = f"answered {flow.metadata[ANSWERED_KEY]} by the recorder, the server gave no response: {error.msg}"
+                how, reason = flow.metadata[ANSWERED_KEY]
+                done = "closed the client's connection" if how == "closed" else f"answered {how}"
+                ex.error = f"the server could not be reached; the recorder {done}: {reason}"
             return ex
         rdata = response.data
         resp_headers, resp_h = _header_block(self._blocks, rdata.headers.fields, self.key, self.policy)
