@@ -55,6 +55,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
+from mitmproxy.flow import Error as FlowError
 from mitmproxy.hooks import UpdateHook
 from mitmproxy.proxy import mode_specs, server_hooks
 
@@ -63,7 +64,7 @@ from analyzer.chains import LinkOptions
 from analyzer.detectors import DetectorOptions
 from analyzer.detectors.base import WRITE_METHODS
 from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
-from analyzer.ingest.flows import ANSWERED_KEY, LABEL_KEY, MITMPROXY_VERSION, FlowConverter
+from analyzer.ingest.flows import ANSWERED_KEY, INPROCESS_KEY, LABEL_KEY, MITMPROXY_VERSION, FlowConverter
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
@@ -371,13 +372,16 @@ class RedirectRecorder:
         if path == "/listen":
             await self._listen(flow)
             return
+        if path == "/record":
+            self._record(flow)
+            return
         if path != "/flush":
             self._answer(
                 flow,
                 404,
                 {
                     "error": f"unknown control request {printable(path)[:100]}; "
-                    "known: /ping, /flush, /label, /listen"
+                    "known: /ping, /flush, /label, /listen, /record"
                 },
             )
             return
@@ -406,6 +410,25 @@ class RedirectRecorder:
                 "tls_upstream_failed": self.tls_upstream_failed,
             },
         )
+
+    def _record(self, flow: http.HTTPFlow) -> None:
+        """`POST /record`: exchanges a client recorded in its own process (the pytest plugin's
+        in-process hooks, analyzer/inprocess.py), as JSON. Each becomes a flow like those
+        through the proxy, so the same converter, labels and live rules store and judge it."""
+        try:
+            captures = json.loads(flow.request.content or b"[]")
+            flows = [_flow_of(c) for c in captures]
+        except (ValueError, KeyError, TypeError) as exc:
+            self._answer(
+                flow, 400, {"error": f"/record: not a list of exchanges: {printable(str(exc))[:200]}"}
+            )
+            return
+        for made in flows:
+            label = made.metadata.get(LABEL_KEY)
+            if label is not None:
+                made.metadata[LABEL_KEY] = self.renamed.get(label, label)
+            self._set_aside(made)
+        self._answer(flow, 200, {"recorded": len(flows)})
 
     async def _listen(self, flow: http.HTTPFlow) -> None:
         """`/listen?label=L`: a listener of its own on a free loopback port, whose traffic is
@@ -639,6 +662,62 @@ def _count(counts: dict[str, int], host: str) -> None:
     if host not in counts and len(counts) >= TLS_HOSTS_KEPT:
         host = "(other hosts)"
     counts[host] = counts.get(host, 0) + 1
+
+
+def _flow_of(capture: dict[str, Any]) -> http.HTTPFlow:
+    """A flow from an exchange recorded in a client's process (inprocess.Capture.as_json)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(capture["url"])
+    scheme = url.scheme or "http"
+    port = url.port or (443 if scheme == "https" else 80)
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    started = float(capture["started"])
+    client = connection.Client(
+        peername=("127.0.0.1", 0),
+        sockname=("127.0.0.1", 0),
+        timestamp_start=started,
+        id=str(capture["connection"]),
+    )
+    server = connection.Server(address=(url.hostname or "", port))
+    body = capture.get("body")
+    request = http.Request(
+        host=url.hostname or "",
+        port=port,
+        method=str(capture["method"]).encode("latin-1"),
+        scheme=scheme.encode(),
+        authority=b"",
+        path=target.encode("latin-1"),
+        http_version=str(capture["http_version"]).encode(),
+        headers=http.Headers(
+            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in capture["request_headers"]]
+        ),
+        content=base64.b64decode(body) if body is not None else None,
+        trailers=None,
+        timestamp_start=started,
+        timestamp_end=started,
+    )
+    made = http.HTTPFlow(client, server)
+    made.request = request
+    if capture.get("status") is not None:
+        answered = float(capture.get("response_started") or started)
+        made.response = http.Response(
+            http_version=str(capture["http_version"]).encode(),
+            status_code=int(capture["status"]),
+            reason=str(capture.get("reason") or "").encode("latin-1", "replace"),
+            headers=http.Headers(
+                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in capture["response_headers"]]
+            ),
+            content=None,  # the client reads it; not kept
+            trailers=None,
+            timestamp_start=answered,
+            timestamp_end=answered,
+        )
+    if capture.get("error"):
+        made.error = FlowError(str(capture["error"]))
+    made.metadata[LABEL_KEY] = printable(str(capture.get("label") or ""))[:LABEL_MAX] or None
+    made.metadata[INPROCESS_KEY] = True
+    return made
 
 
 def _options_error(message: str) -> exceptions.OptionsError:

@@ -78,6 +78,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f"happened ({', '.join(SEVERITIES)})",
     )
     group.addoption(
+        "--redirect-audit-mode",
+        dest="redirect_audit_mode",
+        choices=("in-process", "proxy"),
+        default="in-process",
+        help="How the test process's own HTTP clients are recorded: in-process (default; "
+        "http.client, urllib, urllib3, requests and httpx, with no proxy in their path) or "
+        "proxy (the proxy variables and a CA bundle, as for the subprocesses tests start)",
+    )
+    group.addoption(
         "--redirect-audit-allow-empty",
         dest="redirect_audit_allow_empty",
         action="store_true",
@@ -218,6 +227,8 @@ class AuditSession:
         self.tls_upstream_failed: dict[str, int] = {}
         self.seen: list[ClientSeen] | None = None  # what the session recorded, once it ended
         self.recorder_lost = False  # the recorder stopped answering before the session ended
+        self.in_process = config.getoption("redirect_audit_mode") == "in-process"
+        self.sink: Any = None  # inprocess.Sink, once recording in process
         self.baseline = baseline
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
@@ -270,6 +281,9 @@ class AuditSession:
         env, _ = recording.environ()
         from analyzer.session import PROXY_VARS
 
+        if self.in_process:
+            self._record_in_process(env, under_run=bool(outer))
+            return
         self.given_env = {name: env[name] for name in PROXY_VARS if name in env}
         for name in set(env) | set(os.environ):
             if env.get(name) != os.environ.get(name):
@@ -278,6 +292,35 @@ class AuditSession:
                     os.environ[name] = env[name]
                 else:
                     del os.environ[name]
+
+    def _record_in_process(self, env: dict[str, str], under_run: bool) -> None:
+        """This process's clients are recorded where they run; the subprocesses tests start
+        get the recorder proxy's environment. This process keeps its own environment, less
+        the proxy variables `run` put in it (its clients would otherwise go to the proxy)."""
+        from analyzer import inprocess
+        from analyzer.session import PROXY_VARS
+
+        changes: dict[str, str | None] = {
+            name: env.get(name)
+            for name in set(env) | set(os.environ)
+            if env.get(name) != os.environ.get(name)
+        }
+        if under_run:
+            for name in PROXY_VARS:
+                if name in os.environ:
+                    self.saved_env[name] = os.environ.pop(name)
+                    changes[name] = env.get(name)
+        self.sink = inprocess.Sink(self.label)
+        inprocess.install(self.sink)
+        inprocess.give_children(changes)
+
+    def send_captures(self) -> None:
+        """Hand the recorder what this process's clients sent since the last call."""
+        if self.sink is None or self.recording is None:
+            return
+        captures = self.sink.take()
+        if captures:
+            self.recording.record([c.as_json() for c in captures])
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -290,6 +333,13 @@ class AuditSession:
             else:
                 os.environ[name] = value
         self.saved_env = {}
+        if self.sink is not None:
+            from analyzer import inprocess
+
+            try:
+                self.send_captures()
+            finally:
+                inprocess.uninstall()
         if self.recording is not None:
             from http.client import HTTPException
 
@@ -371,6 +421,8 @@ class AuditSession:
         self.tests += 1
         client = f"{self.label}-t{self.tests}"  # this test's own client: chains never cross tests
         recording.relabel(self.label, client)
+        if self.sink is not None:
+            self.sink.label = client
         started = time.time()
         with self._store() as store, store.begin() as conn:
             key = conn.execute(
@@ -390,6 +442,9 @@ class AuditSession:
             return (yield)
         finally:
             self.current = None
+            if self.sink is not None:
+                self.sink.label = self.label
+                self.send_captures()
             recording.relabel(self.label, None)  # between tests: the worker's own label
             with self._store() as store, store.begin() as conn:
                 conn.execute(
@@ -473,6 +528,7 @@ class AuditSession:
         seen = None
         recording = self.recording
         if recording is not None and (recording.attached or recording.running):
+            self.send_captures()
             seen = recording.flush().get("seen")
         if seen is not None and seen == self._last_seen:
             return False
@@ -662,6 +718,7 @@ class RedirectAudit:
         """Wait until the recorder has stored everything the test has sent so far."""
         recording = self._audit.recording
         assert recording is not None  # the fixture is only handed out with a recorder
+        self._audit.send_captures()
         return recording.flush()
 
     def findings(self, min_severity: str = "info") -> list[Record]:

@@ -231,7 +231,11 @@ class Recording:
         self._kill()
         raise SessionError(f"the recorder did not answer within {timeout:.0f} s; its log: {self.log}")
 
-    def control(self, path: str, timeout: float = 60.0) -> dict[str, Any]:
+    def record(self, captures: list[dict[str, Any]], timeout: float = 60.0) -> dict[str, Any]:
+        """Hand the recorder exchanges recorded in process (analyzer/inprocess.py)."""
+        return self.control("/record", timeout=timeout, body=json.dumps(captures).encode())
+
+    def control(self, path: str, timeout: float = 60.0, body: bytes | None = None) -> dict[str, Any]:
         """Send a control request through the proxy; the addon answers it itself. One
         connection is kept for them (a new one costs a few ms, twice per test)."""
         for attempt in (0, 1):
@@ -244,9 +248,14 @@ class Recording:
             if conn.sock is not None:
                 conn.sock.settimeout(timeout)
             try:
-                conn.request("GET", f"http://{CONTROL_HOST}{path}", headers={"Host": CONTROL_HOST})
+                conn.request(
+                    "GET" if body is None else "POST",
+                    f"http://{CONTROL_HOST}{path}",
+                    body=body,
+                    headers={"Host": CONTROL_HOST, "Content-Type": "application/json"},
+                )
                 response = conn.getresponse()
-                body = response.read()
+                answer_body = response.read()
                 break
             except (OSError, http.client.HTTPException):
                 conn.close()
@@ -254,7 +263,7 @@ class Recording:
                 if attempt or (self.process is not None and self.process.poll() is not None):
                     raise
         try:
-            answer: dict[str, Any] = json.loads(body)
+            answer: dict[str, Any] = json.loads(answer_body)
         except ValueError:
             raise SessionError(
                 f"the proxy on port {self.port} is not a redirect-audit recorder "

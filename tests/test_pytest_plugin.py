@@ -329,8 +329,9 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
         labels = {c for (c,) in conn.execute("SELECT DISTINCT client FROM exchanges")}
     assert len(labels) == 7 and all(label.startswith("pytest-main-") for label in labels)  # one per test
     assert findings_by_test(str(db)) == expected_by_test()
-    # a suite that clears the proxy variables, under xdist: run names its tests (each
-    # worker's note reaches the controller, which tells run) and does not pass
+    # a suite that clears the proxy variables, its clients through the proxy, under xdist:
+    # run names its tests (each worker's note reaches the controller, which tells run) and
+    # does not pass
     suite.makepyfile(test_scrub=SCRUBBING_SUITE)
     scrubbed = run_cli(
         "run",
@@ -340,6 +341,7 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
         "pytest",
         "-p",
         "no:cacheprovider",
+        "--redirect-audit-mode=proxy",
         "-n",
         "2",
         "test_scrub.py",
@@ -386,15 +388,26 @@ def test_get():
 '''
 
 
-def test_a_suite_that_clears_the_proxy_variables_is_not_an_all_clear(pytester, upstream):
-    """A suite whose fixture deletes every proxy variable records nothing: the session says
-    so, names the tests that ran without them, and exits 2 unless told that is fine
-    (under xdist, the workers' notes reach the controller: the test under `run` below)."""
+def test_a_suite_that_clears_the_proxy_variables_is_recorded_in_process(pytester, upstream):
+    """A suite whose fixture deletes every proxy variable: recorded all the same, since the
+    test process's clients are recorded where they run. With the proxy instead
+    (--redirect-audit-mode=proxy) it records nothing: the session says so, names the
+    tests that ran without the variables, and exits 2 unless told that is fine."""
     pytester.makepyfile(test_scrub=SCRUBBING_SUITE)
-    result = pytester.runpytest_subprocess("--redirect-audit", "-p", "no:cacheprovider", timeout=300)
-    result.assert_outcomes(passed=2)  # the tests themselves pass
-    assert result.ret == 2
-    out = result.stdout.str()
+    recorded = pytester.runpytest_subprocess("--redirect-audit", "-p", "no:cacheprovider", timeout=300)
+    recorded.assert_outcomes(passed=2)
+    assert recorded.ret == 0
+    out = recorded.stdout.str()
+    assert re.search(
+        r"recorded 4 exchange\(s\) from 1 client\(s\): requests 2\.\d+ \(pytest main\) \(4\)", out
+    ), out
+    assert "test_scrub.py::test_post: 1 finding(s)" in out and "proxy variables removed" not in out
+    proxied = pytester.runpytest_subprocess(
+        "--redirect-audit", "--redirect-audit-mode=proxy", "-p", "no:cacheprovider", timeout=300
+    )
+    proxied.assert_outcomes(passed=2)  # the tests themselves pass
+    assert proxied.ret == 2
+    out = proxied.stdout.str()
     assert "No findings" not in out
     assert "recorded nothing: no HTTP(S) exchange went through the recorder" in out
     unproxied = (
@@ -404,9 +417,136 @@ def test_a_suite_that_clears_the_proxy_variables_is_not_an_all_clear(pytester, u
     assert unproxied in out
     assert "so this is not an all-clear" in out and "- 2 test(s) ran with the proxy variables removed" in out
     assert "The session exits 2; --redirect-audit-allow-empty accepts a session that records nothing." in out
-    allowed = pytester.runpytest_subprocess(
-        "--redirect-audit", "--redirect-audit-allow-empty", "-p", "no:cacheprovider", timeout=300
+    empty = pytester.runpytest_subprocess(
+        "--redirect-audit",
+        "--redirect-audit-allow-empty",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "nothing",
+        timeout=300,
     )
-    assert allowed.ret == 0
-    assert unproxied in allowed.stdout.str()
-    assert "The session passes;" in allowed.stdout.str()
+    assert empty.ret == pytest.ExitCode.NO_TESTS_COLLECTED  # pytest's own status stands
+    assert "recorded nothing" in empty.stdout.str() and "The session passes;" in empty.stdout.str()
+
+
+FAITHFUL_SUITE = """
+import os, socket, ssl, threading
+import httpx, pytest, requests
+
+UP = os.environ["UPSTREAM"]
+TLS_UP, PINNED = os.environ["TLS_UPSTREAM"], os.environ["PINNED_CA"]
+
+
+def test_no_proxy_in_the_environment():
+    assert not any(k.lower().endswith("_proxy") for k in os.environ)
+
+
+def test_pinned_ca_bundle():
+    # the client trusts its own CA alone: a recorder in the path would be refused
+    assert requests.get(f"{TLS_UP}/r/302/pinned", verify=PINNED).json()["method"] == "GET"
+
+
+def test_unreachable_host_raises_the_client_s_own_error():
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{UP}/r/302/gone?to=http://127.0.0.1:1/gone")
+
+
+def test_malformed_response_raises_the_client_s_own_error():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 abc nonsense\\r\\n\\r\\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"http://127.0.0.1:{server.getsockname()[1]}/bad")
+    server.close()
+
+
+def test_own_proxy_authorization_header():
+    sent = "Basic dXNlcjpwYXNz"
+    assert requests.get(f"{UP}/echo/auth", headers={"Proxy-Authorization": sent}).json()["headers"]["Proxy-Authorization"] == sent
+
+
+def test_a_subprocess_client():
+    # the subprocesses a test starts go through the recorder proxy, under the test's label
+    import subprocess, sys
+    code = f"import urllib.request; print(urllib.request.urlopen('{UP}/r/301/child').status)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "200"
+
+
+async def _async_post():
+    async with httpx.AsyncClient(follow_redirects=True) as client:
+        return (await client.post(f"{UP}/r/307/async", content=b"x=1")).json()["method"]
+
+
+def test_httpx_async():
+    import asyncio
+
+    assert asyncio.run(_async_post()) == "POST"
+"""
+
+
+def test_recording_in_process_changes_no_test_s_outcome(pytester, upstream, tmp_path):
+    """Tests that a recorder proxy in the path would change (no proxy variable expected, a
+    pinned CA bundle, an unreachable host, a malformed response, a Proxy-Authorization of
+    the test's own): the same outcome per test with the plugin as without, and each hop
+    the clients sent recorded (httpx's async client too)."""
+    from upstream import self_signed_context
+
+    secure = Upstream(tls=self_signed_context(tmp_path))
+    try:
+        pytester.makepyfile(test_faithful=FAITHFUL_SUITE)
+        env = {"TLS_UPSTREAM": secure.origin, "PINNED_CA": str(tmp_path / "upstream-cert.pem")}
+        for name, value in env.items():
+            os.environ[name] = value
+        try:
+            args = ["-p", "no:cacheprovider", "-rA"]
+            without = pytester.runpytest_subprocess(*args, timeout=300)
+            db = tmp_path / "faithful.db"
+            with_plugin = pytester.runpytest_subprocess(*args, f"--redirect-audit={db}", timeout=300)
+        finally:
+            for name in env:
+                del os.environ[name]
+    finally:
+        secure.close()
+
+    def outcomes(result: pytest.RunResult) -> dict[str, str]:
+        return dict(
+            (line.split()[1], line.split()[0])
+            for line in result.outlines
+            if line.split()[:1] in (["PASSED"], ["FAILED"], ["ERROR"])
+        )
+
+    assert outcomes(without) == outcomes(with_plugin), with_plugin.stdout.str()
+    assert set(outcomes(without).values()) == {"PASSED"} and len(outcomes(without)) == 7, without.stdout.str()
+    chains = json.loads(run_cli("chains", "-f", "json", "--db", str(db)).stdout)
+    hops = {
+        (h["from"]["url"].split("/", 3)[3], h["status"], (h["to"] or {}).get("method"))
+        for c in chains
+        for h in c["hops"]
+    }
+    assert {
+        ("r/302/pinned", 302, "GET"),
+        ("r/307/async", 307, "POST"),
+        ("r/301/child", 301, "GET"),
+    } <= hops, hops
+    with sqlite3.connect(db) as conn:  # the child's exchanges carry its test's label, as the test's own do
+        labels = dict(
+            conn.execute("SELECT url, client FROM exchanges WHERE url LIKE '%/child' OR url LIKE '%/async'")
+        )
+    assert len(set(labels.values())) == 2 and all(
+        re.fullmatch(r"pytest-main-[0-9a-f]{8}-t\d+", c) for c in labels.values()
+    )
+    gone = [h for c in chains for h in c["hops"] if "gone" in h["from"]["url"]]
+    assert (
+        gone
+        and gone[0]["to"]["url"] == "http://127.0.0.1:1/gone"
+        and "Connection refused" in gone[0]["to"]["error"]
+    )

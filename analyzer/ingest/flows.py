@@ -54,6 +54,7 @@ MITMPROXY_VERSION = version.VERSION
 # flow.metadata: (how the recorder answered a request itself: "closed" or a status, why)
 ANSWERED_KEY = "redirect_audit_answered"
 LABEL_KEY = "redirect_audit_label"
+INPROCESS_KEY = "redirect_audit_inprocess"  # flow.metadata: recorded in the client's own process
 
 
 class FlowConverter:
