@@ -16,7 +16,10 @@ One hook point per library, each installed once and removed by `uninstall()`:
   headers as read;
 * `httpx.HTTPTransport.handle_request` and `httpx.AsyncHTTPTransport.handle_async_request`:
   the transport every httpx client sends through (a mock or WSGI transport sends nothing
-  on a wire, and is not recorded).
+  on a wire, and is not recorded);
+* aiohttp: its own hook point, a `TraceConfig` (request headers sent, body chunks sent,
+  redirect, end, exception: one exchange per hop), added to every `ClientSession` as it
+  is made (`ClientSession.__init__`).
 
 Response bodies are the client's to read: they are not kept (their length is unknown
 to the store). Only the standard library is imported here, and httpx when installed.
@@ -137,6 +140,7 @@ def install(sink: Sink) -> None:
     _sink = sink
     _patch_http_client()
     _patch_httpx()
+    _patch_aiohttp()
 
 
 def uninstall() -> None:
@@ -334,9 +338,14 @@ def _from_httpx(transport: Any, request: Any) -> Capture | None:
         request_headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
     )
     try:
-        capture.add_body(request.content)  # a body not read yet (a stream) is left unknown
-    except Exception:
-        capture.body_len = -1
+        capture.add_body(request.content)
+    except Exception:  # not read into the request: a redirect's replayed bytes, or a stream
+        import httpx
+
+        if isinstance(request.stream, httpx.ByteStream):  # bytes, re-iterable without consuming
+            capture.add_body(b"".join(request.stream))
+        else:
+            capture.body_len = -1  # a one-shot stream is the client's: its length stays unknown
     return capture
 
 
@@ -356,3 +365,85 @@ def _failed(capture: Capture | None, exc: BaseException) -> None:
     if capture is not None and _sink is not None:
         capture.error = f"{type(exc).__name__}: {exc}"
         _sink.add(capture)
+
+
+# ---- aiohttp --------------------------------------------------------------------------
+
+
+def _patch_aiohttp() -> None:
+    try:
+        import aiohttp
+    except ImportError:  # not installed: nothing to record
+        return
+    init = aiohttp.ClientSession.__init__
+
+    def with_trace(self: Any, *args: Any, **kwargs: Any) -> None:
+        configs = list(kwargs.get("trace_configs") or ())
+        configs.append(_aiohttp_trace(aiohttp))
+        kwargs["trace_configs"] = configs
+        init(self, *args, **kwargs)
+
+    _replace(aiohttp.ClientSession, "__init__", with_trace)
+
+
+def _aiohttp_trace(aiohttp: Any) -> Any:
+    trace = aiohttp.TraceConfig()
+
+    async def headers_sent(session: Any, ctx: Any, params: Any) -> None:
+        sink = _sink
+        if sink is None or params.url.host == CONTROL_HOST:
+            ctx.redirect_audit = None
+            return
+        ctx.redirect_audit = Capture(
+            method=params.method,
+            url=str(params.url),
+            label=sink.label,
+            connection=f"aiohttp-{id(session):x}",
+            started=time.time(),
+            request_headers=[(str(k), str(v)) for k, v in params.headers.items()],
+        )
+
+    async def chunk_sent(session: Any, ctx: Any, params: Any) -> None:
+        capture = getattr(ctx, "redirect_audit", None)
+        if capture is not None:
+            capture.add_body(params.chunk)
+
+    async def answered(session: Any, ctx: Any, params: Any) -> None:
+        capture = getattr(ctx, "redirect_audit", None)
+        ctx.redirect_audit = None
+        if capture is None or _sink is None:
+            return
+        response = params.response
+        capture.status = response.status
+        capture.reason = response.reason or ""
+        capture.http_version = f"HTTP/{response.version.major}.{response.version.minor}"
+        capture.response_headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers
+        ]
+        capture.response_started = time.time()
+        _sink.add(capture)
+
+    async def failed(session: Any, ctx: Any, params: Any) -> None:
+        capture = getattr(ctx, "redirect_audit", None)
+        ctx.redirect_audit = None
+        sink = _sink
+        if sink is None or params.url.host == CONTROL_HOST:
+            return
+        if capture is None:  # it failed before its headers went out (connecting)
+            capture = Capture(
+                method=params.method,
+                url=str(params.url),
+                label=sink.label,
+                connection=f"aiohttp-{id(session):x}",
+                started=time.time(),
+                request_headers=[(str(k), str(v)) for k, v in params.headers.items()],
+            )
+        capture.error = f"{type(params.exception).__name__}: {params.exception}"
+        sink.add(capture)
+
+    trace.on_request_headers_sent.append(headers_sent)
+    trace.on_request_chunk_sent.append(chunk_sent)
+    trace.on_request_redirect.append(answered)
+    trace.on_request_end.append(answered)
+    trace.on_request_exception.append(failed)
+    return trace

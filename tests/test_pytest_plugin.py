@@ -495,6 +495,18 @@ def test_httpx_async():
     import asyncio
 
     assert asyncio.run(_async_post()) == "POST"
+
+
+def test_aiohttp_without_trust_env():
+    # aiohttp reads no proxy variable unless trust_env=True: recorded all the same
+    import asyncio, aiohttp
+
+    async def post():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{UP}/r/302/aio", data=b"a=1") as answer:
+                return (await answer.json())["method"]
+
+    assert asyncio.run(post()) == "GET"
 """
 
 
@@ -502,7 +514,7 @@ def test_recording_in_process_changes_no_test_s_outcome(pytester, upstream, tmp_
     """Tests that a recorder proxy in the path would change (no proxy variable expected, a
     pinned CA bundle, an unreachable host, a malformed response, a Proxy-Authorization of
     the test's own): the same outcome per test with the plugin as without, and each hop
-    the clients sent recorded (httpx's async client too)."""
+    the clients sent recorded (httpx's async client, aiohttp, a subprocess too)."""
     from upstream import self_signed_context
 
     secure = Upstream(tls=self_signed_context(tmp_path))
@@ -530,7 +542,7 @@ def test_recording_in_process_changes_no_test_s_outcome(pytester, upstream, tmp_
         )
 
     assert outcomes(without) == outcomes(with_plugin), with_plugin.stdout.str()
-    assert set(outcomes(without).values()) == {"PASSED"} and len(outcomes(without)) == 7, without.stdout.str()
+    assert set(outcomes(without).values()) == {"PASSED"} and len(outcomes(without)) == 8, without.stdout.str()
     chains = json.loads(run_cli("chains", "-f", "json", "--db", str(db)).stdout)
     hops = {
         (h["from"]["url"].split("/", 3)[3], h["status"], (h["to"] or {}).get("method"))
@@ -549,6 +561,13 @@ def test_recording_in_process_changes_no_test_s_outcome(pytester, upstream, tmp_
     assert len(set(labels.values())) == 2 and all(
         re.fullmatch(r"pytest-main-[0-9a-f]{8}-t\d+", c) for c in labels.values()
     )
+    bodies = {  # what each client sent on the follow-ups that keep the method: the same bytes
+        h["from"]["url"].rsplit("/", 1)[1]: (h["from"]["body"]["length"], h["to"]["body"]["length"])
+        for c in chains
+        for h in c["hops"]
+        if h["status"] == 307
+    }
+    assert bodies == {"async": (3, 3)}, bodies
     gone = [h for c in chains for h in c["hops"] if "gone" in h["from"]["url"]]
     assert (
         gone
