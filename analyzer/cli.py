@@ -864,6 +864,11 @@ def analyze_cmd(
     try:
         result = analyze(store, options, jobs=jobs, full=full)
     except KeyboardInterrupt:
+        if _analysis_recorded(db, wait):  # the Ctrl-C came after the last commit: it is done
+            raise Interrupted(
+                "interrupted after the analysis finished: its results are stored and the store "
+                "counts as analyzed"
+            ) from None
         raise Interrupted(
             "interrupted: the clients analyzed so far have their new results, the others keep "
             "their earlier ones; the store still counts as not analyzed"
@@ -882,6 +887,17 @@ def analyze_cmd(
         + (f": {counts}" if counts else "")
         + scope
     )
+
+
+def _analysis_recorded(db: str | None, wait: float) -> bool:
+    """Does the store count as analyzed (its last analysis read its current generation)?"""
+    from analyzer.storeread import StoreError, open_reader, store_state
+
+    try:
+        with open_reader(db, wait) as reader:
+            return store_state(reader, count=False).is_current
+    except (StoreError, KeyboardInterrupt):
+        return False  # cannot tell: say the cautious thing
 
 
 # ---- reading commands -------------------------------------------------------------------
