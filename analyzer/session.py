@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 from analyzer.errors import ReportedError
@@ -195,14 +195,7 @@ class Recording:
         for attempt in range(3):
             self.port = free_port()
             with open(self.log, "ab") as log:
-                self.process = subprocess.Popen(
-                    self.plan().argv(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
+                self.process = self._popen(self.plan().argv(), log, env)
             if while_starting is not None and attempt == 0:
                 try:
                     while_starting()
@@ -216,6 +209,18 @@ class Recording:
             if "address already in use" in output.lower() and attempt < 2:
                 continue
             raise SessionError(f"the recorder could not start: {last_error(output)} (log: {self.log})")
+
+    @staticmethod
+    def _popen(argv: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """mitmdump, in a session of its own, its output in the log."""
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
     def _answers(self, timeout: float) -> bool:
         """Wait for the recorder's answer to /ping: True once it answers, False if mitmdump exited."""

@@ -34,6 +34,7 @@ from typing import IO
 # pandas: it imports pyarrow, which starts a thread, and a fork must find none.
 PRELOAD = (
     "analyzer.cli",
+    "analyzer.session",
     "analyzer.store",
     "analyzer.storeread",
     "analyzer.current",
@@ -89,10 +90,83 @@ def stdio(env):
     sys.stderr = writer(2, eenc, eerr, True)
 
 
+class Forked:
+    # A mitmdump forked from a warm command (the part of subprocess.Popen the recorder uses).
+
+    def __init__(self, pid):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        import subprocess, time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("mitmdump", timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def forked_mitmdump(argv, log, env):
+    # The recorder's mitmdump, forked from this warm command instead of started cold:
+    # mitmproxy is imported already. The same program, arguments, environment and output.
+    pid = os.fork()
+    if pid:
+        return Forked(pid)
+    code = 1
+    try:
+        os.setsid()
+        atexit._clear()  # the command's exit handlers are not mitmdump's
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        os.environ.clear()
+        os.environ.update(env)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        stdio(env)
+        sys.argv = list(argv)
+        from mitmproxy.tools.main import mitmdump
+        code = mitmdump() or 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 def entry(request):
     kind = request["kind"]
     if kind == "analyzer":
         sys.argv = [os.path.join(os.path.dirname(sys.modules["analyzer"].__file__), "__main__.py"), *request["args"]]
+        import analyzer.session
+        analyzer.session.Recording._popen = staticmethod(forked_mitmdump)  # `run`'s recorder starts warm too
         from analyzer.__main__ import main
         main()
     elif kind == "mitmdump":
