@@ -12,12 +12,14 @@ import re
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import warmcli
 from conftest import run_cli
 from upstream import Upstream
 
@@ -114,32 +116,40 @@ class SampleSuite:
 
     def run(self, *args: str) -> pytest.RunResult:
         self.runs += 1
-        env = {
-            **os.environ,
-            "UPSTREAM": self.server.origin,
-            "REDIRECT_AUDIT_CONFDIR": str(self.where / "conf"),
-        }
-        env.pop("PYTEST_ADDOPTS", None)
-        started = time.monotonic()
+        env = {"UPSTREAM": self.server.origin, "REDIRECT_AUDIT_CONFDIR": str(self.where / "conf")}
+        return run_pytest(self.where, *args, "-p", "no:cacheprovider", env=env)
+
+
+PYTEST = "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))"
+
+
+def run_pytest(
+    where: pytest.Pytester | Path, *args: str, timeout: float = 300, env: dict | None = None
+) -> pytest.RunResult:
+    """pytest in a child process, as pytester's runpytest_subprocess runs it (its own
+    basetemp, the environment of the moment), started warm where it can be: the plugin's
+    recorder then forks warm too (tests/warmcli.py)."""
+    path = where.path if isinstance(where, pytest.Pytester) else where
+    basetemp = Path(tempfile.mkdtemp(prefix="runpytest-", dir=path))
+    argv = [*args, f"--basetemp={basetemp}"]
+    environment = {**os.environ, **(env or {})}
+    environment.pop("PYTEST_ADDOPTS", None)
+    started = time.monotonic()
+    warm = warmcli.server()
+    if warm is not None:
+        done = warm.run_python(PYTEST, argv, environment, str(path), timeout)
+    else:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                *args,
-                "-p",
-                "no:cacheprovider",
-                f"--basetemp={self.where / f'tmp{self.runs}'}",
-            ],
-            cwd=self.where,
-            env=env,
+            [sys.executable, "-c", PYTEST, *argv],
+            cwd=path,
+            env=environment,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=timeout,
         )
-        return pytest.RunResult(
-            done.returncode, done.stdout.splitlines(), done.stderr.splitlines(), time.monotonic() - started
-        )
+    return pytest.RunResult(
+        done.returncode, done.stdout.splitlines(), done.stderr.splitlines(), time.monotonic() - started
+    )
 
 
 # the tests that read the shared run: one worker runs them all, so the suite runs once
@@ -186,7 +196,7 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
         db = str(tmp_path / "suite.db")
         args = ["--redirect-audit=" + db, "--redirect-audit-fail-on=high", "-p", "no:cacheprovider"]
         args += [f"--redirect-audit-mode={mode}", "-n", str(workers)]
-        result = suite.runpytest_subprocess(*args, timeout=300)
+        result = run_pytest(suite, *args, timeout=300)
     else:
         result, db = request.getfixturevalue("serial_run")
     result.assert_outcomes(passed=6, failed=1)
@@ -272,9 +282,7 @@ def test_a_baseline_keeps_known_findings_from_failing_tests(sample_suite, serial
 
 def test_off_unless_asked_for_and_the_fixture_says_how(suite):
     suite.makepyfile(test_needs="def test_needs(redirect_audit):\n    redirect_audit.findings()\n")
-    result = suite.runpytest_subprocess(
-        "-p", "no:cacheprovider", "test_needs.py", "test_sample.py", timeout=300
-    )
+    result = run_pytest(suite, "-p", "no:cacheprovider", "test_needs.py", "test_sample.py", timeout=300)
     result.assert_outcomes(passed=4, errors=4)  # the three fixture tests and test_needs say why
     out = result.stdout.str()
     assert out.count("the redirect_audit fixture needs the recorder: run pytest with --redirect-audit") >= 3
@@ -283,12 +291,12 @@ def test_off_unless_asked_for_and_the_fixture_says_how(suite):
 
 def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
     suite.makeini("[pytest]\nredirect_audit = true\nredirect_audit_db = " + str(tmp_path / "ini.db") + "\n")
-    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-k", "clean", timeout=300)
+    result = run_pytest(suite, "-p", "no:cacheprovider", "-k", "clean", timeout=300)
     result.assert_outcomes(passed=2, deselected=5)
     assert f"No findings in this session's traffic (store: {tmp_path / 'ini.db'})." in result.stdout.str()
     suite.makeini("[pytest]\n")
-    path_after = suite.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--redirect-audit", "test_sample.py", "-k", "post_302", timeout=300
+    path_after = run_pytest(
+        suite, "-p", "no:cacheprovider", "--redirect-audit", "test_sample.py", "-k", "post_302", timeout=300
     )
     path_after.assert_outcomes(passed=1, deselected=6)
     assert "test_sample.py::test_post_302_becomes_get: 1 finding(s)" in path_after.stdout.str()
@@ -364,7 +372,7 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
 
 def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
     url = pg_cluster.new_database()
-    result = suite.runpytest_subprocess(f"--redirect-audit={url}", "-p", "no:cacheprovider", timeout=300)
+    result = run_pytest(suite, f"--redirect-audit={url}", "-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(passed=7)
     assert findings_by_test(url) == expected_by_test()
     assert "3 finding(s) in 3 test(s); store: postgresql" in result.stdout.str()
@@ -399,7 +407,7 @@ def test_a_suite_that_clears_the_proxy_variables_is_recorded_in_process(pytester
     (--redirect-audit-mode=proxy) it records nothing: the session says so, names the
     tests that ran without the variables, and exits 2 unless told that is fine."""
     pytester.makepyfile(test_scrub=SCRUBBING_SUITE)
-    recorded = pytester.runpytest_subprocess("--redirect-audit", "-p", "no:cacheprovider", timeout=300)
+    recorded = run_pytest(pytester, "--redirect-audit", "-p", "no:cacheprovider", timeout=300)
     recorded.assert_outcomes(passed=2)
     assert recorded.ret == 0
     out = recorded.stdout.str()
@@ -407,8 +415,8 @@ def test_a_suite_that_clears_the_proxy_variables_is_recorded_in_process(pytester
         r"recorded 4 exchange\(s\) from 1 client\(s\): requests 2\.\d+ \(pytest main\) \(4\)", out
     ), out
     assert "test_scrub.py::test_post: 1 finding(s)" in out and "proxy variables removed" not in out
-    proxied = pytester.runpytest_subprocess(
-        "--redirect-audit", "--redirect-audit-mode=proxy", "-p", "no:cacheprovider", timeout=300
+    proxied = run_pytest(
+        pytester, "--redirect-audit", "--redirect-audit-mode=proxy", "-p", "no:cacheprovider", timeout=300
     )
     proxied.assert_outcomes(passed=2)  # the tests themselves pass
     assert proxied.ret == 2
@@ -422,7 +430,8 @@ def test_a_suite_that_clears_the_proxy_variables_is_recorded_in_process(pytester
     assert unproxied in out
     assert "so this is not an all-clear" in out and "- 2 test(s) ran with the proxy variables removed" in out
     assert "The session exits 2; --redirect-audit-allow-empty accepts a session that records nothing." in out
-    empty = pytester.runpytest_subprocess(
+    empty = run_pytest(
+        pytester,
         "--redirect-audit",
         "--redirect-audit-allow-empty",
         "-p",
@@ -525,9 +534,9 @@ def test_recording_in_process_changes_no_test_s_outcome(pytester, upstream, tmp_
             os.environ[name] = value
         try:
             args = ["-p", "no:cacheprovider", "-rA"]
-            without = pytester.runpytest_subprocess(*args, timeout=300)
+            without = run_pytest(pytester, *args, timeout=300)
             db = tmp_path / "faithful.db"
-            with_plugin = pytester.runpytest_subprocess(*args, f"--redirect-audit={db}", timeout=300)
+            with_plugin = run_pytest(pytester, *args, f"--redirect-audit={db}", timeout=300)
         finally:
             for name in env:
                 del os.environ[name]

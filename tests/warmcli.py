@@ -175,6 +175,9 @@ def entry(request):
         sys.exit(mitmdump())
     else:
         sys.argv = ["-c", *request["args"]]
+        if request.get("warm_recorder"):  # a pytest session whose plugin starts a recorder
+            import analyzer.session
+            analyzer.session.Recording._popen = staticmethod(forked_mitmdump)
         exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
 
 
@@ -335,8 +338,10 @@ class WarmServer:
         stderr: int,
         code: str = "",
         new_session: bool = False,
+        warm_recorder: bool = False,
     ) -> WarmProcess:
-        """Start `kind` ("analyzer", "mitmdump", or "python" running `code`) on these descriptors."""
+        """Start `kind` ("analyzer", "mitmdump", or "python" running `code`) on these descriptors;
+        `warm_recorder`: a recorder the Python code starts forks warm too (as `analyzer`'s does)."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.path)
         request = {
@@ -346,6 +351,7 @@ class WarmServer:
             "env": env,
             "cwd": str(cwd),
             "new_session": new_session,
+            "warm_recorder": warm_recorder,
         }
         socket.send_fds(conn, [json.dumps(request).encode()], [stdin, stdout, stderr])
         return WarmProcess([kind, *args], conn)
@@ -389,6 +395,31 @@ class WarmServer:
                     source.seek(0)
                 child = self.popen(
                     "analyzer", args, env=env, cwd=cwd, stdin=source.fileno(), stdout=out_w, stderr=err_w
+                )
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return _collect(child, out_r, err_r, timeout)
+
+    def run_python(
+        self, code: str, args: list[str], env: dict[str, str], cwd: str, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """`python -c CODE ARGS`, as `subprocess.run(capture_output=True, text=True)` runs it,
+        with a recorder it starts forked warm."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            with open(os.devnull, "rb") as nothing:
+                child = self.popen(
+                    "python",
+                    args,
+                    env=env,
+                    cwd=cwd,
+                    stdin=nothing.fileno(),
+                    stdout=out_w,
+                    stderr=err_w,
+                    code=code,
+                    warm_recorder=True,
                 )
         finally:
             os.close(out_w)
