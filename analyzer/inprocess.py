@@ -122,6 +122,9 @@ class Sink:
             self._done.append(capture)
             self.count += 1
 
+    def waiting(self) -> int:
+        return len(self._done)
+
     def take(self) -> list[Capture]:
         with self._lock:
             done, self._done = self._done, []
@@ -156,7 +159,7 @@ def _replace(owner: Any, name: str, new: Callable[..., Any]) -> None:
     _undo.append(lambda: setattr(owner, name, old))
 
 
-def give_children(changes: dict[str, str | None]) -> None:
+def give_children(changes: dict[str, str | None], on_start: Callable[[], None] | None = None) -> None:
     """A child process started without an environment of its own (`env=None`: this
     process's) gets this process's with `changes` on top (a value None: removed), so the
     subprocesses a test starts are recorded through the recorder proxy while this process
@@ -167,6 +170,8 @@ def give_children(changes: dict[str, str | None]) -> None:
     init = subprocess.Popen.__init__
 
     def with_env(self: Any, args: Any, *rest: Any, **kwargs: Any) -> None:
+        if on_start is not None:
+            on_start()
         if len(rest) <= 9 and kwargs.get("env") is None:  # env is Popen's 11th parameter
             env = dict(os.environ)
             for name, value in changes.items():

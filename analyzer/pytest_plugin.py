@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # annotations only: nothing heavy is imported until the plugi
 
 SEVERITIES = ("info", "low", "medium", "high")
 WORKER_MAIN = "main"
+PENDING_MAX = 500  # finished tests (or captures) held before they are handed over at once
 STATE = pytest.StashKey["AuditSession"]()
 UNPROXIED = pytest.StashKey[list[str]]()  # the proxy variables a test ran without
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -229,6 +230,8 @@ class AuditSession:
         self.recorder_lost = False  # the recorder stopped answering before the session ended
         self.in_process = config.getoption("redirect_audit_mode") == "in-process"
         self.sink: Any = None  # inprocess.Sink, once recording in process
+        self.pending_runs: list[dict[str, Any]] = []  # finished tests' rows not stored yet (in process)
+        self.children = False  # a subprocess was started (in process: the recorder then labels per test)
         self.baseline = baseline
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
@@ -312,7 +315,7 @@ class AuditSession:
                     changes[name] = env.get(name)
         self.sink = inprocess.Sink(self.label)
         inprocess.install(self.sink)
-        inprocess.give_children(changes)
+        inprocess.give_children(changes, on_start=self._children_started)
 
     def send_captures(self) -> None:
         """Hand the recorder what this process's clients sent since the last call."""
@@ -337,7 +340,7 @@ class AuditSession:
             from analyzer import inprocess
 
             try:
-                self.send_captures()
+                self.write_pending()
             finally:
                 inprocess.uninstall()
         if self.recording is not None:
@@ -420,9 +423,9 @@ class AuditSession:
 
         self.tests += 1
         client = f"{self.label}-t{self.tests}"  # this test's own client: chains never cross tests
-        recording.relabel(self.label, client)
         if self.sink is not None:
-            self.sink.label = client
+            return (yield from self._in_process_test(item, client))
+        recording.relabel(self.label, client)
         started = time.time()
         with self._store() as store, store.begin() as conn:
             key = conn.execute(
@@ -442,9 +445,6 @@ class AuditSession:
             return (yield)
         finally:
             self.current = None
-            if self.sink is not None:
-                self.sink.label = self.label
-                self.send_captures()
             recording.relabel(self.label, None)  # between tests: the worker's own label
             with self._store() as store, store.begin() as conn:
                 conn.execute(
@@ -452,6 +452,81 @@ class AuditSession:
                     .where(test_runs.c.id == row)
                     .values(ended_at=time.time(), outcome=self.outcomes.get(item.nodeid, "passed"))
                 )
+
+    def _in_process_test(self, item: pytest.Item, client: str) -> Generator[None, object, object]:
+        """A test whose clients are recorded in process: its captures carry its label, so the
+        recorder is asked for nothing per test (its traffic and its `test_runs` row are handed
+        over in batches, and before anything reads the store) unless a subprocess the tests
+        started sends through it, which then needs the test's label there too."""
+        assert self.recording is not None and self.sink is not None
+        self.sink.label = client
+        if self.children:
+            self.recording.relabel(self.label, client)
+        started = time.time()
+        self.current = {"nodeid": item.nodeid, "row": None, "started": started, "client": client}
+        current = self.current
+        try:
+            return (yield)
+        finally:
+            self.current = None
+            self.sink.label = self.label
+            if self.children:
+                self.recording.relabel(self.label, None)
+            ended = {"ended_at": time.time(), "outcome": self.outcomes.get(item.nodeid, "passed")}
+            if current["row"] is not None:  # written already, for a read during the test
+                self._end_row(current["row"], ended)
+            else:
+                self.pending_runs.append({**self._run_row(item.nodeid, client, started), **ended})
+            if len(self.pending_runs) >= PENDING_MAX or self.sink.waiting() >= PENDING_MAX:
+                self.write_pending()
+
+    def _run_row(self, nodeid: str, client: str, started: float) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "nodeid": nodeid,
+            "worker": self.worker,
+            "client": client,
+            "recorder": self.label,
+            "started_at": started,
+        }
+
+    def _end_row(self, row: int, values: dict[str, Any]) -> None:
+        from sqlalchemy import update
+
+        from analyzer.store import test_runs
+
+        with self._store() as store, store.begin() as conn:
+            conn.execute(update(test_runs).where(test_runs.c.id == row).values(**values))
+
+    def write_pending(self) -> None:
+        """Hand over the captures and store the finished tests' rows waiting here; the running
+        test's row too, so that what reads the store now finds it."""
+        from sqlalchemy import insert
+
+        from analyzer.store import test_runs
+
+        self.send_captures()
+        rows, self.pending_runs = self.pending_runs, []
+        current = self.current
+        with self._store() as store, store.begin() as conn:
+            if rows:
+                conn.execute(insert(test_runs), rows)
+            if current is not None and current["row"] is None:
+                key = conn.execute(
+                    insert(test_runs).values(
+                        **self._run_row(current["nodeid"], current["client"], current["started"])
+                    )
+                ).inserted_primary_key
+                assert key is not None  # an INSERT always returns the new row's key
+                current["row"] = key[0]
+
+    def _children_started(self) -> None:
+        """A subprocess is starting: its traffic goes through the recorder, so from now on the
+        recorder labels it with the running test's label, as the test's own captures are."""
+        if not self.children:
+            self.children = True
+            if self.recording is not None and self.current is not None:
+                self.recording.relabel(self.label, self.current["client"])
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
@@ -528,7 +603,8 @@ class AuditSession:
         seen = None
         recording = self.recording
         if recording is not None and (recording.attached or recording.running):
-            self.send_captures()
+            if self.sink is not None:
+                self.write_pending()
             seen = recording.flush().get("seen")
         if seen is not None and seen == self._last_seen:
             return False
@@ -718,7 +794,8 @@ class RedirectAudit:
         """Wait until the recorder has stored everything the test has sent so far."""
         recording = self._audit.recording
         assert recording is not None  # the fixture is only handed out with a recorder
-        self._audit.send_captures()
+        if self._audit.sink is not None:
+            self._audit.write_pending()
         return recording.flush()
 
     def findings(self, min_severity: str = "info") -> list[Record]:
