@@ -4,10 +4,12 @@ Off unless asked for: `pytest --redirect-audit[=DB]`, or `redirect_audit = true`
 ini file (`redirect_audit_db = URL` names the store there). Then:
 
 * one recorder (mitmdump with the recorder addon, on a free loopback port) per session,
-  or per pytest-xdist worker, started before the first test; the session's environment
-  sends HTTP(S) through it and trusts its CA as `redirect-audit run` does, so the
-  subprocesses tests start are recorded too. Each worker's traffic carries its own
-  client label (`pytest-gw0-…`), so two workers are never linked into one chain;
+  or per pytest-xdist worker, started before the first test. The test process's own
+  clients are recorded in process (analyzer/inprocess.py: http.client, httpx, aiohttp;
+  no proxy in their path) and handed to it in batches; the subprocesses tests start get
+  its environment, as `redirect-audit run` gives it, and go through it
+  (`--redirect-audit-mode=proxy`: the test process too). Each worker's traffic carries
+  its own client label (`pytest-gw0-…`), so two workers are never linked into one chain;
 * each test's start, end and outcome are stored (`test_runs`), and every hop and
   finding is attributed to the test during which it happened;
 * a terminal summary: findings grouped by test, the hop in one line each, and the
@@ -19,8 +21,9 @@ ini file (`redirect_audit_db = URL` names the store there). Then:
   request), so that what the test sent is stored before it is judged.
 
 Without a DB the exchanges go to a fresh store in a new temporary directory, printed
-in the summary. Under `redirect-audit run -- pytest --redirect-audit` the plugin uses
-the recorder `run` started, and `run`'s store.
+in the summary; a session that recorded nothing exits 2 (`--redirect-audit-allow-empty`).
+Under `redirect-audit run -- pytest` the plugin is on without being asked, quietly (labels
+and attribution; `run` sums up), and uses the recorder `run` started and `run`'s store.
 
 This module is loaded by every pytest run in an environment where redirect-audit is
 installed (the `pytest11` entry point): it imports nothing heavy until it is enabled.
