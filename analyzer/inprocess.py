@@ -159,9 +159,11 @@ def _replace(owner: Any, name: str, new: Callable[..., Any]) -> None:
     _undo.append(lambda: setattr(owner, name, old))
 
 
-def give_children(changes: dict[str, str | None], on_start: Callable[[], None] | None = None) -> None:
+def give_children(
+    changes: Callable[[], dict[str, str | None]], on_start: Callable[[], None] | None = None
+) -> None:
     """A child process started without an environment of its own (`env=None`: this
-    process's) gets this process's with `changes` on top (a value None: removed), so the
+    process's) gets this process's with `changes()` on top (a value None: removed), so the
     subprocesses a test starts are recorded through the recorder proxy while this process
     keeps its own environment. One place: `subprocess.Popen` (asyncio's subprocesses too)."""
     import os
@@ -174,7 +176,7 @@ def give_children(changes: dict[str, str | None], on_start: Callable[[], None] |
             on_start()
         if len(rest) <= 9 and kwargs.get("env") is None:  # env is Popen's 11th parameter
             env = dict(os.environ)
-            for name, value in changes.items():
+            for name, value in changes().items():
                 if value is None:
                     env.pop(name, None)
                 else:

@@ -235,6 +235,8 @@ class AuditSession:
         self.sink: Any = None  # inprocess.Sink, once recording in process
         self.pending_runs: list[dict[str, Any]] = []  # finished tests' rows not stored yet (in process)
         self.children = False  # a subprocess was started (in process: the recorder then labels per test)
+        self.starting = False  # the recorder was launched and has not been waited for yet
+        self._changes: dict[str, str | None] | None = None  # a subprocess's environment, on top
         self.baseline = baseline
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
@@ -280,16 +282,20 @@ class AuditSession:
                 recording = Recording(
                     db_url=self.url, workdir=workdir, label=self.label, proxy_id=self.label, confdir=confdir
                 )
-                recording.start()
+                if self.in_process:  # its clients are recorded here: the first tests run while it boots
+                    recording.launch()
+                    self.starting = True
+                else:
+                    recording.start()
         except SessionError as exc:
             raise pytest.UsageError(f"--redirect-audit: {exc}") from None
         self.recording = recording
-        env, _ = recording.environ()
         from analyzer.session import PROXY_VARS
 
         if self.in_process:
-            self._record_in_process(env, under_run=bool(outer))
+            self._record_in_process(under_run=bool(outer))
             return
+        env, _ = recording.environ()
         self.given_env = {name: env[name] for name in PROXY_VARS if name in env}
         for name in set(env) | set(os.environ):
             if env.get(name) != os.environ.get(name):
@@ -299,31 +305,56 @@ class AuditSession:
                 else:
                     del os.environ[name]
 
-    def _record_in_process(self, env: dict[str, str], under_run: bool) -> None:
+    def _record_in_process(self, under_run: bool) -> None:
         """This process's clients are recorded where they run; the subprocesses tests start
         get the recorder proxy's environment. This process keeps its own environment, less
         the proxy variables `run` put in it (its clients would otherwise go to the proxy)."""
         from analyzer import inprocess
         from analyzer.session import PROXY_VARS
 
-        changes: dict[str, str | None] = {
-            name: env.get(name)
-            for name in set(env) | set(os.environ)
-            if env.get(name) != os.environ.get(name)
-        }
         if under_run:
             for name in PROXY_VARS:
                 if name in os.environ:
                     self.saved_env[name] = os.environ.pop(name)
-                    changes[name] = env.get(name)
         self.sink = inprocess.Sink(self.label)
         inprocess.install(self.sink)
-        inprocess.give_children(changes, on_start=self._children_started)
+        inprocess.give_children(self._child_env, on_start=self._children_started)
+
+    def _child_env(self) -> dict[str, str | None]:
+        """What a subprocess's environment needs on top of this process's: the recorder's
+        (computed once it is up: the CA bundle and the label's port come from it)."""
+        if self._changes is None:
+            self.ensure_ready()
+            assert self.recording is not None
+            env, _ = self.recording.environ()
+            changes: dict[str, str | None] = {
+                name: env.get(name)
+                for name in set(env) | set(os.environ)
+                if env.get(name) != os.environ.get(name)
+            }
+            for (
+                name
+            ) in self.saved_env:  # `run`'s proxy variables, taken out here: the child gets the recorder's
+                changes[name] = env.get(name)
+            self._changes = changes
+        return self._changes
+
+    def ensure_ready(self) -> None:
+        """Wait for the recorder launched at session start, the first time it is needed."""
+        if self.starting and self.recording is not None:
+            from analyzer.session import SessionError
+
+            self.starting = False
+            try:
+                self.recording.ready()
+            except SessionError as exc:
+                raise pytest.UsageError(f"--redirect-audit: {exc}") from None
 
     def send_captures(self) -> None:
         """Hand the recorder what this process's clients sent since the last call."""
         if self.sink is None or self.recording is None:
             return
+        self.ensure_ready()
         captures = self.sink.take()
         if captures:
             self.recording.record([c.as_json() for c in captures])
@@ -339,6 +370,7 @@ class AuditSession:
             else:
                 os.environ[name] = value
         self.saved_env = {}
+        self.ensure_ready()  # a recorder still booting is waited for: it is flushed and stopped below
         if self.sink is not None:
             from analyzer import inprocess
 
@@ -528,6 +560,7 @@ class AuditSession:
         recorder labels it with the running test's label, as the test's own captures are."""
         if not self.children:
             self.children = True
+            self.ensure_ready()
             if self.recording is not None and self.current is not None:
                 self.recording.relabel(self.label, self.current["client"])
 
@@ -605,6 +638,7 @@ class AuditSession:
         nothing since the last call (the analysis would not change)."""
         seen = None
         recording = self.recording
+        self.ensure_ready()
         if recording is not None and (recording.attached or recording.running):
             if self.sink is not None:
                 self.write_pending()

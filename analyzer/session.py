@@ -138,6 +138,8 @@ class Recording:
     process: subprocess.Popen[bytes] | None = None
     attached: bool = False  # a recorder someone else started (REDIRECT_AUDIT_PROXY): never stopped here
     client_port: int = 0  # the listener whose traffic is recorded under `label` (the recorder's /listen)
+    _launch_env: dict[str, str] = field(default_factory=dict, repr=False)
+    _attempts: int = 0
     _control_conn: http.client.HTTPConnection | None = field(default=None, repr=False)
 
     @property
@@ -187,26 +189,41 @@ class Recording:
         our choice and mitmdump's bind costs a retry, not the run. `while_starting` runs
         while mitmdump boots (about 2 s of imports): what the caller has to do anyway
         (open the store) costs no extra time; if it raises, mitmdump is stopped."""
+        self.launch()
+        if while_starting is not None:
+            try:
+                while_starting()
+            except BaseException:
+                self._kill()
+                raise
+        self.ready(timeout)
+
+    def launch(self) -> None:
+        """Start mitmdump without waiting for it: `ready()` waits (the pytest plugin lets
+        the first tests run meanwhile)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.confdir.mkdir(parents=True, exist_ok=True)
         env = {**self.plan().environ(), "PYTHONUNBUFFERED": "1"}
         for name in (*PROXY_VARS, PROXY_ENV):  # mitmdump's own traffic goes straight out
             env.pop(name, None)
-        for attempt in range(3):
-            self.port = free_port()
-            with open(self.log, "ab") as log:
-                self.process = self._popen(self.plan().argv(), log, env)
-            if while_starting is not None and attempt == 0:
-                try:
-                    while_starting()
-                except BaseException:
-                    self._kill()
-                    raise
+        self._launch_env, self._attempts = env, 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.port = free_port()
+        with open(self.log, "ab") as log:
+            self.process = self._popen(self.plan().argv(), log, self._launch_env)
+
+    def ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the recorder launched answers (and listens for the label)."""
+        while True:
             if self._answers(timeout):
                 self.listen()
                 return
             output = self.output()
-            if "address already in use" in output.lower() and attempt < 2:
+            if "address already in use" in output.lower() and self._attempts < 2:
+                self._attempts += 1
+                self._spawn()
                 continue
             raise SessionError(f"the recorder could not start: {last_error(output)} (log: {self.log})")
 

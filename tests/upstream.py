@@ -34,6 +34,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+# At import, not on first use: a pytester test (test_pytest_plugin) drops the modules first
+# imported during it, and cryptography imported a second time no longer knows its own curves.
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -148,10 +155,6 @@ class Upstream:
 
 def self_signed_context(directory: Path) -> ssl.SSLContext:
     """A server context for 127.0.0.1 with a fresh self-signed certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "upstream.test")])
