@@ -393,6 +393,18 @@ def _patch_aiohttp() -> None:
     _replace(aiohttp.ClientSession, "__init__", with_trace)
 
 
+def _aiohttp_capture(session: Any, params: Any, sink: Sink) -> Capture:
+    """A hop of an aiohttp session: its request as the trace signal gives it."""
+    return Capture(
+        method=params.method,
+        url=str(params.url),
+        label=sink.label,
+        connection=f"aiohttp-{id(session):x}",
+        started=time.time(),
+        request_headers=[(str(k), str(v)) for k, v in params.headers.items()],
+    )
+
+
 def _aiohttp_trace(aiohttp: Any) -> Any:
     trace = aiohttp.TraceConfig()
 
@@ -401,14 +413,7 @@ def _aiohttp_trace(aiohttp: Any) -> Any:
         if sink is None or params.url.host == CONTROL_HOST:
             ctx.redirect_audit = None
             return
-        ctx.redirect_audit = Capture(
-            method=params.method,
-            url=str(params.url),
-            label=sink.label,
-            connection=f"aiohttp-{id(session):x}",
-            started=time.time(),
-            request_headers=[(str(k), str(v)) for k, v in params.headers.items()],
-        )
+        ctx.redirect_audit = _aiohttp_capture(session, params, sink)
 
     async def chunk_sent(session: Any, ctx: Any, params: Any) -> None:
         capture = getattr(ctx, "redirect_audit", None)
@@ -437,14 +442,7 @@ def _aiohttp_trace(aiohttp: Any) -> Any:
         if sink is None or params.url.host == CONTROL_HOST:
             return
         if capture is None:  # it failed before its headers went out (connecting)
-            capture = Capture(
-                method=params.method,
-                url=str(params.url),
-                label=sink.label,
-                connection=f"aiohttp-{id(session):x}",
-                started=time.time(),
-                request_headers=[(str(k), str(v)) for k, v in params.headers.items()],
-            )
+            capture = _aiohttp_capture(session, params, sink)
         capture.error = f"{type(params.exception).__name__}: {params.exception}"
         sink.add(capture)
 

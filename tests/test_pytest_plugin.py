@@ -303,6 +303,9 @@ def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
     assert "store: a fresh store, " in path_after.stdout.str()
 
 
+PYTEST_UNDER_RUN = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider")
+
+
 def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
     """`redirect-audit run -- pytest`, the plugin not asked for: one recorder (run's), one
     store, each test under its own label (two tests are never one client's duplicate
@@ -316,11 +319,7 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
         "--fail-on",
         "high",
         "--",
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "no:cacheprovider",
+        *PYTEST_UNDER_RUN,
         "test_sample.py",
         cwd=suite.path,
         timeout=300,
@@ -349,11 +348,7 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
     scrubbed = run_cli(
         "run",
         "--",
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "no:cacheprovider",
+        *PYTEST_UNDER_RUN,
         "--redirect-audit-mode=proxy",
         "-n",
         "2",

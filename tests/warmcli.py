@@ -90,6 +90,19 @@ def stdio(env):
     sys.stderr = writer(2, eenc, eerr, True)
 
 
+def finish(code):
+    # as the interpreter ends a program: its exit handlers, its output flushed, then gone
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 class Forked:
     # A mitmdump forked from a warm command (the part of subprocess.Popen the recorder uses).
 
@@ -150,15 +163,7 @@ def forked_mitmdump(argv, log, env):
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
         traceback.print_exc()
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+    finish(code)
 
 
 def entry(request):
@@ -204,15 +209,7 @@ def child(request, fds):
     except BaseException:
         traceback.print_exc()
         code = 1
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+    finish(code)
 
 
 selector = selectors.DefaultSelector()
