@@ -39,12 +39,14 @@ the recorder's CA, so nothing it sent was seen) and how many upstream handshakes
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import binascii
 import gc
 import json
 import logging
+import re
 import socket
 import sys
 import time
@@ -161,6 +163,10 @@ class RedirectRecorder:
         # client connection id -> the server address it could not reach (refused, TLS failed):
         # mitmproxy answers such a request 502 itself, and the exchange says so
         self.unreachable: dict[str, tuple[str, int]] = {}
+        # open client connections by peer address: mitmproxy names the client of a request
+        # it rejected (unparseable head) only by its address, in a log record
+        self.clients: dict[tuple[str, int], connection.Client] = {}
+        self.rejected = _RejectedRequests(self)
 
     # ---- options -------------------------------------------------------------
 
@@ -259,6 +265,8 @@ class RedirectRecorder:
 
     def running(self) -> None:
         self._start()
+        if self.rejected not in _MITMPROXY_SERVER_LOG.handlers:
+            _MITMPROXY_SERVER_LOG.addHandler(self.rejected)
 
     def _start(self) -> None:
         if self.store is None or self.recorder is not None:
@@ -327,7 +335,13 @@ class RedirectRecorder:
             return self._control(flow)
         return None
 
+    def client_connected(self, client: connection.Client) -> None:
+        if client.peername:
+            self.clients[client.peername[:2]] = client
+
     def client_disconnected(self, client: connection.Client) -> None:
+        if client.peername:
+            self.clients.pop(client.peername[:2], None)
         self.labels.pop(client.id, None)
         self.unreachable.pop(client.id, None)
 
@@ -493,6 +507,19 @@ class RedirectRecorder:
                 flow.metadata[ANSWERED_KEY] = (502, reason)
         self._set_aside(flow)
 
+    def rejected_request(self, peer: tuple[str, int], line: bytes, reason: str) -> None:
+        """mitmproxy answered 400 to a request whose request line it could not parse
+        (`GET http://:1/ HTTP/1.1`, a client following an unusable Location) and made no
+        flow of it: the exchange is recorded from the line, as answered by the recorder."""
+        client = self.clients.get(peer)
+        if client is None:
+            return
+        flow = _rejected_flow(client, line, reason)
+        label = self.port_labels.get(client.proxy_mode.full_spec) or self.labels.get(client.id)
+        if label is not None:
+            flow.metadata[LABEL_KEY] = self.renamed.get(label, label)
+        self._set_aside(flow)
+
     def _set_aside(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(RECORDED):  # an error after its response: the flow is already set aside
             return
@@ -595,6 +622,7 @@ class RedirectRecorder:
     # ---- shutdown ------------------------------------------------------------
 
     def done(self) -> None:
+        _MITMPROXY_SERVER_LOG.removeHandler(self.rejected)
         if self._ticker is not None:
             self._ticker.cancel()
         if self.recorder is None or self._closed:
@@ -720,6 +748,84 @@ def _flow_of(capture: dict[str, Any]) -> http.HTTPFlow:
     return made
 
 
+# What mitmproxy logs when it answers 400 to a request head it cannot parse: the only trace
+# of that exchange (its http1 server layer makes no flow without a parsed request).
+_MITMPROXY_SERVER_LOG = logging.getLogger("mitmproxy.proxy.server")
+_REJECTED_LINE = re.compile(r"(Bad HTTP request line: (b'.*'|b\".*\"))\Z", re.DOTALL)
+
+
+class _RejectedRequests(logging.Handler):
+    def __init__(self, recorder: RedirectRecorder) -> None:
+        super().__init__(logging.DEBUG)
+        self.recorder = recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        peer = getattr(record, "client", None)
+        if not isinstance(peer, tuple) or not isinstance(record.msg, str):
+            return
+        found = _REJECTED_LINE.search(record.msg)
+        if found is None:
+            return
+        try:
+            line = ast.literal_eval(found[2])
+        except (ValueError, SyntaxError):
+            return
+        if isinstance(line, bytes):
+            self.recorder.rejected_request(peer[:2], line, found[1])
+
+
+def _rejected_flow(client: connection.Client, line: bytes, reason: str) -> http.HTTPFlow:
+    """A flow for a request line mitmproxy rejected: method and target as the client sent
+    them (an absolute-form target split by hand: it did not parse), the recorder's 400."""
+    parts = line.split(b" ")
+    method = parts[0] if parts and parts[0] else b"?"
+    target = parts[1] if len(parts) > 1 else b""
+    version = parts[-1] if len(parts) > 2 and parts[-1].startswith(b"HTTP/") else b"HTTP/1.1"
+    scheme, sep, rest = target.partition(b"://")
+    if sep:
+        authority, slash, path = rest.partition(b"/")
+        host, colon, port_text = authority.rpartition(b":")
+        if not colon or not port_text.isdigit():
+            host, port_text = authority, b""
+        port = (
+            int(port_text) if port_text and int(port_text) <= 65535 else (443 if scheme == b"https" else 80)
+        )
+        path = slash + path or b"/"
+    else:  # origin-form (in a tunnel): where the client's connection was going
+        scheme = b"https" if client.tls_established else b"http"
+        host = (client.sni or "").encode("latin-1", "replace")
+        port = 443 if client.tls_established else 80
+        path = target or b"/"
+    now = time.time()
+    made = http.HTTPFlow(client, connection.Server(address=(host.decode("latin-1"), port)))
+    made.request = http.Request(
+        host=host.decode("latin-1"),
+        port=port,
+        method=method,
+        scheme=scheme.lower(),
+        authority=b"",
+        path=path,
+        http_version=version,
+        headers=http.Headers(),
+        content=None,
+        trailers=None,
+        timestamp_start=now,
+        timestamp_end=now,
+    )
+    made.response = http.Response(
+        http_version=version,
+        status_code=400,
+        reason=b"Bad Request",
+        headers=http.Headers(),
+        content=None,
+        trailers=None,
+        timestamp_start=now,
+        timestamp_end=now,
+    )
+    made.error = FlowError(f"the recorder answered 400 itself; it could not parse the request: {reason}")
+    return made
+
+
 def _options_error(message: str) -> exceptions.OptionsError:
     return exceptions.OptionsError(message)  # type: ignore[no-untyped-call]  # mitmproxy's exceptions are unannotated
 
@@ -736,6 +842,7 @@ running = recorder.running
 http_connect = recorder.http_connect
 requestheaders = recorder.requestheaders
 request = recorder.request
+client_connected = recorder.client_connected
 client_disconnected = recorder.client_disconnected
 server_connect_error = recorder.server_connect_error
 tls_failed_client = recorder.tls_failed_client

@@ -345,23 +345,29 @@ def test_tls_handshakes_a_client_refused_are_counted_by_host(upstream, env, tmp_
     ) in upstream_line and "127.0.0.1 (1)" in upstream_line, upstream_line
 
 
-def test_a_follow_up_to_an_unreachable_server_fails_as_without_the_recorder_and_is_stored(upstream, env):
-    """The redirect points at a port where nothing listens. Without the recorder, requests
-    raises ConnectionError; through it, it must too (not get a 502 the recorder made up),
-    and the chain shows the follow-up the client sent, with why it went nowhere."""
+def test_requests_the_recorder_answered_itself_are_stored_and_say_so(upstream, env):
+    """A redirect to a port where nothing listens: without the recorder, requests raises
+    ConnectionError; through it, it must too (not get a 502 the recorder made up), and the
+    chain shows the follow-up the client sent, with why it went nowhere. A redirect to
+    `http://:1` (no host): urllib sends `GET http://:1/ HTTP/1.1` to the proxy, which cannot
+    parse it and answers 400 itself; that exchange is stored too, marked as the recorder's."""
     target = "http://127.0.0.1:1/gone"  # loopback, nothing listens: refused at once
     script = (
-        "import requests\n"
+        "import requests, urllib.request, urllib.error\n"
         f"try: print('answered', requests.get('{upstream.origin}/r/302/gone?to={target}').status_code)\n"
         "except requests.ConnectionError as e: print('connection error')\n"
+        f"try: urllib.request.urlopen('{upstream.origin}/r/302/nohost?to=http://:1')\n"
+        "except urllib.error.HTTPError as e: print('urllib', e.code)\n"
+        "except urllib.error.URLError as e: print('urllib no connection')\n"
     )
     direct = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert direct.stdout.strip() == "connection error", direct.stderr
+    assert direct.stdout.splitlines() == ["connection error", "urllib no connection"], direct.stderr
     done = run("--", sys.executable, "-c", script, env=env)
     assert done.stdout.splitlines()[0] == "connection error", done.stdout + done.stderr
     db = store_of(done.stderr)
     chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
-    (hop,) = [h for c in chains for h in c["hops"]]
+    hops = {h["from"]["url"].split("/r/302/")[1]: h for c in chains for h in c["hops"]}
+    hop = hops[f"gone?to={target}"]
     assert (hop["from"]["method"], hop["status"], hop["to"]["method"], hop["to"]["url"]) == (
         "GET",
         302,
@@ -372,6 +378,22 @@ def test_a_follow_up_to_an_unreachable_server_fails_as_without_the_recorder_and_
         "the server could not be reached; the recorder closed the client's connection: "
         "[Errno 111] Connect call failed"
     ), hop["to"]
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT method, url, status, error FROM exchanges WHERE url LIKE 'http://:1%'"
+        ).fetchall()
+    assert rows == [
+        (
+            "GET",
+            "http://:1/",
+            400,
+            "the recorder answered 400 itself; it could not parse the request: "
+            "Bad HTTP request line: b'GET http://:1/ HTTP/1.1'",
+        )
+    ]
+    # the hop before it is what it is: a redirect whose Location no client can use
+    assert hops["nohost?to=http://:1"]["to"] is None, hops
+    assert "RA112" in done.stdout, done.stdout
 
 
 def test_java_s_clients_are_recorded_over_http_and_https(upstream, env, tmp_path):
