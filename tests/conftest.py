@@ -24,6 +24,10 @@ settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True
 settings.register_profile("deep", max_examples=2000, deadline=None, print_blob=True)
 settings.load_profile("ci")
 
+# redirect-audit's own tests only: the third-party suites under tests/thirdparty are run by
+# tests/test_thirdparty_suites.py, each in its own directory with its own settings.
+collect_ignore = ["thirdparty"]
+
 # The suite starts hundreds of Python processes (the command line, mitmdump, pytester runs).
 # Where the environment says not to write bytecode (CI images often do), each of them would
 # compile every module it imports from source again: the children may write it.

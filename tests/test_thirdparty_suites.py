@@ -1,0 +1,107 @@
+"""Recording changes no test's outcome, on a suite nobody here wrote: httpx 0.28.1's own
+client tests (tests/thirdparty/httpx, BSD-3-Clause), against its own uvicorn server on
+loopback, with its autouse fixture that clears the proxy variables before every test and
+its tests of proxy settings read from the environment. The same tests run three times:
+without redirect-audit, with the plugin (`--redirect-audit=DB`), and under
+`redirect-audit run -- pytest`; every test must end the same way in all three, and the
+two recorded runs must hold each test's exchanges under that test's own label.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+SUITE = Path(__file__).parent / "thirdparty" / "httpx"
+# Its client tests over a real server (sync, async on asyncio and trio) and its tests of
+# proxy variables; not the tests marked `network` (they resolve public names), and not the
+# two whose expected charset guess depends on the installed chardet's version.
+SELECTION = (
+    "tests/client/test_async_client.py",
+    "tests/client/test_client.py",
+    "tests/client/test_proxies.py",
+    "-m",
+    "not network",
+    "-k",
+    "not autodetect",
+)
+
+
+def pytest_args(junit: Path) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-c", "pytest.ini", "-p", "no:cacheprovider", "-q",
+            f"--junitxml={junit}", *SELECTION]  # fmt: skip
+
+
+def outcomes(junit: Path) -> dict[str, str]:
+    """Each test's outcome from pytest's JUnit XML, by node id: passed, failed, error or skipped."""
+    found: dict[str, str] = {}
+    for case in ET.parse(junit).iter("testcase"):
+        name = f"{str(case.get('classname')).replace('.', '/')}.py::{case.get('name')}"
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        found[name] = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(
+            kinds[0] if kinds else "", "passed"
+        )
+    return found
+
+
+def recorded(db: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Exchanges per test (nodeid) and each test's outcome, as the store has them."""
+    with sqlite3.connect(db) as conn:
+        per_test = dict(
+            conn.execute(
+                "SELECT t.nodeid, count(e.id) FROM test_runs t JOIN exchanges e ON e.client = t.client "
+                "GROUP BY t.nodeid"
+            )
+        )
+        stored_outcomes = dict(conn.execute("SELECT nodeid, outcome FROM test_runs"))
+    return per_test, stored_outcomes
+
+
+def test_httpx_s_own_tests_end_the_same_with_and_without_recording(tmp_path):
+    plain = subprocess.run(
+        [*pytest_args(tmp_path / "without.xml"), "-p", "no:redirect_audit"],
+        cwd=SUITE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    without = outcomes(tmp_path / "without.xml")
+    # the suite ran for real: its server answered, most tests passed
+    assert len(without) >= 100 and list(without.values()).count("passed") >= 100, plain.stdout[-3000:]
+
+    plugin_db = tmp_path / "plugin.db"
+    with_plugin = subprocess.run(
+        [*pytest_args(tmp_path / "plugin.xml"), f"--redirect-audit={plugin_db}"],
+        cwd=SUITE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert with_plugin.returncode == plain.returncode, with_plugin.stdout[-3000:]
+    assert outcomes(tmp_path / "plugin.xml") == without
+
+    run_db = tmp_path / "run.db"
+    under_run = run_cli(
+        "run", "--db", str(run_db), "--", *pytest_args(tmp_path / "run.xml"), cwd=SUITE, timeout=300
+    )
+    assert outcomes(tmp_path / "run.xml") == without, under_run.stdout[-3000:] + under_run.stderr
+
+    # What was recorded: the same tests sent traffic in both recorded runs, each test's
+    # exchanges under its own label, and the store's outcomes are pytest's.
+    for db, result in ((plugin_db, with_plugin.stdout), (run_db, under_run.stderr)):
+        per_test, stored = recorded(db)
+        talking = {nodeid for nodeid, n in per_test.items() if n}
+        assert len(talking) >= 40, (db, per_test)
+        assert any("test_async_client.py::test_get[trio]" in t for t in talking), talking
+        assert any("test_client.py::test_get" in t for t in talking), talking
+        assert stored == without, result[-3000:]
+        assert "recorded" in result and "httpx 0.28" in result, result[-3000:]
+    assert recorded(plugin_db)[0] == recorded(run_db)[0]
