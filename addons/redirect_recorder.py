@@ -317,7 +317,7 @@ class RedirectRecorder:
         # A listener of a label's own (/listen) labels its traffic and leaves every header
         # as the client sent it: a Proxy-Authorization the client sends goes on, as it
         # would without the recorder.
-        label = self.port_labels.get(conn.proxy_mode.full_spec)
+        label = self.port_labels.get(conn.proxy_mode.full_spec) or None
         if label is None and isinstance(conn.proxy_mode, _PROXY_MODES) and not conn.tls_established:
             label = take_label(flow.request)  # a plain-HTTP request to the proxy carries its own
         if label is None:
@@ -448,13 +448,18 @@ class RedirectRecorder:
         """`/listen?label=L`: a listener of its own on a free loopback port, whose traffic is
         recorded under L. A client given that port needs no credential in its proxy URL, so
         nothing of the label reaches a header the client sends (a test's own
-        Proxy-Authorization stays its own). Answers the port once it accepts connections."""
-        label = printable(flow.request.query.get("label", "").strip())[:LABEL_MAX]
-        if not label:
-            self._answer(flow, 400, {"error": "/listen needs label=LABEL"})
+        Proxy-Authorization stays its own). Answers the port once it accepts connections.
+        `&mode=transparent`: a transparent listener (127.0.0.1 and ::1, one port) for
+        connections the kernel redirects to it (`run --transparent`); L may be empty there
+        (its clients are then known by address, as on the main port)."""
+        query = flow.request.query
+        label = printable(query.get("label", "").strip())[:LABEL_MAX]
+        kind = query.get("mode", "regular")
+        if kind not in ("regular", "transparent") or (not label and kind == "regular"):
+            self._answer(flow, 400, {"error": "/listen needs label=LABEL (and mode=regular or transparent)"})
             return
         for spec, known in self.port_labels.items():
-            if known == label:  # asked again (a retry): the same port
+            if known == label and spec.startswith(kind + "@"):  # asked again (a retry): the same port
                 self._answer(
                     flow, 200, {"label": label, "port": mode_specs.ProxyMode.parse(spec).listen_port()}
                 )
@@ -462,22 +467,24 @@ class RedirectRecorder:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        spec = f"regular@127.0.0.1:{port}"
-        self.port_labels[spec] = label
+        specs = [f"{kind}@127.0.0.1:{port}"] + ([f"transparent@::1:{port}"] if kind == "transparent" else [])
+        for spec in specs:
+            self.port_labels[spec] = label
         try:
-            ctx.options.mode = [*ctx.options.mode, spec]  # proxyserver starts the listener
+            ctx.options.mode = [*ctx.options.mode, *specs]  # proxyserver starts the listeners
         except exceptions.OptionsError as exc:
-            del self.port_labels[spec]
-            self._answer(flow, 500, {"error": f"cannot listen for {label}: {exc}"})
+            for spec in specs:
+                del self.port_labels[spec]
+            self._answer(flow, 500, {"error": f"cannot listen for {label or kind}: {exc}"})
             return
         server = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy's addon manager is unannotated
         deadline = time.monotonic() + FLUSH_TIMEOUT
         while time.monotonic() < deadline:
-            if any(addr[1] == port for addr in server.listen_addrs()):
+            if sum(addr[1] == port for addr in server.listen_addrs()) >= len(specs):
                 self._answer(flow, 200, {"label": label, "port": port})
                 return
             await asyncio.sleep(0.005)
-        self._answer(flow, 504, {"error": f"the listener for {label} on port {port} did not start"})
+        self._answer(flow, 504, {"error": f"the listener for {label or kind} on port {port} did not start"})
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, status: int, body: dict[str, object]) -> None:

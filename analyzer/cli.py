@@ -541,6 +541,28 @@ def proxy_cmd(
     plan.exec()
 
 
+def _enter_own_network(db: str | None) -> None:
+    """`run --transparent`: this process, and so the recorder and CMD, in a network namespace
+    of its own. A store over TCP would be out of reach there: said before anything starts."""
+    from sqlalchemy.engine import make_url
+
+    from analyzer.netns import NamespaceError, enter_own_network
+    from analyzer.storeread import resolve_db_url
+
+    url = make_url(resolve_db_url(db)) if db is not None else None  # None: a fresh SQLite store
+    socket_dir = str(url.query.get("host", "")) if url is not None else ""
+    if url is not None and url.get_backend_name() != "sqlite" and url.host and not socket_dir.startswith("/"):
+        raise UserError(
+            f"--transparent: the store {_db_shown(db)} is reached over TCP, which the network "
+            "namespace CMD and the recorder run in cannot reach; use SQLite, or PostgreSQL "
+            "over its Unix socket (postgresql://user@/db?host=/run/postgresql)"
+        )
+    try:
+        enter_own_network()
+    except NamespaceError as exc:
+        raise UserError(str(exc)) from None
+
+
 @cli.command("run", context_settings={"allow_interspersed_args": False})
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 @click.option(
@@ -584,6 +606,13 @@ def proxy_cmd(
     is_flag=True,
     help="A run that recorded no exchange passes (by default it exits 2: nothing was judged)",
 )
+@click.option(
+    "--transparent",
+    is_flag=True,
+    help="Run CMD in a network namespace of its own where every TCP connection it opens is "
+    "redirected to the recorder: clients that ignore proxies (Go on loopback, curl --noproxy) "
+    "are recorded too. Linux, as root, with nft; CMD reaches only the servers it starts itself",
+)
 @secret_field_option
 @key_file_option
 def run_cmd(
@@ -597,6 +626,7 @@ def run_cmd(
     settings: tuple[str, ...],
     verbose: bool,
     allow_empty: bool,
+    transparent: bool,
     secret_fields: tuple[str, ...],
     key_file: str | None,
 ) -> None:
@@ -606,7 +636,9 @@ def run_cmd(
     with the system's CAs and mitmproxy's (SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
     CURL_CA_BUNDLE; NODE_EXTRA_CA_CERTS), NO_PROXY without its loopback entries, a
     preload in NODE_OPTIONS that sends Node's fetch and http/https through the recorder,
-    and Java's proxy properties and truststore in JAVA_TOOL_OPTIONS.
+    and Java's proxy properties and truststore in JAVA_TOOL_OPTIONS. With --transparent,
+    no proxy at all: the kernel sends CMD's connections to the recorder (the CA variables
+    are still set).
     At the end it says what it recorded: exchanges per client, TLS handshakes a client
     refused (it does not trust the recorder's CA), and, when nothing was recorded, why
     that may be. Exit status: CMD's when it failed; else 1 when a finding at or above
@@ -634,6 +666,8 @@ def run_cmd(
     known = (
         exports.read_baseline(Path(baseline)) if baseline is not None else set()
     )  # a bad file: before CMD runs
+    if transparent:
+        _enter_own_network(db)
     fresh = db is None
     workdir = Path(tempfile.mkdtemp(prefix="redirect-audit-run-"))
     if db is None:
@@ -649,17 +683,32 @@ def run_cmd(
         keep_bodies=keep_bodies,
         settings=extra,
         key_file=key_file,
+        transparent=transparent,
     )
     keep_workdir = False  # the fresh store lives there once CMD ran; the recorder's log when it failed
     try:
         try:  # a store that cannot be opened: one line, before CMD runs (checked while mitmdump boots)
             recording.start(while_starting=lambda: _open_for_writing(db, 10.0, key_file).close())
+            if transparent:
+                from analyzer.netns import NamespaceError, redirect_to
+
+                try:
+                    redirect_to(recording.transparent_port, [recording.port])
+                except NamespaceError as exc:
+                    raise UserError(str(exc)) from None
         except SessionError as exc:
             raise UserError(str(exc)) from None
         env, changed = recording.environ()
         where = f"a fresh store, {db}" if fresh else _db_shown(db)
         labelled = f" (label {label})" if label else ""
-        say(f"recording through {recording.url}{labelled} into {where}")
+        if transparent:
+            say(
+                f"{command[0]} runs in a network namespace of its own: every TCP connection it opens "
+                "goes to the recorder, and it reaches only the servers it starts itself"
+            )
+            say(f"recording transparently{labelled} into {where}")
+        else:
+            say(f"recording through {recording.url}{labelled} into {where}")
         if verbose:
             for name in changed:
                 say(f"  {name}={env[name]}" if name in env else f"  {name} removed")
@@ -715,7 +764,7 @@ def run_cmd(
     if not seen_clients:
         say("nothing was judged, so this is not an all-clear. It may be that:")
         for reason in recorded.empty_reasons(
-            refused=refused, unproxied=len(unproxied), pytest=_is_pytest(command)
+            refused=refused, unproxied=len(unproxied), pytest=_is_pytest(command), transparent=transparent
         ):
             say(f"  - {reason}")
         say("(--allow-empty accepts a run that records nothing; -v lists the variables CMD was given)")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import tempfile
 import time
 import uuid
@@ -288,6 +289,7 @@ class AuditSession:
                 else:
                     recording.start()
         except SessionError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
             raise pytest.UsageError(f"--redirect-audit: {exc}") from None
         self.recording = recording
         from analyzer.session import PROXY_VARS
@@ -388,7 +390,9 @@ class AuditSession:
             except (OSError, HTTPException, SessionError):
                 self.recorder_lost = True  # it stopped answering: what it held may be missing
             if not self.recording.attached:
-                self.recording.stop()
+                # it has stored everything (the flush): it winds down while the summary is read,
+                # and pytest_unconfigure waits for it
+                self.recording.stop(wait=False)
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: the controller sums up
             workeroutput["redirect_audit_tls"] = [self.tls_refused, self.tls_upstream_failed]
@@ -442,6 +446,11 @@ class AuditSession:
         if self._opened is not None:
             self._opened.close()
             self._opened = None
+        if self.recording is not None:
+            self.recording.stop()
+            # its CA bundle, truststore and log: a directory of this session's, left behind by nothing
+            shutil.rmtree(self.recording.workdir, ignore_errors=True)
+            self.recording = None
 
     # ---- each test -------------------------------------------------------------------------
 

@@ -160,7 +160,9 @@ def runtimes_line(reports: list[dict[str, object]]) -> str | None:
     return "runtimes seen starting: " + "; ".join(parts)
 
 
-def empty_reasons(*, refused: Mapping[str, int], unproxied: int, pytest: bool) -> list[str]:
+def empty_reasons(
+    *, refused: Mapping[str, int], unproxied: int, pytest: bool, transparent: bool = False
+) -> list[str]:
     """Why a recording may have seen nothing, the likeliest first."""
     reasons = []
     if unproxied:
@@ -169,15 +171,19 @@ def empty_reasons(*, refused: Mapping[str, int], unproxied: int, pytest: bool) -
         reasons.append(
             f"{sum(refused.values())} TLS handshake(s) were refused: a client pinned its own CA bundle"
         )
-    if pytest:
+    if transparent:  # every TCP connection reached the recorder: nothing depended on the client
+        reasons.append("its clients spoke only HTTP/3 (QUIC, over UDP), which is not redirected")
+    elif pytest:
         reasons.append(
             "the tests' HTTP clients do not read the proxy variables (aiohttp without "
-            "trust_env=True, a client given proxies= or a transport of its own)"
+            "trust_env=True, a client given proxies= or a transport of its own); "
+            "`redirect-audit run --transparent` records them without their cooperation"
         )
     else:
         reasons.append(
             "the command cleared the proxy variables, or its clients do not read them "
-            "(Go's net/http never proxies loopback; aiohttp needs trust_env=True)"
+            "(Go's net/http never proxies loopback; aiohttp needs trust_env=True); "
+            "`run --transparent` records them without their cooperation"
         )
     reasons.append("it sent no HTTP(S) traffic at all")
     return reasons

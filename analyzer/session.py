@@ -44,6 +44,7 @@ from urllib.parse import quote
 
 from analyzer.errors import ReportedError
 from analyzer.files import write_private
+from analyzer.netns import RECORDER_GID
 from analyzer.proxy import CA_FILE, CLIENT_PROXY_VARS, ProxyPlan
 from analyzer.storeread import DB_ENV
 
@@ -51,6 +52,7 @@ CONTROL_HOST = "redirect-audit.invalid"  # answered by the addon (addons/redirec
 PROXY_ENV = "REDIRECT_AUDIT_PROXY"  # set for the child: the recorder a nested plugin can use
 NODE_PROXY_ENV = "REDIRECT_AUDIT_NODE_PROXY"  # the proxy (with its label) for the Node preload
 RUNTIMES_ENV = "REDIRECT_AUDIT_RUNTIMES"  # where preloaded runtimes report that they ran
+TRANSPARENT_ENV = "REDIRECT_AUDIT_TRANSPARENT"  # under `run --transparent`: its transparent listener's port
 PROXY_VARS = (*CLIENT_PROXY_VARS, "ALL_PROXY", "all_proxy")
 TRUST_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 JAVA_STORE_PASSWORD = b"changeit"  # the JDK's usual one: the truststore holds public certificates only
@@ -141,6 +143,11 @@ class Recording:
     _launch_env: dict[str, str] = field(default_factory=dict, repr=False)
     _attempts: int = 0
     _control_conn: http.client.HTTPConnection | None = field(default=None, repr=False)
+    _stopping: bool = field(default=False, repr=False)  # SIGTERM sent
+    # `run --transparent`: the recorder runs under netns.RECORDER_GID and listens transparently
+    # on this port, where the kernel redirects every connection the command opens
+    transparent: bool = False
+    transparent_port: int = 0
 
     @property
     def log(self) -> Path:
@@ -158,7 +165,15 @@ class Recording:
         return proxy_url(self.client_port or self.port)
 
     def listen(self) -> None:
-        """Ask the recorder for a listener of the label's own (no label: the main port)."""
+        """Ask the recorder for a listener of the label's own (no label: the main port); with
+        `transparent`, for its transparent listener (labelled, if there is a label)."""
+        if self.transparent:
+            if not self.transparent_port:
+                from urllib.parse import urlencode
+
+                query = urlencode({"label": self.label or "", "mode": "transparent"})
+                self.transparent_port = int(self.control("/listen?" + query)["port"])
+            return
         if self.label and not self.client_port:
             from urllib.parse import urlencode
 
@@ -179,7 +194,13 @@ class Recording:
             confdir=self.confdir,
             key_file=self.key_file,
             proxy_id=self.proxy_id,
-            extra=[arg for setting in self.settings for arg in ("--set", setting)],
+            # transparently, a client's request is read before its server is connected (as a
+            # proxy client's is), so that a request to a server out of reach is still recorded
+            extra=[
+                arg
+                for setting in (["connection_strategy=lazy"] if self.transparent else []) + self.settings
+                for arg in ("--set", setting)
+            ],
         )
 
     def start(
@@ -212,7 +233,9 @@ class Recording:
     def _spawn(self) -> None:
         self.port = free_port()
         with open(self.log, "ab") as log:
-            self.process = self._popen(self.plan().argv(), log, self._launch_env)
+            self.process = self._popen(
+                self.plan().argv(), log, self._launch_env, RECORDER_GID if self.transparent else None
+            )
 
     def ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until the recorder launched answers (and listens for the label)."""
@@ -228,8 +251,10 @@ class Recording:
             raise SessionError(f"the recorder could not start: {last_error(output)} (log: {self.log})")
 
     @staticmethod
-    def _popen(argv: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """mitmdump, in a session of its own, its output in the log."""
+    def _popen(
+        argv: list[str], log: IO[bytes], env: dict[str, str], gid: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """mitmdump, in a session of its own, its output in the log (under group `gid`, if given)."""
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -237,6 +262,8 @@ class Recording:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            group=gid,
+            extra_groups=[] if gid is not None else None,
         )
 
     def _answers(self, timeout: float) -> bool:
@@ -318,15 +345,20 @@ class Recording:
         found = TOTALS.findall(self.output())
         return (int(found[-1][0]), int(found[-1][1])) if found else None
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """Stop mitmdump; it stores what it holds before it exits. Its exit status."""
+    def stop(self, timeout: float = STOP_TIMEOUT, wait: bool = True) -> int | None:
+        """Stop mitmdump; it stores what it holds before it exits. Its exit status (with
+        `wait=False`, the signal is sent and None returned: a later stop() waits)."""
         if self._control_conn is not None:
             self._control_conn.close()
             self._control_conn = None
         if self.process is None or self.attached:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if not self._stopping:
+                self.process.send_signal(signal.SIGTERM)
+                self._stopping = True
+            if not wait:
+                return None
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -344,6 +376,8 @@ class Recording:
         """(environment, names of the variables changed) for a child whose traffic is recorded."""
         env = dict(os.environ if base is None else base)
         before = dict(env)
+        if self.transparent:
+            return self._transparent_environ(env, before)
         url = self.url
         for name in PROXY_VARS:
             env[name] = url
@@ -370,6 +404,27 @@ class Recording:
                 else:
                     del env[name]
         env[PROXY_ENV] = proxy_url(self.port)
+        env[DB_ENV] = self.db_url
+        changed = sorted(n for n in set(env) | set(before) if env.get(n) != before.get(n))
+        return env, changed
+
+    def _transparent_environ(
+        self, env: dict[str, str], before: dict[str, str]
+    ) -> tuple[dict[str, str], list[str]]:
+        """`run --transparent`: the kernel sends every connection to the recorder, so the child
+        gets no proxy (one would be unreachable from its namespace anyway), only the trust:
+        the CA bundle, Node's extra CAs, Java's truststore."""
+        for name in (*PROXY_VARS, *NO_PROXY_VARS):
+            env.pop(name, None)
+        bundle = self.trust_bundle(env)
+        for name in TRUST_VARS:
+            env[name] = str(bundle)
+        env["NODE_EXTRA_CA_CERTS"] = str(self.node_extra(env))
+        env["JAVA_TOOL_OPTIONS"] = java_options(
+            env.get("JAVA_TOOL_OPTIONS", ""), None, self.java_truststore(bundle)
+        )
+        env[PROXY_ENV] = proxy_url(self.port)
+        env[TRANSPARENT_ENV] = str(self.transparent_port)
         env[DB_ENV] = self.db_url
         changed = sorted(n for n in set(env) | set(before) if env.get(n) != before.get(n))
         return env, changed
@@ -437,13 +492,16 @@ class Recording:
         return path
 
 
-def java_options(given: str, port: int, truststore: Path) -> str:
-    """JAVA_TOOL_OPTIONS with the recorder as Java's proxy and its truststore (the user's
-    own options after ours, so that theirs win)."""
-    ours = [
+def java_options(given: str, port: int | None, truststore: Path) -> str:
+    """JAVA_TOOL_OPTIONS with the recorder as Java's proxy (unless `port` is None) and its
+    truststore (the user's own options after ours, so that theirs win)."""
+    proxy = [
         f"-Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort={port}",
         f"-Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort={port}",
         "-Dhttp.nonProxyHosts=",
+    ]
+    ours = [
+        *(proxy if port is not None else []),
         f"-Djavax.net.ssl.trustStore={truststore} -Djavax.net.ssl.trustStoreType=PKCS12",
         f"-Djavax.net.ssl.trustStorePassword={JAVA_STORE_PASSWORD.decode()}",
     ]
@@ -469,6 +527,9 @@ def attach(proxy: str, db_url: str, workdir: Path, label: str | None, confdir: P
     recording = Recording(
         db_url=db_url, workdir=workdir, label=label, confdir=confdir, port=port, attached=True
     )
+    transparent = os.environ.get(TRANSPARENT_ENV, "")
+    if transparent.isdigit():  # under `run --transparent`: its children are redirected already
+        recording.transparent, recording.transparent_port = True, int(transparent)
     recording.control("/ping", timeout=10.0)
     recording.listen()
     return recording

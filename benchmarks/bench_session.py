@@ -10,6 +10,9 @@
   without the plugin, with `--redirect-audit`, and with `--redirect-audit-fail-on=high`
   too (a flush and an analysis after every test); median wall time of --suite-runs; the
   target (issue 27) is at most 5% added to the suite's wall time.
+* a real suite: httpx 0.28.1's own client tests (tests/thirdparty/httpx, the selection
+  tests/test_thirdparty_suites.py runs), without the plugin and with `--redirect-audit`,
+  interleaved, median of --suite-runs; the same target.
 
 Loopback only; mitmproxy's CA in a temporary directory.
 """
@@ -108,6 +111,29 @@ def main() -> None:
             )
     finally:
         upstream.close()
+    real_suite(env, work, args.suite_runs)
+
+
+def real_suite(env: dict, work: Path, runs: int) -> None:
+    from test_thirdparty_suites import SELECTION, SUITE
+
+    argv = [sys.executable, "-m", "pytest", "-c", "pytest.ini", "-q", "-p", "no:cacheprovider", *SELECTION]
+    variants = {
+        "without the plugin": ["-p", "no:redirect_audit"],
+        "--redirect-audit": [f"--redirect-audit={work / 'h.db'}"],
+    }
+    results: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for name, extra in variants.items():
+            (work / "h.db").unlink(missing_ok=True)
+            results.setdefault(name, []).append(timed([*argv, *extra], env, SUITE))
+    base = statistics.median(results["without the plugin"])
+    for name, times in results.items():
+        median = statistics.median(times)
+        print(
+            f"httpx's own client tests, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
+            f"+{median - base:.2f} s ({(median - base) / base:+.0%}; target at most +5%)"
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def run(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProc
 
 
 def store_of(stderr: str) -> str:
-    line = next(line for line in stderr.splitlines() if "recording through" in line)
+    line = next(line for line in stderr.splitlines() if re.search(r"recording (through|transparently)", line))
     return line.split(" into ", 1)[1].removeprefix("a fresh store, ")
 
 
@@ -394,6 +394,100 @@ def test_requests_the_recorder_answered_itself_are_stored_and_say_so(upstream, e
     # the hop before it is what it is: a redirect whose Location no client can use
     assert hops["nohost?to=http://:1"]["to"] is None, hops
     assert "RA112" in done.stdout, done.stdout
+
+
+TRANSPARENT_CLIENTS = """
+import os, subprocess, sys, urllib.error, urllib.request
+sys.path.insert(0, {tests!r})
+from upstream import Upstream
+
+own = Upstream()  # a server the command starts itself, on the namespace's loopback
+curl = subprocess.run(
+    ["curl", "--noproxy", "*", "-sS", "-L", "-o", "/dev/null", "-w", "%{{http_code}}", "-d", "amount=5",
+     own.origin + "/r/302/pay"],
+    capture_output=True, text=True,
+)
+print("curl", curl.stdout, curl.stderr.strip())
+direct = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))  # no proxy, whatever the environment
+print("urllib", direct.open(own.origin + "/r/301/moved").status)
+print(subprocess.run([{go!r}], capture_output=True, text=True).stdout.strip())
+try:  # the host's loopback is another namespace's: out of reach
+    direct.open(os.environ["HOST_UPSTREAM"] + "/echo/host", timeout=10)
+    print("host reached")
+except (urllib.error.URLError, ConnectionError):
+    print("host unreachable")
+own.close()
+"""
+
+
+def test_transparent_records_clients_that_ignore_proxies(upstream, env, tmp_path):
+    """`run --transparent`: curl told to use no proxy and urllib with proxies switched off,
+    against a server the command starts itself, are recorded without any proxy variable;
+    the host's own loopback servers are out of the command's reach, and it says so."""
+    require_program("nft", "apt-get install nftables")
+    require_program("curl", "apt-get install curl")
+    if os.geteuid() != 0:
+        pytest.skip("--transparent needs root")  # the not-root message is checked below, as nobody
+    go = require_program("go", "apt-get install golang-go")
+    client = tmp_path / "loopback_client"
+    built = subprocess.run(
+        [go, "build", "-o", str(client), str(ROOT / "tests" / "go" / "loopback_client.go")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GOFLAGS": "-mod=mod"},
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    # Without --transparent, Go's loopback traffic goes around the proxy: nothing recorded, and said so
+    around = run("--", str(client), env=env)
+    assert around.returncode == 2 and around.stdout == "go 200 GET\n", around.stdout + around.stderr
+    assert "`run --transparent` records them without their cooperation" in around.stderr
+    script = tmp_path / "clients.py"
+    script.write_text(TRANSPARENT_CLIENTS.format(tests=str(ROOT / "tests"), go=str(client)))
+    done = run(
+        "--transparent", "--", sys.executable, str(script), env={**env, "HOST_UPSTREAM": upstream.origin}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # RA101 is low: under --fail-on medium
+    assert done.stdout.splitlines()[:4] == ["curl 200 ", "urllib 200", "go 200 GET", "host unreachable"], (
+        done.stdout
+    )
+    assert "recording transparently into a fresh store" in done.stderr
+    assert "it reaches only the servers it starts itself" in done.stderr
+    assert re.search(
+        r"recorded 7 exchange\(s\) from 3 client\(s\): urllib 3\.\d+ \(3\), (curl [\d.]+ \(2\), Go-http-client 1\.1 \(2\)|Go-http-client 1\.1 \(2\), curl [\d.]+ \(2\))",
+        done.stderr,
+    ), done.stderr
+    assert "method-downgrade (RA101)" in done.stdout  # curl's POST through a 302
+    db = store_of(done.stderr)
+    chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
+    hops = [
+        (h["from"]["method"], h["status"], (h["to"] or {}).get("method")) for c in chains for h in c["hops"]
+    ]
+    assert sorted(hops) == [("GET", 301, "GET"), ("POST", 302, "GET"), ("POST", 302, "GET")], hops
+    with sqlite3.connect(db) as conn:  # the request to the host's server: sent, and stored as going nowhere
+        (error,) = conn.execute("SELECT error FROM exchanges WHERE url LIKE '%/echo/host'").fetchone()
+    assert error.startswith("the server could not be reached; the recorder closed the client's connection"), (
+        error
+    )
+    # A store over TCP is out of the namespace's reach, and without root there is no namespace:
+    # one line each, before anything runs.
+    tcp = run("--transparent", "--db", "postgresql://u@127.0.0.1:5432/x", "--", "true", env=env)
+    assert tcp.returncode == 2 and tcp.stderr.strip().splitlines() == [
+        "redirect-audit: error: --transparent: the store postgresql+psycopg://u@127.0.0.1:5432/x is reached "
+        "over TCP, which "
+        "the network namespace CMD and the recorder run in cannot reach; use SQLite, or PostgreSQL over its "
+        "Unix socket (postgresql://user@/db?host=/run/postgresql)"
+    ], tcp.stderr
+    # root without CAP_NET_ADMIN (dropped from the bounding set, as a container does)
+    capless = subprocess.run(
+        ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin",
+         sys.executable, "-m", "analyzer", "run", "--transparent", "--", "true"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, **env},
+    )  # fmt: skip
+    assert capless.returncode == 2, capless.stderr
+    assert capless.stderr.strip() == (
+        "redirect-audit: error: --transparent needs root: it gives the command a network namespace of its "
+        "own (CAP_NET_ADMIN) and runs the recorder under a group of its own (CAP_SETGID); without root, run "
+        "without --transparent (clients are sent to the recorder through the proxy variables)"
+    ), capless.stderr
 
 
 def test_java_s_clients_are_recorded_over_http_and_https(upstream, env, tmp_path):

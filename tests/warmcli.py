@@ -136,15 +136,18 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def forked_mitmdump(argv, log, env):
+def forked_mitmdump(argv, log, env, gid=None):
     # The recorder's mitmdump, forked from this warm command instead of started cold:
-    # mitmproxy is imported already. The same program, arguments, environment and output.
+    # mitmproxy is imported already. The same program, arguments, environment, output and group.
     pid = os.fork()
     if pid:
         return Forked(pid)
     code = 1
     try:
         os.setsid()
+        if gid is not None:
+            os.setgroups([])
+            os.setgid(gid)
         atexit._clear()  # the command's exit handlers are not mitmdump's
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
