@@ -53,6 +53,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgresql)
         if on_postgresql or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.slow)
+    # The longest single tests start first: started last, one would keep a worker busy while
+    # the others have run out of work (the suite is CPU-bound on two cores).
+    items.sort(key=lambda item: item.module is None or item.module.__name__ not in LONGEST_FIRST)
+
+
+LONGEST_FIRST = ("test_thirdparty_suites", "test_fleet")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
