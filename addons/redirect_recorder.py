@@ -431,18 +431,29 @@ class RedirectRecorder:
         through the proxy, so the same converter, labels and live rules store and judge it."""
         try:
             captures = json.loads(flow.request.content or b"[]")
-            flows = [_flow_of(c) for c in captures]
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(captures, list):
+                raise TypeError("a JSON list was expected")
+        except (ValueError, TypeError) as exc:
             self._answer(
                 flow, 400, {"error": f"/record: not a list of exchanges: {printable(str(exc))[:200]}"}
             )
             return
+        flows, refused = [], 0
+        for capture in captures:  # one that cannot be made a flow costs only itself
+            try:
+                flows.append(_flow_of(capture))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                refused += 1
+                log.warning(
+                    "redirect-audit: an exchange recorded in process was not kept: %s",
+                    printable(str(exc))[:200],
+                )
         for made in flows:
             label = made.metadata.get(LABEL_KEY)
             if label is not None:
                 made.metadata[LABEL_KEY] = self.renamed.get(label, label)
             self._set_aside(made)
-        self._answer(flow, 200, {"recorded": len(flows)})
+        self._answer(flow, 200, {"recorded": len(flows), "refused": refused})
 
     async def _listen(self, flow: http.HTTPFlow) -> None:
         """`/listen?label=L`: a listener of its own on a free loopback port, whose traffic is
@@ -705,7 +716,10 @@ def _flow_of(capture: dict[str, Any]) -> http.HTTPFlow:
 
     url = urlsplit(capture["url"])
     scheme = url.scheme or "http"
-    port = url.port or (443 if scheme == "https" else 80)
+    try:
+        port = url.port or (443 if scheme == "https" else 80)
+    except ValueError:  # a port out of range or not a number (it went nowhere): the default port
+        port = 443 if scheme == "https" else 80
     target = (url.path or "/") + (f"?{url.query}" if url.query else "")
     started = float(capture["started"])
     client = connection.Client(

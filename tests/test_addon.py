@@ -450,3 +450,30 @@ def test_the_script_module_is_the_only_stop_on_mitmproxys_walk():
     hooks = ("load", "configure", "running", "response", "error", "done")
     assert {getattr(script, name).__self__ for name in hooks} == {script.recorder}
     assert all(callable(getattr(script, name)) for name in hooks)
+
+
+def test_record_keeps_every_exchange_it_can_and_counts_the_rest(recorder, addon_db):
+    """`/record` (the plugin's in-process exchanges): a URL whose port is out of range (httpx's
+    own tests send one) is kept, with the scheme's default port; a capture that is not one
+    costs only itself, never the batch (which used to be answered 400 and lost whole)."""
+
+    def capture(url: str) -> dict:
+        return {"method": "GET", "url": url, "started": T0, "connection": "c1", "http_version": "HTTP/1.1",
+                "request_headers": [["Host", "h"]], "status": 200, "reason": "OK", "response_headers": [],
+                "label": "pytest-main-t1"}  # fmt: skip
+
+    batch = [
+        capture("http://127.0.0.1:99999/far"),
+        {"url": "http://x/no-method"},
+        capture("http://api.test/ok"),
+    ]
+    control = tflow.tflow()
+    control.request = http.Request.make("POST", "http://redirect-audit.invalid/record", json.dumps(batch))
+    recorder._record(control)
+    assert control.response.status_code == 200
+    assert json.loads(control.response.content) == {"recorded": 2, "refused": 1}
+    recorder.done()
+    assert [(row["url"], row["client"]) for row in stored(addon_db)] == [
+        ("http://127.0.0.1/far", "pytest-main-t1"),
+        ("http://api.test/ok", "pytest-main-t1"),
+    ]
