@@ -95,20 +95,8 @@ def main() -> None:
                 "--redirect-audit-fail-on=high",
             ],
         }
-        results = {}
-        for _ in range(args.suite_runs):  # interleaved, so that drift hits every variant alike
-            for name, extra in variants.items():
-                for db in ("a.db", "b.db"):
-                    (work / db).unlink(missing_ok=True)
-                results.setdefault(name, []).append(timed([*pytest_argv, *extra], env, suite))
-        base = statistics.median(results["without the plugin"])
-        for name, times in results.items():
-            median = statistics.median(times)
-            print(
-                f"{args.tests} tests, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
-                f"+{median - base:.2f} s ({(median - base) / base:+.0%}; target at most +5%), "
-                f"{(median - base) / args.tests * 1000:.1f} ms per test"
-            )
+        compare(variants, pytest_argv, env, suite, args.suite_runs, [work / "a.db", work / "b.db"],
+                f"{args.tests} tests", per_test=args.tests)  # fmt: skip
     finally:
         upstream.close()
     real_suite(env, work, args.suite_runs)
@@ -122,17 +110,34 @@ def real_suite(env: dict, work: Path, runs: int) -> None:
         "without the plugin": ["-p", "no:redirect_audit"],
         "--redirect-audit": [f"--redirect-audit={work / 'h.db'}"],
     }
+    compare(variants, argv, env, SUITE, runs, [work / "h.db"], "httpx's own client tests")
+
+
+def compare(
+    variants: dict[str, list[str]],
+    argv: list[str],
+    env: dict,
+    cwd: Path,
+    runs: int,
+    stores: list[Path],
+    what: str,
+    per_test: int = 0,
+) -> None:
+    """Time `argv` plus each variant's arguments, interleaved (so that drift hits every variant
+    alike) with fresh stores each time; print each median against the first variant's."""
     results: dict[str, list[float]] = {}
     for _ in range(runs):
         for name, extra in variants.items():
-            (work / "h.db").unlink(missing_ok=True)
-            results.setdefault(name, []).append(timed([*argv, *extra], env, SUITE))
-    base = statistics.median(results["without the plugin"])
+            for store in stores:
+                store.unlink(missing_ok=True)
+            results.setdefault(name, []).append(timed([*argv, *extra], env, cwd))
+    base = statistics.median(next(iter(results.values())))
     for name, times in results.items():
         median = statistics.median(times)
+        each = f", {(median - base) / per_test * 1000:.1f} ms per test" if per_test else ""
         print(
-            f"httpx's own client tests, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
-            f"+{median - base:.2f} s ({(median - base) / base:+.0%}; target at most +5%)"
+            f"{what}, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
+            f"+{median - base:.2f} s ({(median - base) / base:+.0%}; target at most +5%){each}"
         )
 
 
