@@ -728,39 +728,26 @@ def _flow_of(capture: dict[str, Any]) -> http.HTTPFlow:
         timestamp_start=started,
         id=str(capture["connection"]),
     )
-    server = connection.Server(address=(url.hostname or "", port))
     body = capture.get("body")
-    request = http.Request(
-        host=url.hostname or "",
-        port=port,
-        method=str(capture["method"]).encode("latin-1"),
-        scheme=scheme.encode(),
-        authority=b"",
-        path=target.encode("latin-1"),
-        http_version=str(capture["http_version"]).encode(),
-        headers=http.Headers(
-            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in capture["request_headers"]]
-        ),
-        content=base64.b64decode(body) if body is not None else None,
-        trailers=None,
-        timestamp_start=started,
-        timestamp_end=started,
+    made = _made_flow(
+        client,
+        url.hostname or "",
+        port,
+        str(capture["method"]).encode("latin-1"),
+        scheme.encode(),
+        target.encode("latin-1"),
+        str(capture["http_version"]).encode(),
+        _headers(capture["request_headers"]),
+        base64.b64decode(body) if body is not None else None,
+        started,
     )
-    made = http.HTTPFlow(client, server)
-    made.request = request
     if capture.get("status") is not None:
-        answered = float(capture.get("response_started") or started)
-        made.response = http.Response(
-            http_version=str(capture["http_version"]).encode(),
-            status_code=int(capture["status"]),
-            reason=str(capture.get("reason") or "").encode("latin-1", "replace"),
-            headers=http.Headers(
-                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in capture["response_headers"]]
-            ),
-            content=None,  # the client reads it; not kept
-            trailers=None,
-            timestamp_start=answered,
-            timestamp_end=answered,
+        made.response = _made_response(
+            str(capture["http_version"]).encode(),
+            int(capture["status"]),
+            str(capture.get("reason") or "").encode("latin-1", "replace"),
+            _headers(capture["response_headers"]),
+            float(capture.get("response_started") or started),
         )
     if capture.get("error"):
         made.error = FlowError(str(capture["error"]))
@@ -795,6 +782,57 @@ class _RejectedRequests(logging.Handler):
             self.recorder.rejected_request(peer[:2], line, found[1])
 
 
+def _made_flow(
+    client: connection.Client,
+    host: str,
+    port: int,
+    method: bytes,
+    scheme: bytes,
+    path: bytes,
+    version: bytes,
+    headers: http.Headers,
+    content: bytes | None,
+    at: float,
+) -> http.HTTPFlow:
+    """A flow of a request the proxy did not read itself (in process, or rejected unparsed)."""
+    made = http.HTTPFlow(client, connection.Server(address=(host, port)))
+    made.request = http.Request(
+        host=host,
+        port=port,
+        method=method,
+        scheme=scheme,
+        authority=b"",
+        path=path,
+        http_version=version,
+        headers=headers,
+        content=content,
+        trailers=None,
+        timestamp_start=at,
+        timestamp_end=at,
+    )
+    return made
+
+
+def _made_response(
+    version: bytes, status: int, reason: bytes, headers: http.Headers, at: float
+) -> http.Response:
+    """Its answer, without a body (a client reads it; the recorder's own 400 has none kept)."""
+    return http.Response(
+        http_version=version,
+        status_code=status,
+        reason=reason,
+        headers=headers,
+        content=None,
+        trailers=None,
+        timestamp_start=at,
+        timestamp_end=at,
+    )
+
+
+def _headers(pairs: list[list[str]]) -> http.Headers:
+    return http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs])
+
+
 def _rejected_flow(client: connection.Client, line: bytes, reason: str) -> http.HTTPFlow:
     """A flow for a request line mitmproxy rejected: method and target as the client sent
     them (an absolute-form target split by hand: it did not parse), the recorder's 400."""
@@ -818,31 +856,10 @@ def _rejected_flow(client: connection.Client, line: bytes, reason: str) -> http.
         port = 443 if client.tls_established else 80
         path = target or b"/"
     now = time.time()
-    made = http.HTTPFlow(client, connection.Server(address=(host.decode("latin-1"), port)))
-    made.request = http.Request(
-        host=host.decode("latin-1"),
-        port=port,
-        method=method,
-        scheme=scheme.lower(),
-        authority=b"",
-        path=path,
-        http_version=version,
-        headers=http.Headers(),
-        content=None,
-        trailers=None,
-        timestamp_start=now,
-        timestamp_end=now,
+    made = _made_flow(
+        client, host.decode("latin-1"), port, method, scheme.lower(), path, version, http.Headers(), None, now
     )
-    made.response = http.Response(
-        http_version=version,
-        status_code=400,
-        reason=b"Bad Request",
-        headers=http.Headers(),
-        content=None,
-        trailers=None,
-        timestamp_start=now,
-        timestamp_end=now,
-    )
+    made.response = _made_response(version, 400, b"Bad Request", http.Headers(), now)
     made.error = FlowError(f"the recorder answered 400 itself; it could not parse the request: {reason}")
     return made
 
