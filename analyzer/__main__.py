@@ -50,6 +50,11 @@ _default_unraisable = sys.unraisablehook
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["pytest-backend"]:  # the pytest plugin's other half (analyzer/testbackend.py)
+        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # the test process ends it: its stdin closes
+        from analyzer.testbackend import serve
+
+        sys.exit(serve())
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not when Ctrl-C is ignored
         _signal.signal(_signal.SIGINT, _on_sigint)
         sys.unraisablehook = _unraisable

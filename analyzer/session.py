@@ -32,9 +32,11 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +55,9 @@ PROXY_ENV = "REDIRECT_AUDIT_PROXY"  # set for the child: the recorder a nested p
 NODE_PROXY_ENV = "REDIRECT_AUDIT_NODE_PROXY"  # the proxy (with its label) for the Node preload
 RUNTIMES_ENV = "REDIRECT_AUDIT_RUNTIMES"  # where preloaded runtimes report that they ran
 TRANSPARENT_ENV = "REDIRECT_AUDIT_TRANSPARENT"  # under `run --transparent`: its transparent listener's port
+# this redirect-audit, for the pytest plugin in a test environment without it (the plugin's
+# tool.py: after the user's REDIRECT_AUDIT_TOOL and a redirect-audit installed with the tests)
+RUN_TOOL_ENV = "REDIRECT_AUDIT_RUN_TOOL"
 PROXY_VARS = (*CLIENT_PROXY_VARS, "ALL_PROXY", "all_proxy")
 TRUST_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 JAVA_STORE_PASSWORD = b"changeit"  # the JDK's usual one: the truststore holds public certificates only
@@ -405,6 +410,7 @@ class Recording:
                     del env[name]
         env[PROXY_ENV] = proxy_url(self.port)
         env[DB_ENV] = self.db_url
+        env[RUN_TOOL_ENV] = tool_command()
         changed = sorted(n for n in set(env) | set(before) if env.get(n) != before.get(n))
         return env, changed
 
@@ -426,6 +432,7 @@ class Recording:
         env[PROXY_ENV] = proxy_url(self.port)
         env[TRANSPARENT_ENV] = str(self.transparent_port)
         env[DB_ENV] = self.db_url
+        env[RUN_TOOL_ENV] = tool_command()
         changed = sorted(n for n in set(env) | set(before) if env.get(n) != before.get(n))
         return env, changed
 
@@ -490,6 +497,12 @@ class Recording:
             str(path), Path(given).read_text(errors="replace").rstrip("\n") + "\n" + self.ca.read_text()
         )
         return path
+
+
+def tool_command() -> str:
+    """This redirect-audit as a command line: the pytest plugin under `run` (in a test
+    environment that has only the plugin) records and judges through the same tool."""
+    return shlex.join([sys.executable, "-m", "analyzer"])
 
 
 def java_options(given: str, port: int | None, truststore: Path) -> str:

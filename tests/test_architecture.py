@@ -35,7 +35,9 @@ def test_every_type_ignore_names_its_code_and_says_why():
     """mypy runs strict on every module; where a line must be exempt, it says which error
     and why, on the same line."""
     bare = []
-    for path in sorted([*ROOT.glob("analyzer/**/*.py"), *ROOT.glob("addons/**/*.py")]):
+    for path in sorted(
+        [*ROOT.glob("analyzer/**/*.py"), *ROOT.glob("addons/**/*.py"), *ROOT.glob("plugin/**/*.py")]
+    ):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             found = IGNORE.search(line)
             if found and (not found[1] or not found[2].strip().lstrip("#").strip()):
@@ -45,4 +47,45 @@ def test_every_type_ignore_names_its_code_and_says_why():
 
 def test_mypy_is_strict_on_every_module():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
-    assert config["strict"] is True and sorted(config["files"]) == ["addons", "analyzer"]
+    assert config["strict"] is True and sorted(config["files"]) == [
+        "addons",
+        "analyzer",
+        "plugin/pytest_redirect_audit",
+    ]
+
+
+def test_the_pytest_plugin_needs_only_pytest_and_the_standard_library():
+    """pytest-redirect-audit goes into users' test environments: it must constrain nothing
+    there. Every module it imports is the standard library's, pytest's, its own, or a client
+    library it patches once the tests have imported it; it runs on the oldest Python it
+    claims; its distribution requires pytest alone."""
+    import ast
+
+    plugin = tomllib.loads((ROOT / "plugin" / "pyproject.toml").read_text())["project"]
+    assert plugin["dependencies"] == ["pytest>=7.0"]
+    oldest = tuple(int(n) for n in plugin["requires-python"].removeprefix(">=").split("."))
+    allowed = set(sys.stdlib_module_names) | {
+        "pytest",
+        "_pytest",
+        "pytest_redirect_audit",
+        "httpx",
+        "aiohttp",
+        "analyzer",
+    }
+    imported: dict[str, set[str]] = {}
+    sources = sorted((ROOT / "plugin" / "pytest_redirect_audit").glob("*.py"))
+    assert len(sources) >= 4
+    for path in sources:
+        tree = ast.parse(path.read_text(), feature_version=oldest)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                imported.setdefault(name.split(".")[0], set()).add(path.name)
+    assert set(imported) - allowed == set(), imported
+    # redirect-audit itself only where it is installed alongside (tool.InProcess), never at import
+    assert imported.get("analyzer") == {"tool.py"}

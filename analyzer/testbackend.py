@@ -1,0 +1,492 @@
+"""The tool's half of the pytest plugin: the recorder, the store and the analysis for one
+pytest process, behind calls whose arguments and answers are plain JSON.
+
+The plugin (`pytest-redirect-audit`, plugin/) goes into the environment under test and
+needs only pytest and the standard library there. Everything that needs mitmproxy,
+SQLAlchemy or the rules happens here, in redirect-audit's own environment, reached in one
+of two ways with the same calls and the same answers:
+
+* in process, when redirect-audit is importable where the tests run (`dispatch`);
+* through `redirect-audit pytest-backend`, a child started from the tool's environment
+  (an isolated install found on PATH, or `uvx`), which reads one JSON call per line on
+  its stdin and writes one JSON answer per line (`serve`).
+
+A call is `{"call": NAME, "args": {...}}`; the answer `{"ok": VALUE}`, or
+`{"error": MESSAGE, "kind": "usage" | "lost" | "internal"}`: a usage error is the user's
+to fix (a store that cannot be opened, a baseline that does not parse), a lost one means
+the recorder stopped answering. `PROTOCOL` changes whenever a call does; the plugin
+refuses a tool that speaks another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from analyzer import __version__
+
+if TYPE_CHECKING:
+    from analyzer.model import Severity
+    from analyzer.report import Record
+    from analyzer.session import Recording
+    from analyzer.store import Store
+
+PROTOCOL = 1
+Json = Any
+
+
+class BackendError(Exception):
+    def __init__(self, message: str, kind: str = "usage") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Backend:
+    """One pytest process's recorder, store and analysis (the controller's: the store and the
+    summary only)."""
+
+    def __init__(self) -> None:
+        self.db = ""
+        self.session = ""
+        self.label = ""
+        self.fresh = False
+        self.known: set[str] = set()
+        self.recording: Recording | None = None
+        self.starting = False
+        self._opened: Store | None = None
+        self._last_seen: int | None = None
+        self._found: dict[tuple[str, str], list[Record]] = {}  # (test, client) -> its findings, last read
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    def hello(self) -> Json:
+        return {"protocol": PROTOCOL, "version": __version__, "python": sys.executable}
+
+    def configure(self, db: str, session: str, fresh: bool, baseline: str | None) -> Json:
+        """Name the store (checked, and made if missing) and read the baseline."""
+        from analyzer.store import open_store
+        from analyzer.storeread import StoreError, resolve_db_url, shown
+
+        self.db, self.session, self.fresh = db, session, fresh
+        if baseline is not None:
+            from analyzer.exports import BaselineError, read_baseline
+
+            try:
+                self.known = read_baseline(Path(baseline))
+            except BaselineError as exc:
+                raise BackendError(f"--redirect-audit-baseline: {exc}") from None
+        try:
+            open_store(db).close()  # made (or checked) once, before workers and recorders use it
+        except StoreError as exc:
+            raise BackendError(f"--redirect-audit: {exc}") from None
+        return {"url": resolve_db_url(db), "shown": shown(db)}
+
+    def start(self, label: str, in_process: bool, confdir: str) -> Json:
+        """Start this process's recorder (or attach to `redirect-audit run`'s, when the
+        tests run under it and share its store). In process, it boots while the first tests
+        run: `ready` waits for it the first time it is needed."""
+        from analyzer.session import PROXY_ENV, PROXY_VARS, Recording, SessionError, attach
+        from analyzer.storeread import resolve_db_url
+
+        self.label = label
+        url = resolve_db_url(self.db)
+        workdir = Path(tempfile.mkdtemp(prefix=f"redirect-audit-{label.split('-')[1]}-"))
+        outer = os.environ.get(PROXY_ENV)
+        try:
+            if outer and url == os.environ.get("REDIRECT_AUDIT_DB"):
+                recording = attach(outer, url, workdir, label, Path(confdir).expanduser())
+            else:
+                recording = Recording(
+                    db_url=url,
+                    workdir=workdir,
+                    label=label,
+                    proxy_id=label,
+                    confdir=Path(confdir).expanduser(),
+                )
+                if in_process:
+                    recording.launch()
+                    self.starting = True
+                else:
+                    recording.start()
+        except SessionError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise BackendError(f"--redirect-audit: {exc}") from None
+        self.recording = recording
+        return {"attached": recording.attached, "proxy_vars": list(PROXY_VARS)}
+
+    def ready(self) -> Json:
+        """Wait for the recorder launched at start, the first time it is needed."""
+        if self.starting and self.recording is not None:
+            from analyzer.session import SessionError
+
+            self.starting = False
+            try:
+                self.recording.ready()
+            except SessionError as exc:
+                raise BackendError(f"--redirect-audit: {exc}") from None
+        return None
+
+    def environ(self, base: dict[str, str]) -> Json:
+        """The environment a process recorded through the proxy gets: `base` (the test
+        process's) with the proxy variables, the CA bundle and the runtimes' settings."""
+        self.ready()
+        env, _ = self._recording().environ(base)
+        return env
+
+    def _recording(self) -> Recording:
+        if self.recording is None:
+            raise BackendError("the recorder was not started", kind="internal")
+        return self.recording
+
+    # ---- the recorder ------------------------------------------------------------------------
+
+    def hand_over(
+        self, captures: list[dict[str, Any]], runs: list[dict[str, Any]], current: dict[str, Any] | None
+    ) -> Json:
+        """Store what the test process holds: its clients' captures (through the recorder,
+        as the proxy's flows are), the finished tests' rows, and the running test's row
+        (its id is the answer), so that what reads the store now finds them."""
+        from sqlalchemy import insert
+
+        from analyzer.store import test_runs
+
+        if captures:
+            self.ready()
+            self._lost(lambda: self._recording().record(captures))
+        row = None
+        with self._store() as store, store.begin() as conn:
+            if runs:
+                conn.execute(insert(test_runs), runs)
+            if current is not None:
+                key = conn.execute(insert(test_runs).values(**current)).inserted_primary_key
+                assert key is not None  # an INSERT always returns the new row's key
+                row = key[0]
+        return row
+
+    def end_run(self, row: int, values: dict[str, Any]) -> Json:
+        from sqlalchemy import update
+
+        from analyzer.store import test_runs
+
+        with self._store() as store, store.begin() as conn:
+            conn.execute(update(test_runs).where(test_runs.c.id == row).values(**values))
+        return None
+
+    def relabel(self, label: str, to: str | None) -> Json:
+        self.ready()
+        return self._lost(lambda: self._recording().relabel(label, to))
+
+    def flush(self) -> Json:
+        """Wait until the recorder has stored everything it was sent; its counts."""
+        self.ready()
+        return self._lost(lambda: self._recording().flush())
+
+    def stop(self, wait: bool = True) -> Json:
+        """Stop the recorder (it stores what it holds); attached to `run`'s, nothing to stop."""
+        if self.recording is not None and not self.recording.attached:
+            self.recording.stop(wait=wait)
+        return None
+
+    def close(self) -> Json:
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+        if self.recording is not None:
+            self.recording.stop()
+            # its CA bundle, truststore and log: a directory of this session's, left behind by nothing
+            shutil.rmtree(self.recording.workdir, ignore_errors=True)
+            self.recording = None
+        return None
+
+    def _lost(self, call: Any) -> Json:
+        from http.client import HTTPException
+
+        from analyzer.session import SessionError
+
+        try:
+            return call()
+        except (OSError, HTTPException, SessionError) as exc:
+            raise BackendError(f"the recorder stopped answering: {exc}", kind="lost") from None
+
+    # ---- a test's findings and chains ------------------------------------------------------
+
+    def _store(self) -> _Kept:
+        """The store, opened once per process (an engine per test would cost ~10 ms each)."""
+        if self._opened is None:
+            from analyzer.store import open_store
+
+            self._opened = open_store(self.db, create=False)
+        return _Kept(self._opened)
+
+    def _analyzed(self) -> bool:
+        """Everything the recorder has seen is stored and analyzed; False when it has seen
+        nothing since the last call (the analysis would not change)."""
+        seen = None
+        recording = self.recording
+        if recording is not None and (self.starting or recording.attached or recording.running):
+            seen = self.flush().get("seen")
+        if seen is not None and seen == self._last_seen:
+            return False
+        from analyzer.analysis import analyze
+
+        with self._store() as store:
+            analyze(store)
+        self._last_seen = seen
+        self._found = {}
+        return True
+
+    def _mine(self, client: str | None, label: str) -> bool:
+        """Traffic of the running test: its label, or this recorder's clients known by address."""
+        return client is not None and (client == label or client.startswith(f"proxy:{self.label}/"))
+
+    def test_findings(self, test: str, client: str, min_severity: str = "info") -> Json:
+        """The findings of a test (client: its label), after a flush and an analysis (skipped,
+        and the last answer reused, when the recorder has seen nothing since)."""
+        from analyzer.model import Severity
+        from analyzer.report import finding_records
+        from analyzer.storeread import open_reader
+
+        self._analyzed()
+        found = self._found.get((test, client))
+        if found is None:
+            with open_reader(self.db) as reader:
+                records = finding_records(reader, clients=(client, self.label))
+            found = [r for r in records if r["test"] == test and self._mine(r["client"], client)]
+            self._found[(test, client)] = found
+        floor = Severity.parse(min_severity)
+        return [r for r in found if Severity.parse(r["severity"]) >= floor]
+
+    def test_chains(self, client: str, started: float) -> Json:
+        from analyzer.report import chain_records
+        from analyzer.storeread import open_reader
+
+        self._analyzed()
+        with open_reader(self.db) as reader:
+            chains = chain_records(reader)
+        return [
+            c
+            for c in chains
+            if self._mine(c["client"], client)
+            and c["hops"][0]["from"]["started_at"] is not None
+            and _epoch(c["hops"][0]["from"]["started_at"]) >= started - 1e-3
+        ]
+
+    def gate(self, test: str, client: str, fail_on: str) -> Json:
+        """What fails a test under `--redirect-audit-fail-on`: its new findings at or above
+        the severity, in words ("" when none)."""
+        from analyzer.exports import gate
+
+        floor = _severity(fail_on)
+        failing = gate(self.test_findings(test, client), floor, self.known)
+        if not failing:
+            return ""
+        lines = [f"redirect-audit: {len(failing)} new finding(s) at or above {floor} during this test:"]
+        for f in failing:
+            lines += self._described(f, chain=True)
+        return "\n".join(lines)
+
+    def findings_text(self, test: str, client: str, min_severity: str) -> Json:
+        """The `redirect_audit.assert_no_findings()` message ("" when nothing is found)."""
+        found = self.test_findings(test, client, min_severity)
+        if not found:
+            return ""
+        lines = [f"redirect-audit: {len(found)} finding(s) at or above {min_severity} during this test:"]
+        for f in found:
+            lines += self._described(f, chain=False)
+        return "\n".join(lines)
+
+    def _described(self, f: Record, chain: bool) -> list[str]:
+        from analyzer.report import hop_text
+
+        lines = [
+            f"  {f['severity'].upper()} {f['rule_id']} {f['rule']}: {hop_text(f)}",
+            f"    {f['message']}",
+        ]
+        if chain and f["chain_id"] is not None:
+            lines.append(f"    chain {f['chain_id']}: {self._command(f['chain_id'])}")
+        return lines
+
+    def _command(self, chain_id: int) -> str:
+        from analyzer.storeread import shown
+
+        prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
+        return f"{prefix} chains --db {shlex.quote(shown(self.db))} --chain {chain_id}"
+
+    # ---- the session's end -----------------------------------------------------------------
+
+    def seen(self, labels: list[str]) -> Json:
+        """How many clients the session (its recorders' labels) recorded."""
+        return len(self._seen(labels))
+
+    def _seen(self, labels: list[str]) -> list[Any]:
+        from analyzer.recorded import clients_seen
+
+        clients, recorders = self._session_clients(labels)
+        with self._store() as store:
+            return clients_seen(store, clients=clients, prefixes=[f"proxy:{r}/" for r in recorders])
+
+    def summary(
+        self,
+        labels: list[str],
+        recorder_lost: bool,
+        tls_refused: dict[str, int],
+        tls_upstream_failed: dict[str, int],
+        unproxied: list[str],
+        allow_empty: bool,
+    ) -> Json:
+        """The lines of the terminal summary: what the session recorded and could not see,
+        then its findings grouped by test, each with the command that shows its chain."""
+        from analyzer import recorded
+        from analyzer.report import hop_text
+
+        where = f"a fresh store, {self._shown()}" if self.fresh else self._shown()
+        seen = self._seen(labels)
+        lines = [recorded.recorded_line(seen)]
+        if recorder_lost:
+            lines.append(
+                "The recorder stopped answering before the session ended: its last exchanges may be missing."
+            )
+        lines += recorded.tls_lines(tls_refused, tls_upstream_failed)
+        if unproxied:
+            lines.append(recorded.unproxied_line(sorted(unproxied)))
+        if not seen:
+            lines.append(f"Nothing was judged (store: {where}), so this is not an all-clear. It may be that:")
+            lines += [
+                f"  - {reason}"
+                for reason in recorded.empty_reasons(
+                    refused=tls_refused, unproxied=len(unproxied), pytest=True
+                )
+            ]
+            verdict = "passes" if allow_empty else "exits 2"
+            lines.append(
+                f"The session {verdict}; --redirect-audit-allow-empty accepts a session that records nothing."
+            )
+            return lines
+        records = self._session_findings(labels)
+        if not records:
+            lines.append(f"No findings in this session's traffic (store: {where}).")
+            return lines
+        by_test: dict[str, list[Record]] = {}
+        for r in records:
+            by_test.setdefault(r["test"] or "(outside any test)", []).append(r)
+        for test, found in by_test.items():
+            lines.append(f"{test}: {len(found)} finding(s)")
+            for f in found:
+                lines.append(f"  {f['severity'].upper():<6} {f['rule_id']} {f['rule']}: {hop_text(f)}")
+                if f["chain_id"] is not None:
+                    lines.append(f"         {self._command(f['chain_id'])}")
+        tests = sum(1 for t in by_test if t != "(outside any test)")
+        lines.append(f"{len(records)} finding(s) in {tests} test(s); store: {where}")
+        return lines
+
+    def _shown(self) -> str:
+        from analyzer.storeread import shown
+
+        return shown(self.db)
+
+    def _session_findings(self, labels: list[str]) -> list[Record]:
+        from analyzer.analysis import analyze
+        from analyzer.report import finding_records
+        from analyzer.storeread import open_reader
+
+        with self._store() as store:
+            analyze(store)
+        clients, recorders = self._session_clients(labels)
+        with open_reader(self.db) as reader:
+            records = finding_records(reader)
+        prefixes = tuple(f"proxy:{r}/" for r in recorders)
+        return [r for r in records if r["client"] in clients or (r["client"] or "").startswith(prefixes)]
+
+    def _session_clients(self, labels: list[str]) -> tuple[set[str], set[str]]:
+        """(the labels this session's traffic was recorded under, the names of its recorders)."""
+        from sqlalchemy import select
+
+        from analyzer.store import test_runs
+
+        with self._store() as store, store.begin() as conn:
+            rows = conn.execute(
+                select(test_runs.c.client, test_runs.c.recorder)
+                .distinct()
+                .where(test_runs.c.session == self.session)
+            ).all()
+        recorders = {r for _, r in rows} | set(labels)
+        return {c for c, _ in rows} | recorders, recorders
+
+
+class _Kept:
+    """`with` on the store the backend keeps open: nothing to close after each use."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __enter__(self) -> Store:
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _epoch(iso_text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso_text.replace("Z", "+00:00")).timestamp()
+
+
+def _severity(name: str) -> Severity:
+    from analyzer.model import Severity
+
+    return Severity.parse(name)
+
+
+CALLS = frozenset(
+    name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")
+)
+
+
+def dispatch(backend: Backend, call: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One call, answered as `serve` answers it over the pipe."""
+    if call not in CALLS:
+        return {"error": f"redirect-audit {__version__} has no call {call!r}", "kind": "internal"}
+    try:
+        return {"ok": getattr(backend, call)(**args)}
+    except BackendError as exc:
+        return {"error": str(exc), "kind": exc.kind}
+    except Exception as exc:  # answered, not raised: the test process says what went wrong
+        import traceback
+
+        traceback.print_exc()  # to the backend's stderr, which the plugin shows when it gives up
+        return {"error": f"internal error in redirect-audit: {type(exc).__name__}: {exc}", "kind": "internal"}
+
+
+def serve(calls: BinaryIO | None = None, answers: BinaryIO | None = None) -> int:
+    """`redirect-audit pytest-backend`: answer calls, one JSON line each, until stdin closes
+    (the test process ended) or a `close` call. Stray output (a library that prints) goes
+    to stderr: stdout carries answers only."""
+    if answers is None:
+        answers = os.fdopen(os.dup(1), "wb", buffering=0)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+    calls = calls or sys.stdin.buffer
+    backend = Backend()
+    try:
+        for line in calls:
+            call = ""
+            try:
+                message = json.loads(line)
+                call, args = str(message["call"]), dict(message.get("args") or {})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                answer: dict[str, Any] = {"error": f"not a call: {line[:80]!r}", "kind": "internal"}
+            else:
+                answer = dispatch(backend, call, args)
+            answers.write(json.dumps(answer).encode() + b"\n")
+            if call == "close":
+                break
+    finally:
+        backend.close()
+    return 0

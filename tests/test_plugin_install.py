@@ -1,0 +1,134 @@
+"""The light plugin (plugin/, pytest-redirect-audit) where users install it: a test
+environment without redirect-audit. When it cannot find or talk to redirect-audit, pytest
+stops before any test with one line that says what to do, never a traceback. (That it
+records a real suite there, and changes no outcome, is tests/test_thirdparty_suites.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightenv import LightEnv, pinned
+
+pytestmark = pytest.mark.slow
+
+SUITE = """
+import urllib.request
+
+def test_one():
+    assert 1 + 1 == 2
+"""
+
+
+@pytest.fixture(scope="module")
+def light(tmp_path_factory) -> LightEnv:
+    env = LightEnv(tmp_path_factory.mktemp("light") / "venv")
+    env.install(*pinned("pytest"))
+    env.install_plugin()
+    return env
+
+
+def run_light(
+    env: LightEnv, where: Path, *args: str, path: str = "/usr/bin:/bin"
+) -> subprocess.CompletedProcess[str]:
+    (where / "test_it.py").write_text(SUITE)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("REDIRECT_AUDIT")}
+    environment["PATH"] = path
+    return subprocess.run(
+        [str(env.python), "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+    )
+
+
+def test_without_redirect_audit_anywhere_pytest_says_how_to_get_it(light, tmp_path):
+    done = run_light(light, tmp_path, "--redirect-audit")
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    said = done.stderr
+    assert "redirect-audit was not found" in said and "uv tool install redirect-audit" in said, said
+    assert "--redirect-audit-tool" in said and "Traceback" not in said + done.stdout
+    # not asked for: the plugin stays out of the way, and the suite runs as ever
+    plain = run_light(light, tmp_path)
+    assert plain.returncode == 0 and "1 passed" in plain.stdout, plain.stdout + plain.stderr
+
+
+def test_a_tool_that_speaks_another_protocol_is_refused_by_name(light, tmp_path):
+    fake = tmp_path / "old-redirect-audit"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "for line in sys.stdin:\n"
+        "    print(json.dumps({'ok': {'protocol': 99, 'version': '9.9.9'}}), flush=True)\n"
+    )
+    fake.chmod(0o755)
+    done = run_light(light, tmp_path, "--redirect-audit", f"--redirect-audit-tool={fake}")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert f"redirect-audit ({fake}) is redirect-audit 9.9.9, which speaks protocol 99" in done.stderr
+    assert "pytest-redirect-audit 0.1.0 speaks 1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_tool_that_stops_says_why(light, tmp_path):
+    # an older redirect-audit has no pytest-backend command: click says so and exits 2
+    old = "sh -c 'echo \"Error: No such command '\\''pytest-backend'\\''.\" >&2; exit 2' redirect-audit"
+    done = run_light(light, tmp_path, "--redirect-audit", f"--redirect-audit-tool={old}")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "stopped answering. It is too old for this plugin: upgrade redirect-audit." in done.stderr
+    assert "No such command 'pytest-backend'" in done.stderr, done.stderr
+    missing = run_light(light, tmp_path, "--redirect-audit", "--redirect-audit-tool=/nowhere/redirect-audit")
+    assert missing.returncode == 4
+    assert "could not start redirect-audit (/nowhere/redirect-audit)" in missing.stderr
+    assert "No such file or directory" in missing.stderr, missing.stderr
+
+
+def test_the_tool_on_path_records_the_suite(light, tmp_path):
+    """The commonest install: redirect-audit as an isolated tool on PATH, the plugin alone
+    with the tests. The tool's environment is this project's; the tests' has neither
+    mitmproxy nor redirect-audit."""
+    assert not light.importable("analyzer") and not light.importable("mitmproxy")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "redirect-audit").symlink_to(Path(sys.executable).parent / "redirect-audit")
+    (tmp_path / "test_it.py").write_text(SUITE)
+    (tmp_path / "test_talks.py").write_text(
+        "import http.server, threading, urllib.request\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_POST(self):\n"
+        "        self.rfile.read(int(self.headers['Content-Length']))\n"
+        "        self.send_response(302); self.send_header('Location', '/done'); self.send_header('Content-Length', '0'); self.end_headers()\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n"
+        "    def log_message(self, *a): pass\n"
+        "def test_pay():\n"
+        "    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), H)\n"
+        "    threading.Thread(target=server.serve_forever, daemon=True).start()\n"
+        "    try:\n"
+        "        url = f'http://127.0.0.1:{server.server_port}/pay'\n"
+        "        assert urllib.request.urlopen(urllib.request.Request(url, data=b'amount=1')).read() == b'ok'\n"
+        "    finally:\n"
+        "        server.shutdown()\n"
+    )
+    db = tmp_path / "capture.db"
+    done = run_light(
+        light,
+        tmp_path,
+        f"--redirect-audit={db}",
+        "--redirect-audit-fail-on=low",
+        path=os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"]),
+    )
+    out = done.stdout
+    assert done.returncode == 1, out + done.stderr  # the gate failed test_pay
+    assert "1 failed, 1 passed" in out, out
+    assert "redirect-audit: 1 new finding(s) at or above low during this test:" in out, out
+    urllib = f"urllib {sys.version_info.major}.{sys.version_info.minor} (pytest main) (2)"
+    assert f"recorded 2 exchange(s) from 1 client(s): {urllib}" in out, out
+    assert (
+        "test_talks.py::test_pay: 1 finding(s)" in out
+        and "RA101 method-downgrade: POST http://127.0.0.1:" in out
+    )
