@@ -759,6 +759,8 @@ def _flow_of(capture: dict[str, Any]) -> http.HTTPFlow:
 # What mitmproxy logs when it answers 400 to a request head it cannot parse: the only trace
 # of that exchange (its http1 server layer makes no flow without a parsed request).
 _MITMPROXY_SERVER_LOG = logging.getLogger("mitmproxy.proxy.server")
+
+
 _REJECTED_LINE = re.compile(r"(Bad HTTP request line: (b'.*'|b\".*\"))\Z", re.DOTALL)
 
 

@@ -685,10 +685,22 @@ def run_cmd(
         key_file=key_file,
         transparent=transparent,
     )
+    # CMD starts while mitmdump boots (it adopts a listening socket bound here, where CMD's
+    # connections wait meanwhile), unless the recorder must answer first: a label's own
+    # listener, the transparent one, a CA to make, or the user's mitmproxy settings to check
+    recording.prebind = not (transparent or label or settings) and recording.ca.exists()
     keep_workdir = False  # the fresh store lives there once CMD ran; the recorder's log when it failed
     try:
         try:  # a store that cannot be opened: one line, before CMD runs (checked while mitmdump boots)
-            recording.start(while_starting=lambda: _open_for_writing(db, 10.0, key_file).close())
+            if recording.prebind:
+                recording.launch()
+                try:
+                    _open_for_writing(db, 10.0, key_file).close()
+                except BaseException:
+                    recording.stop()
+                    raise
+            else:
+                recording.start(while_starting=lambda: _open_for_writing(db, 10.0, key_file).close())
             if transparent:
                 from analyzer.netns import NamespaceError, redirect_to
 
@@ -718,13 +730,21 @@ def run_cmd(
             raise UserError(str(exc)) from None
         keep_workdir = fresh
         runtimes = recording.runtimes()
-        try:
-            flushed = recording.flush() if recording.running else {}
-        except (OSError, SessionError):
-            flushed = {}
+        proxy_status: int | None
+        totals: tuple[int, int] | None
+        if recording.prebind and recording.untouched() and recording.stop_unused():
+            # CMD never connected: nothing to wait for (`run -- true` costs no recorder start-up)
+            flushed, proxy_status, totals = {}, 0, recording.totals() or (0, 0)
+        else:
+            try:
+                if recording.prebind and recording.running:
+                    recording.ready()
+                flushed = recording.flush() if recording.running else {}
+            except (OSError, SessionError):
+                flushed = {}
+            proxy_status = recording.stop()
+            totals = recording.totals()
         capture = flushed.get("capture")
-        proxy_status = recording.stop()
-        totals = recording.totals()
         status = (
             f"exited with {child.status}"
             if child.status < 128 or not child.interrupted

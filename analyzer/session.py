@@ -34,6 +34,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -58,6 +59,7 @@ TRANSPARENT_ENV = "REDIRECT_AUDIT_TRANSPARENT"  # under `run --transparent`: its
 # this redirect-audit, for the pytest plugin in a test environment without it (the plugin's
 # tool.py: after the user's REDIRECT_AUDIT_TOOL and a redirect-audit installed with the tests)
 RUN_TOOL_ENV = "REDIRECT_AUDIT_RUN_TOOL"
+LISTEN_FD_ENV = "REDIRECT_AUDIT_LISTEN_FD"  # the listening socket handed to mitmdump (prebind)
 PROXY_VARS = (*CLIENT_PROXY_VARS, "ALL_PROXY", "all_proxy")
 TRUST_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 JAVA_STORE_PASSWORD = b"changeit"  # the JDK's usual one: the truststore holds public certificates only
@@ -153,6 +155,9 @@ class Recording:
     # on this port, where the kernel redirects every connection the command opens
     transparent: bool = False
     transparent_port: int = 0
+    # the listening socket is bound here and handed to mitmdump (the addon adopts it): the
+    # command can start before mitmdump is up, its connections queued by the kernel meanwhile
+    prebind: bool = False
 
     @property
     def log(self) -> Path:
@@ -236,11 +241,56 @@ class Recording:
         self._spawn()
 
     def _spawn(self) -> None:
-        self.port = free_port()
-        with open(self.log, "ab") as log:
-            self.process = self._popen(
-                self.plan().argv(), log, self._launch_env, RECORDER_GID if self.transparent else None
-            )
+        env, kept = self._launch_env, tuple[int, ...]()
+        listener = None
+        if self.prebind:
+            listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+            self.port = listener.getsockname()[1]
+        else:
+            self.port = free_port()
+        argv = self.plan().argv()
+        if listener is not None:  # mitmdump that adopts the socket (addons/adopt.py)
+            env, kept = {**env, LISTEN_FD_ENV: str(listener.fileno())}, (listener.fileno(),)
+            argv = [sys.executable, "-m", "addons.adopt", *argv[1:]]
+        try:
+            with open(self.log, "ab") as log:
+                self.process = self._popen(argv, log, env, RECORDER_GID if self.transparent else None, kept)
+        finally:
+            if (
+                listener is not None
+            ):  # mitmdump's alone now: if it dies, clients are refused, not left waiting
+                listener.close()
+
+    def untouched(self) -> bool:
+        """Nothing ever connected to the recorder's port: the kernel knows no connection to
+        or from it in any state (one that ended stays in TIME_WAIT for a minute), only the
+        listener. Linux only (/proc/net/tcp); elsewhere it cannot be told: False."""
+        port = f":{self.port:04X}"
+        try:
+            tables = [Path("/proc/net/tcp").read_text()]
+        except OSError:
+            return False
+        try:
+            tables.append(Path("/proc/net/tcp6").read_text())
+        except OSError:
+            pass  # no IPv6
+        for table in tables:
+            for line in table.splitlines()[1:]:
+                fields = line.split()
+                if (
+                    len(fields) > 3
+                    and fields[3] != "0A"
+                    and (fields[1].endswith(port) or fields[2].endswith(port))
+                ):
+                    return False  # 0A: LISTEN
+        return True
+
+    def stop_unused(self) -> bool:
+        """Stop a recorder that nothing connected to (`untouched`), without waiting for it to
+        finish starting: still booting, SIGTERM ends it before it has written anything; up
+        already, it stops as always. True when it ended either way, having recorded nothing."""
+        status = self.stop()
+        return status == 0 or (status == -signal.SIGTERM and self.totals() is None)
 
     def ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until the recorder launched answers (and listens for the label)."""
@@ -257,9 +307,14 @@ class Recording:
 
     @staticmethod
     def _popen(
-        argv: list[str], log: IO[bytes], env: dict[str, str], gid: int | None = None
+        argv: list[str],
+        log: IO[bytes],
+        env: dict[str, str],
+        gid: int | None = None,
+        kept: tuple[int, ...] = (),
     ) -> subprocess.Popen[bytes]:
-        """mitmdump, in a session of its own, its output in the log (under group `gid`, if given)."""
+        """mitmdump, in a session of its own, its output in the log (under group `gid`, if
+        given), with the descriptors `kept` open."""
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -269,6 +324,7 @@ class Recording:
             start_new_session=True,
             group=gid,
             extra_groups=[] if gid is not None else None,
+            pass_fds=kept,
         )
 
     def _answers(self, timeout: float) -> bool:

@@ -3,13 +3,15 @@
     uv run python benchmarks/bench_session.py [--runs 10] [--suite-runs 3] [--tests 200]
 
 * run: wall time of `redirect-audit run --allow-empty -- true` against `true` alone (the
-  recorder's start, its stop and drain, the analysis of an empty capture, the summary);
-  median of --runs; the target (issue 27) is at most 1 s added.
+  store made, the command started while the recorder boots, the recorder stopped where
+  it stands since nothing connected, the summary); median of --runs after a first run
+  that makes mitmproxy's CA (timed apart); the target (issue 27) is at most 1 s added.
 * plugin: a generated suite of --tests tests, each sending one request to a loopback
   upstream (a quarter of them through a redirect), run by pytest in a subprocess
   without the plugin, with `--redirect-audit`, and with `--redirect-audit-fail-on=high`
-  too (a flush and an analysis after every test); median wall time of --suite-runs; the
-  target (issue 27) is at most 5% added to the suite's wall time.
+  too (a flush and an analysis after every test), and with the tool as a child (as the
+  light plugin reaches it from a test environment without redirect-audit); median wall
+  time of --suite-runs; the target (issue 27) is at most 5% added to the suite's wall time.
 * a real suite: httpx 0.28.1's own client tests (tests/thirdparty/httpx, the selection
   tests/test_thirdparty_suites.py runs), without the plugin and with `--redirect-audit`,
   interleaved, median of --suite-runs; the same target.
@@ -73,6 +75,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-session-"))
     env = {**os.environ, "REDIRECT_AUDIT_CONFDIR": str(work / "conf"), "NO_COLOR": "1"}
     entry = [sys.executable, "-m", "analyzer"]
+    first = timed([*entry, "run", "--allow-empty", "--", "true"], env, work)  # makes mitmproxy's CA
+    print(f"run -- true, the first (mitmproxy makes its CA, then the command starts): {first:.2f} s")
     bare = [timed(["true"], env, work) for _ in range(args.runs)]
     wrapped = [timed([*entry, "run", "--allow-empty", "--", "true"], env, work) for _ in range(args.runs)]
     print(
@@ -94,8 +98,13 @@ def main() -> None:
                 "--redirect-audit=" + str(work / "b.db"),
                 "--redirect-audit-fail-on=high",
             ],
+            # as in a test environment that has only the light plugin: the tool is a child
+            "--redirect-audit, the tool as a child": [
+                "--redirect-audit=" + str(work / "c.db"),
+                f"--redirect-audit-tool={sys.executable} -m analyzer",
+            ],
         }
-        compare(variants, pytest_argv, env, suite, args.suite_runs, [work / "a.db", work / "b.db"],
+        compare(variants, pytest_argv, env, suite, args.suite_runs, [work / "a.db", work / "b.db", work / "c.db"],
                 f"{args.tests} tests", per_test=args.tests)  # fmt: skip
     finally:
         upstream.close()
@@ -109,6 +118,10 @@ def real_suite(env: dict, work: Path, runs: int) -> None:
     variants = {
         "without the plugin": ["-p", "no:redirect_audit"],
         "--redirect-audit": [f"--redirect-audit={work / 'h.db'}"],
+        "--redirect-audit, the tool as a child": [
+            f"--redirect-audit={work / 'h.db'}",
+            f"--redirect-audit-tool={sys.executable} -m analyzer",
+        ],
     }
     compare(variants, argv, env, SUITE, runs, [work / "h.db"], "httpx's own client tests")
 

@@ -22,6 +22,8 @@ from conftest import require_program, run_cli
 from proxyrun import ROOT
 from upstream import Upstream, self_signed_context
 
+from analyzer.ingest.recorder import RUNNING
+
 pytestmark = pytest.mark.slow
 
 
@@ -310,6 +312,38 @@ def test_a_run_that_records_nothing_says_why_and_exits_2(env):
     assert pytest_run.returncode == 4, pytest_run.stderr
     assert "recorded nothing" in pytest_run.stderr
     assert "the tests' HTTP clients do not read the proxy variables" in pytest_run.stderr
+
+
+def test_the_command_starts_while_the_recorder_boots_and_nothing_waits_for_an_unused_one(
+    upstream, env, tmp_path
+):
+    """With mitmproxy's CA made already, `run` binds the proxy's port itself and starts the
+    command at once: a client that connects in its first milliseconds waits in the port's
+    queue and is recorded; a command that never connects costs no recorder start-up, and
+    the recorder stopped on the way leaves the store as clean as a finished run."""
+    db = tmp_path / "kept.db"
+    first = run("--db", str(db), "--allow-empty", "--", "true", env=env)  # makes the CA
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "conf" / "mitmproxy-ca-cert.pem").exists()
+    script = (
+        f"import urllib.request; urllib.request.urlopen('{upstream.origin}/r/302/early', data=b'a=1').read()"
+    )
+    early = run("--db", str(db), "--fail-on", "low", "--", sys.executable, "-c", script, env=env)
+    assert early.returncode == 1, early.stderr
+    assert "exited with 0; 2 exchange(s) seen, 2 stored" in early.stderr
+    assert f"NEW low RA101 method-downgrade: POST {upstream.origin}/r/302/early" in early.stderr
+    for _ in range(3):  # never touched: stopped where it stood, at any point of its start-up
+        unused = run("--db", str(db), "--", "true", env=env)
+        assert unused.returncode == 2, unused.stderr
+        assert "true exited with 0; 0 exchange(s) seen, 0 stored" in unused.stderr
+        assert "recorded nothing: no HTTP(S) exchange went through the recorder" in unused.stderr
+        assert "the recorder failed" not in unused.stderr
+    again = run("--db", str(db), "--fail-on", "high", "--", sys.executable, "-c", script, env=env)
+    assert again.returncode == 0, again.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM exchanges").fetchone() == (4,)
+        # no recorder left a running mark behind (the next would report it "stopped uncleanly")
+        assert conn.execute("SELECT key FROM meta WHERE key LIKE ?", (f"{RUNNING}%",)).fetchall() == []
 
 
 def test_tls_handshakes_a_client_refused_are_counted_by_host(upstream, env, tmp_path):

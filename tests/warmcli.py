@@ -136,7 +136,7 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def forked_mitmdump(argv, log, env, gid=None):
+def forked_mitmdump(argv, log, env, gid=None, kept=()):  # a fork keeps every descriptor anyway
     # The recorder's mitmdump, forked from this warm command instead of started cold:
     # mitmproxy is imported already. The same program, arguments, environment, output and group.
     pid = os.fork()
@@ -159,7 +159,12 @@ def forked_mitmdump(argv, log, env, gid=None):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         stdio(env)
-        sys.argv = list(argv)
+        if list(argv[1:3]) == ["-m", "addons.adopt"]:  # python -m addons.adopt ARGS: as it would run
+            sys.argv = [argv[0], *argv[3:]]
+            from addons.adopt import adopt_listener
+            adopt_listener()
+        else:
+            sys.argv = list(argv)
         from mitmproxy.tools.main import mitmdump
         code = mitmdump() or 0
     except SystemExit as exc:
