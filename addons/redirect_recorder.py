@@ -66,7 +66,16 @@ from analyzer.chains import LinkOptions
 from analyzer.detectors import DetectorOptions
 from analyzer.detectors.base import WRITE_METHODS
 from analyzer.ingest.common import DEFAULT_BODY_CAP, CaptureOptions
-from analyzer.ingest.flows import ANSWERED_KEY, INPROCESS_KEY, LABEL_KEY, MITMPROXY_VERSION, FlowConverter
+from analyzer.ingest.flows import (
+    ANSWERED_KEY,
+    LABEL_KEY,
+    LABEL_MAX,
+    MITMPROXY_VERSION,
+    FlowConverter,
+    flow_of_capture,
+    made_flow,
+    made_response,
+)
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
@@ -91,7 +100,6 @@ CONVERT_BATCH = 64
 CONVERT_DELAY = 0.05  # seconds; findings and stored rows wait at most this long for a batch
 CONTROL_HOST = "redirect-audit.invalid"  # .invalid never resolves (RFC 6761): nothing else can be meant
 FLUSH_TIMEOUT = 30.0  # seconds a /flush waits for the writer before it answers 504
-LABEL_MAX = 100  # characters of a label kept
 _PROXY_MODES = (mode_specs.RegularMode, mode_specs.UpstreamMode)
 
 
@@ -441,7 +449,7 @@ class RedirectRecorder:
         flows, refused = [], 0
         for capture in captures:  # one that cannot be made a flow costs only itself
             try:
-                flows.append(_flow_of(capture))
+                flows.append(flow_of_capture(capture))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 refused += 1
                 log.warning(
@@ -710,52 +718,6 @@ def _count(counts: dict[str, int], host: str) -> None:
     counts[host] = counts.get(host, 0) + 1
 
 
-def _flow_of(capture: dict[str, Any]) -> http.HTTPFlow:
-    """A flow from an exchange recorded in a client's process (inprocess.Capture.as_json)."""
-    from urllib.parse import urlsplit
-
-    url = urlsplit(capture["url"])
-    scheme = url.scheme or "http"
-    try:
-        port = url.port or (443 if scheme == "https" else 80)
-    except ValueError:  # a port out of range or not a number (it went nowhere): the default port
-        port = 443 if scheme == "https" else 80
-    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    started = float(capture["started"])
-    client = connection.Client(
-        peername=("127.0.0.1", 0),
-        sockname=("127.0.0.1", 0),
-        timestamp_start=started,
-        id=str(capture["connection"]),
-    )
-    body = capture.get("body")
-    made = _made_flow(
-        client,
-        url.hostname or "",
-        port,
-        str(capture["method"]).encode("latin-1"),
-        scheme.encode(),
-        target.encode("latin-1"),
-        str(capture["http_version"]).encode(),
-        _headers(capture["request_headers"]),
-        base64.b64decode(body) if body is not None else None,
-        started,
-    )
-    if capture.get("status") is not None:
-        made.response = _made_response(
-            str(capture["http_version"]).encode(),
-            int(capture["status"]),
-            str(capture.get("reason") or "").encode("latin-1", "replace"),
-            _headers(capture["response_headers"]),
-            float(capture.get("response_started") or started),
-        )
-    if capture.get("error"):
-        made.error = FlowError(str(capture["error"]))
-    made.metadata[LABEL_KEY] = printable(str(capture.get("label") or ""))[:LABEL_MAX] or None
-    made.metadata[INPROCESS_KEY] = True
-    return made
-
-
 # What mitmproxy logs when it answers 400 to a request head it cannot parse: the only trace
 # of that exchange (its http1 server layer makes no flow without a parsed request).
 _MITMPROXY_SERVER_LOG = logging.getLogger("mitmproxy.proxy.server")
@@ -784,57 +746,6 @@ class _RejectedRequests(logging.Handler):
             self.recorder.rejected_request(peer[:2], line, found[1])
 
 
-def _made_flow(
-    client: connection.Client,
-    host: str,
-    port: int,
-    method: bytes,
-    scheme: bytes,
-    path: bytes,
-    version: bytes,
-    headers: http.Headers,
-    content: bytes | None,
-    at: float,
-) -> http.HTTPFlow:
-    """A flow of a request the proxy did not read itself (in process, or rejected unparsed)."""
-    made = http.HTTPFlow(client, connection.Server(address=(host, port)))
-    made.request = http.Request(
-        host=host,
-        port=port,
-        method=method,
-        scheme=scheme,
-        authority=b"",
-        path=path,
-        http_version=version,
-        headers=headers,
-        content=content,
-        trailers=None,
-        timestamp_start=at,
-        timestamp_end=at,
-    )
-    return made
-
-
-def _made_response(
-    version: bytes, status: int, reason: bytes, headers: http.Headers, at: float
-) -> http.Response:
-    """Its answer, without a body (a client reads it; the recorder's own 400 has none kept)."""
-    return http.Response(
-        http_version=version,
-        status_code=status,
-        reason=reason,
-        headers=headers,
-        content=None,
-        trailers=None,
-        timestamp_start=at,
-        timestamp_end=at,
-    )
-
-
-def _headers(pairs: list[list[str]]) -> http.Headers:
-    return http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs])
-
-
 def _rejected_flow(client: connection.Client, line: bytes, reason: str) -> http.HTTPFlow:
     """A flow for a request line mitmproxy rejected: method and target as the client sent
     them (an absolute-form target split by hand: it did not parse), the recorder's 400."""
@@ -858,10 +769,10 @@ def _rejected_flow(client: connection.Client, line: bytes, reason: str) -> http.
         port = 443 if client.tls_established else 80
         path = target or b"/"
     now = time.time()
-    made = _made_flow(
+    made = made_flow(
         client, host.decode("latin-1"), port, method, scheme.lower(), path, version, http.Headers(), None, now
     )
-    made.response = _made_response(version, 400, b"Bad Request", http.Headers(), now)
+    made.response = made_response(version, 400, b"Bad Request", http.Headers(), now)
     made.error = FlowError(f"the recorder answered 400 itself; it could not parse the request: {reason}")
     return made
 

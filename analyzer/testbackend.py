@@ -59,6 +59,12 @@ class Backend:
         self.known: set[str] = set()
         self.recording: Recording | None = None
         self.starting = False
+        self.in_process = True
+        # the recorder was waited for (proxy mode, a subprocess's environment, `run`'s): only
+        # then can anything have been sent through it; launched and never waited for, it is
+        # stopped where it stands
+        self._readied = False
+        self._direct: _Direct | None = None  # the test process's own captures, stored here
         self._opened: Store | None = None
         self._last_seen: int | None = None
         self._found: dict[tuple[str, str], list[Record]] = {}  # (test, client) -> its findings, last read
@@ -94,13 +100,14 @@ class Backend:
         from analyzer.session import PROXY_ENV, PROXY_VARS, Recording, SessionError, attach
         from analyzer.storeread import resolve_db_url
 
-        self.label = label
+        self.label, self.in_process = label, in_process
         url = resolve_db_url(self.db)
         workdir = Path(tempfile.mkdtemp(prefix=f"redirect-audit-{label.split('-')[1]}-"))
         outer = os.environ.get(PROXY_ENV)
         try:
             if outer and url == os.environ.get("REDIRECT_AUDIT_DB"):
                 recording = attach(outer, url, workdir, label, Path(confdir).expanduser())
+                self._readied = True
             else:
                 recording = Recording(
                     db_url=url,
@@ -109,11 +116,13 @@ class Backend:
                     proxy_id=label,
                     confdir=Path(confdir).expanduser(),
                 )
-                if in_process:
+                if in_process:  # for the subprocesses tests may start: booting meanwhile
                     recording.launch()
                     self.starting = True
+                    _warm_up()
                 else:
                     recording.start()
+                    self._readied = True
         except SessionError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise BackendError(f"--redirect-audit: {exc}") from None
@@ -130,6 +139,7 @@ class Backend:
                 self.recording.ready()
             except SessionError as exc:
                 raise BackendError(f"--redirect-audit: {exc}") from None
+            self._readied = True
         return None
 
     def environ(self, base: dict[str, str]) -> Json:
@@ -157,8 +167,13 @@ class Backend:
         from analyzer.store import test_runs
 
         if captures:
-            self.ready()
-            self._lost(lambda: self._recording().record(captures))
+            recording = self.recording
+            if recording is not None and recording.attached:  # `run`'s: its capture, its summary
+                self._lost(lambda: recording.record(captures))
+            else:  # no proxy needed: stored here, through the flows the recorder would make
+                if self._direct is None:
+                    self._direct = _Direct(self._store().store, self.label)
+                self._direct.add(captures)
         row = None
         with self._store() as store, store.begin() as conn:
             if runs:
@@ -183,17 +198,30 @@ class Backend:
         return self._lost(lambda: self._recording().relabel(label, to))
 
     def flush(self) -> Json:
-        """Wait until the recorder has stored everything it was sent; its counts."""
-        self.ready()
-        return self._lost(lambda: self._recording().flush())
+        """Wait until everything handed over or sent through the recorder is stored; the
+        counts (`seen`: exchanges so far, both ways)."""
+        answer: dict[str, Any] = {}
+        if self.recording is not None and (self._readied or not self.in_process):
+            answer = dict(self._lost(lambda: self._recording().flush()))
+        if self._direct is not None:
+            self._direct.flush()
+            answer["seen"] = int(answer.get("seen") or 0) + self._direct.recorder.seen
+            answer["refused"] = self._direct.refused
+        return answer
 
     def stop(self, wait: bool = True) -> Json:
-        """Stop the recorder (it stores what it holds); attached to `run`'s, nothing to stop."""
+        """Stop the recorder (it stores what it holds; one nothing could reach yet is ended
+        where it stands); attached to `run`'s, nothing to stop. The test process's own
+        captures are stored by now."""
+        if self._direct is not None:
+            self._direct.close()
         if self.recording is not None and not self.recording.attached:
             self.recording.stop(wait=wait)
         return None
 
     def close(self) -> Json:
+        if self._direct is not None:
+            self._direct.close()
         if self._opened is not None:
             self._opened.close()
             self._opened = None
@@ -227,10 +255,7 @@ class Backend:
     def _analyzed(self) -> bool:
         """Everything the recorder has seen is stored and analyzed; False when it has seen
         nothing since the last call (the analysis would not change)."""
-        seen = None
-        recording = self.recording
-        if recording is not None and (self.starting or recording.attached or recording.running):
-            seen = self.flush().get("seen")
+        seen = self.flush().get("seen")
         if seen is not None and seen == self._last_seen:
             return False
         from analyzer.analysis import analyze
@@ -417,6 +442,69 @@ class Backend:
             ).all()
         recorders = {r for _, r in rows} | set(labels)
         return {c for c, _ in rows} | recorders, recorders
+
+
+def _warm_up() -> None:
+    """Import what storing the first captures needs (mitmproxy's flow classes, the
+    converter) while the tests run, not when the session hands them over at its end."""
+    import threading
+
+    def load() -> None:
+        import analyzer.ingest.flows
+        import analyzer.ingest.recorder  # noqa: F401
+
+    threading.Thread(target=load, name="redirect-audit-warm-up", daemon=True).start()
+
+
+class _Direct:
+    """The test process's own captures, stored by the backend itself: the flows the
+    recorder's `/record` would make of them (ingest.flows.flow_of_capture), the same
+    converter and the same writer (a capture of this process's own), without a proxy to
+    start or wait for."""
+
+    def __init__(self, store: Store, label: str) -> None:
+        from analyzer.ingest.common import CaptureOptions
+        from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
+        from analyzer.ingest.recorder import Recorder
+
+        self.recorder = Recorder(store, creator=f"mitmproxy {MITMPROXY_VERSION} (pytest, in process)")
+        self.converter = FlowConverter(0, store.secret_key, CaptureOptions(), recorder=f"proxy:{label}")
+        self.refused = 0
+        self.closed = False
+
+    def add(self, captures: list[dict[str, Any]]) -> None:
+        import logging
+
+        from analyzer.ingest.flows import flow_of_capture
+        from analyzer.text import printable
+
+        recorder, converter = self.recorder, self.converter
+        for capture in captures:  # one that cannot be made a flow costs only itself
+            try:
+                flow = flow_of_capture(capture)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self.refused += 1
+                logging.getLogger(__name__).warning(
+                    "redirect-audit: an exchange recorded in process was not kept: %s",
+                    printable(str(exc))[:200],
+                )
+                continue
+            if recorder.capture_id is not None:
+                converter.capture_id = recorder.capture_id  # the writer made it: rows carry it from now on
+            recorder.submit(converter.convert(recorder.next_seq(), flow))
+
+    def flush(self, timeout: float = 60.0) -> None:
+        import time
+
+        target = self.recorder.flush_soon()
+        deadline = time.monotonic() + timeout
+        while self.recorder.handled < target and time.monotonic() < deadline and not self.recorder.closed:
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.recorder.close()
 
 
 class _Kept:

@@ -7,6 +7,7 @@ records a real suite there, and changes no outcome, is tests/test_thirdparty_sui
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,9 @@ def test_the_tool_on_path_records_the_suite(light, tmp_path):
         "test_talks.py::test_pay: 1 finding(s)" in out
         and "RA101 method-downgrade: POST http://127.0.0.1:" in out
     )
+    # the test process's own traffic was stored by the tool, with no proxy in between
+    with sqlite3.connect(db) as conn:
+        kept = conn.execute(
+            "SELECT c.creator, count(e.id) FROM captures c JOIN exchanges e ON e.capture_id = c.id GROUP BY c.id"
+        ).fetchall()
+    assert [(creator.endswith("(pytest, in process)"), n) for creator, n in kept] == [(True, 2)], kept

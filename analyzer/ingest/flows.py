@@ -10,6 +10,7 @@ sees them, as for HAR.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from mitmproxy import exceptions, http, io, version
+from mitmproxy import connection, exceptions, http, io, version
+from mitmproxy.flow import Error as FlowError
 
 from analyzer.ingest.common import (
     IDEMPOTENCY_HEADERS,
@@ -45,6 +47,7 @@ from analyzer.store import (
     write_exchanges,
 )
 from analyzer.storeread import ValueRefused
+from analyzer.text import printable
 from analyzer.urls import BadURL, normalize_url, resolve_location
 
 MITMPROXY_VERSION = version.VERSION
@@ -54,6 +57,7 @@ MITMPROXY_VERSION = version.VERSION
 # flow.metadata: (how the recorder answered a request itself: "closed" or a status, why)
 ANSWERED_KEY = "redirect_audit_answered"
 LABEL_KEY = "redirect_audit_label"
+LABEL_MAX = 100  # characters of a label kept
 INPROCESS_KEY = "redirect_audit_inprocess"  # flow.metadata: recorded in the client's own process
 
 
@@ -392,3 +396,105 @@ def import_flows(
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+# ---- flows of requests the proxy did not read itself ----------------------------------
+
+
+def made_flow(
+    client: connection.Client,
+    host: str,
+    port: int,
+    method: bytes,
+    scheme: bytes,
+    path: bytes,
+    version: bytes,
+    headers: http.Headers,
+    content: bytes | None,
+    at: float,
+) -> http.HTTPFlow:
+    """A flow of a request the proxy did not read itself (in process, or rejected unparsed)."""
+    made = http.HTTPFlow(client, connection.Server(address=(host, port)))
+    made.request = http.Request(
+        host=host,
+        port=port,
+        method=method,
+        scheme=scheme,
+        authority=b"",
+        path=path,
+        http_version=version,
+        headers=headers,
+        content=content,
+        trailers=None,
+        timestamp_start=at,
+        timestamp_end=at,
+    )
+    return made
+
+
+def made_response(
+    version: bytes, status: int, reason: bytes, headers: http.Headers, at: float
+) -> http.Response:
+    """Its answer, without a body (a client reads it; the recorder's own 400 has none kept)."""
+    return http.Response(
+        http_version=version,
+        status_code=status,
+        reason=reason,
+        headers=headers,
+        content=None,
+        trailers=None,
+        timestamp_start=at,
+        timestamp_end=at,
+    )
+
+
+def made_headers(pairs: list[list[str]]) -> http.Headers:
+    return http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs])
+
+
+def flow_of_capture(capture: dict[str, Any]) -> http.HTTPFlow:
+    """A flow from an exchange recorded in a client's process (the pytest plugin's
+    inprocess.Capture.as_json): the recorder's `/record` and the plugin's backend, which
+    stores a test process's own traffic without a proxy, make the same flow of it."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(capture["url"])
+    scheme = url.scheme or "http"
+    try:
+        port = url.port or (443 if scheme == "https" else 80)
+    except ValueError:  # a port out of range or not a number (it went nowhere): the default port
+        port = 443 if scheme == "https" else 80
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    started = float(capture["started"])
+    client = connection.Client(
+        peername=("127.0.0.1", 0),
+        sockname=("127.0.0.1", 0),
+        timestamp_start=started,
+        id=str(capture["connection"]),
+    )
+    body = capture.get("body")
+    made = made_flow(
+        client,
+        url.hostname or "",
+        port,
+        str(capture["method"]).encode("latin-1"),
+        scheme.encode(),
+        target.encode("latin-1"),
+        str(capture["http_version"]).encode(),
+        made_headers(capture["request_headers"]),
+        base64.b64decode(body) if body is not None else None,
+        started,
+    )
+    if capture.get("status") is not None:
+        made.response = made_response(
+            str(capture["http_version"]).encode(),
+            int(capture["status"]),
+            str(capture.get("reason") or "").encode("latin-1", "replace"),
+            made_headers(capture["response_headers"]),
+            float(capture.get("response_started") or started),
+        )
+    if capture.get("error"):
+        made.error = FlowError(str(capture["error"]))
+    made.metadata[LABEL_KEY] = printable(str(capture.get("label") or ""))[:LABEL_MAX] or None
+    made.metadata[INPROCESS_KEY] = True
+    return made

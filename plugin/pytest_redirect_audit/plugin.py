@@ -4,10 +4,11 @@ Off unless asked for: `pytest --redirect-audit[=DB]`, or `redirect_audit = true`
 ini file (`redirect_audit_db = URL` names the store there). Then:
 
 * one recorder (mitmdump with the recorder addon, on a free loopback port) per session,
-  or per pytest-xdist worker, started before the first test. The test process's own
-  clients are recorded in process (inprocess.py: http.client, httpx, aiohttp; no proxy
-  in their path) and handed to it in batches; the subprocesses tests start get its
-  environment, as `redirect-audit run` gives it, and go through it
+  or per pytest-xdist worker, launched before the first test and waited for only when
+  a subprocess needs it. The test process's own clients are recorded in process
+  (inprocess.py: http.client, httpx, aiohttp; no proxy in their path) and handed to the
+  tool in batches, which stores them as the recorder would; the subprocesses tests start
+  get the recorder's environment, as `redirect-audit run` gives it, and go through it
   (`--redirect-audit-mode=proxy`: the test process too). Each worker's traffic carries
   its own client label (`pytest-gw0-…`), so two workers are never linked into one chain;
 * each test's start, end and outcome are stored (`test_runs`), and every hop and
@@ -480,8 +481,6 @@ class AuditSession:
         if self.sink is None:
             return
         captures = [c.as_json() for c in self.sink.take()]
-        if captures:
-            self.ensure_ready()
         rows, self.pending_runs = self.pending_runs, []
         current = self.current
         new = current is not None and current["row"] is None
