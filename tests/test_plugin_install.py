@@ -139,3 +139,36 @@ def test_the_tool_on_path_records_the_suite(light, tmp_path):
             "SELECT c.creator, count(e.id) FROM captures c JOIN exchanges e ON e.capture_id = c.id GROUP BY c.id"
         ).fetchall()
     assert [(creator.endswith("(pytest, in process)"), n) for creator, n in kept] == [(True, 2)], kept
+
+
+def test_calls_whose_answers_wait_never_fill_the_pipe_back():
+    """The plugin sends some calls without waiting for their answers (a label switch and a
+    test's end, twice per test of a suite that starts subprocesses). A suite of thousands
+    of tests must not fill the pipe the tool answers on: the tool would stop reading calls
+    and both sides would wait forever (seen on HTTPie's suite)."""
+    from pytest_redirect_audit.tool import Child, ToolError
+
+    import threading
+
+    tool = Child([str(Path(sys.executable).parent / "redirect-audit")], "redirect-audit (test)")
+    try:
+        answered: list[dict] = []
+
+        def many() -> None:
+            for _ in range(20_000):  # each answer ~60 bytes: 1.2 MB, far past a pipe's 64 KiB
+                tool.send("hello")
+            answered.append(tool.call("hello"))
+
+        sender = threading.Thread(target=many, daemon=True)
+        sender.start()
+        sender.join(timeout=120)
+        if sender.is_alive():  # stuck: end the child so that nothing hangs, and fail
+            tool.process.kill()
+            pytest.fail("the plugin and the tool both waited on each other (the answer pipe filled up)")
+        assert answered and answered[0]["protocol"] == 1
+        tool.send("no_such_call")
+        with pytest.raises(ToolError, match="has no call 'no_such_call'"):
+            tool.call("hello")
+    finally:
+        tool.close()
+    assert tool.process.returncode == 0

@@ -31,6 +31,9 @@ PROTOCOL = 1  # analyzer/testbackend.py's PROTOCOL: the calls both sides know
 TOOL_ENV = "REDIRECT_AUDIT_TOOL"
 RUN_TOOL_ENV = "REDIRECT_AUDIT_RUN_TOOL"  # set by `redirect-audit run` for the commands it runs
 DISTRIBUTION = "redirect-audit"
+# Calls sent before their answers are read, at most: past it, they are read first (a child
+# blocked writing answers nobody reads would stop reading calls: both would wait forever).
+DUE_MAX = 64
 CLOSE_TIMEOUT = 90.0  # seconds the tool gets to stop its recorder (which stores what it holds)
 
 
@@ -53,6 +56,8 @@ class Tool:
         self._due: list[str] = []
 
     def send(self, name: str, **args: Any) -> None:
+        if len(self._due) >= DUE_MAX:  # answers are read now and then: the pipe back never fills
+            self.drain()
         self._write(name, args)
         self._due.append(name)
 
