@@ -146,9 +146,9 @@ def test_calls_whose_answers_wait_never_fill_the_pipe_back():
     test's end, twice per test of a suite that starts subprocesses). A suite of thousands
     of tests must not fill the pipe the tool answers on: the tool would stop reading calls
     and both sides would wait forever (seen on HTTPie's suite)."""
-    from pytest_redirect_audit.tool import Child, ToolError
-
     import threading
+
+    from pytest_redirect_audit.tool import Child, ToolError
 
     tool = Child([str(Path(sys.executable).parent / "redirect-audit")], "redirect-audit (test)")
     try:
