@@ -325,6 +325,7 @@ class Recording:
             group=gid,
             extra_groups=[] if gid is not None else None,
             pass_fds=kept,
+            preexec_fn=_end_with_parent,
         )
 
     def _answers(self, timeout: float) -> bool:
@@ -553,6 +554,20 @@ class Recording:
             str(path), Path(given).read_text(errors="replace").rstrip("\n") + "\n" + self.ca.read_text()
         )
         return path
+
+
+def _end_with_parent() -> None:
+    """In the recorder's process, before it runs: SIGTERM it when the process that started
+    it dies without stopping it (killed, or a crash), so that no recorder outlives its
+    session (a clean SIGTERM: it stores what it holds). Linux's PR_SET_PDEATHSIG."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not available: a recorder left behind is stopped by hand, as before
 
 
 def tool_command() -> str:

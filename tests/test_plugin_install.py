@@ -172,3 +172,24 @@ def test_calls_whose_answers_wait_never_fill_the_pipe_back():
     finally:
         tool.close()
     assert tool.process.returncode == 0
+
+
+def test_a_recorder_never_outlives_the_process_that_started_it(tmp_path):
+    """The tool's backend killed outright (SIGKILL: no chance to stop anything): its
+    recorder is told by the kernel (PR_SET_PDEATHSIG) and stops instead of listening on,
+    orphaned, for ever."""
+    import psutil
+    from pytest_redirect_audit.tool import Child
+
+    tool = Child([str(Path(sys.executable).parent / "redirect-audit")], "redirect-audit (test)")
+    tool.send("hello")
+    tool.send("configure", db=str(tmp_path / "s.db"), session="0badcafe", fresh=True, baseline=None)
+    tool.call("start", label="pytest-main-0badcafe", in_process=False, confdir=str(tmp_path / "conf"))
+    recorders = psutil.Process(tool.process.pid).children()
+    assert [p.name() for p in recorders] == ["mitmdump"], recorders
+    tool.process.kill()
+    tool.process.wait()
+    _, alive = psutil.wait_procs(recorders, timeout=30)
+    for process in alive:  # nothing left behind by the test itself, whatever happens
+        process.kill()
+    assert alive == [], "the recorder outlived the backend that started it"
