@@ -306,6 +306,51 @@ def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
 PYTEST_UNDER_RUN = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider")
 
 
+ENV_SUITE = """
+import json, os, subprocess, sys, threading, urllib.request
+from wsgiref.simple_server import make_server
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(sorted(k for k in environ if k.upper() in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"))).encode()]
+
+
+def test_no_proxy_variable_reaches_the_server_or_the_process():
+    server = make_server("127.0.0.1", 0, app)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        seen = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/").read())
+        assert seen == [], seen  # HTTP_PROXY in a WSGI environ reads as a `Proxy` request header
+        assert not [k for k in os.environ if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.environ.get('HTTP_PROXY', ''))"],
+            capture_output=True, text=True,
+        )
+        assert child.stdout.startswith("http://127.0.0.1:"), child.stdout  # subprocesses: through run's proxy
+    finally:
+        server.shutdown()
+"""
+
+
+def test_under_run_what_loaded_before_the_plugin_keeps_no_proxy_variable(pytester, tmp_path):
+    """`run` puts its proxy variables in pytest's environment; the plugin records pytest's
+    own clients in process and takes them out, but a plugin loaded before it may have
+    snapshot the environment already: wsgiref's handlers copy os.environ into every
+    request's WSGI environ (pytest-httpbin imports them at load), so requests' own suite
+    saw HTTP_PROXY in its test server and one test changed outcome. The snapshot is
+    scrubbed too; subprocesses still get the variables."""
+    pytester.makepyfile(early="import wsgiref.simple_server  # loaded before redirect-audit's plugin\n")
+    pytester.makepyfile(test_env=ENV_SUITE)
+    done = run_cli(
+        "run", "--db", str(tmp_path / "run.db"), "--", *PYTEST_UNDER_RUN, "-p", "early", "test_env.py",
+        cwd=pytester.path, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "1 passed" in done.stdout
+    assert "recorded 1 exchange(s) from 1 client(s): urllib" in done.stderr
+
+
 def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
     """`redirect-audit run -- pytest`, the plugin not asked for: one recorder (run's), one
     store, each test under its own label (two tests are never one client's duplicate

@@ -56,6 +56,7 @@ DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 PROXY_ENV = "REDIRECT_AUDIT_PROXY"  # under `redirect-audit run`: its recorder
 DB_ENV = "REDIRECT_AUDIT_DB"  # and its store
 RUNTIMES_ENV = "REDIRECT_AUDIT_RUNTIMES"  # where `run` collects what each runtime it started says
+PROXY_VARS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -136,6 +137,28 @@ def _under_run() -> bool:
     return bool(os.environ.get(PROXY_ENV) and os.environ.get(DB_ENV))
 
 
+def _take_run_proxies() -> dict[str, str]:
+    """Under `run`, its proxy variables, taken out of this process's environment the moment
+    the plugin loads: its own clients are recorded in process, and what snapshots the
+    environment early must not keep them (wsgiref's handlers copy os.environ into every
+    request's WSGI environ, where HTTP_PROXY reads as a `Proxy` request header to the
+    server under test). Given back at the session's end, and to every subprocess."""
+    if not _under_run():
+        return {}
+    return {name: os.environ.pop(name) for name in PROXY_VARS if name in os.environ}
+
+
+def _scrub_snapshots(names: list[str]) -> None:
+    """The copies of the environment made before the plugin loaded: wsgiref's handlers'."""
+    import sys
+
+    handlers = sys.modules.get("wsgiref.handlers")
+    snapshot = getattr(getattr(handlers, "BaseHandler", None), "os_environ", None)
+    if isinstance(snapshot, dict):
+        for name in names:
+            snapshot.pop(name, None)
+
+
 def _worker(config: pytest.Config) -> str:
     return str(getattr(config, "workerinput", {}).get("workerid", WORKER_MAIN))
 
@@ -162,8 +185,14 @@ def _given_db(config: pytest.Config) -> str | None:
     return value or config.getini("redirect_audit_db") or None
 
 
+_RUN_PROXIES = _take_run_proxies()  # at import: before the test modules are
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    if _RUN_PROXIES and config.getoption("redirect_audit_mode") == "proxy":
+        os.environ.update(_RUN_PROXIES)  # asked for: this process goes through `run`'s proxy too
+        _RUN_PROXIES.clear()
     if not _enabled(config):
         return
     workerinput = getattr(config, "workerinput", None)
@@ -298,9 +327,11 @@ class AuditSession:
         from pytest_redirect_audit import inprocess
 
         if self.attached:
+            self.saved_env.update(_RUN_PROXIES)
             for name in proxy_vars:
                 if name in os.environ:
                     self.saved_env[name] = os.environ.pop(name)
+            _scrub_snapshots(sorted(self.saved_env))
         self.sink = inprocess.Sink(self.label)
         inprocess.install(self.sink)
         inprocess.give_children(self._child_env, on_start=self._children_started)
