@@ -260,6 +260,8 @@ class AuditSession:
         self.children = False  # a subprocess was started (in process: the recorder then labels per test)
         self.starting = False  # the recorder was launched and has not been waited for yet
         self._changes: dict[str, str | None] | None = None  # a subprocess's environment, on top
+        self.settled = False  # the answers to hello, configure and start were read
+        self.refused = False  # the tool refused the session (a usage error was raised)
         try:
             self.tool: Tool = tool.find(config.getoption("redirect_audit_tool"))
         except ToolError as exc:
@@ -275,7 +277,30 @@ class AuditSession:
         )
 
     def call(self, name: str, **args: Any) -> Any:
+        self._settle()
         return self.tool.call(name, **args)
+
+    def _settle(self) -> None:
+        """Read the tool's answers to the session's first calls (hello and configure, sent
+        at configure; start, at session start), as late as possible: the tool imports and
+        opens the store while pytest collects. Its refusal (a store that cannot be opened,
+        a baseline that does not parse, another protocol) is a usage error still."""
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            answers = self.tool.drain()
+        except ToolError as exc:
+            self.refused = True  # nothing more is asked of it: the session ends with the error
+            raise _usage(exc) from None
+        started = answers.get("start")
+        if started is not None:
+            self.recording, self.attached = True, bool(started["attached"])
+            self.starting = self.in_process and not self.attached  # it boots while the tests run
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._settle()  # before the first test
 
     # ---- xdist -----------------------------------------------------------------------------
 
@@ -289,29 +314,22 @@ class AuditSession:
     # ---- the recorder ------------------------------------------------------------------------
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        try:
-            self.tool.drain()  # hello and configure: the tool speaks this protocol, the store opens
-            if self.controller:
-                return
-            started = self.call(
-                "start",
-                label=self.label,
-                in_process=self.in_process,
-                confdir=os.environ.get("REDIRECT_AUDIT_CONFDIR", "~/.mitmproxy"),
-            )
-        except ToolError as exc:
-            raise _usage(exc) from None
-        self.recording, self.attached = True, bool(started["attached"])
-        proxy_vars: list[str] = started["proxy_vars"]
+        if self.controller:
+            return
+        self.tool.send(  # answered while pytest collects (_settle)
+            "start",
+            label=self.label,
+            in_process=self.in_process,
+            confdir=os.environ.get("REDIRECT_AUDIT_CONFDIR", "~/.mitmproxy"),
+        )
         if self.in_process:
-            self.starting = not self.attached  # it boots while the first tests run
-            self._record_in_process(proxy_vars)
+            self._record_in_process()
             return
         try:
             env = self.call("environ", base=dict(os.environ))
         except ToolError as exc:
             raise _usage(exc) from None
-        self.given_env = {name: env[name] for name in proxy_vars if name in env}
+        self.given_env = {name: env[name] for name in PROXY_VARS if name in env}
         for name in set(env) | set(os.environ):
             if env.get(name) != os.environ.get(name):
                 self.saved_env[name] = os.environ.get(name)
@@ -320,15 +338,15 @@ class AuditSession:
                 else:
                     del os.environ[name]
 
-    def _record_in_process(self, proxy_vars: list[str]) -> None:
+    def _record_in_process(self) -> None:
         """This process's clients are recorded where they run; the subprocesses tests start
         get the recorder proxy's environment. This process keeps its own environment, less
         the proxy variables `run` put in it (its clients would otherwise go to the proxy)."""
         from pytest_redirect_audit import inprocess
 
-        if self.attached:
+        if _under_run():
             self.saved_env.update(_RUN_PROXIES)
-            for name in proxy_vars:
+            for name in PROXY_VARS:
                 if name in os.environ:
                     self.saved_env[name] = os.environ.pop(name)
             _scrub_snapshots(sorted(self.saved_env))
@@ -358,6 +376,7 @@ class AuditSession:
 
     def ensure_ready(self) -> None:
         """Wait for the recorder launched at session start, the first time it is needed."""
+        self._settle()
         if self.starting:
             self.starting = False
             try:
@@ -376,6 +395,17 @@ class AuditSession:
             else:
                 os.environ[name] = value
         self.saved_env = {}
+        if not self.settled:  # collection never finished: the first answers are read now
+            try:
+                self._settle()
+            except pytest.UsageError:
+                pass  # said where it was raised
+        if self.refused:
+            if self.sink is not None:
+                from pytest_redirect_audit import inprocess
+
+                inprocess.uninstall()
+            return
         if self.sink is not None:
             from pytest_redirect_audit import inprocess
 
@@ -472,12 +502,10 @@ class AuditSession:
     def _in_process_test(self, item: pytest.Item, client: str) -> Generator[None, object, object]:
         """A test whose clients are recorded in process: its captures carry its label, so the
         recorder is asked for nothing per test (its traffic and its `test_runs` row are handed
-        over in batches, and before anything reads the store) unless a subprocess the tests
-        started sends through it, which then needs the test's label there too."""
+        over in batches, and before anything reads the store) unless the test starts a
+        subprocess, which sends through the recorder and needs the test's label there too."""
         assert self.sink is not None
         self.sink.label = client
-        if self.children:
-            self.tool.send("relabel", label=self.label, to=client)
         started = time.time()
         self.current = {"nodeid": item.nodeid, "row": None, "started": started, "client": client}
         current = self.current
@@ -486,7 +514,7 @@ class AuditSession:
         finally:
             self.current = None
             self.sink.label = self.label
-            if self.children:
+            if current.get("relabelled"):
                 self.tool.send("relabel", label=self.label, to=None)
             ended = {"ended_at": time.time(), "outcome": self.outcomes.get(item.nodeid, "passed")}
             if current["row"] is not None:  # written already, for a read during the test
@@ -529,13 +557,19 @@ class AuditSession:
             current["row"] = row
 
     def _children_started(self) -> None:
-        """A subprocess is starting: its traffic goes through the recorder, so from now on the
-        recorder labels it with the running test's label, as the test's own captures are."""
-        if not self.children:
-            self.children = True
-            self.ensure_ready()
-            if self.current is not None:
-                self.tool.send("relabel", label=self.label, to=self.current["client"])
+        """A subprocess is starting: its traffic goes through the recorder, which from now
+        until the test ends records it under the running test's label, as the test's own
+        captures are (asked and answered before the subprocess starts). A test that starts
+        none costs the recorder nothing."""
+        self.children = True
+        self.ensure_ready()
+        current = self.current
+        if current is not None and not current.get("relabelled"):
+            current["relabelled"] = True
+            try:
+                self.call("relabel", label=self.label, to=current["client"])
+            except ToolError as exc:
+                raise _usage(exc) from None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
@@ -589,7 +623,7 @@ class AuditSession:
     def pytest_terminal_summary(
         self, terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
     ) -> None:
-        if hasattr(config, "workerinput") or self.quiet:
+        if hasattr(config, "workerinput") or self.quiet or self.refused:
             return  # the controller sums up for every worker; `run` for a quiet session
         tr = terminalreporter
         tr.section("redirect-audit")
