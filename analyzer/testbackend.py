@@ -95,8 +95,9 @@ class Backend:
 
     def start(self, label: str, in_process: bool, confdir: str) -> Json:
         """Start this process's recorder (or attach to `redirect-audit run`'s, when the
-        tests run under it and share its store). In process, it boots while the first tests
-        run: `ready` waits for it the first time it is needed."""
+        tests run under it and share its store). In process, not yet: the test process's
+        own clients need no proxy, and `ready` starts it for the first subprocess (a
+        session whose tests start none never runs one)."""
         from analyzer.session import PROXY_ENV, PROXY_VARS, Recording, SessionError, attach
         from analyzer.storeread import resolve_db_url
 
@@ -116,8 +117,7 @@ class Backend:
                     proxy_id=label,
                     confdir=Path(confdir).expanduser(),
                 )
-                if in_process:  # for the subprocesses tests may start: booting meanwhile
-                    recording.launch()
+                if in_process:  # started for the first subprocess a test starts, if one does
                     self.starting = True
                     _warm_up()
                 else:
@@ -130,13 +130,13 @@ class Backend:
         return {"attached": recording.attached, "proxy_vars": list(PROXY_VARS)}
 
     def ready(self) -> Json:
-        """Wait for the recorder launched at start, the first time it is needed."""
+        """Start the recorder and wait for it, the first time it is needed."""
         if self.starting and self.recording is not None:
             from analyzer.session import SessionError
 
             self.starting = False
             try:
-                self.recording.ready()
+                self.recording.start()
             except SessionError as exc:
                 raise BackendError(f"--redirect-audit: {exc}") from None
             self._readied = True
@@ -215,7 +215,7 @@ class Backend:
         captures are stored by now."""
         if self._direct is not None:
             self._direct.close()
-        if self.recording is not None and not self.recording.attached:
+        if self.recording is not None and not self.recording.attached and self.recording.process is not None:
             self.recording.stop(wait=wait)
         return None
 

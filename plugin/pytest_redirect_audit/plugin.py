@@ -4,8 +4,8 @@ Off unless asked for: `pytest --redirect-audit[=DB]`, or `redirect_audit = true`
 ini file (`redirect_audit_db = URL` names the store there). Then:
 
 * one recorder (mitmdump with the recorder addon, on a free loopback port) per session,
-  or per pytest-xdist worker, launched before the first test and waited for only when
-  a subprocess needs it. The test process's own clients are recorded in process
+  or per pytest-xdist worker, started for the first subprocess a test starts (none if no
+  test does). The test process's own clients are recorded in process
   (inprocess.py: http.client, httpx, aiohttp; no proxy in their path) and handed to the
   tool in batches, which stores them as the recorder would; the subprocesses tests start
   get the recorder's environment, as `redirect-audit run` gives it, and go through it
@@ -375,7 +375,7 @@ class AuditSession:
         return self._changes
 
     def ensure_ready(self) -> None:
-        """Wait for the recorder launched at session start, the first time it is needed."""
+        """Start the recorder and wait for it, the first time it is needed (a subprocess)."""
         self._settle()
         if self.starting:
             self.starting = False
