@@ -54,7 +54,9 @@ def main() -> None:
         _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # the test process ends it: its stdin closes
         from analyzer.testbackend import serve
 
-        sys.exit(serve())
+        code = serve()  # everything is stored and closed once it returns
+        sys.stderr.flush()
+        os._exit(code)  # no interpreter teardown to wait for: the test process waits for this exit
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not when Ctrl-C is ignored
         _signal.signal(_signal.SIGINT, _on_sigint)
         sys.unraisablehook = _unraisable
