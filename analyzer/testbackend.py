@@ -3,13 +3,12 @@ pytest process, behind calls whose arguments and answers are plain JSON.
 
 The plugin (`pytest-redirect-audit`, plugin/) goes into the environment under test and
 needs only pytest and the standard library there. Everything that needs mitmproxy,
-SQLAlchemy or the rules happens here, in redirect-audit's own environment, reached in one
-of two ways with the same calls and the same answers:
-
-* in process, when redirect-audit is importable where the tests run (`dispatch`);
-* through `redirect-audit pytest-backend`, a child started from the tool's environment
-  (an isolated install found on PATH, or `uvx`), which reads one JSON call per line on
-  its stdin and writes one JSON answer per line (`serve`).
+SQLAlchemy or the rules happens here, in redirect-audit's own process and environment:
+`redirect-audit pytest-backend` (or `python -m analyzer pytest-backend` where it is
+installed with the tests), a child of the test process, which reads one JSON call per
+line on its stdin and writes one JSON answer per line (`serve`). The test process never
+imports any of it (a suite with `filterwarnings = error` would fail on mitmproxy's
+import-time deprecation warnings).
 
 A call is `{"call": NAME, "args": {...}}`; the answer `{"ok": VALUE}`, or
 `{"error": MESSAGE, "kind": "usage" | "lost" | "internal"}`: a usage error is the user's

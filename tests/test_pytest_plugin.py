@@ -623,3 +623,37 @@ def test_recording_in_process_changes_no_test_s_outcome(pytester, upstream, tmp_
         and gone[0]["to"]["url"] == "http://127.0.0.1:1/gone"
         and "Connection refused" in gone[0]["to"]["error"]
     )
+
+
+def test_the_test_process_imports_nothing_of_the_tool(pytester, upstream):
+    """redirect-audit installed where the tests run (as here) is still run as a child: the
+    test process imports neither mitmproxy nor SQLAlchemy nor the store, so a suite whose
+    warnings are errors (httpx's own) never meets their import-time deprecation warnings,
+    during a test or after."""
+    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+    pytester.makepyfile(
+        test_strict="""
+import os, sys, urllib.request
+
+def test_first():
+    assert urllib.request.urlopen(os.environ["UPSTREAM"] + "/r/302/strict", data=b"a=1").status == 200
+
+def test_nothing_of_the_tool_here(redirect_audit):
+    assert [f["rule_id"] for f in redirect_audit.findings()] == []  # a question asked mid-session
+    loaded = sorted(m for m in ("mitmproxy", "sqlalchemy", "analyzer", "pandas") if m in sys.modules)
+    assert loaded == [], loaded
+"""
+    )
+    # started cold (not forked from the warm harness, which has all of it loaded already)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--redirect-audit", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},
+    )
+    out = done.stdout
+    assert done.returncode == 0 and "2 passed" in out, out + done.stderr
+    assert "Warning" not in out, out
+    assert "test_strict.py::test_first: 1 finding(s)" in out, out

@@ -6,7 +6,9 @@ The tool is found, in this order:
 
 1. `--redirect-audit-tool CMD` or `REDIRECT_AUDIT_TOOL=CMD` (a command line, split as a
    shell would: `uvx --from ./redirect-audit redirect-audit`);
-2. redirect-audit installed in this environment: called in this process, no child;
+2. redirect-audit installed in this environment (run as a child all the same: the test
+   process never imports the tool, its store or mitmproxy, whose warnings a suite with
+   `filterwarnings = error` would turn into errors);
 3. under `redirect-audit run`, the redirect-audit that runs the tests;
 4. `redirect-audit` on PATH (an isolated install: `uv tool install`, `pipx install`);
 5. `uvx redirect-audit`, then `pipx run redirect-audit`.
@@ -22,6 +24,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import IO, Any
 
@@ -95,30 +98,6 @@ class Tool:
 
     def _read(self) -> dict[str, Any]:
         raise NotImplementedError
-
-
-class InProcess(Tool):
-    """redirect-audit installed where the tests run: its backend, called directly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from analyzer import testbackend  # redirect-audit, installed alongside
-
-        self._module = testbackend
-        self._backend = testbackend.Backend()
-        self._answers: list[dict[str, Any]] = []
-        self.where = "redirect-audit (installed here)"
-
-    def _write(self, name: str, args: dict[str, Any]) -> None:
-        self._answers.append(self._module.dispatch(self._backend, name, args))
-
-    def _read(self) -> dict[str, Any]:
-        return self._answers.pop(0)
-
-    def close(self) -> None:
-        self._due = []
-        self._answers = []
-        self._module.dispatch(self._backend, "close", {})
 
 
 class Child(Tool):
@@ -211,8 +190,8 @@ def find(given: str | None) -> Tool:
         if not argv:
             raise ToolError(f"--redirect-audit-tool / {TOOL_ENV} is empty")
         return Child(argv, f"redirect-audit ({given})")
-    if _installed_here():
-        return InProcess()
+    if _installed_here():  # still a child: nothing of the tool's is imported where the tests run
+        return Child([sys.executable, "-m", "analyzer"], "redirect-audit (installed here)")
     given = os.environ.get(RUN_TOOL_ENV)
     if given:  # under `redirect-audit run`: the tool that runs the tests
         return Child(shlex.split(given), f"redirect-audit ({given}, which runs these tests)")
@@ -241,4 +220,8 @@ def _installed_here() -> bool:
         return False
     import importlib.util
 
-    return importlib.util.find_spec("analyzer.testbackend") is not None
+    spec = importlib.util.find_spec("analyzer")  # found, not imported
+    return spec is not None and any(
+        os.path.exists(os.path.join(where, "testbackend.py"))
+        for where in spec.submodule_search_locations or ()
+    )
