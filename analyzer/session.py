@@ -605,8 +605,12 @@ def node_options(given: str) -> str:
     return f"{required} {given}".strip()
 
 
-def attach(proxy: str, db_url: str, workdir: Path, label: str | None, confdir: Path) -> Recording:
-    """A recording on a recorder that already runs (`redirect-audit run -- pytest --redirect-audit`)."""
+def attach(
+    proxy: str, db_url: str, workdir: Path, label: str | None, confdir: Path, check: bool = True
+) -> Recording:
+    """A recording on a recorder that already runs (`redirect-audit run -- pytest --redirect-audit`);
+    `check`: asked now whether it answers, and for the label's listener (else by the caller,
+    when first needed: `run` may still be starting it)."""
     port = int(proxy.rsplit(":", 1)[1].strip("/"))
     recording = Recording(
         db_url=db_url, workdir=workdir, label=label, confdir=confdir, port=port, attached=True
@@ -614,8 +618,9 @@ def attach(proxy: str, db_url: str, workdir: Path, label: str | None, confdir: P
     transparent = os.environ.get(TRANSPARENT_ENV, "")
     if transparent.isdigit():  # under `run --transparent`: its children are redirected already
         recording.transparent, recording.transparent_port = True, int(transparent)
-    recording.control("/ping", timeout=10.0)
-    recording.listen()
+    if check:
+        recording.control("/ping", timeout=10.0)
+        recording.listen()
     return recording
 
 

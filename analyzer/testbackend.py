@@ -106,8 +106,10 @@ class Backend:
         outer = os.environ.get(PROXY_ENV)
         try:
             if outer and url == os.environ.get("REDIRECT_AUDIT_DB"):
-                recording = attach(outer, url, workdir, label, Path(confdir).expanduser())
-                self._readied = True
+                # `run`'s, which may still be booting (its command starts at once): asked
+                # for nothing until needed (a subprocess's label; the captures, at the end)
+                recording = attach(outer, url, workdir, label, Path(confdir).expanduser(), check=False)
+                self.starting = True
             else:
                 recording = Recording(
                     db_url=url,
@@ -129,15 +131,23 @@ class Backend:
         return {"attached": recording.attached, "proxy_vars": list(PROXY_VARS)}
 
     def ready(self) -> Json:
-        """Start the recorder and wait for it, the first time it is needed."""
+        """Start the recorder and wait for it (`run`'s: wait until it answers, and ask for
+        the label's listener), the first time it is needed."""
         if self.starting and self.recording is not None:
+            from http.client import HTTPException
+
             from analyzer.session import SessionError
 
             self.starting = False
+            recording = self.recording
             try:
-                self.recording.start()
-            except SessionError as exc:
-                raise BackendError(f"--redirect-audit: {exc}") from None
+                if recording.attached:
+                    recording.control("/ping", timeout=60.0)
+                    recording.listen()
+                else:
+                    recording.start()
+            except (SessionError, OSError, HTTPException) as exc:
+                raise BackendError(f"--redirect-audit: the recorder: {exc}") from None
             self._readied = True
         return None
 
@@ -200,7 +210,8 @@ class Backend:
         """Wait until everything handed over or sent through the recorder is stored; the
         counts (`seen`: exchanges so far, both ways)."""
         answer: dict[str, Any] = {}
-        if self.recording is not None and (self._readied or not self.in_process):
+        recording = self.recording
+        if recording is not None and (recording.attached or self._readied or not self.in_process):
             answer = dict(self._lost(lambda: self._recording().flush()))
         if self._direct is not None:
             self._direct.flush()
