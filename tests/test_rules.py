@@ -181,3 +181,43 @@ def test_credential_dropped_watches_every_api_key_header_the_secrets_list_knows(
         "x-xsrf-token",
     }
     assert set(API_KEY_HEADERS) == CREDENTIAL_HEADERS - not_keys
+
+
+@pytest.mark.parametrize(
+    "length, said",
+    [
+        (8, "but the POST body (8 bytes) was dropped;"),
+        (0, "but this POST had no body, so nothing was lost this time, but a body would be;"),
+        (None, "but any POST body was dropped (the capture does not say whether there was one);"),
+    ],
+)
+def test_a_post_turned_get_claims_only_the_body_the_capture_shows(length, said):
+    """RA101 on POST -> 302 -> GET says a body was lost only when the capture shows one."""
+    from analyzer.detectors import RULES_BY_SLUG, run_detectors
+    from analyzer.model import Body, Exchange
+
+    common = {"capture_id": 1, "started_at": 1.0}
+    post = Exchange(
+        seq=0,
+        method="POST",
+        url="https://shop.test/pay",
+        url_norm="https://shop.test/pay",
+        status=302,
+        location="/done",
+        location_resolved="https://shop.test/done",
+        request_body=Body(length),
+        id=1,
+        **common,
+    )
+    get = Exchange(
+        seq=1,
+        method="GET",
+        url="https://shop.test/done",
+        url_norm="https://shop.test/done",
+        status=200,
+        id=2,
+        **common,
+    )
+    found = run_detectors([_one_hop(post, get)], rules=[RULES_BY_SLUG["method-downgrade"]])
+    assert [(f.rule_id, str(f.severity)) for f in found] == [("RA101", "low")]
+    assert said in found[0].message, found[0].message

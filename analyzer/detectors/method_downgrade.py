@@ -73,12 +73,20 @@ def _historical(
     evidence: dict[str, Any],
 ) -> Finding:
     if before == "POST" and after == "GET":
+        # what the capture shows of the body, and no more: it had one, it had none, or it does not say
+        length = hop.source.request_body.length
+        if length is None:
+            lost = "any POST body was dropped (the capture does not say whether there was one)"
+        elif length == 0:
+            lost = "this POST had no body, so nothing was lost this time, but a body would be"
+        else:
+            lost = f"the POST body ({length} bytes) was dropped"
         return hop_finding(
             module,
             hop,
             chain,
             f"{status} after POST was followed with GET: allowed for historical reasons (RFC 9110 "
-            f"15.4.{2 if status == 301 else 3}) but the POST body was dropped; answer 307/308 to keep it, "
+            f"15.4.{2 if status == 301 else 3}) but {lost}; answer 307/308 to keep it, "
             "or 303 if the switch to GET is meant",
             evidence,
             severity=Severity.LOW,
