@@ -52,8 +52,10 @@ from analyzer.proxy import CA_FILE, CLIENT_PROXY_VARS, ProxyPlan
 from analyzer.storeread import DB_ENV
 
 CONTROL_HOST = "redirect-audit.invalid"  # answered by the addon (addons/redirect_recorder.py)
-PROXY_ENV = "REDIRECT_AUDIT_PROXY"  # set for the child: the recorder a nested plugin can use
-NODE_PROXY_ENV = "REDIRECT_AUDIT_NODE_PROXY"  # the proxy (with its label) for the Node preload
+PROXY_ENV = "REDIRECT_AUDIT_RECORDER"  # set for the child: the recorder a nested plugin can use
+# no name ends in `_proxy`: Python's urllib takes any such variable for a proxy (of a scheme
+# "redirect_audit"), which a test asserting getproxies() == {} would see
+NODE_PROXY_ENV = "REDIRECT_AUDIT_NODE_RECORDER"  # the proxy (with its label) for the Node preload
 RUNTIMES_ENV = "REDIRECT_AUDIT_RUNTIMES"  # where preloaded runtimes report that they ran
 TRANSPARENT_ENV = "REDIRECT_AUDIT_TRANSPARENT"  # under `run --transparent`: its transparent listener's port
 # this redirect-audit, for the pytest plugin in a test environment without it (the plugin's
@@ -145,7 +147,7 @@ class Recording:
     key_file: str | None = None
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
-    attached: bool = False  # a recorder someone else started (REDIRECT_AUDIT_PROXY): never stopped here
+    attached: bool = False  # a recorder someone else started (REDIRECT_AUDIT_RECORDER): never stopped here
     client_port: int = 0  # the listener whose traffic is recorded under `label` (the recorder's /listen)
     _launch_env: dict[str, str] = field(default_factory=dict, repr=False)
     _attempts: int = 0

@@ -323,6 +323,8 @@ def test_no_proxy_variable_reaches_the_server_or_the_process():
         seen = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/").read())
         assert seen == [], seen  # HTTP_PROXY in a WSGI environ reads as a `Proxy` request header
         assert not [k for k in os.environ if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]
+        # nothing of ours reads as a proxy to urllib, which takes any *_proxy variable for one
+        assert [s for s in urllib.request.getproxies() if "redirect" in s] == [], urllib.request.getproxies()
         child = subprocess.run(
             [sys.executable, "-c", "import os; print(os.environ.get('HTTP_PROXY', ''))"],
             capture_output=True, text=True,

@@ -22,7 +22,7 @@ const https = require('node:https');
 const fs = require('node:fs');
 const path = require('node:path');
 
-const given = process.env.REDIRECT_AUDIT_NODE_PROXY;
+const given = process.env.REDIRECT_AUDIT_NODE_RECORDER;
 let tunnels = 0; // connections through the recorder (tunnels, and a client's own proxying)
 
 function parseProxy(text) {
