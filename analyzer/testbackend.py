@@ -97,7 +97,7 @@ class Backend:
         tests run under it and share its store). In process, not yet: the test process's
         own clients need no proxy, and `ready` starts it for the first subprocess (a
         session whose tests start none never runs one)."""
-        from analyzer.session import PROXY_ENV, PROXY_VARS, Recording, SessionError, attach
+        from analyzer.session import PROXY_ENV, Recording, SessionError, attach
         from analyzer.storeread import resolve_db_url
 
         self.label, self.in_process = label, in_process
@@ -128,7 +128,7 @@ class Backend:
             shutil.rmtree(workdir, ignore_errors=True)
             raise BackendError(f"--redirect-audit: {exc}") from None
         self.recording = recording
-        return {"attached": recording.attached, "proxy_vars": list(PROXY_VARS)}
+        return {"attached": recording.attached}
 
     def ready(self) -> Json:
         """Start the recorder and wait for it (`run`'s: wait until it answers, and ask for
@@ -319,21 +319,19 @@ class Backend:
 
         floor = _severity(fail_on)
         failing = gate(self.test_findings(test, client), floor, self.known)
-        if not failing:
-            return ""
-        lines = [f"redirect-audit: {len(failing)} new finding(s) at or above {floor} during this test:"]
-        for f in failing:
-            lines += self._described(f, chain=True)
-        return "\n".join(lines)
+        return self._listed(failing, f"new finding(s) at or above {floor}", chain=True)
 
     def findings_text(self, test: str, client: str, min_severity: str) -> Json:
         """The `redirect_audit.assert_no_findings()` message ("" when nothing is found)."""
         found = self.test_findings(test, client, min_severity)
+        return self._listed(found, f"finding(s) at or above {min_severity}", chain=False)
+
+    def _listed(self, found: list[Record], what: str, chain: bool) -> str:
         if not found:
             return ""
-        lines = [f"redirect-audit: {len(found)} finding(s) at or above {min_severity} during this test:"]
+        lines = [f"redirect-audit: {len(found)} {what} during this test:"]
         for f in found:
-            lines += self._described(f, chain=False)
+            lines += self._described(f, chain=chain)
         return "\n".join(lines)
 
     def _described(self, f: Record, chain: bool) -> list[str]:
