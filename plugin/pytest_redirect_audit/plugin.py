@@ -264,17 +264,18 @@ class AuditSession:
         self.refused = False  # the tool refused the session (a usage error was raised)
         try:
             self.tool: Tool = tool.find(config.getoption("redirect_audit_tool"))
+            # asked now, answered while pytest collects (_settle); a tool that is gone already
+            # (it failed at once) is said here, as at any later call
+            self.tool.send("hello")
+            self.tool.send(
+                "configure",
+                db=db,
+                session=session,
+                fresh=fresh,
+                baseline=config.getoption("redirect_audit_baseline"),
+            )
         except ToolError as exc:
             raise _usage(exc) from None
-        # asked now, answered while pytest starts: read at session start
-        self.tool.send("hello")
-        self.tool.send(
-            "configure",
-            db=db,
-            session=session,
-            fresh=fresh,
-            baseline=config.getoption("redirect_audit_baseline"),
-        )
 
     def call(self, name: str, **args: Any) -> Any:
         self._settle()
