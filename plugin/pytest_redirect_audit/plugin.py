@@ -317,12 +317,16 @@ class AuditSession:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.controller:
             return
-        self.tool.send(  # answered while pytest collects (_settle)
-            "start",
-            label=self.label,
-            in_process=self.in_process,
-            confdir=os.environ.get("REDIRECT_AUDIT_CONFDIR", "~/.mitmproxy"),
-        )
+        try:
+            self.tool.send(  # answered while pytest collects (_settle)
+                "start",
+                label=self.label,
+                in_process=self.in_process,
+                confdir=os.environ.get("REDIRECT_AUDIT_CONFDIR", "~/.mitmproxy"),
+            )
+        except ToolError as exc:  # gone already: said as its first answers would have said it
+            self.refused = True
+            raise _usage(exc) from None
         if self.in_process:
             self._record_in_process()
             return
