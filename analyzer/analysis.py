@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import re
 import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -72,7 +73,7 @@ from analyzer.store import (
 from analyzer.store import (
     hops as hops_t,
 )
-from analyzer.storeread import ANALYSIS_OPTIONS, Row
+from analyzer.storeread import ANALYSIS_ENGINE, ANALYSIS_OPTIONS, Row
 
 FindingRow = dict[str, Any]  # a findings row as inserted
 FindingKey = tuple[Any, ...]  # what makes a finding the same one in the next analysis
@@ -92,9 +93,11 @@ class AnalysisOptions:
     detect: DetectorOptions = field(default_factory=DetectorOptions)
 
     def as_dict(self) -> dict[str, float]:
-        """The options as stored with the results, so that a re-analysis on its own uses them again."""
+        """The options as stored with the results, so that a re-analysis on its own uses them
+        again; with the engine's revision, so that results of an older engine count as stale."""
         d = self.detect
         return {
+            "engine": ANALYSIS_ENGINE,
             "link_window": self.link.window,
             "stale_after_days": d.stale_after_days,
             "duplicate_window": d.duplicate_window,
@@ -478,10 +481,18 @@ def _finding_row(finding: Finding) -> FindingRow:
     }
 
 
+# A secret value as the store keeps it: its keyed fingerprint, which differs from store to
+# store (each has its own key). A baseline compares it by where it stands, not by value.
+_STORED_SECRET = re.compile(r"hmac:[0-9a-f]{32}")
+
+
 def finding_fingerprint(rule: str, source: Exchange, target: Exchange) -> str:
-    """Stable identity of a finding across captures and re-imports, for baselines."""
+    """Stable identity of a finding across captures, re-imports, stores and machines, for
+    baselines: secret values count by the parameter that holds them, never by their
+    fingerprint under one store's key."""
     parts = [rule, str(source.status), source.method, target.method, source.url_norm, target.url_norm]
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+    text = _STORED_SECRET.sub("hmac:*", "\x1f".join(parts))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 # ---- running the batches ----------------------------------------------------------------

@@ -50,7 +50,13 @@ def open_current(
                 "(leave out --no-analyze to analyze it now)"
             )
             return reader, state
-        why = "has never been analyzed" if state.analyzed is None else "changed since its last analysis"
+        why = (
+            "has never been analyzed"
+            if state.analyzed is None
+            else "was analyzed by an older redirect-audit"
+            if state.older_engine and state.analyzed == state.generation
+            else "changed since its last analysis"
+        )
         say(f"the store {why}; analyzing it now")
         reanalyze_store(db, state, wait)
         return reader, store_state(reader, count=count)

@@ -38,6 +38,10 @@ DEFAULT_WAIT = 10.0  # seconds a command waits for another process's write lock
 
 GENERATION = "generation"
 ANALYZED_GENERATION = "analyzed_generation"
+# The revision of the analysis (linking, rules, finding keys). Results an older revision made
+# are stale: the next reading command analyzes the store again, as after new exchanges.
+# 2: WHATWG Location resolution, store-independent finding keys, first/third party.
+ANALYSIS_ENGINE = 2
 ANALYSIS_OPTIONS = "analysis_options"
 
 
@@ -274,7 +278,16 @@ class StoreState:
 
     @property
     def is_current(self) -> bool:
-        return self.analyzed is not None and self.analyzed == self.generation
+        return (
+            self.analyzed is not None
+            and self.analyzed == self.generation
+            and (self.options or {}).get("engine") == ANALYSIS_ENGINE
+        )
+
+    @property
+    def older_engine(self) -> bool:
+        """Analyzed by an older redirect-audit (another revision of the analysis)."""
+        return self.analyzed is not None and (self.options or {}).get("engine") != ANALYSIS_ENGINE
 
 
 def check_schema(reader: Reader) -> dict[str, str]:

@@ -110,3 +110,53 @@ def test_a_bad_baseline_is_one_line_and_exit_2(demo_db, tmp_path, content, probl
     done = run_cli("check", "--db", demo_db, "--baseline", str(baseline))
     assert done.returncode == 2
     assert problem in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def _secret_url_har(tmp_path: Path) -> Path:
+    """A 302 that turns a payment POST into a GET, on URLs that carry a token and an
+    HMAC-signed state: values every store keeps as its own keyed fingerprint."""
+    url = "https://pay.test/checkout?access_token=tok-81f2c&state=hmacstate-a3fe"
+
+    def entry(method: str, target: str, status: int, at: str, location: str | None = None) -> dict:
+        request: dict = {"method": method, "url": target, "httpVersion": "HTTP/1.1", "headers": []}
+        if method == "POST":
+            request["postData"] = {"mimeType": "application/json", "text": '{"amount": 5}'}
+        headers = [{"name": "Location", "value": location}] if location else []
+        return {
+            "startedDateTime": at,
+            "connection": "1",
+            "request": request,
+            "response": {"status": status, "headers": headers},
+        }
+
+    har = {
+        "log": {
+            "version": "1.2",
+            "creator": {"name": "test", "version": "1"},
+            "entries": [
+                entry("POST", url, 302, "2026-03-01T12:00:00Z", "/done?access_token=tok-81f2c"),
+                entry("GET", "https://pay.test/done?access_token=tok-81f2c", 200, "2026-03-01T12:00:00.1Z"),
+            ],
+        }
+    }
+    path = tmp_path / "secret-urls.har"
+    path.write_text(json.dumps(har))
+    return path
+
+
+def test_a_baseline_holds_on_another_fresh_store_of_the_same_traffic(tmp_path):
+    """Each store has its own fingerprint key, so a secret parameter's stored value differs
+    from store to store; the baseline key compares it by the parameter's name."""
+    har = _secret_url_har(tmp_path)
+    first, second = str(tmp_path / "monday.db"), str(tmp_path / "tuesday.db")
+    for db in (first, second):
+        assert run_cli("import-har", "--db", db, str(har)).returncode == 0
+    stored = [json.loads(run_cli("findings", "--db", db, "-f", "json").stdout) for db in (first, second)]
+    assert stored[0] and stored[0][0]["from_url"] != stored[1][0]["from_url"]  # two keys, two fingerprints
+    assert "tok-81f2c" not in json.dumps(stored)
+    baseline = tmp_path / "baseline.json"
+    assert run_cli("check", "--db", first, "--write-baseline", str(baseline)).returncode == 0
+    assert "tok-81f2c" not in baseline.read_text()
+    done = run_cli("check", "--db", second, "--baseline", str(baseline), "--fail-on", "low")
+    assert done.returncode == 0, done.stdout
+    assert "check: 0 finding(s)" in done.stdout

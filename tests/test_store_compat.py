@@ -141,6 +141,9 @@ def test_an_upgraded_store_keeps_everything_and_answers_as_a_fresh_import(fixtur
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     first = run_cli("findings", "-f", "json", "--db", str(old))
     assert first.returncode == 0, first.stderr
+    # its results were made by an older analysis: they are made again, and it says why
+    said = "has never been analyzed" if fixture.name == "release-be7a892.db" else "was analyzed by an older"
+    assert f"redirect-audit: the store {said}" in first.stderr and "analyzing it now" in first.stderr
     fresh = tmp_path / "fresh.db"
     assert (
         run_cli(
