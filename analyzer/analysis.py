@@ -31,12 +31,20 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Table, and_, delete, func, insert, or_, select
 from sqlalchemy.engine import Connection, Engine
 
-from analyzer.chains import LinkOptions, assemble_chains, link_redirects, stored_id
+from analyzer.chains import (
+    LinkOptions,
+    assemble_chains,
+    follow_up_urls,
+    is_followable,
+    link_redirects,
+    stored_id,
+)
 from analyzer.detectors import RULES, DetectorOptions, run_detectors
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import WRITE_METHODS
@@ -383,6 +391,7 @@ def rebuild_chains(
 
     redirects = load_exchanges(conn, of(ex_t.c.status.in_(REDIRECT_STATUSES)))
     candidates = _candidates(conn, clients)
+    candidates += _alternate_candidates(conn, redirects, {stored_id(ex) for ex in candidates})
     links = link_redirects(redirects, candidates, options)
     by_id = {stored_id(ex): ex for ex in redirects}
     # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
@@ -431,6 +440,28 @@ def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
         if row[0] not in seen:  # one row per redirect that points at it
             seen[row[0]] = light_exchange(row)
     return list(seen.values())
+
+
+def _alternate_candidates(conn: Connection, redirects: list[Exchange], have: set[int]) -> list[Exchange]:
+    """The requests to the forms other clients make of an odd Location (raw UTF-8, spaces,
+    backslashes: chains.follow_up_urls), which the join on the WHATWG form cannot find."""
+    wanted: dict[str, set[str]] = {}
+    for ex in redirects:
+        if is_followable(ex):
+            for url in islice(follow_up_urls(ex), 1, None):
+                wanted.setdefault(ex.client, set()).add(url)
+    found: list[Exchange] = []
+    for client, urls in wanted.items():
+        ordered = sorted(urls)
+        for start in range(0, len(ordered), ID_CHUNK):
+            chunk = ordered[start : start + ID_CHUNK]
+            for ex in load_exchanges(
+                conn, and_(ex_t.c.client == client, ex_t.c.url_norm.in_(chunk)), light=True
+            ):
+                if stored_id(ex) not in have:
+                    have.add(stored_id(ex))
+                    found.append(ex)
+    return found
 
 
 def repeated_writes(clients: list[str] | None = None) -> Select[tuple[int]]:

@@ -2,7 +2,9 @@
 
 A hop links redirect A to request B (design.md, "Rebuilding chains") when:
 
-* B's normalized URL equals A's `Location` resolved against A's URL;
+* B's normalized URL equals A's `Location` resolved against A's URL as the WHATWG URL
+  parser does, or, when no request has that URL, one of the forms other clients make of
+  an odd Location (`urls.location_alternates`: requests, curl, mitmproxy's IDN hosts);
 * B comes from the same client and starts after A, within a window (default 30 s);
 * B is not claimed by another hop and is neither A itself nor earlier than A.
 
@@ -19,11 +21,12 @@ twins were claimed before: linking is O(n log n) in the number of exchanges.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Hop
+from analyzer.urls import location_alternates
 
 DEFAULT_LINK_WINDOW = 30.0  # seconds
 CONNECTION_SCAN_LIMIT = 16  # unclaimed candidates inspected for a same-connection match
@@ -48,8 +51,10 @@ class Linkable(Protocol):
     client: str
     connection: str | None
     started_at: float | None
+    url: str
     url_norm: str
     status: int | None
+    location: str | None
     location_resolved: str | None
     synthetic: bool
 
@@ -88,6 +93,14 @@ def stored_id(ex: Linkable) -> int:
 
 def is_followable(ex: Linkable) -> bool:
     return ex.status in REDIRECT_STATUSES and ex.location_resolved is not None
+
+
+def follow_up_urls(ex: Linkable) -> Iterator[str]:
+    """The normalized URLs a client may have sent after this redirect, WHATWG's first."""
+    if ex.location_resolved is not None:
+        yield ex.location_resolved
+        if ex.location is not None:
+            yield from location_alternates(ex.url, ex.location)
 
 
 class _Candidates:
@@ -131,11 +144,14 @@ def link_redirects(
         keys.sort()
     links: dict[int, Link] = {}
     for source in sorted((r for r in redirects if is_followable(r)), key=order_key):
-        pool = index.get((source.client, source.location_resolved))
-        if pool is not None:
+        for url in follow_up_urls(source):
+            pool = index.get((source.client, url))
+            if pool is None:
+                continue
             link = _pick(source, pool, options, on_connection.get((source.client, source.connection), []))
             if link is not None:
                 links[stored_id(source)] = link
+                break
     return links
 
 
@@ -220,7 +236,7 @@ def unfollowed_end(ex: Exchange) -> str:
 def build_chains(exchanges: Sequence[Exchange], options: LinkOptions = LinkOptions()) -> list[Chain]:
     """Link and assemble in one call; exchanges must carry distinct ids."""
     by_id = {stored_id(ex): ex for ex in exchanges}
-    wanted = {(ex.client, ex.location_resolved) for ex in exchanges if is_followable(ex)}
+    wanted = {(ex.client, url) for ex in exchanges if is_followable(ex) for url in follow_up_urls(ex)}
     candidates = [ex for ex in exchanges if (ex.client, ex.url_norm) in wanted]
     links = link_redirects((ex for ex in exchanges if ex.is_redirect), candidates, options)
     return assemble_chains(by_id, links)

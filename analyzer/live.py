@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from analyzer.analysis import AnalysisOptions
-from analyzer.chains import grade_link, is_followable, order_key, unfollowed_end
+from analyzer.chains import follow_up_urls, grade_link, is_followable, order_key, unfollowed_end
 from analyzer.detectors import RULES, duplicate_write, run_detectors, stale_temporary_redirect
 from analyzer.detectors.base import Context, site
 from analyzer.detectors.stale_temporary_redirect import Sightings
@@ -48,6 +48,7 @@ class _Waiting:
     redirect: Exchange
     chain: Chain
     moved_on: bool = False  # its connection has carried another redirect of the client since
+    urls: tuple[str, ...] = ()  # the follow-up URLs it waits under (chains.follow_up_urls)
 
 
 @dataclass
@@ -163,18 +164,27 @@ class LiveAnalyzer:
             if w.redirect.connection is not None and w.redirect.connection == ex.connection and not w.moved_on
         ]
         chosen = min(same or eligible, key=lambda w: order_key(w.redirect))
-        queue.remove(chosen)
-        if not queue:
-            del self._waiting[key]
+        self._unwait(chosen)
         self._off_connection(chosen)
         return chosen
+
+    def _unwait(self, waiting: _Waiting) -> None:
+        """Take a redirect out of every queue it waits in."""
+        for url in waiting.urls:
+            key = (waiting.redirect.client, url)
+            queue = self._waiting.get(key)
+            if queue is not None and waiting in queue:
+                queue.remove(waiting)
+                if not queue:
+                    del self._waiting[key]
 
     def _continue(self, chain: Chain, ex: Exchange) -> list[Finding]:
         found = self._sighted(chain, ex)
         if is_followable(ex):
             chain.hops.append(Hop(len(chain.hops), ex, None, PENDING, 0.0))
-            waiting = _Waiting(ex, chain)
-            self._waiting.setdefault((ex.client, ex.location_resolved), []).append(waiting)
+            waiting = _Waiting(ex, chain, urls=tuple(follow_up_urls(ex)))
+            for url in waiting.urls:
+                self._waiting.setdefault((ex.client, url), []).append(waiting)
             self._expiry.append(waiting)
             if ex.connection is not None:
                 self._on_connection.setdefault((ex.client, ex.connection), []).append(waiting)
@@ -188,12 +198,7 @@ class LiveAnalyzer:
         last = chain.hops[-1]
         if last.target is not None or last.source is not ex:
             return []  # followed meanwhile
-        key = (ex.client, ex.location_resolved)
-        queue = self._waiting.get(key, [])
-        if waiting in queue:
-            queue.remove(waiting)
-            if not queue:
-                self._waiting.pop(key, None)
+        self._unwait(waiting)
         self._off_connection(waiting)
         chain.hops[-1] = Hop(last.index, ex, None, unfollowed_end(ex), 0.0)
         chain.end = chain.hops[-1].link

@@ -1,14 +1,25 @@
-"""URL rules for linking hops: RFC 3986 resolution plus design.md's normalization.
+"""URL rules for linking hops: WHATWG resolution of Location, plus design.md's normalization.
 
 Normalization lower-cases scheme and host, drops the default port and the fragment,
 and turns an empty path into "/". Percent-escapes and `;params` are kept exactly as
 they are: two URLs that differ only in escaping are different requests on the wire.
+
+A Location is resolved as the WHATWG URL parser does (ada, the parser Node uses): raw
+non-ASCII and spaces percent-encoded as UTF-8, `\\` read as `/` in http(s) URLs, tabs and
+newlines dropped, the scheme and host lower-cased, an internationalized host turned into
+punycode. That is what browsers and Node send. Other clients repair an odd Location their
+own way (requests percent-encodes a backslash and resolves by RFC 3986, curl writes its
+escapes in lower case and a space in the query as `+`, mitmproxy records an IDN host in
+Unicode): `location_alternates` gives those forms, which linking tries when the WHATWG
+form finds no follow-up.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import ada_url
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 # The everyday shape (scheme://host[:port]... with a plain host, no userinfo, no IPv6
@@ -54,15 +65,103 @@ def _normalize_general(url: str) -> str:
 
 
 def resolve_location(base: str, location: str) -> str:
-    """Resolve a Location value against the request URL (RFC 9110 10.2.2, RFC 3986 5)."""
+    """Resolve a Location value against the request URL as the WHATWG URL parser does
+    (RFC 9110 10.2.2 leaves the repair of invalid references to the client; Fetch's
+    "location URL" uses the URL parser); fall back to RFC 3986 resolution where that parser
+    refuses what a lenient client may still follow."""
     value = location.strip()
     if not value:
         raise BadURL("empty Location")
+    if _is_plain(value):
+        try:
+            return normalize_url(urljoin(base, value))
+        except ValueError as exc:
+            raise BadURL(f"Location {location!r}: {exc}") from None
     try:
-        joined = urljoin(base, value)
+        return normalize_url(ada_url.join_url(base, value))
+    except ValueError:
+        pass
+    try:
+        return normalize_url(urljoin(base, value))
     except ValueError as exc:
         raise BadURL(f"Location {location!r}: {exc}") from None
-    return normalize_url(joined)
+
+
+# A Location every parser reads alike: printable ASCII without spaces, backslashes or
+# percent-escapes, and no scheme (a scheme's case and an IDN host are the other repairs).
+_ODD = re.compile(r"[^!#-$&-\[\]-~]")
+
+
+def _is_plain(location: str) -> bool:
+    return location.isascii() and _ODD.search(location) is None and "://" not in location[:12]
+
+
+def location_alternates(base: str, location: str) -> tuple[str, ...]:
+    """Other normalized URLs a client may send after `location` than the WHATWG one
+    (`resolve_location`), most common first; none for a Location every parser reads alike."""
+    value = location.strip()
+    if not value or _is_plain(value):
+        return ()
+    try:
+        primary = resolve_location(base, value)
+    except BadURL:
+        primary = None
+    forms: list[str] = []
+    for make in (_whatwg, _requoted, _rfc3986):
+        try:
+            url = make(base, value)
+        except ValueError:
+            continue
+        forms += [url, _lower_escapes(url), _query_space_plus(url), _unicode_host(url)]
+    out: list[str] = []
+    for url in forms:
+        try:
+            norm = normalize_url(url)
+        except BadURL:
+            continue
+        if norm != primary and norm not in out:
+            out.append(norm)
+    return tuple(out)
+
+
+def _whatwg(base: str, value: str) -> str:
+    return str(ada_url.join_url(base, value))
+
+
+def _requoted(base: str, value: str) -> str:
+    """requests: percent-encode what is not allowed in a URI (UTF-8), then RFC 3986."""
+    return urljoin(base, quote(value, safe="!#$%&'()*+,/:;=?@[]~"))
+
+
+def _rfc3986(base: str, value: str) -> str:
+    return urljoin(base, value)
+
+
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _lower_escapes(url: str) -> str:
+    return _ESCAPE.sub(lambda m: m[0].lower(), url)
+
+
+def _query_space_plus(url: str) -> str:
+    """curl: a space in the query as `+`, its own escapes in lower case."""
+    head, mark, query = url.partition("?")
+    return _lower_escapes(head + mark + query.replace("%20", "+")) if mark else url
+
+
+def _unicode_host(url: str) -> str:
+    """The host as mitmproxy records it: an IDN in Unicode."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if "xn--" not in host:
+        return url
+    try:
+        unicode = host.encode("ascii").decode("idna")
+    except UnicodeError:
+        return url
+    netloc = parts.netloc.replace(host, unicode, 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def origin_of(url: str) -> str:

@@ -1,11 +1,13 @@
 """dropped-body (RA102): a hop that must keep the request body lost or changed it.
 
 What fires
-    A method-preserving hop, that is a 307 or 308 (RFC 9110 15.4.8/15.4.9: the request is
-    repeated as sent), or a 301/302 where the client kept POST, PUT or PATCH (Fetch keeps
-    the body whenever it keeps the method), whose original request carried a body and whose
-    follow-up:
-    * carries no body (high),
+    A hop that kept the request's method, when that is 307 or 308 whatever the method
+    (RFC 9110 15.4.8/15.4.9: the request is repeated as sent), or any other redirect status
+    where the client kept POST, PUT or PATCH (Fetch keeps the body whenever it keeps the
+    method), whose original request carried a body and whose follow-up:
+    * carries no body (high; medium after a 303, which asked for a GET: non-get-after-303
+      reports the kept method, this rule the empty request the server then received, as
+      `curl -X POST -L` sends it),
     * carries a different body, by SHA-256 or by length (high),
     * carries the same bytes under another Content-Type (medium).
 
@@ -35,7 +37,7 @@ SUMMARY = "A method-preserving redirect was followed without the original reques
 FIX = "Clients re-send the body on 307/308 (make streamed bodies replayable); a server that cannot take it again answers 303."
 
 METHOD_PRESERVING = frozenset({307, 308})
-HISTORICAL_REWRITE = frozenset({301, 302})
+SEE_OTHER = 303
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -59,12 +61,19 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         }
         where = f"{source.status} after {source.method}"
         if after.length == 0:
+            asked_for_get = source.status == SEE_OTHER
             yield hop_finding(
                 module,
                 hop,
                 chain,
-                f"{where} was followed with no body (the original had {before.length} bytes): the payload was lost",
+                f"{where} was followed with {target.method} and no body (the original had {before.length} bytes): "
+                + (
+                    "the server asked for a GET and received an empty " + target.method
+                    if asked_for_get
+                    else "the payload was lost"
+                ),
                 evidence,
+                severity=Severity.MEDIUM if asked_for_get else None,
             )
         elif _differs(before, after):
             yield hop_finding(
@@ -89,9 +98,8 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
 
 
 def _preserves_body(status: int | None, method: str) -> bool:
-    if status in METHOD_PRESERVING:
-        return True
-    return status in HISTORICAL_REWRITE and method in BODY_METHODS
+    """Whether a follow-up that kept `method` after `status` should carry the body again."""
+    return status in METHOD_PRESERVING or method in BODY_METHODS
 
 
 def _differs(before: Body, after: Body) -> bool:
