@@ -81,6 +81,7 @@ from analyzer.store import (
 from analyzer.store import (
     hops as hops_t,
 )
+from analyzer.party import Parties, is_page_client
 from analyzer.storeread import ANALYSIS_ENGINE, ANALYSIS_OPTIONS, Row
 
 FindingRow = dict[str, Any]  # a findings row as inserted
@@ -352,12 +353,15 @@ def analyze_clients(
 ) -> BatchOutput:
     """Chains, hops and findings of these clients, as rows (and objects with `keep`)."""
     chains, writes = rebuild_chains(conn, options.link, clients)
-    found = run_detectors(chains, writes, options.detect, rules=PER_CLIENT_RULES)
+    parties = Parties.of(_navigations(conn, clients), chains)
+    found = run_detectors(chains, writes, options.detect, rules=PER_CLIENT_RULES, parties=parties)
     out = BatchOutput(clients)
     for chain in chains:
         root = chain.root
         chain.id = root.id  # a chain is known by its root exchange
-        out.chain_rows.append((root.id, root.id, len(chain.hops), chain.end, root.client, root.started_at))
+        out.chain_rows.append(
+            (root.id, root.id, len(chain.hops), chain.end, root.client, root.started_at, chain.third_party)
+        )
         for hop in chain.hops:
             source = hop.source
             out.hop_rows.append(
@@ -442,6 +446,45 @@ def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
     return list(seen.values())
 
 
+class _StoredPages:
+    """First-party sites of browser pages, read from the stored chains as needed (for the
+    findings judged across clients: a stale redirect's latest sighting)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.known: dict[str, Parties] = {}
+
+    def third_party(self, ex: Exchange, target: str | None) -> bool | None:
+        if not is_page_client(ex.client):
+            return None
+        parties = self.known.get(ex.client)
+        if parties is None:
+            navigations = _navigations(self.conn, [ex.client])
+            urls = {}
+            for nav in navigations:
+                follow_ups = select(ex_t.c.url_norm).join(hops_t, hops_t.c.to_exchange_id == ex_t.c.id)
+                urls[nav.client] = [
+                    nav.url,
+                    *self.conn.execute(follow_ups.where(hops_t.c.chain_id == nav.id)).scalars(),
+                ]
+            parties = self.known[ex.client] = Parties.of_urls(urls)
+        return parties.third_party_hop(ex.client, ex, target)
+
+
+def _navigations(conn: Connection, clients: list[str]) -> list[Exchange]:
+    """The first exchange of each browser page among these clients (analyzer.party)."""
+    pages = [c for c in clients if is_page_client(c)]
+    found: list[Exchange] = []
+    for start in range(0, len(pages), ID_CHUNK):
+        chunk = pages[start : start + ID_CHUNK]
+        order = func.row_number().over(
+            partition_by=ex_t.c.client, order_by=(ex_t.c.started_at, ex_t.c.capture_id, ex_t.c.seq)
+        )
+        ranked = select(ex_t.c.id, order.label("n")).where(ex_t.c.client.in_(chunk)).subquery()
+        found += load_exchanges(conn, ex_t.c.id.in_(select(ranked.c.id).where(ranked.c.n == 1)), light=True)
+    return found
+
+
 def _alternate_candidates(conn: Connection, redirects: list[Exchange], have: set[int]) -> list[Exchange]:
     """The requests to the forms other clients make of an odd Location (raw UTF-8, spaces,
     backslashes: chains.follow_up_urls), which the join on the WHATWG form cannot find."""
@@ -509,6 +552,7 @@ def _finding_row(finding: Finding) -> FindingRow:
         "evidence": json.dumps(finding.evidence, sort_keys=True),
         "fingerprint": finding_fingerprint(finding.rule, source, finding.exchange),
         "client": finding.exchange.client,
+        "third_party": finding.third_party,
     }
 
 
@@ -620,7 +664,7 @@ def _key(row: FindingRow) -> FindingKey:
     return (row["rule"], row["from_exchange_id"], row["to_exchange_id"], row["hop"])
 
 
-CHAIN_COLUMNS = ("id", "root_exchange_id", "hops", "end_reason", "client", "started_at")
+CHAIN_COLUMNS = ("id", "root_exchange_id", "hops", "end_reason", "client", "started_at", "third_party")
 HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status", "link", "confidence")
 
 
@@ -733,6 +777,7 @@ def stale_findings(
         # chunk, 0.2 s a chunk on 1M exchanges); _groups() keeps the temporary ones.
         queries = [select(*_SIGHTING_COLUMNS).where(ex_t.c.url_norm.in_(c)) for c in chunks]
         olds = [old.where(ex_t.c.url_norm.in_(c)) for c in chunks]
+    pages = _StoredPages(conn)
     doomed = []
     for query in olds:
         for fid, source, target in conn.execute(query):
@@ -754,6 +799,7 @@ def stale_findings(
                 continue
             message, evidence = judged
             finding = stale.stale_finding(message, evidence, sightings.latest, None, 0)
+            finding.third_party = pages.third_party(finding.exchange, target)
             row = _finding_row(finding)
             row["client"] = None  # across clients
             rows.append(row)

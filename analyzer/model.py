@@ -122,6 +122,7 @@ class Chain:
     hops: list[Hop]
     end: str  # "final", "not-followed", "no-location", "error", "bad-location"
     id: int | None = None
+    third_party: bool | None = None  # every hop between third parties of its page (None: no page)
 
     @property
     def root(self) -> Exchange:
@@ -149,3 +150,4 @@ class Finding:
     hop: int
     evidence: dict[str, Any]
     exchange: Exchange  # the exchange the finding points at (usually the follow-up)
+    third_party: bool | None = None  # about a hop between third parties of its page (None: no page)

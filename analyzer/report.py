@@ -47,7 +47,7 @@ def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None
 
 FINDINGS_SQL = """
 SELECT f.id, f.rule, f.rule_id, f.severity, f.confidence, f.message, f.chain_id, f.hop, f.observed_at, f.evidence,
-       f.fingerprint, a.status, a.method, a.url, a.location, a.location_resolved, h.chain_id, t.method, t.url,
+       f.fingerprint, f.third_party, a.status, a.method, a.url, a.location, a.location_resolved, h.chain_id, t.method, t.url,
        b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path,
        (SELECT r.nodeid FROM test_runs r
         WHERE (r.client = a.client OR substr(a.client, 1, length(r.recorder) + 7) = 'proxy:' || r.recorder || '/')
@@ -99,6 +99,7 @@ def _finding_record(row: Row) -> Record:
         observed_at,
         evidence,
         fingerprint,
+        third_party,
         status,
         m0,
         u0,
@@ -142,6 +143,7 @@ def _finding_record(row: Row) -> Record:
         "observed_at": iso(observed_at),
         "evidence": json.loads(evidence),
         "fingerprint": fingerprint,
+        "third_party": None if third_party is None else bool(third_party),
         "capture": capture_pointer(source, path, seq, flow_id),
         # the test during which the hop happened, when the pytest plugin recorded the run
         "test": test,
@@ -201,15 +203,16 @@ def _chain_records(reader: Reader, url_substring: str | None) -> list[Record]:
         for row in reader.rows(sql.format(cols=_EXCHANGE_SELECT)):
             by_id[row[0]] = _exchange_record(row)
     out: dict[int, Record] = {}
-    for chain_id, client, end, started in reader.rows(
-        "SELECT c.id, c.client, c.end_reason, c.started_at FROM chains c JOIN exchanges r ON r.id = c.root_exchange_id "
-        "ORDER BY COALESCE(r.started_at, -1), r.capture_id, r.seq"
+    for chain_id, client, end, started, third_party in reader.rows(
+        "SELECT c.id, c.client, c.end_reason, c.started_at, c.third_party FROM chains c "
+        "JOIN exchanges r ON r.id = c.root_exchange_id ORDER BY COALESCE(r.started_at, -1), r.capture_id, r.seq"
     ):
         out[chain_id] = {
             "chain_id": chain_id,
             "client": client,
             "end": end,
             "started_at": iso(started),
+            "third_party": None if third_party is None else bool(third_party),
             "hops": [],
         }
     for chain_id, idx, source_id, target_id, status, link, confidence in reader.rows(

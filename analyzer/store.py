@@ -165,6 +165,7 @@ chains = Table(
     Column("end_reason", String(32), nullable=False),
     Column("client", Text, nullable=False),
     Column("started_at", Float),
+    Column("third_party", Boolean),  # every hop between third parties of its page (NULL: no page)
     Index("ix_chains_client", "client"),
 )
 
@@ -199,6 +200,7 @@ findings = Table(
     Column("evidence", Text, nullable=False),
     Column("fingerprint", String(64), nullable=False),
     Column("client", Text),  # whose analysis made it (NULL: a finding across clients, or from schema 1)
+    Column("third_party", Boolean),  # about a hop between third parties of its page (NULL: no page)
     Index("ix_findings_chain", "chain_id"),
     Index("ix_findings_client", "client"),
     Index("ix_findings_from", "from_exchange_id"),

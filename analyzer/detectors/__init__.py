@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from analyzer.detectors import (
     body_on_get,
@@ -23,6 +24,9 @@ from analyzer.detectors import (
 )
 from analyzer.detectors.base import Context, DetectorOptions, Rule, rule_from_module
 from analyzer.model import Chain, Exchange, Finding
+
+if TYPE_CHECKING:
+    from analyzer.party import Parties
 
 RULES: tuple[Rule, ...] = tuple(
     rule_from_module(m)
@@ -62,10 +66,20 @@ def run_detectors(
     writes: Sequence[Exchange] = (),
     options: DetectorOptions = DetectorOptions(),
     rules: Sequence[Rule] = RULES,
+    parties: Parties | None = None,
 ) -> list[Finding]:
-    """Run every rule; findings come back ordered by time, chain and hop."""
-    context = Context(options=options, writes=writes, arrivals=arrivals_of(chains))
+    """Run every rule; findings come back ordered by time, chain and hop, each told
+    whether it is about third parties of its page (with `parties`)."""
+    context = Context(options=options, writes=writes, arrivals=arrivals_of(chains), parties=parties)
     found = [finding for rule in rules for finding in rule.check(chains, context)]
+    if parties is not None and parties.sites:
+        for chain in chains:
+            chain.third_party = parties.third_party_chain(chain)
+        for f in found:
+            if f.chain is not None:
+                f.third_party = context.third_party(f.chain, f.chain.hops[f.hop])
+            else:
+                f.third_party = parties.third_party_exchange(f.exchange)
     found.sort(key=lambda f: (f.exchange.started_at or 0.0, f.exchange.capture_id, f.exchange.seq, f.rule_id))
     return found
 

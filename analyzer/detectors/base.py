@@ -14,6 +14,8 @@ from analyzer.urls import endpoint
 if TYPE_CHECKING:
     from publicsuffixlist import PublicSuffixList
 
+    from analyzer.party import Parties
+
 DEFAULT_STALE_AFTER_DAYS = 7.0
 DEFAULT_DUPLICATE_WINDOW = 600.0  # seconds between two deliveries of one logical write
 DEFAULT_MAX_REDIRECTS = 20  # Fetch, HTTP-redirect fetch: a network error once 20 redirects were followed
@@ -49,6 +51,14 @@ class Context:
     writes: Sequence[Exchange] = ()  # accepted write requests that may repeat, chained or not
     # exchange id -> (chain, hop index) where that exchange is the follow-up
     arrivals: dict[int, tuple[Chain, int]] = field(default_factory=dict)
+    parties: Parties | None = None  # the first-party sites of each browser page (analyzer.party)
+
+    def third_party(self, chain: Chain, hop: Hop) -> bool | None:
+        """Is this hop between third parties of its page? None: not a page, cannot tell."""
+        if self.parties is None:
+            return None
+        target = hop.target.url if hop.target is not None else hop.source.location_resolved
+        return self.parties.third_party_hop(chain.root.client, hop.source, target)
 
     def arrival(self, ex: Exchange) -> tuple[Chain, int] | None:
         """The chain and hop that led to `ex`, if a redirect did."""

@@ -9,9 +9,12 @@ What fires
     the link picks where the trusted site sends its users, and credentials or tokens
     that follow redirects go with them.
 
-    Severity: medium, confidence 0.5: OAuth's `redirect_uri` and login `next=` parameters
+    Severity: medium. Confidence 0.5: OAuth's `redirect_uri` and login `next=` parameters
     have this shape too and are fine when the server checks the target against an
-    allow-list, which the wire cannot show.
+    allow-list, which the wire cannot show. In a browser capture with pages
+    (analyzer.party), 1.0 when the redirect is the visited site's own (first party), and
+    0.25 when it is between third parties of the page: ad-tech and cookie-sync redirects
+    name their next hop in the URL by design, and the page's owner cannot fix them.
 
 Not flagged
     Same-origin targets, relative paths in parameters (`?next=/account`), and parameters
@@ -41,7 +44,9 @@ SEVERITY = Severity.MEDIUM
 SUMMARY = "A redirect went to another origin named by the request's own parameters."
 FIX = "Redirect only to relative paths or allow-listed origins; match OAuth `redirect_uri` exactly."
 
-CONFIDENCE = 0.5
+CONFIDENCE = 0.5  # the redirect's party unknown (no browser page)
+FIRST_PARTY_CONFIDENCE = 1.0
+THIRD_PARTY_CONFIDENCE = 0.25
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
@@ -57,13 +62,26 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         for where, name, value in _parameters(source):
             named = _absolute(source.url, value)
             if named is not None and origin(named) == there:
+                third = context.third_party(chain, hop)
+                confidence = (
+                    CONFIDENCE
+                    if third is None
+                    else THIRD_PARTY_CONFIDENCE
+                    if third
+                    else FIRST_PARTY_CONFIDENCE
+                )
                 yield hop_finding(
                     module,
                     hop,
                     chain,
                     f"{source.status} sent the client to {there}, which the request itself named in {where} "
                     f"parameter {name!r}: the shape of an open redirect (CWE-601); fine only if the server checks "
-                    "the target against an allow-list",
+                    "the target against an allow-list"
+                    + (
+                        ", and a redirect between third parties of the page, not the visited site's"
+                        if third
+                        else ""
+                    ),
                     {
                         "status": source.status,
                         "parameter": name,
@@ -71,7 +89,7 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
                         "to_origin": there,
                         "location": target,
                     },
-                    confidence=CONFIDENCE,
+                    confidence=confidence,
                 )
                 break
 
