@@ -45,6 +45,7 @@ LOCATIONS: dict[str, bytes] = {
 CLIENT_ERRORS: dict[str, str] = {}  # <client>-<case> -> what the client raised
 START = re.compile(r"/start/(?P<id>[a-z]+-(?P<case>[a-z0-9]+))")
 CLIENTS = ("curl", "requests", "node", "chromium")
+CURL = ("curl", "-sS", "-o", "/dev/null", "-L")
 NODE_DIR = ROOT / "tests" / "node"
 
 
@@ -91,8 +92,18 @@ def start(client: str, case: str) -> str:
 def run_curl(proxy: str) -> None:
     for case in LOCATIONS:
         done = subprocess.run(
-            ["curl", "-sS", "-o", "/dev/null", "-L", "--max-redirs", "3", "--max-time", "15"]
-            + ["--proxy", proxy, "--noproxy", "", start("curl", case)],
+            [
+                *CURL,
+                "--max-redirs",
+                "3",
+                "--max-time",
+                "15",
+                "--proxy",
+                proxy,
+                "--noproxy",
+                "",
+                start("curl", case),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -102,8 +113,7 @@ def run_curl(proxy: str) -> None:
             CLIENT_ERRORS[f"curl-{case}"] = done.stderr.strip()
     # curl -X POST -L keeps POST after a 303 and sends it without the body
     subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-L", "-X", "POST", "-d", "amount=5", "--max-time", "15"]
-        + ["--proxy", proxy, "--noproxy", "", start("curlpost", "dots")],
+        [*CURL, "-X", "POST", "-d", "amount=5", "--proxy", proxy, "--noproxy", "", start("curlpost", "dots")],
         capture_output=True,
         timeout=60,
         env={"PATH": "/usr/bin:/bin"},
