@@ -129,7 +129,7 @@ def run_requests(proxy: str) -> None:
         for case in LOCATIONS:
             try:
                 session.get(start("requests", case), timeout=15)
-            except Exception as exc:  # noqa: BLE001 - a raw UTF-8 host: urllib3 fails an assert (b'b')
+            except Exception as exc:  # a raw UTF-8 host: urllib3 fails an assert (b'b')
                 CLIENT_ERRORS[f"requests-{case}"] = repr(exc)
 
 
