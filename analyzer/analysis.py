@@ -51,6 +51,7 @@ from analyzer.detectors.base import WRITE_METHODS
 from analyzer.forking import start_method
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
+from analyzer.party import Parties, is_page_client
 from analyzer.store import (
     LINK_COLUMNS,
     STALE_RECHECK,
@@ -81,7 +82,6 @@ from analyzer.store import (
 from analyzer.store import (
     hops as hops_t,
 )
-from analyzer.party import Parties, is_page_client
 from analyzer.storeread import ANALYSIS_ENGINE, ANALYSIS_OPTIONS, Row
 
 FindingRow = dict[str, Any]  # a findings row as inserted
