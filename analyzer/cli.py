@@ -16,6 +16,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
@@ -28,10 +29,12 @@ from analyzer.text import printable
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs
     from rich.console import Console
 
+    from analyzer.config import Settings
     from analyzer.detectors import Rule
     from analyzer.model import Severity
     from analyzer.recorded import ClientSeen
     from analyzer.report import Record
+    from analyzer.selection import Selection
     from analyzer.store import Store
     from analyzer.storeread import Reader, StoreState
 
@@ -161,6 +164,112 @@ def baseline_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
     )(f)
+
+
+def _rule_list(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def selection_options[F: Callable[..., Any]](f: F) -> F:
+    """What the project's configuration says, and the command line over it (analyzer.selection)."""
+    f = click.option("--verbose", "-v", is_flag=True, help="Say which configuration file is used")(f)
+    return selection_options_quiet(f)
+
+
+def selection_options_quiet[F: Callable[..., Any]](f: F) -> F:
+    """selection_options without -v, for a command whose -v says more."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            metavar="FILE",
+            help="Configuration file [default: redirect-audit.toml, or pyproject.toml's "
+            "[tool.redirect-audit], found from the working directory up]",
+        ),
+        click.option("--isolated", is_flag=True, help="Ignore every configuration file"),
+        click.option(
+            "--select",
+            multiple=True,
+            metavar="RULES",
+            help="Only these rules (ids, names or id prefixes, comma-separated; replaces the file's select)",
+        ),
+        click.option("--ignore", multiple=True, metavar="RULES", help="Suppress these rules too"),
+        click.option("--extend-select", multiple=True, metavar="RULES", help="Select these rules too"),
+        click.option(
+            "--min-confidence",
+            type=click.FloatRange(0, 1),
+            metavar="0-1",
+            help="Suppress findings less sure than this",
+        ),
+        click.option(
+            "--third-party/--no-third-party",
+            default=None,
+            help="Show findings between third parties of a browser page (hidden by default)",
+        ),
+        click.option(
+            "--host",
+            "hosts",
+            multiple=True,
+            metavar="GLOB",
+            help="Only findings whose redirect starts or ends on this host (repeatable)",
+        ),
+        click.option("--show-suppressed", is_flag=True, help="List the suppressed findings too, marked"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@dataclass
+class Chosen:
+    """The selection a reading command applies, and what it says about it."""
+
+    selection: Selection
+    settings: Settings
+    hosts: tuple[str, ...]
+    show_suppressed: bool
+
+
+def _chosen(
+    config_file: str | None,
+    isolated: bool,
+    select: tuple[str, ...],
+    ignore: tuple[str, ...],
+    extend_select: tuple[str, ...],
+    min_confidence: float | None,
+    third_party: bool | None,
+    hosts: tuple[str, ...],
+    show_suppressed: bool,
+    verbose: bool,
+) -> Chosen:
+    from analyzer.config import UnknownRule, load_settings
+    from analyzer.selection import Selection
+
+    settings = load_settings(config_file, isolated)
+    if verbose:
+        _say_err(
+            f"configuration: {settings.path}"
+            if settings.path is not None
+            else "configuration: none (--isolated)"
+            if isolated
+            else f"configuration: no redirect-audit.toml or [tool.redirect-audit] from {Path.cwd()} up"
+        )
+    try:
+        selection = Selection.build(
+            settings,
+            select=_rule_list(select) or None,
+            ignore=_rule_list(ignore),
+            extend_select=_rule_list(extend_select),
+            min_confidence=min_confidence,
+            third_party=third_party,
+        )
+    except UnknownRule as exc:
+        raise UserError(f"unknown rule {exc.name!r} on the command line ({exc.known})") from None
+    return Chosen(selection, settings, hosts, show_suppressed)
+
+
+def _say_err(line: str) -> None:
+    click.echo(f"redirect-audit: {printable(line)}", err=True)
 
 
 def import_options[F: Callable[..., Any]](f: F) -> F:
@@ -574,9 +683,8 @@ def _enter_own_network(db: str | None) -> None:
 @click.option(
     "--fail-on",
     type=click.Choice(SEVERITIES),
-    default="medium",
-    show_default=True,
-    help="Lowest severity of a new finding that fails the run (when CMD itself succeeded)",
+    help="Lowest severity of a new finding that fails the run (when CMD itself succeeded) "
+    "[default: the configuration's fail-on, else medium]",
 )
 @baseline_option
 @click.option(
@@ -600,7 +708,12 @@ def _enter_own_network(db: str | None) -> None:
     help="A mitmproxy option for the recorder, repeatable (e.g. ssl_insecure=true for test servers "
     "with self-signed certificates)",
 )
-@click.option("--verbose", "-v", is_flag=True, help="List the environment variables set for CMD")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="List the environment variables set for CMD, and say which configuration file is used",
+)
 @click.option(
     "--allow-empty",
     is_flag=True,
@@ -615,10 +728,11 @@ def _enter_own_network(db: str | None) -> None:
 )
 @secret_field_option
 @key_file_option
+@selection_options_quiet
 def run_cmd(
     command: tuple[str, ...],
     db: str | None,
-    fail_on: str,
+    fail_on: str | None,
     baseline: str | None,
     label: str | None,
     keep_bodies: bool,
@@ -629,6 +743,7 @@ def run_cmd(
     transparent: bool,
     secret_fields: tuple[str, ...],
     key_file: str | None,
+    **choosing: Any,
 ) -> None:
     """Run CMD with its HTTP(S) traffic recorded, then analyze it and print the findings.
 
@@ -663,6 +778,8 @@ def run_cmd(
     for setting in settings:
         if "=" not in setting:
             raise click.BadParameter(f"{setting!r} is not NAME=VALUE", param_hint="--set")
+    chosen = _chosen(**choosing, verbose=verbose)  # a bad configuration: before CMD runs
+    fail_on = fail_on or chosen.settings.fail_on or "medium"
     known = (
         exports.read_baseline(Path(baseline)) if baseline is not None else set()
     )  # a bad file: before CMD runs
@@ -761,7 +878,9 @@ def run_cmd(
 
             keep_workdir = True
             raise UserError(f"the recorder failed: {last_error(recording.output())} (log: {recording.log})")
-        records, failing, seen_clients = _judge_run(db, capture, Severity.parse(fail_on), known)
+        records, hidden, failing, seen_clients = _judge_run(
+            db, capture, Severity.parse(fail_on), known, chosen
+        )
     finally:
         if recording.running:
             recording.stop()
@@ -792,7 +911,12 @@ def run_cmd(
             raise click.exceptions.Exit(child.status)
         if not allow_empty:
             raise click.exceptions.Exit(EXIT_ERROR)
-    _emit(None, lambda out: _print_findings(records, out, " in this run's traffic"))
+    listed = records + hidden if chosen.show_suppressed else records
+    _emit(None, lambda out: _print_findings(listed, out, " in this run's traffic"))
+    if hidden:
+        from analyzer.selection import suppressed_summary
+
+        say(suppressed_summary(hidden))
     for r in failing:
         say(f"NEW {r['severity']} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
     say(
@@ -806,25 +930,29 @@ def run_cmd(
 
 
 def _judge_run(
-    db: str, capture: int | None, floor: Severity, known: set[str]
-) -> tuple[list[Record], list[Record], list[ClientSeen]]:
-    """Analyze the store; (this capture's findings, those that fail the gate, its clients)."""
+    db: str, capture: int | None, floor: Severity, known: set[str], chosen: Chosen
+) -> tuple[list[Record], list[Record], list[Record], list[ClientSeen]]:
+    """Analyze the store (with the configuration's thresholds); (this capture's findings
+    shown, those suppressed, those that fail the gate, its clients)."""
     from analyzer import exports
-    from analyzer.analysis import analyze
+    from analyzer.analysis import AnalysisOptions, analyze
     from analyzer.recorded import clients_seen
     from analyzer.report import finding_records
+    from analyzer.selection import only
     from analyzer.store import open_store
     from analyzer.storeread import open_reader
 
     store = open_store(db, create=False)
     try:
-        analyze(store)
+        analyze(store, AnalysisOptions.from_dict(chosen.settings.thresholds))
         seen = clients_seen(store, capture_ids=[capture]) if capture is not None else []
     finally:
         store.close()
     with open_reader(db) as reader:
         records = finding_records(reader, capture_id=capture) if capture is not None else []
-    return records, exports.gate(records, floor, known), seen
+    shown, hidden = chosen.selection.apply(records)
+    shown, hidden = only(shown, hosts=chosen.hosts), only(hidden, hosts=chosen.hosts)
+    return shown, hidden, exports.gate(shown, floor, known), seen
 
 
 def _is_pytest(command: tuple[str, ...]) -> bool:
@@ -864,30 +992,22 @@ def demo_cmd(db: str) -> None:
 @click.option(
     "--link-window",
     type=float,
-    default=30.0,
-    show_default=True,
-    help="Seconds within which a follow-up must start",
+    help="Seconds within which a follow-up must start [default: link-window in the configuration, else 30]",
 )
 @click.option(
     "--stale-days",
     type=float,
-    default=7.0,
-    show_default=True,
-    help="Days after which a temporary redirect is stale",
+    help="Days after which a temporary redirect is stale [default: stale-after-days, else 7]",
 )
 @click.option(
     "--duplicate-window",
     type=float,
-    default=600.0,
-    show_default=True,
-    help="Seconds between two deliveries of one write",
+    help="Seconds between two deliveries of one write [default: duplicate-window, else 600]",
 )
 @click.option(
     "--max-redirects",
     type=int,
-    default=20,
-    show_default=True,
-    help="Follow-ups in one chain before too-many-redirects",
+    help="Follow-ups in one chain before too-many-redirects [default: max-redirects, else 20]",
 )
 @click.option(
     "--jobs",
@@ -898,15 +1018,21 @@ def demo_cmd(db: str) -> None:
     help="Worker processes analyzing clients in parallel",
 )
 @click.option("--full", is_flag=True, help="Analyze every client again, not only those with new exchanges")
+@click.option(
+    "--config", "config_file", metavar="FILE", help="Configuration file [default: found from here up]"
+)
+@click.option("--isolated", is_flag=True, help="Ignore every configuration file")
 @wait_option
 def analyze_cmd(
     db: str | None,
-    link_window: float,
-    stale_days: float,
-    duplicate_window: float,
-    max_redirects: int,
+    link_window: float | None,
+    stale_days: float | None,
+    duplicate_window: float | None,
+    max_redirects: int | None,
     jobs: int,
     full: bool,
+    config_file: str | None,
+    isolated: bool,
     wait: float,
 ) -> None:
     """Rebuild chains and run every rule for the clients with new exchanges (all of them
@@ -917,14 +1043,20 @@ def analyze_cmd(
     """
     from analyzer.analysis import AnalysisOptions, analyze
     from analyzer.chains import LinkOptions
+    from analyzer.config import load_settings
     from analyzer.detectors import DetectorOptions
     from analyzer.store import open_store
 
+    configured = AnalysisOptions.from_dict(load_settings(config_file, isolated).thresholds)
     try:
         options = AnalysisOptions(
-            link=LinkOptions(window=link_window),
+            link=LinkOptions(window=configured.link.window if link_window is None else link_window),
             detect=DetectorOptions(
-                stale_after_days=stale_days, duplicate_window=duplicate_window, max_redirects=max_redirects
+                stale_after_days=configured.detect.stale_after_days if stale_days is None else stale_days,
+                duplicate_window=configured.detect.duplicate_window
+                if duplicate_window is None
+                else duplicate_window,
+                max_redirects=configured.detect.max_redirects if max_redirects is None else max_redirects,
             ),
         )
     except ValueError as exc:
@@ -972,6 +1104,7 @@ def _analysis_recorded(db: str | None, wait: float) -> bool:
 # ---- reading commands -------------------------------------------------------------------
 
 FINDING_FORMATS = ("table", "json", "jsonl", "sarif", "junit", "markdown", "html")
+SORTS = ("time", "severity", "rule", "confidence", "client")  # analyzer.selection.SORTS
 
 
 @cli.command("findings")
@@ -980,25 +1113,81 @@ FINDING_FORMATS = ("table", "json", "jsonl", "sarif", "junit", "markdown", "html
     "--format", "-f", "format_", type=click.Choice(FINDING_FORMATS), default="table", show_default=True
 )
 @click.option("--min-severity", type=click.Choice(SEVERITIES), default="info", show_default=True)
+@selection_options
+@click.option(
+    "--rule", "rules", multiple=True, metavar="RULES", help="Only these rules (a view, not a suppression)"
+)
+@click.option(
+    "--client", "clients", multiple=True, metavar="ID", help="Only this client's findings (repeatable)"
+)
+@click.option(
+    "--capture", "captures", multiple=True, type=int, metavar="ID", help="Only this capture's findings"
+)
+@click.option("--sort", type=click.Choice(SORTS), default="time", show_default=True)
 @output_option
 def findings_cmd(
-    db: str | None, no_analyze: bool, wait: float, format_: str, min_severity: str, output: str | None
+    db: str | None,
+    no_analyze: bool,
+    wait: float,
+    format_: str,
+    min_severity: str,
+    rules: tuple[str, ...],
+    clients: tuple[str, ...],
+    captures: tuple[int, ...],
+    sort: str,
+    output: str | None,
+    **choosing: Any,
 ) -> None:
     """List the findings (the store is analyzed first if it changed since the last analysis).
 
-    sarif: SARIF 2.1.0; junit: a test case per chain; markdown; html: one self-contained
-    file with the plots and a table per rule.
+    What the project's configuration suppresses (rules not selected or ignored, redirects
+    between third parties of a browser page, ignored hosts and URLs, low confidence) is
+    counted on stderr and listed with --show-suppressed. sarif: SARIF 2.1.0; junit: a test
+    case per chain; markdown; html: one self-contained file with the plots and a table per rule.
     """
+    from analyzer.config import UnknownRule
     from analyzer.model import Severity
-    from analyzer.report import chain_records, finding_records
+    from analyzer.report import chain_records, finding_records, third_party_redirects
+    from analyzer.selection import only, sort_records
 
-    with _results(db, no_analyze, wait) as (reader, state):
-        records = finding_records(reader, Severity.parse(min_severity))
-        chain_list = chain_records(reader) if format_ == "junit" else []
+    chosen = _chosen(**choosing)
+    try:
+        with _results(db, no_analyze, wait) as (reader, state):
+            everything = finding_records(reader)
+            chain_list = chain_records(reader) if format_ == "junit" else []
+            redirects = third_party_redirects(reader)
+        shown, hidden = chosen.selection.apply(everything)
+        floor = Severity.parse(min_severity)
+
+        def view(found: list[Record]) -> list[Record]:
+            wanted = only(
+                found, rules=_rule_list(rules), hosts=chosen.hosts, clients=clients, captures=captures
+            )
+            return [r for r in wanted if Severity.parse(r["severity"]) >= floor]
+
+        shown, hidden = view(shown), view(hidden)
+    except UnknownRule as exc:
+        raise UserError(f"unknown rule {exc.name!r} in --rule ({exc.known})") from None
+    records = sort_records(shown + hidden if chosen.show_suppressed else shown, sort)
     scope = f" in {state.exchanges} exchange(s)"
     _emit(output, lambda out: _write_findings(format_, records, chain_list, db, out, scope))
     if output not in (None, "-"):
         click.echo(f"wrote {len(records)} finding(s) to {output}", err=True)
+    _say_suppressed(hidden, redirects, chosen)
+
+
+def _say_suppressed(hidden: list[Record], redirects: tuple[int, int], chosen: Chosen) -> None:
+    """One line on stderr: what was suppressed, and the third-party crowd it came from."""
+    from analyzer.selection import suppressed_summary
+
+    hops, chains = redirects
+    line = suppressed_summary(hidden)
+    if chosen.selection.third_party or not hops:
+        crowd = ""
+    else:
+        crowd = f"{hops} third-party redirect(s) in {chains} chain(s) between other sites than the page's"
+    if line or crowd:
+        _say_err("; ".join(p for p in (crowd, line) if p))
 
 
 def _write_findings(
@@ -1044,9 +1233,7 @@ def _print_findings(records: list[Record], out: IO[str], scope: str) -> None:
 @click.option(
     "--fail-on",
     type=click.Choice(SEVERITIES),
-    default="medium",
-    show_default=True,
-    help="Lowest severity that fails",
+    help="Lowest severity that fails [default: the configuration's fail-on, else medium]",
 )
 @baseline_option
 @click.option(
@@ -1055,45 +1242,62 @@ def _print_findings(records: list[Record], out: IO[str], scope: str) -> None:
     help="Record the current findings as the baseline and exit 0",
 )
 @click.option("--allow-empty", is_flag=True, help="Pass on a store that holds no exchanges (default: exit 2)")
+@selection_options
 def check_cmd(
     db: str | None,
     no_analyze: bool,
     wait: float,
-    fail_on: str,
+    fail_on: str | None,
     baseline: str | None,
     write_baseline: str | None,
     allow_empty: bool,
+    **choosing: Any,
 ) -> None:
     """CI gate: exit 1 when a finding at or above --fail-on is not in the baseline, else 0.
 
+    Suppressed findings (the configuration's select, ignore, ignore-hosts, per-url-ignores,
+    min-confidence; third-party redirects of a browser page) never fail; they are counted.
     A store that holds no exchanges fails with exit 2: nothing was captured, so nothing
     was checked (--allow-empty to pass anyway).
     """
     from analyzer import exports
     from analyzer.model import Severity
-    from analyzer.report import finding_records, hop_text
+    from analyzer.report import finding_records, hop_text, third_party_redirects
+    from analyzer.selection import only
 
-    floor = Severity.parse(fail_on)
+    chosen = _chosen(**choosing)
+    floor = Severity.parse(fail_on or chosen.settings.fail_on or "medium")
     with _results(db, no_analyze, wait) as (reader, state):
         if state.exchanges == 0 and not allow_empty:
             raise UserError(
                 f"nothing was captured: the store {_db_shown(db)} holds no exchanges, so nothing was "
                 "checked (--allow-empty to pass on an empty store)"
             )
-        records = finding_records(reader)
+        everything = finding_records(reader)
+        redirects = third_party_redirects(reader)
+    shown, hidden = chosen.selection.apply(everything)
+    shown, hidden = only(shown, hosts=chosen.hosts), only(hidden, hosts=chosen.hosts)
     if write_baseline is not None:
-        count = exports.write_baseline(records, Path(write_baseline))
+        count = exports.write_baseline(shown, Path(write_baseline))
         _say(f"baseline: {count} finding(s) recorded in {write_baseline}")
         return
     known = exports.read_baseline(Path(baseline)) if baseline is not None else set()
-    failing = exports.gate(records, floor, known)
+    failing = exports.gate(shown, floor, known)
     for r in failing:
         _say(f"NEW {r['severity']:6} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
-    quiet = len(records) - len(failing)
+    if chosen.show_suppressed:
+        for r in hidden:
+            _say(
+                f"SUPPRESSED {r['severity']:6} {r['rule_id']} {r['rule']}: {printable(hop_text(r))} ({r['suppressed']})"
+            )
+    quiet = len(shown) - len(failing)
     _say(
         f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
-        f" ({quiet} other finding(s) known or below the bar; {state.exchanges} exchange(s) checked)"
+        f" ({quiet} other finding(s) known or below the bar"
+        + (f", {len(hidden)} suppressed" if hidden else "")
+        + f"; {state.exchanges} exchange(s) checked)"
     )
+    _say_suppressed(hidden, redirects, chosen)
     if failing:
         raise click.exceptions.Exit(EXIT_FINDINGS)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import pandas as pd
@@ -367,24 +366,15 @@ def verdict(
 def client_name(
     user_agent: str | None, creator: str | None = None, browser: str | None = None, source: str | None = None
 ) -> str:
-    """User-Agent family and major version ('curl 7', 'Chrome 130'), else the HAR's browser/creator."""
+    """The client's product and version ('requests 2.32', 'curl 8.5', 'Chrome 130'), else the
+    HAR's browser or creator: the names every other output uses (analyzer.clientnames)."""
+    from analyzer.clientnames import product
+
     if isinstance(user_agent, str) and user_agent:
-        return _ua_family(user_agent)
+        return product(user_agent)
     if source == "har" and (browser or creator):
         return str(browser or creator)
     return "unknown"
-
-
-@lru_cache(maxsize=2048)
-def _ua_family(user_agent: str) -> str:
-    from ua_parser import parse
-
-    agent = parse(user_agent).user_agent
-    if agent is not None and agent.family != "Other":
-        return f"{agent.family} {agent.major}" if agent.major else agent.family
-    product = user_agent.split()[0]
-    name, _, version = product.partition("/")
-    return f"{name} {version.split('.')[0]}" if version else name
 
 
 def chains(db: str | None = None) -> pd.DataFrame:

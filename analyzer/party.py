@@ -12,7 +12,8 @@ Where a page is known
     of every URL of the chain that starts there (the navigation's own redirects, say
     `example.com -> www.example.com`, or a link shortener's) are the page's first-party
     sites. Sites are registrable domains (the Public Suffix List snapshot the rules use),
-    so `static.example.com` is first party on `www.example.com`.
+    so `static.example.com` is first party on `www.example.com` (and, with a top-level
+    label the list does not know, `api.example.test` on `shop.example.test`).
 
 Where it is not
     Everything else: HAR entries without a page, flows, and the proxy. Their clients are
@@ -22,10 +23,12 @@ Where it is not
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
-from analyzer.detectors.base import site
+from analyzer.detectors.base import _suffixes
 from analyzer.model import Chain, Exchange
 from analyzer.urls import endpoint
 
@@ -39,7 +42,23 @@ def site_of(url: str | None) -> str | None:
     if not url:
         return None
     host = endpoint(url)[1]
-    return site(host) if host else None
+    return party_site(host) if host else None
+
+
+@lru_cache(maxsize=4096)
+def party_site(host: str) -> str:
+    """The registrable domain, a top-level label the list does not know counting as a
+    public suffix (`shop.example.test` and `api.example.test` are one party, as
+    `a.corp.internal` and `b.corp.internal` are); an IP address or a single label is its
+    own. The credential rules are stricter (detectors.base.site): there an unknown suffix
+    makes each host its own site, since a cookie jar would not share cookies across them."""
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+        return bare
+    except ValueError:
+        pass
+    return _suffixes().privatesuffix(host, accept_unknown=True) or host
 
 
 @dataclass(frozen=True)

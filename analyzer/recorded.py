@@ -10,17 +10,15 @@ may be. pandas-free: `run` and the plugin import it at the end of every session.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 from sqlalchemy import func, select
 
+from analyzer.clientnames import label_words, product
 from analyzer.store import Store
 from analyzer.store import exchanges as ex_t
 
-PLUGIN_LABEL = re.compile(r"^pytest-(?P<worker>[\w.-]+?)-(?P<session>[0-9a-f]{8})(?:-t(?P<test>\d+))?$")
 SHOWN = 4  # hosts, clients or tests named in one line; the rest are counted
 
 
@@ -29,38 +27,6 @@ class ClientSeen:
     client: str  # the label or address it was recorded under (what --client takes)
     name: str  # its product and version, and its label in words: "requests 2.32 (pytest gw0)"
     exchanges: int
-
-
-@lru_cache(maxsize=1024)
-def product(user_agent: str | None) -> str:
-    """A client's product and version from its User-Agent: 'requests 2.32', 'curl 8.5',
-    'Chrome 130'. Browsers by ua-parser's family (their first token is always Mozilla);
-    everything else by its first product token, with a `python-` prefix dropped."""
-    if not user_agent or not user_agent.strip():
-        return "no User-Agent"
-    if user_agent.startswith("Mozilla/"):
-        from ua_parser import parse
-
-        agent = parse(user_agent).user_agent
-        if agent is not None and agent.family != "Other":
-            return f"{agent.family} {agent.major}" if agent.major else agent.family
-    token = user_agent.split()[0]
-    name, _, version = token.partition("/")
-    if name.lower().startswith("python-") and name[7:].islower():
-        name = name[7:]  # python-requests, python-httpx: the library's own name
-    parts = re.findall(r"\d+", version)[:2]
-    return f"{name} {'.'.join(parts)}" if parts else name
-
-
-def label_words(client: str) -> str:
-    """The label a client was recorded under, in words: 'pytest gw0' for the plugin's,
-    '' for traffic without one (a recorder's name and the client's address)."""
-    if client.startswith("proxy:"):
-        return ""
-    found = PLUGIN_LABEL.match(client)
-    if found:
-        return f"pytest {found['worker']}"
-    return client
 
 
 def clients_seen(

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from analyzer.clientnames import readable
 from analyzer.model import Severity
 from analyzer.storeread import Reader, Row
 from analyzer.text import json_terminal_safe, printable
@@ -48,7 +49,8 @@ def capture_pointer(source: str, path: str | None, seq: int, flow_id: str | None
 FINDINGS_SQL = """
 SELECT f.id, f.rule, f.rule_id, f.severity, f.confidence, f.message, f.chain_id, f.hop, f.observed_at, f.evidence,
        f.fingerprint, f.third_party, a.status, a.method, a.url, a.location, a.location_resolved, h.chain_id, t.method, t.url,
-       b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path,
+       b.method, b.url, b.client, b.seq, b.flow_id, c.source, c.path, b.capture_id, a.user_agent, c.browser,
+       c.creator,
        (SELECT r.nodeid FROM test_runs r
         WHERE (r.client = a.client OR substr(a.client, 1, length(r.recorder) + 7) = 'proxy:' || r.recorder || '/')
           AND r.started_at <= a.started_at AND (r.ended_at IS NULL OR a.started_at <= r.ended_at)
@@ -115,6 +117,10 @@ def _finding_record(row: Row) -> Record:
         flow_id,
         source,
         path,
+        capture_id,
+        user_agent,
+        browser,
+        creator,
         test,
     ) = row
     if hop_chain is None:  # not about a redirect hop (a write repeated without a chain)
@@ -140,14 +146,22 @@ def _finding_record(row: Row) -> Record:
         "to_url": u1,
         "location": raw_location,
         "client": client,
+        "client_name": readable(client, user_agent, test, browser=browser, creator=creator),
         "observed_at": iso(observed_at),
         "evidence": json.loads(evidence),
         "fingerprint": fingerprint,
         "third_party": None if third_party is None else bool(third_party),
         "capture": capture_pointer(source, path, seq, flow_id),
+        "capture_id": capture_id,
         # the test during which the hop happened, when the pytest plugin recorded the run
         "test": test,
     }
+
+
+def third_party_redirects(reader: Reader) -> tuple[int, int]:
+    """(hops, chains) of the chains between third parties of their browser page."""
+    hops, chains = reader.rows("SELECT COALESCE(SUM(hops), 0), COUNT(*) FROM chains WHERE third_party")[0]
+    return int(hops or 0), int(chains or 0)
 
 
 def hop_text(r: Record) -> str:
@@ -338,16 +352,25 @@ def print_findings_table(records: list[Record], console: Console, scope: str = "
         return
     for r in records:
         where = f"chain {r['chain_id']} hop {r['hop']}" if r["chain_id"] is not None else "no chain"
-        style = SEVERITY_STYLE[r["severity"]]
+        style = "dim" if r.get("suppressed") else SEVERITY_STYLE[r["severity"]]
+        named = f" · {_shown(r['client_name'])}" if r.get("client_name") else ""
         console.print(
             f"[{style}]{r['severity'].upper():<6}[/] [bold]{r['rule']}[/] ({r['rule_id']}) · {where} · "
-            f"confidence {r['confidence']:.2f} · {_shown(_pointer_text(r['capture']))}"
+            f"confidence {r['confidence']:.2f} · {_shown(_pointer_text(r['capture']))}{named}"
         )
         console.print(f"       {_shown(hop_text(r))}", style="dim", highlight=False)
         console.print(f"       {_shown(r['message'])}", highlight=False)
-    counts = Counter(r["severity"] for r in records)
+        if r.get("suppressed"):
+            console.print(f"       suppressed: {_shown(r['suppressed'])}", style="dim", highlight=False)
+    active = [r for r in records if not r.get("suppressed")]
+    counts = Counter(r["severity"] for r in active)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
-    console.print(f"\n{len(records)} finding(s): {summary}")
+    listed = len(records) - len(active)
+    console.print(
+        f"\n{len(active)} finding(s)"
+        + (f": {summary}" if summary else "")
+        + (f" ({listed} suppressed, listed)" if listed else "")
+    )
 
 
 def print_capture_table(records: list[Record], console: Console, store: str) -> None:

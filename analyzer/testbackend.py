@@ -33,10 +33,11 @@ from analyzer import __version__
 if TYPE_CHECKING:
     from analyzer.model import Severity
     from analyzer.report import Record
+    from analyzer.selection import Selection
     from analyzer.session import Recording
     from analyzer.store import Store
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: configure takes the configuration, gate the marker's expect and ignore
 Json = Any
 
 
@@ -56,6 +57,8 @@ class Backend:
         self.label = ""
         self.fresh = False
         self.known: set[str] = set()
+        self.selection: Selection | None = None  # the project's configuration, the plugin's options over it
+        self.thresholds: dict[str, float] = {}
         self.recording: Recording | None = None
         self.starting = False
         self.in_process = True
@@ -67,18 +70,48 @@ class Backend:
         self._opened: Store | None = None
         self._last_seen: int | None = None
         self._found: dict[tuple[str, str], list[Record]] = {}  # (test, client) -> its findings, last read
+        self._suppressed: list[Record] = []  # the session's findings the configuration suppressed
 
     # ---- set-up ----------------------------------------------------------------------------
 
     def hello(self) -> Json:
         return {"protocol": PROTOCOL, "version": __version__, "python": sys.executable}
 
-    def configure(self, db: str, session: str, fresh: bool, baseline: str | None) -> Json:
-        """Name the store (checked, and made if missing) and read the baseline."""
+    def configure(
+        self,
+        db: str,
+        session: str,
+        fresh: bool,
+        baseline: str | None,
+        config_dir: str | None = None,
+        config_file: str | None = None,
+        select: list[str] | None = None,
+        ignore: list[str] | None = None,
+        min_confidence: float | None = None,
+    ) -> Json:
+        """Name the store (checked, and made if missing), read the baseline and the project's
+        configuration (found from `config_dir` up, pytest's rootdir; or `config_file`)."""
+        from analyzer.config import ConfigError, UnknownRule, find_config, read_settings
+        from analyzer.selection import Selection
         from analyzer.store import open_store
         from analyzer.storeread import StoreError, resolve_db_url, shown
 
         self.db, self.session, self.fresh = db, session, fresh
+        try:
+            found = (
+                Path(config_file) if config_file else find_config(Path(config_dir) if config_dir else None)
+            )
+            if config_file and not found.is_file():  # type: ignore[union-attr]
+                raise ConfigError(f"{config_file}: no such configuration file")
+            settings = read_settings(found) if found is not None else None
+            self.selection = Selection.build(
+                settings, select=select or None, ignore=ignore or (), min_confidence=min_confidence
+            )
+        except ConfigError as exc:
+            raise BackendError(f"--redirect-audit: {exc}") from None
+        except UnknownRule as exc:
+            raise BackendError(f"--redirect-audit: unknown rule {exc.name!r} ({exc.known})") from None
+        self.thresholds = settings.thresholds if settings is not None else {}
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
 
@@ -90,7 +123,12 @@ class Backend:
             open_store(db).close()  # made (or checked) once, before workers and recorders use it
         except StoreError as exc:
             raise BackendError(f"--redirect-audit: {exc}") from None
-        return {"url": resolve_db_url(db), "shown": shown(db)}
+        return {
+            "url": resolve_db_url(db),
+            "shown": shown(db),
+            "config": str(found) if found is not None else None,
+            "fail_on": settings.fail_on if settings is not None else None,
+        }
 
     def start(self, label: str, in_process: bool, confdir: str) -> Json:
         """Start this process's recorder (or attach to `redirect-audit run`'s, when the
@@ -268,10 +306,10 @@ class Backend:
         seen = self.flush().get("seen")
         if seen is not None and seen == self._last_seen:
             return False
-        from analyzer.analysis import analyze
+        from analyzer.analysis import AnalysisOptions, analyze
 
         with self._store() as store:
-            analyze(store)
+            analyze(store, AnalysisOptions.from_dict(self.thresholds))
         self._last_seen = seen
         self._found = {}
         return True
@@ -295,7 +333,22 @@ class Backend:
             found = [r for r in records if r["test"] == test and self._mine(r["client"], client)]
             self._found[(test, client)] = found
         floor = Severity.parse(min_severity)
-        return [r for r in found if Severity.parse(r["severity"]) >= floor]
+        shown, _ = self._select(found)
+        return [r for r in shown if Severity.parse(r["severity"]) >= floor]
+
+    def _select(
+        self, records: list[Record], ignore: list[str] | None = None
+    ) -> tuple[list[Record], list[Record]]:
+        """(shown, suppressed) under the project's configuration and a test's own ignores."""
+        from dataclasses import replace
+
+        from analyzer.config import resolve_rules
+        from analyzer.selection import Selection
+
+        selection = self.selection or Selection()
+        if ignore:
+            selection = replace(selection, test_ignores=tuple(resolve_rules(ignore)))
+        return selection.apply(records)
 
     def test_chains(self, client: str, started: float) -> Json:
         from analyzer.report import chain_records
@@ -312,14 +365,52 @@ class Backend:
             and _epoch(c["hops"][0]["from"]["started_at"]) >= started - 1e-3
         ]
 
-    def gate(self, test: str, client: str, fail_on: str) -> Json:
-        """What fails a test under `--redirect-audit-fail-on`: its new findings at or above
-        the severity, in words ("" when none)."""
+    def gate(
+        self,
+        test: str,
+        client: str,
+        fail_on: str | None,
+        expect: list[str] | None = None,
+        ignore: list[str] | None = None,
+    ) -> Json:
+        """What fails a test, in words ("" when nothing does): under `--redirect-audit-fail-on`,
+        its new findings at or above the severity that it did not expect or ignore
+        (`@pytest.mark.redirect_audit(expect=[...], ignore=[...])`); and each rule it
+        expected that did not fire during it."""
+        from analyzer.config import UnknownRule, resolve_rules
         from analyzer.exports import gate
 
-        floor = _severity(fail_on)
-        failing = gate(self.test_findings(test, client), floor, self.known)
-        return self._listed(failing, f"new finding(s) at or above {floor}", chain=True)
+        try:
+            expected = resolve_rules(expect or [])
+            shown, _ = self._select(self._test_records(test, client), ignore)
+        except UnknownRule as exc:
+            raise BackendError(
+                f"@pytest.mark.redirect_audit: unknown rule {exc.name!r} ({exc.known})"
+            ) from None
+        parts = []
+        if fail_on is not None:
+            floor = _severity(fail_on)
+            failing = gate([r for r in shown if r["rule_id"] not in expected], floor, self.known)
+            parts.append(self._listed(failing, f"new finding(s) at or above {floor}", chain=True))
+        happened = {r["rule_id"] for r in self._test_records(test, client)}
+        missing = [rule for rule in expected if rule not in happened]
+        if missing:
+            from analyzer.detectors import RULES
+
+            slugs = {r.id: r.slug for r in RULES}
+            parts.append(
+                "redirect-audit: the test expected "
+                + ", ".join(f"{rule} {slugs[rule]}" for rule in missing)
+                + " (@pytest.mark.redirect_audit(expect=...)), but "
+                + ("it did not happen" if len(missing) == 1 else "they did not happen")
+                + " during this test"
+            )
+        return "\n".join(p for p in parts if p)
+
+    def _test_records(self, test: str, client: str) -> list[Record]:
+        """Every finding of the test, suppressed or not (test_findings reads them)."""
+        self.test_findings(test, client)
+        return self._found.get((test, client), [])
 
     def findings_text(self, test: str, client: str, min_severity: str) -> Json:
         """The `redirect_audit.assert_no_findings()` message ("" when nothing is found)."""
@@ -348,8 +439,11 @@ class Backend:
     def _command(self, chain_id: int) -> str:
         from analyzer.storeread import shown
 
-        prefix = "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
-        return f"{prefix} chains --db {shlex.quote(shown(self.db))} --chain {chain_id}"
+        return f"{self._prefix()} chains --db {shlex.quote(shown(self.db))} --chain {chain_id}"
+
+    @staticmethod
+    def _prefix() -> str:
+        return "uv run redirect-audit" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "redirect-audit"
 
     # ---- the session's end -----------------------------------------------------------------
 
@@ -402,6 +496,12 @@ class Backend:
             )
             return lines
         records = self._session_findings(labels)
+        if self._suppressed:
+            from analyzer.selection import suppressed_summary
+
+            lines.append(
+                suppressed_summary(self._suppressed).replace("--show-suppressed lists them", self._listing())
+            )
         if not records:
             lines.append(f"No findings in this session's traffic (store: {where}).")
             return lines
@@ -418,23 +518,28 @@ class Backend:
         lines.append(f"{len(records)} finding(s) in {tests} test(s); store: {where}")
         return lines
 
+    def _listing(self) -> str:
+        return f"`{self._prefix()} findings --show-suppressed --db {shlex.quote(self._shown())}` lists them"
+
     def _shown(self) -> str:
         from analyzer.storeread import shown
 
         return shown(self.db)
 
     def _session_findings(self, labels: list[str]) -> list[Record]:
-        from analyzer.analysis import analyze
+        from analyzer.analysis import AnalysisOptions, analyze
         from analyzer.report import finding_records
         from analyzer.storeread import open_reader
 
         with self._store() as store:
-            analyze(store)
+            analyze(store, AnalysisOptions.from_dict(self.thresholds))
         clients, recorders = self._session_clients(labels)
         with open_reader(self.db) as reader:
             records = finding_records(reader)
         prefixes = tuple(f"proxy:{r}/" for r in recorders)
-        return [r for r in records if r["client"] in clients or (r["client"] or "").startswith(prefixes)]
+        mine = [r for r in records if r["client"] in clients or (r["client"] or "").startswith(prefixes)]
+        shown, self._suppressed = self._select(mine)
+        return shown
 
     def _session_clients(self, labels: list[str]) -> tuple[set[str], set[str]]:
         """(the labels this session's traffic was recorded under, the names of its recorders)."""

@@ -269,7 +269,10 @@ def test_captures_lists_and_removes_what_the_store_holds(tmp_path):
 @pytest.mark.parametrize(
     "args, error",
     [
-        (["findings", "--formt", "json"], "Error: No such option '--formt'. Did you mean '--format'?"),
+        (
+            ["findings", "--formt", "json"],
+            "Error: No such option '--formt'. (Did you mean one of: '--format', '--host', '--sort'?)",
+        ),
         (["analyse"], "Error: No such command 'analyse'. Did you mean 'analyze'?"),
         (
             ["findings", "--format", "xml"],

@@ -167,7 +167,7 @@ def test_real_tracking_urls_and_long_file_names_fit_a_half_screen_window(har, tm
     chromium = require_program("chromium", CHROMIUM_HOW)
     db, path = str(tmp_path / "c.db"), tmp_path / "report.html"
     assert run_cli("import-har", str(CORPUS / "good" / har), "--db", db).returncode == 0
-    done = run_cli("findings", "--db", db, "--format", "html", "--output", str(path))
+    done = run_cli("findings", "--db", db, "--third-party", "--format", "html", "--output", str(path))
     assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
     from playwright.sync_api import sync_playwright
 

@@ -72,7 +72,9 @@ def test_a_tool_that_speaks_another_protocol_is_refused_by_name(light, tmp_path)
     done = run_light(light, tmp_path, "--redirect-audit", f"--redirect-audit-tool={fake}")
     assert done.returncode == 4, done.stdout + done.stderr
     assert f"redirect-audit ({fake}) is redirect-audit 9.9.9, which speaks protocol 99" in done.stderr
-    assert "pytest-redirect-audit 0.1.0 speaks 1" in done.stderr and "Traceback" not in done.stderr
+    from pytest_redirect_audit.tool import PROTOCOL
+
+    assert f"pytest-redirect-audit 0.1.0 speaks {PROTOCOL}" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_tool_that_stops_says_why(light, tmp_path):
@@ -148,7 +150,7 @@ def test_calls_whose_answers_wait_never_fill_the_pipe_back():
     and both sides would wait forever (seen on HTTPie's suite)."""
     import threading
 
-    from pytest_redirect_audit.tool import Child, ToolError
+    from pytest_redirect_audit.tool import PROTOCOL, Child, ToolError
 
     tool = Child([str(Path(sys.executable).parent / "redirect-audit")], "redirect-audit (test)")
     try:
@@ -165,7 +167,7 @@ def test_calls_whose_answers_wait_never_fill_the_pipe_back():
         if sender.is_alive():  # stuck: end the child so that nothing hangs, and fail
             tool.process.kill()
             pytest.fail("the plugin and the tool both waited on each other (the answer pipe filled up)")
-        assert answered and answered[0]["protocol"] == 1
+        assert answered and answered[0]["protocol"] == PROTOCOL
         tool.send("no_such_call")
         with pytest.raises(ToolError, match="has no call 'no_such_call'"):
             tool.call("hello")

@@ -659,3 +659,65 @@ def test_nothing_of_the_tool_here(redirect_audit):
     assert done.returncode == 0 and "2 passed" in out, out + done.stderr
     assert "Warning" not in out, out
     assert "test_strict.py::test_first: 1 finding(s)" in out, out
+
+
+MARKED_SUITE = """
+import os, pytest, requests
+
+UP = os.environ["UPSTREAM"]
+
+
+@pytest.mark.redirect_audit(expect=["RA101"])
+def test_expected_downgrade():
+    requests.post(f"{UP}/r/302/expected", data=b"a=1")
+
+
+@pytest.mark.redirect_audit(expect=["method-downgrade"])
+def test_expected_but_it_did_not_happen():
+    requests.get(f"{UP}/r/301/clean-expect")
+
+
+@pytest.mark.redirect_audit(ignore="RA101")
+def test_ignored():
+    requests.post(f"{UP}/r/302/ignored", data=b"a=1")
+
+
+def test_by_the_configuration():
+    requests.post(f"{UP}/r/302/by-config", data=b"a=1")
+
+
+def test_unmarked():
+    requests.post(f"{UP}/r/302/unmarked", data=b"a=1")
+
+
+@pytest.mark.redirect_audit(expect=["RA999"])
+def test_a_marker_naming_no_rule():
+    pass
+"""
+
+
+def test_marked_expectations_and_the_project_configuration(pytester, upstream):
+    """fail-on comes from pyproject.toml; an expected finding passes, an expected one that
+    did not happen fails, an ignored one and one the configuration's per-URL ignores
+    cover pass; the rest fail as before. The marker is known to --strict-markers even
+    with the plugin off."""
+    pytester.makepyfile(test_marked=MARKED_SUITE)
+    pytester.makefile(
+        ".toml",
+        pyproject='[tool.redirect-audit]\nfail-on = "low"\n\n'
+        '[tool.redirect-audit.per-url-ignores]\n"*/r/302/by-config" = ["RA101"]\n',
+    )
+    done = run_pytest(pytester, "--redirect-audit", "--strict-markers", "-p", "no:cacheprovider", "-rf")
+    out = done.stdout.str()
+    done.assert_outcomes(passed=3, failed=3)
+    for name in ("test_expected_downgrade", "test_ignored", "test_by_the_configuration"):
+        assert f"FAILED test_marked.py::{name}" not in out
+    assert "FAILED test_marked.py::test_unmarked" in out
+    assert (
+        "redirect-audit: the test expected RA101 method-downgrade (@pytest.mark.redirect_audit(expect=...)), "
+        "but it did not happen during this test" in out
+    )
+    assert "unknown rule 'RA999'" in out
+    assert "1 finding(s) suppressed" in out and "on per-url-ignores" in out
+    off = run_pytest(pytester, "--strict-markers", "-p", "no:cacheprovider", "-k", "expected_downgrade")
+    off.assert_outcomes(passed=1)

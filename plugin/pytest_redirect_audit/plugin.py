@@ -108,6 +108,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "they fail no test",
     )
     group.addoption(
+        "--redirect-audit-select",
+        dest="redirect_audit_select",
+        action="append",
+        default=[],
+        metavar="RULES",
+        help="Only these rules (ids, names or id prefixes, comma-separated; replaces the configuration's select)",
+    )
+    group.addoption(
+        "--redirect-audit-ignore",
+        dest="redirect_audit_ignore",
+        action="append",
+        default=[],
+        metavar="RULES",
+        help="Suppress these rules too (comma-separated)",
+    )
+    group.addoption(
+        "--redirect-audit-min-confidence",
+        dest="redirect_audit_min_confidence",
+        type=float,
+        default=None,
+        metavar="0-1",
+        help="Suppress findings less sure than this",
+    )
+    group.addoption(
+        "--redirect-audit-config",
+        dest="redirect_audit_config",
+        default=None,
+        metavar="FILE",
+        help="redirect-audit's configuration file (default: redirect-audit.toml or pyproject.toml's "
+        "[tool.redirect-audit], found from the rootdir up)",
+    )
+    group.addoption(
         "--redirect-audit-tool",
         dest="redirect_audit_tool",
         default=None,
@@ -190,6 +222,11 @@ _RUN_PROXIES = _take_run_proxies()  # at import: before the test modules are
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "redirect_audit(expect=[RULES], ignore=[RULES]): findings of these rules are expected during "
+        "the test (and fail it when they do not happen) or ignored (redirect-audit)",
+    )
     if _RUN_PROXIES and config.getoption("redirect_audit_mode") == "proxy":
         os.environ.update(_RUN_PROXIES)  # asked for: this process goes through `run`'s proxy too
         _RUN_PROXIES.clear()
@@ -215,6 +252,21 @@ def pytest_configure(config: pytest.Config) -> None:
     audit = AuditSession(config, db=db, session=session, fresh=fresh, quiet=quiet)
     config.stash[STATE] = audit
     config.pluginmanager.register(audit, "redirect-audit-session")
+
+
+def _rules(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _marked(item: pytest.Item) -> tuple[list[str], list[str]]:
+    """(expect, ignore) of the test's `redirect_audit` markers (closest first, all merged)."""
+    expect: list[str] = []
+    ignore: list[str] = []
+    for marker in item.iter_markers("redirect_audit"):
+        for name, into in (("expect", expect), ("ignore", ignore)):
+            value = marker.kwargs.get(name, ())
+            into += [value] if isinstance(value, str) else list(value)
+    return expect, ignore
 
 
 def _usage(exc: ToolError) -> pytest.UsageError:
@@ -273,6 +325,11 @@ class AuditSession:
                 session=session,
                 fresh=fresh,
                 baseline=config.getoption("redirect_audit_baseline"),
+                config_dir=str(config.rootpath),
+                config_file=config.getoption("redirect_audit_config"),
+                select=_rules(config.getoption("redirect_audit_select")),
+                ignore=_rules(config.getoption("redirect_audit_ignore")),
+                min_confidence=config.getoption("redirect_audit_min_confidence"),
             )
         except ToolError as exc:
             raise _usage(exc) from None
@@ -294,6 +351,9 @@ class AuditSession:
         except ToolError as exc:
             self.refused = True  # nothing more is asked of it: the session ends with the error
             raise _usage(exc) from None
+        configured = answers.get("configure") or {}
+        if self.fail_on is None and configured.get("fail_on"):
+            self.fail_on = configured["fail_on"]  # the project's configuration says it
         started = answers.get("start")
         if started is not None:
             self.recording, self.attached = True, bool(started["attached"])
@@ -609,12 +669,24 @@ class AuditSession:
         report = yield
         if call.when == "call" and UNPROXIED in item.stash:
             report.redirect_audit_unproxied = item.stash[UNPROXIED]  # type: ignore[attr-defined]  # sent to xdist's controller with the report
-        if call.when != "call" or self.fail_on is None or not self.recording or self.current is None:
+        if call.when != "call" or not self.recording or self.current is None:
+            return report
+        expect, ignore = _marked(item)
+        self._settle()
+        if self.fail_on is None and not expect:
             return report
         self.write_pending()
-        text = self.call(
-            "gate", test=self.current["nodeid"], client=self.current["client"], fail_on=self.fail_on
-        )
+        try:
+            text = self.call(
+                "gate",
+                test=self.current["nodeid"],
+                client=self.current["client"],
+                fail_on=self.fail_on,
+                expect=expect,
+                ignore=ignore,
+            )
+        except ToolError as exc:  # a marker naming no rule: the test's own mistake, said on it
+            text = f"redirect-audit: {exc}"
         if text:
             if report.passed:
                 report.outcome = "failed"
