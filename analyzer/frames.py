@@ -19,7 +19,6 @@ comfortably in memory. Timestamps are timezone-aware UTC.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -28,9 +27,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
 from analyzer.current import ensure_current
-from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, WRITE_METHODS, body_headers
-from analyzer.detectors.credential_cross_origin import conforming_client_drops, watched
+from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, body_headers
+from analyzer.detectors.credential_cross_origin import watched
 from analyzer.detectors.credential_dropped import API_KEY_HEADERS
+from analyzer.detectors.verdict import hop_verdict, worst
 from analyzer.model import DATE_RANGE, REDIRECT_STATUSES, header
 from analyzer.report import finding_records
 from analyzer.store import captures
@@ -195,27 +195,18 @@ def hops(db: str | None = None) -> pd.DataFrame:
             frame["user_agent"], frame["creator"], frame["browser"], frame["source"], strict=False
         )
     ]
+    on_hop = _hop_findings(db)
     frame["verdict"] = [
-        verdict(s, mb, ma, f, lb, la, sb, sa, bh, cc, auth if not cross else None)
-        for s, mb, ma, f, lb, la, sb, sa, bh, cc, auth, cross in zip(
-            frame["status"],
-            frame["method_before"],
-            frame["method_after"],
-            frame["followed"],
-            frame["body_len_before"],
-            frame["body_len_after"],
-            frame["body_sha256_before"],
-            frame["body_sha256_after"],
-            frame["body_headers_after"],
+        hop_verdict(
+            bool(followed),
             [
-                _leaked(creds, a, b)
-                for creds, a, b in zip(
-                    frame["credentials_cross_origin"], frame["from_url"], frame["to_url"], strict=False
-                )
+                (rule_id, severity, evidence)
+                for _, rule_id, severity, evidence in on_hop.get((int(c), int(h)), ())
             ],
-            frame["auth"],
-            frame["cross_origin"],
-            strict=False,
+            bool(pd.notna(length) and length > 0),
+        )
+        for c, h, followed, length in zip(
+            frame["chain_id"], frame["hop"], frame["followed"], frame["body_len_before"], strict=False
         )
     ]
     return _categorize(frame)
@@ -265,13 +256,6 @@ def _auth_outcomes(frame: pd.DataFrame) -> list[str | None]:
     return out
 
 
-def _leaked(forwarded: list[str], before: object, after: object) -> list[str]:
-    """The forwarded credentials ('name=fingerprint') a conforming client would have dropped."""
-    if not forwarded or not isinstance(before, str) or not isinstance(after, str):
-        return []
-    return [c for c in forwarded if conforming_client_drops(c.partition("=")[0], before, after)]
-
-
 def _body_headers(text: str | None) -> list[str]:
     """Request-body headers a follow-up carries (Content-Length only when above 0)."""
     return body_headers(json.loads(text)) if isinstance(text, str) and text else []
@@ -311,56 +295,6 @@ def _credential_fingerprints(text: str | None) -> list[str]:
     if not isinstance(text, str) or not text:
         return []
     return [f"{name}={value}" for name, value in watched(json.loads(text))]
-
-
-ALLOWED_BODY_LOST = "allowed, body lost"
-# A group of hops reads as its worst verdict.
-VERDICT_ORDER = ("deviated", ALLOWED_BODY_LOST, "as specified", "not followed")
-
-
-def verdict(
-    status: object,
-    before: str,
-    after: object,
-    followed: object,
-    len_before: Any,
-    len_after: Any,
-    sha_before: str | None,
-    sha_after: str | None,
-    body_headers_after: Sequence[str] = (),
-    credentials_leaked: Sequence[str] = (),
-    auth_same_origin: str | None = None,
-) -> str:
-    """What RFC 9110 / Fetch say of one hop: 'as specified', 'allowed, body lost' (POST -> GET
-    on 301/302: permitted for historical reasons, what method-downgrade reports at low
-    severity), 'deviated' or 'not followed'."""
-    if not followed:
-        return "not followed"
-    if len(credentials_leaked):
-        return (
-            "deviated"  # Fetch drops Authorization on a new origin; RFC 9110 15.4 credentials (see _leaked)
-        )
-    if auth_same_origin == "dropped":
-        return "deviated"  # Fetch keeps every header on a same-origin redirect (credential-dropped)
-    if (
-        after != before
-        and after in SAFE_RETRIEVAL
-        and (len(body_headers_after) or (pd.notna(len_after) and len_after > 0))
-    ):
-        return "deviated"  # RFC 9110 15.4, Fetch step 12: the body and its headers go with the method
-    if status == 303:  # RFC 9110 15.4.4, Fetch: GET, and HEAD stays HEAD
-        return "as specified" if after == prescribed_method(status, before) else "deviated"
-    if before != after:
-        if status in (301, 302) and before == "POST" and after == "GET":
-            return ALLOWED_BODY_LOST  # allowed for historical reasons, flagged at low severity
-        return "deviated"
-    had_body = pd.notna(len_before) and len_before and before in WRITE_METHODS
-    if had_body and status in (301, 302, 307, 308):
-        if pd.isna(len_after):
-            return "as specified"  # the capture did not see the body: no verdict against the client
-        if not len_after or (sha_before and sha_after and sha_before != sha_after):
-            return "deviated"
-    return "as specified"
 
 
 def client_name(
@@ -501,8 +435,11 @@ def clients(db: str | None = None) -> pd.DataFrame:
     frame = hops(db)
     if frame.empty:
         return pd.DataFrame(columns=CONFORMANCE_COLUMNS)
-    rules = _hop_rules(db)
-    frame["rules"] = [rules.get((c, h), ()) for c, h in zip(frame["chain_id"], frame["hop"], strict=False)]
+    found = _hop_findings(db)
+    frame["rules"] = [
+        tuple(rule for rule, _, _, _ in found.get((c, h), ()))
+        for c, h in zip(frame["chain_id"], frame["hop"], strict=False)
+    ]
     frame["client_name"] = frame["client_name"].astype(str)
     frame["method_before"] = frame["method_before"].astype(str)
     rows = []
@@ -532,7 +469,7 @@ def clients(db: str | None = None) -> pd.DataFrame:
                 "credentials_cross_origin": int(followed["credentials_cross_origin"].map(len).gt(0).sum()),
                 "auth_same_origin": _tally_or_none(followed["auth"][~followed["cross_origin"]]),
                 "auth_cross_origin": _tally_or_none(followed["auth"][followed["cross_origin"]]),
-                "verdict": next((v for v in VERDICT_ORDER if v in verdicts), "not followed"),
+                "verdict": worst(verdicts),
                 "deviated": int((group["verdict"] == "deviated").sum()),
                 "rules": sorted({r for found in group["rules"] for r in found}),
             }
@@ -552,17 +489,25 @@ def _tally(values: pd.Series) -> str:
     return ", ".join(f"{value} ({count})" for value, count in counts.items())
 
 
-def _hop_rules(db: str | None) -> dict[tuple[int, int], tuple[str, ...]]:
+def _hop_findings(db: str | None) -> dict[tuple[int, int], list[tuple[str, str, str, dict[str, Any]]]]:
+    """(rule, rule id, severity, evidence) of the findings on each (chain, hop)."""
     got = _read(
-        select(findings_t.c.chain_id, findings_t.c.hop, findings_t.c.rule).where(
-            findings_t.c.chain_id.is_not(None)
-        ),
+        select(
+            findings_t.c.chain_id,
+            findings_t.c.hop,
+            findings_t.c.rule,
+            findings_t.c.rule_id,
+            findings_t.c.severity,
+            findings_t.c.evidence,
+        )
+        .where(findings_t.c.chain_id.is_not(None))
+        .order_by(findings_t.c.id),
         db,
     )
-    out: dict[tuple[int, int], tuple[str, ...]] = {}
-    for chain_id, hop, rule in zip(got["chain_id"], got["hop"], got["rule"], strict=False):
-        key = (int(chain_id), int(hop))
-        out[key] = (*out.get(key, ()), rule)
+    out: dict[tuple[int, int], list[tuple[str, str, str, dict[str, Any]]]] = {}
+    for chain_id, hop, rule, rule_id, severity, evidence in got.itertuples(index=False):
+        found = (str(rule), str(rule_id), str(severity), json.loads(evidence) if evidence else {})
+        out.setdefault((int(chain_id), int(hop)), []).append(found)
     return out
 
 
@@ -631,7 +576,15 @@ def client_summary(db: str | None = None) -> pd.DataFrame:
 def temporary_redirects(
     db: str | None = None, stale_after_days: float = DEFAULT_STALE_AFTER_DAYS
 ) -> pd.DataFrame:
-    """One row per temporary redirect source -> target, across every capture in the store."""
+    """One row per temporary redirect source -> target, across every capture in the store,
+    judged by the stale-temporary-redirect rule itself (its Sightings and judge()): what it
+    counts as temporary, how long caches may replay it (`cache_lifetime_s`: 0 for a
+    `no-store` or `no-cache` answer whatever its max-age), and `stale` with the rule's
+    `why` when it would fire."""
+    from analyzer.detectors import stale_temporary_redirect as stale
+    from analyzer.detectors.base import DetectorOptions
+    from analyzer.model import Exchange
+
     stmt = select(
         ex_t.c.url_norm,
         ex_t.c.location_resolved,
@@ -654,34 +607,60 @@ def temporary_redirects(
         "cache_control",
         "expires",
         "retry_after",
+        "cache_lifetime_s",
         "stale",
+        "why",
     ]
-    if raw.empty:
-        return pd.DataFrame(columns=columns)
-    raw = raw[~raw["synthetic"].astype(bool) & ((raw["status"] != 303) | raw["method"].isin(["GET", "HEAD"]))]
-    raw = raw.assign(target=raw["location_resolved"].fillna(raw["location"]))
-    headers = raw.pop("response_headers").map(lambda t: json.loads(t) if t else [])
-    for name in ("cache-control", "expires", "retry-after"):
-        raw[name] = headers.map(lambda h, n=name: header([tuple(x) for x in h], n))
-    keys = ["url_norm", "target"]
-    grouped = raw.groupby(keys, sort=True)
-    out = pd.DataFrame(
-        {
-            "count": grouped.size(),
-            "first_seen": grouped["started_at"].min(),
-            "last_seen": grouped["started_at"].max(),
-            # the latest value each header had (last() skips missing ones)
-            "cache_control": grouped["cache-control"].last(),
-            "expires": grouped["expires"].last(),
-            "retry_after": grouped["retry-after"].last(),
-        }
-    )
-    statuses = (
-        raw[[*keys, "status"]].drop_duplicates().sort_values("status").groupby(keys)["status"].agg(list)
-    )
-    out["statuses"] = statuses.map(lambda values: [int(v) for v in values])
-    out = out.reset_index().rename(columns={"url_norm": "source"})
-    out["age_days"] = (out["last_seen"] - out["first_seen"]) / 86400.0
+    groups: dict[tuple[str, str], tuple[stale.Sightings, list[list[tuple[str, str]]]]] = {}
+    for source, resolved, location, status, method, started, text, synthetic in raw.itertuples(index=False):
+        headers = [(str(n), str(v)) for n, v in json.loads(text)] if text else []
+        ex = Exchange(
+            capture_id=0,
+            seq=0,
+            method=str(method),
+            url=str(source),
+            url_norm=str(source),
+            started_at=None if pd.isna(started) else float(started),
+            status=int(status),
+            location=location if isinstance(location, str) else None,
+            location_resolved=resolved if isinstance(resolved, str) else None,
+            response_headers=headers,
+            synthetic=bool(synthetic),
+        )
+        target = ex.location_resolved or ex.location
+        if not stale.is_temporary(ex) or target is None:
+            continue
+        sightings, seen = groups.setdefault((str(source), target), (stale.Sightings(), []))
+        sightings.add(ex)
+        seen.append(headers)
+    options = DetectorOptions(stale_after_days=stale_after_days)
+    rows = []
+    for (source, target), (sightings, seen) in sorted(groups.items()):
+        judged = stale.judge(source, target, sightings, options)
+        first, last = sightings.first, sightings.last
+        rows.append(
+            {
+                "source": source,
+                "target": target,
+                "statuses": sorted(sightings.statuses),
+                "count": sightings.count,
+                "first_seen": first,
+                "last_seen": last,
+                "age_days": (last - first) / 86400.0 if first is not None and last is not None else None,
+                # the latest value each header had
+                **{
+                    column: next((header(h, name) for h in reversed(seen) if header(h, name)), None)
+                    for column, name in (
+                        ("cache_control", "cache-control"),
+                        ("expires", "expires"),
+                        ("retry_after", "retry-after"),
+                    )
+                },
+                "cache_lifetime_s": sightings.lifetime,
+                "stale": judged is not None,
+                "why": judged[0] if judged is not None else None,
+            }
+        )
+    out = pd.DataFrame(rows, columns=columns)
     out["first_seen"], out["last_seen"] = _utc(out["first_seen"]), _utc(out["last_seen"])
-    out["stale"] = out["age_days"] >= stale_after_days
-    return out[columns]
+    return out

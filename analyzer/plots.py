@@ -308,8 +308,9 @@ def temporary_timeline(
 
 
 # Okabe-Ito colours, told apart with any colour vision; "deviated" is also hatched.
-VERDICT_STYLE = {
+VERDICT_STYLE = {  # the verdicts of analyzer.detectors.verdict
     "as specified": ("#0072b2", ""),
+    "allowed": ("#56b4e9", ""),
     "allowed, body lost": ("#f0e442", ""),
     "deviated": ("#d55e00", "////"),
     "not followed": ("#bbbbbb", ".."),
@@ -361,9 +362,12 @@ def conformance_heatmap(hops: pd.DataFrame) -> Figure:
 
 
 def _worst(codes: pd.Series) -> float:
-    """deviated beats allowed-body-lost beats not followed beats as specified."""
+    """The worst verdict of a cell, in analyzer.detectors.verdict's order."""
+    from analyzer.detectors.verdict import VERDICT_ORDER
+
+    order = list(VERDICT_STYLE)
     values = set(codes.dropna().astype(int))
-    for code in (2, 1, 3, 0):  # indexes into VERDICT_STYLE
-        if code in values:
-            return float(code)
+    for verdict in VERDICT_ORDER:
+        if order.index(verdict) in values:
+            return float(order.index(verdict))
     return float("nan")

@@ -481,9 +481,12 @@ def print_conformance_table(rows: list[Record], console: Console) -> None:
         ):
             table.add_column(column, overflow="fold")
         for r in cases:
-            style = {"deviated": "red", "not followed": "yellow", "allowed, body lost": "yellow"}.get(
-                r["verdict"], "green"
-            )
+            style = {
+                "deviated": "red",
+                "not followed": "yellow",
+                "allowed, body lost": "yellow",
+                "allowed": "cyan",
+            }.get(r["verdict"], "green")
             table.add_row(
                 f"{r['status']} {_shown(r['method'])}",
                 f"{r['followed']}/{r['hops']}",
