@@ -352,9 +352,11 @@ def analyze_clients(
     conn: Connection, clients: list[str], options: AnalysisOptions, keep: bool = False
 ) -> BatchOutput:
     """Chains, hops and findings of these clients, as rows (and objects with `keep`)."""
-    chains, writes = rebuild_chains(conn, options.link, clients)
+    chains, writes, requests = rebuild_chains(conn, options.link, clients)
     parties = Parties.of(_navigations(conn, clients), chains)
-    found = run_detectors(chains, writes, options.detect, rules=PER_CLIENT_RULES, parties=parties)
+    found = run_detectors(
+        chains, writes, options.detect, rules=PER_CLIENT_RULES, parties=parties, requests=requests
+    )
     out = BatchOutput(clients)
     for chain in chains:
         root = chain.root
@@ -386,8 +388,9 @@ def analyze_clients(
 
 def rebuild_chains(
     conn: Connection, options: LinkOptions, clients: list[str] | None = None
-) -> tuple[list[Chain], list[Exchange]]:
-    """The chains of these clients (all clients when None) and their writes that repeat."""
+) -> tuple[list[Chain], list[Exchange], list[Exchange]]:
+    """The chains of these clients (all clients when None), their writes that repeat, and
+    their requests to URLs a redirect pointed at (loaded for linking: light ones)."""
     mine = ex_t.c.client.in_(clients) if clients is not None else None
 
     def of(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
@@ -406,7 +409,7 @@ def rebuild_chains(
     # Writes are compared by body, not headers: skip decoding those where not loaded already.
     writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes(clients)), headers=False)
     writes = [by_id.setdefault(stored_id(ex), ex) for ex in writes]  # one object per exchange
-    return assemble_chains(by_id, links), writes
+    return assemble_chains(by_id, links), writes, candidates
 
 
 def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:

@@ -548,7 +548,9 @@ def client_summary(db: str | None = None) -> pd.DataFrame:
         for ua, c, b, s in zip(raw["user_agent"], raw["creator"], raw["browser"], raw["source"], strict=False)
     ]
     # The name and User-Agent a client is known by: those of most of its exchanges.
-    ranked = raw.sort_values(["client", "exchanges"], ascending=[True, False], kind="stable")
+    ranked = raw.sort_values(
+        ["client", "exchanges", "client_name"], ascending=[True, False, True], kind="stable"
+    )
     grouped = ranked.groupby("client", sort=True)
     per = pd.DataFrame(
         {

@@ -101,7 +101,7 @@ class Backend:
             found = (
                 Path(config_file) if config_file else find_config(Path(config_dir) if config_dir else None)
             )
-            if config_file and not found.is_file():  # type: ignore[union-attr]
+            if found is not None and config_file and not found.is_file():
                 raise ConfigError(f"{config_file}: no such configuration file")
             settings = read_settings(found) if found is not None else None
             self.selection = Selection.build(

@@ -246,7 +246,11 @@ def test_control_characters_from_a_capture_never_reach_the_terminal_raw(tmp_path
                     "entries": [
                         {
                             "startedDateTime": "2026-01-01T00:00:00Z",
-                            "request": {"method": "PUT", "url": f"https://h.test/a{ESCAPES}", "headers": []},
+                            "request": {
+                                "method": "PUT",
+                                "url": f"https://h.test/a{ESCAPES}<b>bold</b>",
+                                "headers": [],
+                            },
                             "response": {
                                 "status": 307,
                                 "headers": [
@@ -285,7 +289,9 @@ def test_control_characters_from_a_capture_never_reach_the_terminal_raw(tmp_path
         run_cli("findings", "-f", "junit", "--db", db).stdout
     )  # valid XML whatever the capture holds
     markdown = run_cli("findings", "-f", "markdown", "--db", db).stdout
-    assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
+    assert "<b>" not in markdown and "&lt;b&gt;bold&lt;/b&gt;" in markdown  # the request URL, as sent
+    # the Location as a client resolves it (WHATWG: "<", ">" and spaces percent-encoded)
+    assert "<img" not in markdown and "%3Cimg%20src=x%20onerror=alert(1)%3E" in markdown
 
 
 def test_the_live_finding_log_escapes_what_an_upstream_sends(tmp_path):
@@ -312,6 +318,7 @@ def test_the_live_finding_log_escapes_what_an_upstream_sends(tmp_path):
         output = proxy.stop()
         up.close()
     assert "RA113 lost-write" in output and "not followed (Location" in output
-    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m" in output  # shown, escaped
+    # the Location as a client would resolve it: WHATWG percent-encodes control characters
+    assert "/nowhere%1B]0;pwned%07%1B[2J" in output
     for char in "\x1b\x07\x9b":
         assert char not in output, repr(char)

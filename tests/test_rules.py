@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import RULE_FIXTURES
+from conftest import RULE_FIXTURES, run_cli
 
 from analyzer.analysis import analyze
 from analyzer.detectors import RULES
@@ -221,3 +221,53 @@ def test_a_post_turned_get_claims_only_the_body_the_capture_shows(length, said):
     found = run_detectors([_one_hop(post, get)], rules=[RULES_BY_SLUG["method-downgrade"]])
     assert [(f.rule_id, str(f.severity)) for f in found] == [("RA101", "low")]
     assert said in found[0].message, found[0].message
+
+
+@pytest.mark.parametrize(
+    "fixture, rule, said, not_said",
+    [
+        # a body the capture did not see is not called lost, and an empty one not called a payload
+        (
+            "md-302-post-without-body",
+            "RA101",
+            "this POST had no body, so nothing was lost this time",
+            "dropped",
+        ),
+        (
+            "db-303-post-kept-no-body",
+            "RA102",
+            "the server asked for a GET and received an empty POST",
+            "payload",
+        ),
+        ("db-303-post-kept-no-body", "RA109", "it went without a body", "bytes) was sent again"),
+        (
+            "ng-303-post-kept-not-captured",
+            "RA109",
+            "the capture does not show whether a body went with it",
+            "without a body",
+        ),
+        (
+            "bg-303-content-length-only",
+            "RA107",
+            "still declared a body of 12 bytes (Content-Length; the capture does not show",
+            "declared bytes",
+        ),
+        ("cd-digest-answered", "RA115", "its retry of https://api.test/reports/2026 got 200", "failed"),
+        (
+            "cd-other-host-digest-answered",
+            "RA115",
+            "the client answered the challenge (its retry got 200)",
+            "can only fail",
+        ),
+        ("cd-same-origin-401", "RA115", "was answered 401", "retry"),
+    ],
+)
+def test_messages_claim_only_what_the_capture_shows(tmp_path, fixture, rule, said, not_said):
+    db = str(tmp_path / "m.db")
+    assert run_cli("import-har", "--db", db, str(RULE_FIXTURES / f"{fixture}.har")).returncode == 0
+    (message,) = [
+        f["message"]
+        for f in json.loads(run_cli("findings", "--db", db, "-f", "json").stdout)
+        if f["rule_id"] == rule
+    ]
+    assert said in message and not_said not in message, message

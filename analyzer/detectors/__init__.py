@@ -67,10 +67,13 @@ def run_detectors(
     options: DetectorOptions = DetectorOptions(),
     rules: Sequence[Rule] = RULES,
     parties: Parties | None = None,
+    requests: Sequence[Exchange] = (),
 ) -> list[Finding]:
     """Run every rule; findings come back ordered by time, chain and hop, each told
     whether it is about third parties of its page (with `parties`)."""
-    context = Context(options=options, writes=writes, arrivals=arrivals_of(chains), parties=parties)
+    context = Context(
+        options=options, writes=writes, arrivals=arrivals_of(chains), parties=parties, requests=requests
+    )
     found = [finding for rule in rules for finding in rule.check(chains, context)]
     if parties is not None and parties.sites:
         for chain in chains:

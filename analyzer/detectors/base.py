@@ -52,6 +52,29 @@ class Context:
     # exchange id -> (chain, hop index) where that exchange is the follow-up
     arrivals: dict[int, tuple[Chain, int]] = field(default_factory=dict)
     parties: Parties | None = None  # the first-party sites of each browser page (analyzer.party)
+    # requests of the clients to URLs their redirects pointed at, followed or not (a retry
+    # after a challenge is one); see retry_of
+    requests: Sequence[Exchange] = ()
+    _by_url: dict[tuple[str, str], list[Exchange]] | None = None
+
+    def retry_of(self, ex: Exchange, within: float) -> Exchange | None:
+        """The first later request of `ex`'s client to `ex`'s URL, within `within` seconds
+        (a client answering a 401's challenge sends the request again)."""
+        if self._by_url is None:
+            self._by_url = {}
+            for other in self.requests:
+                self._by_url.setdefault((other.client, other.url_norm), []).append(other)
+            for same in self._by_url.values():
+                same.sort(key=lambda e: (e.started_at or 0.0, e.capture_id, e.seq))
+        if ex.started_at is None:
+            return None
+        for other in self._by_url.get((ex.client, ex.url_norm), ()):
+            if other.id == ex.id or other.started_at is None or other.started_at <= ex.started_at:
+                continue
+            if other.started_at - ex.started_at > within:
+                break
+            return other
+        return None
 
     def third_party(self, chain: Chain, hop: Hop) -> bool | None:
         """Is this hop between third parties of its page? None: not a page, cannot tell."""

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from analyzer.detectors.base import SAFE_RETRIEVAL, Context, carries_body_headers, followed_hops, hop_finding
-from analyzer.model import Chain, Finding, Severity
+from analyzer.model import Chain, Finding, Severity, header
 
 RULE_ID = "RA107"
 SLUG = "body-on-get"
@@ -54,12 +54,19 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         }
         where = f"{source.status} turned {source.method} into {target.method}"
         if body.is_present or "content-length" in kept:
+            seen = body.is_present and body.sha256 is not None  # else only its length was declared
+            carried = (
+                f"still carried a body ({body.length} bytes)"
+                if seen
+                else f"still declared a body of {body.length or header(target.request_headers, 'content-length')} "
+                "bytes (Content-Length; the capture does not show the bytes)"
+            )
             yield hop_finding(
                 module,
                 hop,
                 chain,
-                f"{where} but the follow-up still carried a body ({body.length if body.is_present else 'declared'} "
-                "bytes): RFC 9110 15.4 and Fetch step 12 remove it with the method change",
+                f"{where} but the follow-up {carried}: RFC 9110 15.4 and Fetch step 12 remove it with the "
+                "method change",
                 evidence,
             )
         else:
@@ -67,8 +74,13 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
                 module,
                 hop,
                 chain,
-                f"{where} but kept the body header{'s' if len(kept) > 1 else ''} {', '.join(kept)} with no body "
-                "(RFC 9110 15.4, Fetch HTTP-redirect fetch step 12)",
+                f"{where} but kept the body header{'s' if len(kept) > 1 else ''} {', '.join(kept)} "
+                + (
+                    "with no body"
+                    if body.is_known
+                    else "(the capture does not show whether a body went with it)"
+                )
+                + " (RFC 9110 15.4, Fetch HTTP-redirect fetch step 12)",
                 evidence,
                 severity=Severity.LOW,
             )

@@ -10,7 +10,9 @@ What fires
     `Authorization` only when the origin changes (step 13) and RFC 9110 15.4 leaves
     every other header to the client, so a client that drops the credential here is at
     fault: medium, and high when the follow-up was answered 401 or 403 (the call failed
-    because of it).
+    because of it). When the client then answered that challenge (a retry of the same
+    URL within 30 s that got neither 401 nor 403 nor any other error: Digest, NTLM or a
+    token refresh), the call went through one round trip later: low, the recovery named.
 
     Another origin (an http -> https upgrade of the same host included, which Fetch
     counts as another origin): dropping `Authorization` is what a conforming client
@@ -21,7 +23,8 @@ What fires
 
     `Cookie`: the cookie jar decides per request (domain, path, expiry, SameSite;
     RFC 6265 5.4), so a missing cookie is only reported when the follow-up was answered
-    401 or 403, at low severity, as a hint of where the session went missing.
+    401 or 403, at low severity, as a hint of where the session went missing (info when
+    a retry recovered). Across origins, a 401 the client recovered from is info.
 
 Not flagged
     A follow-up that carries a credential of the same kind with another value (the
@@ -68,6 +71,7 @@ API_KEY_HEADERS = (
 )
 WATCHED = ("authorization", *API_KEY_HEADERS, "cookie")
 DENIED = (401, 403)
+RECOVERY_WINDOW = 30.0  # seconds from a 401/403 to the retry that answers its challenge
 
 
 def carried(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -84,17 +88,21 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
                 continue
             missing = carried(source.request_headers) - carried(target.request_headers)
             for name in sorted(missing):
-                finding = _judge(module, chain, hop, name)
+                finding = _judge(module, chain, hop, name, context)
                 if finding is not None:
                     yield finding
 
 
-def _judge(module: ModuleType, chain: Chain, hop: Hop, name: str) -> Finding | None:
+def _judge(module: ModuleType, chain: Chain, hop: Hop, name: str, context: Context) -> Finding | None:
     source, target = hop.source, hop.target
     if target is None:
         return None
     before, after = origin(source.url_norm), origin(target.url_norm)
     denied = target.status in DENIED
+    retry = context.retry_of(target, RECOVERY_WINDOW) if denied else None
+    recovered = (
+        retry is not None and retry.status is not None and retry.status < 400 and retry.status not in DENIED
+    )
     title = "-".join(part.capitalize() for part in name.split("-"))
     evidence = {
         "header": name,
@@ -105,6 +113,13 @@ def _judge(module: ModuleType, chain: Chain, hop: Hop, name: str) -> Finding | N
         "same_origin": before == after,
     }
     answered = f" and the follow-up was answered {target.status}" if denied else ""
+    if recovered:
+        assert retry is not None
+        evidence["recovered_status"] = retry.status
+        answered += (
+            f", which the client answered: its retry of {target.url} got {retry.status}, so the call went "
+            "through one round trip later"
+        )
     if name == "cookie":
         if not denied:
             return None
@@ -116,7 +131,7 @@ def _judge(module: ModuleType, chain: Chain, hop: Hop, name: str) -> Finding | N
             "which cookies go with a request is the cookie jar's decision (domain, path, expiry, SameSite; "
             "RFC 6265 5.4), so check that the session cookie's scope covers the redirect's target",
             evidence,
-            severity=Severity.LOW,
+            severity=Severity.INFO if recovered else Severity.LOW,
         )
     if before == after:
         return hop_finding(
@@ -128,7 +143,7 @@ def _judge(module: ModuleType, chain: Chain, hop: Hop, name: str) -> Finding | N
             "removes Authorization only when the origin changes), so the client lost it; fix the client to "
             "re-send the request's headers on a same-origin redirect",
             evidence,
-            severity=Severity.HIGH if denied else Severity.MEDIUM,
+            severity=Severity.LOW if recovered else Severity.HIGH if denied else Severity.MEDIUM,
         )
     if not denied:
         return None  # what a conforming client does; the target let the call through without it
@@ -137,9 +152,15 @@ def _judge(module: ModuleType, chain: Chain, hop: Hop, name: str) -> Finding | N
         hop,
         chain,
         f"{title} sent to {before} was dropped, as it should be, on the {source.status} to {after}, which then "
-        f"answered {target.status}: an authenticated call redirected across origins can only fail or leak the "
-        f"credential; serve the call at {before}, or have the client authenticate at {after} explicitly "
+        f"answered {target.status}"
+        + (
+            f"; the client answered the challenge (its retry got {evidence['recovered_status']}), at the cost of "
+            "a round trip"
+            if recovered
+            else ": an authenticated call redirected across origins can only fail or leak the credential"
+        )
+        + f"; serve the call at {before}, or have the client authenticate at {after} explicitly "
         "(a token for that origin, or a signed URL in the Location)",
         evidence,
-        severity=Severity.MEDIUM,
+        severity=Severity.INFO if recovered else Severity.MEDIUM,
     )

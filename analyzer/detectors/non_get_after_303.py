@@ -57,4 +57,9 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
                 severity=Severity.HIGH,
             )
         else:
-            yield hop_finding(module, hop, chain, message, evidence)
+            sent = (
+                "; it went without a body"
+                if body.is_known
+                else "; the capture does not show whether a body went with it"
+            )
+            yield hop_finding(module, hop, chain, message + sent, evidence)

@@ -9,9 +9,9 @@ restates them. A hop the client followed is:
   lost or changed (dropped-body), a credential sent to another origin (credential-cross-
   origin at medium or above; a cookie that stayed on its site is low), a body or its
   headers on a GET (body-on-get), HEAD turned into GET (head-to-get), a method kept after
-  a 303 (non-get-after-303), a credential dropped on the same origin (credential-dropped
-  at medium or above with `same_origin` in its evidence; across origins dropping it is
-  what Fetch does, and the finding is about the redirect's design);
+  a 303 (non-get-after-303), Authorization or an API key dropped on the same origin
+  (credential-dropped with `same_origin` in its evidence, even when a retry recovered;
+  across origins dropping it is what Fetch does, and a missing Cookie is the jar's call);
 * `allowed, body lost`: POST answered 301/302 and re-sent as GET with the body dropped,
   which RFC 9110 15.4.2/15.4.3 allow for historical reasons (method-downgrade at low);
   `allowed` when that POST had no body, or the capture could not see one;
@@ -41,7 +41,7 @@ DEVIATION_FLOOR = {
     "RA107": Severity.INFO,
     "RA108": Severity.INFO,
     "RA109": Severity.INFO,
-    "RA115": Severity.MEDIUM,  # on the same origin only (its evidence says)
+    "RA115": Severity.INFO,  # on the same origin, Authorization or an API key (its evidence says)
 }
 ALLOWING_RULE = "RA101"  # at low: the historical POST -> GET
 
@@ -55,7 +55,7 @@ def hop_verdict(
     allowed = False
     for rule, severity, evidence in findings:
         floor = DEVIATION_FLOOR.get(rule)
-        if rule == "RA115" and not evidence.get("same_origin"):
+        if rule == "RA115" and (not evidence.get("same_origin") or evidence.get("header") == "cookie"):
             continue
         if floor is not None and Severity.parse(severity) >= floor:
             return DEVIATED
