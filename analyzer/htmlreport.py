@@ -116,7 +116,7 @@ def _findings(records: list[Record], hops: pd.DataFrame) -> list[Record]:
                 **r,
                 "hop_line": hop_text(r),
                 "fix": rule.fix if rule else "",
-                "client_name": names.get(r["chain_id"], r["client"]),
+                "client_name": r.get("client_name") or names.get(r["chain_id"], r["client"]),
                 "host": _host(r["from_url"]),
                 "pointer": short,
                 "pointer_title": full,

@@ -196,8 +196,11 @@ EXCHANGE_FIELDS = (
     "flow_id",
     "client",
     "error",
+    "user_agent",
 )
-_EXCHANGE_SELECT = ", ".join(f"e.{name}" for name in EXCHANGE_FIELDS) + ", c.source, c.path"
+_EXCHANGE_SELECT = (
+    ", ".join(f"e.{name}" for name in EXCHANGE_FIELDS) + ", c.source, c.path, c.browser, c.creator"
+)
 
 
 def chain_records(reader: Reader, url_substring: str | None = None) -> list[Record]:
@@ -224,6 +227,7 @@ def _chain_records(reader: Reader, url_substring: str | None) -> list[Record]:
         out[chain_id] = {
             "chain_id": chain_id,
             "client": client,
+            "client_name": None,  # the root request's, below
             "end": end,
             "started_at": iso(started),
             "third_party": None if third_party is None else bool(third_party),
@@ -234,6 +238,8 @@ def _chain_records(reader: Reader, url_substring: str | None) -> list[Record]:
         "ORDER BY chain_id, idx"
     ):
         source, target = by_id[source_id], by_id.get(target_id)
+        if idx == 0:
+            out[chain_id]["client_name"] = source["client_name"]
         out[chain_id]["hops"].append(
             {
                 "hop": idx,
@@ -289,9 +295,10 @@ def _urls(chain: Record) -> Iterator[str]:
 
 
 def _exchange_record(row: Row) -> Record:
-    r = dict(zip((*EXCHANGE_FIELDS, "source", "path"), row, strict=False))
+    r = dict(zip((*EXCHANGE_FIELDS, "source", "path", "browser", "creator"), row, strict=False))
     return {
         "id": r["id"],
+        "client_name": readable(r["client"], r["user_agent"], browser=r["browser"], creator=r["creator"]),
         "method": r["method"],
         "url": r["url"],
         "status": r["status"],
@@ -413,7 +420,8 @@ def print_chain_trees(records: list[Record], console: Console) -> None:
         return
     for chain in records:
         tree = Tree(
-            f"[bold]chain {chain['chain_id']}[/] · {_shown(chain['client'])} · {chain['started_at']} · "
+            f"[bold]chain {chain['chain_id']}[/] · {_shown(chain['client_name'] or chain['client'])} · "
+            f"[dim]{_shown(chain['client'])}[/] · {chain['started_at']} · "
             f"{len(chain['hops'])} hop(s) · ends: {chain['end']}"
         )
         for hop in chain["hops"]:

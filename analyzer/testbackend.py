@@ -59,6 +59,7 @@ class Backend:
         self.known: set[str] = set()
         self.selection: Selection | None = None  # the project's configuration, the plugin's options over it
         self.thresholds: dict[str, float] = {}
+        self.hosts: tuple[str, ...] = ()  # only findings on these hosts (globs)
         self.recording: Recording | None = None
         self.starting = False
         self.in_process = True
@@ -88,6 +89,7 @@ class Backend:
         select: list[str] | None = None,
         ignore: list[str] | None = None,
         min_confidence: float | None = None,
+        hosts: list[str] | None = None,
     ) -> Json:
         """Name the store (checked, and made if missing), read the baseline and the project's
         configuration (found from `config_dir` up, pytest's rootdir; or `config_file`)."""
@@ -112,6 +114,7 @@ class Backend:
         except UnknownRule as exc:
             raise BackendError(f"--redirect-audit: unknown rule {exc.name!r} ({exc.known})") from None
         self.thresholds = settings.thresholds if settings is not None else {}
+        self.hosts = tuple(hosts or ())
         if baseline is not None:
             from analyzer.exports import BaselineError, read_baseline
 
@@ -343,12 +346,13 @@ class Backend:
         from dataclasses import replace
 
         from analyzer.config import resolve_rules
-        from analyzer.selection import Selection
+        from analyzer.selection import Selection, only
 
         selection = self.selection or Selection()
         if ignore:
             selection = replace(selection, test_ignores=tuple(resolve_rules(ignore)))
-        return selection.apply(records)
+        shown, hidden = selection.apply(records)
+        return only(shown, hosts=self.hosts), only(hidden, hosts=self.hosts)
 
     def test_chains(self, client: str, started: float) -> Json:
         from analyzer.report import chain_records

@@ -721,3 +721,18 @@ def test_marked_expectations_and_the_project_configuration(pytester, upstream):
     assert "1 finding(s) suppressed" in out and "on per-url-ignores" in out
     off = run_pytest(pytester, "--strict-markers", "-p", "no:cacheprovider", "-k", "expected_downgrade")
     off.assert_outcomes(passed=1)
+    # the command line over the file: only findings on another host, or of other rules, fail
+    elsewhere = run_pytest(
+        pytester,
+        "--redirect-audit",
+        "--redirect-audit-host=*.elsewhere.test",
+        "-p",
+        "no:cacheprovider",
+        "-rf",
+    )
+    elsewhere.assert_outcomes(passed=4, failed=2)  # the expectations still hold
+    assert "FAILED test_marked.py::test_unmarked" not in elsewhere.stdout.str()
+    others = run_pytest(
+        pytester, "--redirect-audit", "--redirect-audit-select=RA102,RA107", "-p", "no:cacheprovider"
+    )
+    others.assert_outcomes(passed=4, failed=2)

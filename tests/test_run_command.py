@@ -64,6 +64,29 @@ def test_a_post_answered_302_is_found_and_the_gate_decides_the_exit_status(upstr
     assert store_of(passing.stderr) != db  # a fresh store per run
 
 
+def test_the_project_configuration_decides_what_fails_a_run(upstream, env, tmp_path):
+    """fail-on and per-url-ignores from the pyproject.toml of the directory `run` starts
+    in: the ignored finding is counted, not shown, and fails nothing; -v names the file."""
+    curl = require_program("curl", "apt-get install curl")
+    argv = ["run", "-v", "--", curl, "-s", "-L", "-d", "amount=1", f"{upstream.origin}/r/302/pay"]
+    (tmp_path / "pyproject.toml").write_text('[tool.redirect-audit]\nfail-on = "low"\n')
+    failing = run_cli(*argv, env=env, cwd=tmp_path, timeout=180)
+    assert failing.returncode == 1, failing.stderr
+    assert f"configuration: {tmp_path.resolve() / 'pyproject.toml'}" in failing.stderr
+    assert "NEW low RA101 method-downgrade" in failing.stderr
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.redirect-audit]\nfail-on = "low"\n\n[tool.redirect-audit.per-url-ignores]\n'
+        '"*/r/302/pay" = ["method-downgrade"]\n'
+    )
+    passing = run_cli(*argv, env=env, cwd=tmp_path, timeout=180)
+    assert passing.returncode == 0, passing.stderr
+    assert "method-downgrade" not in passing.stdout
+    assert "1 finding(s) suppressed: 1 on per-url-ignores" in passing.stderr
+    bad = run_cli(*argv[:2], "--select", "RA1OI", *argv[2:], env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown rule 'RA1OI'" in bad.stderr
+    assert "exchange(s) seen" not in bad.stderr  # refused before the command ran
+
+
 def test_a_failing_command_s_status_wins_over_the_gate(upstream, env):
     script = f"import urllib.request, sys; urllib.request.urlopen('{upstream.origin}/r/302/x', data=b'a=1'); sys.exit(3)"
     done = run("--fail-on", "low", "--", sys.executable, "-c", script, env=env)

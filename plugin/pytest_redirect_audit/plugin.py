@@ -132,6 +132,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Suppress findings less sure than this",
     )
     group.addoption(
+        "--redirect-audit-host",
+        dest="redirect_audit_host",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="Only findings whose redirect starts or ends on this host fail tests (repeatable)",
+    )
+    group.addoption(
         "--redirect-audit-config",
         dest="redirect_audit_config",
         default=None,
@@ -330,6 +338,7 @@ class AuditSession:
                 select=_rules(config.getoption("redirect_audit_select")),
                 ignore=_rules(config.getoption("redirect_audit_ignore")),
                 min_confidence=config.getoption("redirect_audit_min_confidence"),
+                hosts=config.getoption("redirect_audit_host"),
             )
         except ToolError as exc:
             raise _usage(exc) from None
