@@ -33,7 +33,9 @@ from analyzer.model import Body, Chain, Finding, Severity
 RULE_ID = "RA102"
 SLUG = "dropped-body"
 SEVERITY = Severity.HIGH
-SUMMARY = "A follow-up that kept the request's method (307/308, or POST/PUT/PATCH kept) lost or changed its body."
+SUMMARY = (
+    "A follow-up that kept the request's method (307/308, or POST/PUT/PATCH kept) lost or changed its body."
+)
 FIX = "Clients re-send the body on 307/308 (make streamed bodies replayable); a server that cannot take it again answers 303."
 
 METHOD_PRESERVING = frozenset({307, 308})
