@@ -80,7 +80,14 @@ def _sarif_result(r: Record, index: dict[str, int], artifacts: dict[str, int]) -
     else:
         name = f"flow {capture.get('flow_id')}"
     location["logicalLocations"] = [{"name": name, "fullyQualifiedName": name, "kind": "object"}]
+    # listed with --show-suppressed: code scanning shows them as suppressed, with the reason
+    suppressed = (
+        {"suppressions": [{"kind": "external", "status": "accepted", "justification": r["suppressed"]}]}
+        if r.get("suppressed")
+        else {}
+    )
     return {
+        **suppressed,
         "ruleId": r["rule_id"],
         "ruleIndex": index[r["rule"]],
         "level": SARIF_LEVEL[r["severity"]],
@@ -94,6 +101,7 @@ def _sarif_result(r: Record, index: dict[str, int], artifacts: dict[str, int]) -
             "hop": r["hop"],
             "followed": r["followed"],
             "client": r["client"],
+            **({"client_name": r["client_name"]} if r.get("client_name") else {}),
             "observed_at": r["observed_at"],
             "evidence": r["evidence"],
             "capture": capture,

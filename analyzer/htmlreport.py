@@ -104,6 +104,15 @@ def _chains(hops: pd.DataFrame) -> dict[int, list[str]]:
     return out
 
 
+def _client(r: Record) -> str | None:
+    """The client's readable name without the test (the filter groups a client's tests)."""
+    name = r.get("client_name")
+    test = r.get("test")
+    if name and test and name.endswith(f" · {test}"):
+        return str(name[: -len(test) - 3])
+    return name
+
+
 def _findings(records: list[Record], hops: pd.DataFrame) -> list[Record]:
     names = dict(zip(hops["chain_id"].astype(int), hops["client_name"].astype(str), strict=False))
     chains = _chains(hops)
@@ -116,7 +125,7 @@ def _findings(records: list[Record], hops: pd.DataFrame) -> list[Record]:
                 **r,
                 "hop_line": hop_text(r),
                 "fix": rule.fix if rule else "",
-                "client_name": r.get("client_name") or names.get(r["chain_id"], r["client"]),
+                "client_name": _client(r) or names.get(r["chain_id"], r["client"]),
                 "host": _host(r["from_url"]),
                 "pointer": short,
                 "pointer_title": full,

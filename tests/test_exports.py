@@ -35,6 +35,25 @@ def test_sarif_is_valid_and_points_back_to_the_capture(demo_db, tmp_path):
         assert uri == Path(finding["capture"]["file"]).as_uri() and uri.startswith("file://" + str(tmp_path))
         assert location["logicalLocations"][0]["name"] == f"log.entries[{finding['capture']['entry_index']}]"
     assert {r["level"] for r in run["results"]} == {"error", "warning", "note"}
+    assert not any("suppressions" in r for r in run["results"])
+
+
+def test_sarif_marks_suppressed_findings_as_suppressed_with_the_reason(demo_db, tmp_path):
+    (tmp_path / "redirect-audit.toml").write_text('ignore = ["RA104"]\n')
+    done = run_cli("findings", "--db", demo_db, "-f", "sarif", "--show-suppressed", cwd=tmp_path)
+    log = json.loads(done.stdout)
+    jsonschema.Draft4Validator(sarif_schema()).validate(log)
+    suppressed = [r for r in log["runs"][0]["results"] if "suppressions" in r]
+    assert [r["ruleId"] for r in suppressed] == ["RA104", "RA104"]
+    assert suppressed[0]["suppressions"] == [
+        {
+            "kind": "external",
+            "status": "accepted",
+            "justification": "rule RA104 is not selected (redirect-audit.toml)",
+        }
+    ]
+    hidden = json.loads(run_cli("findings", "--db", demo_db, "-f", "sarif", cwd=tmp_path).stdout)
+    assert len(hidden["runs"][0]["results"]) == 5
 
 
 def test_sarif_of_a_store_without_findings_is_valid(tmp_path):

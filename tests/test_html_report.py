@@ -114,7 +114,7 @@ def test_chromium_shows_summary_findings_by_severity_filters_and_sorts(report):
             page.select_option("select[data-filter=host]", "api.shop.example.test")
             assert len(visible(page)) == 4 and page.locator("#shown").inner_text() == "4 of 7 shown"
             page.select_option("select[data-filter=host]", "")
-            page.select_option("select[data-filter=client]", "Firefox 133")
+            page.select_option("select[data-filter=client]", "Firefox 133 · page_1")
             assert len(visible(page)) == 7
 
             page.click("th[data-sort=capture]")
