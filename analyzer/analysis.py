@@ -398,7 +398,7 @@ def rebuild_chains(
 
     redirects = load_exchanges(conn, of(ex_t.c.status.in_(REDIRECT_STATUSES)))
     candidates = _candidates(conn, clients)
-    candidates += _alternate_candidates(conn, redirects, {stored_id(ex) for ex in candidates})
+    candidates += _alternate_candidates(conn, redirects, candidates)
     links = link_redirects(redirects, candidates, options)
     by_id = {stored_id(ex): ex for ex in redirects}
     # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
@@ -488,15 +488,20 @@ def _navigations(conn: Connection, clients: list[str]) -> list[Exchange]:
     return found
 
 
-def _alternate_candidates(conn: Connection, redirects: list[Exchange], have: set[int]) -> list[Exchange]:
+def _alternate_candidates(
+    conn: Connection, redirects: list[Exchange], found: list[Exchange]
+) -> list[Exchange]:
     """The requests to the forms other clients make of an odd Location (raw UTF-8, spaces,
-    backslashes: chains.follow_up_urls), which the join on the WHATWG form cannot find."""
+    backslashes: chains.follow_up_urls), which the join on the WHATWG form cannot find:
+    for the redirects whose WHATWG form no request of their client has."""
+    have = {stored_id(ex) for ex in found}
+    reached = {(ex.client, ex.url_norm) for ex in found}
     wanted: dict[str, set[str]] = {}
     for ex in redirects:
-        if is_followable(ex):
+        if is_followable(ex) and (ex.client, ex.location_resolved) not in reached:
             for url in islice(follow_up_urls(ex), 1, None):
                 wanted.setdefault(ex.client, set()).add(url)
-    found: list[Exchange] = []
+    more: list[Exchange] = []
     for client, urls in wanted.items():
         ordered = sorted(urls)
         for start in range(0, len(ordered), ID_CHUNK):
@@ -506,8 +511,8 @@ def _alternate_candidates(conn: Connection, redirects: list[Exchange], have: set
             ):
                 if stored_id(ex) not in have:
                     have.add(stored_id(ex))
-                    found.append(ex)
-    return found
+                    more.append(ex)
+    return more
 
 
 def repeated_writes(clients: list[str] | None = None) -> Select[tuple[int]]:

@@ -87,13 +87,21 @@ def resolve_location(base: str, location: str) -> str:
         raise BadURL(f"Location {location!r}: {exc}") from None
 
 
-# A Location every parser reads alike: printable ASCII without spaces, backslashes or
-# percent-escapes, and no scheme (a scheme's case and an IDN host are the other repairs).
-_ODD = re.compile(r"[^!#-$&-\[\]-~]")
+# A Location every parser reads alike: only the characters RFC 3986 allows (no spaces,
+# quotes, backslashes, braces, pipes or carets, which clients percent-encode their own
+# ways), and a lower-case scheme and host that is not punycode (a scheme's case and an IDN
+# host are the other repairs clients make).
+_ODD = re.compile(r"[^A-Za-z0-9!#$%&'()*+,\-./:;=?@\[\]_~]")  # RFC 3986's characters, nothing clients repair
+_HEAD = re.compile(r"(?:([A-Za-z][A-Za-z0-9+.-]*):)?(//[^/?#]*)?")
 
 
 def _is_plain(location: str) -> bool:
-    return location.isascii() and _ODD.search(location) is None and "://" not in location[:12]
+    if not location.isascii() or _ODD.search(location) is not None:
+        return False
+    head = _HEAD.match(location)
+    assert head is not None  # every part of the pattern is optional
+    scheme, authority = head[1] or "", head[2] or ""
+    return scheme == scheme.lower() and authority == authority.lower() and "xn--" not in authority
 
 
 def location_alternates(base: str, location: str) -> tuple[str, ...]:
