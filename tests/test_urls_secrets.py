@@ -120,3 +120,21 @@ def test_the_body_digest_is_hmac_sha256_under_the_key():
         for body in (b"", b"user=ada&password=hunter2", bytes(range(256)) * 40):
             assert body_digest(key, body) == hmac.new(key, body, hashlib.sha256).hexdigest()
     assert body_digest(b"a" * 32, b"same") != body_digest(b"b" * 32, b"same")
+
+
+@pytest.mark.parametrize(
+    "location, resolved",
+    [
+        ("/land/š", "https://h.test/land/%C5%A1"),  # raw UTF-8: percent-encoded, as browsers send it
+        ("/a b?x=ä y", "https://h.test/a%20b?x=%C3%A4%20y"),
+        ("\\back\\slash", "https://h.test/back/slash"),  # WHATWG: "\" is "/" in an http(s) URL
+        ("HTTPS://Other.TEST/x", "https://other.test/x"),
+        ("http://bücher.test/", "http://xn--bcher-kva.test/"),
+        ("/p?q=%2F&r=1", "https://h.test/p?q=%2F&r=1"),  # escapes kept as sent
+        ("../up", "https://h.test/up"),
+    ],
+)
+def test_a_location_resolves_as_the_whatwg_parser_does(location, resolved):
+    from analyzer.urls import resolve_location
+
+    assert resolve_location("https://h.test/dir/page", location) == resolved
