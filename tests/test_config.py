@@ -187,7 +187,9 @@ def test_findings_views_by_rule_host_client_capture_and_sort(demo_db, tmp_path):
 )
 def test_a_bad_configuration_names_the_file_and_line(demo_db, tmp_path, text, problem):
     (tmp_path / "pyproject.toml").write_text(text)
-    for command in (["findings"], ["check"], ["analyze"]):
+    # every command reads it the same way: all three for the first case, findings for the rest
+    commands = (["findings"], ["check"], ["analyze"]) if "ignroe" in text else (["findings"],)
+    for command in commands:
         done = run_cli(*command, "--db", demo_db, cwd=tmp_path)
         assert done.returncode == 2, (command, done.stdout)
         lines = done.stderr.strip().splitlines()
