@@ -28,10 +28,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
+
+from analyzer.secretnames import SHAPE_HINT, decoded_name, is_secret_name, secret_shapes
 
 CREDENTIAL_HEADERS = frozenset(
     {
@@ -167,48 +171,44 @@ def _pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
 
 @dataclass(frozen=True)
 class SecretPolicy:
-    """Which field names are secret: SECRET_FIELDS plus the user's own."""
+    """Which field names are secret: those whose words say so (analyzer.secretnames), the
+    SECRET_FIELDS convention names, and the user's own."""
 
     fields: frozenset[str]
 
-    @functools.cached_property
-    def _names(self) -> str:
-        return "|".join(re.escape(n) for n in sorted(self.fields, key=len, reverse=True))
+    def is_secret(self, name: str) -> bool:
+        return is_secret_name(name, self.fields)
 
     @functools.cached_property
     def url_param(self) -> re.Pattern[str]:
         # name=value after ? & or # (a `;param` in a path also ends at ? and /); the value
         # ends where the URL, the parameter or the header holding it (Link's `>`, quotes,
-        # blanks) ends.
+        # blanks) ends. Every name is matched; is_secret decides.
         return re.compile(
-            rf"(?i)(^|[?&#]|;(?=[^?]*$))({self._names})=([^&;#\s>\"']*)|"
-            rf"(;)({self._names})=([^&;#?/\s>\"']*)"
+            r"(^|[?&#]|;(?=[^?]*$))([^=&;#?/\s<>\"']+)=([^&;#\s>\"']*)|"
+            r"(;)([^=&;#?/\s<>\"']+)=([^&;#?/\s>\"']*)"
         )
-
-    @functools.cached_property
-    def quick(self) -> tuple[str, ...]:
-        return tuple(n.lower() for n in self.fields)
 
     def names_secret(self, text: str) -> bool:
         """Whether some `name=` in a URL-like text is a secret field."""
-        fields = self.fields
-        return any(name.lower() in fields for name in _PARAM_NAME.findall(text))
+        return any(self.is_secret(name) for name in _PARAM_NAME.findall(text))
 
     @functools.cached_property
     def json_field(self) -> re.Pattern[str]:
-        # "name": "value" (escapes kept whole) or "name": literal
-        return re.compile(rf'(?i)("(?:{self._names})"\s*:\s*)("(?:[^"\\]|\\.)*"|[^\s,}}\]"]+)')
+        # "name": "value" (escapes kept whole) or "name": literal; objects and arrays are
+        # left to their own keys (a text that does not parse as JSON is redacted this way)
+        return re.compile(r'("((?:[^"\\]|\\.)*)"\s*:\s*)("(?:[^"\\]|\\.)*"|[^\s,}\]"{\[]+)')
 
     @functools.cached_property
     def form_field(self) -> re.Pattern[str]:
-        return re.compile(rf"(?i)(^|[&;\s])((?:{self._names})=)([^&;\s]*)")
+        return re.compile(r"(^|[&;\s])([^=&;\s]+)(=)([^&;\s]*)")
 
     @functools.cached_property
     def multipart_field(self) -> re.Pattern[str]:
-        # a part whose name is secret: its headers, the blank line, its value up to the boundary
+        # a part, its name, its headers, the blank line, its value up to the boundary
         return re.compile(
-            rf'(?is)(content-disposition:[^\r\n]*\bname="?(?:{self._names})"?[^\r\n]*\r?\n'
-            rf"(?:[^\r\n]+\r?\n)*\r?\n)(.*?)(?=\r?\n--)"
+            r'(?is)(content-disposition:[^\r\n]*\bname="?([^";\r\n]*)"?[^\r\n]*\r?\n'
+            r"(?:[^\r\n]+\r?\n)*\r?\n)(.*?)(?=\r?\n--)"
         )
 
 
@@ -243,29 +243,100 @@ def protect_and_index(
     for pair in headers:
         name, value = pair
         lname = name.lower()
-        if lname in CREDENTIAL_HEADERS:
-            value = protect_credential(lname, value, key)
+        protected = protect_header_value(lname, value, key, policy)
+        if protected is not value:
+            value = protected
             pair = (name, value)
-        elif lname in URL_HEADERS:
-            protected = protect_url(value, key, policy)
-            if protected is not value:
-                value = protected
-                pair = (name, value)
         pairs.append(pair)  # the caller's own pair unless something was protected: the proxy's hot path
         if lname not in lookup:
             lookup[lname] = value
     return pairs, lookup
 
 
+def is_secret_header(lname: str, policy: SecretPolicy = DEFAULT_POLICY) -> bool:
+    """A header whose whole value is a credential: the known ones, and any whose name says
+    so (`X-Token`, `X-Session-Token`, `Authentication`, `X-Shopify-Access-Token`)."""
+    return lname in CREDENTIAL_HEADERS or (
+        not lname.startswith(NOT_CREDENTIAL_PREFIXES) and policy.is_secret(lname)
+    )
+
+
+# CORS headers name credentials without holding any (Access-Control-Allow-Credentials: true)
+NOT_CREDENTIAL_PREFIXES = ("access-control-",)
+
+
+def protect_header_value(lname: str, value: str, key: bytes, policy: SecretPolicy = DEFAULT_POLICY) -> str:
+    """One header's value as stored; `value` itself when nothing in it is secret. A
+    credential header is fingerprinted (its auth scheme kept); a URL header's URLs are
+    protected; any other header's secret-named parameters (`token=` of WWW-Authenticate)
+    and secret-shaped values (JWTs, AWS key ids, PEM keys) are fingerprinted."""
+    if is_secret_header(lname, policy):
+        return protect_credential(lname, value, key)
+    if lname in URL_HEADERS:
+        return protect_url(value, key, policy)
+    protected = value
+    if "=" in value:
+        protected = _HEADER_PARAM.sub(lambda m: _header_param(m, key, policy), value)
+    protected = _protect_shapes(protected, key)
+    return value if protected == value else protected
+
+
+_HEADER_PARAM = re.compile(r"(^|[\s,;])([\w.-]+)(\s*=\s*)(\"(?:[^\"\\]|\\.)*\"|[^\s,;]+)")
+
+
+def _header_param(m: re.Match[str], key: bytes, policy: SecretPolicy) -> str:
+    if not policy.is_secret(m[2]):
+        return m[0]
+    value = m[4]
+    if value.startswith('"') and value.endswith('"') and len(value) > 1:
+        return f'{m[1]}{m[2]}{m[3]}"{_fingerprint_as_is(key, value[1:-1])}"'
+    return f"{m[1]}{m[2]}{m[3]}{_fingerprint_as_is(key, value)}"
+
+
+def _protect_shapes(text: str, key: bytes) -> str:
+    """Every JWT, AWS access key id and PEM private key in a text, fingerprinted."""
+    spans = secret_shapes(text)
+    if not spans:
+        return text
+    out, last = [], 0
+    for start, end in sorted(spans):
+        if start < last:
+            continue  # inside one replaced already
+        out += [text[last:start], _fingerprint_as_is(key, text[start:end])]
+        last = end
+    out.append(text[last:])
+    return "".join(out)
+
+
 _SCHEMED = frozenset({"authorization", "proxy-authorization"})
+# HTTP authentication schemes (IANA registry, and the common `Token`): kept in clear
+# before a credential in any secret header (`Authentication: Bearer ...`)
+AUTH_SCHEMES = frozenset(
+    {
+        "basic",
+        "bearer",
+        "digest",
+        "dpop",
+        "hoba",
+        "mutual",
+        "negotiate",
+        "ntlm",
+        "token",
+        "hmac",
+        "aws4-hmac-sha256",
+    }
+)
 
 
 def protect_credential(lname: str, value: str, key: bytes) -> str:
     """A credential header's value as stored: fingerprinted, an auth scheme kept in clear."""
-    if lname in _SCHEMED:
-        scheme, _, credentials = value.partition(" ")
-        if credentials and scheme.isalnum() and not scheme.startswith(FINGERPRINT_PREFIX):
-            return f"{scheme} {_fingerprint_as_is(key, credentials.strip())}"
+    scheme, _, credentials = value.partition(" ")
+    if (
+        credentials
+        and ((lname in _SCHEMED and scheme.isalnum()) or scheme.lower() in AUTH_SCHEMES)
+        and not scheme.startswith(FINGERPRINT_PREFIX)
+    ):
+        return f"{scheme} {_fingerprint_as_is(key, credentials.strip())}"
     return value if value.startswith(FINGERPRINT_PREFIX) else fingerprint(key, value)
 
 
@@ -273,15 +344,24 @@ def protect_url(url: str, key: bytes, policy: SecretPolicy = DEFAULT_POLICY, _le
     """The URL (or a text holding URLs) with the values of secret parameters fingerprinted,
     in the query, in `;params`, in the fragment and inside percent-encoded nested URLs.
     Returns `url` itself (the same object) when there is nothing to protect."""
-    if "=" not in url:
-        return url
-    nested = _level < NESTED_LEVELS and "%" in url and _ENCODED_EQUALS.search(url) is not None
-    if not nested and not policy.names_secret(url):  # most URLs: no secret parameter at all
-        return url
-    protected = policy.url_param.sub(_url_value(key), url)
+    protected = url
+    if "@" in url:
+        protected = _USERINFO.sub(lambda m: m[1] + _fingerprint_as_is(key, m[2]) + "@", protected)
+    if SHAPE_HINT.search(protected) is not None:
+        protected = _protect_shapes(protected, key)
+    if "=" not in protected:
+        return url if protected == url else protected
+    nested = _level < NESTED_LEVELS and "%" in protected and _ENCODED_EQUALS.search(protected) is not None
+    if not nested and not policy.names_secret(protected):  # most URLs: no secret parameter at all
+        return url if protected == url else protected
+    protected = policy.url_param.sub(_url_value(key, policy), protected)
     if nested:
         protected = _NESTED_PARAM.sub(lambda m: m[1] + _protect_nested(m[2], key, policy, _level), protected)
     return url if protected == url else protected
+
+
+# scheme://user:password@host: the password (userinfo's part after the first colon)
+_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/?#@\s:]*:)([^/?#@\s]+)@")
 
 
 _ENCODED_EQUALS = re.compile(r"%(?:25)*3[dD]")  # '=' percent-encoded once or more: a URL inside a parameter
@@ -300,11 +380,11 @@ def _protect_nested(value: str, key: bytes, policy: SecretPolicy, level: int) ->
     return value if protected is inner else quote(protected, safe="")
 
 
-def _url_value(key: bytes) -> Callable[[re.Match[str]], str]:
+def _url_value(key: bytes, policy: SecretPolicy) -> Callable[[re.Match[str]], str]:
     def replace(m: re.Match[str]) -> str:
         if m[2] is not None:
-            return f"{m[1]}{m[2]}={_fingerprinted(key, m[3])}"
-        return f"{m[4]}{m[5]}={_fingerprinted(key, m[6])}"
+            return f"{m[1]}{m[2]}={_fingerprinted(key, m[3])}" if policy.is_secret(m[2]) else m[0]
+        return f"{m[4]}{m[5]}={_fingerprinted(key, m[6])}" if policy.is_secret(m[5]) else m[0]
 
     return replace
 
@@ -319,20 +399,114 @@ def _fingerprinted(key: bytes, value: str) -> str:
 def redact_body(
     raw: bytes, content_type: str | None, key: bytes, policy: SecretPolicy = DEFAULT_POLICY
 ) -> bytes:
-    """A body with the value of every secret field fingerprinted: JSON, form and multipart
-    fields, whatever the declared type. Works on the text, so nesting depth, broken
-    syntax and a later cut change nothing; the caller caps the result."""
+    """A body with every secret fingerprinted, whatever the declared type: the values of
+    secret-named fields in JSON (GraphQL variables included), forms, multipart parts, XML
+    elements, `k=v` text and GraphQL arguments (`password: "..."`), and secret-shaped
+    values anywhere. JSON that parses stays JSON: a secret object or array becomes one
+    fingerprint string. Text that does not parse (broken, cut) is redacted as text."""
     ctype = (content_type or "").split(";")[0].strip().lower()
     if not raw or ctype.startswith(_OPAQUE_TYPES):
         return raw
     text = raw.decode("utf-8", "surrogateescape")
-    lowered = text.lower()
-    if not any(name in lowered for name in policy.quick):
-        return raw
-    text = policy.json_field.sub(lambda m: m[1] + _json_value(key, m[2]), text)
-    text = policy.form_field.sub(lambda m: m[1] + m[2] + _fingerprinted(key, m[3]), text)
-    text = policy.multipart_field.sub(lambda m: m[1] + _fingerprint_as_is(key, m[2]), text)
-    return text.encode("utf-8", "surrogateescape")
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):  # JSON first: redacted, it stays JSON
+        try:
+            data = json.loads(text)
+            redacted = _redact_json(data, key, policy)
+        except (ValueError, RecursionError, _TooDeep):  # not JSON, or deeper than is sane: as text
+            pass
+        else:
+            if redacted == data:
+                return raw
+            return _json_like(redacted, text).encode("utf-8", "surrogateescape")
+    redacted_text = _redact_text(text, key, policy)
+    return raw if redacted_text == text else redacted_text.encode("utf-8", "surrogateescape")
+
+
+_NOT_JSON = object()
+
+
+def _json_like(data: Any, original: str) -> str:
+    """`data` as JSON written the way `original` was: compact, spaced or indented."""
+    lines = original.strip().splitlines()
+    if len(lines) > 1:
+        second = lines[1]
+        indent = len(second) - len(second.lstrip(" "))
+        return json.dumps(data, ensure_ascii=False, indent=indent or None)
+    spaced = '": ' in original or '", "' in original
+    separators = (", ", ": ") if spaced else (",", ":")
+    return json.dumps(data, ensure_ascii=False, separators=separators)
+
+
+class _TooDeep(Exception):
+    """JSON nested deeper than any real payload: redacted as text instead (any depth)."""
+
+
+def _redact_json(data: Any, key: bytes, policy: SecretPolicy, depth: int = 0) -> Any:
+    if depth > 64:
+        raise _TooDeep
+    if isinstance(data, dict):
+        out = {}
+        for name, value in data.items():
+            if isinstance(name, str) and policy.is_secret(name) and value not in (None, "", [], {}):
+                text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+                out[name] = _fingerprint_as_is(key, text)
+            else:
+                out[name] = _redact_json(value, key, policy, depth + 1)
+        return out
+    if isinstance(data, list):
+        return [_redact_json(v, key, policy, depth + 1) for v in data]
+    if isinstance(data, str):
+        return _redact_text(data, key, policy) if len(data) > 3 else data
+    return data
+
+
+def _redact_text(text: str, key: bytes, policy: SecretPolicy) -> str:
+    """Secrets in a text that is not (or no longer) JSON: fields by name, values by shape."""
+    if "=" in text:
+        text = policy.form_field.sub(lambda m: _form_pair(m, key, policy), text)
+    if '"' in text and ":" in text:
+        text = policy.json_field.sub(lambda m: _json_pair(m, key, policy), text)
+        text = _GRAPHQL_ARG.sub(lambda m: _graphql_arg(m, key, policy), text)
+    if "<" in text:
+        text = _XML_ELEMENT.sub(lambda m: _xml_element(m, key, policy), text)
+    if "content-disposition" in text.lower():
+        text = policy.multipart_field.sub(
+            lambda m: m[1] + (_fingerprint_as_is(key, m[3]) if policy.is_secret(m[2]) else m[3]), text
+        )
+    return _protect_shapes(text, key)
+
+
+def _form_pair(m: re.Match[str], key: bytes, policy: SecretPolicy) -> str:
+    if not policy.is_secret(m[2].replace("+", " ")):
+        return m[0]
+    return m[1] + m[2] + m[3] + _fingerprinted(key, m[4])
+
+
+def _json_pair(m: re.Match[str], key: bytes, policy: SecretPolicy) -> str:
+    if not policy.is_secret(decoded_name(m[2])):
+        return m[0]
+    return m[1] + _json_value(key, m[3])
+
+
+# GraphQL arguments and input fields: name: "string"
+_GRAPHQL_ARG = re.compile(r'(\b[_A-Za-z][_0-9A-Za-z]*)(\s*:\s*)"((?:[^"\\]|\\.)*)"')
+
+
+def _graphql_arg(m: re.Match[str], key: bytes, policy: SecretPolicy) -> str:
+    if not policy.is_secret(m[1]) or m[3].startswith(FINGERPRINT_PREFIX):
+        return m[0]
+    return f'{m[1]}{m[2]}"{fingerprint(key, m[3])}"'
+
+
+# <password>hunter2</password>, <ns:Password attr="x">...</ns:Password>
+_XML_ELEMENT = re.compile(r"<((?:[\w.-]+:)?([\w.-]+))(\s[^>]*)?>([^<]+)</\1\s*>")
+
+
+def _xml_element(m: re.Match[str], key: bytes, policy: SecretPolicy) -> str:
+    if not policy.is_secret(m[2]):
+        return m[0]
+    return f"<{m[1]}{m[3] or ''}>{_fingerprint_as_is(key, m[4])}</{m[1]}>"
 
 
 def _fingerprint_as_is(key: bytes, value: str) -> str:

@@ -139,10 +139,10 @@ def test_multipart_fields_are_redacted():
 def test_extra_secret_fields_extend_the_list():
     from analyzer.secrets import policy_for
 
-    policy = policy_for(("x-tenant-secret",))
-    assert "T1" not in protect_url("https://h/?x-tenant-secret=T1", KEY, policy)
-    assert b"T2" not in redact_body(b'{"X-Tenant-Secret": "T2"}', None, KEY, policy)
-    assert protect_url("https://h/?x-tenant-secret=T1", KEY) == "https://h/?x-tenant-secret=T1"
+    policy = policy_for(("x-tenant-ref",))
+    assert "T1" not in protect_url("https://h/?x-tenant-ref=T1", KEY, policy)
+    assert b"T2" not in redact_body(b'{"X-Tenant-Ref": "T2"}', None, KEY, policy)
+    assert protect_url("https://h/?x-tenant-ref=T1", KEY) == "https://h/?x-tenant-ref=T1"
 
 
 # ---- every way in -------------------------------------------------------------------------
@@ -541,3 +541,193 @@ def test_the_proxy_keeps_the_store_url_off_the_command_line():
         and env["REDIRECT_AUDIT_KEY_FILE"] == "/tmp/k"
     )
     assert "s3cret" not in plan.banner() and re.search(r"auditor:\*\*\*@", plan.banner())
+
+
+# ---- secrets by the words of their names and by their shape (names no list has) -------------
+
+WORDY = {  # (where, name) -> nothing: every one is a secret nobody listed by name
+    ("query", "x-signature"),
+    ("query", "auth_key"),
+    ("query", "secretToken"),
+    ("query", "api-token"),
+    ("query", "client-secret"),
+    ("query", "sas_token"),
+    ("query", "private_token"),
+    ("query", "passcode"),
+    ("header", "Token"),
+    ("header", "X-Token"),
+    ("header", "X-Session-Token"),
+    ("header", "X-Shopify-Access-Token"),
+    ("json", "clientSecret"),
+    ("json", "pass\\u0077ord"),
+    ("form", "pass%77ord"),
+    ("xml", "Password"),
+    ("graphql", "password"),
+}
+
+
+def shaped_canaries() -> dict[str, str]:
+    return {
+        "jwt under q": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0." + canary(90),
+        "aws key id": "AKIA" + uuid.uuid4().hex[:16].upper(),
+        "pem": "-----BEGIN PRIVATE KEY-----\nMIIE" + canary(91) + "\n-----END PRIVATE KEY-----",
+        "userinfo password": canary(92),
+        "location userinfo": canary(93),
+        "authentication bearer": canary(94),
+        "www-authenticate token": canary(95),
+        "nested json secret": canary(96),
+    }
+
+
+def har_with_wordy_canaries(path: Path) -> dict[str, str]:
+    c = {f"{where} {name}": canary(100 + i) for i, (where, name) in enumerate(sorted(WORDY))}
+    c.update(shaped_canaries())
+    query = "&".join(f"{name}={c['query ' + name]}" for where, name in sorted(WORDY) if where == "query")
+    url = f"https://user:{c['userinfo password']}@api.test/pay?{query}&q={c['jwt under q']}&id=42"
+    headers = [
+        {"name": name, "value": c[f"header {name}"]} for where, name in sorted(WORDY) if where == "header"
+    ]
+    headers.append({"name": "Authentication", "value": f"Bearer {c['authentication bearer']}"})
+    headers.append({"name": "X-Access-Key-Id", "value": c["aws key id"]})
+    body = (
+        '{"user": "u", "clientSecret": "'
+        + c["json clientSecret"]
+        + '", "pass\\u0077ord": "'
+        + c["json pass\\u0077ord"]
+        + '", "auth": {"secret": "'
+        + c["nested json secret"]
+        + '"}, "key_pem": '
+        + json.dumps(c["pem"])
+        + ', "query": '
+        + json.dumps('mutation { login(user: "u", password: "' + c["graphql password"] + '") { ok } }')
+        + "}"
+    )
+
+    def entry(i, method, target, status, req_headers, resp_headers, post=None):
+        return {
+            "startedDateTime": f"2026-06-01T10:00:0{i}Z",
+            "request": {
+                "method": method,
+                "url": target,
+                "httpVersion": "HTTP/1.1",
+                "headers": req_headers,
+                **({"postData": post} if post else {}),
+            },
+            "response": {
+                "status": status,
+                "statusText": "",
+                "headers": resp_headers,
+                "content": {"size": 0, "mimeType": "text/plain"},
+            },
+        }
+
+    entries = [
+        entry(
+            0,
+            "POST",
+            url,
+            307,
+            [*headers, {"name": "Content-Type", "value": "application/json"}],
+            [{"name": "Location", "value": f"https://u:{c['location userinfo']}@api2.test/pay"}],
+            {"mimeType": "application/json", "text": body},
+        ),
+        entry(
+            1,
+            "POST",
+            "https://api2.test/pay",
+            401,
+            [{"name": "Content-Type", "value": "application/json"}],
+            [
+                {
+                    "name": "WWW-Authenticate",
+                    "value": f'Bearer realm="api", token="{c["www-authenticate token"]}"',
+                }
+            ],
+            {"mimeType": "application/json", "text": body},
+        ),
+        entry(
+            2,
+            "POST",
+            "https://api.test/form",
+            303,
+            [],
+            [{"name": "Location", "value": "/xml"}],
+            {
+                "mimeType": "application/x-www-form-urlencoded",
+                "text": f"user=u&pass%77ord={c['form pass%77ord']}&next_page_token=page-2",
+            },
+        ),
+        entry(
+            3,
+            "POST",
+            "https://api.test/xml",
+            200,
+            [{"name": "Content-Type", "value": "application/xml"}],
+            [],
+            {
+                "mimeType": "application/xml",
+                "text": f"<login><user>u</user><Password>{c['xml Password']}</Password></login>",
+            },
+        ),
+    ]
+    path.write_text(
+        json.dumps({"log": {"version": "1.2", "creator": {"name": "t", "version": "1"}, "entries": entries}})
+    )
+    return c
+
+
+@pytest.mark.parametrize("keep_bodies", [False, True], ids=["default", "keep-bodies"])
+def test_secrets_under_names_no_list_has_and_by_shape_never_reach_any_artefact(tmp_path, keep_bodies):
+    har = tmp_path / "wordy.har"
+    secrets = har_with_wordy_canaries(har)
+    db = tmp_path / "w.db"
+    extra = ["--keep-bodies"] if keep_bodies else []
+    done = run_cli("import-har", str(har), "--db", str(db), *extra)
+    assert done.returncode == 0, done.stderr
+    assert leaks(store_bytes(db), secrets) == []
+    for name, blob in exports_of(db, tmp_path).items():
+        assert leaks(blob, secrets) == [], name
+    parquet, tests = tmp_path / "parquet", tmp_path / "contract"
+    assert run_cli("export", str(parquet), "--db", str(db)).returncode == 0
+    assert run_cli("export-tests", "--db", str(db), "-o", str(tests)).returncode == 0
+    for path in [*parquet.rglob("*"), *tests.rglob("*")]:
+        if path.is_file():
+            assert leaks(path.read_bytes(), secrets) == [], path
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("select url, request_headers, req_body from exchanges order by seq").fetchall()
+    assert "id=42" in stored[0][0] and "user:hmac:" in stored[0][0]  # ordinary values stay readable
+    assert "next_page_token" not in str(stored) or "page-2" in str(
+        stored[2][2] or b""
+    )  # a page token is no secret
+    if keep_bodies:
+        body = json.loads(stored[0][2])  # redacted JSON is still JSON
+        assert body["user"] == "u" and body["auth"].startswith("hmac:")
+
+
+def test_a_flow_dump_with_secrets_under_new_names_leaks_nothing(tmp_path):
+    from mitmproxy import io as mio
+    from mitmproxy.test import tflow
+
+    secrets = {
+        n: canary(200 + i)
+        for i, n in enumerate(("x-signature", "X-Session-Token", "userinfo", "clientSecret"))
+    }
+    secrets["jwt"] = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0." + canary(210)
+    flow = tflow.tflow(resp=True)
+    flow.request.url = (
+        f"http://u:{secrets['userinfo']}@app.test/img?x-signature={secrets['x-signature']}&q={secrets['jwt']}"
+    )
+    flow.request.headers["X-Session-Token"] = secrets["X-Session-Token"]
+    flow.request.method = "POST"
+    flow.request.content = json.dumps({"clientSecret": secrets["clientSecret"]}).encode()
+    flow.request.headers["Content-Type"] = "application/json"
+    dump = tmp_path / "new.mitm"
+    with dump.open("wb") as fh:
+        mio.FlowWriter(fh).add(flow)
+    db = tmp_path / "nf.db"
+    assert run_cli("import-flows", str(dump), "--db", str(db), "--keep-bodies").returncode == 0
+    assert leaks(store_bytes(db), secrets) == []
+    for name, blob in exports_of(db, tmp_path).items():
+        assert leaks(blob, secrets) == [], name

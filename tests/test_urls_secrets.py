@@ -138,3 +138,94 @@ def test_a_location_resolves_as_the_whatwg_parser_does(location, resolved):
     from analyzer.urls import resolve_location
 
     assert resolve_location("https://h.test/dir/page", location) == resolved
+
+
+# ---- names by their words, however they are spelled -----------------------------------------
+
+KEY = b"k" * 32
+SECRET_PHRASES = [
+    ("session", "token"),
+    ("access", "token"),
+    ("client", "secret"),
+    ("api", "key"),
+    ("private", "key"),
+    ("auth",),
+    ("password",),
+    ("signature",),
+    ("aws", "secret", "access", "key"),
+]
+ORDINARY_PHRASES = [
+    ("author",),
+    ("keyword",),
+    ("page", "token"),
+    ("next", "page", "token"),
+    ("token", "type"),
+    ("user", "id"),
+]
+
+
+def _spellings():
+    from hypothesis import strategies as st
+
+    def spell(words: tuple[str, ...], style: str, prefix: str) -> str:
+        if style == "camel":
+            name = words[0] + "".join(w.capitalize() for w in words[1:])
+        elif style == "pascal":
+            name = "".join(w.capitalize() for w in words)
+        elif style == "upper":
+            name = "_".join(words).upper()
+        else:
+            name = style.join(words)
+        return prefix + name
+
+    styles = st.sampled_from(["camel", "pascal", "upper", "_", "-", "."])
+    prefixes = st.sampled_from(["", "x-", "X-", "my_"])
+    return spell, styles, prefixes
+
+
+def test_secret_names_are_found_however_they_are_spelled_and_placed():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from analyzer.secrets import protect_headers, protect_url, redact_body
+
+    spell, styles, prefixes = _spellings()
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.sampled_from(SECRET_PHRASES),
+        styles,
+        prefixes,
+        st.sampled_from(["query", "header", "json", "form", "xml"]),
+    )
+    def secret(words, style, prefix, where):
+        name = spell(words, style, prefix)
+        value = "CANARYv4lue"
+        if where == "query":
+            out = protect_url(f"https://h.test/p?id=1&{name}={value}", KEY)
+        elif where == "header":
+            out = str(protect_headers([(name, value)], KEY))
+        elif where == "json":
+            out = redact_body(json.dumps({"id": 1, name: value}).encode(), "application/json", KEY).decode()
+            json.loads(out)  # still JSON
+        elif where == "form":
+            out = redact_body(
+                f"id=1&{name}={value}".encode(), "application/x-www-form-urlencoded", KEY
+            ).decode()
+        else:
+            tag = name.replace(".", "_")
+            out = redact_body(f"<r><{tag}>{value}</{tag}></r>".encode(), "application/xml", KEY).decode()
+        assert value not in out, (name, where, out)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.sampled_from(ORDINARY_PHRASES), styles, st.sampled_from(["query", "json"]))
+    def ordinary(words, style, where):
+        name = spell(words, style, "")
+        if where == "query":
+            out = protect_url(f"https://h.test/p?{name}=plainvalue", KEY)
+        else:
+            out = redact_body(json.dumps({name: "plainvalue"}).encode(), "application/json", KEY).decode()
+        assert "plainvalue" in out, (name, where, out)
+
+    secret()
+    ordinary()

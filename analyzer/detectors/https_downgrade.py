@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 from analyzer.detectors.base import Context, followed_hops, hop_finding
 from analyzer.model import Chain, Finding, Severity, header
-from analyzer.secrets import CREDENTIAL_HEADERS
+from analyzer.secrets import is_secret_header
 
 RULE_ID = "RA106"
 SLUG = "https-downgrade"
@@ -43,7 +43,7 @@ def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
         if not (source.url_norm.startswith("https:") and target.url_norm.startswith("http:")):
             continue
         exposed = sorted(
-            {name.lower() for name, _ in target.request_headers if name.lower() in CREDENTIAL_HEADERS}
+            {name.lower() for name, _ in target.request_headers if is_secret_header(name.lower())}
         )
         if target.request_body.is_present:
             exposed.append(f"request body ({target.request_body.length} bytes)")

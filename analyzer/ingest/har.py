@@ -46,7 +46,7 @@ from analyzer.ingest.common import (
 from analyzer.ingest.harsplit import BLOCK, Blocks, Unsure, entries_offset
 from analyzer.ingest.jsonlimits import MAX_DEPTH, KeyWatch, checked_events
 from analyzer.model import Body, Exchange
-from analyzer.secrets import CREDENTIAL_HEADERS, URL_HEADERS, protect_credential, protect_url
+from analyzer.secrets import protect_header_value, protect_url
 from analyzer.store import (
     EXCHANGE_COLUMNS,
     STATISTICS_AFTER,
@@ -663,10 +663,7 @@ class _HarEntries:
             if type(val) is not str:
                 val = str(val)
             lname = name.lower()
-            if lname in CREDENTIAL_HEADERS:
-                val = protect_credential(lname, val, self.key)
-            elif lname in URL_HEADERS:
-                val = protect_url(val, self.key, self.policy)
+            val = protect_header_value(lname, val, self.key, self.policy)
             pairs.append((name, val))
             if lname not in lookup:
                 lookup[lname] = val
