@@ -31,7 +31,7 @@ import hmac
 import json
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -175,6 +175,8 @@ class SecretPolicy:
     SECRET_FIELDS convention names, and the user's own."""
 
     fields: frozenset[str]
+    # header name (lower-case) -> how its value is protected; filled as names are met
+    header_kinds: dict[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_secret(self, name: str) -> bool:
         return is_secret_name(name, self.fields)
@@ -270,15 +272,28 @@ def protect_header_value(lname: str, value: str, key: bytes, policy: SecretPolic
     credential header is fingerprinted (its auth scheme kept); a URL header's URLs are
     protected; any other header's secret-named parameters (`token=` of WWW-Authenticate)
     and secret-shaped values (JWTs, AWS key ids, PEM keys) are fingerprinted."""
-    if is_secret_header(lname, policy):
+    kind = policy.header_kinds.get(lname)
+    if kind is None:
+        kind = policy.header_kinds[lname] = (
+            _CREDENTIAL if is_secret_header(lname, policy) else _URLS if lname in URL_HEADERS else _OTHER
+        )
+    if kind is _CREDENTIAL:
         return protect_credential(lname, value, key)
-    if lname in URL_HEADERS:
+    if kind is _URLS:
         return protect_url(value, key, policy)
     protected = value
-    if "=" in value:
+    if "=" in value and _PARAM_HINT.search(value) is not None:
         protected = _HEADER_PARAM.sub(lambda m: _header_param(m, key, policy), value)
-    protected = _protect_shapes(protected, key)
+    if SHAPE_HINT.search(protected) is not None:
+        protected = _protect_shapes(protected, key)
     return value if protected == value else protected
+
+
+_CREDENTIAL, _URLS, _OTHER = "credential", "urls", "other"
+# a parameter whose name may be secret (is_secret_name decides): the cheap test first
+_PARAM_HINT = re.compile(
+    r"(?i)(?:token|secret|pass|pwd|sig|auth|key|sess|sid|nonce|code|state|ticket|cred|otp|jwt|pin|assert)[\w.-]*\s*="
+)
 
 
 _HEADER_PARAM = re.compile(r"(^|[\s,;])([\w.-]+)(\s*=\s*)(\"(?:[^\"\\]|\\.)*\"|[^\s,;]+)")
