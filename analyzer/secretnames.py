@@ -224,17 +224,21 @@ GLUED_ENDS = (
 # ---- values by shape ---------------------------------------------------------------------
 
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
-AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b")
+AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")  # long-term and temporary access key ids
 PEM_PRIVATE = re.compile(
     r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)", re.S
 )
 SHAPES = (JWT, AWS_KEY_ID, PEM_PRIVATE)
-# a cheap test before the shapes are searched for
-SHAPE_HINT = re.compile(r"eyJ|AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|-----BEGIN")
+
+
+def may_hold_shapes(text: str) -> bool:
+    """The cheap test before the shapes are searched for: substring tests in C (an
+    alternation in `re` costs ~2 µs a header, on every header the proxy sees)."""
+    return "eyJ" in text or "AKIA" in text or "ASIA" in text or "-----BEGIN" in text
 
 
 def secret_shapes(text: str) -> list[tuple[int, int]]:
     """(start, end) of every secret-shaped value in a text."""
-    if SHAPE_HINT.search(text) is None:
+    if not may_hold_shapes(text):
         return []
     return [m.span() for shape in SHAPES for m in shape.finditer(text)]

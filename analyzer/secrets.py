@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
-from analyzer.secretnames import SHAPE_HINT, decoded_name, is_secret_name, secret_shapes
+from analyzer.secretnames import decoded_name, is_secret_name, may_hold_shapes, secret_shapes
 
 CREDENTIAL_HEADERS = frozenset(
     {
@@ -282,18 +282,15 @@ def protect_header_value(lname: str, value: str, key: bytes, policy: SecretPolic
     if kind is _URLS:
         return protect_url(value, key, policy)
     protected = value
-    if "=" in value and _PARAM_HINT.search(value) is not None:
+    if "=" in value and any(policy.is_secret(name) for name in _HEADER_PARAM_NAME.findall(value)):
         protected = _HEADER_PARAM.sub(lambda m: _header_param(m, key, policy), value)
-    if SHAPE_HINT.search(protected) is not None:
+    if may_hold_shapes(protected):
         protected = _protect_shapes(protected, key)
     return value if protected == value else protected
 
 
 _CREDENTIAL, _URLS, _OTHER = "credential", "urls", "other"
-# a parameter whose name may be secret (is_secret_name decides): the cheap test first
-_PARAM_HINT = re.compile(
-    r"(?i)(?:token|secret|pass|pwd|sig|auth|key|sess|sid|nonce|code|state|ticket|cred|otp|jwt|pin|assert)[\w.-]*\s*="
-)
+_HEADER_PARAM_NAME = re.compile(r"([\w.-]+)\s*=")
 
 
 _HEADER_PARAM = re.compile(r"(^|[\s,;])([\w.-]+)(\s*=\s*)(\"(?:[^\"\\]|\\.)*\"|[^\s,;]+)")
@@ -362,7 +359,7 @@ def protect_url(url: str, key: bytes, policy: SecretPolicy = DEFAULT_POLICY, _le
     protected = url
     if "@" in url:
         protected = _USERINFO.sub(lambda m: m[1] + _fingerprint_as_is(key, m[2]) + "@", protected)
-    if SHAPE_HINT.search(protected) is not None:
+    if may_hold_shapes(protected):
         protected = _protect_shapes(protected, key)
     if "=" not in protected:
         return url if protected == url else protected

@@ -8,10 +8,24 @@ RA104) are the traffic; each setting is checked by what `findings` and `check` p
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import RULE_FIXTURES, run_cli
+from conftest import DEMO, RULE_FIXTURES, run_cli
+
+
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory) -> str:
+    """The demo store, made once: every test here only reads it (configuration files live in
+    each test's own directory)."""
+    where = tmp_path_factory.mktemp("config-demo")
+    copies = [str(shutil.copy(har, where / har.name)) for har in DEMO]
+    db = str(where / "demo.db")
+    assert run_cli("import-har", *copies, "--db", db).returncode == 0
+    assert run_cli("analyze", "--db", db).returncode == 0
+    return db
+
 
 ALL_SEVEN = ["RA101", "RA101", "RA101", "RA102", "RA103", "RA104", "RA104"]
 

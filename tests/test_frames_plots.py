@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -60,28 +61,38 @@ def test_hops_say_what_changed_and_whether_it_conforms(demo_db):
     )  # 307 followed without the body
 
 
-@pytest.mark.parametrize(
-    "fixture, expected",
-    [
-        ("hg-303", "deviated"),  # HEAD came back as GET (head-to-get)
-        ("md-303-post-to-get", "as specified"),
-        ("md-301-post-to-get", "allowed, body lost"),  # historical, RA101 at low severity
-        ("md-302-post-without-body", "allowed"),  # the same, and no body to lose
-        ("md-302-put-to-get", "deviated"),
-        ("md-307-post-to-get", "deviated"),
-        ("db-307-not-captured", "as specified"),  # body not captured: no verdict against the client
-        ("lw-put-307", "not followed"),
-        ("cc-cookie-same-site", "as specified"),  # a cookie jar does this (RA105 at low)
-        ("cc-cookie-other-port", "as specified"),  # cookies do not isolate ports
-        ("cc-authorization-other-host", "deviated"),  # Fetch drops Authorization on another origin
-        ("cd-same-origin-401", "deviated"),  # Fetch keeps every header on the same origin
-    ],
-)
-def test_verdicts_are_read_off_the_rules_findings(tmp_path, fixture, expected):
-    db = str(tmp_path / "v.db")
-    assert run_cli("import-har", "--db", db, str(RULE_FIXTURES / f"{fixture}.har")).returncode == 0
+VERDICT_CASES = [
+    ("hg-303", "deviated"),  # HEAD came back as GET (head-to-get)
+    ("md-303-post-to-get", "as specified"),
+    ("md-301-post-to-get", "allowed, body lost"),  # historical, RA101 at low severity
+    ("md-302-post-without-body", "allowed"),  # the same, and no body to lose
+    ("md-302-put-to-get", "deviated"),
+    ("md-307-post-to-get", "deviated"),
+    ("db-307-not-captured", "as specified"),  # body not captured: no verdict against the client
+    ("lw-put-307", "not followed"),
+    ("cc-cookie-same-site", "as specified"),  # a cookie jar does this (RA105 at low)
+    ("cc-cookie-other-port", "as specified"),  # cookies do not isolate ports
+    ("cc-authorization-other-host", "deviated"),  # Fetch drops Authorization on another origin
+    ("cd-same-origin-401", "deviated"),  # Fetch keeps every header on the same origin
+]
+
+
+@pytest.mark.parametrize("fixture, expected", VERDICT_CASES)
+def test_verdicts_are_read_off_the_rules_findings(verdict_hops, fixture, expected):
+    mine = verdict_hops[(verdict_hops["file"] == f"{fixture}.har") & (verdict_hops["hop"] == 0)]
+    assert list(mine["verdict"]) == [expected]
+
+
+@pytest.fixture(scope="module")
+def verdict_hops(tmp_path_factory):
+    """Every verdict fixture in one store (each HAR is its own client), with each hop's file."""
+    db = str(tmp_path_factory.mktemp("verdicts") / "v.db")
+    names = [f"{name}.har" for name, _ in VERDICT_CASES]
+    assert run_cli("import-har", "--db", db, *[str(RULE_FIXTURES / n) for n in names]).returncode == 0
     hops = frames.hops(db)
-    assert list(hops[hops["hop"] == 0]["verdict"]) == [expected]
+    chains = json.loads(run_cli("chains", "-f", "json", "--db", db).stdout)
+    files = {c["chain_id"]: Path(c["hops"][0]["from"]["capture"]["file"]).name for c in chains}
+    return hops.assign(file=hops["chain_id"].map(files))
 
 
 def test_chains_findings_clients(demo_db):

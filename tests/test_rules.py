@@ -223,6 +223,26 @@ def test_a_post_turned_get_claims_only_the_body_the_capture_shows(length, said):
     assert said in found[0].message, found[0].message
 
 
+MESSAGE_FIXTURES = (
+    "md-302-post-without-body",
+    "db-303-post-kept-no-body",
+    "ng-303-post-kept-not-captured",
+    "bg-303-content-length-only",
+    "cd-digest-answered",
+    "cd-other-host-digest-answered",
+    "cd-same-origin-401",
+)
+
+
+@pytest.fixture(scope="module")
+def message_findings(tmp_path_factory) -> list[dict]:
+    """The findings of every message fixture, from one store (each HAR is its own client)."""
+    db = str(tmp_path_factory.mktemp("messages") / "m.db")
+    files = [str(RULE_FIXTURES / f"{name}.har") for name in MESSAGE_FIXTURES]
+    assert run_cli("import-har", "--db", db, *files).returncode == 0
+    return json.loads(run_cli("findings", "--db", db, "-f", "json").stdout)
+
+
 @pytest.mark.parametrize(
     "fixture, rule, said, not_said",
     [
