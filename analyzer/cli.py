@@ -1459,9 +1459,11 @@ def export_tests_cmd(
     target = Path(directory) / f"test_redirects_{slug[:60]}.py"
     if target.exists():
         raise UserError(f"{target} exists; remove it or choose another -o DIR")
+    from analyzer.files import private_directory, write_private
+
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(source)
+        private_directory(target.parent)
+        write_private(target, source)
     except OSError as exc:
         raise UserError(f"{target}: cannot write: {exc.strerror or exc}") from None
     variables = ", ".join(module.secret_origins) or "none"

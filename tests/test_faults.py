@@ -180,6 +180,34 @@ def test_the_proxy_keeps_answering_and_loses_nothing_while_its_store_is_locked(t
     assert f"saw {len(answered)} exchanges, stored {len(answered)}" in output
 
 
+def test_a_clean_stop_while_the_store_is_locked_is_not_called_unclean_next_time(tmp_path, upstream):
+    """SIGTERM while another process holds the store: the recorder cannot clear its
+    running mark, so it spools what it holds and says, next to the spool, that it stopped
+    cleanly; the next start replays the spool and says the stop was clean."""
+    db = tmp_path / "t.db"
+    open_store(str(db)).close()
+    proxy = Mitmdump(tmp_path / "mitm", db=str(db))
+    answered: list[float] = []
+    holder = None
+    try:
+        drive(proxy.port, upstream, 0.8, answered)
+        wait_until(lambda: count(db) == len(answered))
+        holder = Holder(db)
+        drive(proxy.port, upstream, 1.0, answered)
+        proxy.stop()  # SIGTERM, the store still locked
+    finally:
+        if holder is not None:
+            holder.release()
+    assert list((tmp_path / "t.db.spool").glob("*.rows.stopped"))
+    again = Mitmdump(tmp_path / "mitm2", db=str(db))
+    wait_until(lambda: count(db) == len(answered), timeout=20)
+    output = again.stop()
+    assert "stopped cleanly while the store was busy" in output and "replayed now" in output, output[-2000:]
+    assert "uncleanly" not in output
+    assert count(db) == len(answered)
+    assert not list((tmp_path / "t.db.spool").glob("*"))  # spool and its mark gone
+
+
 def test_kill_9_loses_at_most_the_last_commit_interval_and_the_next_start_says_so(tmp_path, upstream):
     db = tmp_path / "k.db"
     open_store(str(db)).close()

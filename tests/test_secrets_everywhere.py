@@ -490,8 +490,13 @@ def test_a_new_store_its_wal_and_output_files_are_readable_by_their_owner_only(t
     assert run_cli("findings", "-f", "json", "--db", str(db), "-o", str(report)).returncode == 0
     baseline = tmp_path / "baseline.json"
     assert run_cli("check", "--db", str(db), "--write-baseline", str(baseline)).returncode == 0
-    for path in [db, *tmp_path.glob("private.db-*"), report, baseline]:
+    exported = tmp_path / "contract" / "tests"  # two levels that do not exist yet
+    assert run_cli("export-tests", "--db", str(db), "-o", str(exported)).returncode == 0
+    (module,) = exported.glob("test_*.py")
+    for path in [db, *tmp_path.glob("private.db-*"), report, baseline, module]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for directory in (exported, exported.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     assert list(tmp_path.glob("private.db-wal"))
     holder.close()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
-from analyzer.ingest.spool import Spool, default_spool_path, old_spools
+from analyzer.ingest.spool import Spool, default_spool_path, old_spools, stopped_mark
 from analyzer.model import Exchange
 from analyzer.store import (
     EXCHANGE_COLUMNS,
@@ -354,18 +354,38 @@ class Recorder:
             spooled = Path(mark["spool"]) if mark.get("spool") else None
             waiting = Spool.count(spooled) if spooled is not None else 0
             told.add(key.removeprefix(RUNNING))
-            log.warning(
-                "redirect-audit: the last run on this store (capture %s, pid %s) stopped uncleanly; %s",
-                mark.get("capture"),
-                mark.get("pid"),
+            held = (
                 f"its spool holds {waiting} exchanges, replayed now"
                 if waiting
-                else "what it had committed is stored (a commit every 250 ms by default)",
+                else "what it had committed is stored (a commit every 250 ms by default)"
             )
+            if spooled is not None and stopped_mark(spooled).exists():
+                log.info(
+                    "redirect-audit: the last run on this store (capture %s, pid %s) stopped cleanly while the "
+                    "store was busy; %s",
+                    mark.get("capture"),
+                    mark.get("pid"),
+                    held,
+                )
+            else:
+                log.warning(
+                    "redirect-audit: the last run on this store (capture %s, pid %s) stopped uncleanly; %s",
+                    mark.get("capture"),
+                    mark.get("pid"),
+                    held,
+                )
             conn.execute(delete(meta).where(meta.c.key == key))
         for spool in old_spools(self._spool.directory, self.run_id):
             head = spool.header()
             if spool.run_id in told or head.get("host") != here or _alive(head.get("pid")):
+                continue
+            if stopped_mark(spool.path).exists():
+                log.info(
+                    "redirect-audit: an earlier run on this store (pid %s) stopped cleanly while the store was "
+                    "busy; its spool holds %d exchanges, replayed now",
+                    head.get("pid"),
+                    Spool.count(spool.path),
+                )
                 continue
             log.warning(
                 "redirect-audit: an earlier run on this store (pid %s) stopped uncleanly before it could "
@@ -398,12 +418,14 @@ class Recorder:
     def _finish(self) -> None:
         self._spool.sync()
         if self.capture_id is None or self._store_down_since is not None:
-            return  # the spool holds it all; the next start replays it
+            self._spool.mark_stopped()  # the spool holds it all; the next start replays it
+            return
         try:
             with self.store.begin() as conn:
                 finish_capture(conn, self.capture_id, entries=self.stored)
                 conn.execute(delete(meta).where(meta.c.key == self._marker))  # a clean stop
         except StoreError:
+            self._spool.mark_stopped()
             return
         if not self._spool.pending():
             self._spool.remove()

@@ -44,6 +44,11 @@ def default_spool_path(store_url: str) -> Path:
     return Path(f"redirect-audit-{hashlib.sha256(store_url.encode()).hexdigest()[:12]}.spool")
 
 
+def stopped_mark(path: Path) -> Path:
+    """The file that says a spool's run stopped cleanly (Spool.mark_stopped)."""
+    return path.with_name(path.name + ".stopped")
+
+
 def old_spools(directory: Path, this_run: str) -> list[Spool]:
     """The spool files other runs left in the directory (replayed by whoever runs next)."""
     if not directory.is_dir():
@@ -141,6 +146,7 @@ class Spool:
                 if self.reader_only and header is not None:  # an old run's file, all in the store: gone
                     conn.execute(delete(meta).where(meta.c.key == PROGRESS + self.run_id))
                     self.path.unlink(missing_ok=True)
+                    stopped_mark(self.path).unlink(missing_ok=True)
                 return None
             capture = state.get("capture") or self.capture_id
             if (
@@ -166,10 +172,19 @@ class Spool:
                 self._fh.close()
                 self._fh = None
             self.path.unlink(missing_ok=True)
+            stopped_mark(self.path).unlink(missing_ok=True)
         try:
             self.directory.rmdir()  # only if empty
         except OSError:
             pass
+
+    def mark_stopped(self) -> None:
+        """Say, next to the file, that its run stopped cleanly although the store could not
+        be told (it was locked or down): the next start then does not call it an unclean stop."""
+        if self.path.exists():
+            fd = os.open(stopped_mark(self.path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps({"stopped": time.time(), "pid": os.getpid()}))
 
     @staticmethod
     def count(path: Path) -> int:
