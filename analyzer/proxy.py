@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -221,5 +222,11 @@ class ProxyPlan:
         return shlex.join(self.argv())
 
     def exec(self) -> None:
+        """Become mitmdump (or mitmweb), through addons/quiet.py: a Ctrl-C at any moment of its
+        life, start-up included, exits 130 without a traceback."""
         argv = self.argv()
-        os.execve(argv[0], argv, self.environ())
+        quiet = [sys.executable, "-m", "addons.quiet", Path(argv[0]).name, *argv[1:]]
+        # Ctrl-C waits (blocked, not lost) from here until quiet.py's handler is set: a mask
+        # outlives exec, and the interpreter would otherwise meet it before any of our code
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        os.execve(sys.executable, quiet, self.environ())

@@ -313,3 +313,26 @@ def test_a_ctrl_c_that_lands_in_a_weakref_callback_is_delivered_again_not_swallo
             [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30
         )
         assert done.stdout.strip() == "delivered" and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("moment", [0.4, 0.9, 3.0])
+def test_ctrl_c_at_any_moment_of_the_proxy_s_life_exits_130_without_a_traceback(tmp_path, moment):
+    """While the command loads, while mitmproxy loads (after the exec), and while it runs:
+    one line or the recorder's totals, status 130, never a KeyboardInterrupt traceback."""
+    from proxyrun import free_port
+
+    port = free_port()
+    conf = tmp_path / "conf"
+    trial = Trial(
+        "proxy", "--db", str(tmp_path / "p.db"), "-p", str(port), "--confdir", str(conf), cwd=tmp_path
+    )
+    time.sleep(moment)
+    trial.ctrl_c()
+    code, out = trial.finish()
+    no_traceback(out)
+    assert code == 130, out[-2000:]
+    assert trial.group_is_gone()
+    if moment >= 3.0:  # it was running: mitmproxy's own shutdown, the recorder's totals
+        assert "saw 0 exchanges, stored 0" in out, out[-2000:]
+    else:
+        assert "redirect-audit: interrupted" in out, out[-2000:]
