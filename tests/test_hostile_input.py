@@ -322,3 +322,26 @@ def test_the_live_finding_log_escapes_what_an_upstream_sends(tmp_path):
     assert "/nowhere%1B]0;pwned%07%1B[2J" in output
     for char in "\x1b\x07\x9b":
         assert char not in output, repr(char)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (
+            b'{"log": {"version": "1.2", "entries": [{"request": \x9f }]}}',
+            "lexical error: invalid char in json text.",
+        ),
+        (
+            b'{"log": {"version": "1.2", "entries": [ }, { "x" ]}}',
+            "parse error: unallowed token at this point",
+        ),
+    ],
+)
+def test_a_refusal_is_in_words_never_a_bytes_repr(tmp_path, text, words):
+    har = tmp_path / "broken.har"
+    har.write_bytes(text)
+    done = run_cli("import-har", str(har), "--db", str(tmp_path / "b.db"))
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"redirect-audit: error: {har}: not valid JSON: {words}", line
+    assert "b'" not in line and "\\x" not in line

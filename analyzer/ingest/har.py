@@ -430,8 +430,12 @@ class _StreamImport:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """An exception's message in one line of words: a parser that gives its message as
+    bytes (yajl's `b'lexical error: ...'`) is decoded, not shown as a Python repr."""
+    first = exc.args[0] if len(exc.args) == 1 else None
+    message = first.decode("utf-8", "replace") if isinstance(first, bytes | bytearray) else str(exc)
+    text = message.strip().splitlines()
+    return text[0].strip() if text else type(exc).__name__
 
 
 class _CountingReader:
