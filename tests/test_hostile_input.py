@@ -333,7 +333,7 @@ def test_the_live_finding_log_escapes_what_an_upstream_sends(tmp_path):
         ),
         (
             b'{"log": {"version": "1.2", "entries": [ }, { "x" ]}}',
-            "parse error: unallowed token at this point",
+            "parse error: unallowed token at this point in JSON text",
         ),
     ],
 )
