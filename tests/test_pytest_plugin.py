@@ -707,8 +707,9 @@ def test_marked_expectations_and_the_project_configuration(pytester, upstream):
         pyproject='[tool.redirect-audit]\nfail-on = "low"\n\n'
         '[tool.redirect-audit.per-url-ignores]\n"*/r/302/by-config" = ["RA101"]\n',
     )
-    done = run_pytest(pytester, "--redirect-audit", "--strict-markers", "-p", "no:cacheprovider", "-rf")
+    done = run_pytest(pytester, "--redirect-audit", "--strict-markers", "-p", "no:cacheprovider", "-rf", "-v")
     out = done.stdout.str()
+    assert f"Configuration: {pytester.path / 'pyproject.toml'}" in out  # -v names the file used
     done.assert_outcomes(passed=3, failed=3)
     for name in ("test_expected_downgrade", "test_ignored", "test_by_the_configuration"):
         assert f"FAILED test_marked.py::{name}" not in out

@@ -322,6 +322,7 @@ class AuditSession:
         self._changes: dict[str, str | None] | None = None  # a subprocess's environment, on top
         self.settled = False  # the answers to hello, configure and start were read
         self.refused = False  # the tool refused the session (a usage error was raised)
+        self.config_file: str | None = None  # the configuration file the tool found, once settled
         try:
             self.tool: Tool = tool.find(config.getoption("redirect_audit_tool"))
             # asked now, answered while pytest collects (_settle); a tool that is gone already
@@ -361,6 +362,7 @@ class AuditSession:
             self.refused = True  # nothing more is asked of it: the session ends with the error
             raise _usage(exc) from None
         configured = answers.get("configure") or {}
+        self.config_file = configured.get("config")  # the project's configuration, if one was found
         if self.fail_on is None and configured.get("fail_on"):
             self.fail_on = configured["fail_on"]  # the project's configuration says it
         started = answers.get("start")
@@ -726,6 +728,12 @@ class AuditSession:
         except ToolError as exc:
             tr.write_line(f"redirect-audit: could not read the findings: {exc}")
             return
+        if config.getoption("verbose") > 0:
+            tr.write_line(
+                f"Configuration: {self.config_file}"
+                if self.config_file
+                else f"Configuration: no redirect-audit.toml or [tool.redirect-audit] from {config.rootpath} up"
+            )
         for line in lines:
             tr.write_line(line)
 
