@@ -47,10 +47,11 @@ def _note_interrupt() -> None:
 def main() -> None:
     if _signal.getsignal(_signal.SIGINT) is not _signal.SIG_IGN:  # a background job keeps ignoring it
         _signal.signal(_signal.SIGINT, _while_loading)
-    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT})  # blocked by `proxy` before its exec
     tool = sys.argv[1] if len(sys.argv) > 1 else "mitmdump"
     sys.argv = [tool, *sys.argv[2:]]
     try:
+        # blocked by `proxy` before its exec: a Ctrl-C that waited arrives here, in the try
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT})
         _note_interrupt()
         from mitmproxy.tools.main import mitmdump, mitmweb
 
