@@ -100,7 +100,7 @@ def follow_up_urls(ex: Linkable) -> Iterator[str]:
     if ex.location_resolved is not None:
         yield ex.location_resolved
         if ex.location is not None:
-            yield from location_alternates(ex.url, ex.location)
+            yield from location_alternates(ex.url, ex.location, ex.location_resolved)
 
 
 class _Candidates:

@@ -272,7 +272,7 @@ def _request_lines(module: Module, request: Request, target: str) -> list[str]:
         lower = name.lower()
         if lower in SKIPPED_HEADERS or lower.startswith(":"):
             continue
-        if lower in _CREDENTIALS or is_secret_header(lower) or FINGERPRINT_PREFIX in value:
+        if is_secret_header(lower) or FINGERPRINT_PREFIX in value:
             variable = module.secrets.setdefault((lower, value), f"{ENV_PREFIX}{len(module.secrets) + 1}")
             module.secret_origins.setdefault(variable, f"{name} sent to {_origin(request.url)}")
             secrets.append((name, variable))

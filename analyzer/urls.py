@@ -104,16 +104,13 @@ def _is_plain(location: str) -> bool:
     return scheme == scheme.lower() and authority == authority.lower() and "xn--" not in authority
 
 
-def location_alternates(base: str, location: str) -> tuple[str, ...]:
+def location_alternates(base: str, location: str, primary: str | None = None) -> tuple[str, ...]:
     """Other normalized URLs a client may send after `location` than the WHATWG one
-    (`resolve_location`), most common first; none for a Location every parser reads alike."""
+    (`primary`, as `resolve_location` gave it), most common first; none for a Location every
+    parser reads alike."""
     value = location.strip()
     if not value or _is_plain(value):
         return ()
-    try:
-        primary = resolve_location(base, value)
-    except BadURL:
-        primary = None
     forms: list[str] = []
     for make in (_whatwg, _requoted, _rfc3986):
         try:
