@@ -77,7 +77,7 @@ from analyzer.ingest.flows import (
     made_response,
 )
 from analyzer.ingest.recorder import Recorder, RecorderSettings
-from analyzer.live import PENDING, LiveAnalyzer
+from analyzer.live import LIVE_LIMIT, PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
 from analyzer.store import Store, open_store
 from analyzer.storeread import StoreError, safe_url
@@ -147,6 +147,7 @@ class RedirectRecorder:
         self.recorder: Recorder | None = None
         self.converter: FlowConverter | None = None
         self.live: LiveAnalyzer | None = None
+        self._trim_said: set[str] = set()  # kinds live analysis let go of, said once each
         self.flows: weakref.WeakValueDictionary[int, http.HTTPFlow] = weakref.WeakValueDictionary()
         self.findings = 0
         self.store: Store | None = None
@@ -644,6 +645,19 @@ class RedirectRecorder:
                 found = self.live.expire()
                 if found:
                     self._report(found)
+                self._say_trimmed(self.live)
+
+    def _say_trimmed(self, live: LiveAnalyzer) -> None:
+        """Say once per kind that live analysis reached its cap and let go of the oldest."""
+        for kind, count in live.trimmed.items():
+            if count and kind not in self._trim_said:
+                self._trim_said.add(kind)
+                log.warning(
+                    "redirect-audit: live analysis keeps at most %s %s and let go of the oldest; "
+                    "`redirect-audit analyze` judges them from the store",
+                    f"{LIVE_LIMIT:,}",
+                    kind,
+                )
 
     # ---- shutdown ------------------------------------------------------------
 

@@ -16,11 +16,27 @@ slice of traffic that is still open:
 
 Every decision is one of `analyze`'s, made with less hindsight: only when the same
 request could have followed two identical redirects can the two disagree on which
-hop it belongs to. What is kept is bounded by the link and duplicate windows.
+hop it belongs to.
+
+What is kept is a window, not a history, so the proxy runs in flat memory however long
+it records (benchmarks/bench_live_memory.py):
+
+* a redirect waits at most the link window (30 s); a followed one lets go of its chain
+  at once;
+* a write is kept for the duplicate window (600 s), and only its first deliveries
+  (KEPT_DELIVERIES) with the chain each arrived by, then a count;
+* a temporary redirect is kept as its (source, target) summary (Sightings, without the
+  exchange), under a 16-byte digest of the pair.
+
+On top of the windows each kind is capped at LIVE_LIMIT entries: traffic that would
+hold more (a load test of unique redirects nobody follows) lets go of its oldest
+entries, counted in `trimmed`. What is let go is never judged wrongly, only not judged
+live: `analyze` reads the store, where every exchange is, and finds what live missed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -39,22 +55,32 @@ CHAIN_RULES = tuple(
 PENDING = "pending"
 # One logical write: (client, method, target, body digest)
 WriteKey = tuple[str, str, str, str | None]
+Arrival = tuple[Chain, int]  # the chain a request arrived by, and the index of its hop
+LIVE_LIMIT = 10_000  # waiting redirects, writes, redirect pairs: the most of each kept
+KEPT_DELIVERIES = 8  # deliveries of one write kept to judge it; later ones are counted
 
 
-@dataclass
+@dataclass(slots=True)
 class _Waiting:
     """A redirect waiting for its follow-up, and the chain it ends for now."""
 
     redirect: Exchange
-    chain: Chain
+    chain: Chain | None  # None once followed or given up: the chain has moved on
     moved_on: bool = False  # its connection has carried another redirect of the client since
     urls: tuple[str, ...] = ()  # the follow-up URLs it waits under (chains.follow_up_urls)
 
 
-@dataclass
+@dataclass(slots=True)
 class _WriteGroup:
     deliveries: list[Exchange] = field(default_factory=list)
+    arrivals: dict[int, Arrival] = field(default_factory=dict)  # of the deliveries kept
+    count: int = 0
     reported: bool = False
+
+
+def pair_key(source: str, target: str) -> bytes:
+    """A redirect pair as the live stale rule keys it: 16 bytes, whatever the URLs' length."""
+    return hashlib.blake2b(f"{source}\n{target}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class LiveAnalyzer:
@@ -74,15 +100,19 @@ class LiveAnalyzer:
         self._on_connection: dict[
             tuple[str, str | None], list[_Waiting]
         ] = {}  # waiting, by (client, connection)
-        self._arrivals: dict[int, tuple[Chain, int]] = {}
-        self._arrival_times: deque[tuple[float, int]] = deque()
-        self._writes: dict[WriteKey, _WriteGroup] = {}
-        self._write_times: deque[tuple[float, WriteKey]] = deque()
-        self._stale_reported: set[tuple[str, str]] = set()
+        self._waiting_count = 0  # redirects waiting now (_expiry also holds followed ones until they expire)
+        self._writes: dict[WriteKey, _WriteGroup] = {}  # in the order each group began
+        # the stale rule's summaries, least recently sighted first, and the pairs reported
+        self._sightings: dict[bytes, Sightings] = {}
+        self._stale_reported: dict[bytes, None] = {}
+        self.trimmed = {"redirects": 0, "writes": 0, "redirect pairs": 0}  # let go of by LIVE_LIMIT
         if isinstance(history, dict):
-            self._sightings: dict[tuple[str, str], Sightings] = history
+            latest_last = sorted(history.items(), key=lambda item: item[1].last or 0.0)[-LIVE_LIMIT:]
+            self.trimmed["redirect pairs"] += len(history) - len(latest_last)
+            for (source, target), sightings in latest_last:
+                sightings.latest = None  # a summary: the finding points at the live sighting
+                self._sightings[pair_key(source, target)] = sightings
         else:
-            self._sightings = {}
             for ex in history:
                 self._sight(ex)
         # The Public Suffix List snapshot takes ~30 ms to load: load it now, at start-up,
@@ -97,36 +127,41 @@ class LiveAnalyzer:
         self._next_id += 1
         found = self.expire(now if now is not None else ex.started_at)
         waiting = self._claim(ex)
+        arrival: Arrival | None = None
         if waiting is not None:
             chain = waiting.chain
+            assert chain is not None  # a claimed redirect is still waiting
+            waiting.chain = None
             source = waiting.redirect
             how, confidence = grade_link(source, ex, ambiguous=False)
             chain.hops[-1] = Hop(len(chain.hops) - 1, source, ex, how, confidence)
-            self._arrivals[ex.id] = (chain, len(chain.hops) - 1)
-            self._arrival_times.append((ex.started_at or 0.0, ex.id))
+            arrival = (chain, len(chain.hops) - 1)
+            self.linked(chain, arrival[1])
         elif ex.is_redirect:
             chain = Chain(hops=[], end=PENDING)
         else:
             chain = None
         if ex.is_redirect and ex.connection is not None:
-            me = order_key(ex)
-            for other in self._on_connection.get((ex.client, ex.connection), ()):
-                if order_key(other.redirect) < me:
-                    other.moved_on = True
+            self._moved_on(ex)
         if chain is not None:
             if ex.is_redirect:
                 found += self._continue(chain, ex)
             else:
                 chain.end = "final" if ex.status is not None else "error"
                 found += self._chain_done(chain)
-        found += self._check_write(ex)
+        found += self._check_write(ex, arrival)
         return found
+
+    def linked(self, chain: Chain, hop: int) -> None:
+        """Called when a request is linked as the follow-up of `chain.hops[hop]` (for tests)."""
 
     def expire(self, now: float | None = None) -> list[Finding]:
         """End the chains whose last redirect was not followed within the window."""
         now = time.time() if now is None else now
         found: list[Finding] = []
-        while self._expiry and (self._expiry[0].redirect.started_at or 0.0) + self.window < now:
+        while self._expiry and (
+            self._expiry[0].chain is None or (self._expiry[0].redirect.started_at or 0.0) + self.window < now
+        ):
             found += self._give_up(self._expiry.popleft())
         self._forget_old(now)
         return found
@@ -166,6 +201,7 @@ class LiveAnalyzer:
         chosen = min(same or eligible, key=lambda w: order_key(w.redirect))
         self._unwait(chosen)
         self._off_connection(chosen)
+        self._waiting_count -= 1
         return chosen
 
     def _unwait(self, waiting: _Waiting) -> None:
@@ -186,8 +222,11 @@ class LiveAnalyzer:
             for url in waiting.urls:
                 self._waiting.setdefault((ex.client, url), []).append(waiting)
             self._expiry.append(waiting)
+            self._waiting_count += 1
             if ex.connection is not None:
                 self._on_connection.setdefault((ex.client, ex.connection), []).append(waiting)
+            while self._waiting_count > LIVE_LIMIT:
+                self._let_go(self._expiry.popleft())
             return found
         chain.hops.append(Hop(len(chain.hops), ex, None, unfollowed_end(ex), 0.0))
         chain.end = chain.hops[-1].link
@@ -195,14 +234,46 @@ class LiveAnalyzer:
 
     def _give_up(self, waiting: _Waiting) -> list[Finding]:
         chain, ex = waiting.chain, waiting.redirect
-        last = chain.hops[-1]
-        if last.target is not None or last.source is not ex:
+        if chain is None:
             return []  # followed meanwhile
+        waiting.chain = None
         self._unwait(waiting)
         self._off_connection(waiting)
+        self._waiting_count -= 1
+        last = chain.hops[-1]
         chain.hops[-1] = Hop(last.index, ex, None, unfollowed_end(ex), 0.0)
         chain.end = chain.hops[-1].link
         return self._chain_done(chain)
+
+    def _let_go(self, waiting: _Waiting) -> None:
+        """Stop waiting for a redirect's follow-up without judging its chain (LIVE_LIMIT):
+        ending it now would call it not followed, which it may yet be."""
+        if waiting.chain is None:
+            return
+        waiting.chain = None
+        self._unwait(waiting)
+        self._off_connection(waiting)
+        self._waiting_count -= 1
+        self.trimmed["redirects"] += 1
+
+    def _moved_on(self, ex: Exchange) -> None:
+        """A redirect on a connection: the earlier ones waiting on it have been moved on
+        from, for good, so they leave its list (which stays short however many wait)."""
+        key = (ex.client, ex.connection)
+        waiters = self._on_connection.get(key)
+        if not waiters:
+            return
+        me = order_key(ex)
+        later = []
+        for other in waiters:
+            if order_key(other.redirect) < me:
+                other.moved_on = True
+            else:
+                later.append(other)
+        if later:
+            self._on_connection[key] = later
+        else:
+            del self._on_connection[key]
 
     def _off_connection(self, waiting: _Waiting) -> None:
         key = (waiting.redirect.client, waiting.redirect.connection)
@@ -217,29 +288,44 @@ class LiveAnalyzer:
 
     # ---- rules beyond one chain ------------------------------------------------
 
-    def _sight(self, ex: Exchange) -> tuple[str, str] | None:
+    def _sight(self, ex: Exchange) -> tuple[bytes, str] | None:
+        """Count a temporary redirect's sighting; its pair's key and target (None: not one)."""
         target = ex.location_resolved or ex.location
-        if not stale_temporary_redirect.is_temporary(ex) or not target:
+        if not stale_temporary_redirect.is_temporary(ex) or not target or ex.status is None:
             return None
-        key = (ex.url_norm, target)
-        if key not in self._stale_reported:
-            self._sightings.setdefault(key, Sightings()).add(ex)
-        return key
+        key = pair_key(ex.url_norm, target)
+        if key in self._stale_reported:
+            return key, target
+        sightings = self._sightings.pop(key, None)  # and in again: the most recently sighted last
+        if sightings is None:
+            sightings = Sightings()
+            while len(self._sightings) >= LIVE_LIMIT:
+                del self._sightings[next(iter(self._sightings))]
+                self.trimmed["redirect pairs"] += 1
+        self._sightings[key] = sightings
+        sightings.count_sighting(ex.status, ex.started_at)  # no exchange kept: a summary
+        sightings.note_headers(ex)
+        return key, target
 
     def _sighted(self, chain: Chain, ex: Exchange) -> list[Finding]:
         """A temporary redirect was served (again): is it stale now?"""
-        key = self._sight(ex)
-        if key is None or key in self._stale_reported:
+        sighted = self._sight(ex)
+        if sighted is None or sighted[0] in self._stale_reported:
             return []
-        judged = stale_temporary_redirect.judge(*key, self._sightings[key], self.options.detect)
+        key, target = sighted
+        judged = stale_temporary_redirect.judge(
+            ex.url_norm, target, self._sightings[key], self.options.detect
+        )
         if judged is None:
             return []
-        self._stale_reported.add(key)
+        while len(self._stale_reported) >= LIVE_LIMIT:
+            del self._stale_reported[next(iter(self._stale_reported))]
+        self._stale_reported[key] = None
         del self._sightings[key]
         # Point the finding at this sighting, in the chain it belongs to.
         return [stale_temporary_redirect.stale_finding(*judged, ex, chain, len(chain.hops))]
 
-    def _check_write(self, ex: Exchange) -> list[Finding]:
+    def _check_write(self, ex: Exchange, arrival: Arrival | None) -> list[Finding]:
         if not (
             ex.method in duplicate_write.METHOD_SEVERITY
             and duplicate_write.succeeded(ex)
@@ -247,34 +333,42 @@ class LiveAnalyzer:
             and ex.request_body.length
         ):
             return []
-        context = Context(options=self.options.detect, arrivals=self._arrivals)
+        mine = {ex.id: arrival} if arrival is not None and ex.id is not None else {}
         key: WriteKey = (
             ex.client,
             ex.method,
-            duplicate_write.logical_target(ex, context),
+            duplicate_write.logical_target(ex, Context(options=self.options.detect, arrivals=mine)),
             ex.request_body.sha256,
         )
         group = self._writes.get(key)
         window = self.options.detect.duplicate_window
         if group is None or duplicate_write.gap(group.deliveries[0], ex) > window:
+            self._writes.pop(key, None)  # and in again, at the end: the groups stay in time order
+            while len(self._writes) >= LIVE_LIMIT:
+                del self._writes[next(iter(self._writes))]
+                self.trimmed["writes"] += 1
             group = self._writes[key] = _WriteGroup()
-            self._write_times.append((ex.started_at or 0.0, key))
+        group.count += 1
+        if group.reported or len(group.deliveries) >= KEPT_DELIVERIES:
+            return []
         group.deliveries.append(ex)
-        if group.reported or len(group.deliveries) < 2:
+        group.arrivals.update(mine)
+        if len(group.deliveries) < 2:
             return []
         found = list(
-            duplicate_write.check([], Context(self.options.detect, group.deliveries, self._arrivals))
+            duplicate_write.check([], Context(self.options.detect, group.deliveries, group.arrivals))
         )
         group.reported = bool(found)
+        if found:  # reported once: only its count is kept from now on
+            group.deliveries[1:] = []
+            group.arrivals.clear()
         return found
 
     def _forget_old(self, now: float) -> None:
+        """Let go of the writes whose duplicate window has passed (it opens a new group)."""
         horizon = now - self.options.detect.duplicate_window - self.window
-        while self._write_times and self._write_times[0][0] < horizon:
-            _, key = self._write_times.popleft()
-            group = self._writes.get(key)
-            if group is not None and (group.deliveries[-1].started_at or 0.0) < horizon:
-                del self._writes[key]
-        while self._arrival_times and self._arrival_times[0][0] < horizon:
-            _, ex_id = self._arrival_times.popleft()
-            self._arrivals.pop(ex_id, None)
+        while self._writes:
+            key = next(iter(self._writes))
+            if (self._writes[key].deliveries[0].started_at or 0.0) >= horizon:
+                break
+            del self._writes[key]

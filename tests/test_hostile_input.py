@@ -345,3 +345,127 @@ def test_a_refusal_is_in_words_never_a_bytes_repr(tmp_path, text, words):
     (line,) = done.stderr.strip().splitlines()
     assert line == f"redirect-audit: error: {har}: not valid JSON: {words}", line
     assert "b'" not in line and "\\x" not in line
+
+
+# ---- sizes no browser sends (issue 29, item 4) ----------------------------------------------
+
+
+def har_with(entry: dict) -> str:
+    return json.dumps({"log": {"version": "1.2", "entries": [ENTRY, ENTRY, entry]}})
+
+
+@pytest.mark.parametrize(
+    "entry, said",
+    [
+        (
+            {**ENTRY, "request": {**ENTRY["request"], "url": "https://h.test/?q=" + "a" * (2 << 20)}},
+            "entry 2: its URL is 2,097,170 characters long, over the limit of 2,097,152 "
+            "(2 MiB, the longest URL a browser sends)",
+        ),
+        (
+            {
+                **ENTRY,
+                "response": {"status": 200, "headers": [{"name": "X-Big", "value": "v" * (300 << 10)}]},
+            },
+            "entry 2: its response headers hold 307,205 characters, over the limit of 262,144 "
+            "(256 KiB, the most a browser accepts in a response's headers)",
+        ),
+        (
+            {**ENTRY, "request": {**ENTRY["request"], "headers": [{"name": "X", "value": ""}] * 2001}},
+            "entry 2: its request has 2,001 header fields, over the limit of 2,000",
+        ),
+    ],
+    ids=["url", "header characters", "header fields"],
+)
+def test_a_url_or_header_block_no_browser_sends_is_refused_naming_entry_and_limit(tmp_path, entry, said):
+    har = tmp_path / "big.har"
+    har.write_text(har_with(entry))
+    db = tmp_path / "s.db"
+    for args in (["--workers", "2"], ["--workers", "0"]):
+        done = run_cli("import-har", str(har), "--db", str(db), *args)
+        assert done.returncode == 2
+        assert done.stderr.strip() == f"redirect-audit: error: {har}: {said}"
+    assert sqlite3.connect(db).execute("select count(*) from exchanges").fetchone()[0] == 0
+
+
+def test_a_flow_with_a_url_past_the_limit_is_refused_naming_the_flow(tmp_path):
+    from mitmproxy.io import tnetstring
+    from mitmproxy.test import tflow
+
+    fine = tflow.tflow(resp=True).get_state()
+    huge = tflow.tflow(resp=True)
+    huge.request.path = "/?q=" + "a" * (2 << 20)
+    dump = tmp_path / "huge-url.mitm"
+    dump.write_bytes(tnetstring.dumps(fine) + tnetstring.dumps(huge.get_state()))
+    done = run_cli("import-flows", str(dump), "--db", str(tmp_path / "s.db"))
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"redirect-audit: error: {dump}: flow 1: its URL is 2,097,")
+    assert "over the limit of 2,097,152 (2 MiB" in done.stderr
+
+
+def test_a_url_at_the_limit_imports_and_every_command_reads_it(tmp_path):
+    url = "https://h.test/?q="
+    url += "a" * ((2 << 20) - len(url))
+    har = tmp_path / "at-limit.har"
+    har.write_text(har_with({**ENTRY, "request": {**ENTRY["request"], "url": url}}))
+    db = tmp_path / "s.db"
+    assert run_cli("import-har", str(har), "--db", str(db)).returncode == 0
+    for command in ("analyze", "chains", "findings"):
+        done = run_cli(command, "--db", str(db))
+        assert done.returncode == 0, (command, done.stderr)
+
+
+def calls_to_analyze(tmp_path: Path, name: str, entries: list[dict]) -> int:
+    """Python calls `analyze` makes on a store of these entries: work, counted exactly."""
+    import cProfile
+    import pstats
+
+    from analyzer.analysis import analyze
+    from analyzer.ingest import import_har
+    from analyzer.store import open_store
+
+    har = tmp_path / f"{name}.har"
+    har.write_text(json.dumps({"log": {"version": "1.2", "entries": entries}}))
+    store = open_store(str(tmp_path / f"{name}.db"))
+    import_har(store, har)
+    profile = cProfile.Profile()
+    profile.runcall(analyze, store, full=True)
+    return pstats.Stats(profile).total_calls
+
+
+def test_identical_redirects_and_writes_cost_what_ordinary_traffic_costs(tmp_path):
+    """3,000 identical POST 307 -> POST pairs at one instant (every follow-up a candidate
+    for every redirect) used to join into 9 million rows; the work must stay near-linear."""
+    at = "2026-03-01T12:00:00Z"
+    body = {"mimeType": "application/json", "text": '{"amount": 5}'}
+
+    def entry(method, url, status, location=None, when=at):
+        headers = [{"name": "Location", "value": location}] if location else []
+        request = {"method": method, "url": url, "headers": []}
+        if method == "POST":
+            request["postData"] = body
+        return {
+            "startedDateTime": when,
+            "request": request,
+            "response": {"status": status, "headers": headers},
+        }
+
+    n = 1_500
+    identical = []
+    for _ in range(n):
+        identical += [
+            entry("POST", "https://h.test/pay", 307, "/v2/pay"),
+            entry("POST", "https://h.test/v2/pay", 201),
+        ]
+    ordinary = []
+    for i in range(n):
+        when = f"2026-03-01T12:{i // 60 % 60:02d}:{i % 60:02d}Z"
+        ordinary += [
+            entry("POST", f"https://h.test/pay/{i}", 307, f"/v2/pay/{i}", when),
+            entry("POST", f"https://h.test/v2/pay/{i}", 201, when=when),
+        ]
+    hostile, usual = (
+        calls_to_analyze(tmp_path, "identical", identical),
+        calls_to_analyze(tmp_path, "ordinary", ordinary),
+    )
+    assert hostile < 2 * usual, (hostile, usual)

@@ -166,7 +166,7 @@ def test_the_proxy_starts_from_the_store_s_summary_and_judges_as_analyze_does(st
     with store.begin() as conn:
         history = stale_history(conn)
     group = history[("https://api.test/docs", "https://api.test/docs/v2")]
-    assert (group.count, group.statuses, group.latest_status) == (3, {307}, 307)
+    assert (group.count, group.statuses, group.latest_status) == (3, (307,), 307)
     assert group.earliest_deadline is not None and group.lifetime == 0.0
     live = LiveAnalyzer(history=history)
     new = Exchange(

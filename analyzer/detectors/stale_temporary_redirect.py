@@ -25,7 +25,7 @@ How to fix
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -53,7 +53,7 @@ class Sightings:
     in-memory check uses."""
 
     count: int = 0
-    statuses: set[int] = field(default_factory=set)
+    statuses: tuple[int, ...] = ()  # the distinct statuses, in order (a tuple: live keeps many)
     first: float | None = None
     last: float | None = None
     earliest_deadline: float | None = None  # the soonest a sighting's Retry-After ran out
@@ -78,7 +78,8 @@ class Sightings:
     ) -> None:
         """`times` sightings of this status, the earliest at `first` (default `at`), the latest at `at`."""
         self.count += times
-        self.statuses.add(status)
+        if status not in self.statuses:
+            self.statuses = tuple(sorted((*self.statuses, status)))
         first = at if first is None else first
         if first is not None:
             self.first = first if self.first is None else min(self.first, first)

@@ -17,6 +17,32 @@ from analyzer.store import captures, exchanges
 
 DEFAULT_BODY_CAP = 64 * 1024
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key")
+# What one exchange of an imported file may hold: past these it is no request or response
+# a browser or server exchanges, and a store, `chains` and every report would carry it.
+MAX_URL = 2 * 1024 * 1024  # characters of a URL: Chrome's limit, the most generous browser's
+MAX_HEADER_CHARS = (
+    256 * 1024
+)  # characters of one side's header names and values: Chrome's cap on a response's
+MAX_HEADERS = 2_000  # header fields on one side: Node's default cap on an incoming message's
+
+
+def url_too_long(length: int) -> str:
+    return (
+        f"its URL is {length:,} characters long, over the limit of {MAX_URL:,} "
+        "(2 MiB, the longest URL a browser sends)"
+    )
+
+
+def headers_too_large(side: str, count: int, chars: int) -> str | None:
+    """What is wrong with one side's headers (`side`: "request" or "response"), or None."""
+    if count > MAX_HEADERS:
+        return f"its {side} has {count:,} header fields, over the limit of {MAX_HEADERS:,}"
+    if chars > MAX_HEADER_CHARS:
+        return (
+            f"its {side} headers hold {chars:,} characters, over the limit of {MAX_HEADER_CHARS:,} "
+            "(256 KiB, the most a browser accepts in a response's headers)"
+        )
+    return None
 
 
 class ImportError_(ReportedError):

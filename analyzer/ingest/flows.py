@@ -23,14 +23,17 @@ from mitmproxy.flow import Error as FlowError
 
 from analyzer.ingest.common import (
     IDEMPOTENCY_HEADERS,
+    MAX_URL,
     CaptureOptions,
     ImportError_,
     ImportResult,
     dates_out_of_range,
     empty_body,
     file_sha256,
+    headers_too_large,
     refuse_reimport,
     summarize_body,
+    url_too_long,
 )
 from analyzer.model import Body, Exchange
 from analyzer.secrets import SecretPolicy, protect_and_index, protect_url
@@ -248,6 +251,22 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _bounded(name: str, seq: int, flow: http.HTTPFlow) -> http.HTTPFlow:
+    """The flow, unless a URL or header block in it is past the import limits (common.py)."""
+    request = flow.request
+    length = len(request.data.path) + len(request.data.host) + 16
+    if length > MAX_URL:
+        raise ImportError_(f"{name}: flow {seq}: {url_too_long(len(request.url))}")
+    for side, message in (("request", request), ("response", flow.response)):
+        if message is None:
+            continue
+        fields = message.data.headers.fields
+        problem = headers_too_large(side, len(fields), sum(len(k) + len(v) for k, v in fields))
+        if problem is not None:
+            raise ImportError_(f"{name}: flow {seq}: {problem}")
+    return flow
+
+
 def read_flows(path: str, name: str | None = None) -> Iterator[http.HTTPFlow]:
     """The HTTP flows of a mitmproxy dump, refusing HAR (it has its own importer)."""
     name = name or path
@@ -370,7 +389,8 @@ def import_flows(
             )
             converter = FlowConverter(capture_id, store.secret_key, options, recorder=f"flows:{capture_id}")
             rows = (
-                exchange_row(converter.convert(seq, flow)) for seq, flow in enumerate(read_flows(path, name))
+                exchange_row(converter.convert(seq, _bounded(name, seq, flow)))
+                for seq, flow in enumerate(read_flows(path, name))
             )
             count = write_exchanges(conn, rows)
             if not force:

@@ -33,6 +33,9 @@ from analyzer.forking import start_method
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.ingest.common import (
     IDEMPOTENCY_HEADERS,
+    MAX_HEADER_CHARS,
+    MAX_HEADERS,
+    MAX_URL,
     AlreadyImported,
     CaptureOptions,
     ImportError_,
@@ -40,8 +43,10 @@ from analyzer.ingest.common import (
     dates_out_of_range,
     empty_body,
     file_sha256,
+    headers_too_large,
     refuse_reimport,
     summarize_body,
+    url_too_long,
 )
 from analyzer.ingest.harsplit import BLOCK, Blocks, Unsure, entries_offset
 from analyzer.ingest.jsonlimits import MAX_DEPTH, KeyWatch, checked_events
@@ -621,10 +626,14 @@ class _HarEntries:
     def convert(self, index: int, entry: _Entry) -> Exchange:
         request = entry.request or _NO_REQUEST
         response = entry.response or _NO_RESPONSE
-        req_headers, req_h = self._headers(request.headers)
-        resp_headers, resp_h = self._headers(response.headers)
+        req_headers, req_h = self._headers(request.headers, index, "request")
+        resp_headers, resp_h = self._headers(response.headers, index, "response")
         url = request.url
-        url = protect_url(url if type(url) is str else str(url or ""), self.key, self.policy)
+        if type(url) is not str:
+            url = str(url or "")
+        if len(url) > MAX_URL:
+            raise ImportError_(f"{self.name}: entry {index}: {url_too_long(len(url))}")
+        url = protect_url(url, self.key, self.policy)
         started = self._timestamp(entry.startedDateTime)
         method = request.method
         ex = Exchange(
@@ -648,17 +657,21 @@ class _HarEntries:
         self._fill_response(ex, entry, response, resp_h)
         return ex
 
-    def _headers(self, value: list[_Header] | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    def _headers(
+        self, value: list[_Header] | None, index: int, side: str
+    ) -> tuple[list[tuple[str, str]], dict[str, str]]:
         """Headers as stored (credentials fingerprinted) plus a lower-case lookup of first values.
 
         `secrets.protect_and_index` in one pass with the HAR clean-up (names and values
         as text): feeding it a cleaned list or a generator costs this, the importer's
-        hottest loop, about a third more (measured).
+        hottest loop, about a third more (measured). Headers past the limits (common.
+        MAX_HEADERS, MAX_HEADER_CHARS) refuse the file, naming the entry.
         """
         pairs: list[tuple[str, str]] = []
         lookup: dict[str, str] = {}
         if not value:
             return pairs, lookup
+        chars = 0
         for h in value:
             name = h.name
             val = h.value
@@ -666,11 +679,15 @@ class _HarEntries:
                 name = str(name)
             if type(val) is not str:
                 val = str(val)
+            chars += len(name) + len(val)
             lname = name.lower()
             val = protect_header_value(lname, val, self.key, self.policy)
             pairs.append((name, val))
             if lname not in lookup:
                 lookup[lname] = val
+        if chars > MAX_HEADER_CHARS or len(pairs) > MAX_HEADERS:
+            problem = headers_too_large(side, len(pairs), chars)
+            raise ImportError_(f"{self.name}: entry {index}: {problem}")
         return pairs, lookup
 
     def _client(self, pageref: Any) -> str:
