@@ -686,13 +686,12 @@ class RedirectRecorder:
             return
         seen, stored = rec.seen + self.unqueued, rec.stored
         late = f" ({self.late} after shutdown began)" if self.late else ""
+        causes = dict(rec.loss_causes)
+        if self.unqueued:
+            causes["the recorder failed on them (logged above)"] = self.unqueued
         extra = ", ".join(
-            f"{n} {what}"
-            for n, what in (
-                (rec.spooled, f"spooled to {rec.spool_path}"),
-                (rec.lost + self.unqueued, "dropped"),
-            )
-            if n
+            [f"{rec.spooled:,} spooled to {rec.spool_path}"] * (rec.spooled > 0)
+            + [f"{n:,} lost ({cause})" for cause, n in causes.items()]
         )
         line = (
             f"redirect-audit: saw {seen} exchanges, stored {stored}{late}{'; ' + extra if extra else ''}; "

@@ -160,6 +160,15 @@ def keep_bodies_option[F: Callable[..., Any]](f: F) -> F:
     )(f)
 
 
+def spool_dir_option[F: Callable[..., Any]](f: F) -> F:
+    return click.option(
+        "--spool-dir",
+        type=click.Path(file_okay=False),
+        help="Directory for exchanges the store cannot take (locked, full, down), replayed into it "
+        "later [default: next to the store, STORE.spool; moved off its filesystem when that is full]",
+    )(f)
+
+
 def baseline_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--baseline", type=click.Path(dir_okay=False), help="Findings recorded here are known and do not fail"
@@ -599,6 +608,7 @@ def _with_progress(path: str, name: str, run: Callable[[Callable[[int], None] | 
     help="This proxy's name in the store; clients are told apart by it and their address, so "
     "proxies sharing a store never link each other's traffic [default: host name:port]",
 )
+@spool_dir_option
 @secret_field_option
 @key_file_option
 @click.pass_context
@@ -614,6 +624,7 @@ def proxy_cmd(
     live: bool,
     confdir: str,
     proxy_id: str,
+    spool_dir: str | None,
     secret_fields: tuple[str, ...],
     key_file: str | None,
 ) -> None:
@@ -639,6 +650,7 @@ def proxy_cmd(
         secret_fields=secret_fields,
         key_file=key_file,
         proxy_id=proxy_id,
+        spool_dir=spool_dir,
     )
     try:
         plan.check()  # options that conflict, a busy port: one line, before anything is printed
@@ -726,6 +738,7 @@ def _enter_own_network(db: str | None) -> None:
     "redirected to the recorder: clients that ignore proxies (Go on loopback, curl --noproxy) "
     "are recorded too. Linux, as root, with nft; CMD reaches only the servers it starts itself",
 )
+@spool_dir_option
 @secret_field_option
 @key_file_option
 @selection_options_quiet
@@ -741,6 +754,7 @@ def run_cmd(
     verbose: bool,
     allow_empty: bool,
     transparent: bool,
+    spool_dir: str | None,
     secret_fields: tuple[str, ...],
     key_file: str | None,
     **choosing: Any,
@@ -801,6 +815,7 @@ def run_cmd(
         settings=extra,
         key_file=key_file,
         transparent=transparent,
+        spool_dir=spool_dir,
     )
     # CMD starts while mitmdump boots (it adopts a listening socket bound here, where CMD's
     # connections wait meanwhile), unless the recorder must answer first: a label's own

@@ -55,6 +55,7 @@ OWN_SETTINGS = {
     "redirect_audit_live": "--live/--no-live",
     "redirect_audit_secret_fields": "--secret-field",
     "redirect_audit_proxy_id": "--proxy-id",
+    "redirect_audit_spool": "--spool-dir",
 }
 
 
@@ -93,6 +94,7 @@ class ProxyPlan:
     secret_fields: tuple[str, ...] = ()
     key_file: str | None = None
     proxy_id: str = ""  # empty: the addon's default, host name:port
+    spool_dir: str | None = None  # None: next to the store, moved off its filesystem when full
 
     def check(self) -> None:
         """Refuse pass-through options that would contradict proxy's own, and a port that is taken."""
@@ -180,6 +182,8 @@ class ProxyPlan:
             args += ["--set", f"redirect_audit_secret_fields={','.join(self.secret_fields)}"]
         if self.proxy_id:
             args += ["--set", f"redirect_audit_proxy_id={self.proxy_id}"]
+        if self.spool_dir:
+            args += ["--set", f"redirect_audit_spool={Path(self.spool_dir).expanduser().resolve()}"]
         for mode in self.modes:
             args += ["--mode", mode]
         if self.web:

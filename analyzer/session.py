@@ -145,6 +145,7 @@ class Recording:
     live: bool = True
     settings: list[str] = field(default_factory=list)  # mitmproxy options, NAME=VALUE
     key_file: str | None = None
+    spool_dir: str | None = None  # where exchanges wait when the store cannot take them
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     attached: bool = False  # a recorder someone else started (REDIRECT_AUDIT_RECORDER): never stopped here
@@ -206,6 +207,7 @@ class Recording:
             confdir=self.confdir,
             key_file=self.key_file,
             proxy_id=self.proxy_id,
+            spool_dir=self.spool_dir,
             # transparently, a client's request is read before its server is connected (as a
             # proxy client's is), so that a request to a server out of reach is still recorded
             extra=[

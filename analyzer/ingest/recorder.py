@@ -11,7 +11,12 @@ When the store goes away (locked past a short wait, disk full, unreachable), bat
 to a spool file next to it (analyzer.ingest.spool), and the queue stays bounded: past
 `queue_rows` rows or `queue_bytes` bytes, `submit` itself appends to the spool. Once the
 store takes writes again, the spool is replayed into it, also at the next start if this
-run could not finish it. `close()` stores what it can within `close_budget` seconds and
+run could not finish it. When the spool's filesystem is full too, the spool moves to one
+that is not (spool.fallback_spool_dir; not a directory the user chose); when no spool
+takes writes either, exchanges wait in memory, up to the same bound, and are written as
+soon as the store or a spool takes them. Only what is past the bound then is lost:
+counted once, where it is dropped, by cause, and said in a line at most every
+LOSS_REPORT_INTERVAL seconds and in the summary. `close()` stores what it can within `close_budget` seconds and
 spools the rest, so stopping the proxy never waits on a store that does not answer.
 A flow submitted after `close()` (the proxy serves the connections in flight while it
 winds down) is stored at once, in the caller's thread.
@@ -22,6 +27,7 @@ What `kill -9` can lose is what waits in memory: at most `flush_interval` of tra
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,7 +42,14 @@ from pathlib import Path
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
-from analyzer.ingest.spool import Spool, default_spool_path, old_spools, stopped_mark
+from analyzer.ingest.spool import (
+    Spool,
+    default_spool_path,
+    fallback_spool_dir,
+    fallback_spool_dirs,
+    old_spools,
+    stopped_mark,
+)
 from analyzer.model import Exchange
 from analyzer.store import (
     EXCHANGE_COLUMNS,
@@ -52,6 +65,7 @@ from analyzer.storeread import Row, StoreError, StoreUnavailable
 log = logging.getLogger("redirect_audit")
 
 RUNNING = "recorder.running."  # meta key prefix: a recorder is running (removed when it stops cleanly)
+LOSS_REPORT_INTERVAL = 10.0  # seconds between two lines about exchanges lost
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,11 @@ class Recorder:
         self.stored = 0
         self.spooled = 0  # rows that went to the spool and are not in the store yet
         self.recovered = 0  # rows of spools that are now in the store
-        self.lost = 0
+        self.lost = 0  # rows dropped, each counted once where it was dropped (loss_causes says why)
+        self.loss_causes: dict[str, int] = {}
+        self._counts = threading.Lock()  # spooled, lost: counted by both threads
+        self._unsaid: dict[str, int] = {}  # lost since the last line about it
+        self._said_at = 0.0
         # Rows the writer is done with (stored, spooled or lost), of the `seen` submitted;
         # each counted by one thread only, as the byte counts are.
         self._handled_here = 0  # by the submitting thread (queue full, after close)
@@ -123,6 +141,11 @@ class Recorder:
         self._store_down_since: float | None = None
         self._next_try = 0.0
         self._spool = Spool(settings.spool or default_spool_path(store.url), self.run_id, creator)
+        self._spools = [self._spool]  # this run's files: a second one off a full filesystem
+        self._moving = threading.Lock()
+        self._spool_refused: str | None = None  # why the spool last refused a write
+        self._spool_next_try = 0.0
+        self._holding_since: float | None = None  # the store and the spool both refuse: rows wait in memory
         self._marker = f"{RUNNING}{self.run_id}"
         self._thread = threading.Thread(target=self._run, name="redirect-audit-writer", daemon=True)
         self._thread.start()
@@ -151,7 +174,9 @@ class Recorder:
             len(self._waiting) >= self.settings.queue_rows
             or self._bytes_in - self._bytes_out >= self.settings.queue_bytes
         ):
-            self._spool_rows([row])  # memory stays bounded whatever the store does
+            # memory stays bounded whatever the store does
+            if not self._spool_rows([row]):
+                self._lose(1, f"memory held {self._bound()} already and {self._spool_refused}")
             self._handled_here += 1
             return
         self._waiting.append(row)
@@ -196,6 +221,7 @@ class Recorder:
             self._drain(deadline)
             if self._store_up():
                 self._replay(deadline)
+            self._say_losses(now=closing)
             if closing:
                 self._finish()
                 return
@@ -211,9 +237,58 @@ class Recorder:
     def _drain(self, deadline: float | None) -> None:
         while self._waiting:
             batch = self._take()
-            if (deadline is not None and time.monotonic() > deadline) or not self._try_store(batch):
-                self._spool_rows(batch)
-            self._handled_writer += len(batch)
+            late = deadline is not None and time.monotonic() > deadline
+            if (not late and self._try_store(batch)) or self._spool_rows(batch, last=deadline is not None):
+                self._handled_writer += len(batch)
+                self._taken_again()
+            elif deadline is not None:  # the proxy is stopping: nothing can wait any longer
+                self._lose(len(batch), f"the proxy stopped while {self._spool_refused}")
+                self._handled_writer += len(batch)
+            else:
+                self._hold(batch)
+                return
+        self._taken_again()
+
+    def _bound(self) -> str:
+        return f"{self.settings.queue_rows:,} exchanges / {self.settings.queue_bytes >> 20} MB"
+
+    def _hold(self, batch: list[Row]) -> None:
+        """The store and the spool both refused a batch: it waits in memory, first in line."""
+        self._waiting.extendleft(reversed(batch))
+        self._bytes_out -= sum(_row_bytes(r) for r in batch)
+        if self._holding_since is None:
+            self._holding_since = time.monotonic()
+            log.error(
+                "redirect-audit: the store and the spool both refuse writes (%s); exchanges wait in "
+                "memory, up to %s, until one of them takes writes again",
+                self._spool_refused,
+                self._bound(),
+            )
+
+    def _taken_again(self) -> None:
+        if self._holding_since is not None:
+            log.warning(
+                "redirect-audit: writes are taken again after %.0f s; what waited in memory is written",
+                time.monotonic() - self._holding_since,
+            )
+            self._holding_since = None
+
+    def _lose(self, count: int, cause: str) -> None:
+        """Count rows dropped, once, by cause; said now if nothing was said lately."""
+        with self._counts:
+            self.lost += count
+            self.loss_causes[cause] = self.loss_causes.get(cause, 0) + count
+            self._unsaid[cause] = self._unsaid.get(cause, 0) + count
+        self._say_losses()
+
+    def _say_losses(self, now: bool = False) -> None:
+        if not self._unsaid or (not now and time.monotonic() - self._said_at < LOSS_REPORT_INTERVAL):
+            return
+        with self._counts:
+            unsaid, self._unsaid = self._unsaid, {}
+            self._said_at = time.monotonic()
+        for cause, count in unsaid.items():
+            log.error("redirect-audit: %s exchanges lost: %s", f"{count:,}", cause)
 
     def _store_up(self) -> bool:
         """Whether to try the store now: it took the last write, or its retry time has come."""
@@ -260,8 +335,11 @@ class Recorder:
     def _write_now(self, rows: list[Row]) -> None:
         """After close(): one transaction, now; what the store will not take goes to the spool."""
         if self.capture_id is None or not self._try_store(rows):
-            self._spool_rows(rows)
-            self._spool.sync()
+            if self._spool_rows(rows, last=True):
+                self._spool.sync()
+            else:
+                self._lose(len(rows), f"it finished after the proxy stopped, and {self._spool_refused}")
+                self._say_losses(now=True)
 
     def _isolate(self, rows: list[Row], exc: Exception) -> None:
         """A batch failed because of what is in it: store the rows around the bad one."""
@@ -272,9 +350,13 @@ class Recorder:
                     self._write(part)
                 except StoreUnavailable as down:
                     self._down(down)
-                    self._spool_rows(part)
+                    if not self._spool_rows(part, last=True):
+                        self._lose(len(part), f"the store failed mid-batch and {self._spool_refused}")
             return
-        self.lost += 1
+        with self._counts:
+            self.lost += 1
+            cause = "the store refused a value in it"
+            self.loss_causes[cause] = self.loss_causes.get(cause, 0) + 1
         url = str(rows[0][_URL])[:200].encode("utf-8", "backslashreplace").decode()
         log.error(
             "redirect-audit: exchange %s (%s) cannot be stored: %s",
@@ -293,17 +375,68 @@ class Recorder:
             )
         self._next_try = time.monotonic() + self.settings.retry_interval
 
-    def _spool_rows(self, rows: list[Row]) -> None:
+    def _spool_rows(self, rows: list[Row], *, last: bool = False) -> bool:
+        """Append rows to the spool; False, with the reason in _spool_refused, if it will not
+        take them. After a refusal it is tried again only every retry_interval (`last`:
+        now, whatever the interval: the proxy is stopping). A spool in the default place
+        whose filesystem is full moves, once, to a fallback directory on another one."""
+        if not last and time.monotonic() < self._spool_next_try:
+            return False
+        spool = self._spool
         try:
-            self.spooled += self._spool.append(rows)
+            written = spool.append(rows)
         except OSError as exc:
-            self.lost += len(rows)
-            log.error(
-                "redirect-audit: %d exchanges lost: the store and the spool %s both refused them (%s)",
-                len(rows),
-                self._spool.path,
+            if not self._move_spool(spool, exc):
+                return self._refused(exc)
+            try:
+                written = self._spool.append(rows)
+            except OSError as again:
+                return self._refused(again)
+        self._spool_refused = None
+        with self._counts:
+            self.spooled += written
+        if written < len(rows):
+            self._lose(len(rows) - written, "a row no file can hold (text MessagePack cannot encode)")
+        return True
+
+    def _refused(self, exc: OSError) -> bool:
+        self._spool_refused = f"the spool {self._spool.directory} refuses writes ({exc.strerror or exc})"
+        self._spool_next_try = time.monotonic() + self.settings.retry_interval
+        return False
+
+    def _move_spool(self, failed: Spool, exc: OSError) -> bool:
+        """Start a second spool file off the full filesystem; False when that cannot help."""
+        with self._moving:  # the proxy's thread and the writer may both find the spool full
+            if self._spool is not failed:
+                return True  # the other moved it meanwhile
+            if self.settings.spool is not None or len(self._spools) > 1:
+                return False  # a directory the user chose stays; and the spool moves once
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                return False
+            directory = fallback_spool_dir(self.store.url, failed.directory)
+            if directory is None:
+                return False
+            spool = Spool(directory, self.run_id, self.creator, part=2)
+            spool.capture_id = failed.capture_id
+            self._spools.append(spool)
+            log.warning(
+                "redirect-audit: the spool's filesystem refuses writes (%s: %s); spooling to %s instead",
                 exc.strerror or exc,
+                failed.directory,
+                directory,
             )
+            self._spool = spool
+            return True
+
+    def _spool_directories(self) -> list[Path]:
+        """Where this store's spools may be: the configured directory, and the fallbacks."""
+        dirs = [self._spools[0].directory]
+        if self.settings.spool is None:
+            dirs += [d for d in fallback_spool_dirs(self.store.url) if d not in dirs]
+        return dirs
+
+    def _old_spools(self) -> list[Spool]:
+        return [spool for d in self._spool_directories() for spool in old_spools(d, self.run_id)]
 
     # ---- start, replay, finish -----------------------------------------------------------
 
@@ -331,7 +464,8 @@ class Recorder:
         except StoreError as exc:
             self._down(exc)
             return False
-        self._spool.capture_id = self.capture_id
+        for spool in self._spools:
+            spool.capture_id = self.capture_id
         self._up()
         log.info("redirect-audit: recording into capture %d", self.capture_id)
         return True
@@ -375,7 +509,7 @@ class Recorder:
                     held,
                 )
             conn.execute(delete(meta).where(meta.c.key == key))
-        for spool in old_spools(self._spool.directory, self.run_id):
+        for spool in self._old_spools():
             head = spool.header()
             if spool.run_id in told or head.get("host") != here or _alive(head.get("pid")):
                 continue
@@ -396,19 +530,20 @@ class Recorder:
 
     def _replay(self, deadline: float | None) -> None:
         """Move spooled rows (this run's and earlier runs') into the store, a batch at a time."""
-        for spool in [self._spool, *old_spools(self._spool.directory, self.run_id)]:
+        for spool in [*self._spools, *self._old_spools()]:
             while deadline is None or time.monotonic() < deadline:
                 try:
                     done = spool.replay_batch(self.store, self.settings.batch_size)
                 except StoreUnavailable as exc:
                     self._down(exc)
                     return
-                self._up()
-                if done is None:
+                if done is None:  # nothing was written: that says nothing of the store
                     break
+                self._up()
                 self.recovered += done
-                if spool is self._spool:
-                    self.spooled -= done
+                if spool in self._spools:
+                    with self._counts:
+                        self.spooled -= done
                     self.stored += done
                 if done and not self._waiting:
                     continue
@@ -416,19 +551,23 @@ class Recorder:
                     return
 
     def _finish(self) -> None:
-        self._spool.sync()
+        for spool in self._spools:
+            spool.sync()
         if self.capture_id is None or self._store_down_since is not None:
-            self._spool.mark_stopped()  # the spool holds it all; the next start replays it
+            for spool in self._spools:
+                spool.mark_stopped()  # the spool holds it all; the next start replays it
             return
         try:
             with self.store.begin() as conn:
                 finish_capture(conn, self.capture_id, entries=self.stored)
                 conn.execute(delete(meta).where(meta.c.key == self._marker))  # a clean stop
         except StoreError:
-            self._spool.mark_stopped()
+            for spool in self._spools:
+                spool.mark_stopped()
             return
-        if not self._spool.pending():
-            self._spool.remove()
+        for spool in self._spools:
+            if not spool.pending():
+                spool.remove()
 
 
 def _alive(pid: object) -> bool:
