@@ -79,6 +79,7 @@ from analyzer.ingest.flows import (
 from analyzer.ingest.recorder import Recorder, RecorderSettings
 from analyzer.live import LIVE_LIMIT, PENDING, LiveAnalyzer
 from analyzer.model import Exchange, Finding
+from analyzer.secrets import protect_url
 from analyzer.store import Store, open_store
 from analyzer.storeread import StoreError, safe_url
 from analyzer.text import printable
@@ -534,6 +535,15 @@ class RedirectRecorder:
                 flow.metadata[ANSWERED_KEY] = (502, reason)
         self._set_aside(flow)
 
+    def protected_line(self, line: bytes) -> bytes:
+        """A request line with its target's secrets fingerprinted, as the store keeps its URL."""
+        parts = line.split(b" ")
+        if len(parts) < 2 or self.converter is None:
+            return line
+        target = parts[1].decode("latin-1")
+        shown = protect_url(target, self.converter.key, self.converter.policy)
+        return b" ".join([parts[0], shown.encode("latin-1", "backslashreplace"), *parts[2:]])
+
     def rejected_request(self, peer: tuple[str, int], line: bytes, reason: str) -> None:
         """mitmproxy answered 400 to a request whose request line it could not parse
         (`GET http://:1/ HTTP/1.1`, a client following an unusable Location) and made no
@@ -756,7 +766,11 @@ class _RejectedRequests(logging.Handler):
         except (ValueError, SyntaxError):
             return
         if isinstance(line, bytes):
-            self.recorder.rejected_request(peer[:2], line, found[1])
+            shown = self.recorder.protected_line(line)
+            self.recorder.rejected_request(peer[:2], line, f"Bad HTTP request line: {shown!r}")
+            # mitmproxy's own log line (the terminal, a log file) shows it protected as well:
+            # this handler runs before the root logger's, and the record is theirs too
+            record.msg = record.msg[: found.start(2)] + repr(shown)
 
 
 def _rejected_flow(client: connection.Client, line: bytes, reason: str) -> http.HTTPFlow:

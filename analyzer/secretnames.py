@@ -195,15 +195,31 @@ def is_secret_name(name: str, extra: frozenset[str] = frozenset()) -> bool:
         if word == "secret" or (word == "secret" and i > 0 and words[i - 1] == "client"):
             return True
     # a run of words written together, as a lower-cased header name has them
-    # (`sessiontoken`, `csrftoken`, `clientsecret`): a secret word at its end
+    # (`sessiontoken`, `csrftoken`, `APIKEYLIVE`): a long secret word inside it, unless
+    # what follows makes another word (`secretary`, `tokenizer`, `passwordless`) or says
+    # what the secret is about (`tokencount`), or what precedes is pagination (`pagetoken`)
     for word in words:
-        for end in GLUED_ENDS:
-            if len(word) > len(end) + 1 and word.endswith(end) and word[: -len(end)] not in PAGINATION:
-                return True
+        for strong in GLUED:
+            at = word.find(strong)
+            if at < 0 or (word == strong and word in SECRET_WORDS):  # a word alone: judged above
+                continue
+            rest = word[at + len(strong) :]
+            if (
+                word[:at] in PAGINATION
+                or rest in ABOUT_A_SECRET
+                or rest.startswith(NOT_A_SECRET_WORD_GOES_ON)
+            ):
+                continue
+            return True
     return "".join(words) in WHOLE_NAMES
 
 
-GLUED_ENDS = (
+# What, written right after a secret word, makes it another word
+NOT_A_SECRET_WORD_GOES_ON = ("ary", "aries", "iz", "is", "less", "ful")
+GLUED = (
+    "authentication",
+    "authkey",
+    "sessionkey",
     "token",
     "tokens",
     "secret",

@@ -363,7 +363,7 @@ def protect_url(url: str, key: bytes, policy: SecretPolicy = DEFAULT_POLICY, _le
         protected = _protect_shapes(protected, key)
     if "=" not in protected:
         return url if protected == url else protected
-    nested = _level < NESTED_LEVELS and "%" in protected and _ENCODED_EQUALS.search(protected) is not None
+    nested = _level < NESTED_LEVELS and "%" in protected and _ENCODED_NESTED.search(protected) is not None
     if not nested and not policy.names_secret(protected):  # most URLs: no secret parameter at all
         return url if protected == url else protected
     protected = policy.url_param.sub(_url_value(key, policy), protected)
@@ -376,16 +376,18 @@ def protect_url(url: str, key: bytes, policy: SecretPolicy = DEFAULT_POLICY, _le
 _USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/?#@\s:]*:)([^/?#@\s]+)@")
 
 
-_ENCODED_EQUALS = re.compile(r"%(?:25)*3[dD]")  # '=' percent-encoded once or more: a URL inside a parameter
+# '=' or '@' percent-encoded once or more: a URL inside a parameter, with a query or with
+# userinfo (?to=http%3A%2F%2Fu%3Apw%40h)
+_ENCODED_NESTED = re.compile(r"%(?:25)*(?:3[dD]|40)")
 _PARAM_NAME = re.compile(r"(?:^|[?&;#\s])([^=&;#?\s<>\"']+)=")
-_NESTED_PARAM = re.compile(r"(=)([^&;#\s>\"']*%(?:25)*3[dD][^&;#\s>\"']*)")
+_NESTED_PARAM = re.compile(r"(=)([^&;#\s>\"']*%(?:25)*(?:3[dD]|40)[^&;#\s>\"']*)")
 
 
 def _protect_nested(value: str, key: bytes, policy: SecretPolicy, level: int) -> str:
     """A parameter value holding a percent-encoded URL (encoded once or more), protected."""
     inner = unquote(value)
     protected = protect_url(inner, key, policy, level + 1)
-    if protected is inner and level + 1 < NESTED_LEVELS and _ENCODED_EQUALS.search(inner):
+    if protected is inner and level + 1 < NESTED_LEVELS and _ENCODED_NESTED.search(inner):
         protected = _protect_nested(inner, key, policy, level + 1)  # encoded twice: decode again
         if protected == inner:
             protected = inner

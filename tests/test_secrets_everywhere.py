@@ -64,6 +64,8 @@ def leaks(blob: bytes, secrets: dict[str, str]) -> list[str]:
         ("https://s3.test/b/o?X-Amz-Signature=SEKRET8&X-Amz-Date=1", "SEKRET8"),
         ("https://h/a;jsessionid=SEKRET9?b=1", "SEKRET9"),
         ("https://blob.test/c/f?sv=2024&sig=SEKRET10", "SEKRET10"),
+        ("https://h/r?to=http%3A%2F%2Fu%3ASEKRET11%40h2%2Fx", "SEKRET11"),  # userinfo, nested
+        ("https://h/r?to=http%253A%252F%252Fu%253ASEKRET12%2540h2", "SEKRET12"),  # ... encoded twice
     ],
 )
 def test_secret_parameters_are_fingerprinted_wherever_they_sit_in_a_url(url, secret):
