@@ -12,6 +12,10 @@ when its words say so:
 * a key that something makes secret: api, access, private, secret, auth, account,
   client, master, signing, encryption, session or sas followed by key (`auth_key`,
   `AccessKey`), and client followed by secret;
+* a long secret word inside words written together (`csrftoken`, `APIKEYLIVE`,
+  `xauthkey`: a lower-cased header name has no separators left), unless what follows
+  makes another word (`secretary`, `tokenizer`, `passwordless`), says what the secret
+  is about (`tokencount`) or what precedes is pagination (`pagetoken`);
 * a whole name that is a secret by convention (OAuth's `code`, `state`, `nonce`, SAML's
   `SAMLResponse`, `RelayState`, `ticket`, `key`, `pin`, `assertion`, card numbers).
 

@@ -59,22 +59,22 @@ def fed(live: LiveAnalyzer, exchanges) -> int:
 
 
 def test_what_live_analysis_holds_stops_growing(monkeypatch):
-    monkeypatch.setattr(live_module, "LIVE_LIMIT", 200)
+    monkeypatch.setattr(live_module, "LIVE_LIMIT", 100)
     live = LiveAnalyzer()
-    fed(live, traffic(0, 6_000))  # past the cap of each kind (the windows are longer than this run)
+    fed(live, traffic(0, 1_500))  # past the cap of each kind (the windows are longer than this run)
     tracemalloc.start()
     try:
-        fed(live, traffic(6_000, 7_000))
-        held_after_28k, _ = tracemalloc.get_traced_memory()
-        fed(live, traffic(7_000, 12_000))
-        held_after_48k, _ = tracemalloc.get_traced_memory()
+        fed(live, traffic(1_500, 2_000))
+        held_after_8k, _ = tracemalloc.get_traced_memory()
+        fed(live, traffic(2_000, 4_500))
+        held_after_18k, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # 20,000 exchanges more, every one of them new: a history would hold 2 MB or more (at
+    # 10,000 exchanges more, every one of them new: a history would hold 1 MB or more (at
     # least 100 bytes each); a window only wobbles (dict tables, longer numbers in URLs)
-    assert held_after_48k - held_after_28k < 128 * 1024, (held_after_28k, held_after_48k)
+    assert held_after_18k - held_after_8k < 64 * 1024, (held_after_8k, held_after_18k)
     assert live.trimmed["redirect pairs"] > 0 and live.trimmed["writes"] > 0
-    assert len(live._sightings) <= 200 and len(live._writes) <= 200
+    assert len(live._sightings) <= 100 and len(live._writes) <= 100
 
 
 def test_a_redirect_let_go_of_is_not_called_unfollowed(monkeypatch):

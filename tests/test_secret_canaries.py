@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from canaries import (
@@ -34,16 +35,23 @@ from canaries import (
     placed,
     random_cases,
 )
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proxyrun import free_port, wait_for_port
-from test_secrets_everywhere import exports_of, store_bytes
+from test_secrets_everywhere import PROXY_NAMES, exports_of, proxy_requests, store_bytes
 from upstream import Upstream
 
 from analyzer.secrets import protect_and_index, protect_url, redact_body
 
 KEY = b"k" * 32
+
+
+def rows(db: Path) -> int:
+    with sqlite3.connect(db, timeout=5) as conn:
+        return conn.execute("select count(*) from exchanges").fetchone()[0]
+
+
 PROXY = [sys.executable, "-m", "analyzer", "proxy"]
 
 
@@ -170,7 +178,9 @@ def test_canaries_under_generated_names_through_the_live_proxy_reach_no_artefact
     store is locked, so the spool holds it until the store is free again."""
     cases = random_cases(40, seed=29)
     secrets = {f"{i} {where} {name}": canary(str(i)) for i, (where, name) in enumerate(cases)}
+    classic = {name: canary(name.replace(" ", "")) for name in PROXY_NAMES}  # the usual names, too
     upstream = Upstream()
+    sent = len(proxy_requests(classic)) + len(cases) + len(cases) // 2 + 1
     db = tmp_path / "p.db"
     from analyzer.store import open_store
 
@@ -188,6 +198,12 @@ def test_canaries_under_generated_names_through_the_live_proxy_reach_no_artefact
         lock = None
         try:
             wait_for_port(port)
+            for method, path, headers, body in proxy_requests(classic):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request(method, upstream.origin + path, body=body, headers=headers)
+                conn.getresponse().read()
+                conn.close()
+            secrets |= classic
             for i, (where, name) in enumerate(cases):
                 if i == len(cases) // 2:
                     lock = sqlite3.connect(db, timeout=30)
@@ -224,13 +240,14 @@ def test_canaries_under_generated_names_through_the_live_proxy_reach_no_artefact
             if lock is not None:
                 lock.rollback()
                 lock.close()
-            time.sleep(3)  # the writer retries every 2 s: the spool goes into the store
+            wait_until(
+                lambda: rows(db) == sent
+            )  # the writer retries every 2 s: the spool goes into the store
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
             upstream.close()
     terminal = log.read_bytes()
     assert spool, terminal[-2000:]  # the spool was written, and is searched
-    sent = len(cases) + len(cases) // 2 + 1
     assert f"saw {sent} exchanges, stored {sent}".encode() in terminal, terminal[-2000:]
     found = {"spool": spool, "terminal": terminal, "store + WAL": store_bytes(db)}
     found |= exports_of(db, tmp_path)

@@ -9,21 +9,15 @@ secret wherever it appeared, so the rules still see where it went.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
-import os
 import re
 import stat
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import ROOT, run_cli
-from proxyrun import free_port, wait_for_port
-from upstream import Upstream
+from conftest import run_cli
 
 from analyzer.secrets import fingerprint, protect_headers, protect_url, redact_body
 
@@ -373,111 +367,64 @@ def test_no_canary_of_a_flow_dump_reaches_the_store_or_any_export(tmp_path):
         assert leaks(blob, secrets) == [], name
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    up = Upstream()
-    yield up
-    up.close()
+PROXY_NAMES = (
+    "query",
+    "fragment location",
+    "location code",
+    "bearer",
+    "referer",
+    "json body",
+    "form body",
+    "multipart body",
+    "basic",
+    "nested",
+    "deep json",
+)
 
 
-@pytest.mark.parametrize("keep_bodies", [False, True], ids=["default", "keep-bodies"])
-def test_no_canary_through_a_real_proxy_reaches_the_store_the_terminal_or_an_export(
-    tmp_path, upstream, keep_bodies
-):
-    secrets = {
-        n: canary(i)
-        for i, n in enumerate(
-            (
-                "query",
-                "fragment location",
-                "location code",
-                "bearer",
-                "referer",
-                "json body",
-                "form body",
-                "multipart body",
-                "basic",
-                "nested",
-                "deep json",
-            )
-        )
-    }
-    db = tmp_path / "p.db"
-    port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "analyzer",
-        "proxy",
-        "--db",
-        str(db),
-        "-p",
-        str(port),
-        "--confdir",
-        str(tmp_path / "conf"),
-    ] + (["--keep-bodies"] if keep_bodies else [])
-    log = tmp_path / "proxy.out"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        try:
-            wait_for_port(port)
-            target = quote(
-                f"/echo/canary?code={secrets['location code']}#access_token={secrets['fragment location']}",
-                safe="",
-            )
-            requests_ = [
-                (
-                    "POST",
-                    f"/r/307/canary?to={target}&access_token={secrets['query']}&next="
-                    + quote(quote(f"https://x/?token={secrets['nested']}", safe=""), safe=""),
-                    {
-                        "Authorization": f"Bearer {secrets['bearer']}",
-                        "Content-Type": "text/plain",
-                        "Referer": f"http://app.test/?id_token={secrets['referer']}",
-                    },
-                    json.dumps({"password": secrets["json body"]}).encode(),
-                ),
-                (
-                    "POST",
-                    "/r/303/form",
-                    {
-                        "Content-Type": "application/x-www-form-urlencoded",
-                        "Authorization": "Basic "
-                        + base64.b64encode(f"user:{secrets['basic']}".encode()).decode(),
-                    },
-                    f"user=u&password={secrets['form body']}".encode(),
-                ),
-                (
-                    "POST",
-                    "/echo/multi",
-                    {"Content-Type": "multipart/form-data; boundary=B"},
-                    f'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\n{secrets["multipart body"]}\r\n'
-                    f"--B--\r\n".encode(),
-                ),
-                # 1,000 levels deep: redacting it must not recurse (it once cost the flow its record)
-                (
-                    "POST",
-                    "/echo/deep",
-                    {"Content-Type": "application/json"},
-                    ('{"a": ' * 1000 + json.dumps({"token": secrets["deep json"]}) + "}" * 1000).encode(),
-                ),
-            ]
-            for method, path, headers, body in requests_:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request(method, upstream.origin + path, body=body, headers=headers)
-                conn.getresponse().read()
-                conn.close()
-        finally:
-            proc.send_signal(__import__("signal").SIGTERM)
-            proc.wait(timeout=60)
-    terminal = log.read_bytes()
-    assert b"saw 4 exchanges, stored 4" in terminal
-    assert leaks(terminal, secrets) == []
-    assert leaks(store_bytes(db), secrets) == []
-    for name, blob in exports_of(db, tmp_path).items():
-        assert leaks(blob, secrets) == [], name
+def proxy_requests(secrets: dict[str, str]) -> list[tuple[str, str, dict[str, str], bytes]]:
+    """Requests for a real proxy (tests/upstream.py paths) carrying the PROXY_NAMES canaries;
+    test_secret_canaries sends them through `redirect-audit proxy` with its own."""
+    target = quote(
+        f"/echo/canary?code={secrets['location code']}#access_token={secrets['fragment location']}",
+        safe="",
+    )
+    return [
+        (
+            "POST",
+            f"/r/307/canary?to={target}&access_token={secrets['query']}&next="
+            + quote(quote(f"https://x/?token={secrets['nested']}", safe=""), safe=""),
+            {
+                "Authorization": f"Bearer {secrets['bearer']}",
+                "Content-Type": "text/plain",
+                "Referer": f"http://app.test/?id_token={secrets['referer']}",
+            },
+            json.dumps({"password": secrets["json body"]}).encode(),
+        ),
+        (
+            "POST",
+            "/r/303/form",
+            {
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Authorization": "Basic " + base64.b64encode(f"user:{secrets['basic']}".encode()).decode(),
+            },
+            f"user=u&password={secrets['form body']}".encode(),
+        ),
+        (
+            "POST",
+            "/echo/multi",
+            {"Content-Type": "multipart/form-data; boundary=B"},
+            f'--B\r\nContent-Disposition: form-data; name="password"\r\n\r\n{secrets["multipart body"]}\r\n'
+            f"--B--\r\n".encode(),
+        ),
+        # 1,000 levels deep: redacting it must not recurse (it once cost the flow its record)
+        (
+            "POST",
+            "/echo/deep",
+            {"Content-Type": "application/json"},
+            ('{"a": ' * 1000 + json.dumps({"token": secrets["deep json"]}) + "}" * 1000).encode(),
+        ),
+    ]
 
 
 def test_a_new_store_its_wal_and_output_files_are_readable_by_their_owner_only(tmp_path):

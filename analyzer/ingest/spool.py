@@ -2,12 +2,14 @@
 
 One append-only file per proxy run, in a directory next to the store (`capture.db.spool/`,
 or `redirect-audit-<id>.spool/` in the working directory for a store that is not a file),
-readable by its owner only. A file is a run header and then records, each a 4-byte
+readable by its owner only; when that filesystem is full, a second file in a directory
+for the store on another one (fallback_spool_dirs), which every start looks in too. A file is a run header and then records, each a 4-byte
 length and a MessagePack row (an exchanges-table row without its capture id). Appends
 are fsync'd in batches. Replay moves rows into the store a batch per transaction and
 records, in the same transaction, how far it got (`meta`: `spool.<run>`), so a replay cut
 short by a crash is resumed, never repeated. A record cut short by a kill -9 ends the
-file. Rows go into the run's own capture, or a capture made for them when the run never
+file; an append the disk cuts short is taken back whole (truncated to where it began),
+so a row is never both counted lost and replayed. Rows go into the run's own capture, or a capture made for them when the run never
 got one (the store was down from its start).
 """
 
