@@ -123,14 +123,20 @@ def test_a_full_disk_moves_the_spool_off_it_and_loses_nothing(disk, tmp_path, ca
     assert not list(fallback[0].glob("*.rows"))  # replayed and removed
 
 
-def test_a_spool_the_user_placed_on_the_full_disk_stays_and_memory_holds_the_rest(disk, caplog):
+def spooling_on_the_full_disk(disk: SmallDisk) -> tuple[Path, Recorder]:
+    """A recorder whose store and chosen spool directory are on the disk, filled once the
+    first exchange is stored."""
     db = disk.path / "s.db"
-    store = open_store(str(db), wait=0.2)
     settings = RecorderSettings(**{**SETTINGS.__dict__, "spool": disk.path / "my-spool"})
-    recorder = Recorder(store, settings, creator="test")
+    recorder = Recorder(open_store(str(db), wait=0.2), settings, creator="test")
     recorder.submit(exchange(0))
     assert wait_until(lambda: recorder.stored == 1)
     disk.fill()
+    return db, recorder
+
+
+def test_a_spool_the_user_placed_on_the_full_disk_stays_and_memory_holds_the_rest(disk, caplog):
+    db, recorder = spooling_on_the_full_disk(disk)
     with caplog.at_level(logging.WARNING, logger="redirect_audit"):
         for i in range(1, 900):  # within the bound of 1,000
             recorder.submit(exchange(i))
@@ -151,13 +157,7 @@ def test_a_spool_the_user_placed_on_the_full_disk_stays_and_memory_holds_the_res
 
 
 def test_past_the_bound_each_loss_is_counted_once_with_its_cause(disk, caplog):
-    db = disk.path / "s.db"
-    store = open_store(str(db), wait=0.2)
-    settings = RecorderSettings(**{**SETTINGS.__dict__, "spool": disk.path / "my-spool"})
-    recorder = Recorder(store, settings, creator="test")
-    recorder.submit(exchange(0))
-    assert wait_until(lambda: recorder.stored == 1)
-    disk.fill()
+    db, recorder = spooling_on_the_full_disk(disk)
     with caplog.at_level(logging.WARNING, logger="redirect_audit"):
         for i in range(1, 2_500):
             recorder.submit(exchange(i))
