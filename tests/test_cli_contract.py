@@ -616,6 +616,10 @@ def test_a_followed_hop_still_reads_as_a_hop(demo_db):
             "--set redirect_audit_db is set by redirect-audit proxy; give it as proxy's --db",
         ),
         (
+            ["--set", "redirect_audit_spool=elsewhere"],
+            "--set redirect_audit_spool is set by redirect-audit proxy; give it as proxy's --spool-dir",
+        ),
+        (
             ["-s", str(ROOT / "addons" / "redirect_recorder.py")],
             "-s: the recorder addon is already loaded by redirect-audit proxy; loaded twice, it would record every exchange "
             "twice",
@@ -627,6 +631,18 @@ def test_proxy_refuses_pass_through_options_that_contradict_its_own(tmp_path, ex
     assert done.returncode == 2
     assert stderr_lines(done) == [f"redirect-audit: error: {said}"]
     assert done.stdout == ""  # refused before any banner
+
+
+def test_spool_dir_reaches_the_recorder_from_proxy_and_run(tmp_path):
+    from analyzer.proxy import ProxyPlan
+    from analyzer.session import Recording
+
+    where = tmp_path / "spool here"
+    plan = ProxyPlan(db_url="sqlite:///x.db", spool_dir=str(where))
+    assert f"redirect_audit_spool={where}" in plan.argv()
+    recording = Recording(db_url="sqlite:///x.db", workdir=tmp_path, spool_dir=str(where))
+    assert f"redirect_audit_spool={where}" in recording.plan().argv()
+    assert not any("redirect_audit_spool" in a for a in ProxyPlan(db_url="sqlite:///x.db").argv())
 
 
 def test_proxy_on_a_busy_port_or_an_unusable_store_says_so_before_any_banner(tmp_path):
