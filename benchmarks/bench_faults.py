@@ -3,6 +3,7 @@
     apt-get install nginx-light hey
     uv run python benchmarks/bench_faults.py kill9 --trials 5 --flush-ms 250 [--rate 1000]
     uv run python benchmarks/bench_faults.py outage --seconds 120 [--rate 400]
+    uv run python benchmarks/bench_faults.py diskfull --seconds 60 [--spool-on-disk] (as root: mounts a tmpfs)
 
 kill9: mitmdump with the recorder in front of a local nginx; `hey` sends about --rate
 requests a second for a few seconds, then the proxy is killed with SIGKILL. nginx's
@@ -16,6 +17,13 @@ lock (BEGIN IMMEDIATE) and holds it for --seconds while the traffic goes on. mit
 RSS is sampled every 5 s. Then SIGTERM, still locked: how long until the proxy exits, and
 how many exchanges it left in its spool. Then the lock goes, a new mitmdump starts on the
 store and replays the spool: how many exchanges are stored against nginx's count.
+
+diskfull: the store on a tmpfs of its own (--size-mb), filled to the last byte by a
+filler file 3 s into the traffic; after --seconds the filler goes, the traffic goes on
+for 8 s, then SIGTERM. Prints nginx's count of answered requests against the store's,
+and what the recorder said (the spool moving off the full filesystem, rows held in
+memory, losses with their cause, the totals line). With --spool-on-disk the spool
+directory is on the full tmpfs as well, so exchanges wait in memory (up to 50,000).
 """
 
 from __future__ import annotations
@@ -71,11 +79,13 @@ def served(tmp: Path) -> list[float]:
     return [float(x) for x in log.read_text().split()] if log.exists() else []
 
 
-def mitmdump(tmp: Path, db: Path, flush_ms: int) -> tuple[subprocess.Popen, int]:
+def mitmdump(
+    tmp: Path, db: Path, flush_ms: int, *extra: str, quiet: bool = True
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     args = [
         str(Path(sys.executable).parent / "mitmdump"),
-        "-q",
+        *(["-q"] if quiet else ["--set", "flow_detail=0"]),
         "--listen-host",
         "127.0.0.1",
         "--listen-port",
@@ -88,6 +98,7 @@ def mitmdump(tmp: Path, db: Path, flush_ms: int) -> tuple[subprocess.Popen, int]
         f"redirect_audit_db={db}",
         "--set",
         f"redirect_audit_flush_ms={flush_ms}",
+        *extra,
     ]
     out = open(tmp / f"mitmdump-{port}.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -204,6 +215,65 @@ def outage(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def diskfull(args: argparse.Namespace) -> None:
+    """The store (and, with --spool-on-disk, the spool) on a small tmpfs filled to the
+    last byte while traffic goes on; the filler removed after --seconds; then SIGTERM."""
+    tmp = Path(tempfile.mkdtemp(prefix="diskfull-"))
+    web, target = nginx(tmp)
+    small = tmp / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.size_mb}m", "tmpfs", str(small)], check=True)
+    state = tmp / "state"  # the fallback spool's directory: another filesystem
+    os.environ["XDG_STATE_HOME"] = str(state)
+    try:
+        db = small / "d.db"
+        extra = ["--set", f"redirect_audit_spool={small / 'spool'}"] if args.spool_on_disk else []
+        proxy, port = mitmdump(tmp, db, 250, *extra, quiet=False)
+        ps = psutil.Process(proxy.pid)
+        driver = load(port, target, args.rate, args.seconds + 10)
+        time.sleep(3)
+        filler = small / "filler"
+        with open(filler, "ab") as fh:
+            for size in (1 << 20, 4096, 1):
+                while True:
+                    try:
+                        os.write(fh.fileno(), b"\0" * size)
+                    except OSError:
+                        break
+        print(
+            f"store {'and spool ' if args.spool_on_disk else ''}on a full {args.size_mb} MB tmpfs for "
+            f"{args.seconds} s under ~{args.rate} req/s; mitmdump RSS every 5 s (MB):"
+        )
+        samples = []
+        start = time.monotonic()
+        while time.monotonic() - start < args.seconds:
+            samples.append(ps.memory_info().rss / 1e6)
+            time.sleep(5)
+        print("  " + " ".join(f"{x:.0f}" for x in samples))
+        full_for = time.monotonic() - start
+        filler.unlink()
+        time.sleep(8)  # the rest of the traffic, with room again
+        driver.wait()
+        time.sleep(3)  # the writer's retry and replay
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=120)
+        answered = len(served(tmp))
+        log = max(tmp.glob("mitmdump-*.log"), key=os.path.getmtime).read_text(errors="replace")
+        said = [
+            line.split("] ", 1)[-1]
+            for line in log.splitlines()
+            if any(w in line for w in ("spooling to", "wait in memory", "taken again", "lost", "saw "))
+        ]
+        print(f"  full for {full_for:.0f} s; answered {answered}, stored {stored(db)}")
+        for line in said:
+            print(f"  | {line[:220]}")
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+        web.terminate()
+        web.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -215,11 +285,16 @@ def main() -> None:
     o = sub.add_parser("outage")
     o.add_argument("--seconds", type=int, default=120)
     o.add_argument("--rate", type=int, default=400)
+    d = sub.add_parser("diskfull")
+    d.add_argument("--seconds", type=int, default=60)
+    d.add_argument("--rate", type=int, default=300)
+    d.add_argument("--size-mb", type=int, default=64)
+    d.add_argument("--spool-on-disk", action="store_true", help="the spool directory on the full tmpfs too")
     args = parser.parse_args()
     for tool in ("nginx", "hey"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install nginx-light hey")
-    kill9(args) if args.what == "kill9" else outage(args)
+    {"kill9": kill9, "outage": outage, "diskfull": diskfull}[args.what](args)
 
 
 if __name__ == "__main__":
