@@ -273,12 +273,13 @@ class Recorder:
             )
             self._holding_since = None
 
-    def _lose(self, count: int, cause: str) -> None:
+    def _lose(self, count: int, cause: str, *, say: bool = True) -> None:
         """Count rows dropped, once, by cause; said now if nothing was said lately."""
         with self._counts:
             self.lost += count
             self.loss_causes[cause] = self.loss_causes.get(cause, 0) + count
-            self._unsaid[cause] = self._unsaid.get(cause, 0) + count
+            if say:
+                self._unsaid[cause] = self._unsaid.get(cause, 0) + count
         self._say_losses()
 
     def _say_losses(self, now: bool = False) -> None:
@@ -353,10 +354,7 @@ class Recorder:
                     if not self._spool_rows(part, last=True):
                         self._lose(len(part), f"the store failed mid-batch and {self._spool_refused}")
             return
-        with self._counts:
-            self.lost += 1
-            cause = "the store refused a value in it"
-            self.loss_causes[cause] = self.loss_causes.get(cause, 0) + 1
+        self._lose(1, "the store refused a value in it", say=False)  # said here, with the exchange
         url = str(rows[0][_URL])[:200].encode("utf-8", "backslashreplace").decode()
         log.error(
             "redirect-audit: exchange %s (%s) cannot be stored: %s",
