@@ -118,3 +118,23 @@ def test_the_cap_keeps_the_most_recently_sighted_redirects(monkeypatch, limit):
     assert [f.exchange.url for f in stale] == ["http://h.test/old"]
     assert stale[0].evidence["sightings"] == 8 and stale[0].evidence["age_days"] == 7.0
     assert (live.trimmed["redirect pairs"] > 0) == (limit == 3)
+
+
+def test_the_proxy_says_once_per_kind_that_live_analysis_let_go_of_the_oldest(caplog):
+    import logging
+
+    from addons.redirect_recorder import RedirectRecorder
+
+    addon, live = RedirectRecorder(), LiveAnalyzer()
+    with caplog.at_level(logging.WARNING, logger="redirect_audit"):
+        addon._say_trimmed(live)  # nothing let go of: nothing said
+        live.trimmed["redirect pairs"] = 3
+        for _ in range(3):  # every tick
+            addon._say_trimmed(live)
+        live.trimmed["writes"] = 1
+        addon._say_trimmed(live)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"redirect-audit: live analysis keeps at most {live_module.LIVE_LIMIT:,} {kind} and let go of the "
+        "oldest; `redirect-audit analyze` judges them from the store"
+        for kind in ("redirect pairs", "writes")
+    ]
