@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import re
 import sqlite3
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -238,6 +239,9 @@ def exchanges_in(db: Path) -> int:
         return conn.execute("select count(*) from exchanges").fetchone()[0]
 
 
+BYTES_REPR = re.compile(r"""(?<![\w'"])b['"]""")  # a Python bytes literal, as a parser's message may hold
+
+
 def judge(path: Path, db: Path, what: str, command: str = "import-har", html: bool = False) -> None:
     code, _out, err = run(
         [command, str(path), "--db", str(db), "--workers", "0"]
@@ -248,6 +252,7 @@ def judge(path: Path, db: Path, what: str, command: str = "import-har", html: bo
     if code == 2:
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"redirect-audit: error: {path}: "), f"{what}: {err!r}"
+        assert BYTES_REPR.search(lines[0][len(str(path)) :]) is None, f"{what}: a bytes repr: {err!r}"  # words
         assert exchanges_in(db) == 0, f"{what}: refused but stored"
         return
     assert code == 0, f"{what}: exit {code}: {err}"
