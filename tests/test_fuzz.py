@@ -252,7 +252,9 @@ def judge(path: Path, db: Path, what: str, command: str = "import-har", html: bo
     if code == 2:
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"redirect-audit: error: {path}: "), f"{what}: {err!r}"
-        assert BYTES_REPR.search(lines[0][len(str(path)) :]) is None, f"{what}: a bytes repr: {err!r}"  # words
+        assert BYTES_REPR.search(lines[0][len(str(path)) :]) is None, (
+            f"{what}: a bytes repr: {err!r}"
+        )  # words
         assert exchanges_in(db) == 0, f"{what}: refused but stored"
         return
     assert code == 0, f"{what}: exit {code}: {err}"
