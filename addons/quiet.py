@@ -19,8 +19,6 @@ _interrupted = False
 
 
 def _while_loading(signum: int, frame: object) -> None:
-    global _interrupted
-    _interrupted = True  # remembered: should the exception be swallowed on its way, see below
     raise KeyboardInterrupt
 
 
@@ -41,13 +39,7 @@ def _note_interrupt() -> None:
             _interrupted = True
             callback(*given)
 
-        handle = original(self, sig, interrupted, *args)
-        if _interrupted:
-            # A Ctrl-C came while mitmproxy loaded, and yet it is here: the KeyboardInterrupt
-            # was swallowed on its way out (seen once in CI under load: the proxy ran on).
-            # Its own handler is set now: the shutdown that Ctrl-C asks for starts at once.
-            self.call_soon(interrupted, *args)
-        return handle
+        return original(self, sig, interrupted, *args)
 
     loop_class.add_signal_handler = add_signal_handler  # type: ignore[method-assign,assignment]  # once, before mitmproxy's loop starts
 
