@@ -37,13 +37,21 @@ BOUND = 60  # seconds a trial may take, interrupted or not
 SCRIPT = Path(sys.executable).parent / "redirect-audit"
 
 
+FOREGROUND = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 class Trial:
     """One command on a pseudo-terminal, in a process group of its own, as a shell runs it."""
 
     def __init__(self, *args: str, cwd: Path, program: list[str] | None = None):
         master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [*(program or [str(SCRIPT)]), *args],
+            # Ctrl-C at its default and not blocked first, as a shell gives a foreground job:
+            # whatever disposition or mask the test process has is not the command's
+            [sys.executable, "-c", FOREGROUND, *(program or [str(SCRIPT)]), *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,
