@@ -179,12 +179,7 @@ def outage(args: argparse.Namespace) -> None:
     holder = sqlite3.connect(db, timeout=30)
     holder.execute("BEGIN IMMEDIATE")
     print(f"store locked for {args.seconds} s under ~{args.rate} req/s; mitmdump RSS every 5 s (MB):")
-    samples = []
-    start = time.monotonic()
-    while time.monotonic() - start < args.seconds:
-        samples.append(ps.memory_info().rss / 1e6)
-        time.sleep(5)
-    print("  " + " ".join(f"{s:.0f}" for s in samples))
+    samples = rss_every_5_s(ps, args.seconds)
     print(f"  first {samples[0]:.0f} MB, last {samples[-1]:.0f} MB, max {max(samples):.0f} MB")
     term = time.monotonic()
     proxy.send_signal(signal.SIGTERM)
@@ -213,6 +208,17 @@ def outage(args: argparse.Namespace) -> None:
     web.terminate()
     web.wait()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rss_every_5_s(ps: psutil.Process, seconds: float) -> list[float]:
+    """The process's RSS (MB) every 5 s for `seconds`, printed on one line as they come."""
+    samples = []
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        samples.append(ps.memory_info().rss / 1e6)
+        time.sleep(5)
+    print("  " + " ".join(f"{x:.0f}" for x in samples))
+    return samples
 
 
 def diskfull(args: argparse.Namespace) -> None:
@@ -244,12 +250,8 @@ def diskfull(args: argparse.Namespace) -> None:
             f"store {'and spool ' if args.spool_on_disk else ''}on a full {args.size_mb} MB tmpfs for "
             f"{args.seconds} s under ~{args.rate} req/s; mitmdump RSS every 5 s (MB):"
         )
-        samples = []
         start = time.monotonic()
-        while time.monotonic() - start < args.seconds:
-            samples.append(ps.memory_info().rss / 1e6)
-            time.sleep(5)
-        print("  " + " ".join(f"{x:.0f}" for x in samples))
+        rss_every_5_s(ps, args.seconds)
         full_for = time.monotonic() - start
         filler.unlink()
         time.sleep(8)  # the rest of the traffic, with room again
