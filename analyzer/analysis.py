@@ -31,21 +31,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, pairwise
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, and_, delete, func, insert, or_, select
+from sqlalchemy import ColumnElement, FromClause, Select, Table, and_, delete, func, insert, or_, select
 from sqlalchemy.engine import Connection, Engine
 
-from analyzer.chains import (
-    LinkOptions,
-    assemble_chains,
-    follow_up_urls,
-    is_followable,
-    link_redirects,
-    stored_id,
-)
-from analyzer.detectors import RULES, DetectorOptions, run_detectors
+from analyzer.chains import Link, LinkOptions, follow_up_urls, needs_other_forms, stored_id
+from analyzer.detectors import RULES, DetectorOptions
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import WRITE_METHODS
 from analyzer.forking import start_method
@@ -83,6 +76,7 @@ from analyzer.store import (
     hops as hops_t,
 )
 from analyzer.storeread import ANALYSIS_ENGINE, ANALYSIS_OPTIONS, Row
+from analyzer.windows import LOOKAHEAD, ChainStream, Flushed
 
 FindingRow = dict[str, Any]  # a findings row as inserted
 FindingKey = tuple[Any, ...]  # what makes a finding the same one in the next analysis
@@ -90,6 +84,7 @@ CaptureCounts = dict[int, tuple[int, int | None]]  # capture id -> (exchanges, h
 
 ID_CHUNK = 500  # ids or clients per IN (...) list: well under every backend's parameter limit
 BATCH_EXCHANGES = 200_000  # exchanges of the clients analyzed together
+WINDOW_EXCHANGES = 50_000  # a batch bigger than this is read in time windows of about this many
 STREAM_ROWS = 2000  # rows fetched at a time where a query streams
 RESULTS_LOCK = 0x7265_6469_7201  # PostgreSQL advisory lock: one analysis writes results at a time
 PER_CLIENT_RULES = tuple(rule for rule in RULES if rule.slug != stale.SLUG)
@@ -159,6 +154,7 @@ def analyze(
     full: bool = False,
     keep: bool = False,
     batch_exchanges: int = BATCH_EXCHANGES,
+    window_exchanges: int = WINDOW_EXCHANGES,
 ) -> AnalysisResult:
     """Bring chains and findings up to date with the store.
 
@@ -203,7 +199,8 @@ def analyze(
         groups: set[tuple[str, str]] = set()
         where: dict[int, tuple[Chain, int]] = {}
         ids = _FindingIds()
-        for out in _run_batches(store, batches, options, jobs, keep):
+        plan = _WindowPlan(sizes, window_exchanges)
+        for out in _run_batches(store, batches, options, jobs, keep, plan):
             with store.begin() as conn:
                 lock_results(conn)
                 _replace(conn, out, ids)
@@ -346,21 +343,49 @@ class BatchOutput:
     groups: set[tuple[str, str]] = field(default_factory=set)  # (source, target) of its temporary redirects
     chains: list[Chain] = field(default_factory=list)  # with keep only
     findings: list[Finding] = field(default_factory=list)
+    replaces: bool = True  # the batch's first output: it takes the place of the clients' earlier results
+
+
+Window = tuple[float | None, float | None]  # [lo, hi) of start times; None: unbounded
+WHOLE: tuple[Window, ...] = ((None, None),)
 
 
 def analyze_clients(
     conn: Connection, clients: list[str], options: AnalysisOptions, keep: bool = False
 ) -> BatchOutput:
-    """Chains, hops and findings of these clients, as rows (and objects with `keep`)."""
-    chains, writes, requests = rebuild_chains(conn, options.link, clients)
-    parties = Parties.of(_navigations(conn, clients), chains)
-    found = run_detectors(
-        chains, writes, options.detect, rules=PER_CLIENT_RULES, parties=parties, requests=requests
-    )
-    out = BatchOutput(clients)
-    for chain in chains:
+    """Chains, hops and findings of these clients in one window, as rows (and objects with `keep`)."""
+    (out,) = analyze_batch(conn, clients, options, keep=keep)
+    return out
+
+
+def analyze_batch(
+    conn: Connection,
+    clients: list[str],
+    options: AnalysisOptions,
+    windows: Sequence[Window] = WHOLE,
+    keep: bool = False,
+) -> Iterator[BatchOutput]:
+    """These clients' results, one output per time window (analyzer.windows): memory is
+    one window's exchanges and what is still open at its end, not the batch's."""
+    stream = ChainStream(options.link, options.detect, _navigations(conn, clients))
+    load = WindowLoader(conn, clients, options.link)
+    for n, (lo, hi) in enumerate(windows):
+        redirects, later = load.redirects(lo, hi)
+        candidates = load.candidates(redirects, lo, hi)
+        links = stream.link(redirects, candidates, later)
+        # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
+        stream.assemble(redirects, links, load.follow_ups(redirects, links), candidates)
+        del redirects, later, links, candidates
+        stream.add_writes(load.writes(lo, hi), hi)
+        flushed = stream.flush(hi)
+        yield _output(clients, flushed, keep, replaces=n == 0)
+        del flushed
+
+
+def _output(clients: list[str], flushed: Flushed, keep: bool, replaces: bool) -> BatchOutput:
+    out = BatchOutput(clients, replaces=replaces)
+    for chain in flushed.chains:
         root = chain.root
-        chain.id = root.id  # a chain is known by its root exchange
         out.chain_rows.append(
             (root.id, root.id, len(chain.hops), chain.end, root.client, root.started_at, chain.third_party)
         )
@@ -380,46 +405,117 @@ def analyze_clients(
             target = source.location_resolved or source.location
             if stale.is_temporary(source) and target:
                 out.groups.add((source.url_norm, target))
-    out.finding_rows = [_finding_row(f) for f in found]
+    out.finding_rows = [_finding_row(f) for f in flushed.findings]
     if keep:
-        out.chains, out.findings = chains, found
+        out.chains, out.findings = flushed.chains, flushed.findings
     return out
 
 
-def rebuild_chains(
-    conn: Connection, options: LinkOptions, clients: list[str] | None = None
-) -> tuple[list[Chain], list[Exchange], list[Exchange]]:
-    """The chains of these clients (all clients when None), their writes that repeat, and
-    their requests to URLs a redirect pointed at (loaded for linking: light ones)."""
-    mine = ex_t.c.client.in_(clients) if clients is not None else None
+class WindowLoader:
+    """What one time window of a batch needs from the store (analyzer.windows, module doc).
+    With the window (None, None), the batch's whole history, dated or not."""
 
-    def of(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
-        return and_(*conditions, mine) if mine is not None else and_(*conditions)
+    def __init__(self, conn: Connection, clients: list[str], options: LinkOptions) -> None:
+        self.conn = conn
+        self.clients = clients
+        self.options = options
 
-    redirects = load_exchanges(conn, of(ex_t.c.status.in_(REDIRECT_STATUSES)))
-    candidates = _candidates(conn, clients)
-    candidates += _alternate_candidates(conn, redirects, candidates)
-    links = link_redirects(redirects, candidates, options)
-    by_id = {stored_id(ex): ex for ex in redirects}
-    # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
-    missing = [link.target_id for link in links.values() if link.target_id not in by_id]
-    for start in range(0, len(missing), ID_CHUNK):
-        chunk = missing[start : start + ID_CHUNK]
-        by_id.update((stored_id(ex), ex) for ex in load_exchanges(conn, ex_t.c.id.in_(chunk)))
-    # Writes are compared by body, not headers: skip decoding those where not loaded already.
-    writes = load_exchanges(conn, ex_t.c.id.in_(repeated_writes(clients)), headers=False)
-    writes = [by_id.setdefault(stored_id(ex), ex) for ex in writes]  # one object per exchange
-    return assemble_chains(by_id, links), writes, candidates
+    def of(self, *conditions: ColumnElement[bool], table: Table = ex_t) -> ColumnElement[bool]:
+        return and_(*conditions, table.c.client.in_(self.clients))
+
+    def reach(self, hi: float | None) -> float | None:
+        """Up to where a window's redirects' follow-ups, and their retries, can start."""
+        return None if hi is None else hi + self.options.window + LOOKAHEAD
+
+    def redirects(self, lo: float | None, hi: float | None) -> tuple[list[Exchange], list[Exchange]]:
+        """The window's redirects, whole; and the later ones its follow-ups may precede on
+        their connection (light)."""
+        redirects = load_exchanges(
+            self.conn, self.of(ex_t.c.status.in_(REDIRECT_STATUSES), *between(ex_t, lo, hi))
+        )
+        later: list[Exchange] = []
+        if hi is not None:
+            later = load_exchanges(
+                self.conn,
+                self.of(
+                    ex_t.c.status.in_(REDIRECT_STATUSES),
+                    ex_t.c.connection.is_not(None),
+                    *between(ex_t, hi, None),
+                    ex_t.c.started_at <= hi + self.options.window,
+                ),
+                light=True,
+            )
+        return redirects, later
+
+    def candidates(self, redirects: list[Exchange], lo: float | None, hi: float | None) -> list[Exchange]:
+        """The requests to the URLs the window's redirects point at, up to its reach."""
+        found = _candidates(self.conn, self.clients, lo, hi, self.reach(hi))
+        wanted: dict[str, set[str]] = {}
+        for ex in needs_other_forms(redirects, found, self.options):
+            for url in islice(follow_up_urls(ex), 1, None):
+                wanted.setdefault(ex.client, set()).add(url)
+        have = {stored_id(ex) for ex in found}
+        for client, urls in wanted.items():
+            ordered = sorted(urls)
+            for start in range(0, len(ordered), ID_CHUNK):
+                chunk = ordered[start : start + ID_CHUNK]
+                where = and_(
+                    ex_t.c.client == client, ex_t.c.url_norm.in_(chunk), *between(ex_t, lo, self.reach(hi))
+                )
+                for ex in load_exchanges(self.conn, where, light=True):
+                    if stored_id(ex) not in have:
+                        have.add(stored_id(ex))
+                        found.append(ex)
+        return found
+
+    def follow_ups(self, redirects: list[Exchange], links: dict[int, Link]) -> dict[int, Exchange]:
+        """The linked requests that are not among the window's redirects, whole."""
+        mine = {stored_id(ex) for ex in redirects}
+        missing = sorted({link.target_id for link in links.values()} - mine)
+        found: dict[int, Exchange] = {}
+        for start in range(0, len(missing), ID_CHUNK):
+            chunk = missing[start : start + ID_CHUNK]
+            found.update((stored_id(ex), ex) for ex in load_exchanges(self.conn, ex_t.c.id.in_(chunk)))
+        return found
+
+    def writes(self, lo: float | None, hi: float | None) -> list[Exchange]:
+        """Accepted writes that may repeat (bodies, not headers). The whole history: those
+        whose (method, body) occurs twice; a window: all of its own, since a repeat may
+        lie in another window (one that does not repeat is judged alone, and passes)."""
+        where: ColumnElement[bool]
+        if lo is None and hi is None:
+            where = ex_t.c.id.in_(repeated_writes(self.clients))
+        else:
+            where = self.of(*accepted_writes(), *between(ex_t, lo, hi))
+        return load_exchanges(self.conn, where, headers=False)
 
 
-def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
-    """The requests of these clients to a URL one of their redirects pointed at.
+def between(table: FromClause, lo: float | None, hi: float | None) -> list[ColumnElement[bool]]:
+    """Start in [lo, hi); no bound where None (and then undated exchanges too)."""
+    conditions = []
+    if lo is not None:
+        conditions.append(table.c.started_at >= lo)
+    if hi is not None:
+        conditions.append(table.c.started_at < hi)
+    return conditions
+
+
+def _candidates(
+    conn: Connection,
+    clients: list[str] | None,
+    lo: float | None = None,
+    hi: float | None = None,
+    reach: float | None = None,
+) -> list[Exchange]:
+    """The requests of these clients, starting in [lo, reach), to a URL one of their
+    redirects starting in [lo, hi) pointed at.
 
     SQLite: a join from each redirect to its own client's requests to that URL, through
-    the (client, URL) index, so a URL every client visits costs a batch its own clients'
-    visits only. PostgreSQL: the batch's requests whose URL is among the batch's targets
-    (a hash semi-join over the batch, planned from statistics); the join above made it
-    walk every visit of a popular URL once per redirect to it, through the URL index.
+    the (client, URL, start) index, so a URL every client visits costs a batch its own
+    clients' visits only, and a window its own time's. PostgreSQL: the batch's requests
+    whose URL is among the batch's targets (a hash semi-join over the batch, planned from
+    statistics); the join above made it walk every visit of a popular URL once per
+    redirect to it, through the URL index.
     """
     if conn.dialect.name != "sqlite":
         mine = ex_t.c.client.in_(clients) if clients is not None else None
@@ -428,12 +524,18 @@ def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
             return and_(*conditions, mine) if mine is not None else and_(*conditions)
 
         targets = select(ex_t.c.location_resolved).where(
-            of(ex_t.c.status.in_(REDIRECT_STATUSES), ex_t.c.location_resolved.is_not(None))
+            of(
+                ex_t.c.status.in_(REDIRECT_STATUSES),
+                ex_t.c.location_resolved.is_not(None),
+                *between(ex_t, lo, hi),
+            )
         )
-        return load_exchanges(conn, of(ex_t.c.url_norm.in_(targets)), light=True)
+        return load_exchanges(conn, of(ex_t.c.url_norm.in_(targets), *between(ex_t, lo, reach)), light=True)
     redirect = ex_t.alias("redirect")
     pointed_at = select(redirect.c.client, redirect.c.location_resolved).where(
-        redirect.c.status.in_(REDIRECT_STATUSES), redirect.c.location_resolved.is_not(None)
+        redirect.c.status.in_(REDIRECT_STATUSES),
+        redirect.c.location_resolved.is_not(None),
+        *between(redirect, lo, hi),
     )
     if clients is not None:
         pointed_at = pointed_at.where(redirect.c.client.in_(clients))
@@ -441,7 +543,12 @@ def _candidates(conn: Connection, clients: list[str] | None) -> list[Exchange]:
     # 3,000 times would otherwise join into 9 million rows (a hostile HAR took 40 s).
     pairs = pointed_at.distinct().subquery("pairs")
     joined = pairs.join(
-        ex_t, and_(ex_t.c.client == pairs.c.client, ex_t.c.url_norm == pairs.c.location_resolved)
+        ex_t,
+        and_(
+            ex_t.c.client == pairs.c.client,
+            ex_t.c.url_norm == pairs.c.location_resolved,
+            *between(ex_t, lo, reach),
+        ),
     )
     stmt = select(*(ex_t.c[name] for name in LINK_COLUMNS)).select_from(joined)
     seen: dict[int, Exchange] = {}
@@ -490,31 +597,15 @@ def _navigations(conn: Connection, clients: list[str]) -> list[Exchange]:
     return found
 
 
-def _alternate_candidates(
-    conn: Connection, redirects: list[Exchange], found: list[Exchange]
-) -> list[Exchange]:
-    """The requests to the forms other clients make of an odd Location (raw UTF-8, spaces,
-    backslashes: chains.follow_up_urls), which the join on the WHATWG form cannot find:
-    for the redirects whose WHATWG form no request of their client has."""
-    have = {stored_id(ex) for ex in found}
-    reached = {(ex.client, ex.url_norm) for ex in found}
-    wanted: dict[str, set[str]] = {}
-    for ex in redirects:
-        if is_followable(ex) and (ex.client, ex.location_resolved) not in reached:
-            for url in islice(follow_up_urls(ex), 1, None):
-                wanted.setdefault(ex.client, set()).add(url)
-    more: list[Exchange] = []
-    for client, urls in wanted.items():
-        ordered = sorted(urls)
-        for start in range(0, len(ordered), ID_CHUNK):
-            chunk = ordered[start : start + ID_CHUNK]
-            for ex in load_exchanges(
-                conn, and_(ex_t.c.client == client, ex_t.c.url_norm.in_(chunk)), light=True
-            ):
-                if stored_id(ex) not in have:
-                    have.add(stored_id(ex))
-                    more.append(ex)
-    return more
+def accepted_writes() -> list[ColumnElement[bool]]:
+    """Conditions of an accepted write with a body (what detectors.duplicate_write judges)."""
+    return [
+        ex_t.c.method.in_(WRITE_METHODS),
+        ex_t.c.status >= 200,
+        ex_t.c.status < 300,
+        ex_t.c.req_body_sha256.is_not(None),
+        ex_t.c.req_body_len > 0,
+    ]
 
 
 def repeated_writes(clients: list[str] | None = None) -> Select[tuple[int]]:
@@ -525,13 +616,7 @@ def repeated_writes(clients: list[str] | None = None) -> Select[tuple[int]]:
     GROUP BY joined back to the table ran as a quadratic nested loop on PostgreSQL right
     after a bulk load, before autovacuum had analyzed the table). Portable SQL.
     """
-    accepted = [
-        ex_t.c.method.in_(WRITE_METHODS),
-        ex_t.c.status >= 200,
-        ex_t.c.status < 300,
-        ex_t.c.req_body_sha256.is_not(None),
-        ex_t.c.req_body_len > 0,
-    ]
+    accepted = accepted_writes()
     if clients is not None:
         accepted.append(ex_t.c.client.in_(clients))
     counted = (
@@ -584,15 +669,55 @@ def finding_fingerprint(rule: str, source: Exchange, target: Exchange) -> str:
 
 
 def _run_batches(
-    store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int, keep: bool
+    store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int, keep: bool, plan: _WindowPlan
 ) -> Iterator[BatchOutput]:
+    """Each batch's outputs, in the batches' order. A batch bigger than a window is read
+    window by window in this process; the others go to `jobs` workers."""
     if jobs <= 1 or len(batches) < 2 or keep:
         for clients in batches:
-            with store.engine.connect() as conn:
-                _snapshot(conn)
-                yield analyze_clients(conn, clients, options, keep)
+            yield from _inline(store, clients, options, keep, plan)
         return
-    yield from _parallel(store.url, batches, options, jobs)
+    yield from _parallel(store, batches, options, jobs, plan)
+
+
+def _inline(
+    store: Store, clients: list[str], options: AnalysisOptions, keep: bool, plan: _WindowPlan
+) -> Iterator[BatchOutput]:
+    with store.engine.connect() as conn:
+        _snapshot(conn)
+        yield from analyze_batch(conn, clients, options, plan.windows(conn, clients), keep)
+
+
+@dataclass
+class _WindowPlan:
+    """Where a batch is cut into time windows of about `exchanges` exchanges each."""
+
+    sizes: dict[str, int]
+    exchanges: int
+
+    def windowed(self, clients: list[str]) -> bool:
+        return sum(self.sizes.get(c, 0) for c in clients) > self.exchanges
+
+    def windows(self, conn: Connection, clients: list[str]) -> Sequence[Window]:
+        """Cut points at distinct start times, one after every `exchanges` exchanges;
+        one window when the batch is smaller, or holds an undated exchange (it could be
+        linked to any later request, so no window would hold its follow-up)."""
+        if not self.windowed(clients):
+            return WHOLE
+        mine = ex_t.c.client.in_(clients)
+        if conn.execute(select(ex_t.c.id).where(mine, ex_t.c.started_at.is_(None)).limit(1)).first():
+            return WHOLE
+        starts = select(ex_t.c.started_at).where(mine).order_by(ex_t.c.started_at)
+        cuts: list[float] = []
+        count, last = 0, None
+        for (start,) in conn.execute(starts.execution_options(yield_per=STREAM_ROWS)):
+            if count >= self.exchanges and start != last:
+                cuts.append(start)
+                count = 0
+            count += 1
+            last = start
+        bounds: list[float | None] = [None, *cuts, None]
+        return list(pairwise(bounds))
 
 
 def _snapshot(conn: Connection) -> None:
@@ -620,27 +745,41 @@ def _analyze_in_worker(clients: list[str], options: AnalysisOptions) -> BatchOut
 
 
 def _parallel(
-    url: str, batches: list[list[str]], options: AnalysisOptions, jobs: int
+    store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int, plan: _WindowPlan
 ) -> Iterator[BatchOutput]:
     """Batches through worker processes, results in the batches' order (so that new
-    finding ids come out the same whatever finishes first), at most 2 x jobs in flight."""
+    finding ids come out the same whatever finishes first), at most 2 x jobs in flight;
+    a windowed batch in this process when its turn comes."""
     context = multiprocessing.get_context(start_method())
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(url,)) as pool:
-        pending: deque[Future[BatchOutput]] = deque()
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_init_worker, initargs=(store.url,)
+    ) as pool:
+        pending: deque[Future[BatchOutput] | list[str]] = deque()
+
+        def settle(item: Future[BatchOutput] | list[str]) -> Iterator[BatchOutput]:
+            if isinstance(item, list):
+                yield from _inline(store, item, options, False, plan)
+            else:
+                yield item.result()
+
         try:
             for clients in batches:
-                held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                try:  # the first submit forks the workers: they must not get Ctrl-C
-                    pending.append(pool.submit(_analyze_in_worker, clients, options))
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                if plan.windowed(clients):
+                    pending.append(clients)
+                else:
+                    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                    try:  # the first submit forks the workers: they must not get Ctrl-C
+                        pending.append(pool.submit(_analyze_in_worker, clients, options))
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 if len(pending) > 2 * jobs:
-                    yield pending.popleft().result()
+                    yield from settle(pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield from settle(pending.popleft())
         finally:
-            for future in pending:  # Ctrl-C or a failure: what was not started is dropped
-                future.cancel()
+            for item in pending:  # Ctrl-C or a failure: what was not started is dropped
+                if not isinstance(item, list):
+                    item.cancel()
 
 
 # ---- writing a batch's results -----------------------------------------------------------
@@ -680,7 +819,8 @@ HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status"
 
 def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
     """Put a batch's results in place of its clients' earlier ones (findings on their
-    chains included, stale ones too: those are judged again after the batches). Every
+    chains included, stale ones too: those are judged again after the batches); a later
+    window's output of the batch adds to its first. Every
     statement goes through an index: chains by client, findings by client and by chain,
     hops and findings by primary key."""
     source = ex_t.alias("source")
@@ -694,7 +834,7 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
         func.coalesce(source.c.location_resolved, source.c.location),
     )
     old_findings = select(*columns).join(source, source.c.id == findings_t.c.from_exchange_id)
-    for start in range(0, len(out.clients), ID_CHUNK):
+    for start in range(0, len(out.clients) if out.replaces else 0, ID_CHUNK):
         chunk = out.clients[start : start + ID_CHUNK]
         old_chains = list(conn.execute(select(chains_t.c.id).where(chains_t.c.client.in_(chunk))).scalars())
         doomed: set[int] = set()
@@ -955,10 +1095,10 @@ __all__ = [
     "AnalysisOptions",
     "AnalysisResult",
     "analyze",
+    "analyze_batch",
     "analyze_clients",
     "finding_fingerprint",
     "lock_results",
-    "rebuild_chains",
     "repeated_writes",
     "stale_findings",
     "stale_history",

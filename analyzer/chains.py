@@ -8,6 +8,11 @@ A hop links redirect A to request B (design.md, "Rebuilding chains") when:
 * B comes from the same client and starts after A, within a window (default 30 s);
 * B is not claimed by another hop and is neither A itself nor earlier than A.
 
+A Location's other forms are tried only for a redirect whose WHATWG form its client did
+not request at all within the window after it: whether a redirect tries them depends on
+the requests around it alone, so the links come out the same whether the client's
+traffic is linked whole or in time windows (analyzer.windows).
+
 Redirects are taken in time order; among the unclaimed candidates inside the window a
 request on A's own connection wins, then the earliest. A's connection counts only while
 it has not carried another redirect of the client since A: a client that alternates
@@ -21,7 +26,7 @@ twins were claimed before: linking is O(n log n) in the number of exchanges.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -125,26 +130,50 @@ class _Candidates:
         self.parent[i] = i + 1
 
 
-def link_redirects(
-    redirects: Iterable[Linkable], candidates: Iterable[Linkable], options: LinkOptions = LinkOptions()
-) -> dict[int, Link]:
-    """Map each followable redirect's id to the request that followed it."""
+Pools = dict[tuple[str, str | None], _Candidates]
+
+
+def _pools(candidates: Iterable[Linkable]) -> Pools:
+    """Candidates by (client, URL), each pool in time order."""
     groups: dict[tuple[str, str | None], list[Linkable]] = {}
     for ex in candidates:
         groups.setdefault((ex.client, ex.url_norm), []).append(ex)
-    index = {key: _Candidates(sorted(items, key=order_key)) for key, items in groups.items()}
+    return {key: _Candidates(sorted(items, key=order_key)) for key, items in groups.items()}
+
+
+def link_redirects(
+    redirects: Iterable[Linkable],
+    candidates: Iterable[Linkable],
+    options: LinkOptions = LinkOptions(),
+    *,
+    claimed: Container[int] = frozenset(),
+    later_redirects: Iterable[Linkable] = (),
+) -> dict[int, Link]:
+    """Map each followable redirect's id to the request that followed it.
+
+    Linking in time windows (analyzer.windows) passes what lies outside the window:
+    `claimed`, the ids of candidates earlier windows' redirects took; `later_redirects`,
+    the client's redirects after the window that a follow-up inside it may precede
+    (read for the same-connection check only, never linked here).
+    """
+    index = _pools(candidates)
+    if claimed:
+        for taken in index.values():
+            for i, item in enumerate(taken.items):
+                if item.id in claimed:
+                    taken.claim(i)
     redirects = list(redirects)
     on_connection: dict[
         tuple[str, str | None], list[OrderKey]
     ] = {}  # redirects per (client, connection), in order
-    for r in redirects:
+    for r in (*redirects, *later_redirects):
         if r.connection is not None:
             on_connection.setdefault((r.client, r.connection), []).append(order_key(r))
     for keys in on_connection.values():
         keys.sort()
     links: dict[int, Link] = {}
     for source in sorted((r for r in redirects if is_followable(r)), key=order_key):
-        for url in follow_up_urls(source):
+        for url in tried_urls(source, index, options):
             pool = index.get((source.client, url))
             if pool is None:
                 continue
@@ -153,6 +182,48 @@ def link_redirects(
                 links[stored_id(source)] = link
                 break
     return links
+
+
+def tried_urls(source: Linkable, index: Pools, options: LinkOptions) -> Iterator[str]:
+    """The follow-up URLs tried for this redirect: the WHATWG form, and the other forms
+    only when its client requested the WHATWG form at no time within the window after it."""
+    urls = follow_up_urls(source)
+    first = next(urls, None)
+    if first is None:
+        return
+    yield first
+    if not reached(source, index.get((source.client, first)), options):
+        yield from urls
+
+
+def reached(source: Linkable, pool: _Candidates | None, options: LinkOptions) -> bool:
+    """Did the client request this pool's URL after `source` and within the window
+    (taken or not)? Undated on either side counts, as linking counts it."""
+    if pool is None:
+        return False
+    i = bisect_right(pool.keys, order_key(source))
+    if i == len(pool.items):
+        return False
+    cand = pool.items[i]
+    return (
+        source.started_at is None
+        or cand.started_at is None
+        or cand.started_at - source.started_at <= options.window
+    )
+
+
+def needs_other_forms(
+    redirects: Iterable[Linkable], candidates: Iterable[Linkable], options: LinkOptions = LinkOptions()
+) -> Iterator[Linkable]:
+    """The followable redirects whose client requested their WHATWG form at no time
+    within the window after them (among `candidates`): those whose Location's other forms
+    are tried, and whose requests to those forms must be loaded too."""
+    index = _pools(candidates)
+    for source in redirects:
+        if is_followable(source) and not reached(
+            source, index.get((source.client, source.location_resolved)), options
+        ):
+            yield source
 
 
 def _pick(

@@ -33,7 +33,7 @@ Row = tuple[Any, ...]  # one result row, whatever the engine
 DB_ENV = "REDIRECT_AUDIT_DB"
 DEFAULT_DB = "redirect-audit.db"
 DEMO_DB = "redirect-audit-demo.db"  # what `redirect-audit demo` writes
-SCHEMA_VERSION = 4  # the schema this release reads and writes; migration revision f"{n:04d}" makes version n
+SCHEMA_VERSION = 5  # the schema this release reads and writes; migration revision f"{n:04d}" makes version n
 DEFAULT_WAIT = 10.0  # seconds a command waits for another process's write lock
 
 GENERATION = "generation"
@@ -41,7 +41,8 @@ ANALYZED_GENERATION = "analyzed_generation"
 # The revision of the analysis (linking, rules, finding keys). Results an older revision made
 # are stale: the next reading command analyzes the store again, as after new exchanges.
 # 2: WHATWG Location resolution, store-independent finding keys, first/third party.
-ANALYSIS_ENGINE = 2
+# 3: a Location's other forms tried by each redirect's own neighbourhood (time windows).
+ANALYSIS_ENGINE = 3
 ANALYSIS_OPTIONS = "analysis_options"
 
 

@@ -4,7 +4,9 @@ altered by a reading or writing command, and after `db upgrade` nothing lost.
 Fixtures (tests/fixtures/stores), each written by its release and committed as it was:
 * release-be7a892.db: five rule fixtures imported, then `analyze` (no generation kept);
 * release-17a54ff.db: six rule fixtures imported, then `analyze` (the last schema-1 release);
-* release-026e1d2.db: the same six, then `analyze` (the last schema-2 release).
+* release-026e1d2.db: the same six, then `analyze` (the last schema-2 release);
+* release-6eaf4bd.db: the same six, then `analyze` (the last schema-4 release, before the
+  time-window indexes).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ STORES = Path(__file__).parent / "fixtures" / "stores"
 OLD = STORES / "release-be7a892.db"
 LAST = STORES / "release-17a54ff.db"
 SCHEMA_2 = STORES / "release-026e1d2.db"
-RELEASES = pytest.mark.parametrize("fixture", [OLD, LAST, SCHEMA_2], ids=["be7a892", "17a54ff", "026e1d2"])
+SCHEMA_4 = STORES / "release-6eaf4bd.db"
+RELEASES = pytest.mark.parametrize(
+    "fixture", [OLD, LAST, SCHEMA_2, SCHEMA_4], ids=["be7a892", "17a54ff", "026e1d2", "6eaf4bd"]
+)
 FILES = {
     OLD: [
         "md-307-post-to-get.har",
@@ -48,9 +53,9 @@ FILES = {
         "db-307-empty.har",
     ],
 }
-FILES[SCHEMA_2] = FILES[LAST]
-VERSION = {OLD: 1, LAST: 1, SCHEMA_2: 2}
-REVISION = {OLD: "none", LAST: "none", SCHEMA_2: "0002"}
+FILES[SCHEMA_2] = FILES[SCHEMA_4] = FILES[LAST]
+VERSION = {OLD: 1, LAST: 1, SCHEMA_2: 2, SCHEMA_4: 4}
+REVISION = {OLD: "none", LAST: "none", SCHEMA_2: "0002", SCHEMA_4: "0004"}
 
 
 def summary(stdout: str) -> list[tuple]:

@@ -44,20 +44,26 @@ METHOD_SEVERITY = {"POST": Severity.HIGH, "PATCH": Severity.HIGH, "PUT": Severit
 
 
 def check(chains: Sequence[Chain], context: Context) -> Iterator[Finding]:
-    groups: dict[tuple[str, str, str, str], list[Exchange]] = {}
+    groups: dict[WriteKey, list[Exchange]] = {}
     for ex in context.writes:
-        if (
-            ex.method in METHOD_SEVERITY
-            and succeeded(ex)
-            and ex.request_body.sha256
-            and ex.request_body.length
-        ):
-            key = (ex.client, ex.method, logical_target(ex, context), ex.request_body.sha256)
+        key = write_key(ex, context)
+        if key is not None:
             groups.setdefault(key, []).append(ex)
     for deliveries in groups.values():
         if len(deliveries) > 1:
             deliveries.sort(key=lambda ex: (ex.started_at or 0.0, ex.capture_id, ex.seq))
             yield from _clusters(deliveries, context)
+
+
+WriteKey = tuple[str, str, str, str]
+
+
+def write_key(ex: Exchange, context: Context) -> WriteKey | None:
+    """What makes deliveries one logical write: client, method, where the client meant to
+    send it, body. None for an exchange that is not an accepted write with a body."""
+    if ex.method in METHOD_SEVERITY and succeeded(ex) and ex.request_body.sha256 and ex.request_body.length:
+        return (ex.client, ex.method, logical_target(ex, context), ex.request_body.sha256)
+    return None
 
 
 def succeeded(ex: Exchange) -> bool:
@@ -75,7 +81,7 @@ def _clusters(deliveries: list[Exchange], context: Context) -> Iterator[Finding]
     for i in range(1, len(deliveries) + 1):
         if i == len(deliveries) or gap(deliveries[start], deliveries[i]) > window:
             if i - start > 1:
-                finding = _judge(deliveries[start:i], context)
+                finding = judge(deliveries[start:i], context)
                 if finding is not None:
                     yield finding
             start = i
@@ -87,7 +93,8 @@ def gap(first: Exchange, later: Exchange) -> float:
     return later.started_at - first.started_at
 
 
-def _judge(group: list[Exchange], context: Context) -> Finding | None:
+def judge(group: list[Exchange], context: Context) -> Finding | None:
+    """The finding about one cluster of deliveries of a write (in time order), if any."""
     keys = {ex.idempotency_key for ex in group}
     keyed = None not in keys and len(keys) == 1
     answers = {(ex.status, ex.response_body.sha256) for ex in group}

@@ -1,0 +1,317 @@
+"""Chains and findings of a batch of clients, rebuilt one time window at a time.
+
+A client's traffic can be larger than memory (one CI runner, one service behind a staging
+proxy for a month). But every rule looks a bounded time ahead of what it judges, so the
+batch is read in windows of start times, `[lo, hi)`, oldest first, and this module carries
+from one window to the next only what a later window can still need:
+
+========================  ==========================================  ==================
+what                      why a later window needs it                 held until
+========================  ==========================================  ==================
+claimed follow-ups        a request linked once is never linked       its start < lo
+                          again (chains.link_redirects, `claimed`)
+open chains               a hop's follow-up is itself a redirect      the chain ends
+                          that a later window links
+arrivals                  a write that came by redirect counts        its start < hi
+                          under the chain's root URL (RA103)
+retry answers             RA115 asks what followed a 401/403 within   the chain ends
+                          30 s (detectors.credential_dropped)
+write clusters            deliveries within the duplicate window      first + window
+                          of the first are one logical write (RA103)  < hi
+page chains               a browser page's first-party sites come     its navigation's
+                          from its navigation's chain (analyzer.      chain ends
+                          party)
+findings                  finding ids follow the order (time,         nothing earlier
+                          exchange, rule) over the whole batch        can still come
+========================  ==========================================  ==================
+
+What the caller loads for window `[lo, hi)` (analysis.WindowLoader does it from the store):
+the redirects starting in it, whole; the redirects in `[hi, hi + link window]` that
+carry a connection (for the same-connection check); the requests to the URLs its
+redirects point at, from `lo` to `hi + link window + LOOKAHEAD`; the follow-ups linked,
+whole; and its accepted writes. Every rule's reach is stated next to it: linking
+(`LinkOptions.window`, 30 s) and the retry after a challenge (`RETRY_REACH`, 30 s) look
+ahead; duplicate writes (`DetectorOptions.duplicate_window`, 600 s) are judged when
+their cluster can gain no more deliveries. Stale temporary redirects are judged across
+clients from the store (analysis.stale_findings) and are not a window's business.
+
+The results are the same whatever the windows, ids included: one window for the whole
+batch is the special case (tests/test_windows.py compares window sizes from one
+exchange to the whole store on the corpus and the rule fixtures).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from analyzer.chains import Link, LinkOptions, OrderKey, link_redirects, order_key, stored_id, unfollowed_end
+from analyzer.detectors import RULES, DetectorOptions, run_detectors
+from analyzer.detectors import duplicate_write as duplicate
+from analyzer.detectors import stale_temporary_redirect as stale
+from analyzer.detectors.base import Context
+from analyzer.detectors.credential_dropped import RECOVERY_WINDOW
+from analyzer.model import Chain, Exchange, Finding, Hop
+from analyzer.party import Parties
+
+CHAIN_RULES = tuple(rule for rule in RULES if rule.slug not in (stale.SLUG, duplicate.SLUG))
+RETRY_REACH = RECOVERY_WINDOW  # how far after a follow-up a rule looks for its retry
+LOOKAHEAD = RETRY_REACH  # past hi + link window, the requests a window's follow-ups may be retried by
+BEFORE_ALL = float("-inf")
+
+Arrival = tuple[Chain, int]  # the chain and hop a follow-up came by
+
+
+@dataclass
+class Flushed:
+    """What a window settled: chains that ended (third_party set), and the findings that
+    nothing later can precede, in finding-id order."""
+
+    chains: list[Chain] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+
+def finding_order(f: Finding) -> tuple[float, int, int, str]:
+    """The order finding ids are given in (analysis): time, exchange, rule."""
+    ex = f.exchange
+    return (ex.started_at or 0.0, ex.capture_id, ex.seq, f.rule_id)
+
+
+class ChainStream:
+    """One batch's analysis, fed window by window in time order (see the module doc)."""
+
+    def __init__(
+        self, link: LinkOptions, detect: DetectorOptions, navigations: Iterable[Exchange] = ()
+    ) -> None:
+        self.link_options = link
+        self.detect = detect
+        self.claimed: dict[int, float] = {}  # follow-up id -> its start
+        self.open: dict[int, Chain] = {}  # id of a follow-up that is a redirect -> its chain
+        self.arrivals: dict[int, Arrival] = {}
+        self.answers: dict[int, Exchange] = {}  # follow-up id -> the request that retried it
+        self.clusters: dict[duplicate.WriteKey, list[tuple[Exchange, Arrival | None]]] = {}
+        self.ended: list[Chain] = []  # ended, rules not run yet
+        self.settled: list[Chain] = []  # rules run, not handed out yet
+        self.held: list[tuple[float, int, int, str, int, Finding]] = []  # heap, finding_order
+        self.counter = itertools.count()
+        # Browser pages (analyzer.party): sites known once the navigation's chain has ended.
+        self.sites: dict[str, frozenset[str]] = {}
+        self.navigation: dict[str, int] = {}  # page client -> id of its navigation, a redirect
+        self.parked: dict[str, list[Chain | Finding]] = {}
+        for nav in navigations:
+            if nav.is_redirect:
+                self.navigation[nav.client] = stored_id(nav)
+            else:
+                self.sites.update(Parties.of_urls({nav.client: [nav.url]}).sites)
+
+    # ---- one window ---------------------------------------------------------------------
+
+    def link(
+        self, redirects: Sequence[Exchange], candidates: Sequence[Exchange], later: Iterable[Exchange] = ()
+    ) -> dict[int, Link]:
+        """Link the window's redirects; the follow-ups taken stay taken for later windows."""
+        links = link_redirects(
+            redirects, candidates, self.link_options, claimed=self.claimed, later_redirects=later
+        )
+        start = {stored_id(ex): ex.started_at for ex in candidates}
+        for link in links.values():
+            self.claimed[link.target_id] = start[link.target_id] or BEFORE_ALL
+        return links
+
+    def assemble(
+        self,
+        redirects: Sequence[Exchange],
+        links: dict[int, Link],
+        follow_ups: dict[int, Exchange],
+        candidates: Sequence[Exchange],
+    ) -> None:
+        """Extend chains by the window's redirects, in time order. `follow_ups`: the linked
+        requests that are not among `redirects`, loaded whole."""
+        mine = {stored_id(ex): ex for ex in redirects}
+        retries = _RetryIndex(candidates)
+        for redirect in sorted(redirects, key=order_key):
+            chain = self.open.pop(stored_id(redirect), None)
+            if chain is None:
+                chain = Chain(hops=[], end="", id=stored_id(redirect))
+                source = redirect
+            else:
+                tail = chain.hops[-1].target
+                assert tail is not None  # a chain is open on its last follow-up
+                source = tail
+            link = links.get(stored_id(redirect))
+            if link is None:
+                end = unfollowed_end(source)
+                chain.hops.append(Hop(len(chain.hops), source, None, end, 0.0))
+                self._end(chain, end)
+                continue
+            target = mine.get(link.target_id) or follow_ups[link.target_id]
+            index = len(chain.hops)
+            chain.hops.append(Hop(index, source, target, link.how, link.confidence))
+            self.arrivals[link.target_id] = (chain, index)
+            answer = retries.first_after(target)
+            if answer is not None:
+                self.answers[link.target_id] = answer
+            if target.is_redirect:
+                self.open[link.target_id] = chain
+            else:
+                self._end(chain, "final" if target.status is not None else "error")
+
+    def add_writes(self, writes: Sequence[Exchange], hi: float | None) -> None:
+        """The window's accepted writes; clusters that can gain no delivery at or after
+        `hi` are judged (None: the last window, all are)."""
+        window = self.detect.duplicate_window
+        for write in sorted(writes, key=order_key):
+            arrival = self.arrivals.get(stored_id(write))
+            ex = write if arrival is None else arrival[0].hops[arrival[1]].target or write
+            context = Context(options=self.detect, arrivals={stored_id(ex): arrival} if arrival else {})
+            key = duplicate.write_key(ex, context)
+            if key is None:
+                continue
+            cluster = self.clusters.get(key)
+            if cluster is not None and duplicate.gap(cluster[0][0], ex) > window:
+                self._judge(cluster)
+                cluster = None
+            if cluster is None:
+                cluster = self.clusters[key] = []
+            cluster.append((ex, arrival))
+        if hi is None:
+            for cluster in self.clusters.values():
+                self._judge(cluster)
+            self.clusters.clear()
+            self.arrivals.clear()
+            return
+        for key, cluster in list(self.clusters.items()):
+            if (cluster[0][0].started_at or 0.0) < hi - window:
+                self._judge(cluster)
+                del self.clusters[key]
+        self.arrivals = {
+            target: arrival
+            for target, arrival in self.arrivals.items()
+            if _started(arrival[0].hops[arrival[1]].target) >= hi
+        }
+        self.claimed = {target: start for target, start in self.claimed.items() if start >= hi}
+
+    def flush(self, hi: float | None) -> Flushed:
+        """Run the rules on the chains that ended, and hand out what is settled: every
+        ended chain, and the findings before anything a later window can still find
+        (everything, with `hi` None: the batch is done)."""
+        if self.ended:
+            ready, self.ended = self.ended, []
+            requests = [
+                self.answers.pop(stored_id(h.target))
+                for c in ready
+                for h in c.hops
+                if h.target is not None and h.target.id in self.answers
+            ]
+            for finding in run_detectors(
+                ready,
+                (),
+                self.detect,
+                rules=CHAIN_RULES,
+                parties=Parties(self.sites),
+                requests=requests,
+            ):
+                self._hold(finding)
+            self.settled += ready
+        out = Flushed(chains=self.settled)
+        self.settled = []
+        if hi is None:
+            assert not self.open and not self.parked, "every chain ends in the last window"
+            frontier: tuple[float, float, float] = (float("inf"), 0, 0)
+        else:
+            frontier = min(
+                [
+                    (hi, BEFORE_ALL, BEFORE_ALL),
+                    *(order_key(chain.root) for chain in self.open.values()),
+                    *(_key(item) for parked in self.parked.values() for item in parked),
+                    *(order_key(c[1][0]) for c in self.clusters.values() if len(c) > 1),
+                ]
+            )
+        while self.held and self.held[0][:3] < frontier:
+            out.findings.append(heapq.heappop(self.held)[-1])
+        return out
+
+    # ---- on the way -----------------------------------------------------------------------
+
+    def _end(self, chain: Chain, end: str) -> None:
+        chain.end = end
+        client = chain.root.client
+        navigation = self.navigation.get(client)
+        if navigation is None:
+            self.ended.append(chain)
+        elif navigation != chain.id:
+            self.parked.setdefault(client, []).append(chain)
+        else:  # the page's navigation: its sites are known now
+            urls = [ex.url for ex in chain.exchanges]
+            if chain.hops[-1].target is None:
+                urls.append(chain.hops[-1].source.location_resolved or "")
+            self.sites.update(Parties.of_urls({client: urls}).sites)
+            del self.navigation[client]
+            self.ended.append(chain)
+            for item in self.parked.pop(client, []):
+                if isinstance(item, Chain):
+                    self.ended.append(item)
+                else:
+                    self._hold(item)
+
+    def _judge(self, cluster: list[tuple[Exchange, Arrival | None]]) -> None:
+        if len(cluster) < 2:
+            return
+        arrivals = {stored_id(ex): arrival for ex, arrival in cluster if arrival is not None}
+        finding = duplicate.judge([ex for ex, _ in cluster], Context(options=self.detect, arrivals=arrivals))
+        if finding is None:
+            return
+        client = finding.exchange.client
+        if client in self.navigation:
+            self.parked.setdefault(client, []).append(finding)  # third party or not: not known yet
+        else:
+            self._hold(finding)
+
+    def _hold(self, finding: Finding) -> None:
+        """Keep a finding until nothing can come before it; a duplicate write learns here
+        whether it is about third parties (the chain rules learn it in run_detectors)."""
+        if finding.rule == duplicate.SLUG and self.sites:
+            parties = Parties(self.sites)
+            if finding.chain is not None:
+                context = Context(parties=parties)
+                finding.third_party = context.third_party(finding.chain, finding.chain.hops[finding.hop])
+            else:
+                finding.third_party = parties.third_party_exchange(finding.exchange)
+        heapq.heappush(self.held, (*finding_order(finding), next(self.counter), finding))
+
+
+def _started(ex: Exchange | None) -> float:
+    return BEFORE_ALL if ex is None or ex.started_at is None else ex.started_at
+
+
+def _key(item: Chain | Finding) -> OrderKey:
+    return order_key(item.root if isinstance(item, Chain) else item.exchange)
+
+
+class _RetryIndex:
+    """The window's requests by (client, URL), to find the first one after a follow-up
+    within RETRY_REACH: what detectors.base.Context.retry_of finds in the whole batch."""
+
+    def __init__(self, requests: Sequence[Exchange]) -> None:
+        groups: dict[tuple[str, str], list[Exchange]] = {}
+        for ex in requests:
+            if ex.started_at is not None:
+                groups.setdefault((ex.client, ex.url_norm), []).append(ex)
+        self.by_url = {key: sorted(items, key=order_key) for key, items in groups.items()}
+        self.starts = {key: [ex.started_at or 0.0 for ex in items] for key, items in self.by_url.items()}
+
+    def first_after(self, ex: Exchange) -> Exchange | None:
+        key = (ex.client, ex.url_norm)
+        items = self.by_url.get(key)
+        if items is None or ex.started_at is None:
+            return None
+        i = bisect_right(self.starts[key], ex.started_at)
+        if i < len(items) and (items[i].started_at or 0.0) - ex.started_at <= RETRY_REACH:
+            return items[i]
+        return None
+
+
+__all__ = ["CHAIN_RULES", "LOOKAHEAD", "ChainStream", "Flushed", "finding_order"]

@@ -1,0 +1,311 @@
+"""Analysis in time windows (analyzer.windows) gives the results of analysis in one piece,
+ids included, whatever the window size: on the corpus, the rule fixtures, and generated
+traffic that crosses every window edge a rule can (chains, duplicate writes, retries
+after a challenge, browser pages whose navigation is a redirect)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, RULE_FIXTURES
+from sqlalchemy import select, text
+
+from analyzer.analysis import _WindowPlan, analyze
+from analyzer.ingest.har import import_har
+from analyzer.party import site_of
+from analyzer.store import exchanges, open_store
+
+WHOLE = 10**9  # a window bigger than any store here: the batch in one piece
+
+
+def results(db: Path) -> dict[str, list[tuple]]:
+    """Every stored result, every column, ids included."""
+    store = open_store(str(db), create=False)
+    with store.engine.connect() as conn:
+        out = {
+            table: [tuple(row) for row in conn.execute(text(f"SELECT * FROM {table} ORDER BY {order}"))]
+            for table, order in (("chains", "id"), ("hops", "chain_id, idx"), ("findings", "id"))
+        }
+    store.engine.dispose()
+    return out
+
+
+def analyzed(base: Path, tmp_path: Path, window: int, batch: int = 200_000) -> dict[str, list[tuple]]:
+    """A copy of the store, analyzed afresh with this window size."""
+    db = tmp_path / f"w{window}-b{batch}.db"
+    shutil.copy(base, db)
+    store = open_store(str(db), create=False)
+    analyze(store, full=True, window_exchanges=window, batch_exchanges=batch)
+    store.engine.dispose()
+    return results(db)
+
+
+def windows_of(db: Path, window: int) -> int:
+    """How many windows the store's (single) batch is cut into."""
+    store = open_store(str(db), create=False)
+    with store.engine.connect() as conn:
+        clients = sorted(set(conn.execute(select(exchanges.c.client)).scalars()))
+        sizes = Counter(conn.execute(select(exchanges.c.client)).scalars())
+        count = len(_WindowPlan(dict(sizes), window).windows(conn, clients))
+    store.engine.dispose()
+    return count
+
+
+def third_party_by_navigation(db: Path) -> dict[int, bool]:
+    """Each page chain's verdict worked out here from the generator's design: a page's
+    first-party sites are those of its navigation (its first exchange) and, when that is
+    a redirect, of the chain it starts; a chain is third party when no hop has an end on one."""
+    store = open_store(str(db), create=False)
+    with store.engine.connect() as conn:
+        hops = conn.execute(
+            text(
+                "SELECT c.id, c.client, s.url, t.url, s.location_resolved FROM chains c "
+                "JOIN hops h ON h.chain_id = c.id JOIN exchanges s ON s.id = h.from_exchange_id "
+                "LEFT JOIN exchanges t ON t.id = h.to_exchange_id WHERE c.client LIKE 'har:%/%' ORDER BY c.id, h.idx"
+            )
+        ).all()
+        firsts = dict(
+            conn.execute(
+                text(
+                    "SELECT client, id FROM exchanges e WHERE client LIKE 'har:%/%' AND started_at = "
+                    "(SELECT min(started_at) FROM exchanges f WHERE f.client = e.client)"
+                )
+            ).all()
+        )
+        navigation_urls = {
+            client: {url for chain, c, *urls in hops if chain == first and c == client for url in urls if url}
+            or set(conn.execute(text("SELECT url FROM exchanges WHERE id = :i"), {"i": first}).scalars())
+            for client, first in firsts.items()
+        }
+    store.engine.dispose()
+    sites = {client: {site_of(url) for url in urls} for client, urls in navigation_urls.items()}
+    verdict: dict[int, bool] = {}
+    for chain, client, source, target, location in hops:
+        third = site_of(source) not in sites[client] and site_of(target or location) not in sites[client]
+        verdict[chain] = verdict.get(chain, True) and third
+    return verdict
+
+
+# ---- generated traffic ----------------------------------------------------------------
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Traffic:
+    """One client's HAR: redirect chains (some hops not followed, some follow-ups are
+    redirects again), writes repeated within and across the duplicate window, 401s retried,
+    all interleaved in time on a few connections, the URLs drawn from a small pool so that
+    candidates compete."""
+
+    PATHS = ["/a", "/b", "/c", "/login", "/pay", "/api/items", "/done"]
+
+    def __init__(self, seed: int, start: float, pages: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self.entries: list[dict] = []
+        self.t = start
+        self.pages = [f"page_{i}" for i in range(pages)]
+        self.host = self.rng.choice(["https://shop.example.test", "https://api.example.test"])
+
+    def entry(self, at: float, method: str, url: str, status: int, **kw) -> dict:
+        headers = [{"name": "Accept", "value": "*/*"}]
+        for name in kw.get("credentials", ()):
+            headers.append({"name": name, "value": "secret-value"})
+        request = {
+            "method": method,
+            "url": url,
+            "httpVersion": "HTTP/1.1",
+            "headers": headers,
+            "queryString": [],
+            "cookies": [],
+            "headersSize": -1,
+            "bodySize": len(kw.get("body", "")),
+        }
+        if kw.get("body"):
+            request["postData"] = {"mimeType": "application/json", "text": kw["body"]}
+            headers.append({"name": "Content-Type", "value": "application/json"})
+        response_headers = []
+        if kw.get("location") is not None:
+            response_headers.append({"name": "Location", "value": kw["location"]})
+        entry = {
+            "startedDateTime": _iso(at),
+            "time": 5,
+            "request": request,
+            "response": {
+                "status": status,
+                "statusText": "",
+                "httpVersion": "HTTP/1.1",
+                "headers": response_headers,
+                "cookies": [],
+                "content": {"size": 2, "mimeType": "application/json", "text": kw.get("answer", "{}")},
+                "redirectURL": kw.get("location") or "",
+                "headersSize": -1,
+                "bodySize": 2,
+            },
+            "cache": {},
+            "timings": {"send": 1, "wait": 3, "receive": 1},
+            "connection": str(self.rng.choice([11, 12, 13])),
+        }
+        if self.pages:
+            entry["pageref"] = kw.get("page") or self.pages[-1]
+        self.entries.append(entry)
+        return entry
+
+    def url(self, page: str | None = None) -> str:
+        if self.pages and self.rng.random() < 0.5:  # a page pulls in third parties' redirects
+            host = self.rng.choice(["https://ads.tracker.test", "https://sync.adnet.test"])
+        else:
+            host = self.host
+        return host + self.rng.choice(self.PATHS)
+
+    def chain(self, at: float, page: str | None = None) -> None:
+        rng = self.rng
+        method = rng.choice(["GET", "POST", "POST", "PUT"])
+        body = rng.choice(['{"n":1}', '{"n":2}']) if method != "GET" else ""
+        credentials = rng.choice([(), ("Authorization",), ("Cookie",)])
+        url = self.url(page)
+        for _ in range(rng.randint(1, 4)):
+            status = rng.choice([301, 302, 303, 307, 308, 307])
+            if rng.random() < 0.05:
+                self.entry(at, method, url, status, body=body, page=page, credentials=credentials)
+                return  # no Location
+            target = (
+                self.url(page) if rng.random() < 0.7 else rng.choice(["https://other.example.org/x", url])
+            )
+            self.entry(
+                at, method, url, status, body=body, location=target, page=page, credentials=credentials
+            )
+            if rng.random() < 0.12:
+                return  # not followed
+            at += rng.choice([0.01, 0.2, 1.0, 3.0, 12.0, 29.0, 31.0])
+            if status == 303 or (status in (301, 302) and method == "POST"):
+                method, body = "GET", ""
+            if rng.random() < 0.3:
+                credentials = ()
+            url = target
+        final = rng.choice([200, 200, 201, 401, 403, 500])
+        self.entry(at, method, url, final, body=body, page=page, credentials=credentials)
+        if final in (401, 403) and rng.random() < 0.6:
+            self.entry(at + rng.choice([0.5, 10.0, 29.5, 35.0]), method, url, 200, body=body, page=page)
+
+    def build(self, events: int) -> dict:
+        rng = self.rng
+        for i, page in enumerate(self.pages):  # each page opens with a navigation
+            if i % 2 == 0:  # a redirect whose chain ends after the page's other chains began
+                self.host = "https://www.site-a.test"
+                nav = self.host + "/start"
+                self.entry(self.t, "GET", nav, 302, page=page, location="https://sso.site-b.test/login")
+                self.entry(
+                    self.t + 25, "GET", "https://sso.site-b.test/login", 302, page=page, location=nav + "?ok"
+                )
+                self.entry(self.t + 50, "GET", nav + "?ok", 200, page=page)
+                for k in range(3):
+                    self.chain(self.t + 1 + k, page=page)
+            else:
+                self.host = "https://shop.site-c.test"
+                self.entry(self.t, "GET", self.url(), 200, page=page)
+            self.t += 60
+        for _ in range(events):
+            # gaps around the link window (30 s) and the duplicate window (600 s) too
+            self.t += rng.choice([0.01, 0.3, 2.0, 8.0, 25.0, 31.0, 40.0, 250.0, 598.0, 601.0])
+            kind = rng.random()
+            if kind < 0.55:
+                self.chain(self.t)
+            elif kind < 0.85:  # a write that may repeat, directly or after a failover
+                body = rng.choice(['{"order":1}', '{"order":2}'])
+                orders = self.host + "/orders"
+                if rng.random() < 0.3:  # the primary hands it to the replica, which takes it
+                    replica = "https://replica.example.test/orders"
+                    self.entry(self.t, "POST", orders, 307, body=body, location=replica)
+                    self.entry(self.t + rng.choice([0.01, 0.5]), "POST", replica, 201, body=body)
+                    continue
+                entry = self.entry(self.t, "POST", orders, rng.choice([200, 201]), body=body)
+                if rng.random() < 0.5:
+                    entry["request"]["headers"].append({"name": "Idempotency-Key", "value": "k-1"})
+            else:
+                self.entry(self.t, "GET", self.url(), rng.choice([200, 404]))
+        self.entries.sort(key=lambda e: e["startedDateTime"])
+        log = {"version": "1.2", "creator": {"name": "test_windows", "version": "1"}, "entries": self.entries}
+        if self.pages:
+            log["pages"] = [
+                {"id": p, "title": p, "startedDateTime": _iso(self.t), "pageTimings": {}} for p in self.pages
+            ]
+        return {"log": log}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three clients (two plain, one with three pages) in one store."""
+    where = tmp_path_factory.mktemp("generated")
+    db = where / "base.db"
+    store = open_store(str(db))
+    for seed, pages in ((1, 0), (2, 3), (3, 0)):
+        har = where / f"traffic-{seed}.har"
+        har.write_text(json.dumps(Traffic(seed, 1_700_000_000.0 + seed, pages).build(250)))
+        import_har(store, har, workers=0)
+    store.engine.dispose()
+    return db
+
+
+def test_generated_traffic_gives_the_same_results_ids_included_whatever_the_window(generated, tmp_path):
+    whole = analyzed(generated, tmp_path, WHOLE)
+    rules = Counter(row[1] for row in whole["findings"])
+    # the traffic reaches what windows must carry: long chains, duplicate writes, retries, pages
+    assert {"duplicate-write", "credential-dropped", "lost-write", "method-downgrade"} <= set(rules), rules
+    assert max(row[2] for row in whole["chains"]) >= 3
+    routes = {
+        r for row in whole["findings"] if row[1] == "duplicate-write" for r in json.loads(row[12])["routes"]
+    }
+    assert routes == {"direct", "via redirect"}
+    # a page's chains know their party: the navigation's sites are first party
+    assert {row[6] for row in whole["chains"]} == {None, True, False}
+    with open_store(str(tmp_path / f"w{WHOLE}-b200000.db"), create=False).engine.connect() as conn:
+        on_pages = conn.execute(
+            text("SELECT rule, third_party FROM findings WHERE client LIKE 'har:%/%' ORDER BY id")
+        ).all()
+    assert "duplicate-write" in {rule for rule, _ in on_pages}
+    assert None not in {third for _, third in on_pages}  # every finding on a page knows its party
+    assert third_party_by_navigation(tmp_path / f"w{WHOLE}-b200000.db") == {
+        chain: row[6] for row in whole["chains"] for chain in [row[0]] if row[6] is not None
+    }
+    for window in (1, 7, 60):
+        assert windows_of(generated, window) > 1
+        assert analyzed(generated, tmp_path, window) == whole, window
+
+
+def test_a_client_alone_in_its_batch_windowed_gives_the_same_results(generated, tmp_path):
+    whole = analyzed(generated, tmp_path, WHOLE, batch=1)
+    for window in (1, 25):
+        assert analyzed(generated, tmp_path, window, batch=1) == whole, window
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every HAR of the corpus and every rule fixture, in one store."""
+    db = tmp_path_factory.mktemp("corpus") / "base.db"
+    store = open_store(str(db))
+    for path in sorted((CORPUS / "good").glob("*.har")) + sorted(RULE_FIXTURES.glob("*.har")):
+        import_har(store, path, workers=0)
+    store.engine.dispose()
+    return db
+
+
+def test_the_corpus_and_the_rule_fixtures_give_the_same_results_whatever_the_window(corpus, tmp_path):
+    # Each client its own batch: a batch holding an undated exchange (five in the corpus)
+    # is analyzed in one piece, so whole-store batches would not be cut at all.
+    whole = analyzed(corpus, tmp_path, WHOLE, batch=1)
+    assert len(whole["findings"]) > 100 and len(whole["chains"]) > 150
+    for window in (1, 3, 40):
+        assert analyzed(corpus, tmp_path, window, batch=1) == whole, window
+
+
+def test_a_batch_with_an_undated_exchange_is_analyzed_in_one_piece(corpus):
+    # an undated redirect may be linked to any later request: no window would hold it
+    assert windows_of(corpus, 1) == 1
