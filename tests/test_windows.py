@@ -105,7 +105,7 @@ class Traffic:
     all interleaved in time on a few connections, the URLs drawn from a small pool so that
     candidates compete."""
 
-    PATHS = ["/a", "/b", "/c", "/login", "/pay", "/api/items", "/done"]
+    PATHS = ("/a", "/b", "/c", "/login", "/pay", "/api/items", "/done")
 
     def __init__(self, seed: int, start: float, pages: int = 0) -> None:
         self.rng = random.Random(seed)
