@@ -94,18 +94,27 @@ def blocks(variants: int = 64):
     return req, resp, redirect[0], cacheable[0]
 
 
-def rows(n: int, capture: int, clients: int, first_seq: int = 0, client_offset: int = 0, t0: float = T0):
+def rows(
+    n: int,
+    capture: int,
+    clients: int,
+    first_seq: int = 0,
+    client_offset: int = 0,
+    t0: float = T0,
+    one_client: str | None = None,
+):
     """`n` exchanges of `clients` clients; every 10th starts a redirect its client follows.
     1 in 7 redirected requests is a POST; a third of those get a 302 followed with GET
     (method-downgrade), the rest a 307 followed with the body. Every 50th GET redirect is
     a cacheable 302 to the same target (stale-temporary-redirect) and every 1000th
-    exchange re-sends the previous POST (duplicate-write)."""
+    exchange re-sends the previous POST (duplicate-write). `one_client`: every exchange is
+    that client's (one CI runner, one service behind a proxy)."""
     req, resp, redirect_h, cacheable_h = blocks()
     body = Body(length=24, sha256=hashlib.sha256(b"x").hexdigest(), content_type="application/json")
     i = 0
     while i < n:
         seq = first_seq + i
-        client = (
+        client = one_client or (
             f"proxy:runner-{(seq // 97) % 20}:8080/10.{(seq % clients + client_offset) // 250 % 250}."
             f"{(seq % clients + client_offset) % 250}.7"
         )
@@ -185,13 +194,20 @@ def rows(n: int, capture: int, clients: int, first_seq: int = 0, client_offset: 
 
 
 def fill(
-    url: str, n: int, clients: int, *, first_seq: int = 0, client_offset: int = 0, t0: float = T0
+    url: str,
+    n: int,
+    clients: int,
+    *,
+    first_seq: int = 0,
+    client_offset: int = 0,
+    t0: float = T0,
+    one_client: str | None = None,
 ) -> float:
     store = open_store(url)
     start = time.perf_counter()
     with store.begin() as conn:
         capture = add_capture(conn, source="proxy", path=None)
-        written = write_exchanges(conn, rows(n, capture, clients, first_seq, client_offset, t0))
+        written = write_exchanges(conn, rows(n, capture, clients, first_seq, client_offset, t0, one_client))
         finish_capture(conn, capture, entries=written)
         refresh_statistics(conn, "exchanges", "captures")
     store.close()

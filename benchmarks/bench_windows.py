@@ -1,0 +1,99 @@
+"""`analyze` in time windows: peak memory and time for one huge client and for many.
+
+    uv run python benchmarks/bench_windows.py --exchanges 1000000,10000000 --clients 1,360000
+    uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --windows 10000,50000,0
+
+Stores are filled directly with bench_fleet's browser-like rows (14 request and 10
+response headers, 10% redirects followed by their client, 1 in 7 a POST), every exchange
+from one client or spread over N clients, on SQLite and (with --engines) PostgreSQL in a
+throwaway local cluster. Each analysis runs in a child process and prints its seconds
+and peak RSS (the kernel's high-water mark of the child) against the target of
+issue 30: 300 MB for 10M exchanges, whatever the clients. `--windows 0` is one window
+per batch: the memory of analysis before windows. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import bench_fleet  # noqa: E402
+import pgcluster  # noqa: E402
+
+TARGET_MB = 300
+
+ANALYZE = """
+import json, sys, time, resource
+from analyzer.store import open_store
+from analyzer.analysis import analyze, WINDOW_EXCHANGES
+store = open_store(sys.argv[1], create=False)
+window = int(sys.argv[2]) or 10**12
+t = time.perf_counter()
+r = analyze(store, full=True, window_exchanges=window)
+print(json.dumps({"seconds": time.perf_counter() - t, "chains": r.chain_count, "findings": r.finding_count,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def analyze(url: str, window: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", ANALYZE, url, str(window)], capture_output=True, text=True, cwd=ROOT
+    )
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exchanges", default="1000000", help="comma-separated store sizes")
+    parser.add_argument("--clients", default="1,360000", help="comma-separated client counts")
+    parser.add_argument("--engines", default="sqlite", help="sqlite,postgresql")
+    parser.add_argument(
+        "--windows", default="50000", help="window sizes (exchanges); 0: one window per batch"
+    )
+    args = parser.parse_args()
+    engines = args.engines.split(",")
+    cluster = pgcluster.Cluster() if "postgresql" in engines else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in (int(x) for x in args.exchanges.split(",")):
+                for clients in (int(x) for x in args.clients.split(",")):
+                    for engine in engines:
+                        name = f"w{n}c{clients}"
+                        url = (
+                            str(Path(tmp) / f"{name}.db")
+                            if engine == "sqlite"
+                            else cluster.new_database(name)
+                        )
+                        one = "proxy:ci-runner:8080/10.0.0.7" if clients == 1 else None
+                        filled = bench_fleet.fill(url, n, max(clients, 1), one_client=one)
+                        print(
+                            f"[{engine} {n:,} exchanges, {clients:,} clients] fill {filled:.0f} s", flush=True
+                        )
+                        for window in (int(x) for x in args.windows.split(",")):
+                            r = analyze(url, window)
+                            verdict = "within" if r["rss_mb"] <= TARGET_MB else "OVER"
+                            print(
+                                f"  window {window or 'whole':>7}: {r['seconds']:7.1f} s, peak RSS "
+                                f"{r['rss_mb']:6.0f} MB ({verdict} the {TARGET_MB} MB target), "
+                                f"{r['chains']:,} chains, {r['findings']:,} findings",
+                                flush=True,
+                            )
+                        if engine == "sqlite":
+                            Path(url).unlink()
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
