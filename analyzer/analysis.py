@@ -34,7 +34,19 @@ from dataclasses import dataclass, field
 from itertools import islice, pairwise
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, Select, Table, and_, delete, func, insert, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Select,
+    Table,
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 
 from analyzer.chains import Link, LinkOptions, follow_up_urls, needs_other_forms, stored_id
@@ -344,6 +356,7 @@ class BatchOutput:
     chains: list[Chain] = field(default_factory=list)  # with keep only
     findings: list[Finding] = field(default_factory=list)
     replaces: bool = True  # the batch's first output: it takes the place of the clients' earlier results
+    revised_rows: list[FindingRow] = field(default_factory=list)  # findings of earlier outputs, changed
 
 
 Window = tuple[float | None, float | None]  # [lo, hi) of start times; None: unbounded
@@ -406,6 +419,7 @@ def _output(clients: list[str], flushed: Flushed, keep: bool, replaces: bool) ->
             if stale.is_temporary(source) and target:
                 out.groups.add((source.url_norm, target))
     out.finding_rows = [_finding_row(f) for f in flushed.findings]
+    out.revised_rows = [_finding_row(f) for f in flushed.revised]
     if keep:
         out.chains, out.findings = flushed.chains, flushed.findings
     return out
@@ -813,6 +827,7 @@ def _key(row: FindingRow) -> FindingKey:
     return (row["rule"], row["from_exchange_id"], row["to_exchange_id"], row["hop"])
 
 
+REVISABLE = ("severity", "severity_rank", "confidence", "message", "evidence")  # what more deliveries change
 CHAIN_COLUMNS = ("id", "root_exchange_id", "hops", "end_reason", "client", "started_at", "third_party")
 HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status", "link", "confidence")
 
@@ -855,6 +870,17 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
     if out.finding_rows:
         ids.take(conn, out.finding_rows, _key)
         conn.execute(insert(findings_t), out.finding_rows)
+    for row in out.revised_rows:  # by its key, through the from-exchange index
+        conn.execute(
+            update(findings_t)
+            .where(
+                findings_t.c.from_exchange_id == row["from_exchange_id"],
+                findings_t.c.to_exchange_id == row["to_exchange_id"],
+                findings_t.c.rule == row["rule"],
+                findings_t.c.hop == row["hop"],
+            )
+            .values({name: row[name] for name in REVISABLE})
+        )
 
 
 def _delete_ids(conn: Connection, table: Table, column: ColumnElement[int], values: list[int]) -> None:

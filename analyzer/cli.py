@@ -1034,6 +1034,14 @@ def demo_cmd(db: str) -> None:
 )
 @click.option("--full", is_flag=True, help="Analyze every client again, not only those with new exchanges")
 @click.option(
+    "--window",
+    "window",
+    type=click.IntRange(min=1),
+    metavar="EXCHANGES",
+    help="Read a bigger batch of clients in time windows of about this many exchanges: "
+    "memory is one window's (about 2 KB an exchange), the results the same [default: 50,000]",
+)
+@click.option(
     "--config", "config_file", metavar="FILE", help="Configuration file [default: found from here up]"
 )
 @click.option("--isolated", is_flag=True, help="Ignore every configuration file")
@@ -1046,17 +1054,19 @@ def analyze_cmd(
     max_redirects: int | None,
     jobs: int,
     full: bool,
+    window: int | None,
     config_file: str | None,
     isolated: bool,
     wait: float,
 ) -> None:
     """Rebuild chains and run every rule for the clients with new exchanges (all of them
     with --full or new options), replacing their earlier results; ids stay as they were.
+    A client with more exchanges than memory holds is read in time windows.
 
     Reading commands re-run this on their own when the store changed; the options given
     here are remembered and used again then.
     """
-    from analyzer.analysis import AnalysisOptions, analyze
+    from analyzer.analysis import WINDOW_EXCHANGES, AnalysisOptions, analyze
     from analyzer.chains import LinkOptions
     from analyzer.config import load_settings
     from analyzer.detectors import DetectorOptions
@@ -1078,7 +1088,7 @@ def analyze_cmd(
         raise click.UsageError(str(exc)) from None
     store = open_store(db, create=False, wait=wait)
     try:
-        result = analyze(store, options, jobs=jobs, full=full)
+        result = analyze(store, options, jobs=jobs, full=full, window_exchanges=window or WINDOW_EXCHANGES)
     except KeyboardInterrupt:
         if _analysis_recorded(db, wait):  # the Ctrl-C came after the last commit: it is done
             raise Interrupted(
@@ -1086,8 +1096,9 @@ def analyze_cmd(
                 "counts as analyzed"
             ) from None
         raise Interrupted(
-            "interrupted: the clients analyzed so far have their new results, the others keep "
-            "their earlier ones; the store still counts as not analyzed"
+            "interrupted: the clients analyzed so far have their new results (a big one read in "
+            "time windows: those of the windows done), the others keep their earlier ones; the "
+            "store still counts as not analyzed"
         ) from None
     counts = ", ".join(f"{result.by_severity[s]} {s}" for s in reversed(SEVERITIES) if result.by_severity[s])
     scope = (

@@ -54,7 +54,7 @@ from analyzer.detectors import duplicate_write as duplicate
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import Context
 from analyzer.detectors.credential_dropped import RECOVERY_WINDOW
-from analyzer.model import Chain, Exchange, Finding, Hop
+from analyzer.model import Body, Chain, Exchange, Finding, Hop
 from analyzer.party import Parties
 
 CHAIN_RULES = tuple(rule for rule in RULES if rule.slug not in (stale.SLUG, duplicate.SLUG))
@@ -72,6 +72,18 @@ class Flushed:
 
     chains: list[Chain] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    # findings handed out before that have changed since: a duplicate write that gained
+    # deliveries (its place, and so its id, was already certain; its counts were not)
+    revised: list[Finding] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Cluster:
+    """Deliveries of one logical write within the duplicate window of the first."""
+
+    members: list[tuple[Exchange, Arrival | None]] = field(default_factory=list)
+    finding: Finding | None = None  # once certain to fire: its finding, updated as it grows
+    handed_out: bool = False
 
 
 def finding_order(f: Finding) -> tuple[float, int, int, str]:
@@ -92,7 +104,9 @@ class ChainStream:
         self.open: dict[int, Chain] = {}  # id of a follow-up that is a redirect -> its chain
         self.arrivals: dict[int, Arrival] = {}
         self.answers: dict[int, Exchange] = {}  # follow-up id -> the request that retried it
-        self.clusters: dict[duplicate.WriteKey, list[tuple[Exchange, Arrival | None]]] = {}
+        self.clusters: dict[duplicate.WriteKey, _Cluster] = {}
+        self.certain: dict[int, _Cluster] = {}  # id() of a held finding of an open cluster -> it
+        self.revised: list[Finding] = []
         self.ended: list[Chain] = []  # ended, rules not run yet
         self.settled: list[Chain] = []  # rules run, not handed out yet
         self.held: list[tuple[float, int, int, str, int, Finding]] = []  # heap, finding_order
@@ -171,21 +185,24 @@ class ChainStream:
             if key is None:
                 continue
             cluster = self.clusters.get(key)
-            if cluster is not None and duplicate.gap(cluster[0][0], ex) > window:
-                self._judge(cluster)
+            if cluster is not None and duplicate.gap(cluster.members[0][0], ex) > window:
+                self._close(cluster)
                 cluster = None
             if cluster is None:
-                cluster = self.clusters[key] = []
-            cluster.append((ex, arrival))
+                cluster = self.clusters[key] = _Cluster()
+            if len(cluster.members) == 1:  # the repeat: the finding points at it, and its hop
+                cluster.members.append((ex, arrival))
+            else:  # a cluster waits up to the duplicate window: what judging reads, no more
+                cluster.members.append(_slim(ex, arrival, key))
         if hi is None:
             for cluster in self.clusters.values():
-                self._judge(cluster)
+                self._close(cluster)
             self.clusters.clear()
             self.arrivals.clear()
             return
         for key, cluster in list(self.clusters.items()):
-            if (cluster[0][0].started_at or 0.0) < hi - window:
-                self._judge(cluster)
+            if (cluster.members[0][0].started_at or 0.0) < hi - window:
+                self._close(cluster)
                 del self.clusters[key]
         self.arrivals = {
             target: arrival
@@ -216,8 +233,16 @@ class ChainStream:
             ):
                 self._hold(finding)
             self.settled += ready
-        out = Flushed(chains=self.settled)
-        self.settled = []
+        # A cluster that fires now fires whatever joins it (more deliveries only add keys and
+        # answers): its finding takes its place now, so that it holds nothing back.
+        for cluster in self.clusters.values():
+            if len(cluster.members) > 1 and cluster.finding is None:
+                cluster.finding = self._judged(cluster)
+                if cluster.finding is not None:
+                    self.certain[id(cluster.finding)] = cluster
+                    self._place(cluster.finding)
+        out = Flushed(chains=self.settled, revised=self.revised)
+        self.settled, self.revised = [], []
         if hi is None:
             assert not self.open and not self.parked, "every chain ends in the last window"
             frontier: tuple[float, float, float] = (float("inf"), 0, 0)
@@ -227,11 +252,19 @@ class ChainStream:
                     (hi, BEFORE_ALL, BEFORE_ALL),
                     *(order_key(chain.root) for chain in self.open.values()),
                     *(_key(item) for parked in self.parked.values() for item in parked),
-                    *(order_key(c[1][0]) for c in self.clusters.values() if len(c) > 1),
+                    *(
+                        order_key(c.members[1][0])
+                        for c in self.clusters.values()
+                        if len(c.members) > 1 and c.finding is None
+                    ),
                 ]
             )
         while self.held and self.held[0][:3] < frontier:
-            out.findings.append(heapq.heappop(self.held)[-1])
+            finding = heapq.heappop(self.held)[-1]
+            settled = self.certain.pop(id(finding), None)
+            if settled is not None:
+                settled.handed_out = True
+            out.findings.append(finding)
         return out
 
     # ---- on the way -----------------------------------------------------------------------
@@ -257,13 +290,29 @@ class ChainStream:
                 else:
                     self._hold(item)
 
-    def _judge(self, cluster: list[tuple[Exchange, Arrival | None]]) -> None:
-        if len(cluster) < 2:
+    def _judged(self, cluster: _Cluster) -> Finding | None:
+        arrivals = {stored_id(ex): arrival for ex, arrival in cluster.members if arrival is not None}
+        return duplicate.judge(
+            [ex for ex, _ in cluster.members], Context(options=self.detect, arrivals=arrivals)
+        )
+
+    def _close(self, cluster: _Cluster) -> None:
+        """A cluster that can gain no more deliveries: its finding, final."""
+        if len(cluster.members) < 2:
             return
-        arrivals = {stored_id(ex): arrival for ex, arrival in cluster if arrival is not None}
-        finding = duplicate.judge([ex for ex, _ in cluster], Context(options=self.detect, arrivals=arrivals))
-        if finding is None:
+        final = self._judged(cluster)
+        placed = cluster.finding
+        if placed is None:
+            if final is not None:
+                self._place(final)
             return
+        assert final is not None  # it was certain to fire
+        placed.severity, placed.confidence = final.severity, final.confidence
+        placed.message, placed.evidence = final.message, final.evidence
+        if cluster.handed_out:
+            self.revised.append(placed)
+
+    def _place(self, finding: Finding) -> None:
         client = finding.exchange.client
         if client in self.navigation:
             self.parked.setdefault(client, []).append(finding)  # third party or not: not known yet
@@ -281,6 +330,34 @@ class ChainStream:
             else:
                 finding.third_party = parties.third_party_exchange(finding.exchange)
         heapq.heappush(self.held, (*finding_order(finding), next(self.counter), finding))
+
+
+def _slim(ex: Exchange, arrival: Arrival | None, key: duplicate.WriteKey) -> tuple[Exchange, Arrival | None]:
+    """A delivery as a duplicate-write cluster keeps it when it is not the repeat: without
+    headers or kept bodies, and instead of the chain it came by, only its root's URL (the
+    write's logical target). A month of writes from one client waits in clusters for up to
+    the duplicate window each; the whole follow-up and its chain would hold them all."""
+    slim = Exchange(
+        id=ex.id,
+        capture_id=ex.capture_id,
+        seq=ex.seq,
+        client=key[0],  # the cluster's key holds these strings already
+        method=key[1],
+        url=ex.url_norm,
+        url_norm=ex.url_norm,
+        started_at=ex.started_at,
+        status=ex.status,
+        idempotency_key=ex.idempotency_key,
+        request_body=Body(length=ex.request_body.length, sha256=key[3]),
+        response_body=Body(sha256=ex.response_body.sha256),
+    )
+    if arrival is None:
+        return slim, None
+    root = arrival[0].root
+    stub = Exchange(
+        capture_id=root.capture_id, seq=root.seq, method="", url=root.url_norm, url_norm=root.url_norm
+    )
+    return slim, (Chain(hops=[Hop(0, stub, None, "", 0.0)], end=""), 0)
 
 
 def _started(ex: Exchange | None) -> float:

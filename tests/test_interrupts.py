@@ -236,8 +236,9 @@ def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, big_results
         return
     assert said in (
         [
-            "redirect-audit: interrupted: the clients analyzed so far have their new results, the others "
-            "keep their earlier ones; the store still counts as not analyzed"
+            "redirect-audit: interrupted: the clients analyzed so far have their new results (a big one "
+            "read in time windows: those of the windows done), the others keep their earlier ones; the "
+            "store still counts as not analyzed"
         ],
         ["redirect-audit: interrupted"],
     ), said  # the latter: before it began
