@@ -73,6 +73,9 @@ from analyzer.store import (
     refresh_statistics,
 )
 from analyzer.store import (
+    analysis_checkpoints as checkpoints_t,
+)
+from analyzer.store import (
     captures as captures_t,
 )
 from analyzer.store import (
@@ -88,7 +91,7 @@ from analyzer.store import (
     hops as hops_t,
 )
 from analyzer.storeread import ANALYSIS_ENGINE, ANALYSIS_OPTIONS, Row
-from analyzer.windows import LOOKAHEAD, ChainStream, Flushed
+from analyzer.windows import LOOKAHEAD, ChainStream, Flushed, Snapshot, read_snapshot, resume, snapshot
 
 FindingRow = dict[str, Any]  # a findings row as inserted
 FindingKey = tuple[Any, ...]  # what makes a finding the same one in the next analysis
@@ -211,7 +214,7 @@ def analyze(
         groups: set[tuple[str, str]] = set()
         where: dict[int, tuple[Chain, int]] = {}
         ids = _FindingIds()
-        plan = _WindowPlan(sizes, window_exchanges)
+        plan = _WindowPlan(sizes, window_exchanges, options.link, None if full else (now, seen_before))
         for out in _run_batches(store, batches, options, jobs, keep, plan):
             with store.begin() as conn:
                 lock_results(conn)
@@ -357,6 +360,8 @@ class BatchOutput:
     findings: list[Finding] = field(default_factory=list)
     replaces: bool = True  # the batch's first output: it takes the place of the clients' earlier results
     revised_rows: list[FindingRow] = field(default_factory=list)  # findings of earlier outputs, changed
+    resumed: Resumed | None = None  # taken up at a checkpoint: remove what came after it first
+    checkpoints: list[tuple[float, bytes]] | None = None  # the client's checkpoints from now on
 
 
 Window = tuple[float | None, float | None]  # [lo, hi) of start times; None: unbounded
@@ -377,11 +382,22 @@ def analyze_batch(
     options: AnalysisOptions,
     windows: Sequence[Window] = WHOLE,
     keep: bool = False,
+    *,
+    resumed: Resumed | None = None,
+    checkpoints: Sequence[float] = (),
 ) -> Iterator[BatchOutput]:
     """These clients' results, one output per time window (analyzer.windows): memory is
-    one window's exchanges and what is still open at its end, not the batch's."""
-    stream = ChainStream(options.link, options.detect, _navigations(conn, clients))
+    one window's exchanges and what is still open at its end, not the batch's.
+
+    `resumed`: the analysis taken up at a checkpoint (its first output removes what was
+    found after it); `checkpoints`: the window boundaries to keep the state at (one
+    client, no pages), stored with the last output."""
+    if resumed is None:
+        stream = ChainStream(options.link, options.detect, _navigations(conn, clients))
+    else:
+        stream = resume(options.link, options.detect, resumed.state, lambda ids: _whole(conn, ids))
     load = WindowLoader(conn, clients, options.link)
+    kept: list[tuple[float, bytes]] = []
     for n, (lo, hi) in enumerate(windows):
         redirects, later = load.redirects(lo, hi)
         candidates = load.candidates(redirects, lo, hi)
@@ -391,8 +407,32 @@ def analyze_batch(
         del redirects, later, links, candidates
         stream.add_writes(load.writes(lo, hi), hi)
         flushed = stream.flush(hi)
-        yield _output(clients, flushed, keep, replaces=n == 0)
-        del flushed
+        if hi is not None and hi in checkpoints:
+            kept.append((hi, snapshot(stream, hi)))
+        out = _output(clients, flushed, keep, replaces=n == 0 and resumed is None)
+        if n == 0:
+            out.resumed = resumed
+        if hi is None and checkpoints:
+            out.checkpoints = kept
+        yield out
+        del flushed, out
+
+
+@dataclass
+class Resumed:
+    """An analysis taken up at a checkpoint: what it removes before adding its results."""
+
+    state: Snapshot
+    chains: list[int]  # chains open at the checkpoint (rooted before it)
+
+
+def _whole(conn: Connection, ids: list[int]) -> dict[int, Exchange]:
+    found: dict[int, Exchange] = {}
+    for start in range(0, len(ids), ID_CHUNK):
+        found.update(
+            (stored_id(ex), ex) for ex in load_exchanges(conn, ex_t.c.id.in_(ids[start : start + ID_CHUNK]))
+        )
+    return found
 
 
 def _output(clients: list[str], flushed: Flushed, keep: bool, replaces: bool) -> BatchOutput:
@@ -699,7 +739,53 @@ def _inline(
 ) -> Iterator[BatchOutput]:
     with store.engine.connect() as conn:
         _snapshot(conn)
-        yield from analyze_batch(conn, clients, options, plan.windows(conn, clients), keep)
+        resumed = _resumable(conn, clients, plan) if plan.news is not None and not keep else None
+        if resumed is not None:
+            windows = plan.windows(conn, clients, since=resumed.state.boundary)
+        else:
+            windows = plan.windows(conn, clients)
+        yield from analyze_batch(
+            conn, clients, options, windows, keep, resumed=resumed, checkpoints=_checkpoints(clients, windows)
+        )
+
+
+def _resumable(conn: Connection, clients: list[str], plan: _WindowPlan) -> Resumed | None:
+    """The latest checkpoint of this client whose windows read nothing as late as its new
+    exchanges (None: none, or the client is not alone, or a new exchange is undated)."""
+    if len(clients) != 1 or not plan.windowed(clients):
+        return None
+    client = clients[0]
+    now, before = plan.news or ({}, {})
+    newer = []
+    for cid, (count, top) in now.items():
+        seen = before.get(cid)
+        if seen == (count, top):
+            continue
+        if seen is None:
+            newer.append(ex_t.c.capture_id == cid)
+        elif count > seen[0] and seen[1] is not None:
+            newer.append(and_(ex_t.c.capture_id == cid, ex_t.c.seq > seen[1]))
+        else:
+            return None  # the capture changed otherwise: from the start
+    if not newer:
+        return None
+    first, undated = conn.execute(
+        select(func.min(ex_t.c.started_at), func.count() - func.count(ex_t.c.started_at)).where(
+            ex_t.c.client == client, or_(*newer)
+        )
+    ).one()
+    if first is None or undated:
+        return None
+    row = conn.execute(
+        select(checkpoints_t.c.state)
+        .where(checkpoints_t.c.client == client, checkpoints_t.c.boundary < first - plan.reach())
+        .order_by(checkpoints_t.c.boundary.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    state = read_snapshot(row[0])
+    return Resumed(state, [cid for _, cid in state.open])
 
 
 @dataclass
@@ -708,20 +794,30 @@ class _WindowPlan:
 
     sizes: dict[str, int]
     exchanges: int
+    link: LinkOptions = field(default_factory=LinkOptions)
+    news: tuple[CaptureCounts, CaptureCounts] | None = None  # incremental: captures now and as last read
 
     def windowed(self, clients: list[str]) -> bool:
         return sum(self.sizes.get(c, 0) for c in clients) > self.exchanges
 
-    def windows(self, conn: Connection, clients: list[str]) -> Sequence[Window]:
-        """Cut points at distinct start times, one after every `exchanges` exchanges;
-        one window when the batch is smaller, or holds an undated exchange (it could be
-        linked to any later request, so no window would hold its follow-up)."""
-        if not self.windowed(clients):
+    def reach(self) -> float:
+        """How late an exchange can be and still change a window's results (its reads)."""
+        return self.link.window + LOOKAHEAD
+
+    def windows(self, conn: Connection, clients: list[str], since: float | None = None) -> Sequence[Window]:
+        """Cut points at distinct start times, one after every `exchanges` exchanges (from
+        `since` on), and one just over a window's reach before the last exchange, where a
+        checkpoint lets appended traffic be analyzed from there. One window when the batch
+        is smaller, or holds an undated exchange (it could be linked to any later
+        request, so no window would hold its follow-up)."""
+        if since is None and not self.windowed(clients):
             return WHOLE
         mine = ex_t.c.client.in_(clients)
         if conn.execute(select(ex_t.c.id).where(mine, ex_t.c.started_at.is_(None)).limit(1)).first():
             return WHOLE
-        starts = select(ex_t.c.started_at).where(mine).order_by(ex_t.c.started_at)
+        starts = (
+            select(ex_t.c.started_at).where(mine, *between(ex_t, since, None)).order_by(ex_t.c.started_at)
+        )
         cuts: list[float] = []
         count, last = 0, None
         for (start,) in conn.execute(starts.execution_options(yield_per=STREAM_ROWS)):
@@ -730,8 +826,23 @@ class _WindowPlan:
                 count = 0
             count += 1
             last = start
-        bounds: list[float | None] = [None, *cuts, None]
+        if last is not None:
+            near_end = last - self.reach() - 1.0
+            if (not cuts or near_end > cuts[-1]) and (since is None or near_end > since):
+                cuts.append(near_end)
+        bounds: list[float | None] = [since, *cuts, None]
         return list(pairwise(bounds))
+
+
+CHECKPOINTS_KEPT = 3  # a client's last window boundaries whose state is kept
+
+
+def _checkpoints(clients: list[str], windows: Sequence[Window]) -> list[float]:
+    """The boundaries to keep the state at: the last few, for one client that is not a
+    browser page (pages are HAR imports, taken whole)."""
+    if len(clients) != 1 or is_page_client(clients[0]) or len(windows) < 2:
+        return []
+    return [hi for _, hi in windows[-1 - CHECKPOINTS_KEPT : -1] if hi is not None]
 
 
 def _snapshot(conn: Connection) -> None:
@@ -865,6 +976,17 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
         _delete_ids(conn, findings_t, findings_t.c.id, sorted(doomed))
         _delete_ids(conn, hops_t, hops_t.c.chain_id, old_chains)
         _delete_ids(conn, chains_t, chains_t.c.id, old_chains)
+    if out.replaces:
+        _delete_ids(conn, checkpoints_t, checkpoints_t.c.client, out.clients)
+    if out.resumed is not None:
+        _cut(conn, out.clients[0], out.resumed, ids)
+    if out.checkpoints is not None:
+        conn.execute(delete(checkpoints_t).where(checkpoints_t.c.client == out.clients[0]))
+        if out.checkpoints:
+            conn.execute(
+                insert(checkpoints_t),
+                [{"client": out.clients[0], "boundary": b, "state": state} for b, state in out.checkpoints],
+            )
     insert_tuples(conn, chains_t, CHAIN_COLUMNS, out.chain_rows)
     insert_tuples(conn, hops_t, HOP_COLUMNS, out.hop_rows)
     if out.finding_rows:
@@ -883,7 +1005,51 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
         )
 
 
-def _delete_ids(conn: Connection, table: Table, column: ColumnElement[int], values: list[int]) -> None:
+def _cut(conn: Connection, client: str, resumed: Resumed, ids: _FindingIds) -> None:
+    """Remove a client's results from after a checkpoint: the chains open at it or rooted
+    after it, and the findings at or after its frontier (the rest was settled before it),
+    remembering their ids for the findings found again."""
+    state = resumed.state
+    at, capture, seq = state.frontier
+    later = or_(
+        ex_t.c.started_at > at,
+        and_(
+            ex_t.c.started_at == at,
+            or_(ex_t.c.capture_id > capture, and_(ex_t.c.capture_id == capture, ex_t.c.seq >= seq)),
+        ),
+    )
+    doomed = (
+        select(
+            findings_t.c.id,
+            findings_t.c.rule,
+            findings_t.c.from_exchange_id,
+            findings_t.c.to_exchange_id,
+            findings_t.c.hop,
+        )
+        .join(ex_t, ex_t.c.id == findings_t.c.to_exchange_id)
+        .where(findings_t.c.client == client, later)
+    )
+    gone = []
+    for fid, rule, from_id, to_id, hop in conn.execute(doomed):
+        ids.remember((rule, from_id, to_id, hop), fid)
+        gone.append(fid)
+    _delete_ids(conn, findings_t, findings_t.c.id, gone)
+    chains = list(
+        conn.execute(
+            select(chains_t.c.id).where(chains_t.c.client == client, chains_t.c.started_at >= state.boundary)
+        ).scalars()
+    )
+    chains += resumed.chains
+    _delete_ids(conn, hops_t, hops_t.c.chain_id, chains)
+    _delete_ids(conn, chains_t, chains_t.c.id, chains)
+    conn.execute(
+        delete(checkpoints_t).where(
+            checkpoints_t.c.client == client, checkpoints_t.c.boundary > state.boundary
+        )
+    )
+
+
+def _delete_ids(conn: Connection, table: Table, column: ColumnElement[Any], values: Sequence[Any]) -> None:
     for start in range(0, len(values), ID_CHUNK):
         conn.execute(delete(table).where(column.in_(values[start : start + ID_CHUNK])))
 

@@ -219,6 +219,17 @@ analyzed_captures = Table(
     Column("max_seq", Big),
 )
 
+# Where analysis can take up a big client again (analyzer.windows.snapshot): the state of its
+# time-window analysis at a few boundaries near its end, so that traffic appended later is
+# analyzed from there, not from the client's first exchange.
+analysis_checkpoints = Table(
+    "analysis_checkpoints",
+    metadata,
+    Column("client", Text, primary_key=True),
+    Column("boundary", Float, primary_key=True),
+    Column("state", LargeBinary, nullable=False),
+)
+
 # The tests of a test run (the pytest plugin writes them): what happened between a test's
 # start and end, from the client its traffic is labelled with, happened during that test.
 test_runs = Table(
@@ -867,6 +878,7 @@ def remove_captures(conn: Connection, ids: Sequence[int]) -> list[int]:
         conn.execute(delete(findings).where(findings.c.client.in_(chunk) | findings.c.chain_id.in_(theirs)))
         conn.execute(delete(hops).where(hops.c.chain_id.in_(theirs)))
         conn.execute(delete(chains).where(chains.c.client.in_(chunk)))
+        conn.execute(delete(analysis_checkpoints).where(analysis_checkpoints.c.client.in_(chunk)))
         shared = select(exchanges.c.capture_id).where(exchanges.c.client.in_(chunk)).distinct()
         conn.execute(delete(analyzed_captures).where(analyzed_captures.c.capture_id.in_(shared)))
     conn.execute(delete(analyzed_captures).where(analyzed_captures.c.capture_id.in_(ids)))

@@ -45,8 +45,11 @@ from __future__ import annotations
 import heapq
 import itertools
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from analyzer.chains import Link, LinkOptions, OrderKey, link_redirects, order_key, stored_id, unfollowed_end
 from analyzer.detectors import RULES, DetectorOptions, run_detectors
@@ -54,7 +57,7 @@ from analyzer.detectors import duplicate_write as duplicate
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import Context
 from analyzer.detectors.credential_dropped import RECOVERY_WINDOW
-from analyzer.model import Body, Chain, Exchange, Finding, Hop
+from analyzer.model import Body, Chain, Exchange, Finding, Hop, Severity
 from analyzer.party import Parties
 
 CHAIN_RULES = tuple(rule for rule in RULES if rule.slug not in (stale.SLUG, duplicate.SLUG))
@@ -111,6 +114,7 @@ class ChainStream:
         self.settled: list[Chain] = []  # rules run, not handed out yet
         self.held: list[tuple[float, int, int, str, int, Finding]] = []  # heap, finding_order
         self.counter = itertools.count()
+        self.frontier: tuple[float, float, float] = (BEFORE_ALL, 0, 0)  # everything before it handed out
         # Browser pages (analyzer.party): sites known once the navigation's chain has ended.
         self.sites: dict[str, frozenset[str]] = {}
         self.navigation: dict[str, int] = {}  # page client -> id of its navigation, a redirect
@@ -259,6 +263,7 @@ class ChainStream:
                     ),
                 ]
             )
+        self.frontier = frontier
         while self.held and self.held[0][:3] < frontier:
             finding = heapq.heappop(self.held)[-1]
             settled = self.certain.pop(id(finding), None)
@@ -330,6 +335,210 @@ class ChainStream:
             else:
                 finding.third_party = parties.third_party_exchange(finding.exchange)
         heapq.heappush(self.held, (*finding_order(finding), next(self.counter), finding))
+
+
+# ---- checkpoints: a stream's state between two windows, kept in the store ----------------
+#
+# A client appended to is analyzed again from the last checkpoint whose windows read nothing
+# as late as the new exchanges (analysis.py): the state is what the windows before it left
+# open. Exchanges are kept by id (reloaded whole), chains by their hops, findings by their
+# fields; what a slim delivery holds is kept as is.
+
+
+class Snapshot(msgspec.Struct, array_like=True):
+    boundary: float  # the next window starts here
+    frontier: tuple[float, float, float]
+    claimed: list[tuple[int, float]]
+    chains: dict[int, tuple[str, bool | None, list[tuple[int, int | None, str, float]]]]
+    open: list[tuple[int, int]]  # waiting follow-up id, chain id
+    arrivals: list[tuple[int, int, int]]  # follow-up id, chain id, hop
+    answers: list[tuple[int, int]]
+    clusters: list[tuple[list[str], bool, int | None, list[tuple[Any, ...]]]]
+    held: list[tuple[Any, ...]]  # findings not handed out, in heap order
+    handed: list[tuple[Any, ...]]  # handed-out findings of open clusters
+
+
+def _finding_state(f: Finding) -> tuple[Any, ...]:
+    return (
+        f.rule,
+        f.rule_id,
+        int(f.severity),
+        f.confidence,
+        f.message,
+        f.chain.id if f.chain else None,
+        f.hop,
+        f.evidence,
+        stored_id(f.exchange),
+        f.third_party,
+    )
+
+
+def snapshot(stream: ChainStream, boundary: float) -> bytes:
+    """The stream's state after the window that ends at `boundary` (flushed, no pages)."""
+    assert not stream.ended and not stream.settled and not stream.navigation and not stream.parked
+    chains: dict[int, Chain] = {}
+
+    def chain_id(chain: Chain) -> int:
+        chains[stored_id(chain.root)] = chain
+        return stored_id(chain.root)
+
+    clusters = []
+    in_order = sorted(stream.held, key=lambda entry: entry[:5])  # ties keep the order they came in
+    held_at = {id(entry[-1]): i for i, entry in enumerate(in_order)}
+    handed: list[tuple[Any, ...]] = []
+    for key, cluster in stream.clusters.items():
+        members = []
+        for i, (ex, arrival) in enumerate(cluster.members):
+            if i == 1:
+                members.append(
+                    ("whole", stored_id(ex), *((chain_id(arrival[0]), arrival[1]) if arrival else ()))
+                )
+            else:
+                root = arrival[0].root if arrival else None
+                members.append(
+                    (
+                        "slim",
+                        stored_id(ex),
+                        ex.capture_id,
+                        ex.seq,
+                        ex.started_at,
+                        ex.status,
+                        ex.idempotency_key,
+                        ex.request_body.length,
+                        ex.response_body.sha256,
+                        ex.url_norm,
+                        *((root.url_norm, root.capture_id, root.seq) if root else ()),
+                    )
+                )
+        placed = None
+        if cluster.finding is not None:
+            if cluster.handed_out:
+                placed = -1 - len(handed)
+                handed.append(_finding_state(cluster.finding))
+                if cluster.finding.chain:
+                    chain_id(cluster.finding.chain)
+            else:
+                placed = held_at[id(cluster.finding)]
+        clusters.append((list(key), cluster.handed_out, placed, members))
+    held = []
+    for *_, finding in in_order:
+        if finding.chain:
+            chain_id(finding.chain)
+        held.append(_finding_state(finding))
+    for chain in stream.open.values():
+        chain_id(chain)
+    arrivals = [(target, chain_id(chain), hop) for target, (chain, hop) in stream.arrivals.items()]
+    return msgspec.msgpack.encode(
+        Snapshot(
+            boundary=boundary,
+            frontier=stream.frontier,
+            claimed=list(stream.claimed.items()),
+            chains={
+                cid: (
+                    chain.end,
+                    chain.third_party,
+                    [
+                        (stored_id(h.source), h.target.id if h.target else None, h.link, h.confidence)
+                        for h in chain.hops
+                    ],
+                )
+                for cid, chain in chains.items()
+            },
+            open=[(waiting, stored_id(chain.root)) for waiting, chain in stream.open.items()],
+            arrivals=arrivals,
+            answers=[(target, stored_id(answer)) for target, answer in stream.answers.items()],
+            clusters=clusters,
+            held=held,
+            handed=handed,
+        )
+    )
+
+
+def read_snapshot(data: bytes) -> Snapshot:
+    return msgspec.msgpack.decode(data, type=Snapshot)
+
+
+def resume(
+    link: LinkOptions,
+    detect: DetectorOptions,
+    state: Snapshot,
+    load: Callable[[list[int]], dict[int, Exchange]],
+) -> ChainStream:
+    """A stream as `snapshot` left it; `load` gives exchanges, whole, by id."""
+    stream = ChainStream(link, detect)
+    wanted = {src for _, _, hops in state.chains.values() for src, _, _, _ in hops}
+    wanted |= {tgt for _, _, hops in state.chains.values() for _, tgt, _, _ in hops if tgt is not None}
+    wanted |= {answer for _, answer in state.answers}
+    wanted |= {f[8] for f in (*state.held, *state.handed)}
+    wanted |= {m[1] for *_, members in state.clusters for m in members if m[0] == "whole"}
+    by_id = load(sorted(wanted))
+    chains: dict[int, Chain] = {}
+    for cid, (end, third, hops) in state.chains.items():
+        chain = Chain(hops=[], end=end, id=cid, third_party=third)
+        for src, tgt, how, confidence in hops:
+            chain.hops.append(
+                Hop(len(chain.hops), by_id[src], by_id[tgt] if tgt is not None else None, how, confidence)
+            )
+        chains[cid] = chain
+
+    def finding(f: tuple[Any, ...]) -> Finding:
+        rule, rule_id, severity, confidence, message, cid, hop, evidence, ex, third = f
+        return Finding(
+            rule=rule,
+            rule_id=rule_id,
+            severity=Severity(severity),
+            confidence=confidence,
+            message=message,
+            chain=chains[cid] if cid is not None else None,
+            hop=hop,
+            evidence=evidence,
+            exchange=by_id[ex],
+            third_party=third,
+        )
+
+    stream.frontier = state.frontier
+    stream.claimed = dict(state.claimed)
+    stream.open = {waiting: chains[cid] for waiting, cid in state.open}
+    stream.arrivals = {target: (chains[cid], hop) for target, cid, hop in state.arrivals}
+    stream.answers = {target: by_id[answer] for target, answer in state.answers}
+    held = [finding(f) for f in state.held]
+    for f in held:
+        stream._hold(f)
+    handed = [finding(f) for f in state.handed]
+    for key, handed_out, placed, members in state.clusters:
+        cluster = _Cluster(handed_out=handed_out)
+        for m in members:
+            if m[0] == "whole":
+                arrival = (chains[m[2]], m[3]) if len(m) > 2 else None
+                cluster.members.append((by_id[m[1]], arrival))
+                continue
+            _, ex_id, capture, seq, started, status, idem, length, answer_sha, url, *root = m
+            client, method, _, sha = key
+            ex = Exchange(
+                id=ex_id,
+                capture_id=capture,
+                seq=seq,
+                client=client,
+                method=method,
+                url=url,
+                url_norm=url,
+                started_at=started,
+                status=status,
+                idempotency_key=idem,
+                request_body=Body(length=length, sha256=sha),
+                response_body=Body(sha256=answer_sha),
+            )
+            arrival = None
+            if root:
+                stub = Exchange(capture_id=root[1], seq=root[2], method="", url=root[0], url_norm=root[0])
+                arrival = (Chain(hops=[Hop(0, stub, None, "", 0.0)], end=""), 0)
+            cluster.members.append((ex, arrival))
+        if placed is not None:
+            cluster.finding = handed[-1 - placed] if placed < 0 else held[placed]
+            if not handed_out:
+                stream.certain[id(cluster.finding)] = cluster
+        stream.clusters[(key[0], key[1], key[2], key[3])] = cluster
+    return stream
 
 
 def _slim(ex: Exchange, arrival: Arrival | None, key: duplicate.WriteKey) -> tuple[Exchange, Arrival | None]:

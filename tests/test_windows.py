@@ -12,14 +12,26 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from conftest import CORPUS, RULE_FIXTURES
 from sqlalchemy import select, text
 
+from analyzer import analysis
 from analyzer.analysis import _WindowPlan, analyze
 from analyzer.ingest.har import import_har
+from analyzer.model import Exchange
 from analyzer.party import site_of
-from analyzer.store import exchanges, open_store
+from analyzer.store import (
+    add_capture,
+    exchange_row,
+    exchanges,
+    finish_capture,
+    load_exchanges,
+    open_store,
+    write_exchanges,
+)
+from analyzer.windows import read_snapshot
 
 WHOLE = 10**9  # a window bigger than any store here: the batch in one piece
 
@@ -309,3 +321,155 @@ def test_the_corpus_and_the_rule_fixtures_give_the_same_results_whatever_the_win
 def test_a_batch_with_an_undated_exchange_is_analyzed_in_one_piece(corpus):
     # an undated redirect may be linked to any later request: no window would hold it
     assert windows_of(corpus, 1) == 1
+
+
+# ---- taken up at a checkpoint ------------------------------------------------------------
+
+
+def _append(db: Path, part: list[Exchange]) -> None:
+    """These exchanges as a new capture of the store, as a proxy run appends them."""
+    store = open_store(str(db))
+    with store.begin() as conn:
+        capture = add_capture(conn, source="proxy", path=None)
+        rows = [
+            exchange_row(msgspec.structs.replace(ex, capture_id=capture, seq=i, id=None))
+            for i, ex in enumerate(part)
+        ]
+        finish_capture(conn, capture, entries=write_exchanges(conn, rows))
+    store.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def month(generated: Path) -> list[Exchange]:
+    """The generated traffic of the two plain HARs as one proxy client's, in time order."""
+    store = open_store(str(generated), create=False)
+    with store.engine.connect() as conn:
+        found = load_exchanges(conn, exchanges.c.client.not_like("har:%/%"))
+    store.engine.dispose()
+    found.sort(key=lambda ex: (ex.started_at, ex.capture_id, ex.seq))
+    return [
+        msgspec.structs.replace(ex, client="10.1.2.3", connection=f"{ex.capture_id}:{ex.connection}")
+        for ex in found
+    ]
+
+
+@pytest.mark.parametrize("share", [0.97, 0.8, 0.5])
+def test_traffic_appended_to_a_big_client_is_analyzed_from_a_checkpoint_with_the_same_results(
+    month, tmp_path, monkeypatch, share
+):
+    split = month[int(len(month) * share)].started_at
+    before = [ex for ex in month if ex.started_at < split]
+    after = [ex for ex in month if ex.started_at >= split]
+    taken_up: list[float] = []
+    real_resume = analysis.resume
+
+    def spy(link, detect, state, load):
+        taken_up.append(state.boundary)
+        return real_resume(link, detect, state, load)
+
+    monkeypatch.setattr(analysis, "resume", spy)
+    windows_read = Counter()
+    real_redirects = analysis.WindowLoader.redirects
+
+    def counted(self, lo, hi):
+        windows_read[kept] += 1
+        return real_redirects(self, lo, hi)
+
+    monkeypatch.setattr(analysis.WindowLoader, "redirects", counted)
+    out = {}
+    checkpoints = analysis.CHECKPOINTS_KEPT
+    for kept in (checkpoints, 0):  # with checkpoints, and without: from the start
+        monkeypatch.setattr(analysis, "CHECKPOINTS_KEPT", kept)
+        db = tmp_path / f"kept{kept}.db"
+        _append(db, before)
+        store = open_store(str(db), create=False)
+        analyze(store, window_exchanges=40, batch_exchanges=100)
+        store.engine.dispose()
+        windows_read[kept] = 0
+        _append(db, after)
+        store = open_store(str(db), create=False)
+        result = analyze(store, window_exchanges=40, batch_exchanges=100)
+        store.engine.dispose()
+        assert not result.full and result.clients_analyzed == 1
+        out[kept] = results(db)
+    assert out[checkpoints] == out[0]  # chains, hops and findings, ids included
+    assert len(taken_up) == 1 and taken_up[0] < split - 60  # from a checkpoint before the new traffic's reach
+    # and read only the windows from there: about the new traffic's share, plus a window's reach
+    assert windows_read[checkpoints] <= windows_read[0] * (1 - share) + 4, windows_read
+    rules = {row[1] for row in out[0]["findings"]}
+    assert {"duplicate-write", "credential-dropped", "method-downgrade"} <= rules
+
+
+def test_a_checkpoint_is_not_used_when_new_traffic_reaches_before_it(month, tmp_path, monkeypatch):
+    """An exchange appended with an early start (a late capture of old traffic) is read by
+    windows before every checkpoint: the client is analyzed from its start."""
+    late = month[len(month) // 3 :: 7]
+    rest = [ex for ex in month if ex not in late]
+    calls = []
+    monkeypatch.setattr(analysis, "resume", lambda *a: calls.append(a))
+    db = tmp_path / "s.db"
+    _append(db, rest)
+    store = open_store(str(db), create=False)
+    analyze(store, window_exchanges=40, batch_exchanges=100)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM analysis_checkpoints")).scalar() == 3
+    _append(db, late)
+    analyze(store, window_exchanges=40, batch_exchanges=100)
+    store.engine.dispose()
+    assert calls == []
+    whole = tmp_path / "whole.db"
+    _append(whole, month)
+    store = open_store(str(whole), create=False)
+    analyze(store, window_exchanges=40, batch_exchanges=100)
+    store.engine.dispose()
+    mine, theirs = results(db), results(whole)
+    # the same chains and findings (ids differ: the exchanges were stored in another order)
+    assert Counter((row[2], row[3]) for row in mine["chains"]) == Counter(
+        (row[2], row[3]) for row in theirs["chains"]
+    )
+    assert Counter(row[1] for row in mine["findings"]) == Counter(row[1] for row in theirs["findings"])
+
+
+def test_the_analysis_taken_up_at_any_boundary_ends_as_it_would_have(month, tmp_path, monkeypatch):
+    """Snapshot at every window boundary of one client's month, then take the analysis up
+    from each: the store ends as the uninterrupted analysis left it, ids included. What a
+    boundary cuts across (open chains, follow-ups taken, retries, write clusters, held
+    findings) is all in the snapshot or the analysis differs."""
+    monkeypatch.setattr(analysis, "_checkpoints", lambda clients, windows: [hi for _, hi in windows if hi])
+    db = tmp_path / "month.db"
+    _append(db, month)
+    store = open_store(str(db), create=False)
+    analyze(store, window_exchanges=25, batch_exchanges=100)
+    with store.engine.connect() as conn:
+        kept = conn.execute(text("SELECT boundary, state FROM analysis_checkpoints ORDER BY boundary")).all()
+    store.engine.dispose()
+    uninterrupted = results(db)
+    assert len(kept) > 20
+    carried = Counter()
+    for boundary, blob in kept:
+        state = read_snapshot(blob)
+        carried.update(
+            name
+            for name in ("claimed", "open", "arrivals", "answers", "clusters", "held", "handed")
+            if getattr(state, name)
+        )
+        copy = tmp_path / "copy.db"
+        shutil.copy(db, copy)
+        store = open_store(str(copy), create=False)
+        with store.engine.connect() as conn:
+            plan = _WindowPlan({"10.1.2.3": len(month)}, 25)
+            windows = plan.windows(conn, ["10.1.2.3"], since=boundary)
+            resumed = analysis.Resumed(state, [chain for _, chain in state.open])
+            outs = list(
+                analysis.analyze_batch(
+                    conn, ["10.1.2.3"], analysis.AnalysisOptions(), windows, resumed=resumed
+                )
+            )
+        ids = analysis._FindingIds()
+        for out in outs:
+            with store.begin() as conn:
+                analysis._replace(conn, out, ids)
+        store.engine.dispose()
+        assert results(copy) == uninterrupted, boundary
+    # every kind of state was carried across some boundary
+    assert set(carried) == {"claimed", "open", "arrivals", "answers", "clusters", "held", "handed"}, carried
