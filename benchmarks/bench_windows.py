@@ -2,6 +2,7 @@
 
     uv run python benchmarks/bench_windows.py --exchanges 1000000,10000000 --clients 1,360000
     uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --windows 10000,50000,0
+    uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --append 0.01
 
 Stores are filled directly with bench_fleet's browser-like rows (14 request and 10
 response headers, 10% redirects followed by their client, 1 in 7 a POST), every exchange
@@ -9,13 +10,17 @@ from one client or spread over N clients, on SQLite and (with --engines) Postgre
 throwaway local cluster. Each analysis runs in a child process and prints its seconds
 and peak RSS (the kernel's high-water mark of the child) against the target of
 issue 30: 300 MB for 10M exchanges, whatever the clients. `--windows 0` is one window
-per batch: the memory of analysis before windows. Nothing is asserted.
+per batch: the memory of analysis before windows. `--append F` then adds F of the
+store's size to the same client(s), later in time, and times the incremental analysis
+taken up at a checkpoint against the same without checkpoints (from each client's first
+exchange) and the full analysis. Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,22 +39,72 @@ ANALYZE = """
 import json, sys, time, resource
 from analyzer.store import open_store
 from analyzer.analysis import analyze, WINDOW_EXCHANGES
+import analyzer.analysis
 store = open_store(sys.argv[1], create=False)
 window = int(sys.argv[2]) or 10**12
+if sys.argv[4] == "no-checkpoints":
+    analyzer.analysis.CHECKPOINTS_KEPT = 0
 t = time.perf_counter()
-r = analyze(store, full=True, window_exchanges=window)
+r = analyze(store, full=sys.argv[3] == "full", window_exchanges=window)
 print(json.dumps({"seconds": time.perf_counter() - t, "chains": r.chain_count, "findings": r.finding_count,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def analyze(url: str, window: int) -> dict:
+def analyze(url: str, window: int, full: bool = True, checkpoints: bool = True) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", ANALYZE, url, str(window)], capture_output=True, text=True, cwd=ROOT
+        [
+            sys.executable,
+            "-c",
+            ANALYZE,
+            url,
+            str(window),
+            "full" if full else "incremental",
+            "checkpoints" if checkpoints else "no-checkpoints",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout)
+
+
+def append(url: str, n: int, clients: int, one: str | None, args, tmp: str | None) -> None:
+    """+share of the store to the same client(s), a minute after its last exchange, analyzed
+    incrementally with checkpoints and without (SQLite: on a copy), and in full."""
+    window = int(args.windows.split(",")[0]) or 10**12
+    extra = int(n * args.append)
+    copy = None
+    if tmp is not None:
+        copy = str(Path(tmp) / "without-checkpoints.db")
+        shutil.copy(url, copy)
+    for target in [url] + ([copy] if copy else []):
+        bench_fleet.fill(
+            target,
+            extra,
+            max(clients, 1),
+            first_seq=n + 10,
+            t0=bench_fleet.T0 + n * 0.001 + 60,
+            one_client=one,
+        )
+    timed = analyze(url, window, full=False)
+    print(
+        f"  +{args.append:.0%} ({extra:,} exchanges) incremental, from a checkpoint: {timed['seconds']:.1f} s, "
+        f"peak RSS {timed['rss_mb']:.0f} MB",
+        flush=True,
+    )
+    if copy:
+        without = analyze(copy, window, full=False, checkpoints=False)
+        print(f"  the same from each client's first exchange: {without['seconds']:.1f} s", flush=True)
+        Path(copy).unlink()
+    whole = analyze(url, window)
+    print(
+        f"  full analysis after it: {whole['seconds']:.1f} s; incremental = "
+        f"{timed['seconds'] / whole['seconds']:.1%} of it (target: 5%)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -88,6 +143,8 @@ def main() -> None:
                                 f"{r['chains']:,} chains, {r['findings']:,} findings",
                                 flush=True,
                             )
+                        if args.append:
+                            append(url, n, clients, one, args, tmp if engine == "sqlite" else None)
                         if engine == "sqlite":
                             Path(url).unlink()
     finally:
