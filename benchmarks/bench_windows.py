@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument(
         "--windows", default="50000", help="window sizes (exchanges); 0: one window per batch"
     )
+    parser.add_argument("--append", type=float, default=0.0, help="then append this share and analyze again")
     args = parser.parse_args()
     engines = args.engines.split(",")
     cluster = pgcluster.Cluster() if "postgresql" in engines else None
