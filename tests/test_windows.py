@@ -36,7 +36,7 @@ from analyzer.windows import read_snapshot
 WHOLE = 10**9  # a window bigger than any store here: the batch in one piece
 
 
-def results(db: Path) -> dict[str, list[tuple]]:
+def results(db: Path | str) -> dict[str, list[tuple]]:
     """Every stored result, every column, ids included."""
     store = open_store(str(db), create=False)
     with store.engine.connect() as conn:
@@ -326,7 +326,7 @@ def test_a_batch_with_an_undated_exchange_is_analyzed_in_one_piece(corpus):
 # ---- taken up at a checkpoint ------------------------------------------------------------
 
 
-def _append(db: Path, part: list[Exchange]) -> None:
+def _append(db: Path | str, part: list[Exchange]) -> None:
     """These exchanges as a new capture of the store, as a proxy run appends them."""
     store = open_store(str(db))
     with store.begin() as conn:
@@ -353,9 +353,11 @@ def month(generated: Path) -> list[Exchange]:
     ]
 
 
-@pytest.mark.parametrize("share", [0.97, 0.8, 0.5])
+@pytest.mark.parametrize(
+    ("share", "engine"), [(0.97, "sqlite"), (0.8, "sqlite"), (0.5, "sqlite"), (0.8, "postgresql")]
+)
 def test_traffic_appended_to_a_big_client_is_analyzed_from_a_checkpoint_with_the_same_results(
-    month, tmp_path, monkeypatch, share
+    month, tmp_path, monkeypatch, share, engine, request
 ):
     split = month[int(len(month) * share)].started_at
     before = [ex for ex in month if ex.started_at < split]
@@ -381,6 +383,8 @@ def test_traffic_appended_to_a_big_client_is_analyzed_from_a_checkpoint_with_the
     for kept in (checkpoints, 0):  # with checkpoints, and without: from the start
         monkeypatch.setattr(analysis, "CHECKPOINTS_KEPT", kept)
         db = tmp_path / f"kept{kept}.db"
+        if engine == "postgresql":
+            db = request.getfixturevalue("pg_cluster").new_database()
         _append(db, before)
         store = open_store(str(db), create=False)
         analyze(store, window_exchanges=40, batch_exchanges=100)
