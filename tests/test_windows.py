@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import CORPUS, RULE_FIXTURES
+from conftest import CORPUS, RULE_FIXTURES, run_cli
 from sqlalchemy import select, text
 
 from analyzer import analysis
@@ -477,3 +477,17 @@ def test_the_analysis_taken_up_at_any_boundary_ends_as_it_would_have(month, tmp_
         assert results(copy) == uninterrupted, boundary
     # every kind of state was carried across some boundary
     assert set(carried) == {"claimed", "open", "arrivals", "answers", "clusters", "held", "handed"}, carried
+
+
+def test_analyze_window_option_reads_in_windows_and_says_a_bad_size(generated, tmp_path):
+    db = tmp_path / "c.db"
+    shutil.copy(generated, db)
+    assert windows_of(db, 3) > 100
+    done = run_cli("analyze", "--window", "3", "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    windowed = run_cli("findings", "-f", "json", "--db", str(db)).stdout
+    assert run_cli("analyze", "--full", "--db", str(db)).returncode == 0
+    assert run_cli("findings", "-f", "json", "--db", str(db)).stdout == windowed
+    bad = run_cli("analyze", "--window", "0", "--db", str(db))
+    assert bad.returncode == 2
+    assert "Invalid value for '--window': 0 is not in the range x>=1" in bad.stderr
