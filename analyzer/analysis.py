@@ -367,7 +367,7 @@ class BatchOutput:
     replaces: bool = True  # the batch's first output: it takes the place of the clients' earlier results
     revised_rows: list[FindingRow] = field(default_factory=list)  # findings of earlier outputs, changed
     resumed: Resumed | None = None  # taken up at a checkpoint: remove what came after it first
-    checkpoints: list[tuple[float, bytes]] | None = None  # the client's checkpoints from now on
+    checkpoint: tuple[float, bytes] | None = None  # the state after this output's window
 
 
 Window = tuple[float | None, float | None]  # [lo, hi) of start times; None: unbounded
@@ -397,13 +397,12 @@ def analyze_batch(
 
     `resumed`: the analysis taken up at a checkpoint (its first output removes what was
     found after it); `checkpoints`: the window boundaries to keep the state at (one
-    client, no pages), stored with the last output."""
+    client, no pages), each stored with the output of the window it ends."""
     if resumed is None:
         stream = ChainStream(options.link, options.detect, _navigations(conn, clients))
     else:
         stream = resume(options.link, options.detect, resumed.state, lambda ids: _whole(conn, ids))
     load = WindowLoader(conn, clients, options.link)
-    kept: list[tuple[float, bytes]] = []
     for n, (lo, hi) in enumerate(windows):
         redirects, later = load.redirects(lo, hi)
         candidates = load.candidates(redirects, lo, hi)
@@ -413,13 +412,11 @@ def analyze_batch(
         del redirects, later, links, candidates
         stream.add_writes(load.writes(lo, hi), hi)
         flushed = stream.flush(hi)
-        if hi is not None and hi in checkpoints:
-            kept.append((hi, snapshot(stream, hi)))
         out = _output(clients, flushed, keep, replaces=n == 0 and resumed is None)
         if n == 0:
             out.resumed = resumed
-        if hi is None and checkpoints:
-            out.checkpoints = kept
+        if hi is not None and hi in checkpoints:  # stored with the results it follows
+            out.checkpoint = (hi, snapshot(stream, hi))
         yield out
         del flushed, out
 
@@ -986,12 +983,20 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
         _delete_ids(conn, checkpoints_t, checkpoints_t.c.client, out.clients)
     if out.resumed is not None:
         _cut(conn, out.clients[0], out.resumed, ids)
-    if out.checkpoints is not None:
-        conn.execute(delete(checkpoints_t).where(checkpoints_t.c.client == out.clients[0]))
-        if out.checkpoints:
+    if out.checkpoint is not None:  # the newest few of the client's checkpoints are kept
+        client, (boundary, state) = out.clients[0], out.checkpoint
+        conn.execute(insert(checkpoints_t).values(client=client, boundary=boundary, state=state))
+        older = (
+            select(checkpoints_t.c.boundary)
+            .where(checkpoints_t.c.client == client)
+            .order_by(checkpoints_t.c.boundary.desc())
+            .offset(CHECKPOINTS_KEPT)
+        )
+        for (stale_boundary,) in conn.execute(older).all():
             conn.execute(
-                insert(checkpoints_t),
-                [{"client": out.clients[0], "boundary": b, "state": state} for b, state in out.checkpoints],
+                delete(checkpoints_t).where(
+                    checkpoints_t.c.client == client, checkpoints_t.c.boundary == stale_boundary
+                )
             )
     insert_tuples(conn, chains_t, CHAIN_COLUMNS, out.chain_rows)
     insert_tuples(conn, hops_t, HOP_COLUMNS, out.hop_rows)

@@ -181,10 +181,10 @@ class ChainStream:
         """The window's accepted writes; clusters that can gain no delivery at or after
         `hi` are judged (None: the last window, all are)."""
         window = self.detect.duplicate_window
+        context = Context(options=self.detect, arrivals=self.arrivals)
         for write in sorted(writes, key=order_key):
             arrival = self.arrivals.get(stored_id(write))
             ex = write if arrival is None else arrival[0].hops[arrival[1]].target or write
-            context = Context(options=self.detect, arrivals={stored_id(ex): arrival} if arrival else {})
             key = duplicate.write_key(ex, context)
             if key is None:
                 continue

@@ -102,13 +102,15 @@ def rows(
     client_offset: int = 0,
     t0: float = T0,
     one_client: str | None = None,
+    spacing: float = 0.001,
 ):
     """`n` exchanges of `clients` clients; every 10th starts a redirect its client follows.
     1 in 7 redirected requests is a POST; a third of those get a 302 followed with GET
     (method-downgrade), the rest a 307 followed with the body. Every 50th GET redirect is
     a cacheable 302 to the same target (stale-temporary-redirect) and every 1000th
     exchange re-sends the previous POST (duplicate-write). `one_client`: every exchange is
-    that client's (one CI runner, one service behind a proxy)."""
+    that client's (one CI runner, one service behind a proxy); `spacing`: seconds between
+    two exchanges."""
     req, resp, redirect_h, cacheable_h = blocks()
     body = Body(length=24, sha256=hashlib.sha256(b"x").hexdigest(), content_type="application/json")
     i = 0
@@ -136,7 +138,7 @@ def rows(
                 method="POST" if post else "GET",
                 url=url,
                 url_norm=url,
-                started_at=t0 + seq * 0.001,
+                started_at=t0 + seq * spacing,
                 client=client,
                 connection=f"c{seq}",
                 status=status,
@@ -161,7 +163,7 @@ def rows(
                     method=follow,
                     url=target,
                     url_norm=target,
-                    started_at=t0 + seq * 0.001,
+                    started_at=t0 + seq * spacing,
                     client=client,
                     connection=f"c{seq - 1}",
                     status=201 if follow == "POST" else 200,
@@ -181,7 +183,7 @@ def rows(
                     method="POST",
                     url=url,
                     url_norm=url,
-                    started_at=t0 + seq * 0.001,
+                    started_at=t0 + seq * spacing,
                     client=client,
                     connection=f"c{seq}",
                     status=201,
@@ -202,12 +204,15 @@ def fill(
     client_offset: int = 0,
     t0: float = T0,
     one_client: str | None = None,
+    spacing: float = 0.001,
 ) -> float:
     store = open_store(url)
     start = time.perf_counter()
     with store.begin() as conn:
         capture = add_capture(conn, source="proxy", path=None)
-        written = write_exchanges(conn, rows(n, capture, clients, first_seq, client_offset, t0, one_client))
+        written = write_exchanges(
+            conn, rows(n, capture, clients, first_seq, client_offset, t0, one_client, spacing)
+        )
         finish_capture(conn, capture, entries=written)
         refresh_statistics(conn, "exchanges", "captures")
     store.close()

@@ -3,6 +3,7 @@
     uv run python benchmarks/bench_windows.py --exchanges 1000000,10000000 --clients 1,360000
     uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --windows 10000,50000,0
     uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --append 0.01
+    uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --append 0.01 --spacing 2.6
 
 Stores are filled directly with bench_fleet's browser-like rows (14 request and 10
 response headers, 10% redirects followed by their client, 1 in 7 a POST), every exchange
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -77,17 +78,19 @@ def append(url: str, n: int, clients: int, one: str | None, args, tmp: str | Non
     window = int(args.windows.split(",")[0]) or 10**12
     extra = int(n * args.append)
     copy = None
-    if tmp is not None:
+    if tmp is not None:  # SQLite's backup: the file and what its WAL holds
         copy = str(Path(tmp) / "without-checkpoints.db")
-        shutil.copy(url, copy)
+        with sqlite3.connect(url) as source, sqlite3.connect(copy) as target:
+            source.backup(target)
     for target in [url] + ([copy] if copy else []):
         bench_fleet.fill(
             target,
             extra,
             max(clients, 1),
             first_seq=n + 10,
-            t0=bench_fleet.T0 + n * 0.001 + 60,
+            t0=bench_fleet.T0 + n * args.spacing + 60,
             one_client=one,
+            spacing=args.spacing,
         )
     timed = analyze(url, window, full=False)
     print(
@@ -116,6 +119,12 @@ def main() -> None:
         "--windows", default="50000", help="window sizes (exchanges); 0: one window per batch"
     )
     parser.add_argument("--append", type=float, default=0.0, help="then append this share and analyze again")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=0.001,
+        help="seconds between two exchanges (0.001: 1,000/s; 2.6: 1M in a month)",
+    )
     args = parser.parse_args()
     engines = args.engines.split(",")
     cluster = pgcluster.Cluster() if "postgresql" in engines else None
@@ -131,7 +140,9 @@ def main() -> None:
                             else cluster.new_database(name)
                         )
                         one = "proxy:ci-runner:8080/10.0.0.7" if clients == 1 else None
-                        filled = bench_fleet.fill(url, n, max(clients, 1), one_client=one)
+                        filled = bench_fleet.fill(
+                            url, n, max(clients, 1), one_client=one, spacing=args.spacing
+                        )
                         print(
                             f"[{engine} {n:,} exchanges, {clients:,} clients] fill {filled:.0f} s", flush=True
                         )

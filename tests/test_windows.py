@@ -440,6 +440,7 @@ def test_the_analysis_taken_up_at_any_boundary_ends_as_it_would_have(month, tmp_
     boundary cuts across (open chains, follow-ups taken, retries, write clusters, held
     findings) is all in the snapshot or the analysis differs."""
     monkeypatch.setattr(analysis, "_checkpoints", lambda clients, windows: [hi for _, hi in windows if hi])
+    monkeypatch.setattr(analysis, "CHECKPOINTS_KEPT", 10**6)
     db = tmp_path / "month.db"
     _append(db, month)
     store = open_store(str(db), create=False)
