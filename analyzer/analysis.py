@@ -105,7 +105,7 @@ SOURCE = ex_t.alias("source")
 
 ID_CHUNK = 500  # ids or clients per IN (...) list: well under every backend's parameter limit
 BATCH_EXCHANGES = 200_000  # exchanges of the clients analyzed together
-WINDOW_EXCHANGES = 50_000  # a batch bigger than this is read in time windows of about this many
+WINDOW_EXCHANGES = 25_000  # a batch bigger than this is read in time windows of about this many
 STREAM_ROWS = 2000  # rows fetched at a time where a query streams
 RESULTS_LOCK = 0x7265_6469_7201  # PostgreSQL advisory lock: one analysis writes results at a time
 PER_CLIENT_RULES = tuple(rule for rule in RULES if rule.slug != stale.SLUG)
@@ -837,7 +837,7 @@ class _WindowPlan:
         return list(pairwise(bounds))
 
 
-CHECKPOINTS_KEPT = 3  # a client's last window boundaries whose state is kept
+CHECKPOINTS_KEPT = 2  # a client's last window boundaries whose state is kept: the one just over a window's reach before its end, and one window earlier
 
 
 def _checkpoints(clients: list[str], windows: Sequence[Window]) -> list[float]:

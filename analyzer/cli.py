@@ -1039,7 +1039,7 @@ def demo_cmd(db: str) -> None:
     type=click.IntRange(min=1),
     metavar="EXCHANGES",
     help="Read a bigger batch of clients in time windows of about this many exchanges: "
-    "memory is one window's (about 2 KB an exchange), the results the same [default: 50,000]",
+    "memory is one window's (about 2 KB an exchange), the results the same [default: 25,000]",
 )
 @click.option(
     "--config", "config_file", metavar="FILE", help="Configuration file [default: found from here up]"

@@ -82,6 +82,7 @@ def append(url: str, n: int, clients: int, one: str | None, args, tmp: str | Non
         copy = str(Path(tmp) / "without-checkpoints.db")
         with sqlite3.connect(url) as source, sqlite3.connect(copy) as target:
             source.backup(target)
+            target.execute("DELETE FROM analysis_checkpoints")  # from the client's first exchange
     for target in [url] + ([copy] if copy else []):
         bench_fleet.fill(
             target,

@@ -416,7 +416,10 @@ def test_a_checkpoint_is_not_used_when_new_traffic_reaches_before_it(month, tmp_
     store = open_store(str(db), create=False)
     analyze(store, window_exchanges=40, batch_exchanges=100)
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM analysis_checkpoints")).scalar() == 3
+        assert (
+            conn.execute(text("SELECT count(*) FROM analysis_checkpoints")).scalar()
+            == analysis.CHECKPOINTS_KEPT
+        )
     _append(db, late)
     analyze(store, window_exchanges=40, batch_exchanges=100)
     store.engine.dispose()
