@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,360000", help="comma-separated client counts")
     parser.add_argument("--engines", default="sqlite", help="sqlite,postgresql")
     parser.add_argument(
-        "--windows", default="50000", help="window sizes (exchanges); 0: one window per batch"
+        "--windows", default="25000", help="window sizes (exchanges); 0: one window per batch"
     )
     parser.add_argument("--append", type=float, default=0.0, help="then append this share and analyze again")
     parser.add_argument(
