@@ -495,3 +495,40 @@ def test_analyze_window_option_reads_in_windows_and_says_a_bad_size(generated, t
     bad = run_cli("analyze", "--window", "0", "--db", str(db))
     assert bad.returncode == 2
     assert "Invalid value for '--window': 0 is not in the range x>=1" in bad.stderr
+
+
+def test_windowed_batches_run_here_while_workers_take_the_others_same_results(generated, tmp_path):
+    """With --jobs 2, a batch bigger than a window is read in this process when its turn
+    comes, the others in workers: the results are those of one process, ids included."""
+    one = analyzed(generated, tmp_path, 40, batch=300)
+    db = tmp_path / "jobs.db"
+    shutil.copy(generated, db)
+    store = open_store(str(db), create=False)
+    analyze(store, full=True, window_exchanges=40, batch_exchanges=300, jobs=2)
+    store.engine.dispose()
+    assert results(db) == one
+
+
+def test_removing_a_capture_drops_the_client_s_checkpoints(month, tmp_path):
+    from analyzer.store import remove_captures
+
+    db = tmp_path / "r.db"
+    half = len(month) // 2
+    _append(db, month[:half])
+    _append(db, month[half:])
+    store = open_store(str(db), create=False)
+    analyze(store, window_exchanges=40, batch_exchanges=100)
+    with store.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM analysis_checkpoints")).scalar() > 0
+        remove_captures(conn, [2])
+        assert conn.execute(text("SELECT count(*) FROM analysis_checkpoints")).scalar() == 0
+    analyze(store, window_exchanges=40, batch_exchanges=100)
+    store.engine.dispose()
+    fresh = tmp_path / "fresh.db"
+    _append(fresh, month[:half])
+    store = open_store(str(fresh), create=False)
+    analyze(store, window_exchanges=40, batch_exchanges=100)
+    store.engine.dispose()
+    mine, theirs = results(db), results(fresh)
+    assert [r[2:] for r in mine["chains"]] == [r[2:] for r in theirs["chains"]]
+    assert [r[1:5] for r in mine["findings"]] == [r[1:5] for r in theirs["findings"]]
