@@ -50,7 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from analyzer.chains import Link, LinkOptions, follow_up_urls, needs_other_forms, stored_id
-from analyzer.detectors import RULES, DetectorOptions
+from analyzer.detectors import DetectorOptions
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import WRITE_METHODS
 from analyzer.forking import start_method
@@ -108,7 +108,6 @@ BATCH_EXCHANGES = 200_000  # exchanges of the clients analyzed together
 WINDOW_EXCHANGES = 25_000  # a batch bigger than this is read in time windows of about this many
 STREAM_ROWS = 2000  # rows fetched at a time where a query streams
 RESULTS_LOCK = 0x7265_6469_7201  # PostgreSQL advisory lock: one analysis writes results at a time
-PER_CLIENT_RULES = tuple(rule for rule in RULES if rule.slug != stale.SLUG)
 TEMPORARY_STATUSES = (302, 303, 307)
 
 
@@ -743,9 +742,11 @@ def _inline(
     with store.engine.connect() as conn:
         _snapshot(conn)
         resumed = _resumable(conn, clients, plan) if plan.news is not None and not keep else None
+        windows: Sequence[Window] = WHOLE
         if resumed is not None:
             windows = plan.windows(conn, clients, since=resumed.state.boundary)
-        else:
+        if windows == WHOLE:  # not taken up (an undated exchange keeps a batch in one piece)
+            resumed = None
             windows = plan.windows(conn, clients)
         yield from analyze_batch(
             conn, clients, options, windows, keep, resumed=resumed, checkpoints=_checkpoints(clients, windows)
