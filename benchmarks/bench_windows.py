@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -127,6 +128,8 @@ def main() -> None:
         help="seconds between two exchanges (0.001: 1,000/s; 2.6: 1M in a month)",
     )
     args = parser.parse_args()
+    # A killed run removes its stores too (a 10M-exchange SQLite store and its WAL take ~30 GB).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     engines = args.engines.split(",")
     cluster = pgcluster.Cluster() if "postgresql" in engines else None
     try:
