@@ -394,22 +394,7 @@ def snapshot(stream: ChainStream, boundary: float) -> bytes:
                     ("whole", stored_id(ex), *((chain_id(arrival[0]), arrival[1]) if arrival else ()))
                 )
             else:
-                root = arrival[0].root if arrival else None
-                members.append(
-                    (
-                        "slim",
-                        stored_id(ex),
-                        ex.capture_id,
-                        ex.seq,
-                        ex.started_at,
-                        ex.status,
-                        ex.idempotency_key,
-                        ex.request_body.length,
-                        ex.response_body.sha256,
-                        ex.url_norm,
-                        *((root.url_norm, root.capture_id, root.seq) if root else ()),
-                    )
-                )
+                members.append(("slim", *_slim_fields(ex, arrival)))
         placed = None
         if cluster.finding is not None:
             if cluster.handed_out:
@@ -512,27 +497,7 @@ def resume(
                 arrival = (chains[m[2]], m[3]) if len(m) > 2 else None
                 cluster.members.append((by_id[m[1]], arrival))
                 continue
-            _, ex_id, capture, seq, started, status, idem, length, answer_sha, url, *root = m
-            client, method, _, sha = key
-            ex = Exchange(
-                id=ex_id,
-                capture_id=capture,
-                seq=seq,
-                client=client,
-                method=method,
-                url=url,
-                url_norm=url,
-                started_at=started,
-                status=status,
-                idempotency_key=idem,
-                request_body=Body(length=length, sha256=sha),
-                response_body=Body(sha256=answer_sha),
-            )
-            arrival = None
-            if root:
-                stub = Exchange(capture_id=root[1], seq=root[2], method="", url=root[0], url_norm=root[0])
-                arrival = (Chain(hops=[Hop(0, stub, None, "", 0.0)], end=""), 0)
-            cluster.members.append((ex, arrival))
+            cluster.members.append(_from_slim_fields(m[1:], key))
         if placed is not None:
             cluster.finding = handed[-1 - placed] if placed < 0 else held[placed]
             if not handed_out:
@@ -546,27 +511,49 @@ def _slim(ex: Exchange, arrival: Arrival | None, key: duplicate.WriteKey) -> tup
     headers or kept bodies, and instead of the chain it came by, only its root's URL (the
     write's logical target). A month of writes from one client waits in clusters for up to
     the duplicate window each; the whole follow-up and its chain would hold them all."""
-    slim = Exchange(
-        id=ex.id,
-        capture_id=ex.capture_id,
-        seq=ex.seq,
-        client=key[0],  # the cluster's key holds these strings already
-        method=key[1],
-        url=ex.url_norm,
-        url_norm=ex.url_norm,
-        started_at=ex.started_at,
-        status=ex.status,
-        idempotency_key=ex.idempotency_key,
-        request_body=Body(length=ex.request_body.length, sha256=key[3]),
-        response_body=Body(sha256=ex.response_body.sha256),
+    return _from_slim_fields(_slim_fields(ex, arrival), key)
+
+
+def _slim_fields(ex: Exchange, arrival: Arrival | None) -> tuple[Any, ...]:
+    """What a slim delivery holds (a snapshot stores it so): the rest is its cluster's key."""
+    root = arrival[0].root if arrival else None
+    return (
+        stored_id(ex),
+        ex.capture_id,
+        ex.seq,
+        ex.started_at,
+        ex.status,
+        ex.idempotency_key,
+        ex.request_body.length,
+        ex.response_body.sha256,
+        ex.url_norm,
+        *((root.url_norm, root.capture_id, root.seq) if root else ()),
     )
-    if arrival is None:
-        return slim, None
-    root = arrival[0].root
-    stub = Exchange(
-        capture_id=root.capture_id, seq=root.seq, method="", url=root.url_norm, url_norm=root.url_norm
+
+
+def _from_slim_fields(
+    fields: Sequence[Any], key: duplicate.WriteKey | list[str]
+) -> tuple[Exchange, Arrival | None]:
+    ex_id, capture, seq, started, status, idem, length, answer_sha, url, *root = fields
+    client, method, _, sha = key  # the cluster's key holds these strings already
+    ex = Exchange(
+        id=ex_id,
+        capture_id=capture,
+        seq=seq,
+        client=client,
+        method=method,
+        url=url,
+        url_norm=url,
+        started_at=started,
+        status=status,
+        idempotency_key=idem,
+        request_body=Body(length=length, sha256=sha),
+        response_body=Body(sha256=answer_sha),
     )
-    return slim, (Chain(hops=[Hop(0, stub, None, "", 0.0)], end=""), 0)
+    if not root:
+        return ex, None
+    stub = Exchange(capture_id=root[1], seq=root[2], method="", url=root[0], url_norm=root[0])
+    return ex, (Chain(hops=[Hop(0, stub, None, "", 0.0)], end=""), 0)
 
 
 def _started(ex: Exchange | None) -> float:

@@ -234,16 +234,16 @@ print(json.dumps({"seconds": took, "chains": r.chain_count, "findings": r.findin
 """
 
 
-def run_analyze(url: str, jobs: int = 1, full: bool = True) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", ANALYZE, url, str(jobs), "full" if full else "incremental"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+def run_child(code: str, *args: str) -> dict:
+    """A script in a child process (its peak RSS its own), and the JSON it prints."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout)
+
+
+def run_analyze(url: str, jobs: int = 1, full: bool = True) -> dict:
+    return run_child(ANALYZE, url, str(jobs), "full" if full else "incremental")
 
 
 def stores(engines: list[str], cluster, work: Path, name: str) -> dict[str, str]:

@@ -20,10 +20,8 @@ exchange) and the full analysis. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -54,23 +52,13 @@ print(json.dumps({"seconds": time.perf_counter() - t, "chains": r.chain_count, "
 
 
 def analyze(url: str, window: int, full: bool = True, checkpoints: bool = True) -> dict:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            ANALYZE,
-            url,
-            str(window),
-            "full" if full else "incremental",
-            "checkpoints" if checkpoints else "no-checkpoints",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    return bench_fleet.run_child(
+        ANALYZE,
+        url,
+        str(window),
+        "full" if full else "incremental",
+        "checkpoints" if checkpoints else "no-checkpoints",
     )
-    if done.returncode != 0:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout)
 
 
 def append(url: str, n: int, clients: int, one: str | None, args, tmp: str | None) -> None:
