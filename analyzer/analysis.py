@@ -53,6 +53,7 @@ from analyzer.chains import Link, LinkOptions, follow_up_urls, needs_other_forms
 from analyzer.detectors import DetectorOptions
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import WRITE_METHODS
+from analyzer.errors import ReportedError
 from analyzer.forking import start_method
 from analyzer.gcpause import cycle_collection_paused
 from analyzer.model import REDIRECT_STATUSES, Chain, Exchange, Finding
@@ -403,15 +404,8 @@ def analyze_batch(
         stream = resume(options.link, options.detect, resumed.state, lambda ids: _whole(conn, ids))
     load = WindowLoader(conn, clients, options.link)
     for n, (lo, hi) in enumerate(windows):
-        redirects, later = load.redirects(lo, hi)
-        candidates = load.candidates(redirects, lo, hi)
-        links = stream.link(redirects, candidates, later)
-        # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
-        stream.assemble(redirects, links, load.follow_ups(redirects, links), candidates)
-        del redirects, later, links, candidates
-        stream.add_writes(load.writes(lo, hi), hi)
-        flushed = stream.flush(hi)
-        out = _output(clients, flushed, keep, replaces=n == 0 and resumed is None)
+        flushed = stream.window(*load.window(lo, hi), hi)
+        out = batch_output(clients, flushed, keep, replaces=n == 0 and resumed is None)
         if n == 0:
             out.resumed = resumed
         if hi is not None and hi in checkpoints:  # stored with the results it follows
@@ -437,7 +431,7 @@ def _whole(conn: Connection, ids: list[int]) -> dict[int, Exchange]:
     return found
 
 
-def _output(clients: list[str], flushed: Flushed, keep: bool, replaces: bool) -> BatchOutput:
+def batch_output(clients: list[str], flushed: Flushed, keep: bool, replaces: bool) -> BatchOutput:
     out = BatchOutput(clients, replaces=replaces)
     for chain in flushed.chains:
         root = chain.root
@@ -460,8 +454,8 @@ def _output(clients: list[str], flushed: Flushed, keep: bool, replaces: bool) ->
             target = source.location_resolved or source.location
             if stale.is_temporary(source) and target:
                 out.groups.add((source.url_norm, target))
-    out.finding_rows = [_finding_row(f) for f in flushed.findings]
-    out.revised_rows = [_finding_row(f) for f in flushed.revised]
+    out.finding_rows = [finding_row(f) for f in flushed.findings]
+    out.revised_rows = [finding_row(f) for f in flushed.revised]
     if keep:
         out.chains, out.findings = flushed.chains, flushed.findings
     return out
@@ -482,6 +476,26 @@ class WindowLoader:
     def reach(self, hi: float | None) -> float | None:
         """Up to where a window's redirects' follow-ups, and their retries, can start."""
         return None if hi is None else hi + self.options.window + LOOKAHEAD
+
+    def window(
+        self, lo: float | None, hi: float | None
+    ) -> tuple[
+        list[Exchange],
+        list[Exchange],
+        list[Exchange],
+        Callable[[dict[int, Link]], dict[int, Exchange]],
+        Callable[[], list[Exchange]],
+    ]:
+        """What ChainStream.window reads for `[lo, hi)`: redirects, later redirects,
+        candidates, and the loaders of follow-ups and writes."""
+        redirects, later = self.redirects(lo, hi)
+        return (
+            redirects,
+            later,
+            self.candidates(redirects, lo, hi),
+            lambda links: self.follow_ups(redirects, links),
+            lambda: self.writes(lo, hi),
+        )
 
     def redirects(self, lo: float | None, hi: float | None) -> tuple[list[Exchange], list[Exchange]]:
         """The window's redirects, whole; and the later ones its follow-ups may precede on
@@ -664,6 +678,18 @@ def accepted_writes() -> list[ColumnElement[bool]]:
     ]
 
 
+def accepted_write(ex: Exchange) -> bool:
+    """accepted_writes() on one exchange."""
+    body = ex.request_body
+    return (
+        ex.method in WRITE_METHODS
+        and ex.status is not None
+        and 200 <= ex.status < 300
+        and body.sha256 is not None
+        and (body.length or 0) > 0
+    )
+
+
 def repeated_writes(clients: list[str] | None = None) -> Select[tuple[int]]:
     """Ids of accepted writes whose (client, method, body hash) occurs more than once.
 
@@ -686,7 +712,7 @@ def repeated_writes(clients: list[str] | None = None) -> Select[tuple[int]]:
     return select(counted.c.id).where(counted.c.n > 1)
 
 
-def _finding_row(finding: Finding) -> FindingRow:
+def finding_row(finding: Finding) -> FindingRow:
     source = finding.chain.hops[finding.hop].source if finding.chain else finding.exchange
     return {
         "rule": finding.rule,
@@ -1085,6 +1111,79 @@ def _drop_orphans(conn: Connection) -> None:
     conn.execute(delete(chains_t).where(chains_t.c.id.in_(gone)))
 
 
+# ---- results computed elsewhere (analyzer.distributed) ----------------------------------
+
+
+class ResultsMismatch(ReportedError):
+    """The results were computed from other exchanges than the store holds now."""
+
+
+ResultChunk = tuple[list[Row], list[Row], list[FindingRow]]  # chains, hops, findings (stale ones too)
+
+
+def replace_results(
+    store: Store,
+    chunks: Iterable[ResultChunk],
+    options: AnalysisOptions,
+    exchanges: tuple[int, int | None],
+) -> AnalysisResult:
+    """Put a full analysis computed elsewhere (on a cluster, from a Parquet export of this
+    store) in place of every stored result, in one transaction, as a full `analyze` would
+    leave them: finding ids kept for the findings found again, the analysis recorded as
+    current. `exchanges`: the (count, highest id) of the exchanges the results came from;
+    when the store holds others now, nothing is changed (ResultsMismatch)."""
+    result = AnalysisResult(full=True)
+    with cycle_collection_paused(), store.begin() as conn:
+        lock_results(conn)
+        generation = read_generation(conn)
+        here = tuple(conn.execute(select(func.count(), func.max(ex_t.c.id)).select_from(ex_t)).one())
+        if here != tuple(exchanges):
+            raise ResultsMismatch(
+                f"the results were computed from {exchanges[0]:,} exchanges (highest id {exchanges[1]}), "
+                f"and the store holds {here[0]:,} (highest id {here[1]}) now: export the store again "
+                "and analyze that export; the store's results are unchanged"
+            )
+        ids = _FindingIds()
+        source = SOURCE
+        old = select(
+            findings_t.c.id,
+            findings_t.c.rule,
+            findings_t.c.from_exchange_id,
+            findings_t.c.to_exchange_id,
+            findings_t.c.hop,
+            source.c.url_norm,
+            func.coalesce(source.c.location_resolved, source.c.location),
+        ).join(source, source.c.id == findings_t.c.from_exchange_id)
+        for fid, rule, from_id, to_id, hop, url, target in conn.execute(old):
+            ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
+        for table in (findings_t, hops_t, chains_t, checkpoints_t):
+            conn.execute(delete(table))
+        clients: set[str] = set()
+        for chain_rows, hop_rows, finding_rows in chunks:
+            insert_tuples(conn, chains_t, CHAIN_COLUMNS, chain_rows)
+            insert_tuples(conn, hops_t, HOP_COLUMNS, hop_rows)
+            clients.update(row[4] for row in chain_rows)
+            for rows, key in (
+                ([r for r in finding_rows if r["rule"] != stale.SLUG], _key),
+                ([r for r in finding_rows if r["rule"] == stale.SLUG], _stale_key),
+            ):
+                if rows:
+                    ids.take(conn, rows, key)
+                    conn.execute(insert(findings_t), rows)
+        conn.execute(delete(analyzed_captures))
+        now = _capture_counts(conn)
+        if now:
+            conn.execute(
+                insert(analyzed_captures),
+                [{"capture_id": cid, "exchanges": n, "max_seq": top} for cid, (n, top) in now.items()],
+            )
+        record_analysis(conn, generation, options.as_dict())
+        refresh_statistics(conn, "chains", "hops", "findings")
+        _count_results(conn, result)
+        result.clients_analyzed = len(clients)
+    return result
+
+
 # ---- stale temporary redirects: across clients, as a stream -----------------------------
 
 _SIGHTING_COLUMNS = (
@@ -1128,7 +1227,7 @@ def stale_findings(
         chunks = [sources[i : i + ID_CHUNK] for i in range(0, len(sources), ID_CHUNK)]
         # By URL alone, so that the URL index is the one that applies (with the statuses in the
         # condition too, SQLite planned by its status index: every temporary redirect read per
-        # chunk, 0.2 s a chunk on 1M exchanges); _groups() keeps the temporary ones.
+        # chunk, 0.2 s a chunk on 1M exchanges); sighting_groups() keeps the temporary ones.
         queries = [select(*_SIGHTING_COLUMNS).where(ex_t.c.url_norm.in_(c)) for c in chunks]
         olds = [old.where(ex_t.c.url_norm.in_(c)) for c in chunks]
     pages = _StoredPages(conn)
@@ -1143,7 +1242,7 @@ def stale_findings(
     found: list[Finding] = []
     for query in queries:
         ordered = query.order_by(ex_t.c.url_norm, target_of, ex_t.c.started_at, ex_t.c.capture_id, ex_t.c.seq)
-        for (source, target), sightings in _groups(
+        for (source, target), sightings in sighting_groups(
             conn.execute(ordered.execution_options(yield_per=STREAM_ROWS))
         ):
             if groups is not None and (source, target) not in groups:
@@ -1154,7 +1253,7 @@ def stale_findings(
             message, evidence = judged
             finding = stale.stale_finding(message, evidence, sightings.latest, None, 0)
             finding.third_party = pages.third_party(finding.exchange, target)
-            row = _finding_row(finding)
+            row = finding_row(finding)
             row["client"] = None  # across clients
             rows.append(row)
             if where is not None:
@@ -1248,7 +1347,7 @@ def _stale_key(row: FindingRow) -> FindingKey:
     return (stale.SLUG, evidence["source"], evidence["target"])
 
 
-def _groups(rows: Iterable[Row]) -> Iterator[tuple[tuple[str, str], stale.Sightings]]:
+def sighting_groups(rows: Iterable[Row]) -> Iterator[tuple[tuple[str, str], stale.Sightings]]:
     """Consecutive sightings of one (source, target), summarized as they pass."""
     key: tuple[str, str] | None = None
     summary: stale.Sightings | None = None
@@ -1298,12 +1397,14 @@ def _groups(rows: Iterable[Row]) -> Iterator[tuple[tuple[str, str], stale.Sighti
 __all__ = [
     "AnalysisOptions",
     "AnalysisResult",
+    "accepted_write",
     "analyze",
     "analyze_batch",
     "analyze_clients",
     "finding_fingerprint",
     "lock_results",
     "repeated_writes",
+    "replace_results",
     "stale_findings",
     "stale_history",
 ]

@@ -10,6 +10,7 @@ exit 130; a closed pipe (`| head`) ends quietly, exit 141, as for other Unix too
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shlex
@@ -29,6 +30,7 @@ from analyzer.text import printable
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs
     from rich.console import Console
 
+    from analyzer.analysis import AnalysisOptions, AnalysisResult
     from analyzer.config import Settings
     from analyzer.detectors import Rule
     from analyzer.model import Severity
@@ -1042,6 +1044,31 @@ def demo_cmd(db: str) -> None:
     "memory is one window's (about 2 KB an exchange), the results the same [default: 25,000]",
 )
 @click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    help="Analyze on a Dask cluster: its scheduler (tcp://host:8786), or local:N for N worker "
+    "processes on this machine. Needs --parquet; every client is analyzed (needs the dask extra)",
+)
+@click.option(
+    "--parquet",
+    "parquet_dir",
+    metavar="DIR",
+    help="With --dask: the Parquet export the workers read, at a path they share; "
+    "a new or empty DIR gets the store's export first",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    metavar="DIR",
+    help="With --dask: also write the chains, hops and findings as Parquet under this new directory",
+)
+@click.option(
+    "--no-store",
+    is_flag=True,
+    help="With --dask: leave the store's results as they are (write --out only)",
+)
+@click.option(
     "--config", "config_file", metavar="FILE", help="Configuration file [default: found from here up]"
 )
 @click.option("--isolated", is_flag=True, help="Ignore every configuration file")
@@ -1055,6 +1082,10 @@ def analyze_cmd(
     jobs: int,
     full: bool,
     window: int | None,
+    dask_address: str | None,
+    parquet_dir: str | None,
+    out_dir: str | None,
+    no_store: bool,
     config_file: str | None,
     isolated: bool,
     wait: float,
@@ -1065,6 +1096,9 @@ def analyze_cmd(
 
     Reading commands re-run this on their own when the store changed; the options given
     here are remembered and used again then.
+
+    With --dask, a Dask cluster analyzes every client from a Parquet export, and the
+    results replace the store's (and go to --out as Parquet).
     """
     from analyzer.analysis import WINDOW_EXCHANGES, AnalysisOptions, analyze
     from analyzer.chains import LinkOptions
@@ -1086,6 +1120,24 @@ def analyze_cmd(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    cluster_only = {"--parquet": parquet_dir, "--out": out_dir, "--no-store": no_store or None}
+    if dask_address is None:
+        given = [name for name, value in cluster_only.items() if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} go(es) with --dask ADDRESS")
+    else:
+        if parquet_dir is None:
+            raise click.UsageError(
+                "--dask needs --parquet DIR: the Parquet export the workers read, at a path they "
+                "share (a new or empty DIR gets the store's export first)"
+            )
+        clashing = [n for n, v in (("--jobs", jobs > 1 or None), ("--window", window)) if v is not None]
+        if clashing:
+            raise click.UsageError(f"{', '.join(clashing)} cannot go with --dask (the cluster sets both)")
+        if no_store and out_dir is None:
+            raise click.UsageError("--no-store with no --out writes the results nowhere: name --out DIR")
+        _analyze_on_dask(db, wait, options, dask_address, parquet_dir, out_dir, not no_store)
+        return
     store = open_store(db, create=False, wait=wait)
     try:
         result = analyze(store, options, jobs=jobs, full=full, window_exchanges=window or WINDOW_EXCHANGES)
@@ -1100,6 +1152,10 @@ def analyze_cmd(
             "time windows: those of the windows done), the others keep their earlier ones; the "
             "store still counts as not analyzed"
         ) from None
+    _say_analyzed(result)
+
+
+def _say_analyzed(result: AnalysisResult) -> None:
     counts = ", ".join(f"{result.by_severity[s]} {s}" for s in reversed(SEVERITIES) if result.by_severity[s])
     scope = (
         ""
@@ -1114,6 +1170,74 @@ def analyze_cmd(
         + (f": {counts}" if counts else "")
         + scope
     )
+
+
+def _analyze_on_dask(
+    db: str | None,
+    wait: float,
+    options: AnalysisOptions,
+    address: str,
+    parquet_dir: str,
+    out_dir: str | None,
+    write_back: bool,
+) -> None:
+    """analyze --dask: export (when DIR is new), analyze on the cluster, write the results."""
+    from analyzer.columnar import check_target, export_parquet
+    from analyzer.store import open_store
+
+    try:
+        from distributed import Client, LocalCluster
+
+        from analyzer import distributed
+    except ImportError as exc:
+        raise ReportedError(
+            f"--dask needs Dask, which is not installed ({exc.name}): install the dask extra, "
+            "`uv sync --extra dask` in a checkout, `uv tool install '.[dask]'` or "
+            "`pip install 'redirect-audit[dask]'`"
+        ) from None
+    if out_dir is not None:
+        check_target(out_dir)
+    store = open_store(db, create=False, wait=wait) if write_back or not _has_export(parquet_dir) else None
+    if not _has_export(parquet_dir):
+        assert store is not None
+        exported = export_parquet(store, parquet_dir)
+        _say(f"exported the store to {exported.directory} ({exported.rows['exchanges']:,} exchange(s))")
+    counts = distributed.export_counts(parquet_dir)
+    local = re.fullmatch(r"local(?::(\d+))?", address)
+    try:
+        if local:
+            cluster = LocalCluster(
+                n_workers=int(local.group(1) or 2),
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            client = Client(cluster)
+        else:
+            # how long to try: Dask's own setting (DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT, 30 s)
+            cluster, client = None, Client(address)
+    except (OSError, TimeoutError) as exc:
+        raise ReportedError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    try:
+        results = distributed.analyze(distributed.read_exchanges(parquet_dir), options)
+        if out_dir is not None and write_back:
+            results = distributed.collect(results)  # computed once, for both
+        if out_dir is not None:
+            written = distributed.write_parquet(results, out_dir)
+            _say(f"wrote the chains, hops and findings to {written}")
+        if store is not None and write_back:
+            _say_analyzed(distributed.store_results(store, results, counts, options))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _has_export(directory: str) -> bool:
+    path = Path(directory)
+    return path.is_dir() and any(path.iterdir())
 
 
 def _analysis_recorded(db: str | None, wait: float) -> bool:

@@ -45,7 +45,7 @@ class ExportResult:
     days: int = 0
 
 
-def _day(seconds: float | None) -> str:
+def day_of(seconds: float | None) -> str:
     if seconds is None:
         return UNKNOWN
     try:
@@ -54,7 +54,7 @@ def _day(seconds: float | None) -> str:
         return UNKNOWN
 
 
-def _arrow_type(column: Column[Any]) -> Any:  # a pyarrow DataType (pyarrow has no type information)
+def arrow_type(column: Column[Any]) -> Any:  # a pyarrow DataType (pyarrow has no type information)
     import pyarrow as pa
     from sqlalchemy import BigInteger, Boolean, Float, Integer, LargeBinary
 
@@ -72,10 +72,10 @@ def _arrow_type(column: Column[Any]) -> Any:  # a pyarrow DataType (pyarrow has 
     return pa.string()
 
 
-def _schema(table: Table, extra: tuple[Any, ...] = ()) -> Any:
+def arrow_schema(table: Table, extra: tuple[Any, ...] = ()) -> Any:
     import pyarrow as pa
 
-    fields = [pa.field(c.name, _arrow_type(c)) for c in table.columns]
+    fields = [pa.field(c.name, arrow_type(c)) for c in table.columns]
     return pa.schema([*fields, *extra, pa.field("capture_date", pa.string())])
 
 
@@ -88,7 +88,7 @@ def _batches(store: Store, stmt: Select[Any], schema: Any, day_at: int) -> Itera
         result = conn.execute(stmt.execution_options(yield_per=CHUNK_ROWS))
         for chunk in result.partitions():
             columns = list(zip(*chunk, strict=False))
-            days = [_day(v) for v in columns[day_at]]
+            days = [day_of(v) for v in columns[day_at]]
             arrays = [
                 pa.array(list(values), type=schema.field(name).type)
                 for name, values in zip(names, columns, strict=False)
@@ -131,18 +131,18 @@ def export_parquet(store: Store, directory: str | os.PathLike[str]) -> ExportRes
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             plans = {
-                "exchanges": (select(*exchanges.c), _schema(exchanges), "started_at"),
-                "chains": (select(*chains.c), _schema(chains), "started_at"),
+                "exchanges": (select(*exchanges.c), arrow_schema(exchanges), "started_at"),
+                "chains": (select(*chains.c), arrow_schema(chains), "started_at"),
                 "hops": (
                     select(*hops.c, chains.c.client, chains.c.started_at.label("chain_started_at")).join(
                         chains, chains.c.id == hops.c.chain_id
                     ),
-                    _schema(
+                    arrow_schema(
                         hops, (pa.field("client", pa.string()), pa.field("chain_started_at", pa.float64()))
                     ),
                     "chain_started_at",
                 ),
-                "findings": (select(*findings.c), _schema(findings), "observed_at"),
+                "findings": (select(*findings.c), arrow_schema(findings), "observed_at"),
             }
             days: set[str] = set()
             for name, (stmt, schema, day_column) in plans.items():
@@ -174,7 +174,7 @@ def export_parquet(store: Store, directory: str | os.PathLike[str]) -> ExportRes
                 rows = conn.execute(select(*captures.c)).all()
             table = pa.table(
                 {
-                    c.name: pa.array([r[i] for r in rows], type=_arrow_type(c))
+                    c.name: pa.array([r[i] for r in rows], type=arrow_type(c))
                     for i, c in enumerate(captures.columns)
                 }
             )

@@ -940,17 +940,17 @@ def load_exchanges(
     rows = conn.execute(stmt).all()
     if light:
         return [light_exchange(row) for row in rows]
-    make = _row_reader([c.name for c in cols])
+    make = row_reader([c.name for c in cols])
     return [make(row) for row in rows]
 
 
 def exchange_from_row(row: Mapping[str, Any]) -> Exchange:
     """The Exchange a full exchanges-table row (a mapping) describes."""
     names = [c.name for c in exchanges.c if c.name in row]
-    return _row_reader(names)(tuple(row[n] for n in names))
+    return row_reader(names)(tuple(row[n] for n in names))
 
 
-def _row_reader(names: list[str]) -> Callable[[Row], Exchange]:
+def row_reader(names: list[str]) -> Callable[[Row], Exchange]:
     """A function turning a row of these columns, by position, into an Exchange."""
     at = {name: i for i, name in enumerate(names)}
     missing = len(names)

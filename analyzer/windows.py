@@ -127,6 +127,29 @@ class ChainStream:
 
     # ---- one window ---------------------------------------------------------------------
 
+    def window(
+        self,
+        redirects: Sequence[Exchange],
+        later: Iterable[Exchange],
+        candidates: Sequence[Exchange],
+        follow_ups: Callable[[dict[int, Link]], dict[int, Exchange]],
+        writes: Callable[[], Sequence[Exchange]],
+        hi: float | None,
+    ) -> Flushed:
+        """One window's analysis, whoever reads its exchanges (the store: analysis.WindowLoader;
+        a DataFrame: analyzer.distributed). `redirects`: those starting in the window,
+        whole; `later`: the redirects in `[hi, hi + link window]` on a connection (light);
+        `candidates`: the requests to their targets, up to the window's reach (light);
+        `follow_ups(links)`: the linked requests not among `redirects`, whole; `writes()`:
+        the window's accepted writes (headers not needed). The two loaders are called in
+        turn, so that what one window holds at a time stays small."""
+        links = self.link(redirects, candidates, later)
+        # Follow-ups are loaded whole: credentials, Referer and body headers are judged on them.
+        self.assemble(redirects, links, follow_ups(links), candidates)
+        del redirects, later, links, candidates
+        self.add_writes(writes(), hi)
+        return self.flush(hi)
+
     def link(
         self, redirects: Sequence[Exchange], candidates: Sequence[Exchange], later: Iterable[Exchange] = ()
     ) -> dict[int, Link]:
