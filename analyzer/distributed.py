@@ -16,7 +16,8 @@ place; a place is where a temporary redirect was served, for the stale findings'
 page verdict). The adapters run them where the data lives:
 
     analyze_pandas(df)        pandas, in this process (a notebook)
-    analyze(dask_df)          Dask: groupby(client).apply, then groupby(source, target)
+    analyze(dask_df)          Dask: shuffled by client, one call per partition; then by
+                              (source, target) for the stale findings
     analyze_spark(spark_df)   Spark: groupBy(client).applyInPandas, the same
 
 and return Results (chains, hops, findings: frames of that engine, lazily).
@@ -50,7 +51,7 @@ from analyzer.analysis import (
     sighting_groups,
 )
 from analyzer.chains import Link, order_key, stored_id
-from analyzer.columnar import arrow_schema, check_target, day_of
+from analyzer.columnar import check_target, day_of
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.errors import ReportedError
 from analyzer.model import REDIRECT_STATUSES, Exchange
@@ -60,6 +61,7 @@ from analyzer.store import exchanges as ex_t
 from analyzer.windows import ChainStream
 
 EXCHANGE_NAMES = ("id", *EXCHANGE_COLUMNS)
+PARTITION_BYTES = 32 * 2**20  # of Parquet read into one Dask partition, where files are smaller
 REQUIRED = ("id", "capture_id", "seq", "client", "method", "url", "url_norm", "started_at", "status")
 SIGHTING_NAMES = (
     "id",
@@ -163,20 +165,51 @@ def empty_result() -> Any:  # a pandas DataFrame: the meta Dask needs
 def exchanges_of(frame: Any) -> list[Exchange]:
     """The exchanges of a pandas DataFrame with the export's columns (others are ignored;
     integers may come as floats with NaN, as Spark and pandas hand them over)."""
-    import pyarrow as pa
-
     missing = [name for name in REQUIRED if name not in frame.columns]
     if missing:
         raise FrameError(
             f"the exchanges frame has no column {', '.join(missing)}: "
             "give it the columns of the export's exchanges (export --format parquet DIR, DIR/exchanges)"
         )
-    schema = arrow_schema(ex_t)
     names = [name for name in EXCHANGE_NAMES if name in frame.columns]
-    table = pa.Table.from_pandas(frame[names], preserve_index=False)
-    columns = [table.column(name).cast(schema.field(name).type).to_pylist() for name in names]
     make = row_reader(names)
+    columns = [_values(frame[name].tolist(), _KINDS[name]) for name in names]
     return [make(row) for row in zip(*columns, strict=True)]
+
+
+def _kind(column: Any) -> type:
+    from sqlalchemy import BigInteger, Boolean, Float, Integer, LargeBinary
+
+    kind = type(column.type)
+    impl = getattr(column.type, "impl", None) if kind.__name__ == "Variant" else None
+    kind = type(impl) if impl is not None else kind
+    for sql, python in (
+        (Boolean, bool),
+        (BigInteger, int),
+        (Integer, int),
+        (Float, float),
+        (LargeBinary, bytes),
+    ):
+        if issubclass(kind, sql):
+            return python
+    return str
+
+
+_KINDS: dict[str, type] = {column.name: _kind(column) for column in ex_t.columns}
+
+
+def _values(values: list[Any], kind: type) -> list[Any]:
+    """One column as the store's reader has it: None where missing (None, NaN, pd.NA),
+    integers as int (pandas and Spark give an integer column with gaps as floats)."""
+    if kind is str:
+        return [v if isinstance(v, str) else None for v in values]
+    out: list[Any] = []
+    for v in values:
+        if v is None or (v != v) is True or type(v).__name__ == "NAType":
+            out.append(None)
+        else:
+            out.append(kind(v))
+    return out
 
 
 def analyze_frame(frame: Any, options: AnalysisOptions | None = None) -> Any:
@@ -394,18 +427,10 @@ def _concat(frames: list[Any]) -> Any:
 def analyze_pandas(exchanges: Any, options: AnalysisOptions | None = None) -> Results:
     """Analyze a pandas DataFrame of exchanges (the export's columns) in this process, with
     the functions the clusters run: for a notebook, or to check an adapter against."""
-    import pandas as pd
-
     options = options or AnalysisOptions()
-    frames = [analyze_frame(group, options) for _, group in exchanges.groupby("client", sort=True)]
-    temporary = exchanges[exchanges["status"].isin(list(TEMPORARY_STATUSES))]
-    target = temporary["location_resolved"].fillna(temporary["location"])
-    temporary = temporary.assign(group_target=target)[~target.isna()]
-    stale_rows = [stale_frame(group, options) for _, group in temporary.groupby(["url_norm", "group_target"])]
-    empty = empty_result()
     return _split(
-        pd.concat([empty, *frames], ignore_index=True),
-        pd.concat([empty, *stale_rows], ignore_index=True),
+        analyze_frame(exchanges, options),
+        stale_frame(exchanges, options),
         lambda left, right: left.merge(right, on="from_exchange_id", how="left"),
     )
 
@@ -420,7 +445,12 @@ def read_exchanges(directory: str | os.PathLike[str]) -> Any:
     path = _exchanges_dir(directory)
     # pyarrow's filesystem layer: it reads an export's many small day partitions together
     # (2.5 times faster than fsspec's on the corpus export, on a 2-worker LocalCluster)
-    return dd.read_parquet(str(path.resolve()), columns=[*EXCHANGE_NAMES], filesystem="arrow")
+    frame = dd.read_parquet(str(path.resolve()), columns=[*EXCHANGE_NAMES], filesystem="arrow")
+    # An export has a file per day: many small ones cost a task (and a shuffle input) each.
+    # Adjacent ones are merged up to about PARTITION_BYTES of Parquet (no data read for it).
+    size = sum(f.stat().st_size for f in path.rglob("*.parquet"))
+    wanted = max(1, -(-size // PARTITION_BYTES))
+    return frame.repartition(npartitions=wanted) if wanted < frame.npartitions else frame
 
 
 def _exchanges_dir(directory: str | os.PathLike[str]) -> Path:
@@ -442,17 +472,17 @@ def analyze(exchanges: Any, options: AnalysisOptions | None = None) -> Results:
     present = [name for name in EXCHANGE_NAMES if name in exchanges.columns]
     frame = exchanges[present]
     meta = empty_result()
-    # The key is a copy: pandas leaves the grouping column out of each group it hands over.
-    per_client = (
-        frame.assign(group_client=frame["client"])
-        .groupby("group_client")
-        .apply(analyze_frame, options, meta=meta)
-    )
+    # Each client's exchanges into one partition, then one call per partition (a call per
+    # client would cost its overhead 360,000 times over a fleet); analyze_frame takes each
+    # client of its frame alone.
+    per_client = frame.shuffle(on="client").map_partitions(analyze_frame, options, meta=meta)
     temporary = frame[frame["status"].isin(list(TEMPORARY_STATUSES))]
     target = temporary["location_resolved"].fillna(temporary["location"])
-    temporary = temporary.assign(group_source=temporary["url_norm"], group_target=target)
+    temporary = temporary.assign(group_target=target)
     temporary = temporary[~temporary["group_target"].isna()]
-    stale_rows = temporary.groupby(["group_source", "group_target"]).apply(stale_frame, options, meta=meta)
+    stale_rows = temporary.shuffle(on=["url_norm", "group_target"]).map_partitions(
+        stale_frame, options, meta=meta
+    )
 
     return _split(
         per_client, stale_rows, lambda left, right: left.merge(right, on="from_exchange_id", how="left")

@@ -301,6 +301,7 @@ def spark():
     session.stop()
 
 
+@pytest.mark.xdist_group("spark")  # its JVM beside the Dask cluster's tests, on the other worker
 def test_spark_apply_in_pandas_gives_the_local_results_and_writes_parquet(corpus, spark, tmp_path):
     _, export, local = corpus
     results = distributed.analyze_spark(distributed.read_exchanges_spark(spark, export))
