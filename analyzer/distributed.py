@@ -18,7 +18,7 @@ page verdict). The adapters run them where the data lives:
     analyze_pandas(df)        pandas, in this process (a notebook)
     analyze(dask_df)          Dask: shuffled by client, one call per partition; then by
                               (source, target) for the stale findings
-    analyze_spark(spark_df)   Spark: groupBy(client).applyInPandas, the same
+    analyze_spark(spark_df)   Spark: groupBy(bucket of clients).applyInPandas, the same
 
 and return Results (chains, hops, findings: frames of that engine, lazily).
 `write_parquet(results, DIR)` writes them the way the export does, and `store_results(store,
@@ -61,6 +61,7 @@ from analyzer.store import exchanges as ex_t
 from analyzer.windows import ChainStream
 
 EXCHANGE_NAMES = ("id", *EXCHANGE_COLUMNS)
+BUCKET_EXCHANGES = 200_000  # Spark: at least one group of clients per this many exchanges
 PARTITION_BYTES = 32 * 2**20  # of Parquet read into one Dask partition, where files are smaller
 REQUIRED = ("id", "capture_id", "seq", "client", "method", "url", "url_norm", "started_at", "status")
 SIGHTING_NAMES = (
@@ -215,15 +216,35 @@ def _values(values: list[Any], kind: type) -> list[Any]:
 def analyze_frame(frame: Any, options: AnalysisOptions | None = None) -> Any:
     """Chains, hops, findings and places of the clients in `frame` (pandas, the export's
     exchange columns), each client analyzed alone: a RESULT_SCHEMA frame."""
-    import pyarrow as pa
+    return _arrow_frame(_analyzed_rows(frame, options or AnalysisOptions()))
 
+
+def _analyzed_rows(frame: Any, options: AnalysisOptions) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     by_client: dict[str, list[Exchange]] = {}
     for ex in exchanges_of(frame):
         by_client.setdefault(ex.client, []).append(ex)
     for client in sorted(by_client):
-        rows += _client_rows(client, by_client[client], options or AnalysisOptions())
-    return _pandas(pa.Table.from_pylist(rows, schema=result_schema()))
+        rows += _client_rows(client, by_client[client], options)
+    return rows
+
+
+def _arrow_frame(rows: list[dict[str, Any]]) -> Any:
+    """RESULT_SCHEMA rows as a pandas frame of Arrow types (nullable integers and booleans)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=result_schema()).to_pandas(types_mapper=pd.ArrowDtype)
+
+
+def _plain_frame(rows: list[dict[str, Any]]) -> Any:
+    """RESULT_SCHEMA rows as a pandas frame of Python objects, None where missing: what
+    Spark's Arrow conversion takes against the declared schema, built without the per-call
+    cost of an Arrow table (Spark calls once per group)."""
+    import pandas as pd
+
+    names = [name for name, _ in RESULT_COLUMNS]
+    return pd.DataFrame([[row.get(name) for name in names] for row in rows], columns=names, dtype=object)
 
 
 def _client_rows(client: str, exchanges: list[Exchange], options: AnalysisOptions) -> list[dict[str, Any]]:
@@ -342,9 +363,11 @@ def stale_frame(frame: Any, options: AnalysisOptions | None = None) -> Any:
     the export's exchange columns; whole (source, target) groups), as `analyze` judges
     them across clients: on the latest sighting, its hop and page verdict not yet known
     (chain_id null: the adapters join them from the places)."""
-    import pyarrow as pa
+    return _arrow_frame(_stale_rows(frame, options or AnalysisOptions()))
 
-    detect = (options or AnalysisOptions()).detect
+
+def _stale_rows(frame: Any, options: AnalysisOptions) -> list[dict[str, Any]]:
+    detect = options.detect
     wanted = frame[frame["status"].isin(TEMPORARY_STATUSES)]
     exchanges = exchanges_of(wanted)
     # The order `analyze` reads them in: by (source, target), then time (undated first, as
@@ -370,7 +393,7 @@ def stale_frame(frame: Any, options: AnalysisOptions | None = None) -> Any:
         row = finding_row(stale.stale_finding(message, evidence, seen.latest, None, 0))
         row["client"] = None  # across clients
         rows.append({"kind": "finding", **row, "capture_date": day_of(row["observed_at"])})
-    return _pandas(pa.Table.from_pylist(rows, schema=result_schema()))
+    return rows
 
 
 def _with_header_text(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
@@ -381,12 +404,6 @@ def _with_header_text(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ..
     for row in rows:
         headers = row[at]
         yield (*row[:at], json.dumps([list(h) for h in headers]) if headers else None, *row[at + 1 :])
-
-
-def _pandas(table: Any) -> Any:
-    import pandas as pd
-
-    return table.to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def _split(results: Any, stale_rows: Any, merge: Any) -> Results:
@@ -498,25 +515,35 @@ def read_exchanges_spark(spark: Any, directory: str | os.PathLike[str]) -> Any:
     return spark.read.option("basePath", str(path)).parquet(str(path)).select(*EXCHANGE_NAMES)
 
 
-def analyze_spark(exchanges: Any, options: AnalysisOptions | None = None) -> Results:
-    """Analyze a Spark DataFrame of exchanges (the export's columns) with
-    groupBy(client).applyInPandas, the per-client analysis on each executor, then the stale
-    findings by (source, target). Lazy, as Spark is."""
+def analyze_spark(
+    exchanges: Any, options: AnalysisOptions | None = None, buckets: int | None = None
+) -> Results:
+    """Analyze a Spark DataFrame of exchanges (the export's columns) with groupBy(...)
+    .applyInPandas on the executors, then the stale findings by (source, target). Lazy, as
+    Spark is.
+
+    The groups are buckets of clients (a hash of the client), not single clients: each
+    call costs a few milliseconds of pandas whatever its size, which over 360,000 clients
+    is most of the run. `buckets`: how many (default: four per core of the session, at
+    least one per 200,000 exchanges). Every client's exchanges are in one bucket, and
+    analyze_frame takes each client alone, so the results are the same."""
     from pyspark.sql import functions as F
 
     options = options or AnalysisOptions()
     schema = spark_schema()
     frame = exchanges.select(*[name for name in EXCHANGE_NAMES if name in exchanges.columns])
+    if buckets is None:
+        parallel = frame.sparkSession.sparkContext.defaultParallelism
+        buckets = max(4 * parallel, -(-frame.count() // BUCKET_EXCHANGES))
     per_client = (  # read four times below: computed once
-        frame.groupBy("client")
-        .applyInPandas(lambda group: _plain(analyze_frame(group, options)), schema=schema)
+        frame.groupBy(F.pmod(F.hash("client"), F.lit(buckets)))
+        .applyInPandas(lambda group: _plain_frame(_analyzed_rows(group, options)), schema=schema)
         .cache()
     )
-    temporary = frame.where(F.col("status").isin(*TEMPORARY_STATUSES)).where(
-        F.coalesce("location_resolved", "location").isNotNull()
-    )
-    stale_rows = temporary.groupBy("url_norm", F.coalesce("location_resolved", "location")).applyInPandas(
-        lambda group: _plain(stale_frame(group, options)), schema=schema
+    target = F.coalesce("location_resolved", "location")
+    temporary = frame.where(F.col("status").isin(*TEMPORARY_STATUSES)).where(target.isNotNull())
+    stale_rows = temporary.groupBy(F.pmod(F.hash("url_norm", target), F.lit(buckets))).applyInPandas(
+        lambda group: _plain_frame(_stale_rows(group, options)), schema=schema
     )
     kind = F.col("kind")
     places = per_client.where(kind == "place").select("from_exchange_id", "chain_id", "idx", "third_party")
@@ -538,11 +565,6 @@ def analyze_spark(exchanges: Any, options: AnalysisOptions | None = None) -> Res
         hops=hops.select(*HOP_FIELDS, "client", "chain_started_at", "capture_date"),
         findings=findings.unionByName(placed.select(*FINDING_FIELDS, "capture_date")),
     )
-
-
-def _plain(frame: Any) -> Any:
-    """Python values and None (what Spark's Arrow conversion takes from any pandas)."""
-    return frame.astype(object).where(frame.notna(), None)
 
 
 # ---- where the results go -----------------------------------------------------------------
