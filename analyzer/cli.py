@@ -1802,9 +1802,13 @@ def db_upgrade_cmd(db: str | None, wait: float) -> None:
     help="With --format markdown: a directory of rule fixtures (HAR files with log._expect); "
     "each rule's page shows the finding it produced on the first one that fires it.",
 )
+@click.option("--all", "everything", is_flag=True, help="Every rule's full text, not the one-line table.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
-def rules_cmd(rule: str | None, fmt: str, examples: Path | None, output: str | None) -> None:
-    """Describe every rule (or one: `rules RA102`, `rules dropped-body`): id, slug, severity, documentation."""
+def rules_cmd(
+    rule: str | None, fmt: str, everything: bool, examples: Path | None, output: str | None
+) -> None:
+    """The rules, one line each (id, slug, severity, what it finds); one rule in full with
+    `rules RA102` or `rules dropped-body`, every one in full with --all."""
     from analyzer.detectors import RULES
 
     chosen: Sequence[Rule] = RULES
@@ -1826,6 +1830,12 @@ def rules_cmd(rule: str | None, fmt: str, examples: Path | None, output: str | N
 
         found = ruledocs.collect_examples(chosen, examples) if examples is not None else None
         text = ruledocs.render(chosen, found)
+    elif rule is None and not everything:
+        slug_width = max(len(r.slug) for r in chosen)
+        lines = [f"{'ID':<6} {'RULE':<{slug_width}} {'SEVERITY':<8} WHAT IT FINDS"]
+        lines += [f"{r.id:<6} {r.slug:<{slug_width}} {r.severity!s:<8} {r.summary}" for r in chosen]
+        lines.append("\n`redirect-audit rules RA102` shows one rule in full; --all shows every one.")
+        text = "\n".join(lines) + "\n"
     else:
         text = "\n".join(
             f"{r.id} {r.slug} (default severity {r.severity})\nFix: {r.fix}\n\n{r.doc.rstrip()}\n"

@@ -28,7 +28,7 @@ from analyzer.errors import ReportedError
 from analyzer.files import write_private
 from analyzer.model import Severity
 from analyzer.report import Record, hop_text
-from analyzer.text import printable, xml_safe
+from analyzer.text import counted, printable, xml_safe
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SARIF_LEVEL = {"high": "error", "medium": "warning", "low": "note", "info": "note"}
@@ -121,7 +121,8 @@ def junit(findings: list[Record], chains: list[Record]) -> str:
     cases = 0
     for chain in chains:
         first = chain["hops"][0]["from"]
-        name = f"chain {chain['chain_id']}: {first['method']} {first['url']} ({len(chain['hops'])} hops, {chain['end']})"
+        hops = counted(len(chain["hops"]), "hop")
+        name = f"chain {chain['chain_id']}: {first['method']} {first['url']} ({hops}, {chain['end']})"
         _case(suite, chain["client"], name, by_chain.get(chain["chain_id"], []))
         cases += 1
     for f in by_chain.get(None, []):  # findings about requests outside any chain

@@ -43,3 +43,8 @@ def json_terminal_safe(text: str) -> str:
     """JSON text (from json.dumps, which escapes C0 controls) with DEL and the C1 controls
     escaped too: they are valid JSON either way, and raw they can steer a terminal."""
     return text.translate(_C1)
+
+
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """`1 hop`, `2 hops`: a count with the noun in the right number."""
+    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"

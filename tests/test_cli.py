@@ -114,11 +114,22 @@ def test_demo_shows_all_four_mission_rules(tmp_path):
     assert again.stdout.splitlines()[-3] == done.stdout.splitlines()[-3]
 
 
-def test_rules_lists_every_rule_with_docs():
+def test_rules_is_a_table_of_one_line_per_rule_and_all_gives_every_text():
+    from analyzer.detectors import RULES
+
     out = run_cli("rules").stdout
-    for rule_id in ("RA101", "RA102", "RA103", "RA104"):
-        assert rule_id in out
-    assert "RFC 9110" in out
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "RULE", "SEVERITY", "WHAT", "IT", "FINDS"]
+    for rule in RULES:
+        (line,) = [line for line in lines if line.startswith(rule.id + " ")]
+        assert line.split()[:3] == [rule.id, rule.slug, str(rule.severity)] and line.endswith(rule.summary)
+    assert len(lines) <= len(RULES) + 3 and "RFC 9110" not in out
+    assert "`redirect-audit rules RA102` shows one rule in full; --all shows every one." in out
+    full = run_cli("rules", "--all").stdout
+    assert all(f"{r.id} {r.slug} (default severity {r.severity})" in full for r in RULES)
+    assert "RFC 9110" in full and len(full.splitlines()) > 10 * len(RULES)
+    one = run_cli("rules", "RA102").stdout
+    assert one.startswith("RA102 dropped-body (default severity high)") and "RA101" not in one
 
 
 def test_bodies_kept_only_on_request_capped_and_redacted(tmp_path):

@@ -76,6 +76,10 @@ def test_junit_has_a_case_per_chain_failed_by_its_findings(demo_db):
     assert len(failed) == len({f["chain_id"] for f in findings if f["chain_id"]}) + len(chainless)
     assert root.get("failures") == str(len(failed)) and root.get("tests") == str(len(cases))
     assert sum(len(c.findall("failure")) for c in cases) == len(findings)
+    for chain, case in zip(chains, cases, strict=False):  # chains first, in order
+        hops = len(chain["hops"])
+        assert f"({hops} {'hop' if hops == 1 else 'hops'}, {chain['end']})" in case.get("name")
+    assert any(len(chain["hops"]) == 1 for chain in chains)
 
 
 def test_markdown_has_a_table_per_rule(demo_db):
