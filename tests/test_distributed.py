@@ -310,3 +310,22 @@ def test_spark_apply_in_pandas_gives_the_local_results_and_writes_parquet(corpus
     out = distributed.write_parquet(results, tmp_path / "spark-out")
     assert frame_rows(pd.read_parquet(out / "findings"), FINDINGS) == local["findings"]
     assert frame_rows(pd.read_parquet(out / "chains"), CHAINS) == local["chains"]
+
+
+def test_a_frame_without_the_export_columns_and_a_used_out_dir_are_refused_by_name(corpus, tmp_path):
+    from analyzer.columnar import ExportError
+
+    with pytest.raises(distributed.FrameError) as refused:
+        distributed.analyze_frame(pd.DataFrame({"id": [1], "client": ["a"], "url": ["https://a.test/"]}))
+    assert "the exchanges frame has no column capture_id, seq, method, url_norm, started_at, status" in str(
+        refused.value
+    )
+    _, export, _ = corpus
+    frame = pd.read_parquet(export / "exchanges")
+    results = distributed.analyze_pandas(frame[frame["client"] == frame["client"].iloc[0]])
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not an empty directory"):
+        distributed.write_parquet(results, tmp_path / "used")
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".used*"))
