@@ -1127,6 +1127,22 @@ class ResultsMismatch(ReportedError):
     """The results were computed from other exchanges than the store holds now."""
 
 
+def check_exchanges(store: Store, exchanges: tuple[int, int | None]) -> None:
+    """Refuse (ResultsMismatch) results from other exchanges than the store holds."""
+    with store.begin() as conn:
+        _check_exchanges(conn, exchanges)
+
+
+def _check_exchanges(conn: Connection, exchanges: tuple[int, int | None]) -> None:
+    here = tuple(conn.execute(select(func.count(), func.max(ex_t.c.id)).select_from(ex_t)).one())
+    if here != tuple(exchanges):
+        raise ResultsMismatch(
+            f"the results were computed from {exchanges[0]:,} exchanges (highest id {exchanges[1]}), "
+            f"and the store holds {here[0]:,} (highest id {here[1]}) now: export the store again "
+            "and analyze that export; the store's results are unchanged"
+        )
+
+
 ResultChunk = tuple[list[Row], list[Row], list[FindingRow]]  # chains, hops, findings (stale ones too)
 
 
@@ -1145,13 +1161,7 @@ def replace_results(
     with cycle_collection_paused(), store.begin() as conn:
         lock_results(conn)
         generation = read_generation(conn)
-        here = tuple(conn.execute(select(func.count(), func.max(ex_t.c.id)).select_from(ex_t)).one())
-        if here != tuple(exchanges):
-            raise ResultsMismatch(
-                f"the results were computed from {exchanges[0]:,} exchanges (highest id {exchanges[1]}), "
-                f"and the store holds {here[0]:,} (highest id {here[1]}) now: export the store again "
-                "and analyze that export; the store's results are unchanged"
-            )
+        _check_exchanges(conn, exchanges)
         ids = _FindingIds()
         source = SOURCE
         old = select(

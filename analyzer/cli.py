@@ -1203,6 +1203,10 @@ def _analyze_on_dask(
         exported = export_parquet(store, parquet_dir)
         _say(f"exported the store to {exported.directory} ({exported.rows['exchanges']:,} exchange(s))")
     counts = distributed.export_counts(parquet_dir)
+    if store is not None and write_back:  # refused now, not after the cluster's work
+        from analyzer.analysis import check_exchanges
+
+        check_exchanges(store, counts)
     local = re.fullmatch(r"local(?::(\d+))?", address)
     try:
         if local:
