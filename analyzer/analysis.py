@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import re
 import signal
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -108,7 +109,7 @@ SOURCE = ex_t.alias("source")
 ID_CHUNK = 500  # ids or clients per IN (...) list: well under every backend's parameter limit
 BATCH_EXCHANGES = 200_000  # exchanges of the clients analyzed together
 WINDOW_EXCHANGES = 25_000  # a batch bigger than this is read in time windows of about this many
-COLLECT_EVERY = 10  # outputs (windows or batches) between two passes of the cycle collector
+COLLECT_SECONDS = 5.0  # of analysis between two passes of the cycle collector (one costs ~0.1 s)
 STREAM_ROWS = 2000  # rows fetched at a time where a query streams
 RESULTS_LOCK = 0x7265_6469_7201  # PostgreSQL advisory lock: one analysis writes results at a time
 TEMPORARY_STATUSES = (302, 303, 307)
@@ -223,16 +224,19 @@ def analyze(
         where: dict[int, tuple[Chain, int]] = {}
         ids = _FindingIds()
         plan = _WindowPlan(sizes, window_exchanges, options.link, None if full else (now, seen_before))
-        for n, out in enumerate(_run_batches(store, batches, options, jobs, keep, plan), start=1):
+        collected = time.monotonic()
+        for out in _run_batches(store, batches, options, jobs, keep, plan):
             with store.begin() as conn:
                 lock_results(conn)
                 _replace(conn, out, ids)
             stored_checkpoint, out.checkpoint = out.checkpoint, None  # its bytes go now, not next turn
-            if n % COLLECT_EVERY == 0 or stored_checkpoint is not None:
+            if time.monotonic() - collected >= COLLECT_SECONDS or stored_checkpoint is not None:
                 # The cycle collector is paused for speed, but a few thousand objects a window
                 # do form cycles (database cursors, snapshots): left, they grew a 10M-exchange
-                # run by ~6 MB a million. A pass now and then costs ~0.1 s.
+                # run by ~6 MB a million. A pass every few seconds: by count, a store cut
+                # into thousands of tiny windows (the tests) paid a pass per ten of them.
                 gc.collect()
+                collected = time.monotonic()
             del stored_checkpoint
             if not full:  # a full run judges every group anyway: no need to hold their names
                 groups |= out.groups
