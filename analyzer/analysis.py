@@ -986,14 +986,10 @@ CHAIN_COLUMNS = ("id", "root_exchange_id", "hops", "end_reason", "client", "star
 HOP_COLUMNS = ("chain_id", "idx", "from_exchange_id", "to_exchange_id", "status", "link", "confidence")
 
 
-def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
-    """Put a batch's results in place of its clients' earlier ones (findings on their
-    chains included, stale ones too: those are judged again after the batches); a later
-    window's output of the batch adds to its first. Every
-    statement goes through an index: chains by client, findings by client and by chain,
-    hops and findings by primary key."""
+def _old_findings() -> Select[Any]:
+    """Stored findings with what keys them (_key; a stale one by its source and target)."""
     source = SOURCE
-    columns = (
+    return select(
         findings_t.c.id,
         findings_t.c.rule,
         findings_t.c.from_exchange_id,
@@ -1001,8 +997,25 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
         findings_t.c.hop,
         source.c.url_norm,
         func.coalesce(source.c.location_resolved, source.c.location),
-    )
-    old_findings = select(*columns).join(source, source.c.id == findings_t.c.from_exchange_id)
+    ).join(source, source.c.id == findings_t.c.from_exchange_id)
+
+
+def _remember(ids: _FindingIds, rows: Iterable[Row]) -> list[int]:
+    """Remember the ids of _old_findings() rows by key; returns them."""
+    found = []
+    for fid, rule, from_id, to_id, hop, url, target in rows:
+        ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
+        found.append(fid)
+    return found
+
+
+def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
+    """Put a batch's results in place of its clients' earlier ones (findings on their
+    chains included, stale ones too: those are judged again after the batches); a later
+    window's output of the batch adds to its first. Every
+    statement goes through an index: chains by client, findings by client and by chain,
+    hops and findings by primary key."""
+    old_findings = _old_findings()
     for start in range(0, len(out.clients) if out.replaces else 0, ID_CHUNK):
         chunk = out.clients[start : start + ID_CHUNK]
         old_chains = list(conn.execute(select(chains_t.c.id).where(chains_t.c.client.in_(chunk))).scalars())
@@ -1013,9 +1026,7 @@ def _replace(conn: Connection, out: BatchOutput, ids: _FindingIds) -> None:
             for i in range(0, len(old_chains), ID_CHUNK)
         ]
         for query in queries:
-            for fid, rule, from_id, to_id, hop, url, target in conn.execute(query):
-                ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
-                doomed.add(fid)
+            doomed.update(_remember(ids, conn.execute(query)))
         _delete_ids(conn, findings_t, findings_t.c.id, sorted(doomed))
         _delete_ids(conn, hops_t, hops_t.c.chain_id, old_chains)
         _delete_ids(conn, chains_t, chains_t.c.id, old_chains)
@@ -1167,18 +1178,7 @@ def replace_results(
         generation = read_generation(conn)
         _check_exchanges(conn, exchanges)
         ids = _FindingIds()
-        source = SOURCE
-        old = select(
-            findings_t.c.id,
-            findings_t.c.rule,
-            findings_t.c.from_exchange_id,
-            findings_t.c.to_exchange_id,
-            findings_t.c.hop,
-            source.c.url_norm,
-            func.coalesce(source.c.location_resolved, source.c.location),
-        ).join(source, source.c.id == findings_t.c.from_exchange_id)
-        for fid, rule, from_id, to_id, hop, url, target in conn.execute(old):
-            ids.remember((rule, url, target) if rule == stale.SLUG else (rule, from_id, to_id, hop), fid)
+        _remember(ids, conn.execute(_old_findings()))
         for table in (findings_t, hops_t, chains_t, checkpoints_t):
             conn.execute(delete(table))
         clients: set[str] = set()
