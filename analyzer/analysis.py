@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import multiprocessing
 import re
 import signal
@@ -793,8 +794,8 @@ def _inline(
 
 
 def _resumable(conn: Connection, clients: list[str], plan: _WindowPlan) -> Resumed | None:
-    """The latest checkpoint of this client whose windows read nothing as late as its new
-    exchanges (None: none, or the client is not alone, or a new exchange is undated)."""
+    """The latest checkpoint of this client that its new exchanges could not have changed
+    (None: none, or the client is not alone, or a new exchange is undated)."""
     if len(clients) != 1 or not plan.windowed(clients):
         return None
     client = clients[0]
@@ -819,15 +820,18 @@ def _resumable(conn: Connection, clients: list[str], plan: _WindowPlan) -> Resum
     ).one()
     if first is None or undated:
         return None
-    row = conn.execute(
+    # The latest checkpoint whose state no new exchange could change (Snapshot.horizon);
+    # none at or after `first` - link window can qualify. A client keeps a few.
+    for (blob,) in conn.execute(
         select(checkpoints_t.c.state)
-        .where(checkpoints_t.c.client == client, checkpoints_t.c.boundary < first - plan.reach())
+        .where(checkpoints_t.c.client == client, checkpoints_t.c.boundary < first - plan.link.window)
         .order_by(checkpoints_t.c.boundary.desc())
-        .limit(1)
-    ).first()
-    if row is None:
+    ):
+        state = read_snapshot(blob)
+        if state.horizon(plan.link) < first:
+            break
+    else:
         return None
-    state = read_snapshot(row[0])
     return Resumed(state, [cid for _, cid in state.open])
 
 
@@ -849,8 +853,8 @@ class _WindowPlan:
 
     def windows(self, conn: Connection, clients: list[str], since: float | None = None) -> Sequence[Window]:
         """Cut points at distinct start times, one after every `exchanges` exchanges (from
-        `since` on), and one just over a window's reach before the last exchange, where a
-        checkpoint lets appended traffic be analyzed from there. One window when the batch
+        `since` on), and three near the last exchange, where checkpoints let appended
+        traffic be analyzed from there. One window when the batch
         is smaller, or holds an undated exchange (it could be linked to any later
         request, so no window would hold its follow-up)."""
         if since is None and not self.windowed(clients):
@@ -870,14 +874,25 @@ class _WindowPlan:
             count += 1
             last = start
         if last is not None:
-            near_end = last - self.reach() - 1.0
-            if (not cuts or near_end > cuts[-1]) and (since is None or near_end > since):
-                cuts.append(near_end)
+            # Checkpoints near the end (analysis._checkpoints keeps the last few): just over
+            # a window's whole reach before the last exchange, the one appended traffic can
+            # always take up from; just over the link window before it, unless a denied
+            # follow-up's retry reaches further (Snapshot.horizon); and just after it, for
+            # traffic that comes after a pause of a link window or more.
+            for cut in (
+                last - self.reach() - 1.0,
+                last - self.link.window - 1.0,
+                math.nextafter(last, math.inf),
+            ):
+                if (not cuts or cut > cuts[-1]) and (since is None or cut > since):
+                    cuts.append(cut)
         bounds: list[float | None] = [since, *cuts, None]
         return list(pairwise(bounds))
 
 
-CHECKPOINTS_KEPT = 2  # a client's last window boundaries whose state is kept: the one just over a window's reach before its end, and one window earlier
+CHECKPOINTS_KEPT = (
+    3  # a client's last window boundaries whose state is kept: the three near its end (_WindowPlan.windows)
+)
 
 
 def _checkpoints(clients: list[str], windows: Sequence[Window]) -> list[float]:

@@ -56,7 +56,7 @@ from analyzer.detectors import RULES, DetectorOptions, run_detectors
 from analyzer.detectors import duplicate_write as duplicate
 from analyzer.detectors import stale_temporary_redirect as stale
 from analyzer.detectors.base import Context
-from analyzer.detectors.credential_dropped import RECOVERY_WINDOW
+from analyzer.detectors.credential_dropped import DENIED, RECOVERY_WINDOW
 from analyzer.model import Body, Chain, Exchange, Finding, Hop, Severity
 from analyzer.party import Parties
 
@@ -115,6 +115,9 @@ class ChainStream:
         self.held: list[tuple[float, int, int, str, int, Finding]] = []  # heap, finding_order
         self.counter = itertools.count()
         self.frontier: tuple[float, float, float] = (BEFORE_ALL, 0, 0)  # everything before it handed out
+        # How late a request can still be the retry of a denied follow-up linked so far
+        # (RA115 looks RETRY_REACH past a 401/403): what a checkpoint's validity depends on.
+        self.denied_until = BEFORE_ALL
         # Browser pages (analyzer.party): sites known once the navigation's chain has ended.
         self.sites: dict[str, frozenset[str]] = {}
         self.navigation: dict[str, int] = {}  # page client -> id of its navigation, a redirect
@@ -195,6 +198,8 @@ class ChainStream:
             answer = retries.first_after(target)
             if answer is not None:
                 self.answers[link.target_id] = answer
+            if target.status in DENIED:
+                self.denied_until = max(self.denied_until, _started(target) + RETRY_REACH)
             if target.is_redirect:
                 self.open[link.target_id] = chain
             else:
@@ -362,10 +367,10 @@ class ChainStream:
 
 # ---- checkpoints: a stream's state between two windows, kept in the store ----------------
 #
-# A client appended to is analyzed again from the last checkpoint whose windows read nothing
-# as late as the new exchanges (analysis.py): the state is what the windows before it left
-# open. Exchanges are kept by id (reloaded whole), chains by their hops, findings by their
-# fields; what a slim delivery holds is kept as is.
+# A client appended to is analyzed again from the last checkpoint whose state no new
+# exchange could have changed (analysis.py, `Snapshot.horizon`): the state is what the
+# windows before it left open. Exchanges are kept by id (reloaded whole), chains by their
+# hops, findings by their fields; what a slim delivery holds is kept as is.
 
 
 class Snapshot(msgspec.Struct, array_like=True):
@@ -379,6 +384,19 @@ class Snapshot(msgspec.Struct, array_like=True):
     clusters: list[tuple[list[str], bool, int | None, list[tuple[Any, ...]]]]
     held: list[tuple[Any, ...]]  # findings not handed out, in heap order
     handed: list[tuple[Any, ...]]  # handed-out findings of open clusters
+    # ChainStream.denied_until; None in a checkpoint stored before it was kept
+    denied_until: float | None = None
+
+    def horizon(self, link: LinkOptions) -> float:
+        """The latest start of an exchange that could have changed this state. A window
+        `[lo, boundary)` links its redirects to requests within the link window after them
+        (and a redirect on a connection up to `boundary` + link window, inclusive, decides
+        a same-connection link); its denied follow-ups look RETRY_REACH further for the
+        retry that answers them (RA115). Nothing else a window decides reads later traffic.
+        A new exchange starting after the horizon leaves the state as it is."""
+        if self.denied_until is None:  # not known: as far as any window reads
+            return self.boundary + link.window + LOOKAHEAD
+        return max(self.boundary + link.window, self.denied_until)
 
 
 def _finding_state(f: Finding) -> tuple[Any, ...]:
@@ -458,6 +476,7 @@ def snapshot(stream: ChainStream, boundary: float) -> bytes:
             clusters=clusters,
             held=held,
             handed=handed,
+            denied_until=stream.denied_until,
         )
     )
 
@@ -505,6 +524,7 @@ def resume(
         )
 
     stream.frontier = state.frontier
+    stream.denied_until = state.horizon(link) if state.denied_until is None else state.denied_until
     stream.claimed = dict(state.claimed)
     stream.open = {waiting: chains[cid] for waiting, cid in state.open}
     stream.arrivals = {target: (chains[cid], hop) for target, cid, hop in state.arrivals}

@@ -3,6 +3,7 @@
     uv run python benchmarks/bench_windows.py --exchanges 1000000,10000000 --clients 1,360000
     uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --windows 10000,50000,0
     uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --append 0.01
+    uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --append 0.01 --gap 0.001
     uv run python benchmarks/bench_windows.py --exchanges 1000000 --clients 1 --append 0.01 --spacing 2.6
 
 Stores are filled directly with bench_fleet's browser-like rows (14 request and 10
@@ -62,7 +63,7 @@ def analyze(url: str, window: int, full: bool = True, checkpoints: bool = True) 
 
 
 def append(url: str, n: int, clients: int, one: str | None, args, tmp: str | None) -> None:
-    """+share of the store to the same client(s), a minute after its last exchange, analyzed
+    """+share of the store to the same client(s), `--gap` seconds after its last exchange, analyzed
     incrementally with checkpoints and without (SQLite: on a copy), and in full."""
     window = int(args.windows.split(",")[0]) or 10**12
     extra = int(n * args.append)
@@ -78,7 +79,7 @@ def append(url: str, n: int, clients: int, one: str | None, args, tmp: str | Non
             extra,
             max(clients, 1),
             first_seq=n + 10,
-            t0=bench_fleet.T0 + n * args.spacing + 60,
+            t0=bench_fleet.T0 + args.gap - 11 * args.spacing,  # its seq n + 10 starts `gap` after seq n - 1
             one_client=one,
             spacing=args.spacing,
         )
@@ -109,6 +110,12 @@ def main() -> None:
         "--windows", default="25000", help="window sizes (exchanges); 0: one window per batch"
     )
     parser.add_argument("--append", type=float, default=0.0, help="then append this share and analyze again")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=60.0,
+        help="seconds from the last exchange to the first appended one (60: the next run; 0.001: no pause)",
+    )
     parser.add_argument(
         "--spacing",
         type=float,

@@ -31,7 +31,7 @@ from analyzer.store import (
     open_store,
     write_exchanges,
 )
-from analyzer.windows import read_snapshot
+from analyzer.windows import Snapshot, read_snapshot
 
 WHOLE = 10**9  # a window bigger than any store here: the batch in one piece
 
@@ -397,11 +397,147 @@ def test_traffic_appended_to_a_big_client_is_analyzed_from_a_checkpoint_with_the
         assert not result.full and result.clients_analyzed == 1
         out[kept] = results(db)
     assert out[checkpoints] == out[0]  # chains, hops and findings, ids included
-    assert len(taken_up) == 1 and taken_up[0] < split - 60  # from a checkpoint before the new traffic's reach
+    assert len(taken_up) == 1 and taken_up[0] < split - 30  # from a checkpoint the new traffic cannot reach
     # and read only the windows from there: about the new traffic's share, plus a window's reach
     assert windows_read[checkpoints] <= windows_read[0] * (1 - share) + 4, windows_read
     rules = {row[1] for row in out[0]["findings"]}
     assert {"duplicate-write", "credential-dropped", "method-downgrade"} <= rules
+
+
+def _every_boundary_kept(monkeypatch) -> None:
+    monkeypatch.setattr(analysis, "_checkpoints", lambda clients, windows: [hi for _, hi in windows if hi])
+    monkeypatch.setattr(analysis, "CHECKPOINTS_KEPT", 10**6)
+
+
+def _kept_states(db: Path) -> list[tuple[float, Snapshot]]:
+    store = open_store(str(db), create=False)
+    with store.engine.connect() as conn:
+        kept = conn.execute(text("SELECT boundary, state FROM analysis_checkpoints ORDER BY boundary")).all()
+    store.engine.dispose()
+    return [(boundary, read_snapshot(blob)) for boundary, blob in kept]
+
+
+def _challenged_tail(month: list[Exchange], tmp_path: Path) -> list[Exchange]:
+    """After the month: a redirect whose same-origin follow-up dropped `Authorization` and
+    was answered 401 3 s later, retried 29 s after that and answered 200 (RA115: low, the
+    client recovered; without the retry: high), with other requests in between."""
+    traffic = Traffic(9, month[-1].started_at + 100)
+    t = traffic.t
+    api = "https://api.example.test"
+    traffic.entry(t, "GET", api + "/a", 302, location=api + "/b", credentials=("Authorization",))
+    for k in range(1, 20):
+        traffic.entry(t + k * 0.1, "GET", api + "/c", 200)
+    traffic.entry(t + 3, "GET", api + "/b", 401)
+    traffic.entry(t + 32, "GET", api + "/b", 200)
+    traffic.entries.sort(key=lambda e: e["startedDateTime"])
+    har = tmp_path / "tail.har"
+    har.write_text(
+        json.dumps(
+            {"log": {"version": "1.2", "creator": {"name": "t", "version": "1"}, "entries": traffic.entries}}
+        )
+    )
+    db = tmp_path / "tail.db"
+    store = open_store(str(db))
+    import_har(store, har, workers=0)
+    with store.engine.connect() as conn:
+        found = load_exchanges(conn, exchanges.c.id.is_not(None))
+    store.engine.dispose()
+    found.sort(key=lambda ex: (ex.started_at, ex.seq))
+    return [msgspec.structs.replace(ex, client="10.1.2.3", connection=None) for ex in found]
+
+
+def test_a_checkpoint_whose_denied_follow_up_the_new_traffic_may_answer_is_passed_over(
+    month, tmp_path, monkeypatch
+):
+    """A checkpoint a link window before the new traffic is taken up, unless a 401/403
+    follow-up linked before it can still be answered by a retry among the new exchanges
+    (RA115 looks 30 s past the follow-up): then an earlier one is, and the results are
+    those of an analysis from the client's first exchange."""
+    _every_boundary_kept(monkeypatch)
+    traffic = month[-60:] + _challenged_tail(month, tmp_path)  # the month's end: a few windows before it
+    retry = traffic[-1]
+    assert retry.status == 200 and traffic[-2].status == 401
+    split = retry.started_at  # the retry arrives with the new traffic
+    link = analysis.LinkOptions()
+    taken_up: list[float] = []
+    real_resume = analysis.resume
+
+    def spy(link, detect, state, load):
+        taken_up.append(state.boundary)
+        return real_resume(link, detect, state, load)
+
+    monkeypatch.setattr(analysis, "resume", spy)
+    out = {}
+    for way in ("checkpoints", "from the start"):
+        db = tmp_path / f"{way}.db"
+        _append(db, [ex for ex in traffic if ex.started_at < split])
+        store = open_store(str(db), create=False)
+        analyze(store, window_exchanges=3, batch_exchanges=100)
+        if way == "checkpoints":
+            states = _kept_states(db)
+        else:
+            with store.begin() as conn:
+                conn.execute(text("DELETE FROM analysis_checkpoints"))
+        store.engine.dispose()
+        _append(db, [ex for ex in traffic if ex.started_at >= split])
+        store = open_store(str(db), create=False)
+        analyze(store, window_exchanges=3, batch_exchanges=100)
+        store.engine.dispose()
+        out[way] = results(db)
+    assert out["checkpoints"] == out["from the start"]  # chains, hops and findings, ids included
+    # the tail's is the latest credential-dropped finding: the client recovered
+    tail = [row for row in out["checkpoints"]["findings"] if row[1] == "credential-dropped"][-1]
+    assert tail[3] == "low" and "which the client answered" in tail[6], tail
+    # checkpoints between the redirect and its follow-up lay a link window before the retry,
+    # but their horizon reached it: the one taken up is the latest whose horizon does not
+    naive = max(b for b, _ in states if b < split - link.window)
+    assert [s.horizon(link) >= split for b, s in states if b == naive] == [True]
+    assert taken_up == [max(b for b, s in states if s.horizon(link) < split)]
+    assert taken_up[0] < naive
+
+
+def test_traffic_appended_after_a_pause_is_taken_up_after_the_last_exchange(month, tmp_path, monkeypatch):
+    """New traffic that starts more than a link window after the last analyzed exchange
+    (the next CI run, the next day) cannot change anything before it: the analysis is
+    taken up at the checkpoint just after the last exchange and reads none of the old."""
+    before = month[: len(month) * 3 // 4]
+    gap = before[-1].started_at + 45 - month[len(before)].started_at
+    after = [msgspec.structs.replace(ex, started_at=ex.started_at + gap) for ex in month[len(before) :]]
+    taken_up: list[float] = []
+    real_resume = analysis.resume
+
+    def spy(link, detect, state, load):
+        taken_up.append(state.boundary)
+        return real_resume(link, detect, state, load)
+
+    monkeypatch.setattr(analysis, "resume", spy)
+    out = {}
+    for way in ("checkpoints", "from the start"):
+        db = tmp_path / f"{way}.db"
+        _append(db, before)
+        store = open_store(str(db), create=False)
+        analyze(store, window_exchanges=40, batch_exchanges=100)
+        if way == "from the start":
+            with store.begin() as conn:
+                conn.execute(text("DELETE FROM analysis_checkpoints"))
+        store.engine.dispose()
+        _append(db, after)
+        store = open_store(str(db), create=False)
+        analyze(store, window_exchanges=40, batch_exchanges=100)
+        store.engine.dispose()
+        out[way] = results(db)
+    assert out["checkpoints"] == out["from the start"]
+    assert len(taken_up) == 1 and before[-1].started_at < taken_up[0] < after[0].started_at
+
+
+def test_a_checkpoint_stored_before_its_horizon_was_kept_is_read_as_reaching_a_whole_window():
+    state = Snapshot(10.0, (0.0, 0, 0), [], {}, [], [], [], [], [], [])
+    old = msgspec.msgpack.encode(msgspec.to_builtins(state)[:-1])  # the fields of the release before
+    read = read_snapshot(old)
+    assert read.denied_until is None and read.horizon(analysis.LinkOptions()) == 10.0 + 30 + 30
+    kept = read_snapshot(msgspec.msgpack.encode(msgspec.structs.replace(state, denied_until=42.0)))
+    assert kept.denied_until == 42.0 and kept.horizon(analysis.LinkOptions()) == 42.0
+    assert msgspec.structs.replace(kept, denied_until=12.0).horizon(analysis.LinkOptions()) == 10.0 + 30
 
 
 def test_a_checkpoint_is_not_used_when_new_traffic_reaches_before_it(month, tmp_path, monkeypatch):
@@ -442,8 +578,7 @@ def test_the_analysis_taken_up_at_any_boundary_ends_as_it_would_have(month, tmp_
     from each: the store ends as the uninterrupted analysis left it, ids included. What a
     boundary cuts across (open chains, follow-ups taken, retries, write clusters, held
     findings) is all in the snapshot or the analysis differs."""
-    monkeypatch.setattr(analysis, "_checkpoints", lambda clients, windows: [hi for _, hi in windows if hi])
-    monkeypatch.setattr(analysis, "CHECKPOINTS_KEPT", 10**6)
+    _every_boundary_kept(monkeypatch)
     db = tmp_path / "month.db"
     _append(db, month)
     store = open_store(str(db), create=False)
