@@ -34,7 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice, pairwise
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import (
@@ -231,11 +231,12 @@ def analyze(
                 lock_results(conn)
                 _replace(conn, out, ids)
             stored_checkpoint, out.checkpoint = out.checkpoint, None  # its bytes go now, not next turn
-            if time.monotonic() - collected >= COLLECT_SECONDS or stored_checkpoint is not None:
+            if time.monotonic() - collected >= COLLECT_SECONDS:
                 # The cycle collector is paused for speed, but a few thousand objects a window
                 # do form cycles (database cursors, snapshots): left, they grew a 10M-exchange
                 # run by ~6 MB a million. A pass every few seconds: by count, a store cut
-                # into thousands of tiny windows (the tests) paid a pass per ten of them.
+                # into thousands of tiny windows (the tests) paid a pass per ten of them; after
+                # every checkpoint, a short incremental run paid ~0.2 s a pass for its three.
                 gc.collect()
                 collected = time.monotonic()
             del stored_checkpoint
@@ -873,34 +874,54 @@ class _WindowPlan:
                 count = 0
             count += 1
             last = start
-        if last is not None:
-            # Checkpoints near the end (analysis._checkpoints keeps the last few): just over
-            # a window's whole reach before the last exchange, the one appended traffic can
-            # always take up from; just over the link window before it, unless a denied
-            # follow-up's retry reaches further (Snapshot.horizon); and just after it, for
-            # traffic that comes after a pause of a link window or more.
-            for cut in (
-                last - self.reach() - 1.0,
-                last - self.link.window - 1.0,
-                math.nextafter(last, math.inf),
+        if last is None:
+            return [(since, None)]
+        # Checkpoints near the end, among the other cuts (the windows stay as small): just
+        # over a window's whole reach before the last exchange, the one appended traffic can
+        # always take up from; just over the link window before it, unless a denied
+        # follow-up's retry reaches further (Snapshot.horizon); and just after it, for
+        # traffic that comes after a pause of a link window or more.
+        near = {last - self.reach() - 1.0, last - self.link.window - 1.0, math.nextafter(last, math.inf)}
+        merged = sorted(set(cuts) | {cut for cut in near if since is None or cut > since})
+        kept: list[float] = []
+        out = Windows()
+        lo = since
+        for cut in merged:
+            # a checkpoint with no exchange since the cut before would keep the same state
+            # as that cut's, with a later horizon
+            if (
+                cut in near
+                and not conn.execute(select(ex_t.c.id).where(mine, *between(ex_t, lo, cut)).limit(1)).first()
             ):
-                if (not cuts or cut > cuts[-1]) and (since is None or cut > since):
-                    cuts.append(cut)
-        bounds: list[float | None] = [since, *cuts, None]
-        return list(pairwise(bounds))
+                continue
+            if cut in near:
+                kept.append(cut)
+            out.append((lo, cut))
+            lo = cut
+        out.append((lo, None))
+        out.checkpoints = kept
+        return out
 
 
-CHECKPOINTS_KEPT = (
-    3  # a client's last window boundaries whose state is kept: the three near its end (_WindowPlan.windows)
-)
+class Windows(list[Window]):
+    """A batch's windows, and the boundaries near its end whose state is worth keeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpoints: list[float] = []
+
+
+CHECKPOINTS_KEPT = 3  # a client's checkpoints kept: the (up to) three near its end (_WindowPlan.windows)
 
 
 def _checkpoints(clients: list[str], windows: Sequence[Window]) -> list[float]:
-    """The boundaries to keep the state at: the last few, for one client that is not a
-    browser page (pages are HAR imports, taken whole)."""
-    if len(clients) != 1 or is_page_client(clients[0]) or len(windows) < 2:
+    """The boundaries to keep the state at, those near the end (Windows.checkpoints), for
+    one client that is not a browser page (pages are HAR imports, taken whole)."""
+    if len(clients) != 1 or is_page_client(clients[0]) or not isinstance(windows, Windows):
         return []
-    return [hi for _, hi in windows[-1 - CHECKPOINTS_KEPT : -1] if hi is not None]
+    return (
+        windows.checkpoints[max(0, len(windows.checkpoints) - CHECKPOINTS_KEPT) :] if CHECKPOINTS_KEPT else []
+    )
 
 
 def _snapshot(conn: Connection) -> None:
