@@ -35,6 +35,20 @@ def product(user_agent: str | None) -> str:
     return f"{name} {'.'.join(parts)}" if parts else name
 
 
+def client_name(
+    user_agent: str | None, creator: str | None = None, browser: str | None = None, source: str | None = None
+) -> str:
+    """The client's product and version ('requests 2.32', 'curl 8.5', 'Chrome 130'), else the
+    HAR's browser or creator: what the frames and the HTML report name a hop's client by.
+    Anything but a non-empty string is missing (a frame's NULL is a float NaN)."""
+    if isinstance(user_agent, str) and user_agent:
+        return product(user_agent)
+    named = [name for name in (browser, creator) if isinstance(name, str) and name]
+    if source == "har" and named:
+        return named[0]
+    return "unknown"
+
+
 def label_words(client: str) -> str:
     """The label a client was recorded under, in words: 'pytest gw0' for the plugin's,
     '' for traffic without one (a recorder's name and the client's address)."""

@@ -26,6 +26,7 @@ from sqlalchemy import Select, case, create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
+from analyzer.clientnames import client_name
 from analyzer.current import ensure_current
 from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, body_headers
 from analyzer.detectors.credential_cross_origin import watched
@@ -295,20 +296,6 @@ def _credential_fingerprints(text: str | None) -> list[str]:
     if not isinstance(text, str) or not text:
         return []
     return [f"{name}={value}" for name, value in watched(json.loads(text))]
-
-
-def client_name(
-    user_agent: str | None, creator: str | None = None, browser: str | None = None, source: str | None = None
-) -> str:
-    """The client's product and version ('requests 2.32', 'curl 8.5', 'Chrome 130'), else the
-    HAR's browser or creator: the names every other output uses (analyzer.clientnames)."""
-    from analyzer.clientnames import product
-
-    if isinstance(user_agent, str) and user_agent:
-        return product(user_agent)
-    if source == "har" and (browser or creator):
-        return str(browser or creator)
-    return "unknown"
 
 
 def chains(db: str | None = None) -> pd.DataFrame:

@@ -7,29 +7,51 @@ nothing, in one line; then the figures. Filters (severity, rule, client, host) a
 sortable columns are a few lines of inline script; the figures are PNGs in data URIs and
 the styles are inline, so the file can be mailed or attached to a ticket and opens
 anywhere, offline. Without script, every finding is shown in its order.
+
+The findings, chains and summary are read with plain SQL. The figures need pandas and
+matplotlib (about a second to import, and as much to draw), so they are drawn once for
+each state of the store's results and kept in its meta table (`report_figures`): the
+next report on the same results reads them back and imports neither.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import re
+import sqlite3
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from datetime import UTC, datetime
-from pathlib import PurePath
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
-from matplotlib.figure import Figure
 
-from analyzer import frames, plots
+from analyzer import __version__
+from analyzer.clientnames import client_name
 from analyzer.detectors import RULES, RULES_BY_SLUG
 from analyzer.report import Record, capture_records, hop_text
-from analyzer.storeread import open_reader, resolve_db_url, url_shown
+from analyzer.storeread import (
+    ANALYSIS_OPTIONS,
+    ANALYZED_GENERATION,
+    GENERATION,
+    REPORT_FIGURES,
+    Reader,
+    open_reader,
+    resolve_db_url,
+    sqlite_file,
+    url_shown,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SEVERITIES = ("high", "medium", "low", "info")
 RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -88,20 +110,45 @@ def _host(url: str | None) -> str:
     return (urlsplit(url).hostname or "") if url else ""
 
 
-def _chains(hops: pd.DataFrame) -> dict[int, list[str]]:
-    """Every chain hop by hop, one line per hop."""
-    out: dict[int, list[str]] = {}
-    for row in hops.sort_values(["chain_id", "hop"]).itertuples():
-        if row.followed:
-            follow = f"{row.method_after} {row.to_url}"
-        else:
-            follow = (
-                f"not followed (Location {row.to_url})" if isinstance(row.to_url, str) else "not followed"
-            )
-        out.setdefault(int(row.chain_id), []).append(
-            f"{row.method_before} {row.from_url} → {row.status} → {follow}"
-        )
-    return out
+HOPS_SQL = """
+SELECT h.chain_id, h.status, h.to_exchange_id, a.method, b.method, a.url_norm,
+       COALESCE(b.url_norm, a.location_resolved), a.user_agent, c.creator, c.browser, c.source
+FROM hops h JOIN exchanges a ON a.id = h.from_exchange_id
+LEFT JOIN exchanges b ON b.id = h.to_exchange_id
+JOIN captures c ON c.id = a.capture_id
+WHERE h.chain_id IN ({ids})
+ORDER BY h.chain_id, h.idx
+"""
+CHAIN_CHUNK = 500
+
+
+def _chains(reader: Reader, chain_ids: set[int]) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """The findings' chains hop by hop, one line per hop; and the client each is named by."""
+    lines: dict[int, list[str]] = {}
+    names: dict[int, str] = {}
+    wanted = sorted(chain_ids)
+    for start in range(0, len(wanted), CHAIN_CHUNK):
+        ids = ",".join(str(int(i)) for i in wanted[start : start + CHAIN_CHUNK])
+        for (
+            chain,
+            status,
+            target,
+            before,
+            after,
+            from_url,
+            to_url,
+            agent,
+            creator,
+            browser,
+            source,
+        ) in reader.rows(HOPS_SQL.format(ids=ids)):
+            if target is not None:
+                follow = f"{after} {to_url}"
+            else:
+                follow = f"not followed (Location {to_url})" if to_url else "not followed"
+            lines.setdefault(chain, []).append(f"{before} {from_url} → {status} → {follow}")
+            names[chain] = client_name(agent, creator, browser, source)
+    return lines, names
 
 
 def _client(r: Record) -> str | None:
@@ -113,9 +160,8 @@ def _client(r: Record) -> str | None:
     return name
 
 
-def _findings(records: list[Record], hops: pd.DataFrame) -> list[Record]:
-    names = dict(zip(hops["chain_id"].astype(int), hops["client_name"].astype(str), strict=False))
-    chains = _chains(hops)
+def _findings(records: list[Record], reader: Reader) -> list[Record]:
+    chains, names = _chains(reader, {r["chain_id"] for r in records if r["chain_id"] is not None})
     rows = []
     for r in records:
         rule = RULES_BY_SLUG.get(r["rule"])
@@ -138,22 +184,22 @@ def _findings(records: list[Record], hops: pd.DataFrame) -> list[Record]:
     return rows
 
 
-def _summary(db: str | None, records: list[Record], hops: pd.DataFrame, chains: pd.DataFrame) -> Record:
-    reader = open_reader(db)
-    try:
-        captures = capture_records(reader)
-    finally:
-        reader.close()
+def _summary(reader: Reader, records: list[Record]) -> Record:
+    captures = capture_records(reader)
     for c in captures:
         c["name"] = PurePath(c["file"]).name if c["file"] else c["source"]
     starts = [c["first_at"] for c in captures if c["first_at"]]
     ends = [c["last_at"] for c in captures if c["last_at"]]
     counts = Counter(r["severity"] for r in records)
+    agents = reader.rows(
+        "SELECT DISTINCT a.user_agent, c.creator, c.browser, c.source FROM hops h "
+        "JOIN exchanges a ON a.id = h.from_exchange_id JOIN captures c ON c.id = a.capture_id"
+    )
     return {
         "counts": [(s, counts[s]) for s in SEVERITIES],
         "findings": len(records),
-        "chains": len(chains),
-        "clients": hops["client_name"].nunique() if len(hops) else 0,
+        "chains": reader.value("SELECT COUNT(DISTINCT chain_id) FROM hops") or 0,
+        "clients": len({client_name(*row) for row in agents}),
         "exchanges": sum(c["exchanges"] or 0 for c in captures),
         "captures": captures,
         "span": (min(starts)[:16].replace("T", " "), max(ends or starts)[:16].replace("T", " "))
@@ -162,8 +208,49 @@ def _summary(db: str | None, records: list[Record], hops: pd.DataFrame, chains: 
     }
 
 
-def _figures(db: str | None, hops: pd.DataFrame, chains: pd.DataFrame) -> tuple[list[Record], list[str]]:
-    """The figures that have something to show, as PNGs, and the titles of those that do not."""
+# What the figures are drawn from: the results, the exchanges and the code that draws them.
+FIGURE_SOURCES = ("plots.py", "frames.py", "htmlreport.py")
+
+
+def _results_key(reader: Reader) -> str:
+    """Changes whenever what the figures show can have changed."""
+    meta = reader.rows(
+        "SELECT key, value FROM meta WHERE key IN (:a, :b, :c) ORDER BY key",
+        a=GENERATION,
+        b=ANALYZED_GENERATION,
+        c=ANALYSIS_OPTIONS,
+    )
+    counts = reader.rows(
+        "SELECT (SELECT COUNT(*) FROM findings), (SELECT MAX(id) FROM findings), "
+        "(SELECT COUNT(*) FROM hops), (SELECT MAX(id) FROM chains), (SELECT MAX(id) FROM captures)"
+    )
+    code = hashlib.sha256()
+    for name in FIGURE_SOURCES:
+        code.update((Path(__file__).parent / name).read_bytes())
+    return json.dumps([__version__, code.hexdigest(), meta, counts], default=list)
+
+
+def _figures(db: str | None, reader: Reader) -> tuple[list[Record], list[str]]:
+    """The figures that have something to show, as PNGs, and the titles of those that do not:
+    drawn once for each state of the results and kept in the store (see the module doc)."""
+    key = _results_key(reader)
+    kept = reader.value("SELECT value FROM meta WHERE key = :k", k=REPORT_FIGURES)
+    if kept:
+        try:
+            cached = json.loads(kept)
+            if cached["key"] == key:
+                return cached["figures"], cached["undrawn"]
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: drawn again, and replaced
+    figures, undrawn = _draw(db)
+    _keep(db, json.dumps({"key": key, "figures": figures, "undrawn": undrawn}))
+    return figures, undrawn
+
+
+def _draw(db: str | None) -> tuple[list[Record], list[str]]:
+    from analyzer import frames, plots  # pandas and matplotlib: only here
+
+    hops, chains = frames.hops(db), frames.chains(db)
     findings_frame, temporary = frames.findings(db), frames.temporary_redirects(db)
     wanted: list[tuple[str, bool, Callable[[], Figure]]] = [  # (title, has something to draw, how to draw it)
         (
@@ -189,12 +276,42 @@ def _figures(db: str | None, hops: pd.DataFrame, chains: pd.DataFrame) -> tuple[
     return figures, [title for title, has_data, _ in wanted if not has_data]
 
 
+def _keep(db: str | None, value: str) -> None:
+    """Keep the drawn figures in the store's meta table. A store this process cannot write
+    to now (read-only, or a writer holding SQLite's lock past a moment) keeps none: the
+    next report draws them again."""
+    url = resolve_db_url(db)
+    path = sqlite_file(url)
+    try:
+        if path is not None:
+            with closing(
+                sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=0.5)
+            ) as conn:
+                with conn:
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (REPORT_FIGURES, value),
+                    )
+            return
+        from analyzer.store import make_engine, set_meta
+
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                set_meta(conn, REPORT_FIGURES, value)
+        finally:
+            engine.dispose()
+    except Exception:
+        return
+
+
 def render(db: str | None, records: list[Record]) -> str:
-    hops = frames.hops(db)
-    chains = frames.chains(db)
-    found = _findings(records, hops)
+    with open_reader(db) as reader, reader.snapshot():
+        found = _findings(records, reader)
+        summary = _summary(reader, records)
+        figures, undrawn = _figures(db, reader)
     fired = {f["rule"] for f in found}
-    figures, undrawn = _figures(db, hops, chains)
     env = Environment(
         loader=PackageLoader("analyzer", "templates"), autoescape=select_autoescape(["html", "j2"])
     )
@@ -202,7 +319,7 @@ def render(db: str | None, records: list[Record]) -> str:
     return env.get_template("report.html.j2").render(
         store=url_shown(resolve_db_url(db)),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        summary=_summary(db, records, hops, chains),
+        summary=summary,
         findings=found,
         choices={
             "severity": [s for s in SEVERITIES if any(f["severity"] == s for f in found)],

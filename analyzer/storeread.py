@@ -38,6 +38,9 @@ DEFAULT_WAIT = 10.0  # seconds a command waits for another process's write lock
 
 GENERATION = "generation"
 ANALYZED_GENERATION = "analyzed_generation"
+REPORT_FIGURES = (
+    "report_figures"  # the HTML report's figures, drawn once per state of the results (htmlreport)
+)
 # The revision of the analysis (linking, rules, finding keys). Results an older revision made
 # are stale: the next reading command analyzes the store again, as after new exchanges.
 # 2: WHATWG Location resolution, store-independent finding keys, first/third party.
@@ -291,9 +294,12 @@ class StoreState:
         return self.analyzed is not None and (self.options or {}).get("engine") != ANALYSIS_ENGINE
 
 
+META_SQL = "SELECT key, value FROM meta WHERE key <> :figures"  # not the report's cached figures
+
+
 def check_schema(reader: Reader) -> dict[str, str]:
     """The store's meta table, after checking that this release can read it."""
-    meta: dict[str, str] = dict(reader.rows("SELECT key, value FROM meta"))
+    meta: dict[str, str] = dict(reader.rows(META_SQL, figures=REPORT_FIGURES))
     version = meta.get("schema_version")
     if version is None:
         raise StoreError(f"{url_shown(reader.url)} is not a redirect-audit store (no schema version)")
@@ -332,7 +338,7 @@ def check_version(version: str, url: str) -> None:
 
 def store_state(reader: Reader, count: bool = True) -> StoreState:
     """Generations, last analysis options and (with `count`) how many exchanges are stored."""
-    meta: dict[str, str] = dict(reader.rows("SELECT key, value FROM meta"))
+    meta: dict[str, str] = dict(reader.rows(META_SQL, figures=REPORT_FIGURES))
     analyzed = meta.get(ANALYZED_GENERATION)
     options = meta.get(ANALYSIS_OPTIONS)
     return StoreState(
