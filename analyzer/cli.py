@@ -1636,12 +1636,11 @@ BASE_ENV_HINT = "REDIRECT_AUDIT_BASE_URL=https://your-test-environment"
 @output_option
 def clients_cmd(db: str | None, no_analyze: bool, wait: float, format_: str, output: str | None) -> None:
     """Per-client conformance: what each client did on every (status, method) it met, next to RFC 9110 / Fetch."""
-    with _results(db, no_analyze, wait):
-        pass  # current results first; the frames read them
-    from analyzer import frames
+    from analyzer.conformance import client_rows
     from analyzer.report import print_conformance_table, write_json
 
-    rows = frames.clients(db).to_dict("records")
+    with _results(db, no_analyze, wait) as (reader, _):
+        rows = client_rows(reader)
     if format_ == "json":
         _emit(output, lambda out: write_json(rows, out))
     else:

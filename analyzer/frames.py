@@ -26,18 +26,20 @@ from sqlalchemy import Select, case, create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
+from analyzer import conformance
 from analyzer.clientnames import client_name
+from analyzer.conformance import body_change
+from analyzer.conformance import (
+    prescribed_method as prescribed_method,
+)  # re-exported: notebooks and tests read it here
 from analyzer.current import ensure_current
-from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS, SAFE_RETRIEVAL, body_headers
-from analyzer.detectors.credential_cross_origin import watched
-from analyzer.detectors.credential_dropped import API_KEY_HEADERS
-from analyzer.detectors.verdict import hop_verdict, worst
+from analyzer.detectors.base import DEFAULT_STALE_AFTER_DAYS
+from analyzer.detectors.verdict import hop_verdict
 from analyzer.model import DATE_RANGE, REDIRECT_STATUSES, header
 from analyzer.report import finding_records
 from analyzer.store import captures
 from analyzer.store import chains as chains_t
 from analyzer.store import exchanges as ex_t
-from analyzer.store import findings as findings_t
 from analyzer.store import hops as hops_t
 from analyzer.storeread import open_reader, resolve_db_url, sqlite_file
 from analyzer.urls import origin_of
@@ -162,12 +164,14 @@ def hops(db: str | None = None) -> pd.DataFrame:
     frame["https_to_http"] = frame["from_url"].str.startswith("https:") & frame["to_url"].fillna(
         ""
     ).str.startswith("http:")
-    frame["body_headers_after"] = frame["headers_after"].map(_body_headers)
+    frame["body_headers_after"] = frame["headers_after"].map(conformance.body_headers_of)
     for side in ("before", "after"):
-        frame[f"auth_{side}"] = frame[f"headers_{side}"].map(_auth_fingerprints)
-        creds = frame.pop(f"headers_{side}").map(_credential_fingerprints)
+        frame[f"auth_{side}"] = frame[f"headers_{side}"].map(conformance.auth_fingerprints)
+        creds = frame.pop(f"headers_{side}").map(conformance.credential_fingerprints)
         frame[f"credentials_{side}"] = creds
-    frame["auth"] = _auth_outcomes(frame)  # kept / dropped / replaced / re-added, or None
+    frame["auth"] = conformance.auth_outcomes(  # kept / dropped / replaced / re-added, or None
+        frame["chain_id"], frame["followed"], frame["auth_before"], frame["auth_after"]
+    )
     frame = frame.drop(columns=["auth_before", "auth_after"])
     frame["credentials_forwarded"] = [
         sorted(set(before) & set(after)) if followed else []
@@ -211,91 +215,6 @@ def hops(db: str | None = None) -> pd.DataFrame:
         )
     ]
     return _categorize(frame)
-
-
-AUTH_HEADERS = frozenset({"authorization", *API_KEY_HEADERS})
-
-
-def _auth_fingerprints(text: str | None) -> frozenset[str] | None:
-    """'name=fingerprint' of each Authorization or API-key header a request carried; None
-    when the capture kept no request header at all (unknown is not empty)."""
-    headers = json.loads(text) if isinstance(text, str) and text else []
-    if not headers:
-        return None
-    return frozenset(f"{name.lower()}={value}" for name, value in headers if name.lower() in AUTH_HEADERS)
-
-
-def _auth_outcomes(frame: pd.DataFrame) -> list[str | None]:
-    """What the client did on each followed hop with the Authorization or API key of the
-    chain: 'kept' (the same value went on), 'dropped', 'replaced' (another value of the
-    same header), 're-added' (a value the request before did not carry, sent earlier in
-    the chain); None when neither side had one."""
-    out: list[str | None] = []
-    seen: set[str] = set()
-    chain = None
-    for chain_id, followed, before, after in zip(
-        frame["chain_id"], frame["followed"], frame["auth_before"], frame["auth_after"], strict=False
-    ):
-        if chain_id != chain:
-            chain, seen = chain_id, set()
-        before = before or frozenset()
-        seen |= before
-        if not followed or after is None:
-            out.append(None)
-            continue
-        if (after - before) & seen:
-            out.append("re-added")
-        elif not before:
-            out.append(None)
-        elif before <= after:
-            out.append("kept")
-        elif {c.partition("=")[0] for c in before} & {c.partition("=")[0] for c in after}:
-            out.append("replaced")
-        else:
-            out.append("dropped")
-        seen |= after
-    return out
-
-
-def _body_headers(text: str | None) -> list[str]:
-    """Request-body headers a follow-up carries (Content-Length only when above 0)."""
-    return body_headers(json.loads(text)) if isinstance(text, str) and text else []
-
-
-def prescribed_method(status: object, method: str) -> str:
-    """The follow-up's method per RFC 9110 15.4 and Fetch's HTTP-redirect fetch."""
-    if status in (301, 302) and method == "POST":
-        return "GET"  # "for historical reasons"; Fetch rewrites POST only
-    if status == 303 and method not in SAFE_RETRIEVAL:
-        return "GET"
-    return method
-
-
-def body_change(
-    followed: object, len_before: Any, len_after: Any, sha_before: str | None, sha_after: str | None
-) -> str:
-    """What happened to the request body on one hop: kept, changed, dropped, added, none."""
-    if not followed:
-        return "-"
-    had = pd.notna(len_before) and len_before > 0
-    if not had:
-        return "added" if pd.notna(len_after) and len_after > 0 else "none"
-    if pd.isna(len_after):
-        return "not captured"
-    if not len_after:
-        return "dropped"
-    if (sha_before and sha_after and sha_before != sha_after) or (
-        not (sha_before and sha_after) and len_before != len_after
-    ):
-        return "changed"
-    return "kept"
-
-
-def _credential_fingerprints(text: str | None) -> list[str]:
-    """'name=fingerprint' of each credential header (values are already keyed fingerprints)."""
-    if not isinstance(text, str) or not text:
-        return []
-    return [f"{name}={value}" for name, value in watched(json.loads(text))]
 
 
 def chains(db: str | None = None) -> pd.DataFrame:
@@ -380,122 +299,20 @@ def findings(db: str | None = None) -> pd.DataFrame:
     return frame
 
 
-CONFORMANCE_COLUMNS = [
-    "client_name",
-    "status",
-    "method",
-    "hops",
-    "followed",
-    "did_method",
-    "should_method",
-    "did_body",
-    "should_body",
-    "body_headers_kept",
-    "cross_origin_hops",
-    "credentials_cross_origin",
-    "auth_same_origin",
-    "auth_cross_origin",
-    "verdict",
-    "deviated",
-    "rules",
-]
-# What Fetch's HTTP-redirect fetch does with Authorization (step 13): kept on a
-# same-origin redirect, removed when the origin changes.
-AUTH_SHOULD = {"auth_same_origin": "kept", "auth_cross_origin": "dropped"}
+CONFORMANCE_COLUMNS = conformance.COLUMNS
 
 
 def clients(db: str | None = None) -> pd.DataFrame:
-    """Per-client redirect conformance, for an SDK maintainer to read their client off a capture.
-
-    One row per (client, status, method) the capture shows it met. `did_*` is what the
-    client did on the follow-ups (a value, or each value with its count when it varied),
-    `should_*` what RFC 9110 15.4 and Fetch's HTTP-redirect fetch prescribe.
-    `body_headers_kept` counts follow-ups switched to GET/HEAD that still carried
-    Content-* headers; `credentials_cross_origin` counts follow-ups to another origin
-    that carried an Authorization, Proxy-Authorization or Cookie value sent before (Fetch
-    drops Authorization there). `auth_same_origin` and `auth_cross_origin` tally what the
-    client did with the request's Authorization or API key on follow-ups to the same and
-    to another origin (kept, dropped, replaced, re-added; "-" when none carried one);
-    Fetch keeps it on the same origin and drops it on another (AUTH_SHOULD). `rules`
-    lists the findings on these hops.
-    """
-    frame = hops(db)
-    if frame.empty:
-        return pd.DataFrame(columns=CONFORMANCE_COLUMNS)
-    found = _hop_findings(db)
-    frame["rules"] = [
-        tuple(rule for rule, _, _, _ in found.get((c, h), ()))
-        for c, h in zip(frame["chain_id"], frame["hop"], strict=False)
-    ]
-    frame["client_name"] = frame["client_name"].astype(str)
-    frame["method_before"] = frame["method_before"].astype(str)
-    rows = []
-    for (name, status, method), group in frame.groupby(["client_name", "status", "method_before"], sort=True):
-        followed = group[group["followed"]]
-        had_body = bool((group["body_len_before"].fillna(0) > 0).any())
-        should = prescribed_method(status, method)
-        switched = followed["method_after"].astype(str).isin(SAFE_RETRIEVAL) & (
-            followed["method_after"].astype(str) != method
-        )
-        verdicts = set(group["verdict"].astype(str))
-        rows.append(
-            {
-                "client_name": name,
-                "status": int(status),
-                "method": method,
-                "hops": len(group),
-                "followed": len(followed),
-                "did_method": _tally(followed["method_after"].astype(str))
-                if len(followed)
-                else "not followed",
-                "should_method": should,
-                "did_body": _tally(followed["body_after"]) if len(followed) else "-",
-                "should_body": ("kept" if should == method else "dropped") if had_body else "none",
-                "body_headers_kept": int((switched & followed["body_headers_after"].map(len).gt(0)).sum()),
-                "cross_origin_hops": int(followed["cross_origin"].sum()),
-                "credentials_cross_origin": int(followed["credentials_cross_origin"].map(len).gt(0).sum()),
-                "auth_same_origin": _tally_or_none(followed["auth"][~followed["cross_origin"]]),
-                "auth_cross_origin": _tally_or_none(followed["auth"][followed["cross_origin"]]),
-                "verdict": worst(verdicts),
-                "deviated": int((group["verdict"] == "deviated").sum()),
-                "rules": sorted({r for found in group["rules"] for r in found}),
-            }
-        )
-    return pd.DataFrame(rows, columns=CONFORMANCE_COLUMNS)
+    """Per-client redirect conformance, for an SDK maintainer to read their client off a
+    capture: `analyzer.conformance.client_rows` as a frame (its doc says each column)."""
+    ensure_current(db)
+    with open_reader(db) as reader:
+        return pd.DataFrame(conformance.client_rows(reader), columns=CONFORMANCE_COLUMNS)
 
 
-def _tally_or_none(values: pd.Series) -> str:
-    known = values.dropna()
-    return _tally(known.astype(str)) if len(known) else "-"
-
-
-def _tally(values: pd.Series) -> str:
-    counts = values.value_counts()
-    if len(counts) == 1:
-        return str(counts.index[0])
-    return ", ".join(f"{value} ({count})" for value, count in counts.items())
-
-
-def _hop_findings(db: str | None) -> dict[tuple[int, int], list[tuple[str, str, str, dict[str, Any]]]]:
-    """(rule, rule id, severity, evidence) of the findings on each (chain, hop)."""
-    got = _read(
-        select(
-            findings_t.c.chain_id,
-            findings_t.c.hop,
-            findings_t.c.rule,
-            findings_t.c.rule_id,
-            findings_t.c.severity,
-            findings_t.c.evidence,
-        )
-        .where(findings_t.c.chain_id.is_not(None))
-        .order_by(findings_t.c.id),
-        db,
-    )
-    out: dict[tuple[int, int], list[tuple[str, str, str, dict[str, Any]]]] = {}
-    for chain_id, hop, rule, rule_id, severity, evidence in got.itertuples(index=False):
-        found = (str(rule), str(rule_id), str(severity), json.loads(evidence) if evidence else {})
-        out.setdefault((int(chain_id), int(hop)), []).append(found)
-    return out
+def _hop_findings(db: str | None) -> conformance.HopFindings:
+    with open_reader(db) as reader:
+        return conformance.hop_findings(reader)
 
 
 def client_summary(db: str | None = None) -> pd.DataFrame:
