@@ -41,6 +41,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--command", default=str(Path(sys.executable).parent / "redirect-audit"))
+    parser.add_argument(
+        "--exchanges",
+        type=int,
+        default=10_000,
+        help="then the everyday commands on a store this big (0: not)",
+    )
     args = parser.parse_args()
     tool = [args.command]
     work = Path(tempfile.mkdtemp(prefix="bench-cli-"))
@@ -110,8 +116,33 @@ def main() -> None:
             f"  {'findings, stale (analyzes first)':40} {statistics.median(stale):.3f} "
             f"({min(stale):.3f}-{max(stale):.3f})"
         )
+        if args.exchanges:
+            everyday(tool, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def everyday(tool: list[str], work: Path, args: argparse.Namespace) -> None:
+    """Every format of `findings`, `chains`, `clients`, `captures` on bench_fleet's
+    browser-like rows (100 clients), analyzed once; the HTML report's figures kept by a
+    first report."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import bench_fleet
+
+    db = work / "fleet.db"
+    bench_fleet.fill(str(db), args.exchanges, 100)
+    subprocess.run([*tool, "analyze", "--db", str(db)], cwd=work, stdout=subprocess.DEVNULL, check=True)
+    subprocess.run([*tool, "findings", "--db", str(db), "-f", "html", "-o", "r.html"], cwd=work, check=True)
+    cases = {
+        f"findings -f {fmt}": [*tool, "findings", "--db", str(db), "-f", fmt, "-o", "out"]
+        for fmt in ("table", "json", "jsonl", "sarif", "junit", "markdown", "html")
+    }
+    cases |= {name: [*tool, name, "--db", str(db)] for name in ("chains", "clients", "captures")}
+    print(f"{args.exchanges:,} browser-like exchanges over 100 clients, {args.runs} runs each, seconds:")
+    for name, command in cases.items():
+        times = [timed(command, work) for _ in range(args.runs)]
+        print(f"  {name:40} {statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})")
 
 
 if __name__ == "__main__":
