@@ -42,6 +42,7 @@ exchange to the whole store on the corpus and the rule fixtures).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 from bisect import bisect_right
@@ -118,6 +119,7 @@ class ChainStream:
         # How late a request can still be the retry of a denied follow-up linked so far
         # (RA115 looks RETRY_REACH past a 401/403): what a checkpoint's validity depends on.
         self.denied_until = BEFORE_ALL
+        self.dormant: _Dormant | None = None  # one-delivery write clusters of a checkpoint, not decoded
         # Browser pages (analyzer.party): sites known once the navigation's chain has ended.
         self.sites: dict[str, frozenset[str]] = {}
         self.navigation: dict[str, int] = {}  # page client -> id of its navigation, a redirect
@@ -217,6 +219,10 @@ class ChainStream:
             if key is None:
                 continue
             cluster = self.clusters.get(key)
+            if cluster is None and self.dormant is not None:
+                woken = self.dormant.take(key)
+                if woken is not None:
+                    cluster = self.clusters[key] = _Cluster(members=[woken])
             if cluster is not None and duplicate.gap(cluster.members[0][0], ex) > window:
                 self._close(cluster)
                 cluster = None
@@ -231,6 +237,7 @@ class ChainStream:
                 self._close(cluster)
             self.clusters.clear()
             self.arrivals.clear()
+            self.dormant = None  # one delivery each: nothing to judge
             return
         for key, cluster in list(self.clusters.items()):
             if (cluster.members[0][0].started_at or 0.0) < hi - window:
@@ -386,6 +393,12 @@ class Snapshot(msgspec.Struct, array_like=True):
     handed: list[tuple[Any, ...]]  # handed-out findings of open clusters
     # ChainStream.denied_until; None in a checkpoint stored before it was kept
     denied_until: float | None = None
+    # Write clusters of one delivery (most of them: every write waits out the duplicate
+    # window in case it is repeated), apart from `clusters` and each encoded on its own, so
+    # that taking a checkpoint up decodes only those the new traffic repeats (_Dormant).
+    single_keys: list[int] = msgspec.field(default_factory=list)  # write_key_hash of each
+    single_starts: list[float] = msgspec.field(default_factory=list)
+    singles: list[msgspec.Raw] = msgspec.field(default_factory=list)  # msgpack of (key, slim fields)
 
     def horizon(self, link: LinkOptions) -> float:
         """The latest start of an exchange that could have changed this state. A window
@@ -427,7 +440,16 @@ def snapshot(stream: ChainStream, boundary: float) -> bytes:
     in_order = sorted(stream.held, key=lambda entry: entry[:5])  # ties keep the order they came in
     held_at = {id(entry[-1]): i for i, entry in enumerate(in_order)}
     handed: list[tuple[Any, ...]] = []
+    single_keys, single_starts, singles = (
+        stream.dormant.alive(boundary - stream.detect.duplicate_window) if stream.dormant else ([], [], [])
+    )
     for key, cluster in stream.clusters.items():
+        if len(cluster.members) == 1:
+            ex, arrival = cluster.members[0]
+            single_keys.append(write_key_hash(key))
+            single_starts.append(_started(ex))
+            singles.append(msgspec.Raw(_ENCODER.encode((key, _slim_fields(ex, arrival)))))
+            continue
         members = []
         for i, (ex, arrival) in enumerate(cluster.members):
             if i == 1:
@@ -477,6 +499,9 @@ def snapshot(stream: ChainStream, boundary: float) -> bytes:
             held=held,
             handed=handed,
             denied_until=stream.denied_until,
+            single_keys=single_keys,
+            single_starts=single_starts,
+            singles=singles,
         )
     )
 
@@ -546,7 +571,49 @@ def resume(
             if not handed_out:
                 stream.certain[id(cluster.finding)] = cluster
         stream.clusters[(key[0], key[1], key[2], key[3])] = cluster
+    if state.singles:
+        stream.dormant = _Dormant(state.single_keys, state.single_starts, state.singles)
     return stream
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_SINGLE = msgspec.msgpack.Decoder(tuple[tuple[str, str, str, str], tuple[Any, ...]])
+
+
+def write_key_hash(key: duplicate.WriteKey) -> int:
+    """A stable 64-bit hash of a write cluster's key (Python's hash() changes per process)."""
+    digest = hashlib.blake2b("\x00".join(key).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class _Dormant:
+    """The one-delivery write clusters of a checkpoint taken up, left encoded: a write of
+    the new traffic with the same key wakes its cluster (ChainStream.add_writes); the rest
+    pass, unread, to the next checkpoint until the duplicate window has gone by them."""
+
+    def __init__(self, keys: list[int], starts: list[float], raws: list[msgspec.Raw]) -> None:
+        self.keys, self.starts, self.raws = keys, starts, raws
+        self.by_hash: dict[int, list[int]] = {}
+        for i, h in enumerate(keys):
+            self.by_hash.setdefault(h, []).append(i)
+        self.woken: set[int] = set()
+
+    def take(self, key: duplicate.WriteKey) -> tuple[Exchange, Arrival | None] | None:
+        for i in self.by_hash.get(write_key_hash(key), ()):
+            if i in self.woken:
+                continue
+            stored, fields = _SINGLE.decode(self.raws[i])
+            if stored == key:
+                self.woken.add(i)
+                return _from_slim_fields(fields, key)
+        return None
+
+    def alive(self, since: float) -> tuple[list[int], list[float], list[msgspec.Raw]]:
+        """Those not woken whose duplicate window has not gone by at `since`: what the
+        windows would still hold (add_writes drops a cluster whose first delivery starts
+        before hi - window)."""
+        kept = [i for i, start in enumerate(self.starts) if start >= since and i not in self.woken]
+        return [self.keys[i] for i in kept], [self.starts[i] for i in kept], [self.raws[i] for i in kept]
 
 
 def _slim(ex: Exchange, arrival: Arrival | None, key: duplicate.WriteKey) -> tuple[Exchange, Arrival | None]:

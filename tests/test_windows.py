@@ -18,6 +18,7 @@ from conftest import CORPUS, RULE_FIXTURES, run_cli
 from sqlalchemy import select, text
 
 from analyzer import analysis
+from analyzer import windows as chainstream
 from analyzer.analysis import _WindowPlan, analyze
 from analyzer.ingest.har import import_har
 from analyzer.model import Exchange
@@ -577,8 +578,18 @@ def test_the_analysis_taken_up_at_any_boundary_ends_as_it_would_have(month, tmp_
     """Snapshot at every window boundary of one client's month, then take the analysis up
     from each: the store ends as the uninterrupted analysis left it, ids included. What a
     boundary cuts across (open chains, follow-ups taken, retries, write clusters, held
-    findings) is all in the snapshot or the analysis differs."""
+    findings) is all in the snapshot or the analysis differs. A one-delivery write cluster
+    stays encoded until a later write repeats it: some are woken, some pass unread."""
     _every_boundary_kept(monkeypatch)
+    woken = Counter()
+    real_take = chainstream._Dormant.take
+
+    def take(self, key):
+        found = real_take(self, key)
+        woken[found is not None] += 1
+        return found
+
+    monkeypatch.setattr(chainstream._Dormant, "take", take)
     db = tmp_path / "month.db"
     _append(db, month)
     store = open_store(str(db), create=False)
@@ -593,7 +604,7 @@ def test_the_analysis_taken_up_at_any_boundary_ends_as_it_would_have(month, tmp_
         state = read_snapshot(blob)
         carried.update(
             name
-            for name in ("claimed", "open", "arrivals", "answers", "clusters", "held", "handed")
+            for name in ("claimed", "open", "arrivals", "answers", "clusters", "held", "handed", "singles")
             if getattr(state, name)
         )
         copy = tmp_path / "copy.db"
@@ -615,7 +626,17 @@ def test_the_analysis_taken_up_at_any_boundary_ends_as_it_would_have(month, tmp_
         store.engine.dispose()
         assert results(copy) == uninterrupted, boundary
     # every kind of state was carried across some boundary
-    assert set(carried) == {"claimed", "open", "arrivals", "answers", "clusters", "held", "handed"}, carried
+    assert set(carried) == {
+        "claimed",
+        "open",
+        "arrivals",
+        "answers",
+        "clusters",
+        "held",
+        "handed",
+        "singles",
+    }, carried
+    assert woken[True] > 0 and woken[False] > 0, woken
 
 
 def test_analyze_window_option_reads_in_windows_and_says_a_bad_size(generated, tmp_path):
