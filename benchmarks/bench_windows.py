@@ -45,20 +45,29 @@ store = open_store(sys.argv[1], create=False)
 window = int(sys.argv[2]) or 10**12
 if sys.argv[4] == "no-checkpoints":
     analyzer.analysis.CHECKPOINTS_KEPT = 0
+profile = sys.argv[5] if len(sys.argv) > 5 else ""
+if profile:
+    import cProfile
+    profiler = cProfile.Profile()
+    profiler.enable()
 t = time.perf_counter()
 r = analyze(store, full=sys.argv[3] == "full", window_exchanges=window)
+if profile:
+    profiler.disable()
+    profiler.dump_stats(profile)
 print(json.dumps({"seconds": time.perf_counter() - t, "chains": r.chain_count, "findings": r.finding_count,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def analyze(url: str, window: int, full: bool = True, checkpoints: bool = True) -> dict:
+def analyze(url: str, window: int, full: bool = True, checkpoints: bool = True, profile: str = "") -> dict:
     return bench_fleet.run_child(
         ANALYZE,
         url,
         str(window),
         "full" if full else "incremental",
         "checkpoints" if checkpoints else "no-checkpoints",
+        profile,
     )
 
 
@@ -83,7 +92,7 @@ def append(url: str, n: int, clients: int, one: str | None, args, tmp: str | Non
             one_client=one,
             spacing=args.spacing,
         )
-    timed = analyze(url, window, full=False)
+    timed = analyze(url, window, full=False, profile=args.profile)
     print(
         f"  +{args.append:.0%} ({extra:,} exchanges) incremental, from a checkpoint: {timed['seconds']:.1f} s, "
         f"peak RSS {timed['rss_mb']:.0f} MB",
@@ -121,6 +130,9 @@ def main() -> None:
         type=float,
         default=0.001,
         help="seconds between two exchanges (0.001: 1,000/s; 2.6: 1M in a month)",
+    )
+    parser.add_argument(
+        "--profile", default="", help="write cProfile stats of the incremental analysis to this file"
     )
     args = parser.parse_args()
     # A killed run removes its stores too (a 10M-exchange SQLite store and its WAL take ~30 GB).
