@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # for annotations only: each command imports what it runs
 
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
+# `run`: the gate's failure told apart from the command's (which keeps its own status)
+EXIT_RUN_GATE = 90  # the command passed; new findings at or above --fail-on
+EXIT_RUN_BOTH = 91  # the command failed and the gate failed
 EXIT_INTERRUPTED = 130
 EXIT_PIPE_CLOSED = 141
 SEVERITIES = ("info", "low", "medium", "high")
@@ -772,9 +775,10 @@ def run_cmd(
     are still set).
     At the end it says what it recorded: exchanges per client, TLS handshakes a client
     refused (it does not trust the recorder's CA), and, when nothing was recorded, why
-    that may be. Exit status: CMD's when it failed; else 1 when a finding at or above
-    --fail-on is not in the baseline; 2 when nothing was recorded (unless --allow-empty)
-    or redirect-audit itself could not do its part; else 0.
+    that may be. Exit status: 0 when CMD passed and no finding at or above --fail-on is
+    new (not in the baseline); CMD's own when it failed and the gate passed; 90 when CMD
+    passed and the gate failed; 91 when both failed; 2 when nothing was recorded (unless
+    --allow-empty) or redirect-audit itself could not do its part; 130 after Ctrl-C.
 
     \b
         redirect-audit run -- pytest tests/api
@@ -940,10 +944,20 @@ def run_cmd(
         f"{len(failing)} finding(s) at or above {fail_on} not in the baseline; "
         f"the chains: {command_prefix()} chains --db {shlex.quote(_db_shown(db))}"
     )
-    if child.status != 0:
+    if child.interrupted or (child.status != 0 and not failing):
         raise click.exceptions.Exit(child.status)
     if failing:
-        raise click.exceptions.Exit(EXIT_FINDINGS)
+        if child.status != 0:
+            say(
+                f"exit status {EXIT_RUN_BOTH}: the command failed (status {child.status}) and so did the "
+                f"gate ({EXIT_RUN_GATE} when only the gate fails, the command's own status when only it does)"
+            )
+            raise click.exceptions.Exit(EXIT_RUN_BOTH)
+        say(
+            f"exit status {EXIT_RUN_GATE}: the command passed and the gate failed ({EXIT_RUN_BOTH} when "
+            "both fail, the command's own status when only it does)"
+        )
+        raise click.exceptions.Exit(EXIT_RUN_GATE)
 
 
 def _judge_run(

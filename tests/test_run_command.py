@@ -46,7 +46,11 @@ def test_a_post_answered_302_is_found_and_the_gate_decides_the_exit_status(upstr
     curl = require_program("curl", "apt-get install curl")
     argv = ["--", curl, "-s", "-L", "-d", "amount=1", f"{upstream.origin}/r/302/pay"]
     low = run("--fail-on", "low", *argv, env=env)
-    assert low.returncode == 1, low.stderr
+    assert low.returncode == 90, low.stderr  # curl passed, the gate failed
+    assert (
+        "redirect-audit run: exit status 90: the command passed and the gate failed (91 when both fail, "
+        "the command's own status when only it does)"
+    ) in low.stderr
     assert '"method": "GET"' in low.stdout  # curl's own output comes through
     assert "LOW    method-downgrade (RA101)" in low.stdout
     assert f"POST {upstream.origin}/r/302/pay → 302 → GET {upstream.origin}/echo/pay" in low.stdout
@@ -71,7 +75,7 @@ def test_the_project_configuration_decides_what_fails_a_run(upstream, env, tmp_p
     argv = ["run", "-v", "--", curl, "-s", "-L", "-d", "amount=1", f"{upstream.origin}/r/302/pay"]
     (tmp_path / "pyproject.toml").write_text('[tool.redirect-audit]\nfail-on = "low"\n')
     failing = run_cli(*argv, env=env, cwd=tmp_path, timeout=180)
-    assert failing.returncode == 1, failing.stderr
+    assert failing.returncode == 90, failing.stderr
     assert f"configuration: {tmp_path.resolve() / 'pyproject.toml'}" in failing.stderr
     assert "NEW low RA101 method-downgrade" in failing.stderr
     (tmp_path / "pyproject.toml").write_text(
@@ -87,12 +91,25 @@ def test_the_project_configuration_decides_what_fails_a_run(upstream, env, tmp_p
     assert "exchange(s) seen" not in bad.stderr  # refused before the command ran
 
 
-def test_a_failing_command_s_status_wins_over_the_gate(upstream, env):
-    script = f"import urllib.request, sys; urllib.request.urlopen('{upstream.origin}/r/302/x', data=b'a=1'); sys.exit(3)"
-    done = run("--fail-on", "low", "--", sys.executable, "-c", script, env=env)
-    assert done.returncode == 3, done.stderr
-    assert "exited with 3" in done.stderr
-    assert "method-downgrade" in done.stdout  # still analyzed and shown
+def test_the_exit_status_tells_the_command_s_failure_the_gate_s_and_both_apart(upstream, env):
+    """CI must tell "my tests broke" from "redirect-audit found something": the command's
+    own status when only it failed, 90 when only the gate did, 91 when both did."""
+    post = f"import urllib.request, sys; urllib.request.urlopen('{upstream.origin}/r/302/x', data=b'a=1'); "
+    both = run("--fail-on", "low", "--", sys.executable, "-c", post + "sys.exit(3)", env=env)
+    assert both.returncode == 91, both.stderr
+    assert "exited with 3" in both.stderr
+    assert "method-downgrade" in both.stdout  # still analyzed and shown
+    assert (
+        "exit status 91: the command failed (status 3) and so did the gate (90 when only the gate fails, "
+        "the command's own status when only it does)"
+    ) in both.stderr
+    command_only = run("--fail-on", "high", "--", sys.executable, "-c", post + "sys.exit(3)", env=env)
+    assert command_only.returncode == 3, command_only.stderr  # RA101 is low: under the bar
+    assert "exit status" not in command_only.stderr
+    gate_only = run("--fail-on", "low", "--", sys.executable, "-c", post + "sys.exit(0)", env=env)
+    assert gate_only.returncode == 90, gate_only.stderr
+    neither = run("--fail-on", "high", "--", sys.executable, "-c", post + "sys.exit(0)", env=env)
+    assert neither.returncode == 0, neither.stderr
 
 
 def test_a_clean_command_passes_and_a_store_named_with_db_is_kept(upstream, env, tmp_path):
@@ -190,7 +207,7 @@ def test_the_child_s_other_https_still_verifies_and_node_is_recorded(upstream, e
             both,
             env={**env, "NODE_OPTIONS": "--no-deprecation"},  # the user's own options are kept
         )
-        assert node_run.returncode == 1, node_run.stderr + node_run.stdout  # the 307 nobody followed
+        assert node_run.returncode == 90, node_run.stderr + node_run.stdout  # the 307 nobody followed
         assert "node 200 GET" in node_run.stdout and "https 307" in node_run.stdout
         assert "self 301" in node_run.stdout
         assert "4 exchange(s) seen, 4 stored" in node_run.stderr
@@ -352,7 +369,7 @@ def test_the_command_starts_while_the_recorder_boots_and_nothing_waits_for_an_un
         f"import urllib.request; urllib.request.urlopen('{upstream.origin}/r/302/early', data=b'a=1').read()"
     )
     early = run("--db", str(db), "--fail-on", "low", "--", sys.executable, "-c", script, env=env)
-    assert early.returncode == 1, early.stderr
+    assert early.returncode == 90, early.stderr
     assert "exited with 0; 2 exchange(s) seen, 2 stored" in early.stderr
     assert f"NEW low RA101 method-downgrade: POST {upstream.origin}/r/302/early" in early.stderr
     for _ in range(3):  # never touched: stopped where it stood, at any point of its start-up
