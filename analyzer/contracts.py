@@ -60,6 +60,7 @@ class Request:
     body: bytes | None  # None: no body
     body_missing: int | None = None  # bytes the capture did not keep
     content_type: str | None = None
+    source: str = "har"  # the capture's: har | flows | proxy (how to keep bodies next time)
 
 
 @dataclass
@@ -102,13 +103,14 @@ def load(reader: Reader, chain_ids: list[int]) -> list[ChainTest]:
     for chain_id in chain_ids:
         rows = reader.rows(
             "SELECT h.idx, h.status, e.method, e.url, e.request_headers, e.req_body, e.req_body_len, "
-            "e.req_content_type, e.location_resolved, e.location FROM hops h JOIN exchanges e "
-            "ON e.id = h.from_exchange_id WHERE h.chain_id = :chain ORDER BY h.idx",
+            "e.req_content_type, e.location_resolved, e.location, c.source FROM hops h JOIN exchanges e "
+            "ON e.id = h.from_exchange_id JOIN captures c ON c.id = e.capture_id "
+            "WHERE h.chain_id = :chain ORDER BY h.idx",
             chain=chain_id,
         )
         end = reader.rows("SELECT end_reason FROM chains WHERE id = :chain", chain=chain_id)
         steps = []
-        for _, status, method, url, headers, body, length, ctype, resolved, location in rows:
+        for _, status, method, url, headers, body, length, ctype, resolved, location, source in rows:
             kept = bytes(body) if body is not None else (b"" if length == 0 else None)
             request = Request(
                 method,
@@ -117,6 +119,7 @@ def load(reader: Reader, chain_ids: list[int]) -> list[ChainTest]:
                 kept if kept else None,
                 None if kept is not None or not length else int(length),
                 ctype,
+                source,
             )
             steps.append(Step(request, int(status), resolved or location))
         if steps:
@@ -286,16 +289,27 @@ def _request_lines(module: Module, request: Request, target: str) -> list[str]:
     if request.body is not None:
         out.append(f"    body = {request.body!r}")
     elif request.body_missing:
+        lacks = (
+            f"the {request.method} to {_short(request.url)} needs its {request.body_missing}-byte body "
+            f"({request.content_type or 'no content type'}), which the capture did not keep: paste it into "
+            f"`body`, or {KEEP_BODIES.get(request.source, KEEP_BODIES['proxy'])}"
+        )
         out += [
-            f"    body = None  # TODO: the capture kept no body ({request.body_missing} bytes, "
-            f"{request.content_type or 'no content type'}): paste it here",
+            "    body = None  # TODO: see the skip below",
             "    if body is None:",
-            '        pytest.skip("the request body was not captured: fill in `body` (import with --keep-bodies)")',
+            f"        pytest.skip({lacks!r})",
         ]
     else:
         out.append("    body = None")
     out.append(f"    answer = send({request.method!r}, {target}, headers, body)")
     return out
+
+
+KEEP_BODIES = {  # how a capture of each source keeps request bodies next time
+    "har": "import the HAR again with `redirect-audit import-har --keep-bodies`",
+    "flows": "import the flows again with `redirect-audit import-flows --keep-bodies`",
+    "proxy": "record again with `redirect-audit run --keep-bodies -- CMD` (or `proxy --keep-bodies`)",
+}
 
 
 def _test_name(chain_id: int, method: str, url: str, status: int) -> str:

@@ -11,6 +11,7 @@ the Location gone) exactly the test of that chain fails, with a message naming t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,14 @@ def test_a_module_from_fixtures_is_readable_lint_clean_and_holds_no_credential(t
     assert "headers['Authorization'] = secret('REDIRECT_AUDIT_AUTH_1')" in source
     assert "def test_chain_1_get_api_test_files_1_302():" in source  # named after the first URL and status
     assert "# to another origin: no credentials" in source  # the follow-up to cdn.test goes without it
-    assert "TODO: the capture kept no body" in source  # HAR without postData text: a marked placeholder
+    # a HAR without postData text: a placeholder, and a skip that says what it lacks and how to get it
+    assert "    body = None  # TODO: see the skip below" in source
+    assert re.search(
+        r"pytest\.skip\('the POST to https://\S+ needs its \d+-byte body \([^)]*\), which the capture did "
+        r"not keep: paste it into `body`, or import the HAR again with `redirect-audit import-har "
+        r"--keep-bodies`'\)",
+        source,
+    ), source
     only = export(db, tmp_path / "rule", "--rule", "dropped-body")
     assert only.name == "test_redirects_dropped_body.py" and only.read_text().count("\ndef test_chain_") == 1
 
@@ -252,3 +260,39 @@ def test_every_chain_of_the_real_har_corpus_exports_to_a_module_that_compiles_an
     # a Location that carried a secret (kept as a fingerprint) matches any value there
     patterns = re.findall(r"check_redirect\(.*, (\d+), ('.*')\)$", source, re.M)
     assert patterns and not any("hmac:" in pattern for _, pattern in patterns)
+
+
+def test_a_store_run_made_says_how_to_keep_bodies_and_keeps_them_when_asked(tmp_path, pytester, monkeypatch):
+    """`run` keeps no body unless asked: the contract test of a redirected POST says what it
+    lacks and the `run` option that keeps it; with `run --keep-bodies` it is there and the
+    exported test passes against the server."""
+    api = serve()
+    script = (
+        "import requests; requests.post("
+        f"{origin(api) + '/v1/orders'!r}, data=b'{{\"sku\": 42}}', timeout=30, "
+        f"headers={{'Authorization': {TOKEN!r}, 'Content-Type': 'application/json'}}).raise_for_status()"
+    )
+    env = {"REDIRECT_AUDIT_CONFDIR": str(tmp_path / "conf"), "NO_COLOR": "1"}
+    sources = {}
+    try:
+        for keep in ((), ("--keep-bodies",)):
+            db = str(tmp_path / f"run{len(keep)}.db")
+            done = run_cli("run", "--db", db, *keep, "--", sys.executable, "-c", script, env=env, timeout=180)
+            assert done.returncode == 0, done.stderr
+            sources[keep] = export(db, tmp_path / f"out{len(keep)}").read_text()
+        lacking = sources[()]
+        assert "pytest.skip('the POST to http://127.0.0.1:" in lacking
+        assert (
+            "/v1/orders needs its 11-byte body (application/json), which the capture did not keep: paste it "
+            "into `body`, or record again with `redirect-audit run --keep-bodies -- CMD` (or `proxy "
+            "--keep-bodies`)')"
+        ) in lacking
+        kept = sources[("--keep-bodies",)]
+        assert "body = b'{\"sku\": 42}'" in kept and "pytest.skip('the POST" not in kept
+        pytester.makepyfile(test_kept=kept)
+        monkeypatch.setenv("REDIRECT_AUDIT_AUTH_1", TOKEN)
+        pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:redirect_audit").assert_outcomes(
+            passed=1
+        )
+    finally:
+        api.shutdown()
