@@ -356,18 +356,10 @@ def print_findings_table(records: list[Record], console: Console, scope: str = "
     if not records:
         console.print(f"No findings{scope}.", markup=False)
         return
+    styled = _Style(plain=False)
     for r in records:
-        where = f"chain {r['chain_id']} hop {r['hop']}" if r["chain_id"] is not None else "no chain"
-        style = "dim" if r.get("suppressed") else SEVERITY_STYLE[r["severity"]]
-        named = f" · {_shown(r['client_name'])}" if r.get("client_name") else ""
-        console.print(
-            f"[{style}]{r['severity'].upper():<6}[/] [bold]{r['rule']}[/] ({r['rule_id']}) · {where} · "
-            f"confidence {r['confidence']:.2f} · {_shown(_pointer_text(r['capture']))}{named}"
-        )
-        console.print(f"       {_shown(hop_text(r))}", style="dim", highlight=False)
-        console.print(f"       {_shown(r['message'])}", highlight=False)
-        if r.get("suppressed"):
-            console.print(f"       suppressed: {_shown(r['suppressed'])}", style="dim", highlight=False)
+        for line in finding_lines(r, styled):
+            console.print(line, highlight=False)
     active = [r for r in records if not r.get("suppressed")]
     counts = Counter(r["severity"] for r in active)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
@@ -377,6 +369,24 @@ def print_findings_table(records: list[Record], console: Console, scope: str = "
         + (f": {summary}" if summary else "")
         + (f" ({listed} suppressed, listed)" if listed else "")
     )
+
+
+def finding_lines(r: Record, st: _Style | None = None) -> list[str]:
+    """A finding as the terminal table shows it: severity, rule, where and how sure, then
+    the hop and what happened (plain text unless `st` styles it)."""
+    st = st or _Style(plain=True)
+    where = f"chain {r['chain_id']} hop {r['hop']}" if r["chain_id"] is not None else "no chain"
+    style = "dim" if r.get("suppressed") else SEVERITY_STYLE[r["severity"]]
+    named = f" · {st.text(r['client_name'])}" if r.get("client_name") else ""
+    lines = [
+        f"{st.styled(style, f'{r["severity"].upper():<6}')} {st.bold(r['rule'])} ({r['rule_id']}) · {where} · "
+        f"confidence {r['confidence']:.2f} · {st.text(_pointer_text(r['capture']))}{named}",
+        st.dim(f"       {hop_text(r)}"),
+        f"       {st.text(r['message'])}",
+    ]
+    if r.get("suppressed"):
+        lines.append(st.dim(f"       suppressed: {r['suppressed']}"))
+    return lines
 
 
 def print_capture_table(records: list[Record], console: Console, store: str) -> None:
@@ -465,20 +475,20 @@ class _Style:
     def text(self, value: object) -> str:
         return printable(value) if self.plain else _shown(value)
 
-    def _styled(self, style: str, value: object) -> str:
+    def styled(self, style: str, value: object) -> str:
         return self.text(value) if self.plain else f"[{style}]{_shown(value)}[/]"
 
     def bold(self, value: object) -> str:
-        return self._styled("bold", value)
+        return self.styled("bold", value)
 
     def dim(self, value: object) -> str:
-        return self._styled("dim", value)
+        return self.styled("dim", value)
 
     def red(self, value: object) -> str:
-        return self._styled("red", value)
+        return self.styled("red", value)
 
     def yellow(self, value: object) -> str:
-        return self._styled("yellow", value)
+        return self.styled("yellow", value)
 
 
 def tree_lines(root: str, children: list[tuple[str, list[str]]]) -> list[str]:

@@ -418,8 +418,20 @@ class Backend:
 
     def findings_text(self, test: str, client: str, min_severity: str) -> Json:
         """The `redirect_audit.assert_no_findings()` message ("" when nothing is found)."""
+        from analyzer.report import finding_lines
+        from analyzer.text import counted
+
         found = self.test_findings(test, client, min_severity)
-        return self._listed(found, f"finding(s) at or above {min_severity}", chain=False)
+        if not found:
+            return ""
+        lines = [
+            f"redirect-audit: {counted(len(found), 'finding')} at or above {min_severity} during this test:"
+        ]
+        for f in found:  # as `findings` prints them, and the command that shows the chain
+            lines += finding_lines(f)
+            if f["chain_id"] is not None:
+                lines.append(f"       the chain: {self._command(f['chain_id'])}")
+        return "\n".join(lines)
 
     def _listed(self, found: list[Record], what: str, chain: bool) -> str:
         if not found:

@@ -64,8 +64,14 @@ def test_fixture_sees_its_own(redirect_audit):
     chains = redirect_audit.chains()
     assert [c["hops"][0]["from"]["url"].rsplit("/", 1)[1] for c in chains] == ["own"]
     redirect_audit.assert_no_findings(min_severity="medium")
-    with __import__("pytest").raises(AssertionError, match="RA101 method-downgrade: POST .*/r/302/own"):
+    with __import__("pytest").raises(AssertionError) as failed:
         redirect_audit.assert_no_findings(min_severity="low")
+    lines = str(failed.value).splitlines()
+    assert lines[0] == "redirect-audit: 1 finding at or above low during this test:", lines
+    assert lines[1].startswith("LOW    method-downgrade (RA101) · chain "), lines
+    assert lines[2].startswith("       POST http://") and "/r/302/own → 302 → GET" in lines[2], lines
+    assert lines[3].startswith("       302 after POST was followed with GET"), lines
+    assert lines[4].startswith("       the chain: ") and " chains --db " in lines[4], lines
 
 
 def test_own_proxy_authorization(redirect_audit):
@@ -737,3 +743,27 @@ def test_marked_expectations_and_the_project_configuration(pytester, upstream):
         pytester, "--redirect-audit", "--redirect-audit-select=RA102,RA107", "-p", "no:cacheprovider"
     )
     others.assert_outcomes(passed=4, failed=2)
+
+
+ASSERTING_SUITE = """
+import requests
+
+def test_pays(redirect_audit):
+    requests.post(f"{UP}/r/302/checkout", data=b"a=1")
+    redirect_audit.assert_no_findings()
+"""
+
+
+def test_a_failed_assert_no_findings_shows_the_finding_not_the_plugin(pytester, upstream):
+    pytester.makepyfile(test_asserting=ASSERTING_SUITE.replace("{UP}", upstream.origin))
+    result = run_pytest(pytester, "--redirect-audit", "-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    failure = out[out.index("_ test_pays _") : out.index("test_asserting.py:5: AssertionError")]
+    assert "redirect_audit.assert_no_findings()" in failure  # the test's own line
+    assert "raise AssertionError" not in failure and "pytest_redirect_audit" not in failure, failure
+    assert "redirect_audit = <redirect_audit: this test's findings and chains in " in failure
+    assert "E       AssertionError: redirect-audit: 1 finding at or above low during this test:" in failure
+    assert "E       LOW    method-downgrade (RA101) · chain " in failure
+    assert re.search(r"E {14}POST http://127\.0\.0\.1:\d+/r/302/checkout → 302 → GET ", failure), failure
+    assert "E              the chain: " in failure and " chains --db " in failure

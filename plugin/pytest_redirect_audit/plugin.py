@@ -757,6 +757,10 @@ class RedirectAudit:
     def __init__(self, audit: AuditSession):
         self._audit = audit
 
+    def __repr__(self) -> str:
+        # what a failed test's traceback shows for the fixture argument
+        return f"<redirect_audit: this test's findings and chains in {self._audit.db}>"
+
     @property
     def db(self) -> str:
         return self._audit.db
