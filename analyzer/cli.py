@@ -1204,10 +1204,11 @@ def _analyze_on_dask(
 
         from analyzer import distributed
     except ImportError as exc:
+        from analyzer.installed import install_hint
+
         raise ReportedError(
-            f"--dask needs Dask, which is not installed ({exc.name}): install the dask extra, "
-            "`uv sync --extra dask` in a checkout, `uv tool install '.[dask]'` or "
-            "`pip install 'redirect-audit[dask]'`"
+            f"--dask needs Dask, which is not installed ({exc.name}): install the dask extra: "
+            f"{install_hint('dask')}"
         ) from None
     if out_dir is not None:
         check_target(out_dir)

@@ -164,10 +164,9 @@ def missing_driver(url: str, exc: ImportError) -> str:
     """The one line for a database URL whose driver is not installed."""
     scheme = url.split("://", 1)[0]
     if scheme.startswith("postgresql"):
-        how = (
-            "install the postgres extra: `uv sync --extra postgres`, or "
-            "`pip install 'redirect-audit[postgres]'`"
-        )
+        from analyzer.installed import install_hint
+
+        how = f"install the postgres extra: {install_hint('postgres')}"
     else:
         how = f"install the Python driver SQLAlchemy uses for {scheme}://"
     return (
