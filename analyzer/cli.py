@@ -157,6 +157,22 @@ def key_file_option[F: Callable[..., Any]](f: F) -> F:
     )(f)
 
 
+def upstream_ca_option[F: Callable[..., Any]](f: F) -> F:
+    return click.option(
+        "--upstream-ca",
+        type=click.Path(dir_okay=False, exists=True, resolve_path=True),
+        callback=_check_pem,
+        help="Trust the upstream servers whose certificates this PEM file's CA signed (a test "
+        "server's own CA), with verification kept on for every other server",
+    )(f)
+
+
+def _check_pem(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and b"-----BEGIN CERTIFICATE-----" not in Path(value).read_bytes()[: 1 << 20]:
+        raise click.BadParameter(f"{value} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return value
+
+
 def keep_bodies_option[F: Callable[..., Any]](f: F) -> F:
     return click.option(
         "--keep-bodies",
@@ -613,6 +629,7 @@ def _with_progress(path: str, name: str, run: Callable[[Callable[[int], None] | 
     help="This proxy's name in the store; clients are told apart by it and their address, so "
     "proxies sharing a store never link each other's traffic [default: host name:port]",
 )
+@upstream_ca_option
 @spool_dir_option
 @secret_field_option
 @key_file_option
@@ -629,6 +646,7 @@ def proxy_cmd(
     live: bool,
     confdir: str,
     proxy_id: str,
+    upstream_ca: str | None,
     spool_dir: str | None,
     secret_fields: tuple[str, ...],
     key_file: str | None,
@@ -650,7 +668,8 @@ def proxy_cmd(
         body_cap=body_cap,
         live=live,
         confdir=Path(confdir).expanduser(),
-        extra=list(ctx.args),
+        extra=list(ctx.args)
+        + (["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}"] if upstream_ca else []),
         then=f"{command_prefix()} findings --db {shlex.quote(_db_shown(db))}",
         secret_fields=secret_fields,
         key_file=key_file,
@@ -743,6 +762,7 @@ def _enter_own_network(db: str | None) -> None:
     "redirected to the recorder: clients that ignore proxies (Go on loopback, curl --noproxy) "
     "are recorded too. Linux, as root, with nft; CMD reaches only the servers it starts itself",
 )
+@upstream_ca_option
 @spool_dir_option
 @secret_field_option
 @key_file_option
@@ -759,6 +779,7 @@ def run_cmd(
     verbose: bool,
     allow_empty: bool,
     transparent: bool,
+    upstream_ca: str | None,
     spool_dir: str | None,
     secret_fields: tuple[str, ...],
     key_file: str | None,
@@ -812,6 +833,8 @@ def run_cmd(
     extra = list(settings)
     if secret_fields:
         extra.append(f"redirect_audit_secret_fields={','.join(secret_fields)}")
+    if upstream_ca:
+        extra.append(f"ssl_verify_upstream_trusted_ca={upstream_ca}")
     recording = Recording(
         db_url=resolve_db_url(db),
         workdir=workdir,

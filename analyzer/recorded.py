@@ -89,8 +89,8 @@ def tls_lines(refused: Mapping[str, int], upstream: Mapping[str, int]) -> list[s
     if upstream:
         lines.append(
             f"{sum(upstream.values())} TLS handshake(s) with an upstream server failed (its certificate "
-            f"was not trusted; the client's connection was closed; --set ssl_insecure=true for a test "
-            f"server's own certificate): {counted(upstream)}"
+            f"was not trusted; the client's connection was closed; --upstream-ca FILE trusts a test "
+            f"server's own CA): {counted(upstream)}"
         )
     return lines
 

@@ -414,9 +414,55 @@ def test_tls_handshakes_a_client_refused_are_counted_by_host(upstream, env, tmp_
     (upstream_line,) = [line for line in done.stderr.splitlines() if "with an upstream server failed" in line]
     assert (
         "TLS handshake(s) with an upstream server failed (its certificate was not trusted; the "
-        "client's connection was closed; --set ssl_insecure=true for a test server's own "
-        "certificate): "
+        "client's connection was closed; --upstream-ca FILE trusts a test server's own CA): "
     ) in upstream_line and "127.0.0.1 (1)" in upstream_line, upstream_line
+
+
+def test_upstream_ca_trusts_a_test_server_s_own_certificate_and_nothing_else(upstream, env, tmp_path):
+    """`--upstream-ca FILE`: the recorder verifies the test server against that CA, so the
+    request goes through and is recorded; verification stays on, so a server whose
+    certificate that CA did not sign still fails."""
+    curl = require_program("curl", "apt-get install curl")
+    secure = Upstream(tls=self_signed_context(tmp_path))
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    stranger = Upstream(tls=self_signed_context(other_dir))
+    try:
+        both = (
+            f"{shlex.quote(curl)} -s {secure.origin}/r/302/trusted -d a=1 -L -o /dev/null -w 'trusted %{{http_code}}\\n'; "
+            f"{shlex.quote(curl)} -s {stranger.origin}/echo/stranger; echo stranger $?"
+        )
+        done = run(
+            "--upstream-ca",
+            str(tmp_path / "upstream-cert.pem"),
+            "--fail-on",
+            "high",
+            "--",
+            "sh",
+            "-c",
+            both,
+            env=env,
+        )
+    finally:
+        secure.close()
+        stranger.close()
+    assert done.returncode == 0, done.stderr
+    assert "trusted 200" in done.stdout, done.stdout + done.stderr
+    assert "method-downgrade" in done.stdout  # the trusted server's redirect was recorded and judged
+    assert re.search(r"stranger (52|56|92)\b", done.stdout), done.stdout
+    (upstream_line,) = [line for line in done.stderr.splitlines() if "with an upstream server failed" in line]
+    assert upstream_line.endswith("127.0.0.1 (1)"), upstream_line
+    pem = tmp_path / "not-a-cert.pem"
+    pem.write_text("hello")
+    refused = run("--upstream-ca", str(pem), "--", "true", env=env)
+    assert refused.returncode == 2
+    assert (
+        f"Invalid value for '--upstream-ca': {pem} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        in (refused.stderr)
+    )
+    assert "exchange(s) seen" not in refused.stderr  # refused before the command ran
+    proxy = run_cli("proxy", "--upstream-ca", str(pem), env=env)  # the proxy takes it too
+    assert proxy.returncode == 2 and "holds no PEM certificate" in proxy.stderr, proxy.stderr
 
 
 def test_requests_the_recorder_answered_itself_are_stored_and_say_so(upstream, env):
