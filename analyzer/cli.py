@@ -356,6 +356,12 @@ def cli(ctx: click.Context) -> None:
     default=None,
     help="Processes converting entries [default: one per CPU, at most 4, for files over 16 MB; 0: none]",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse a file cut off or damaged after its entries began (by default its complete "
+    "entries before the damage are imported, with a warning)",
+)
 def import_har_cmd(
     files: tuple[str, ...],
     db: str | None,
@@ -366,11 +372,15 @@ def import_har_cmd(
     force: bool,
     wait: float,
     workers: int | None,
+    strict: bool,
 ) -> None:
     """Import HAR files (1.1, 1.2); '-' reads one from stdin.
 
     Each file is one transaction: a bad file leaves nothing behind and the others still go
     in. A file whose content is already in the store is skipped (--force imports it again).
+    A file cut off or damaged part way (browsers and upload limits truncate exports) keeps
+    its complete entries before the damage, says where it broke, and its capture is marked
+    damaged; --strict refuses it instead.
     """
     from analyzer.ingest import CaptureOptions, import_har
 
@@ -382,7 +392,7 @@ def import_har_cmd(
             path,
             name,
             lambda progress: import_har(
-                store.get(), path, options, progress, workers=workers, force=force, name=name
+                store.get(), path, options, progress, workers=workers, force=force, name=name, strict=strict
             ),
         )
 
@@ -494,6 +504,12 @@ def _import_files(
         stored += 1
         note = f", {result.warnings} field(s) unreadable and left empty" if result.warnings else ""
         _say(f"imported {result.entries} {noun} from {name} as capture {result.capture_id}{note}")
+        if getattr(result, "damage", None):
+            click.echo(
+                f"redirect-audit: warning: {name}: {result.damage}; its capture is marked damaged "
+                "(`captures` shows it; --strict refuses such a file)",
+                err=True,
+            )
         if result.odd_dates[0]:
             _warn_dates(name, noun, *result.odd_dates)
     if failed:

@@ -259,9 +259,9 @@ def _chain_records(reader: Reader, url_substring: str | None) -> list[Record]:
 
 CAPTURES_SQL = """
 SELECT c.id, c.source, c.path, c.creator, c.imported_at, c.entries, c.warnings,
-       COUNT(e.id), MIN(e.started_at), MAX(e.started_at)
+       COUNT(e.id), MIN(e.started_at), MAX(e.started_at), c.damage
 FROM captures c LEFT JOIN exchanges e ON e.capture_id = c.id
-GROUP BY c.id, c.source, c.path, c.creator, c.imported_at, c.entries, c.warnings
+GROUP BY c.id, c.source, c.path, c.creator, c.imported_at, c.entries, c.warnings, c.damage
 ORDER BY c.id
 """
 
@@ -279,8 +279,9 @@ def capture_records(reader: Reader) -> list[Record]:
             "warnings": warnings,
             "first_at": iso(first),
             "last_at": iso(last),
+            "damage": damage,  # a file cut off or damaged part way: where, and what was kept
         }
-        for cid, source, path, creator, imported, _entries, warnings, count, first, last in reader.rows(
+        for cid, source, path, creator, imported, _entries, warnings, count, first, last, damage in reader.rows(
             CAPTURES_SQL
         )
     ]
@@ -414,6 +415,9 @@ def print_capture_table(records: list[Record], console: Console, store: str) -> 
     console.print(table)
     total = sum(r["exchanges"] for r in records)
     console.print(f"{len(records)} capture(s), {total} exchange(s)", markup=False)
+    for r in records:
+        if r.get("damage"):
+            console.print(f"capture {r['capture_id']} is damaged: {r['damage']}", markup=False)
 
 
 def _pointer_text(capture: Record) -> str:

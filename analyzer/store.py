@@ -108,6 +108,8 @@ captures = Table(
     Column("imported_at", Float, nullable=False),
     Column("entries", Big, nullable=False, default=0),
     Column("warnings", Big, nullable=False, default=0),
+    # a HAR cut off or damaged part way: where it broke and what was kept (NULL: taken whole)
+    Column("damage", Text),
 )
 
 exchanges = Table(

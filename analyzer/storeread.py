@@ -33,7 +33,7 @@ Row = tuple[Any, ...]  # one result row, whatever the engine
 DB_ENV = "REDIRECT_AUDIT_DB"
 DEFAULT_DB = "redirect-audit.db"
 DEMO_DB = "redirect-audit-demo.db"  # what `redirect-audit demo` writes
-SCHEMA_VERSION = 5  # the schema this release reads and writes; migration revision f"{n:04d}" makes version n
+SCHEMA_VERSION = 6  # the schema this release reads and writes; migration revision f"{n:04d}" makes version n
 DEFAULT_WAIT = 10.0  # seconds a command waits for another process's write lock
 
 GENERATION = "generation"

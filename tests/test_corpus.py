@@ -50,14 +50,17 @@ def test_bad_file_is_refused_and_leaves_nothing(store, path):
     assert (count(store, captures), count(store, exchanges)) == before
 
 
-def test_truncated_file_rolls_back_entries_already_read(store, tmp_path):
+def test_a_truncated_file_refused_with_strict_rolls_back_entries_already_read(store, tmp_path):
     source = json.loads((CORPUS / "good" / "chrome-har__sitespeedio__yahoo-devtoolslog.har").read_text())
     text = json.dumps(source)
     broken = tmp_path / "cut.har"
     broken.write_text(text[: int(len(text) * 0.8)])
-    with pytest.raises(ImportError_, match="not valid JSON"):
-        import_har(store, broken)
+    with pytest.raises(ImportError_, match="before its JSON is complete: refused \\(--strict\\)"):
+        import_har(store, broken, strict=True)
     assert count(store, exchanges) == 0 and count(store, captures) == 0
+    salvaged = import_har(store, broken)  # without: the complete entries, and where it broke
+    assert 0 < salvaged.entries < len(source["log"]["entries"])
+    assert count(store, exchanges) == salvaged.entries and count(store, captures) == 1
 
 
 def test_three_exporters_give_the_same_post_303_get_chain(store):

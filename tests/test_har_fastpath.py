@@ -130,25 +130,30 @@ def test_entries_followed_by_more_log_fields_import(store, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cut, problem",
+    "cut, kept, damage",
     [
-        (lambda text: text[:-1], "not valid JSON"),  # the final brace is missing
-        (lambda text: text.replace("]}}", "] }"), "not valid JSON"),
-        (
-            lambda text: text[: text.index('"startedDateTime"', 20000)],
-            "not valid JSON",
-        ),  # truncated mid-entries
+        (lambda text: text[:-1], 200, "after its entries"),  # the final brace is missing
+        (lambda text: text.replace("]}}", "] }"), 200, "after its entries"),
+        (lambda text: text[: text.index('"startedDateTime"', 20000)], None, "in entry "),  # cut mid-entries
     ],
 )
-def test_broken_files_are_refused_by_the_fast_path_too(store, tmp_path, cut, problem):
+def test_broken_files_are_refused_by_the_fast_path_with_strict_and_salvaged_without(
+    store, tmp_path, cut, kept, damage
+):
+    """The block reader writes entries before it meets the damage: with --strict the
+    file is refused and nothing of it stays; without, the complete entries stay."""
     path = tmp_path / "broken.har"
     write_har(path, [entry(i) for i in range(200)])
     path.write_text(cut(path.read_text()))
-    with pytest.raises(ImportError_, match=problem):
-        import_har(store, path, workers=0, block_size=1024)
+    with pytest.raises(ImportError_, match="refused \\(--strict\\)"):
+        import_har(store, path, workers=0, block_size=1024, strict=True)
     with store.begin() as conn:
         assert conn.execute(select(exchanges.c.id)).first() is None
         assert conn.execute(select(captures.c.id)).first() is None
+    result = import_har(store, path, workers=0, block_size=1024)
+    assert result.damage is not None and damage in result.damage, result.damage
+    assert kept is None or result.entries == kept
+    assert 0 < result.entries <= 200
 
 
 def test_a_non_object_entry_is_named_with_its_index(store, tmp_path):

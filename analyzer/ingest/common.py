@@ -101,6 +101,7 @@ class ImportResult:
     entries: int
     warnings: int
     odd_dates: tuple[int, list[tuple[int, float]]] = (0, [])  # see dates_out_of_range()
+    damage: str | None = None  # a file cut off or damaged part way: where, and what was kept
 
 
 def dates_out_of_range(conn: Connection, capture_id: int) -> tuple[int, list[tuple[int, float]]]:

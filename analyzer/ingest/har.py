@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -184,6 +185,7 @@ def import_har(
     fast: bool = True,
     force: bool = False,
     name: str | None = None,
+    strict: bool = False,
 ) -> ImportResult:
     """Import one HAR file in one transaction; raise ImportError_ and store nothing if it is bad.
 
@@ -193,6 +195,11 @@ def import_har(
     16 MB; none for smaller ones). A file whose blocks cannot all be verified is read
     again by the streaming parser instead; `fast=False` goes to it straight away.
     `name` is how the file is called in messages and in the store (default: its path).
+
+    A file cut off or damaged after its entries began (a browser or an upload limit
+    truncates exports) keeps the complete entries before the damage: the capture is
+    marked damaged (`captures.damage`, and `ImportResult.damage` says where it broke and
+    what was kept). With `strict`, such a file is refused like any other bad file.
     """
     name = name or str(path)
     path = str(path)
@@ -212,7 +219,7 @@ def import_har(
                 browser=_named(head, "log.browser"),
                 format_version=head.get("log.version"),
             )
-            count, warnings = _import_entries(
+            count, warnings, damage = _import_entries(
                 conn,
                 path,
                 name,
@@ -223,10 +230,11 @@ def import_har(
                 _worker_count(path, workers),
                 block_size,
                 fast,
+                strict,
             )
             if not force:  # another process may have imported the same file meanwhile
                 refuse_reimport(conn, name, sha256, capture_id)
-            finish_capture(conn, capture_id, entries=count, warnings=warnings)
+            finish_capture(conn, capture_id, entries=count, warnings=warnings, damage=damage)
             if count >= STATISTICS_AFTER:
                 refresh_statistics(conn, "exchanges", "captures")
             odd = dates_out_of_range(conn, capture_id)
@@ -243,7 +251,7 @@ def import_har(
         ) from None
     except OSError as exc:
         raise ImportError_(f"{name}: cannot read: {exc.strerror or exc}") from None
-    return ImportResult(name, capture_id, count, warnings, odd)
+    return ImportResult(name, capture_id, count, warnings, odd, damage)
 
 
 def _import_entries(
@@ -257,8 +265,9 @@ def _import_entries(
     workers: int,
     block_size: int,
     fast: bool,
-) -> tuple[int, int]:
-    """Write a file's entries as exchanges of a capture; (entries, warnings)."""
+    strict: bool = False,
+) -> tuple[int, int, str | None]:
+    """Write a file's entries as exchanges of a capture; (entries, warnings, damage)."""
     converter = _HarEntries(name, path, capture_id, key, options)
     fast_reader = _FastImport(converter, progress, workers, block_size)
     try:
@@ -266,16 +275,16 @@ def _import_entries(
             raise Unsure("streaming parser asked for")
         with closing(fast_reader.blocks()) as blocks:  # closed at once on failure: its workers stop
             count = write_exchange_blocks(conn, blocks)
-        return count, fast_reader.warnings
+        return count, fast_reader.warnings, None
     except Unsure:
         # Start over with the streaming parser; it imports the file or names the problem.
         drop_exchanges(conn, capture_id)
         if progress is not None:
             progress(-fast_reader.read_bytes)
         converter = _HarEntries(name, path, capture_id, key, options)
-        reader = _StreamImport(converter, progress)
+        reader = _StreamImport(converter, progress, salvage=not strict)
         count = write_exchanges(conn, reader)
-    return count, reader.warnings
+    return count, reader.warnings, reader.damage
 
 
 def _entry_of(exc: ValueRefused) -> str:
@@ -417,11 +426,15 @@ _ROWS = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
 
 
 class _StreamImport:
-    """Rows from the entries as ijson streams them: slower, but takes any valid JSON."""
+    """Rows from the entries as ijson streams them: slower, but takes any valid JSON. With
+    `salvage`, JSON that breaks off or is damaged once the entries began ends the entries
+    there (`damage` says where); before them, it is an error."""
 
-    def __init__(self, converter: _HarEntries, progress: Progress | None):
+    def __init__(self, converter: _HarEntries, progress: Progress | None, salvage: bool = False):
         self.converter = converter
         self.progress = progress
+        self.salvage = salvage
+        self.damage: str | None = None
 
     @property
     def warnings(self) -> int:
@@ -430,8 +443,49 @@ class _StreamImport:
     def __iter__(self) -> Iterator[Row]:
         with open(self.converter.path, "rb") as fh:
             reader = _CountingReader(fh, self.progress)
-            for index, entry in enumerate(_entry_values(reader, self.converter.name)):
-                yield exchange_row(self.converter.convert(index, self.converter.checked(index, entry)))
+            where = _Where()
+            kept = 0
+            try:
+                for index, entry in enumerate(_entry_values(reader, self.converter.name, where)):
+                    yield exchange_row(self.converter.convert(index, self.converter.checked(index, entry)))
+                    kept = index + 1
+            except (ijson.JSONError, ijson.IncompleteJSONError) as exc:
+                # Nothing to keep (the damage is before any complete entry), or JSON that is
+                # not damaged but holds what no parser here can (a number past a double):
+                # refused as before.
+                if not where.entries_began or kept == 0 or "overflow" in _one_line(exc):
+                    raise
+                # cut off: the parser failed once told the file had ended, not on bytes it read
+                at_end = reader.at_eof
+                where_, kept_ = _damage(exc, reader, at_end, kept, where.entries_ended)
+                if not self.salvage:
+                    raise ImportError_(
+                        f"{self.converter.name}: {where_}: refused (--strict); without --strict the "
+                        f"{kept_} before the damage are imported"
+                    ) from None
+                self.damage = f"{where_}; the {kept_} before it were imported"
+
+
+@dataclass
+class _Where:
+    """How far the streaming parser got in the document's structure."""
+
+    entries_began: bool = False
+    entries_ended: bool = False
+
+
+def _damage(
+    exc: BaseException, reader: _CountingReader, at_end: bool, kept: int, ended: bool
+) -> tuple[str, str]:
+    """(where a file broke off or was damaged, the complete entries before it), in words."""
+    place = "after its entries" if ended else f"in entry {kept} (0-based)"
+    if at_end:  # the parser read to the end of the file: cut off there
+        where = f"the file ends at byte {reader.read_bytes:,}, {place}, before its JSON is complete"
+    else:
+        where = (
+            f"the file is damaged {place}, within its first {reader.read_bytes:,} bytes ({_one_line(exc)})"
+        )
+    return where, f"{kept:,} complete {'entry' if kept == 1 else 'entries'}"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -450,6 +504,7 @@ class _CountingReader:
         self._fh = fh
         self._progress = progress
         self.read_bytes = 0
+        self.at_eof = False
         self._pending = b""
         if skip_bom:
             first = fh.read(3)
@@ -461,6 +516,8 @@ class _CountingReader:
         chunk = self._fh.read(size)
         if self._pending:
             chunk, self._pending = self._pending + chunk, b""
+        if not chunk:
+            self.at_eof = True  # the parser has been told the file ended
         self.read_bytes += len(chunk)
         if self._progress is not None:
             self._progress(len(chunk))
@@ -553,7 +610,7 @@ def _walk_head(name: str, reader: _CountingReader) -> dict[str, Any]:
     raise ImportError_(f'{name}: not a HAR file: "log" has no "entries" array')
 
 
-def _entry_values(reader: _CountingReader, name: str) -> Iterator[Any]:
+def _entry_values(reader: _CountingReader, name: str, where: _Where | None = None) -> Iterator[Any]:
     """Each element of log.entries, built from ijson's basic events as they stream (depth
     checked, repeated `log`/`entries` refused); the rest of the document is read through
     to its end, so a file truncated after the entries is refused too."""
@@ -571,6 +628,8 @@ def _entry_values(reader: _CountingReader, name: str) -> Iterator[Any]:
         if in_entries:
             if depth == 2:  # the array closed
                 in_entries = False
+                if where is not None:
+                    where.entries_ended = True
             elif event in ("start_map", "start_array"):
                 builder = ijson.ObjectBuilder()
                 builder.event(event, value)
@@ -578,6 +637,8 @@ def _entry_values(reader: _CountingReader, name: str) -> Iterator[Any]:
                 yield value  # a scalar entry: the converter names it
         elif event == "start_array" and depth == 3 and path.to(3) == ("log", "entries"):
             in_entries = True
+            if where is not None:
+                where.entries_began = True
 
 
 PAGEREF_KEPT = (
