@@ -1524,6 +1524,15 @@ def check_cmd(
 @click.option(
     "--format", "-f", "format_", type=click.Choice(("tree", "json")), default="tree", show_default=True
 )
+@click.option(
+    "--headers",
+    "-v",
+    "headers",
+    is_flag=True,
+    help="Every hop's headers as stored: the request's against its follow-up's (+ added, - dropped, "
+    "~ changed), the redirect's response, the headers a finding names marked (JSON: request_headers, "
+    "response_headers, header_changes, evidence)",
+)
 @output_option
 def chains_cmd(
     db: str | None,
@@ -1532,13 +1541,14 @@ def chains_cmd(
     url: str | None,
     chain_ids: tuple[int, ...],
     format_: str,
+    headers: bool,
     output: str | None,
 ) -> None:
     """Show chains hop by hop: method, status, body and what changed."""
     from analyzer.report import chain_records, print_chain_trees, write_json
 
     with _results(db, no_analyze, wait) as (reader, _):
-        records = chain_records(reader, url)
+        records = chain_records(reader, url, headers=headers)
     if chain_ids:
         records = [c for c in records if c["chain_id"] in chain_ids]
         missing = sorted(set(chain_ids) - {c["chain_id"] for c in records})
@@ -1551,7 +1561,7 @@ def chains_cmd(
     if format_ == "json":
         _emit(output, lambda out: write_json(records, out))
     else:
-        _emit(output, lambda out: print_chain_trees(records, _console(out)))
+        _emit(output, lambda out: print_chain_trees(records, _console(out), verbose=headers))
 
 
 @cli.command("export-tests")

@@ -202,22 +202,37 @@ _EXCHANGE_SELECT = (
 )
 
 
-def chain_records(reader: Reader, url_substring: str | None = None) -> list[Record]:
-    """Every chain hop by hop; with url_substring, only chains where some URL contains it."""
+def chain_records(reader: Reader, url_substring: str | None = None, headers: bool = False) -> list[Record]:
+    """Every chain hop by hop; with url_substring, only chains where some URL contains it.
+    With `headers`, each exchange's request and response headers as stored (secret values
+    are keyed fingerprints, `hmac:...`), each hop's header changes from the request to its
+    follow-up, and the headers its findings name as their evidence."""
     with reader.snapshot():  # an analysis committing between the queries would leave hops dangling
-        return _chain_records(reader, url_substring)
+        return _chain_records(reader, url_substring, headers)
 
 
-def _chain_records(reader: Reader, url_substring: str | None) -> list[Record]:
+def _chain_records(reader: Reader, url_substring: str | None, headers: bool = False) -> list[Record]:
     by_id = {}
+    cols = _EXCHANGE_SELECT + (", e.request_headers, e.response_headers" if headers else "")
     for sql in (
         "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.from_exchange_id "
         "JOIN captures c ON c.id = e.capture_id",
         "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.to_exchange_id "
         "JOIN captures c ON c.id = e.capture_id",
     ):
-        for row in reader.rows(sql.format(cols=_EXCHANGE_SELECT)):
-            by_id[row[0]] = _exchange_record(row)
+        for row in reader.rows(sql.format(cols=cols)):
+            record = _exchange_record(row)
+            if headers:
+                request, response = row[-2:]
+                record["request_headers"] = json.loads(request) if request else None
+                record["response_headers"] = json.loads(response) if response else None
+            by_id[row[0]] = record
+    evidence: dict[tuple[int, int], list[tuple[str, str, set[str]]]] = {}
+    if headers:
+        for chain_id, hop, rule_id, rule, found in reader.rows(
+            "SELECT chain_id, hop, rule_id, rule, evidence FROM findings WHERE chain_id IS NOT NULL ORDER BY id"
+        ):
+            evidence.setdefault((chain_id, hop), []).append((rule_id, rule, _evidence_headers(found)))
     out: dict[int, Record] = {}
     for chain_id, client, end, started, third_party in reader.rows(
         "SELECT c.id, c.client, c.end_reason, c.started_at, c.third_party FROM chains c "
@@ -251,10 +266,65 @@ def _chain_records(reader: Reader, url_substring: str | None) -> list[Record]:
                 "changes": hop_changes(source, target),
             }
         )
+        if headers:
+            out[chain_id]["hops"][-1]["header_changes"] = header_changes(
+                source.get("request_headers"), target.get("request_headers") if target else None
+            )
+            out[chain_id]["hops"][-1]["evidence"] = [
+                {"rule_id": rule_id, "rule": rule, "headers": sorted(names)}
+                for rule_id, rule, names in evidence.get((chain_id, idx), ())
+            ]
     records = list(out.values())
     if url_substring:
         records = [c for c in records if any(url_substring in u for u in _urls(c))]
     return records
+
+
+def _evidence_headers(text: str | None) -> set[str]:
+    """The header names a finding's evidence gives (lower case)."""
+    found = json.loads(text) if text else {}
+    names = set()
+    for key in ("header", "headers_kept"):  # RA105/RA115's credential; RA107's body headers
+        value = found.get(key) if isinstance(found, dict) else None
+        for name in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if isinstance(name, str):
+                names.add(name.split("=", 1)[0].lower())
+    return names
+
+
+def header_changes(before: list[list[str]] | None, after: list[list[str]] | None) -> list[Record]:
+    """A request's headers against its follow-up's, by name (case-insensitive), in the
+    request's order then the follow-up's: `+` only on the follow-up, `-` only on the
+    request, `~` one value each and they differ. Unchanged headers are left out; neither
+    side's headers stored (a HAR without them): nothing."""
+    if before is None or after is None:
+        return []
+    sent: dict[str, list[tuple[str, str]]] = {}
+    got: dict[str, list[tuple[str, str]]] = {}
+    for into, pairs in ((sent, before), (got, after)):
+        for name, value in pairs:
+            into.setdefault(name.lower(), []).append((name, value))
+    out: list[Record] = []
+    for key in [*sent, *(k for k in got if k not in sent)]:
+        a, b = sent.get(key, []), got.get(key, [])
+        if [v for _, v in a] == [v for _, v in b]:
+            continue
+        if len(a) == 1 and len(b) == 1:
+            out.append({"change": "~", "name": b[0][0], "before": a[0][1], "after": b[0][1]})
+            continue
+        left = [v for _, v in b]
+        for name, value in a:
+            if value in left:
+                left.remove(value)
+            else:
+                out.append({"change": "-", "name": name, "value": value})
+        kept = [v for _, v in a]
+        for name, value in b:
+            if value in kept:
+                kept.remove(value)
+            else:
+                out.append({"change": "+", "name": name, "value": value})
+    return out
 
 
 CAPTURES_SQL = """
@@ -427,7 +497,10 @@ def _pointer_text(capture: Record) -> str:
     return f"{capture['source']}:{capture.get('flow_id')}"
 
 
-def print_chain_trees(records: list[Record], console: Console) -> None:
+def print_chain_trees(records: list[Record], console: Console, verbose: bool = False) -> None:
+    """Each chain as a tree; `verbose` (records read with headers): every hop's request
+    headers against its follow-up's (`+` added, `-` dropped, `~` changed), the redirect's
+    response headers, and the headers a finding names marked with it."""
     if not records:
         console.print("No chains.")
         return
@@ -449,14 +522,15 @@ def print_chain_trees(records: list[Record], console: Console) -> None:
                 end = st.red(chain["end"]) + (
                     f": Location {st.text(src['location'])}" if src["location"] else ""
                 )
-                hops.append((label, [end]))
+                hops.append((label, [end, *(_header_leaves(hop, st) if verbose else [])]))
                 continue
             followed = (
                 f"→ {st.text(target['method'])} {st.text(target['url'])} · "
                 f"{target['status'] or st.text(target['error'])}  "
                 f"{st.dim(_body_text(target['body']))} · linked {hop['link']} ({hop['confidence']:.2f})"
             )
-            hops.append((label, [followed, *(st.yellow(f"! {change}") for change in hop["changes"])]))
+            leaves = [followed, *(st.yellow(f"! {change}") for change in hop["changes"])]
+            hops.append((label, leaves + (_header_leaves(hop, st) if verbose else [])))
         root = (
             f"{st.bold(f'chain {chain["chain_id"]}')} · {st.text(chain['client_name'] or chain['client'])} · "
             f"{st.dim(chain['client'])} · {chain['started_at']} · "
@@ -493,6 +567,50 @@ class _Style:
 
     def yellow(self, value: object) -> str:
         return self.styled("yellow", value)
+
+
+def _header_leaves(hop: Record, st: _Style) -> list[str]:
+    """The hop's headers, for `chains -v`: the request's against its follow-up's, then the
+    redirect's response; a header a finding names is marked with the finding."""
+    named: dict[str, list[str]] = {}
+    for found in hop.get("evidence") or ():
+        for name in found["headers"]:
+            named.setdefault(name, []).append(f"{found['rule_id']} {found['rule']}")
+
+    def line(mark: str, name: str, text: str) -> str:
+        shown = f"{mark} {name}: {text}"
+        flagged = named.get(name.lower())
+        return st.bold(f"{shown}   <- {', '.join(flagged)}") if flagged else st.text(shown)
+
+    src, target = hop["from"], hop["to"]
+    sent = src.get("request_headers")
+    leaves = []
+    if sent is None:
+        leaves.append(st.dim("request headers: not captured"))
+    else:
+        changed = {c["name"].lower() for c in hop.get("header_changes") or ()}
+        follow = (
+            "" if target is None else " (the follow-up's where they differ: + added, - dropped, ~ changed)"
+        )
+        leaves.append(st.dim(f"request headers{follow}:"))
+        leaves += [line(" ", name, _value(value)) for name, value in sent if name.lower() not in changed]
+        for c in hop.get("header_changes") or ():
+            if c["change"] == "~":
+                leaves.append(line("~", c["name"], f"{_value(c['before'])} -> {_value(c['after'])}"))
+            else:
+                leaves.append(line(c["change"], c["name"], _value(c["value"])))
+        if target is not None and target.get("request_headers") is None:
+            leaves.append(st.dim("(the follow-up's request headers were not captured)"))
+    answered = src.get("response_headers")
+    if answered:
+        leaves.append(st.dim(f"response headers of the {hop['status']}:"))
+        leaves += [line(" ", name, _value(value)) for name, value in answered]
+    return leaves
+
+
+def _value(value: str) -> str:
+    """A stored header value; a secret one is a keyed fingerprint, and says so."""
+    return f"{value} (keyed fingerprint)" if "hmac:" in value else value
 
 
 def tree_lines(root: str, children: list[tuple[str, list[str]]]) -> list[str]:

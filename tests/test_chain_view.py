@@ -9,6 +9,8 @@ import re
 
 from conftest import RULE_FIXTURES, run_cli
 
+from analyzer.report import header_changes
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -28,3 +30,57 @@ def test_the_plain_and_the_coloured_tree_say_the_same(tmp_path):
     lines = plain.stdout.splitlines()
     assert lines[0].startswith("chain ") and lines[1].startswith("└── ")
     assert lines[2].startswith("    └── not-followed") and "?q=[red]x[/]" in lines[1]
+
+
+def test_chains_v_shows_each_hop_s_headers_the_changes_and_the_finding_s_evidence(tmp_path):
+    db = str(tmp_path / "cd.db")
+    assert (
+        run_cli("import-har", str(RULE_FIXTURES / "cd-api-key-same-origin.har"), "--db", db).returncode == 0
+    )
+    done = run_cli("chains", "--db", db, "-v")
+    assert done.returncode == 0, done.stderr
+    key = json.loads(run_cli("chains", "--db", db, "-f", "json", "-v").stdout)[0]["hops"][0]["from"][
+        "request_headers"
+    ][1][1]
+    assert key.startswith("hmac:")  # stored as a keyed fingerprint, shown as one
+    assert done.stdout.splitlines()[2:] == [
+        "    ├── → GET https://api.test/items · 200  body: not captured · linked same-connection (1.00)",
+        "    ├── request headers (the follow-up's where they differ: + added, - dropped, ~ changed):",
+        "    ├──   User-Agent: fixture-client/1",
+        f"    ├── - X-Api-Key: {key} (keyed fingerprint)   <- RA115 credential-dropped",
+        "    ├── response headers of the 308:",
+        "    └──   Location: https://api.test/items",
+    ]
+    plain = run_cli("chains", "--db", db)  # without -v: no header lines
+    assert "request headers" not in plain.stdout and "X-Api-Key" not in plain.stdout
+
+
+def test_chains_json_v_carries_the_headers_their_changes_and_the_evidence(tmp_path):
+    db = str(tmp_path / "cd.db")
+    assert (
+        run_cli("import-har", str(RULE_FIXTURES / "cd-api-key-same-origin.har"), "--db", db).returncode == 0
+    )
+    (chain,) = json.loads(run_cli("chains", "--db", db, "-f", "json", "-v").stdout)
+    (hop,) = chain["hops"]
+    assert [name for name, _ in hop["from"]["request_headers"]] == ["User-Agent", "X-Api-Key"]
+    assert hop["to"]["request_headers"] == [["User-Agent", "fixture-client/1"]]
+    assert hop["from"]["response_headers"] == [["Location", "https://api.test/items"]]
+    assert hop["header_changes"] == [
+        {"change": "-", "name": "X-Api-Key", "value": hop["from"]["request_headers"][1][1]}
+    ]
+    assert hop["evidence"] == [{"rule_id": "RA115", "rule": "credential-dropped", "headers": ["x-api-key"]}]
+    (lean,) = json.loads(run_cli("chains", "--db", db, "-f", "json").stdout)
+    assert "request_headers" not in lean["hops"][0]["from"] and "header_changes" not in lean["hops"][0]
+
+
+def test_header_changes_by_name_whatever_the_case_and_repeated_headers():
+    before = [["Accept", "*/*"], ["Cookie", "a"], ["Cookie", "b"], ["X-Token", "t1"], ["Origin", "o"]]
+    after = [["accept", "*/*"], ["Cookie", "b"], ["x-token", "t2"], ["Referer", "r"], ["Cookie", "c"]]
+    assert header_changes(before, after) == [
+        {"change": "-", "name": "Cookie", "value": "a"},
+        {"change": "+", "name": "Cookie", "value": "c"},
+        {"change": "~", "name": "x-token", "before": "t1", "after": "t2"},
+        {"change": "-", "name": "Origin", "value": "o"},
+        {"change": "+", "name": "Referer", "value": "r"},
+    ]
+    assert header_changes(before, None) == [] and header_changes(None, after) == []
