@@ -25,7 +25,7 @@ import click
 
 from analyzer import __version__
 from analyzer.errors import ReportedError
-from analyzer.text import printable
+from analyzer.text import counted, printable
 
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs
     from rich.console import Console
@@ -502,7 +502,7 @@ def _import_files(
             failed += 1
             continue
         stored += 1
-        note = f", {result.warnings} field(s) unreadable and left empty" if result.warnings else ""
+        note = f", {counted(result.warnings, 'field')} unreadable and left empty" if result.warnings else ""
         _say(f"imported {result.entries} {noun} from {name} as capture {result.capture_id}{note}")
         if getattr(result, "damage", None):
             click.echo(
@@ -529,7 +529,7 @@ def _warn_dates(name: str, noun: str, count: int, first: list[tuple[int, float]]
 def _interrupted_import(name: str, stored: int, store: _StoreOnDemand, newest: int) -> str:
     """What to say after Ctrl-C during the import of `name`. The store is asked, since the
     signal can come after the file's transaction committed and before the import returned."""
-    before = f"; the {stored} file(s) before it were stored" if stored else ""
+    before = f"; the {counted(stored, 'file')} before it were stored" if stored else ""
     if store.newest_capture() > newest:
         return f"interrupted: {name} was stored just before{before}; nothing after it was imported"
     return f"interrupted: nothing of {name} was stored{before}"
@@ -928,7 +928,7 @@ def run_cmd(
             else "was interrupted"
         )
         seen = (
-            f"{totals[0]} exchange(s) seen, {totals[1]} stored"
+            f"{counted(totals[0], 'exchange')} seen, {totals[1]} stored"
             if totals
             else "the recorder's totals are missing"
         )
@@ -980,7 +980,7 @@ def run_cmd(
     for r in failing:
         say(f"NEW {r['severity']} {r['rule_id']} {r['rule']}: {printable(hop_text(r))}")
     say(
-        f"{len(failing)} finding(s) at or above {fail_on} not in the baseline; "
+        f"{counted(len(failing), 'finding')} at or above {fail_on} not in the baseline; "
         f"the chains: {command_prefix()} chains --db {shlex.quote(_db_shown(db))}"
     )
     if child.interrupted or (child.status != 0 and not failing):
@@ -1048,7 +1048,7 @@ def demo_cmd(db: str) -> None:
     with open_reader(db) as reader:
         records = finding_records(reader)
         chain_count = len(chain_records(reader))
-    _say(f"{chain_count} chain(s), {len(records)} finding(s)\n")
+    _say(f"{counted(chain_count, 'chain')}, {counted(len(records), 'finding')}\n")
     _emit(None, lambda out: _print_findings(records, out, ""))
     prefix, where = command_prefix(), shlex.quote(db)
     _say(f"\nExplore it: {prefix} chains --db {where}   |   {prefix} findings --db {where} --format json")
@@ -1214,12 +1214,12 @@ def _say_analyzed(result: AnalysisResult) -> None:
         ""
         if result.full
         else (
-            f" (analyzed the {result.clients_analyzed} client(s) with new exchanges; "
+            f" (analyzed the {counted(result.clients_analyzed, 'client')} with new exchanges; "
             f"the others had nothing new)"
         )
     )
     _say(
-        f"{result.chain_count} chain(s), {result.hop_count} hop(s), {result.finding_count} finding(s)"
+        f"{counted(result.chain_count, 'chain')}, {counted(result.hop_count, 'hop')}, {counted(result.finding_count, 'finding')}"
         + (f": {counts}" if counts else "")
         + scope
     )
@@ -1255,7 +1255,9 @@ def _analyze_on_dask(
     if not _has_export(parquet_dir):
         assert store is not None
         exported = export_parquet(store, parquet_dir)
-        _say(f"exported the store to {exported.directory} ({exported.rows['exchanges']:,} exchange(s))")
+        _say(
+            f"exported the store to {exported.directory} ({counted(exported.rows['exchanges'], 'exchange')})"
+        )
     counts = distributed.export_counts(parquet_dir)
     if store is not None and write_back:  # refused now, not after the cluster's work
         from analyzer.analysis import check_exchanges
@@ -1377,10 +1379,10 @@ def findings_cmd(
     except UnknownRule as exc:
         raise UserError(f"unknown rule {exc.name!r} in --rule ({exc.known})") from None
     records = sort_records(shown + hidden if chosen.show_suppressed else shown, sort)
-    scope = f" in {state.exchanges} exchange(s)"
+    scope = f" in {counted(state.exchanges, 'exchange')}"
     _emit(output, lambda out: _write_findings(format_, records, chain_list, db, out, scope))
     if output not in (None, "-"):
-        click.echo(f"wrote {len(records)} finding(s) to {output}", err=True)
+        click.echo(f"wrote {counted(len(records), 'finding')} to {output}", err=True)
     _say_suppressed(hidden, redirects, chosen)
 
 
@@ -1393,7 +1395,7 @@ def _say_suppressed(hidden: list[Record], redirects: tuple[int, int], chosen: Ch
     if chosen.selection.third_party or not hops:
         crowd = ""
     else:
-        crowd = f"{hops} third-party redirect(s) in {chains} chain(s) between other sites than the page's"
+        crowd = f"{counted(hops, 'third-party redirect')} in {counted(chains, 'chain')} between other sites than the page's"
     if line or crowd:
         _say_err("; ".join(p for p in (crowd, line) if p))
 
@@ -1487,7 +1489,7 @@ def check_cmd(
     shown, hidden = only(shown, hosts=chosen.hosts), only(hidden, hosts=chosen.hosts)
     if write_baseline is not None:
         count = exports.write_baseline(shown, Path(write_baseline))
-        _say(f"baseline: {count} finding(s) recorded in {write_baseline}")
+        _say(f"baseline: {counted(count, 'finding')} recorded in {write_baseline}")
         return
     known = exports.read_baseline(Path(baseline)) if baseline is not None else set()
     failing = exports.gate(shown, floor, known)
@@ -1500,10 +1502,10 @@ def check_cmd(
             )
     quiet = len(shown) - len(failing)
     _say(
-        f"check: {len(failing)} finding(s) at or above {floor} not in the baseline"
-        f" ({quiet} other finding(s) known or below the bar"
+        f"check: {counted(len(failing), 'finding')} at or above {floor} not in the baseline"
+        f" ({counted(quiet, 'other finding')} known or below the bar"
         + (f", {len(hidden)} suppressed" if hidden else "")
-        + f"; {state.exchanges} exchange(s) checked)"
+        + f"; {counted(state.exchanges, 'exchange')} checked)"
     )
     _say_suppressed(hidden, redirects, chosen)
     if failing:
@@ -1685,7 +1687,7 @@ def export_tests_cmd(
     except OSError as exc:
         raise UserError(f"{target}: cannot write: {exc.strerror or exc}") from None
     variables = ", ".join(module.secret_origins) or "none"
-    _say(f"wrote {target}: {len(tests)} test(s), one per chain; credentials from: {variables}")
+    _say(f"wrote {target}: {counted(len(tests), 'test')}, one per chain; credentials from: {variables}")
     _say(f"run it: {BASE_ENV_HINT} pytest {shlex.quote(str(target))}")
 
 
@@ -1734,7 +1736,7 @@ def export_cmd(directory: str, format_: str, db: str | None, no_analyze: bool, w
     finally:
         store.close()
     counts = ", ".join(f"{n} {name}" for name, n in result.rows.items())
-    _say(f"wrote {counts} to {directory} ({result.days} capture date(s))")
+    _say(f"wrote {counts} to {directory} ({counted(result.days, 'capture date')})")
 
 
 @cli.group("captures", invoke_without_command=True)
@@ -1778,7 +1780,10 @@ def captures_remove_cmd(ids: tuple[int, ...], db: str | None, wait: float) -> No
             f"no capture {', '.join(map(str, missing))} in {_db_shown(db)}; nothing was removed "
             f"(`{command_prefix()} captures --db {shlex.quote(_db_shown(db))}` lists them)"
         )
-    _say(f"removed capture(s) {', '.join(map(str, ids))} and their exchanges from {_db_shown(db)}")
+    listed = ", ".join(map(str, ids))
+    _say(
+        f"removed {'capture' if len(ids) == 1 else 'captures'} {listed} and their exchanges from {_db_shown(db)}"
+    )
 
 
 @cli.group("db")

@@ -170,7 +170,7 @@ def markdown(records: list[Record]) -> str:
         return "\n".join([*lines, "No findings.", ""])
     counts = Counter(r["severity"] for r in records)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
-    lines += [f"{len(records)} finding(s): {summary}.", ""]
+    lines += [f"{counted(len(records), 'finding')}: {summary}.", ""]
     by_rule: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_rule[f"{r['rule_id']} `{r['rule']}`"].append(r)

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from analyzer.clientnames import label_words, product
 from analyzer.store import Store
 from analyzer.store import exchanges as ex_t
+from analyzer.text import counted as noun_count
 
 SHOWN = 4  # hosts, clients or tests named in one line; the rest are counted
 
@@ -63,7 +64,7 @@ def clients_seen(
     )
 
 
-def counted(items: Mapping[str, int], unit: str = "") -> str:
+def by_name(items: Mapping[str, int], unit: str = "") -> str:
     """'a (3), b (1) and 2 more' for the SHOWN commonest."""
     ranked = sorted(items.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ", ".join(f"{k} ({v}{unit})" for k, v in ranked[:SHOWN])
@@ -75,22 +76,22 @@ def recorded_line(seen: list[ClientSeen]) -> str:
     total = sum(s.exchanges for s in seen)
     if not total:
         return "recorded nothing: no HTTP(S) exchange went through the recorder"
-    clients = counted({s.name: s.exchanges for s in seen})
-    return f"recorded {total} exchange(s) from {len(seen)} client(s): {clients}"
+    clients = by_name({s.name: s.exchanges for s in seen})
+    return f"recorded {noun_count(total, 'exchange')} from {noun_count(len(seen), 'client')}: {clients}"
 
 
 def tls_lines(refused: Mapping[str, int], upstream: Mapping[str, int]) -> list[str]:
     lines = []
     if refused:
         lines.append(
-            f"{sum(refused.values())} TLS handshake(s) refused by a client that does not trust the "
-            f"recorder's CA, so what it sent there was not seen: {counted(refused)}"
+            f"{noun_count(sum(refused.values()), 'TLS handshake')} refused by a client that does not trust the "
+            f"recorder's CA, so what it sent there was not seen: {by_name(refused)}"
         )
     if upstream:
         lines.append(
-            f"{sum(upstream.values())} TLS handshake(s) with an upstream server failed (its certificate "
+            f"{noun_count(sum(upstream.values()), 'TLS handshake')} with an upstream server failed (its certificate "
             f"was not trusted; the client's connection was closed; --upstream-ca FILE trusts a test "
-            f"server's own CA): {counted(upstream)}"
+            f"server's own CA): {by_name(upstream)}"
         )
     return lines
 
@@ -98,7 +99,7 @@ def tls_lines(refused: Mapping[str, int], upstream: Mapping[str, int]) -> list[s
 def unproxied_line(tests: list[str]) -> str:
     shown = ", ".join(tests[:SHOWN]) + (f" and {len(tests) - SHOWN} more" if len(tests) > SHOWN else "")
     return (
-        f"{len(tests)} test(s) ran with the proxy variables removed (a fixture or the test cleared "
+        f"{noun_count(len(tests), 'test')} ran with the proxy variables removed (a fixture or the test cleared "
         f"them), so their HTTP traffic was not recorded: {shown}"
     )
 
@@ -132,10 +133,10 @@ def empty_reasons(
     """Why a recording may have seen nothing, the likeliest first."""
     reasons = []
     if unproxied:
-        reasons.append(f"{unproxied} test(s) ran with the proxy variables removed")
+        reasons.append(f"{noun_count(unproxied, 'test')} ran with the proxy variables removed")
     if refused:
         reasons.append(
-            f"{sum(refused.values())} TLS handshake(s) were refused: a client pinned its own CA bundle"
+            f"{noun_count(sum(refused.values()), 'TLS handshake')} were refused: a client pinned its own CA bundle"
         )
     if transparent:  # every TCP connection reached the recorder: nothing depended on the client
         reasons.append("its clients spoke only HTTP/3 (QUIC, over UDP), which is not redirected")

@@ -19,7 +19,7 @@ from rich.table import Table
 from analyzer.clientnames import readable
 from analyzer.model import Severity
 from analyzer.storeread import Reader, Row
-from analyzer.text import json_terminal_safe, printable
+from analyzer.text import counted, json_terminal_safe, printable
 
 # One finding, chain or hop as the JSON contract has it (design.md).
 Record = dict[str, Any]
@@ -436,7 +436,7 @@ def print_findings_table(records: list[Record], console: Console, scope: str = "
     summary = ", ".join(f"{counts[s]} {s}" for s in ("high", "medium", "low", "info") if counts[s])
     listed = len(records) - len(active)
     console.print(
-        f"\n{len(active)} finding(s)"
+        f"\n{counted(len(active), 'finding')}"
         + (f": {summary}" if summary else "")
         + (f" ({listed} suppressed, listed)" if listed else "")
     )
@@ -484,7 +484,7 @@ def print_capture_table(records: list[Record], console: Console, store: str) -> 
         )
     console.print(table)
     total = sum(r["exchanges"] for r in records)
-    console.print(f"{len(records)} capture(s), {total} exchange(s)", markup=False)
+    console.print(f"{counted(len(records), 'capture')}, {counted(total, 'exchange')}", markup=False)
     for r in records:
         if r.get("damage"):
             console.print(f"capture {r['capture_id']} is damaged: {r['damage']}", markup=False)
@@ -534,7 +534,7 @@ def print_chain_trees(records: list[Record], console: Console, verbose: bool = F
         root = (
             f"{st.bold(f'chain {chain["chain_id"]}')} · {st.text(chain['client_name'] or chain['client'])} · "
             f"{st.dim(chain['client'])} · {chain['started_at']} · "
-            f"{len(chain['hops'])} hop(s) · ends: {chain['end']}"
+            f"{counted(len(chain['hops']), 'hop')} · ends: {chain['end']}"
         )
         lines = tree_lines(root, hops)
         if plain:
@@ -693,7 +693,7 @@ def print_conformance_table(rows: list[Record], console: Console) -> None:
             console.print(f"  rules fired: {', '.join(fired)}", highlight=False)
     deviating = sorted({r["client_name"] for r in rows if r["verdict"] == "deviated"})
     console.print(
-        f"{len(by_client)} client(s), {len(rows)} (status, method) case(s); "
+        f"{counted(len(by_client), 'client')}, {counted(len(rows), '(status, method) case')}; "
         f"deviating: {_shown(', '.join(deviating)) if deviating else 'none'}",
         highlight=False,
     )

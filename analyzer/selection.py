@@ -27,6 +27,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from analyzer.config import Settings, resolve_rules
+from analyzer.text import counted
 from analyzer.urls import endpoint
 
 Record = dict[str, Any]
@@ -170,7 +171,7 @@ def suppressed_summary(hidden: Sequence[Record]) -> str:
     order = list(words)
     ranked = sorted(kinds.items(), key=lambda kn: (-kn[1], order.index(kn[0])))
     parts = ", ".join(f"{n} {words[k]}" for k, n in ranked)
-    return f"{len(hidden)} finding(s) suppressed: {parts}; --show-suppressed lists them"
+    return f"{counted(len(hidden), 'finding')} suppressed: {parts}; --show-suppressed lists them"
 
 
 SORTS = ("time", "severity", "rule", "confidence", "client")

@@ -395,7 +395,7 @@ class Backend:
         if fail_on is not None:
             floor = _severity(fail_on)
             failing = gate([r for r in shown if r["rule_id"] not in expected], floor, self.known)
-            parts.append(self._listed(failing, f"new finding(s) at or above {floor}", chain=True))
+            parts.append(self._listed(failing, "new finding", f"at or above {floor}", chain=True))
         happened = {r["rule_id"] for r in self._test_records(test, client)}
         missing = [rule for rule in expected if rule not in happened]
         if missing:
@@ -433,10 +433,12 @@ class Backend:
                 lines.append(f"       the chain: {self._command(f['chain_id'])}")
         return "\n".join(lines)
 
-    def _listed(self, found: list[Record], what: str, chain: bool) -> str:
+    def _listed(self, found: list[Record], noun: str, what: str, chain: bool) -> str:
+        from analyzer.text import counted
+
         if not found:
             return ""
-        lines = [f"redirect-audit: {len(found)} {what} during this test:"]
+        lines = [f"redirect-audit: {counted(len(found), noun)} {what} during this test:"]
         for f in found:
             lines += self._described(f, chain=chain)
         return "\n".join(lines)
@@ -487,6 +489,7 @@ class Backend:
         then its findings grouped by test, each with the command that shows its chain."""
         from analyzer import recorded
         from analyzer.report import hop_text
+        from analyzer.text import counted
 
         where = f"a fresh store, {self._shown()}" if self.fresh else self._shown()
         seen = self._seen(labels)
@@ -525,13 +528,13 @@ class Backend:
         for r in records:
             by_test.setdefault(r["test"] or "(outside any test)", []).append(r)
         for test, found in by_test.items():
-            lines.append(f"{test}: {len(found)} finding(s)")
+            lines.append(f"{test}: {counted(len(found), 'finding')}")
             for f in found:
                 lines.append(f"  {f['severity'].upper():<6} {f['rule_id']} {f['rule']}: {hop_text(f)}")
                 if f["chain_id"] is not None:
                     lines.append(f"         {self._command(f['chain_id'])}")
         tests = sum(1 for t in by_test if t != "(outside any test)")
-        lines.append(f"{len(records)} finding(s) in {tests} test(s); store: {where}")
+        lines.append(f"{counted(len(records), 'finding')} in {counted(tests, 'test')}; store: {where}")
         return lines
 
     def _listing(self) -> str:

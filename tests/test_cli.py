@@ -33,7 +33,7 @@ def test_import_analyze_findings_json(db_path):
     fixture = RULE_FIXTURES / "md-307-post-to-get.har"
     assert run_cli("import-har", "--db", db_path, str(fixture)).returncode == 0
     done = run_cli("analyze", "--db", db_path)
-    assert done.returncode == 0 and "1 finding(s): 1 high" in done.stdout
+    assert done.returncode == 0 and "1 finding: 1 high" in done.stdout
     listed = run_cli("findings", "--db", db_path, "--format", "json")
     [finding] = json.loads(listed.stdout)
     assert finding.keys() >= FINDING_FIELDS
@@ -110,7 +110,7 @@ def test_demo_shows_all_four_mission_rules(tmp_path):
     for slug in ("method-downgrade", "dropped-body", "duplicate-write", "stale-temporary-redirect"):
         assert slug in done.stdout
     again = run_cli("demo", "--db", str(tmp_path / "demo.db"))  # re-running starts fresh
-    assert again.stdout.count("finding(s)") == done.stdout.count("finding(s)")
+    assert again.stdout.count(" finding") == done.stdout.count(" finding")
     assert again.stdout.splitlines()[-3] == done.stdout.splitlines()[-3]
 
 

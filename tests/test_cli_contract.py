@@ -85,14 +85,14 @@ def test_the_ci_gate_fails_on_a_store_where_nothing_was_captured(tmp_path):
         "so nothing was checked (--allow-empty to pass on an empty store)"
     )
     allowed = run_cli("check", "--db", db, "--allow-empty")
-    assert allowed.returncode == 0 and "0 exchange(s) checked" in allowed.stdout
+    assert allowed.returncode == 0 and "0 exchanges checked" in allowed.stdout
 
 
 def test_findings_say_what_they_looked_at(tmp_path):
     db = str(tmp_path / "clean.db")
     run_cli("import-har", "--db", db, str(RULE_FIXTURES / "bg-303-clean.har"))
     done = run_cli("findings", "--db", db)
-    assert done.stdout.strip() == "No findings in 2 exchange(s)."
+    assert done.stdout.strip() == "No findings in 2 exchanges."
 
 
 def test_the_missing_default_store_points_at_the_demo_store(tmp_path):
@@ -242,14 +242,14 @@ def test_captures_lists_and_removes_what_the_store_holds(tmp_path):
     ]
     assert listed[1]["first_at"] < listed[1]["last_at"]  # the time span it covers
     table = run_cli("captures", "--db", db).stdout
-    assert "st-7-days.har" in table and "2 capture(s), 6 exchange(s)" in table
+    assert "st-7-days.har" in table and "2 captures, 6 exchanges" in table
     assert {f["rule"] for f in json.loads(run_cli("findings", "--db", db, "-f", "json").stdout)} == {
         "method-downgrade",
         "stale-temporary-redirect",
     }
 
     removed = run_cli("captures", "remove", "2", "--db", db)
-    assert removed.stdout.strip() == f"removed capture(s) 2 and their exchanges from {db}"
+    assert removed.stdout.strip() == f"removed capture 2 and their exchanges from {db}"
     assert exchanges_in(db) == 2
     after = run_cli("findings", "--db", db, "-f", "json")
     assert "analyzing it now" in after.stderr

@@ -33,7 +33,7 @@ def test_parquet_export_reads_back_in_duckdb_with_counts_and_joins_intact(db_pat
     assert done.stdout.strip() == (
         f"wrote {exchanges} exchanges, {len(chains)} chains, "
         f"{sum(len(c['hops']) for c in chains)} hops, {len(findings)} findings, "
-        f"{len(FILES)} captures to {out} (2 capture date(s))"
+        f"{len(FILES)} captures to {out} (2 capture dates)"
     )
 
     def table(name: str) -> str:

@@ -58,7 +58,7 @@ def test_pyproject_is_found_from_a_subdirectory_and_named_with_v(demo_db, tmp_pa
     done = findings(demo_db, deep, "-v")
     assert rules_of(done) == ["RA101", "RA101", "RA101", "RA102"]
     assert f"configuration: {tmp_path.resolve() / 'pyproject.toml'}" in done.stderr
-    assert "3 finding(s) suppressed: 3 of rules not selected; --show-suppressed lists them" in done.stderr
+    assert "3 findings suppressed: 3 of rules not selected; --show-suppressed lists them" in done.stderr
     # a pyproject.toml without the table is passed by; redirect-audit.toml is preferred in its directory
     (deep / "pyproject.toml").write_text('[project]\nname = "api"\n')
     (tmp_path / "redirect-audit.toml").write_text(
@@ -89,11 +89,11 @@ def test_suppressed_findings_are_listed_with_their_reason(demo_db, tmp_path):
     assert reasons["RA104 sale"] is None
     table = run_cli("findings", "--db", demo_db, "--show-suppressed", cwd=tmp_path)
     assert "suppressed: confidence 0.90 below min-confidence 0.95" in table.stdout
-    assert "4 finding(s): 1 high, 2 medium, 1 low (3 suppressed, listed)" in table.stdout
+    assert "4 findings: 1 high, 2 medium, 1 low (3 suppressed, listed)" in table.stdout
     hidden = run_cli("findings", "--db", demo_db, cwd=tmp_path)
-    assert "suppressed:" not in hidden.stdout and "4 finding(s)" in hidden.stdout
+    assert "suppressed:" not in hidden.stdout and "4 findings" in hidden.stdout
     assert (
-        "3 finding(s) suppressed: 1 on ignored hosts, 1 on per-url-ignores, 1 below min-confidence;"
+        "3 findings suppressed: 1 on ignored hosts, 1 on per-url-ignores, 1 below min-confidence;"
         in hidden.stderr
     )
 

@@ -26,6 +26,7 @@ from analyzer.columnar import export_parquet
 from analyzer.ingest.har import import_har
 from analyzer.store import open_store, remove_captures
 from analyzer.storeread import open_reader, store_state
+from analyzer.text import counted
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
@@ -183,7 +184,7 @@ def test_analyze_dask_at_a_scheduler_address_exports_analyzes_and_stores(corpus,
     )
     assert done.returncode == 0, done.stderr
     exchanges = len(pd.read_parquet(tmp_path / "shared" / "exchanges", columns=["id"]))
-    assert f"exported the store to {tmp_path / 'shared'} ({exchanges:,} exchange(s))" in done.stdout
+    assert f"exported the store to {tmp_path / 'shared'} ({counted(exchanges, 'exchange')})" in done.stdout
     assert f"wrote the chains, hops and findings to {tmp_path / 'results'}" in done.stdout
     # The options given are the analysis's, remembered as `analyze` remembers them: a local
     # analysis with them finds exactly what the cluster stored.
@@ -192,7 +193,10 @@ def test_analyze_dask_at_a_scheduler_address_exports_analyzes_and_stores(corpus,
     shutil.copy(db, again)
     assert run_cli("analyze", "--db", str(again), "--link-window", "0.2").returncode == 0
     assert on_cluster == stored_rows(again) != local
-    assert f"{len(on_cluster['chains'])} chain(s), {len(on_cluster['hops'])} hop(s)" in done.stdout
+    assert (
+        f"{counted(len(on_cluster['chains']), 'chain')}, {counted(len(on_cluster['hops']), 'hop')}"
+        in done.stdout
+    )
     assert frame_rows(pd.read_parquet(tmp_path / "results" / "findings"), FINDINGS) == on_cluster["findings"]
     # A second run, on a cluster of its own here, reads the export already there.
     done = run_cli(

@@ -85,7 +85,7 @@ def test_junit_has_a_case_per_chain_failed_by_its_findings(demo_db):
 def test_markdown_has_a_table_per_rule(demo_db):
     text = run_cli("findings", "--db", demo_db, "--format", "markdown").stdout
     assert text.startswith("# redirect-audit findings")
-    assert "7 finding(s): 3 high, 3 medium, 1 low." in text
+    assert "7 findings: 3 high, 3 medium, 1 low." in text
     for rule in (
         "RA101 `method-downgrade`",
         "RA102 `dropped-body`",
@@ -103,7 +103,7 @@ def test_check_fails_on_new_findings_and_passes_with_a_baseline(demo_db, tmp_pat
     assert run_cli("check", "--db", demo_db, "--fail-on", "high").stdout.count("NEW ") == 3
     baseline = tmp_path / "baseline.json"
     written = run_cli("check", "--db", demo_db, "--write-baseline", str(baseline))
-    assert written.returncode == 0 and "7 finding(s) recorded" in written.stdout
+    assert written.returncode == 0 and "7 findings recorded" in written.stdout
     assert run_cli("check", "--db", demo_db, "--baseline", str(baseline), "--fail-on", "low").returncode == 0
 
 
@@ -182,4 +182,4 @@ def test_a_baseline_holds_on_another_fresh_store_of_the_same_traffic(tmp_path):
     assert "tok-81f2c" not in baseline.read_text()
     done = run_cli("check", "--db", second, "--baseline", str(baseline), "--fail-on", "low")
     assert done.returncode == 0, done.stdout
-    assert "check: 0 finding(s)" in done.stdout
+    assert "check: 0 findings" in done.stdout

@@ -8,6 +8,8 @@ import json
 import pytest
 from conftest import RULE_FIXTURES, run_cli
 
+from analyzer.text import counted
+
 pytestmark = pytest.mark.slow
 
 FIRST = ["md-307-post-to-get.har", "dw-failover.har", "lw-put-307.har", "cc-authorization-other-host.har"]
@@ -41,7 +43,7 @@ def test_new_captures_are_analyzed_alone_and_every_id_stays(db_path):
     again = run_cli("analyze", "--db", db_path)
     assert again.returncode == 0, again.stderr
     assert (
-        f"(analyzed the {len(LATER)} client(s) with new exchanges; the others had nothing new)"
+        f"(analyzed the {counted(len(LATER), 'client')} with new exchanges; the others had nothing new)"
         in again.stdout
     )
     after_findings, after_chains = findings(db_path), chains(db_path)
@@ -55,7 +57,7 @@ def test_new_captures_are_analyzed_alone_and_every_id_stays(db_path):
     assert min(f["finding_id"] for f in new) > max(f["finding_id"] for f in before_findings)
     # nothing new: nothing analyzed, nothing changed
     idle = run_cli("analyze", "--db", db_path)
-    assert "(analyzed the 0 client(s) with new exchanges" in idle.stdout
+    assert "(analyzed the 0 clients with new exchanges" in idle.stdout
     assert findings(db_path) == after_findings
     # a full analysis finds the same, with the same ids
     full = run_cli("analyze", "--full", "--db", db_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import shutil
 import signal
 import sqlite3
@@ -193,7 +194,7 @@ def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
     stored = exchanges_in(db) if db.exists() else 0  # a store interrupted while being created is removed
     if stored == 2 + ENTRIES:  # the signal came after the big file's commit: the message must say so
         assert (
-            f"redirect-audit: interrupted: {big} was stored just before; the 1 file(s) before it were stored"
+            f"redirect-audit: interrupted: {big} was stored just before; the 1 file before it were stored"
             in out
         )
         return
@@ -201,7 +202,7 @@ def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
     if stored == 2:  # the small file went in first; nothing of the big one
         said = (
             # during the big file
-            f"redirect-audit: interrupted: nothing of {big} was stored; the 1 file(s) before it were stored",
+            f"redirect-audit: interrupted: nothing of {big} was stored; the 1 file before it were stored",
             # between the two (a loaded machine's window)
             f"redirect-audit: interrupted: {small} was stored just before; nothing after it was imported",
         )
@@ -222,7 +223,7 @@ def test_ctrl_c_during_analyze_leaves_the_store_as_it_was(big_store, big_results
     trial.ctrl_c()
     code, out = trial.finish()
     no_traceback(out)
-    if code in (0, -signal.SIGINT) and "finding(s)" in out:
+    if code in (0, -signal.SIGINT) and re.search(r"\d+ findings?\b", out):
         assert chains_in(db) > 0
         return
     assert code == 130

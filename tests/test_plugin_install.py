@@ -128,11 +128,11 @@ def test_the_tool_on_path_records_the_suite(light, tmp_path):
     out = done.stdout
     assert done.returncode == 1, out + done.stderr  # the gate failed test_pay
     assert "1 failed, 1 passed" in out, out
-    assert "redirect-audit: 1 new finding(s) at or above low during this test:" in out, out
+    assert "redirect-audit: 1 new finding at or above low during this test:" in out, out
     urllib = f"urllib {sys.version_info.major}.{sys.version_info.minor} (pytest main) (2)"
-    assert f"recorded 2 exchange(s) from 1 client(s): {urllib}" in out, out
+    assert f"recorded 2 exchanges from 1 client: {urllib}" in out, out
     assert (
-        "test_talks.py::test_pay: 1 finding(s)" in out
+        "test_talks.py::test_pay: 1 finding" in out
         and "RA101 method-downgrade: POST http://127.0.0.1:" in out
     )
     # the test process's own traffic was stored by the tool, with no proxy in between

@@ -136,7 +136,7 @@ def test_proxy_command_prints_where_things_are_and_records(tmp_path, upstream):
     [then] = re.findall(r"stop with Ctrl-C; then: (.*)", out)
     assert then == f"redirect-audit findings --db {db}"
     shown = run_cli(*shlex.split(then)[1:])
-    assert shown.returncode == 0 and "No findings in 2 exchange(s)." in shown.stdout
+    assert shown.returncode == 0 and "No findings in 2 exchanges." in shown.stdout
 
 
 def test_reverse_mode_is_passed_through(tmp_path, upstream):

@@ -209,19 +209,19 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
     out = result.stdout.str()
     # the failing test is the one with the high finding, failed with the finding in its report
     assert "FAILED test_sample.py::test_sdk_changes_method_on_307 - redirect-audit: 1 new" in out
-    assert "redirect-audit: 1 new finding(s) at or above high during this test:" in out
+    assert "redirect-audit: 1 new finding at or above high during this test:" in out
     assert "HIGH RA101 method-downgrade: POST http://127.0.0.1" in out and "/r/307/order → 307 → GET" in out
     assert findings_by_test(db) == expected_by_test()
     # the summary: findings grouped by test, each hop in one line, the command for its chain
     summary = out.split("redirect-audit ====", 1)[1]
     for name, (severity, path) in CULPRITS.items():
-        assert f"test_sample.py::{name}: 1 finding(s)" in summary
+        assert f"test_sample.py::{name}: 1 finding" in summary
         assert f"{severity.upper():<6} RA101 method-downgrade: POST " in summary and path in summary
     assert "test_clean" not in summary and "test_fixture_clean" not in summary
     assert f"redirect-audit chains --db {db} --chain " in summary
-    assert f"3 finding(s) in 3 test(s); store: {db}" in summary
+    assert f"3 findings in 3 tests; store: {db}" in summary
     line = next(line for line in summary.splitlines() if line.startswith("recorded "))
-    assert re.fullmatch(r"recorded 1\d exchange\(s\) from [2-4] client\(s\): .+", line), line
+    assert re.fullmatch(r"recorded 1\d exchanges? from [2-4] clients?: .+", line), line
     named = set(re.findall(r"(requests|httpx) \d+\.\d+ \(pytest (\w+)\)", line))
     assert {lib for lib, _ in named} == {"requests", "httpx"}, line
     assert {worker for _, worker in named} <= ({"gw0", "gw1"} if workers else {"main"}), line
@@ -305,7 +305,7 @@ def test_the_ini_switch_and_a_test_path_after_the_flag(suite, tmp_path):
         suite, "-p", "no:cacheprovider", "--redirect-audit", "test_sample.py", "-k", "post_302", timeout=300
     )
     path_after.assert_outcomes(passed=1, deselected=6)
-    assert "test_sample.py::test_post_302_becomes_get: 1 finding(s)" in path_after.stdout.str()
+    assert "test_sample.py::test_post_302_becomes_get: 1 finding" in path_after.stdout.str()
     assert "store: a fresh store, " in path_after.stdout.str()
 
 
@@ -356,7 +356,7 @@ def test_under_run_what_loaded_before_the_plugin_keeps_no_proxy_variable(pyteste
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     assert "1 passed" in done.stdout
-    assert "recorded 1 exchange(s) from 1 client(s): urllib" in done.stderr
+    assert "recorded 1 exchange from 1 client: urllib" in done.stderr
 
 
 def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
@@ -377,14 +377,14 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
         cwd=suite.path,
         timeout=300,
     )
-    assert done.returncode == 1, (
+    assert done.returncode == 90, (
         done.stdout + done.stderr
     )  # pytest passed; run's gate failed on the high finding
     assert "7 passed" in done.stdout
     assert "= redirect-audit =" not in done.stdout  # run sums up, not the plugin
     assert "NEW high RA101 method-downgrade" in done.stderr
     assert re.search(
-        r"recorded 1\d exchange\(s\) from \d client\(s\): requests 2\.\d+ \(pytest main\)", done.stderr
+        r"recorded 1\d exchanges? from \d clients?: requests 2\.\d+ \(pytest main\)", done.stderr
     )
     assert re.search(
         r"runtimes seen starting: pytest [\d.]+ \(Python 3\.\d+\.\d+\): 1 process\(es\)", done.stderr
@@ -412,10 +412,10 @@ def test_under_redirect_audit_run_each_test_is_its_own_client(suite, tmp_path):
     assert scrubbed.returncode == 2, scrubbed.stdout + scrubbed.stderr
     assert "2 passed" in scrubbed.stdout
     assert (
-        "2 test(s) ran with the proxy variables removed (a fixture or the test cleared them), so their "
+        "2 tests ran with the proxy variables removed (a fixture or the test cleared them), so their "
         "HTTP traffic was not recorded: test_scrub.py::test_get, test_scrub.py::test_post"
     ) in scrubbed.stderr
-    assert "  - 2 test(s) ran with the proxy variables removed" in scrubbed.stderr
+    assert "  - 2 tests ran with the proxy variables removed" in scrubbed.stderr
 
 
 def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
@@ -423,7 +423,7 @@ def test_a_postgresql_store_gets_the_same_attribution(suite, pg_cluster):
     result = run_pytest(suite, f"--redirect-audit={url}", "-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(passed=7)
     assert findings_by_test(url) == expected_by_test()
-    assert "3 finding(s) in 3 test(s); store: postgresql" in result.stdout.str()
+    assert "3 findings in 3 tests; store: postgresql" in result.stdout.str()
 
 
 SCRUBBING_SUITE = '''
@@ -459,10 +459,10 @@ def test_a_suite_that_clears_the_proxy_variables_is_recorded_in_process(pytester
     recorded.assert_outcomes(passed=2)
     assert recorded.ret == 0
     out = recorded.stdout.str()
-    assert re.search(
-        r"recorded 4 exchange\(s\) from 1 client\(s\): requests 2\.\d+ \(pytest main\) \(4\)", out
-    ), out
-    assert "test_scrub.py::test_post: 1 finding(s)" in out and "proxy variables removed" not in out
+    assert re.search(r"recorded 4 exchanges? from 1 clients?: requests 2\.\d+ \(pytest main\) \(4\)", out), (
+        out
+    )
+    assert "test_scrub.py::test_post: 1 finding" in out and "proxy variables removed" not in out
     proxied = run_pytest(
         pytester, "--redirect-audit", "--redirect-audit-mode=proxy", "-p", "no:cacheprovider", timeout=300
     )
@@ -472,11 +472,11 @@ def test_a_suite_that_clears_the_proxy_variables_is_recorded_in_process(pytester
     assert "No findings" not in out
     assert "recorded nothing: no HTTP(S) exchange went through the recorder" in out
     unproxied = (
-        "2 test(s) ran with the proxy variables removed (a fixture or the test cleared them), so "
+        "2 tests ran with the proxy variables removed (a fixture or the test cleared them), so "
         "their HTTP traffic was not recorded: test_scrub.py::test_get, test_scrub.py::test_post"
     )
     assert unproxied in out
-    assert "so this is not an all-clear" in out and "- 2 test(s) ran with the proxy variables removed" in out
+    assert "so this is not an all-clear" in out and "- 2 tests ran with the proxy variables removed" in out
     assert "The session exits 2; --redirect-audit-allow-empty accepts a session that records nothing." in out
     empty = run_pytest(
         pytester,
@@ -664,7 +664,7 @@ def test_nothing_of_the_tool_here(redirect_audit):
     out = done.stdout
     assert done.returncode == 0 and "2 passed" in out, out + done.stderr
     assert "Warning" not in out, out
-    assert "test_strict.py::test_first: 1 finding(s)" in out, out
+    assert "test_strict.py::test_first: 1 finding" in out, out
 
 
 MARKED_SUITE = """
@@ -725,7 +725,7 @@ def test_marked_expectations_and_the_project_configuration(pytester, upstream):
         "but it did not happen during this test" in out
     )
     assert "unknown rule 'RA999'" in out
-    assert "1 finding(s) suppressed" in out and "on per-url-ignores" in out
+    assert "1 finding suppressed" in out and "on per-url-ignores" in out
     off = run_pytest(pytester, "--strict-markers", "-p", "no:cacheprovider", "-k", "expected_downgrade")
     off.assert_outcomes(passed=1)
     # the command line over the file: only findings on another host, or of other rules, fail
