@@ -323,8 +323,8 @@ def _capture_counts(conn: Connection) -> dict[int, tuple[int, int | None]]:
 def _client_sizes(conn: Connection, clients: list[str] | None = None) -> dict[str, int]:
     """Exchanges per client: of every client (an index-only scan), or of these."""
     counted = select(ex_t.c.client, func.count()).group_by(ex_t.c.client)
-    if clients is None:
-        return dict(conn.execute(counted).all())
+    if clients is None:  # streamed into the map: a list of rows first doubled the peak (849k clients)
+        return {client: n for client, n in conn.execute(counted.execution_options(yield_per=STREAM_ROWS))}
     sizes: dict[str, int] = {}
     for start in range(0, len(clients), ID_CHUNK):
         sizes.update(conn.execute(counted.where(ex_t.c.client.in_(clients[start : start + ID_CHUNK]))).all())
