@@ -126,3 +126,17 @@ def test_damage_inside_the_file_and_after_the_entries(reserialized, tmp_path):
     with pytest.raises(ImportError_, match="not valid JSON"):
         import_har(store, head, workers=0)
     store.engine.dispose()
+
+
+def test_the_html_report_says_which_capture_is_damaged(tmp_path):
+    cut = tmp_path / "cut.har"
+    cut.write_bytes(CHROME.read_bytes()[:1_000_000])
+    db = str(tmp_path / "cut.db")
+    assert run_cli("import-har", str(cut), "--db", db).returncode == 0
+    out = tmp_path / "r.html"
+    done = run_cli("findings", "--db", db, "-f", "html", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (
+        '<p class="damaged"><b>Damaged file:</b> <code>cut.har</code>: the file ends at byte 1,000,000, in entry '
+        "24 (0-based), before its JSON is complete; the 24 complete entries before it were imported.</p>"
+    ) in out.read_text()
