@@ -312,18 +312,19 @@ def header_changes(before: list[list[str]] | None, after: list[list[str]] | None
         if len(a) == 1 and len(b) == 1:
             out.append({"change": "~", "name": b[0][0], "before": a[0][1], "after": b[0][1]})
             continue
-        left = [v for _, v in b]
-        for name, value in a:
-            if value in left:
-                left.remove(value)
-            else:
-                out.append({"change": "-", "name": name, "value": value})
-        kept = [v for _, v in a]
-        for name, value in b:
-            if value in kept:
-                kept.remove(value)
-            else:
-                out.append({"change": "+", "name": name, "value": value})
+        out += _unmatched("-", a, b) + _unmatched("+", b, a)
+    return out
+
+
+def _unmatched(change: str, these: list[tuple[str, str]], others: list[tuple[str, str]]) -> list[Record]:
+    """`these` headers whose value `others` does not have as often (repeated values count)."""
+    spare = Counter(value for _, value in others)
+    out: list[Record] = []
+    for name, value in these:
+        if spare[value]:
+            spare[value] -= 1
+        else:
+            out.append({"change": change, "name": name, "value": value})
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 import warmcli
 from hypothesis import settings
 
-from analyzer.store import open_store
+from analyzer.store import Store, open_store
 
 # Generated cases: the default profile is sized for every run of the suite; a longer hunt
 # is `pytest tests/test_fuzz.py --hypothesis-profile=deep` (also ten mutants per kind of
@@ -38,6 +38,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # licences (tests/corpus/NOTICE.md); REDIRECT_AUDIT_CORPUS points at another copy.
 CORPUS = Path(os.environ.get("REDIRECT_AUDIT_CORPUS") or Path(__file__).parent / "corpus" / "har")
 RULE_FIXTURES = Path(__file__).parent / "fixtures" / "rules"
+
+
+def corpus_files() -> list[Path]:
+    """Every HAR of the real corpus, then every rule fixture."""
+    return sorted((CORPUS / "good").glob("*.har")) + sorted(RULE_FIXTURES.glob("*.har"))
+
+
+def corpus_store(db: Path) -> Store:
+    """A new store at `db` holding corpus_files(), imported in this process (left open)."""
+    from analyzer.ingest.har import import_har
+
+    store = open_store(str(db))
+    for path in corpus_files():
+        import_har(store, path, workers=0)
+    return store
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by them

@@ -9,22 +9,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, RULE_FIXTURES, run_cli
+from conftest import corpus_store, run_cli
 
 from analyzer import frames
 from analyzer.conformance import body_change, client_rows, tally
-from analyzer.ingest.har import import_har
-from analyzer.store import open_store
 from analyzer.storeread import open_reader
 
 
 @pytest.fixture(scope="module")
 def corpus_db(tmp_path_factory: pytest.TempPathFactory) -> str:
     db = tmp_path_factory.mktemp("conformance") / "corpus.db"
-    store = open_store(str(db))
-    for path in sorted((CORPUS / "good").glob("*.har")) + sorted(RULE_FIXTURES.glob("*.har")):
-        import_har(store, path, workers=0)
-    store.engine.dispose()
+    corpus_store(db).engine.dispose()
     assert run_cli("analyze", "--db", str(db)).returncode == 0
     return str(db)
 

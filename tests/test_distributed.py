@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import CORPUS, RULE_FIXTURES, run_cli
+from conftest import corpus_store, run_cli
 from sqlalchemy import text
 
 from analyzer import distributed
 from analyzer.analysis import analyze
 from analyzer.columnar import export_parquet
-from analyzer.ingest.har import import_har
 from analyzer.store import open_store, remove_captures
 from analyzer.storeread import open_reader, store_state
 from analyzer.text import counted
@@ -70,9 +69,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[s
     the local results."""
     base = tmp_path_factory.mktemp("distributed")
     db = base / "corpus.db"
-    store = open_store(str(db))
-    for path in sorted((CORPUS / "good").glob("*.har")) + sorted(RULE_FIXTURES.glob("*.har")):
-        import_har(store, path, workers=0)
+    store = corpus_store(db)
     analyze(store, full=True)
     export_parquet(store, base / "export")
     store.engine.dispose()

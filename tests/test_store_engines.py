@@ -12,7 +12,7 @@ import time
 
 import pytest
 import warmcli
-from conftest import CORPUS, RULE_FIXTURES, require_corpus, run_cli, start_cli, start_python
+from conftest import RULE_FIXTURES, corpus_files, require_corpus, run_cli, start_cli, start_python
 from sqlalchemy import select
 
 from analyzer.store import captures, exchanges, meta, open_store
@@ -139,7 +139,7 @@ def outputs(db: str) -> dict[str, str]:
 
 def test_both_engines_give_byte_identical_answers_on_the_corpus_and_every_fixture(tmp_path, request):
     require_corpus()
-    files = sorted((CORPUS / "good").glob("*.har")) + sorted(RULE_FIXTURES.glob("*.har"))
+    files = corpus_files()
     assert len(files) > 100
     pg = request.getfixturevalue("pg_cluster").new_database()
     lite = str(tmp_path / "lite.db")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import CORPUS, RULE_FIXTURES, run_cli
+from conftest import corpus_store, run_cli
 from sqlalchemy import select, text
 
 from analyzer import analysis
@@ -303,10 +303,7 @@ def test_a_client_alone_in_its_batch_windowed_gives_the_same_results(generated, 
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every HAR of the corpus and every rule fixture, in one store."""
     db = tmp_path_factory.mktemp("corpus") / "base.db"
-    store = open_store(str(db))
-    for path in sorted((CORPUS / "good").glob("*.har")) + sorted(RULE_FIXTURES.glob("*.har")):
-        import_har(store, path, workers=0)
-    store.engine.dispose()
+    corpus_store(db).engine.dispose()
     return db
 
 
@@ -363,14 +360,7 @@ def test_traffic_appended_to_a_big_client_is_analyzed_from_a_checkpoint_with_the
     split = month[int(len(month) * share)].started_at
     before = [ex for ex in month if ex.started_at < split]
     after = [ex for ex in month if ex.started_at >= split]
-    taken_up: list[float] = []
-    real_resume = analysis.resume
-
-    def spy(link, detect, state, load):
-        taken_up.append(state.boundary)
-        return real_resume(link, detect, state, load)
-
-    monkeypatch.setattr(analysis, "resume", spy)
+    taken_up = _taken_up(monkeypatch)
     windows_read = Counter()
     real_redirects = analysis.WindowLoader.redirects
 
@@ -418,6 +408,45 @@ def _kept_states(db: Path) -> list[tuple[float, Snapshot]]:
     return [(boundary, read_snapshot(blob)) for boundary, blob in kept]
 
 
+def _taken_up(monkeypatch) -> list[float]:
+    """The boundaries of the checkpoints the analyses take up, as they do."""
+    taken: list[float] = []
+    real_resume = analysis.resume
+
+    def spy(link, detect, state, load):
+        taken.append(state.boundary)
+        return real_resume(link, detect, state, load)
+
+    monkeypatch.setattr(analysis, "resume", spy)
+    return taken
+
+
+def _appended_both_ways(
+    tmp_path: Path, before: list[Exchange], after: list[Exchange], window: int
+) -> tuple[dict[str, dict[str, list[tuple]]], list[tuple[float, Snapshot]]]:
+    """`before` analyzed, then `after` appended and analyzed: from the checkpoints, and from
+    the client's first exchange (checkpoints deleted). Both results, and the checkpoints
+    the first analysis kept."""
+    out, states = {}, []
+    for way in ("checkpoints", "from the start"):
+        db = tmp_path / f"{way}.db"
+        _append(db, before)
+        store = open_store(str(db), create=False)
+        analyze(store, window_exchanges=window, batch_exchanges=100)
+        if way == "checkpoints":
+            states = _kept_states(db)
+        else:
+            with store.begin() as conn:
+                conn.execute(text("DELETE FROM analysis_checkpoints"))
+        store.engine.dispose()
+        _append(db, after)
+        store = open_store(str(db), create=False)
+        analyze(store, window_exchanges=window, batch_exchanges=100)
+        store.engine.dispose()
+        out[way] = results(db)
+    return out, states
+
+
 def _challenged_tail(month: list[Exchange], tmp_path: Path) -> list[Exchange]:
     """After the month: a redirect whose same-origin follow-up dropped `Authorization` and
     was answered 401 3 s later, retried 29 s after that and answered 200 (RA115: low, the
@@ -460,31 +489,9 @@ def test_a_checkpoint_whose_denied_follow_up_the_new_traffic_may_answer_is_passe
     assert retry.status == 200 and traffic[-2].status == 401
     split = retry.started_at  # the retry arrives with the new traffic
     link = analysis.LinkOptions()
-    taken_up: list[float] = []
-    real_resume = analysis.resume
-
-    def spy(link, detect, state, load):
-        taken_up.append(state.boundary)
-        return real_resume(link, detect, state, load)
-
-    monkeypatch.setattr(analysis, "resume", spy)
-    out = {}
-    for way in ("checkpoints", "from the start"):
-        db = tmp_path / f"{way}.db"
-        _append(db, [ex for ex in traffic if ex.started_at < split])
-        store = open_store(str(db), create=False)
-        analyze(store, window_exchanges=3, batch_exchanges=100)
-        if way == "checkpoints":
-            states = _kept_states(db)
-        else:
-            with store.begin() as conn:
-                conn.execute(text("DELETE FROM analysis_checkpoints"))
-        store.engine.dispose()
-        _append(db, [ex for ex in traffic if ex.started_at >= split])
-        store = open_store(str(db), create=False)
-        analyze(store, window_exchanges=3, batch_exchanges=100)
-        store.engine.dispose()
-        out[way] = results(db)
+    taken_up = _taken_up(monkeypatch)
+    before = [ex for ex in traffic if ex.started_at < split]
+    out, states = _appended_both_ways(tmp_path, before, traffic[len(before) :], 3)
     assert out["checkpoints"] == out["from the start"]  # chains, hops and findings, ids included
     # the tail's is the latest credential-dropped finding: the client recovered
     tail = [row for row in out["checkpoints"]["findings"] if row[1] == "credential-dropped"][-1]
@@ -504,29 +511,8 @@ def test_traffic_appended_after_a_pause_is_taken_up_after_the_last_exchange(mont
     before = month[: len(month) * 3 // 4]
     gap = before[-1].started_at + 45 - month[len(before)].started_at
     after = [msgspec.structs.replace(ex, started_at=ex.started_at + gap) for ex in month[len(before) :]]
-    taken_up: list[float] = []
-    real_resume = analysis.resume
-
-    def spy(link, detect, state, load):
-        taken_up.append(state.boundary)
-        return real_resume(link, detect, state, load)
-
-    monkeypatch.setattr(analysis, "resume", spy)
-    out = {}
-    for way in ("checkpoints", "from the start"):
-        db = tmp_path / f"{way}.db"
-        _append(db, before)
-        store = open_store(str(db), create=False)
-        analyze(store, window_exchanges=40, batch_exchanges=100)
-        if way == "from the start":
-            with store.begin() as conn:
-                conn.execute(text("DELETE FROM analysis_checkpoints"))
-        store.engine.dispose()
-        _append(db, after)
-        store = open_store(str(db), create=False)
-        analyze(store, window_exchanges=40, batch_exchanges=100)
-        store.engine.dispose()
-        out[way] = results(db)
+    taken_up = _taken_up(monkeypatch)
+    out, _ = _appended_both_ways(tmp_path, before, after, 40)
     assert out["checkpoints"] == out["from the start"]
     assert len(taken_up) == 1 and before[-1].started_at < taken_up[0] < after[0].started_at
 
