@@ -37,7 +37,7 @@ from markupsafe import Markup, escape
 from analyzer import __version__
 from analyzer.clientnames import client_name
 from analyzer.detectors import RULES, RULES_BY_SLUG
-from analyzer.report import Record, capture_records, hop_text
+from analyzer.report import Record, body_text, capture_records, chain_records, header_lines, hop_text
 from analyzer.storeread import (
     ANALYSIS_OPTIONS,
     ANALYZED_GENERATION,
@@ -160,8 +160,29 @@ def _client(r: Record) -> str | None:
     return name
 
 
+def _hop_details(reader: Reader, chain_ids: set[int], lines: dict[int, list[str]]) -> dict[int, list[Record]]:
+    """Each chain's hops for the report's disclosure: the hop's line, and behind it the
+    bodies and the headers as `chains -v` shows them, evidence marked."""
+    out: dict[int, list[Record]] = {}
+    for chain in chain_records(reader, headers=True, chain_ids=chain_ids):
+        shown = lines.get(chain["chain_id"], [])
+        out[chain["chain_id"]] = [
+            {
+                "line": shown[hop["hop"]] if hop["hop"] < len(shown) else "",
+                "bodies": [body_text(hop["from"]["body"])]
+                + ([f"follow-up {body_text(hop['to']['body'])}"] if hop["to"] else []),
+                "changes": hop["changes"],
+                "headers": header_lines(hop),
+            }
+            for hop in chain["hops"]
+        ]
+    return out
+
+
 def _findings(records: list[Record], reader: Reader) -> list[Record]:
-    chains, names = _chains(reader, {r["chain_id"] for r in records if r["chain_id"] is not None})
+    wanted = {r["chain_id"] for r in records if r["chain_id"] is not None}
+    chains, names = _chains(reader, wanted)
+    hops = _hop_details(reader, wanted, chains)
     rows = []
     for r in records:
         rule = RULES_BY_SLUG.get(r["rule"])
@@ -177,7 +198,7 @@ def _findings(records: list[Record], reader: Reader) -> list[Record]:
                 "pointer_title": full,
                 # sorts shop.har#9 before shop.har#12
                 "pointer_key": re.sub(r"\d+", lambda m: m[0].zfill(10), short),
-                "chain": chains.get(r["chain_id"], []),
+                "chain": hops.get(r["chain_id"], []),
             }
         )
     rows.sort(key=lambda f: (RANK.get(f["severity"], 9), f["rule_id"], -f["confidence"], f["finding_id"]))

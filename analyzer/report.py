@@ -202,25 +202,53 @@ _EXCHANGE_SELECT = (
 )
 
 
-def chain_records(reader: Reader, url_substring: str | None = None, headers: bool = False) -> list[Record]:
-    """Every chain hop by hop; with url_substring, only chains where some URL contains it.
+def chain_records(
+    reader: Reader,
+    url_substring: str | None = None,
+    headers: bool = False,
+    chain_ids: Iterable[int] | None = None,
+) -> list[Record]:
+    """Every chain hop by hop; with url_substring, only chains where some URL contains it;
+    with chain_ids, only those chains (read by id, not filtered after reading them all).
     With `headers`, each exchange's request and response headers as stored (secret values
     are keyed fingerprints, `hmac:...`), each hop's header changes from the request to its
     follow-up, and the headers its findings name as their evidence."""
     with reader.snapshot():  # an analysis committing between the queries would leave hops dangling
-        return _chain_records(reader, url_substring, headers)
+        return _chain_records(reader, url_substring, headers, chain_ids)
 
 
-def _chain_records(reader: Reader, url_substring: str | None, headers: bool = False) -> list[Record]:
+CHAIN_CHUNK = 500
+
+
+def _where_chains(sql: str, column: str, chain_ids: list[int] | None, also: str = "") -> Iterator[str]:
+    """`sql` with its `{where}` made of `also` and, given chain_ids, `column` in them: once
+    per chunk of ids (integers, written into the text; a chunk keeps under every driver's
+    limits on parameters and statement length)."""
+
+    def where(*conditions: str) -> str:
+        present = [c for c in conditions if c]
+        return " WHERE " + " AND ".join(present) if present else ""
+
+    if chain_ids is None:
+        yield sql.format(where=where(also))
+        return
+    for start in range(0, len(chain_ids), CHAIN_CHUNK):
+        ids = ",".join(str(int(i)) for i in chain_ids[start : start + CHAIN_CHUNK])
+        yield sql.format(where=where(also, f"{column} IN ({ids})"))
+
+
+def _chain_records(
+    reader: Reader, url_substring: str | None, headers: bool = False, chain_ids: Iterable[int] | None = None
+) -> list[Record]:
+    wanted = None if chain_ids is None else sorted(set(chain_ids))
     by_id = {}
     cols = _EXCHANGE_SELECT + (", e.request_headers, e.response_headers" if headers else "")
-    for sql in (
-        "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.from_exchange_id "
-        "JOIN captures c ON c.id = e.capture_id",
-        "SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.to_exchange_id "
-        "JOIN captures c ON c.id = e.capture_id",
-    ):
-        for row in reader.rows(sql.format(cols=cols)):
+    for side in ("from_exchange_id", "to_exchange_id"):
+        sql = (
+            f"SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.{side} "
+            "JOIN captures c ON c.id = e.capture_id{where}"
+        )
+        for row in (row for query in _where_chains(sql, "h.chain_id", wanted) for row in reader.rows(query)):
             record = _exchange_record(row)
             if headers:
                 request, response = row[-2:]
@@ -229,15 +257,19 @@ def _chain_records(reader: Reader, url_substring: str | None, headers: bool = Fa
             by_id[row[0]] = record
     evidence: dict[tuple[int, int], list[tuple[str, str, set[str]]]] = {}
     if headers:
-        for chain_id, hop, rule_id, rule, found in reader.rows(
-            "SELECT chain_id, hop, rule_id, rule, evidence FROM findings WHERE chain_id IS NOT NULL ORDER BY id"
-        ):
+        sql = "SELECT chain_id, hop, rule_id, rule, evidence FROM findings{where} ORDER BY id"
+        queries = _where_chains(sql, "chain_id", wanted, also="chain_id IS NOT NULL")
+        for chain_id, hop, rule_id, rule, found in (row for query in queries for row in reader.rows(query)):
             evidence.setdefault((chain_id, hop), []).append((rule_id, rule, _evidence_headers(found)))
     out: dict[int, Record] = {}
-    for chain_id, client, end, started, third_party in reader.rows(
-        "SELECT c.id, c.client, c.end_reason, c.started_at, c.third_party FROM chains c "
-        "JOIN exchanges r ON r.id = c.root_exchange_id ORDER BY COALESCE(r.started_at, -1), r.capture_id, r.seq"
-    ):
+    chain_sql = (
+        "SELECT c.id, c.client, c.end_reason, c.started_at, c.third_party, "
+        "COALESCE(r.started_at, -1), r.capture_id, r.seq FROM chains c "
+        "JOIN exchanges r ON r.id = c.root_exchange_id{where}"
+    )
+    chain_rows = [row for query in _where_chains(chain_sql, "c.id", wanted) for row in reader.rows(query)]
+    chain_rows.sort(key=lambda row: (row[5], row[6], row[7]))
+    for chain_id, client, end, started, third_party, *_order in chain_rows:
         out[chain_id] = {
             "chain_id": chain_id,
             "client": client,
@@ -247,10 +279,12 @@ def _chain_records(reader: Reader, url_substring: str | None, headers: bool = Fa
             "third_party": None if third_party is None else bool(third_party),
             "hops": [],
         }
-    for chain_id, idx, source_id, target_id, status, link, confidence in reader.rows(
-        "SELECT chain_id, idx, from_exchange_id, to_exchange_id, status, link, confidence FROM hops "
-        "ORDER BY chain_id, idx"
-    ):
+    hop_sql = (
+        "SELECT chain_id, idx, from_exchange_id, to_exchange_id, status, link, confidence FROM hops{where}"
+    )
+    hop_rows = [row for query in _where_chains(hop_sql, "chain_id", wanted) for row in reader.rows(query)]
+    hop_rows.sort(key=lambda row: (row[0], row[1]))
+    for chain_id, idx, source_id, target_id, status, link, confidence in hop_rows:
         source, target = by_id[source_id], by_id.get(target_id)
         if idx == 0:
             out[chain_id]["client_name"] = source["client_name"]
@@ -516,7 +550,7 @@ def print_chain_trees(records: list[Record], console: Console, verbose: bool = F
             label = (
                 f"{st.text(src['method'])} {st.text(src['url'])} → {st.bold(hop['status'])}"
                 + (" (browser-internal)" if src["synthetic"] else "")
-                + f"  {st.dim(_body_text(src['body']))}"
+                + f"  {st.dim(body_text(src['body']))}"
             )
             target = hop["to"]
             if target is None:
@@ -528,7 +562,7 @@ def print_chain_trees(records: list[Record], console: Console, verbose: bool = F
             followed = (
                 f"→ {st.text(target['method'])} {st.text(target['url'])} · "
                 f"{target['status'] or st.text(target['error'])}  "
-                f"{st.dim(_body_text(target['body']))} · linked {hop['link']} ({hop['confidence']:.2f})"
+                f"{st.dim(body_text(target['body']))} · linked {hop['link']} ({hop['confidence']:.2f})"
             )
             leaves = [followed, *(st.yellow(f"! {change}") for change in hop["changes"])]
             hops.append((label, leaves + (_header_leaves(hop, st) if verbose else [])))
@@ -571,42 +605,60 @@ class _Style:
 
 
 def _header_leaves(hop: Record, st: _Style) -> list[str]:
-    """The hop's headers, for `chains -v`: the request's against its follow-up's, then the
-    redirect's response; a header a finding names is marked with the finding."""
+    """The hop's headers as tree leaves for `chains -v`: headings dim, a header a finding
+    names in bold and marked with the finding."""
+    leaves = []
+    for kind, text, flagged in header_lines(hop):
+        if kind == "header":
+            leaves.append(st.bold(f"{text}   <- {', '.join(flagged)}") if flagged else st.text(text))
+        else:
+            leaves.append(st.dim(text))
+    return leaves
+
+
+HeaderLine = tuple[str, str, list[str]]
+
+
+def header_lines(hop: Record) -> list[HeaderLine]:
+    """A hop's headers, line by line, as `chains -v` and the HTML report show them: the
+    request's against its follow-up's (`+` added, `-` dropped, `~` changed), then the
+    redirect's response. Each line is (kind, text, findings): kind `heading` or `note`
+    for words about the headers, `header` for one header as `<mark> <name>: <value>`;
+    findings are the `RA115 credential-dropped` whose evidence names that header."""
     named: dict[str, list[str]] = {}
     for found in hop.get("evidence") or ():
         for name in found["headers"]:
             named.setdefault(name, []).append(f"{found['rule_id']} {found['rule']}")
 
-    def line(mark: str, name: str, text: str) -> str:
-        shown = f"{mark} {name}: {text}"
-        flagged = named.get(name.lower())
-        return st.bold(f"{shown}   <- {', '.join(flagged)}") if flagged else st.text(shown)
+    def line(mark: str, name: str, text: str) -> HeaderLine:
+        return ("header", f"{mark} {name}: {text}", named.get(name.lower(), []))
 
     src, target = hop["from"], hop["to"]
     sent = src.get("request_headers")
-    leaves = []
+    out: list[HeaderLine] = []
     if sent is None:
-        leaves.append(st.dim("request headers: not captured"))
+        out.append(("note", "request headers: not captured", []))
+    elif not sent and not hop.get("header_changes"):
+        out.append(("note", "request headers: none", []))
     else:
         changed = {c["name"].lower() for c in hop.get("header_changes") or ()}
         follow = (
             "" if target is None else " (the follow-up's where they differ: + added, - dropped, ~ changed)"
         )
-        leaves.append(st.dim(f"request headers{follow}:"))
-        leaves += [line(" ", name, _value(value)) for name, value in sent if name.lower() not in changed]
+        out.append(("heading", f"request headers{follow}:", []))
+        out += [line(" ", name, _value(value)) for name, value in sent if name.lower() not in changed]
         for c in hop.get("header_changes") or ():
             if c["change"] == "~":
-                leaves.append(line("~", c["name"], f"{_value(c['before'])} -> {_value(c['after'])}"))
+                out.append(line("~", c["name"], f"{_value(c['before'])} -> {_value(c['after'])}"))
             else:
-                leaves.append(line(c["change"], c["name"], _value(c["value"])))
+                out.append(line(c["change"], c["name"], _value(c["value"])))
         if target is not None and target.get("request_headers") is None:
-            leaves.append(st.dim("(the follow-up's request headers were not captured)"))
+            out.append(("note", "(the follow-up's request headers were not captured)", []))
     answered = src.get("response_headers")
     if answered:
-        leaves.append(st.dim(f"response headers of the {hop['status']}:"))
-        leaves += [line(" ", name, _value(value)) for name, value in answered]
-    return leaves
+        out.append(("heading", f"response headers of the {hop['status']}:", []))
+        out += [line(" ", name, _value(value)) for name, value in answered]
+    return out
 
 
 def _value(value: str) -> str:
@@ -628,7 +680,7 @@ def tree_lines(root: str, children: list[tuple[str, list[str]]]) -> list[str]:
     return lines
 
 
-def _body_text(body: Record) -> str:
+def body_text(body: Record) -> str:
     if body["length"] is None:
         return "body: not captured"
     if body["length"] == 0:

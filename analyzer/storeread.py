@@ -186,6 +186,7 @@ class Reader:
         self._sqlite: sqlite3.Connection | None = None
         self._engine: Engine | None = None
         self._conn: Connection | None = None
+        self._in_snapshot = False
         path = sqlite_file(url)
         try:
             if path is not None:
@@ -219,7 +220,18 @@ class Reader:
     @contextmanager
     def snapshot(self) -> Iterator[None]:
         """Reads inside see one state of the store, whatever other processes commit meanwhile
-        (a chain's hops and the exchanges they point at are read by separate queries)."""
+        (a chain's hops and the exchanges they point at are read by separate queries).
+        Inside another snapshot it reads in that one."""
+        if self._in_snapshot:
+            yield
+            return
+        self._in_snapshot = True
+        try:
+            yield from self._snapshot()
+        finally:
+            self._in_snapshot = False
+
+    def _snapshot(self) -> Iterator[None]:
         if self._sqlite is not None:
             self._sqlite.execute("BEGIN")  # WAL: the first read fixes what the others see
             try:

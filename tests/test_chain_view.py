@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import RULE_FIXTURES, run_cli
+from conftest import RULE_FIXTURES, corpus_store, run_cli
 
-from analyzer.report import header_changes
+from analyzer.report import chain_records, header_changes
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -84,3 +84,25 @@ def test_header_changes_by_name_whatever_the_case_and_repeated_headers():
         {"change": "+", "name": "Referer", "value": "r"},
     ]
     assert header_changes(before, None) == [] and header_changes(None, after) == []
+
+
+def test_chains_read_by_id_are_those_of_the_whole_read_with_their_headers(tmp_path, monkeypatch):
+    """The HTML report reads only its findings' chains, by id in chunks: each must be the
+    same record as in the whole read, headers, changes and evidence included."""
+    import analyzer.report
+    from analyzer.analysis import analyze
+    from analyzer.storeread import open_reader
+
+    store = corpus_store(tmp_path / "corpus.db")
+    analyze(store)
+    store.close()
+    monkeypatch.setattr(analyzer.report, "CHAIN_CHUNK", 3)  # several chunks, one cut mid-list
+    with open_reader(str(tmp_path / "corpus.db")) as reader:
+        everything = {c["chain_id"]: c for c in chain_records(reader, headers=True)}
+        wanted = [*sorted(everything)[1::4], 10**9]  # and an id no chain has
+        some = chain_records(reader, headers=True, chain_ids=wanted)
+        lean = chain_records(reader, chain_ids=wanted[:5])
+    assert len(everything) > 40 and [c["chain_id"] for c in some] == [c for c in everything if c in wanted]
+    assert some == [everything[c["chain_id"]] for c in some]
+    assert any(hop["evidence"] for c in some for hop in c["hops"])
+    assert "request_headers" not in lean[0]["hops"][0]["from"] and len(lean) == 5

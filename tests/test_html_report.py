@@ -3,6 +3,7 @@ what a reader sees first, the order, the filters and sorting, and that it stays 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -98,7 +99,7 @@ def test_chromium_shows_summary_findings_by_severity_filters_and_sorts(report):
             assert "POST https://api.shop.example.test/v1/subscriptions → 308 → GET" in first.inner_text()
             assert "Fix: Answer 307/308" in first.inner_text()
             assert not first.locator("details pre").is_visible()
-            first.locator("details summary").click()
+            first.locator("details > summary").first.click()
             assert (
                 "0: POST https://api.shop.example.test/v1/subscriptions → 308"
                 in first.locator("pre").inner_text()
@@ -157,6 +158,8 @@ def test_chromium_shows_summary_findings_by_severity_filters_and_sorts(report):
     [
         "chrome-har__sitespeedio__yahoo-devtoolslog.har",
         "chrome-har__sitespeedio__case-sensitive-protocol.har",
+        # a client named by a 32-hex page id, and hops with every header behind them
+        "playwright-chromium__microsoft__har-redirect.har",
     ],
 )
 def test_real_tracking_urls_and_long_file_names_fit_a_half_screen_window(har, tmp_path):
@@ -174,10 +177,70 @@ def test_real_tracking_urls_and_long_file_names_fit_a_half_screen_window(har, tm
     with sync_playwright() as p:
         browser, page, errors = open_page(p, chromium, path)
         try:
-            assert len(visible(page)) >= 3
-            for width in (1280, 800):
-                page.set_viewport_size({"width": width, "height": 900})
-                assert page.evaluate("document.documentElement.scrollWidth") <= width
+            assert len(visible(page)) >= 1
+            for opened in (False, True):  # then every chain and hop disclosure open
+                if opened:
+                    page.evaluate(
+                        "document.querySelectorAll('#findings details').forEach(d => d.open = true)"
+                    )
+                for width in (1280, 800):
+                    page.set_viewport_size({"width": width, "height": 900})
+                    assert page.evaluate("document.documentElement.scrollWidth") <= width, (opened, width)
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def test_each_hop_s_headers_are_behind_its_disclosure_with_the_evidence_marked(tmp_path):
+    """As `chains -v` shows them: the finding's hop opens with its chain, the header its
+    evidence names is marked with the finding, a secret is shown as its keyed fingerprint,
+    and a real browser's hop lists what the follow-up added and dropped."""
+    from conftest import CORPUS, RULE_FIXTURES
+
+    chromium = require_program("chromium", CHROMIUM_HOW)
+    db, path = str(tmp_path / "h.db"), tmp_path / "report.html"
+    real = CORPUS / "good" / "playwright-chromium__microsoft__har-redirect.har"
+    for har in (RULE_FIXTURES / "cd-api-key-same-origin.har", real):
+        assert run_cli("import-har", str(har), "--db", db).returncode == 0
+    done = run_cli("findings", "--db", db, "--third-party", "--format", "html", "--output", str(path))
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
+    html = path.read_text()
+    secrets = {
+        h["value"]
+        for entry in json.loads(real.read_text())["log"]["entries"]
+        for side in (entry["request"], entry["response"])
+        for h in side["headers"]
+        if h["name"].lower() in ("cookie", "set-cookie")
+    }
+    assert len(secrets) >= 3 and not [v for v in secrets if v in html]  # kept as fingerprints only
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page, errors = open_page(p, chromium, path)
+        try:
+            row = page.locator("#findings tbody tr", has_text="credential-dropped")
+            hop = row.locator("details.hop-detail").first
+            assert not hop.is_visible()
+            row.locator("details > summary").first.click()  # the chain: its finding's hop is open
+            assert hop.locator(".headers").is_visible()
+            marked = hop.locator("mark")
+            assert marked.count() == 1
+            assert re.fullmatch(r"- X-Api-Key: hmac:[0-9a-f]+ \(keyed fingerprint\)", marked.inner_text())
+            lines = hop.locator(".headers").inner_text().splitlines()
+            assert lines[0] == "body: not captured"
+            assert lines[-2:] == ["response headers of the 308:", "  Location: https://api.test/items"]
+            assert any(line.endswith("← RA115 credential-dropped") for line in lines)
+
+            browsers = page.locator("#findings tbody tr", has_text="https-downgrade")
+            browsers.locator("details > summary").first.click()
+            first, second = (browsers.locator("details.hop-detail").nth(i) for i in (0, 1))
+            assert first.locator(".headers").is_visible()  # the finding is on hop 0
+            assert not second.locator(".headers").is_visible()
+            second.locator("summary").click()
+            shown = second.locator(".headers").inner_text()
+            assert "- Host: www.theverge.com" in shown and "+ :authority: www.theverge.com" in shown
+            assert "~ accept-encoding: gzip, deflate -> gzip, deflate, br" in shown
+            assert re.search(r"Set-Cookie: hmac:[0-9a-f]+ \(keyed fingerprint\)", shown)
             assert errors == []
         finally:
             browser.close()
