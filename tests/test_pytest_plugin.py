@@ -208,9 +208,17 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
     result.assert_outcomes(passed=6, failed=1)
     out = result.stdout.str()
     # the failing test is the one with the high finding, failed with the finding in its report
-    assert "FAILED test_sample.py::test_sdk_changes_method_on_307 - redirect-audit: 1 new" in out
+    assert "FAILED (redirect-audit) test_sample.py::test_sdk_changes_method_on_307 - redi" in out
     assert "redirect-audit: 1 new finding at or above high during this test:" in out
     assert "HIGH RA101 method-downgrade: POST http://127.0.0.1" in out and "/r/307/order → 307 → GET" in out
+    gate = out.split(" redirect-audit: tests failed by the gate ", 1)[
+        1
+    ]  # after the summary, on the controller
+    assert gate.splitlines()[1:3] == [
+        "1 test passed on its own and failed only by the gate (new findings under "
+        "--redirect-audit-fail-on, or a marker's expected rule that did not fire):",
+        "  test_sample.py::test_sdk_changes_method_on_307",
+    ]
     assert findings_by_test(db) == expected_by_test()
     # the summary: findings grouped by test, each hop in one line, the command for its chain
     summary = out.split("redirect-audit ====", 1)[1]
@@ -696,6 +704,11 @@ def test_unmarked():
     requests.post(f"{UP}/r/302/unmarked", data=b"a=1")
 
 
+def test_broken_and_downgraded():
+    requests.post(f"{UP}/r/302/broken", data=b"a=1")
+    assert False, "the test's own failure"
+
+
 @pytest.mark.redirect_audit(expect=["RA999"])
 def test_a_marker_naming_no_rule():
     pass
@@ -716,10 +729,25 @@ def test_marked_expectations_and_the_project_configuration(pytester, upstream):
     done = run_pytest(pytester, "--redirect-audit", "--strict-markers", "-p", "no:cacheprovider", "-rf", "-v")
     out = done.stdout.str()
     assert f"Configuration: {pytester.path / 'pyproject.toml'}" in out  # -v names the file used
-    done.assert_outcomes(passed=3, failed=3)
+    done.assert_outcomes(passed=3, failed=4)
     for name in ("test_expected_downgrade", "test_ignored", "test_by_the_configuration"):
-        assert f"FAILED test_marked.py::{name}" not in out
-    assert "FAILED test_marked.py::test_unmarked" in out
+        assert f"test_marked.py::{name} PASSED" in out
+    assert "FAILED (redirect-audit) test_marked.py::test_unmarked" in out
+    # a test only the gate failed is told apart from one that failed on its own as well
+    assert "test_marked.py::test_unmarked FAILED (redirect-audit)" in out
+    assert "test_marked.py::test_broken_and_downgraded FAILED" in out
+    assert "test_broken_and_downgraded FAILED (redirect-audit)" not in out
+    gate = out.split(" redirect-audit: tests failed by the gate ", 1)[1].split("short test summary")[0]
+    assert gate.splitlines()[1:-1] == [
+        "3 tests passed on their own and failed only by the gate (new findings under "
+        "--redirect-audit-fail-on, or a marker's expected rule that did not fire):",
+        "  test_marked.py::test_a_marker_naming_no_rule",
+        "  test_marked.py::test_expected_but_it_did_not_happen",
+        "  test_marked.py::test_unmarked",
+        "1 test failed on its own, and the gate failed it as well:",
+        "  test_marked.py::test_broken_and_downgraded",
+    ], gate
+    assert "assert False" in out and "the test's own failure" in out  # its own report, unchanged
     assert (
         "redirect-audit: the test expected RA101 method-downgrade (@pytest.mark.redirect_audit(expect=...)), "
         "but it did not happen during this test" in out
@@ -737,12 +765,12 @@ def test_marked_expectations_and_the_project_configuration(pytester, upstream):
         "no:cacheprovider",
         "-rf",
     )
-    elsewhere.assert_outcomes(passed=4, failed=2)  # the expectations still hold
-    assert "FAILED test_marked.py::test_unmarked" not in elsewhere.stdout.str()
+    elsewhere.assert_outcomes(passed=4, failed=3)  # the expectations still hold
+    assert "test_marked.py::test_unmarked" not in elsewhere.stdout.str().split("short test summary")[1]
     others = run_pytest(
         pytester, "--redirect-audit", "--redirect-audit-select=RA102,RA107", "-p", "no:cacheprovider"
     )
-    others.assert_outcomes(passed=4, failed=2)
+    others.assert_outcomes(passed=4, failed=3)
 
 
 ASSERTING_SUITE = """

@@ -53,6 +53,8 @@ PENDING_MAX = 500  # finished tests (or captures) held before they are handed ov
 STATE = pytest.StashKey["AuditSession"]()
 UNPROXIED = pytest.StashKey[list[str]]()  # the proxy variables a test ran without
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+GATE_ALONE = "alone"  # the test passed on its own; the gate failed it
+GATE_TOO = "too"  # the test failed on its own, and the gate failed it as well
 PROXY_ENV = "REDIRECT_AUDIT_RECORDER"  # under `redirect-audit run`: its recorder (no `_PROXY` ending: urllib would take it for a proxy)
 DB_ENV = "REDIRECT_AUDIT_DB"  # and its store
 RUNTIMES_ENV = "REDIRECT_AUDIT_RUNTIMES"  # where `run` collects what each runtime it started says
@@ -310,6 +312,7 @@ class AuditSession:
         self.allow_empty = bool(config.getoption("redirect_audit_allow_empty"))
         self.given_env: dict[str, str] = {}  # the proxy variables as the recorder set them
         self.unproxied: dict[str, list[str]] = {}  # test -> proxy variables it ran without
+        self.gated: dict[str, str] = {}  # test -> GATE_ALONE or GATE_TOO: how the gate failed it
         self.tls_refused: dict[str, int] = {}  # host -> handshakes refused (every worker's)
         self.tls_upstream_failed: dict[str, int] = {}
         self.seen: int | None = None  # clients the session recorded, once it ended
@@ -668,6 +671,9 @@ class AuditSession:
         gone = getattr(report, "redirect_audit_unproxied", None)
         if gone:
             self.unproxied[report.nodeid] = list(gone)
+        gated = getattr(report, "redirect_audit_gate", None)
+        if gated:
+            self.gated[report.nodeid] = gated
         if report.failed:
             self.outcomes[report.nodeid] = "failed"
         elif report.skipped and self.outcomes.get(report.nodeid) != "failed":
@@ -699,21 +705,38 @@ class AuditSession:
         except ToolError as exc:  # a marker naming no rule: the test's own mistake, said on it
             text = f"redirect-audit: {exc}"
         if text:
+            # sent to xdist's controller with the report, which tells the two apart
             if report.passed:
                 report.outcome = "failed"
                 report.longrepr = text
+                report.redirect_audit_gate = GATE_ALONE  # type: ignore[attr-defined]
             else:
                 report.sections.append(("redirect-audit", text))
+                report.redirect_audit_gate = GATE_TOO  # type: ignore[attr-defined]
         return report
+
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport, config: pytest.Config
+    ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+        """A test that only the gate failed: still a failure (pytest's counts and exit status),
+        shown as `R` in the progress and `FAILED (redirect-audit)` with -v."""
+        if report.when == "call" and getattr(report, "redirect_audit_gate", None) == GATE_ALONE:
+            return "failed", "R", ("FAILED (redirect-audit)", {"red": True})
+        return None
 
     # ---- the summary -----------------------------------------------------------------------
 
     def pytest_terminal_summary(
         self, terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
     ) -> None:
-        if hasattr(config, "workerinput") or self.quiet or self.refused:
-            return  # the controller sums up for every worker; `run` for a quiet session
-        tr = terminalreporter
+        if hasattr(config, "workerinput"):
+            return  # the controller sums up for every worker
+        if not (self.quiet or self.refused):  # `run` sums up for a quiet session
+            self._summary_section(terminalreporter, config)
+        if self.gated:
+            self._gate_section(terminalreporter)
+
+    def _summary_section(self, tr: pytest.TerminalReporter, config: pytest.Config) -> None:
         tr.section("redirect-audit")
         try:
             lines = self.call(
@@ -736,6 +759,26 @@ class AuditSession:
             )
         for line in lines:
             tr.write_line(line)
+
+    def _gate_section(self, tr: pytest.TerminalReporter) -> None:
+        """The tests the gate failed, under their own heading: those whose own outcome was a
+        pass apart from the ones that failed on their own as well."""
+        alone = sorted(t for t, how in self.gated.items() if how == GATE_ALONE)
+        too = sorted(t for t, how in self.gated.items() if how == GATE_TOO)
+        tr.section("redirect-audit: tests failed by the gate", sep="-", red=True, bold=True)
+        if alone:
+            tr.write_line(
+                f"{_tests(alone)} passed on {_their(alone)} own and failed only by the gate "
+                "(new findings under --redirect-audit-fail-on, or a marker's expected rule that did not fire):"
+            )
+            for test in alone:
+                tr.write_line(f"  {test}")
+        if too:
+            tr.write_line(
+                f"{_tests(too)} failed on {_their(too)} own, and the gate failed {_them(too)} as well:"
+            )
+            for test in too:
+                tr.write_line(f"  {test}")
 
     # ---- the fixture's questions -------------------------------------------------------------
 
@@ -805,3 +848,15 @@ def redirect_audit(request: pytest.FixtureRequest) -> RedirectAudit:
             pytrace=False,
         )
     return RedirectAudit(audit)
+
+
+def _tests(names: list[str]) -> str:
+    return f"{len(names)} test" if len(names) == 1 else f"{len(names)} tests"
+
+
+def _their(names: list[str]) -> str:
+    return "its" if len(names) == 1 else "their"
+
+
+def _them(names: list[str]) -> str:
+    return "it" if len(names) == 1 else "them"
