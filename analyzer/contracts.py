@@ -60,7 +60,7 @@ class Request:
     body: bytes | None  # None: no body
     body_missing: int | None = None  # bytes the capture did not keep
     content_type: str | None = None
-    source: str = "har"  # the capture's: har | flows | proxy (how to keep bodies next time)
+    source: str = "har"  # the capture's: har | flows | proxy | pytest (how to keep bodies next time)
 
 
 @dataclass
@@ -103,14 +103,14 @@ def load(reader: Reader, chain_ids: list[int]) -> list[ChainTest]:
     for chain_id in chain_ids:
         rows = reader.rows(
             "SELECT h.idx, h.status, e.method, e.url, e.request_headers, e.req_body, e.req_body_len, "
-            "e.req_content_type, e.location_resolved, e.location, c.source FROM hops h JOIN exchanges e "
+            "e.req_content_type, e.location_resolved, e.location, c.source, e.client FROM hops h JOIN exchanges e "
             "ON e.id = h.from_exchange_id JOIN captures c ON c.id = e.capture_id "
             "WHERE h.chain_id = :chain ORDER BY h.idx",
             chain=chain_id,
         )
         end = reader.rows("SELECT end_reason FROM chains WHERE id = :chain", chain=chain_id)
         steps = []
-        for _, status, method, url, headers, body, length, ctype, resolved, location, source in rows:
+        for _, status, method, url, headers, body, length, ctype, resolved, location, source, client in rows:
             kept = bytes(body) if body is not None else (b"" if length == 0 else None)
             request = Request(
                 method,
@@ -119,7 +119,7 @@ def load(reader: Reader, chain_ids: list[int]) -> list[ChainTest]:
                 kept if kept else None,
                 None if kept is not None or not length else int(length),
                 ctype,
-                source,
+                "pytest" if PYTEST_CLIENT.match(client or "") else source,
             )
             steps.append(Step(request, int(status), resolved or location))
         if steps:
@@ -309,7 +309,12 @@ KEEP_BODIES = {  # how a capture of each source keeps request bodies next time
     "har": "import the HAR again with `redirect-audit import-har --keep-bodies`",
     "flows": "import the flows again with `redirect-audit import-flows --keep-bodies`",
     "proxy": "record again with `redirect-audit run --keep-bodies -- CMD` (or `proxy --keep-bodies`)",
+    "pytest": "run the tests again with `pytest --redirect-audit --redirect-audit-keep-bodies` (under "
+    "`redirect-audit run`: `run --keep-bodies -- pytest`)",
 }
+# A client the pytest plugin labelled (pytest-<worker>-<session>-t<test>): recorded by the plugin,
+# or by `run` for a suite under it
+PYTEST_CLIENT = re.compile(r"pytest-[\w.-]+-[0-9a-f]{8}-t\d+$")
 
 
 def _test_name(chain_id: int, method: str, url: str, status: int) -> str:

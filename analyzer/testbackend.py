@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from analyzer.session import Recording
     from analyzer.store import Store
 
-PROTOCOL = 2  # 2: configure takes the configuration, gate the marker's expect and ignore
+PROTOCOL = (
+    3  # 2: configure takes the configuration, gate the marker's expect and ignore; 3: start keep_bodies
+)
 Json = Any
 
 
@@ -63,6 +65,7 @@ class Backend:
         self.recording: Recording | None = None
         self.starting = False
         self.in_process = True
+        self.keep_bodies = False  # request bodies kept (redacted), as the session asked
         # the recorder was waited for (proxy mode, a subprocess's environment, `run`'s): only
         # then can anything have been sent through it; launched and never waited for, it is
         # stopped where it stands
@@ -133,15 +136,17 @@ class Backend:
             "fail_on": settings.fail_on if settings is not None else None,
         }
 
-    def start(self, label: str, in_process: bool, confdir: str) -> Json:
+    def start(self, label: str, in_process: bool, confdir: str, keep_bodies: bool = False) -> Json:
         """Start this process's recorder (or attach to `redirect-audit run`'s, when the
         tests run under it and share its store). In process, not yet: the test process's
         own clients need no proxy, and `ready` starts it for the first subprocess (a
-        session whose tests start none never runs one)."""
+        session whose tests start none never runs one). `keep_bodies`: request bodies are
+        kept (redacted) by this session's recorder and in-process captures; `run`'s
+        recorder keeps them as `run` was told."""
         from analyzer.session import PROXY_ENV, Recording, SessionError, attach
         from analyzer.storeread import resolve_db_url
 
-        self.label, self.in_process = label, in_process
+        self.label, self.in_process, self.keep_bodies = label, in_process, keep_bodies
         url = resolve_db_url(self.db)
         workdir = Path(tempfile.mkdtemp(prefix=f"redirect-audit-{label.split('-')[1]}-"))
         outer = os.environ.get(PROXY_ENV)
@@ -158,6 +163,7 @@ class Backend:
                     label=label,
                     proxy_id=label,
                     confdir=Path(confdir).expanduser(),
+                    keep_bodies=keep_bodies,
                 )
                 if in_process:  # started for the first subprocess a test starts, if one does
                     self.starting = True
@@ -222,7 +228,7 @@ class Backend:
                 self._lost(lambda: recording.record(captures))
             else:  # no proxy needed: stored here, through the flows the recorder would make
                 if self._direct is None:
-                    self._direct = _Direct(self._store().store, self.label)
+                    self._direct = _Direct(self._store().store, self.label, self.keep_bodies)
                 self._direct.add(captures)
         row = None
         with self._store() as store, store.begin() as conn:
@@ -594,13 +600,14 @@ class _Direct:
     converter and the same writer (a capture of this process's own), without a proxy to
     start or wait for."""
 
-    def __init__(self, store: Store, label: str) -> None:
+    def __init__(self, store: Store, label: str, keep_bodies: bool = False) -> None:
         from analyzer.ingest.common import CaptureOptions
         from analyzer.ingest.flows import MITMPROXY_VERSION, FlowConverter
         from analyzer.ingest.recorder import Recorder
 
         self.recorder = Recorder(store, creator=f"mitmproxy {MITMPROXY_VERSION} (pytest, in process)")
-        self.converter = FlowConverter(0, store.secret_key, CaptureOptions(), recorder=f"proxy:{label}")
+        options = CaptureOptions(keep_bodies=keep_bodies)
+        self.converter = FlowConverter(0, store.secret_key, options, recorder=f"proxy:{label}")
         self.refused = 0
         self.closed = False
 

@@ -296,3 +296,66 @@ def test_a_store_run_made_says_how_to_keep_bodies_and_keeps_them_when_asked(tmp_
         )
     finally:
         api.shutdown()
+
+
+PLUGIN_SUITE = """
+import json, subprocess, sys
+import requests
+
+API, TOKEN = "{api}", "{token}"
+HEADERS = {"Authorization": TOKEN, "Content-Type": "application/json"}
+SUBPROCESS = (
+    "import json, requests, sys; requests.post(sys.argv[1] + '/v1/orders', data=json.dumps({'sku': 8}), "
+    "headers={'Authorization': sys.argv[2], 'Content-Type': 'application/json'}, timeout=30).raise_for_status()"
+)
+
+
+def test_order_in_process():
+    body = json.dumps({"sku": 7, "password": "hunter2"})
+    requests.post(API + "/v1/orders", data=body, headers=HEADERS, timeout=30).raise_for_status()
+
+
+def test_order_from_a_subprocess():  # recorded through the proxy, not in process
+    subprocess.run([sys.executable, "-c", SUBPROCESS, API, TOKEN], check=True, timeout=60)
+"""
+
+
+def test_a_store_the_plugin_made_says_how_to_keep_bodies_and_keeps_them_when_asked(
+    tmp_path, pytester, monkeypatch
+):
+    """The plugin keeps no body unless asked: the contract test of a redirected POST names
+    the plugin's option; with --redirect-audit-keep-bodies both the test process's own
+    requests and a subprocess's keep theirs (a secret field as its fingerprint), and the
+    exported tests pass against the server."""
+    from test_pytest_plugin import run_pytest
+
+    api = serve()
+    try:
+        pytester.makepyfile(test_orders=PLUGIN_SUITE.replace("{api}", origin(api)).replace("{token}", TOKEN))
+        env = {"REDIRECT_AUDIT_CONFDIR": str(tmp_path / "conf")}
+        sources = {}
+        for keep in ((), ("--redirect-audit-keep-bodies",)):
+            db = str(tmp_path / f"plugin{len(keep)}.db")
+            ran = run_pytest(pytester, f"--redirect-audit={db}", *keep, "-p", "no:cacheprovider", env=env)
+            assert ran.ret == 0, ran.stdout.str()
+            ran.assert_outcomes(passed=2)
+            sources[keep] = export(db, tmp_path / f"out{len(keep)}").read_text()
+        lacking = sources[()]
+        assert lacking.count("pytest.skip('the POST to http://127.0.0.1:") == 2
+        assert (
+            "/v1/orders needs its 10-byte body (application/json), which the capture did not keep: paste it "
+            "into `body`, or run the tests again with `pytest --redirect-audit --redirect-audit-keep-bodies` "
+            "(under `redirect-audit run`: `run --keep-bodies -- pytest`)')"
+        ) in lacking
+        kept = sources[("--redirect-audit-keep-bodies",)]
+        assert "body = b'{\"sku\": 8}'" in kept and "pytest.skip('the POST" not in kept
+        assert re.search(r"body = b'\{\"sku\": 7, \"password\": \"hmac:[0-9a-f]+\"\}'", kept), kept
+        assert "hunter2" not in kept
+        pytester.makepyfile(test_kept=kept)
+        monkeypatch.setenv("REDIRECT_AUDIT_AUTH_1", TOKEN)
+        passed = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "-p", "no:redirect_audit", "test_kept.py"
+        )
+        passed.assert_outcomes(passed=2)
+    finally:
+        api.shutdown()

@@ -102,6 +102,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="A session that recorded no exchange passes (by default it exits 2: nothing was judged)",
     )
     group.addoption(
+        "--redirect-audit-keep-bodies",
+        dest="redirect_audit_keep_bodies",
+        action="store_true",
+        default=False,
+        help="Keep request bodies (up to 64 KiB, secret fields of JSON and forms as keyed fingerprints), "
+        "as export-tests needs them for the contract test of a redirected POST; by default only "
+        "their length, keyed digest and type are stored",
+    )
+    group.addoption(
         "--redirect-audit-baseline",
         dest="redirect_audit_baseline",
         default=None,
@@ -397,6 +406,7 @@ class AuditSession:
                 label=self.label,
                 in_process=self.in_process,
                 confdir=os.environ.get("REDIRECT_AUDIT_CONFDIR", "~/.mitmproxy"),
+                keep_bodies=bool(self.config.getoption("redirect_audit_keep_bodies")),
             )
         except ToolError as exc:  # gone already: said as its first answers would have said it
             self.refused = True

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from pytest_redirect_audit import __version__
 
-PROTOCOL = 2  # analyzer/testbackend.py's PROTOCOL: the calls both sides know
+PROTOCOL = 3  # analyzer/testbackend.py's PROTOCOL: the calls both sides know
 TOOL_ENV = "REDIRECT_AUDIT_TOOL"
 RUN_TOOL_ENV = "REDIRECT_AUDIT_RUN_TOOL"  # set by `redirect-audit run` for the commands it runs
 DISTRIBUTION = "redirect-audit"
