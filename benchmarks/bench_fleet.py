@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,8 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import pgcluster  # noqa: E402
+from targets import verdict  # noqa: E402
 
 from analyzer.model import Body, Exchange  # noqa: E402
 from analyzer.store import (  # noqa: E402
@@ -256,10 +259,12 @@ def stores(engines: list[str], cluster, work: Path, name: str) -> dict[str, str]
 def cmd_analyze(args, cluster, work: Path) -> None:
     for n in args.exchanges:
         clients = max(100, n // 500)
+        took: dict[str, float] = {}
         for engine, url in stores(args.engines, cluster, work, f"a{n}").items():
             filled = fill(url, n, clients)
             print(f"[{engine} {n:,}] fill: {filled:.1f} s ({n / filled:,.0f} rows/s)", flush=True)
             full = run_analyze(url, jobs=1)
+            took[engine] = full["seconds"]
             print(
                 f"[{engine} {n:,}] analyze --jobs 1: {full['seconds']:.1f} s, peak RSS {full['rss_mb']:.0f} MB, "
                 f"{full['clients'][1]:,} clients, {full['chains']:,} chains, {full['findings']:,} findings",
@@ -287,6 +292,9 @@ def cmd_analyze(args, cluster, work: Path) -> None:
                     Path(url + suffix).unlink(missing_ok=True)
             elif engine == "postgresql" and not args.keep:
                 cluster.drop_database(url)
+        if "sqlite" in took and "postgresql" in took:
+            note = "" if n == 1_000_000 else f"{n:,} exchanges"
+            print(verdict("postgresql", took["postgresql"] / took["sqlite"], note), flush=True)
 
 
 def rss_mb(pid: int) -> float:
@@ -389,11 +397,16 @@ def cmd_import(args, cluster, work: Path) -> None:
                 raise SystemExit(done.stderr)
             rates.append(args.entries / took)
         rates.sort()
+        # the largest process any import ran (the command, or one of its converter workers)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(
             f"[{engine}] import-har of {args.entries:,} entries ({size:.0f} MB): {rates[len(rates) // 2]:,.0f} "
-            f"entries/s (median of {args.rounds})",
+            f"entries/s (median of {args.rounds}); the largest process {peak:.0f} MB",
             flush=True,
         )
+        note = f"{engine}, {size:.0f} MB" + (f", {args.entries:,} entries" if args.entries != 100_000 else "")
+        print(verdict("import-rate", rates[len(rates) // 2], note), flush=True)
+        print(verdict("import-peak", peak, note), flush=True)
 
 
 def cmd_proxies(args, cluster, work: Path) -> None:

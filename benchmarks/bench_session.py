@@ -32,7 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from targets import verdict  # noqa: E402
 from upstream import Upstream  # noqa: E402
 
 SUITE = """
@@ -84,6 +86,7 @@ def main() -> None:
         f"true alone {statistics.median(bare) * 1000:.1f} ms; added {statistics.median(wrapped) - statistics.median(bare):.2f} s "
         f"over {args.runs} runs (target: at most 1 s added)"
     )
+    run_added = statistics.median(wrapped) - statistics.median(bare)
     upstream = Upstream()
     try:
         suite = work / "suite"
@@ -99,11 +102,13 @@ def main() -> None:
                 "--redirect-audit-fail-on=high",
             ],
         }
-        compare(variants, pytest_argv, env, suite, args.suite_runs, [work / "a.db", work / "b.db"],
-                f"{args.tests} tests", per_test=args.tests)  # fmt: skip
+        added = compare(variants, pytest_argv, env, suite, args.suite_runs, [work / "a.db", work / "b.db"],
+                        f"{args.tests} tests", per_test=args.tests)  # fmt: skip
     finally:
         upstream.close()
     real_suite(env, work, args.suite_runs)
+    print(verdict("run", run_added))
+    print(verdict("plugin", added["--redirect-audit"], f"on {args.tests} one-request tests"))
 
 
 def real_suite(env: dict, work: Path, runs: int) -> None:
@@ -126,9 +131,10 @@ def compare(
     stores: list[Path],
     what: str,
     per_test: int = 0,
-) -> None:
+) -> dict[str, float]:
     """Time `argv` plus each variant's arguments, interleaved (so that drift hits every variant
-    alike) with fresh stores each time; print each median against the first variant's."""
+    alike) with fresh stores each time; print each median against the first variant's, and
+    return what each added (seconds)."""
     results: dict[str, list[float]] = {}
     for _ in range(runs):
         for name, extra in variants.items():
@@ -143,6 +149,7 @@ def compare(
             f"{what}, {name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}); "
             f"+{median - base:.2f} s ({(median - base) / base:+.0%}; target at most +5%){each}"
         )
+    return {name: statistics.median(times) - base for name, times in results.items()}
 
 
 if __name__ == "__main__":
