@@ -211,15 +211,18 @@ def analyze(
                 or json.loads(stored_options) != options.as_dict()
             )
             now = _capture_counts(conn)
-            if full:
-                sizes = _client_sizes(conn)
-                dirty = set(sizes)
+            batches: Sequence[list[str]]
+            sizes: dict[str, int] = {}
+            if full:  # every client: held packed, a batch's names unpacked in its turn
+                packed = _PackedBatches.read(conn, batch_exchanges)
+                batches, analyzed = packed, packed.clients
             else:  # only the clients with news are counted: no pass over every client
                 dirty = _dirty_clients(conn, now, seen_before)
                 sizes = _client_sizes(conn, sorted(dirty))
-        batches = list(_batches(sorted(dirty), sizes, batch_exchanges))
+                batches = list(_batches(sorted(dirty), sizes, batch_exchanges))
+                analyzed = len(dirty)
         result = AnalysisResult(
-            full=full, clients_analyzed=len(dirty), clients_total=len(sizes) if full else None
+            full=full, clients_analyzed=analyzed, clients_total=analyzed if full else None
         )
         groups: set[tuple[str, str]] = set()
         where: dict[int, tuple[Chain, int]] = {}
@@ -265,7 +268,7 @@ def analyze(
                     [{"capture_id": cid, "exchanges": n, "max_seq": top} for cid, (n, top) in now.items()],
                 )
             record_analysis(conn, generation, options.as_dict())
-            if full or sum(sizes.get(c, 0) for c in dirty) >= STATISTICS_AFTER:
+            if full or sum(sizes.values()) >= STATISTICS_AFTER:
                 refresh_statistics(conn, "chains", "hops", "findings")
             _count_results(conn, result)
     if keep:
@@ -320,11 +323,9 @@ def _capture_counts(conn: Connection) -> dict[int, tuple[int, int | None]]:
     return out
 
 
-def _client_sizes(conn: Connection, clients: list[str] | None = None) -> dict[str, int]:
-    """Exchanges per client: of every client (an index-only scan), or of these."""
+def _client_sizes(conn: Connection, clients: list[str]) -> dict[str, int]:
+    """Exchanges per client, of these."""
     counted = select(ex_t.c.client, func.count()).group_by(ex_t.c.client)
-    if clients is None:  # streamed into the map: a list of rows first doubled the peak (849k clients)
-        return {client: n for client, n in conn.execute(counted.execution_options(yield_per=STREAM_ROWS))}
     sizes: dict[str, int] = {}
     for start in range(0, len(clients), ID_CHUNK):
         sizes.update(conn.execute(counted.where(ex_t.c.client.in_(clients[start : start + ID_CHUNK]))).all())
@@ -350,6 +351,58 @@ def _dirty_clients(conn: Connection, now: CaptureCounts, before: CaptureCounts) 
                 continue
         dirty.update(conn.execute(select(ex_t.c.client).where(of_capture).distinct()).scalars())
     return dirty
+
+
+class Batch(list[str]):
+    """A batch's clients, with the exchanges they hold between them."""
+
+    exchanges: int = 0
+
+
+class _PackedBatches(Sequence[Batch]):
+    """Every client of the store in batches (as `_batches` makes them, in the same order),
+    each batch's names packed into one string until its turn: at 10M exchanges over 360k
+    addresses (over a million client ids) a map of every client's size, a set and a sorted
+    list of them were most of a full run's peak (~160 bytes a client; packed, ~40)."""
+
+    def __init__(self) -> None:
+        # (the names joined by NUL, the exchanges); stored text never holds a NUL: the store
+        # writes one as the four characters `\x00` on every engine (store.exchange_row)
+        self.packed: list[tuple[str, int]] = []
+        self.clients = 0
+
+    @classmethod
+    def read(cls, conn: Connection, limit: int) -> _PackedBatches:
+        """One pass over every client's size, in code-point order (Python's `sorted`, so
+        the batches and the new findings' ids are those a sorted list of clients gave):
+        SQLite's binary collation; PostgreSQL sorts its groups by "C"."""
+        out = cls()
+        client = ex_t.c.client if conn.dialect.name == "sqlite" else ex_t.c.client.collate("C")
+        counted = select(ex_t.c.client, func.count()).group_by(ex_t.c.client).order_by(client)
+        names: list[str] = []
+        total = 0
+        for name, size in conn.execute(counted.execution_options(yield_per=STREAM_ROWS)):
+            if names and (total + size > limit or len(names) >= ID_CHUNK):
+                out._add(names, total)
+                names, total = [], 0
+            names.append(name)
+            total += size
+        if names:
+            out._add(names, total)
+        return out
+
+    def _add(self, names: list[str], total: int) -> None:
+        self.packed.append(("\0".join(names), total))
+        self.clients += len(names)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, i: int) -> Batch:  # type: ignore[override]  # one batch at a time, never a slice
+        names, total = self.packed[i]
+        batch = Batch(names.split("\0"))
+        batch.exchanges = total
+        return batch
 
 
 def _batches(clients: Sequence[str], sizes: dict[str, int], limit: int) -> Iterator[list[str]]:
@@ -766,7 +819,12 @@ def finding_fingerprint(rule: str, source: Exchange, target: Exchange) -> str:
 
 
 def _run_batches(
-    store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int, keep: bool, plan: _WindowPlan
+    store: Store,
+    batches: Sequence[list[str]],
+    options: AnalysisOptions,
+    jobs: int,
+    keep: bool,
+    plan: _WindowPlan,
 ) -> Iterator[BatchOutput]:
     """Each batch's outputs, in the batches' order. A batch bigger than a window is read
     window by window in this process; the others go to `jobs` workers."""
@@ -846,6 +904,8 @@ class _WindowPlan:
     news: tuple[CaptureCounts, CaptureCounts] | None = None  # incremental: captures now and as last read
 
     def windowed(self, clients: list[str]) -> bool:
+        if isinstance(clients, Batch):  # a full run's: its size came with it
+            return clients.exchanges > self.exchanges
         return sum(self.sizes.get(c, 0) for c in clients) > self.exchanges
 
     def reach(self) -> float:
@@ -949,7 +1009,7 @@ def _analyze_in_worker(clients: list[str], options: AnalysisOptions) -> BatchOut
 
 
 def _parallel(
-    store: Store, batches: list[list[str]], options: AnalysisOptions, jobs: int, plan: _WindowPlan
+    store: Store, batches: Sequence[list[str]], options: AnalysisOptions, jobs: int, plan: _WindowPlan
 ) -> Iterator[BatchOutput]:
     """Batches through worker processes, results in the batches' order (so that new
     finding ids come out the same whatever finishes first), at most 2 x jobs in flight;

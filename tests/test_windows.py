@@ -674,3 +674,40 @@ def test_removing_a_capture_drops_the_client_s_checkpoints(month, tmp_path):
     mine, theirs = results(db), results(fresh)
     assert [r[2:] for r in mine["chains"]] == [r[2:] for r in theirs["chains"]]
     assert [r[1:5] for r in mine["findings"]] == [r[1:5] for r in theirs["findings"]]
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_full_run_packs_its_batches_as_a_sorted_list_of_clients_made_them(engine, request, tmp_path):
+    """A full run holds every client's name packed, batch by batch, instead of a map of
+    sizes, a set and a sorted list of them: the batches must be those, in that order
+    (Python's code-point order, which the new findings' ids follow), sizes included,
+    whatever the names hold (a NUL is stored as the four characters `\\x00`)."""
+    rng = random.Random(7)
+    names = ["a", "B", "b", "é", "Ä", "z", "10.0.0.10", "10.0.0.2", "proxy:r/1", "日本", "𝔘"]
+    names.append("nul\0inside")
+    names += [f"proxy:ci-{rng.randrange(50)}:8080/10.0.{rng.randrange(9)}.{i}" for i in range(60)]
+    sizes = {name: rng.randint(1, 6) for name in names}
+    db = (
+        str(tmp_path / "p.db") if engine == "sqlite" else request.getfixturevalue("pg_cluster").new_database()
+    )
+    store = open_store(db)
+    with store.begin() as conn:
+        capture = add_capture(conn, source="proxy", path=None)
+        rows, seq = [], 0
+        for name, n in sizes.items():
+            for _ in range(n):
+                url = f"https://a.test/{seq}"
+                ex = Exchange(capture_id=capture, seq=seq, client=name, method="GET", url=url, url_norm=url)
+                rows.append(exchange_row(ex))
+                seq += 1
+        finish_capture(conn, capture, entries=write_exchanges(conn, rows))
+    sizes = {name.replace("\0", "\\x00"): n for name, n in sizes.items()}  # as stored
+    names = list(sizes)
+    for limit in (1, 7, 40, 10_000):
+        with store.engine.connect() as conn:
+            packed = analysis._PackedBatches.read(conn, limit)
+        expected = list(analysis._batches(sorted(names), sizes, limit))
+        assert [list(batch) for batch in packed] == expected, limit
+        assert [batch.exchanges for batch in packed] == [sum(sizes[c] for c in b) for b in expected]
+        assert packed.clients == len(names) and len(packed) == len(expected)
+    store.engine.dispose()
