@@ -84,7 +84,7 @@ def test_the_readme_quotes_the_latest_figure_of_every_target():
     assert [row[0] for row in docs] == [t.what for t in TARGETS.values()]
     for (what, latest, target, met, measured), wanted in zip(docs, TARGETS.values(), strict=True):
         assert target == wanted.text(), what
-        number = re.match(rf"([\d,.]+) {re.escape(wanted.unit)}(?: |$)", latest)
+        number = re.match(rf"([\d,.]+) ?{re.escape(wanted.unit)}(?=[ ;,)]|$)", latest)
         assert number, f"{what}: the latest figure {latest!r} does not start with a number in {wanted.unit}"
         assert met == ("yes" if wanted.met(float(number[1].replace(",", ""))) else "no"), what
         assert wanted.script.split()[0] in measured and re.search(r"20\d\d-\d\d-\d\d", measured), measured
