@@ -211,9 +211,11 @@ def test_each_finding_is_put_on_the_test_that_caused_it(request, tmp_path, worke
     assert "FAILED (redirect-audit) test_sample.py::test_sdk_changes_method_on_307 - redi" in out
     assert "redirect-audit: 1 new finding at or above high during this test:" in out
     assert "HIGH RA101 method-downgrade: POST http://127.0.0.1" in out and "/r/307/order → 307 → GET" in out
-    gate = out.split(" redirect-audit: tests failed by the gate ", 1)[
-        1
-    ]  # after the summary, on the controller
+    if not workers:  # the progress line: the test only the gate failed (xdist's has no file name)
+        progress = re.search(r"^test_sample\.py ([.FG]+)", out, re.M)
+        assert progress and sorted(progress[1]) == ["."] * 6 + ["G"], out[:2000]
+    # after the summary, on the controller
+    gate = out.split(" redirect-audit: tests failed by the gate ", 1)[1]
     assert gate.splitlines()[1:3] == [
         "1 test passed on its own and failed only by the gate (new findings under "
         "--redirect-audit-fail-on, or a marker's expected rule that did not fire):",

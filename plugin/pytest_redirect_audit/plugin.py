@@ -729,9 +729,10 @@ class AuditSession:
         self, report: pytest.TestReport, config: pytest.Config
     ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
         """A test that only the gate failed: still a failure (pytest's counts and exit status),
-        shown as `R` in the progress and `FAILED (redirect-audit)` with -v."""
+        shown as `G` (the gate) in the progress and `FAILED (redirect-audit)` with -v (`R` is
+        pytest-rerunfailures's)."""
         if report.when == "call" and getattr(report, "redirect_audit_gate", None) == GATE_ALONE:
-            return "failed", "R", ("FAILED (redirect-audit)", {"red": True})
+            return "failed", "G", ("FAILED (redirect-audit)", {"red": True})
         return None
 
     # ---- the summary -----------------------------------------------------------------------
