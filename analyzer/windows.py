@@ -243,12 +243,31 @@ class ChainStream:
             if (cluster.members[0][0].started_at or 0.0) < hi - window:
                 self._close(cluster)
                 del self.clusters[key]
+        self._doze(hi - window)
         self.arrivals = {
             target: arrival
             for target, arrival in self.arrivals.items()
             if _started(arrival[0].hops[arrival[1]].target) >= hi
         }
         self.claimed = {target: start for target, start in self.claimed.items() if start >= hi}
+
+    def _doze(self, since: float) -> None:
+        """One-delivery clusters left encoded until a repeat wakes them, as a checkpoint's
+        are (_Dormant): at 1,000 exchanges a second a client holds ~75,000 of them for the
+        duplicate window, ~1 KB each as objects and ~200 bytes encoded. The encoded ones
+        whose window has gone by (`since`) are dropped: one delivery, nothing to judge."""
+        single = [key for key, cluster in self.clusters.items() if len(cluster.members) == 1]
+        if single and self.dormant is None:
+            self.dormant = _Dormant([], [], [])
+        for key in single:
+            ex, arrival = self.clusters.pop(key).members[0]
+            self.dormant.add(  # type: ignore[union-attr]  # made above
+                write_key_hash(key),
+                _started(ex),
+                msgspec.Raw(_ENCODER.encode((key, _slim_fields(ex, arrival)))),
+            )
+        if self.dormant is not None:
+            self.dormant.prune(since)
 
     def flush(self, hi: float | None) -> Flushed:
         """Run the rules on the chains that ended, and hand out what is settled: every
@@ -586,17 +605,38 @@ def write_key_hash(key: duplicate.WriteKey) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+DORMANT_PRUNE_AT = 4096  # encoded one-delivery clusters held before the first prune
+
+
 class _Dormant:
     """The one-delivery write clusters of a checkpoint taken up, left encoded: a write of
     the new traffic with the same key wakes its cluster (ChainStream.add_writes); the rest
     pass, unread, to the next checkpoint until the duplicate window has gone by them."""
 
     def __init__(self, keys: list[int], starts: list[float], raws: list[msgspec.Raw]) -> None:
+        self._hold(keys, starts, raws)
+
+    def _hold(self, keys: list[int], starts: list[float], raws: list[msgspec.Raw]) -> None:
         self.keys, self.starts, self.raws = keys, starts, raws
         self.by_hash: dict[int, list[int]] = {}
         for i, h in enumerate(keys):
             self.by_hash.setdefault(h, []).append(i)
         self.woken: set[int] = set()
+        self.kept = len(keys)  # how many the last prune kept
+
+    def add(self, key_hash: int, start: float, raw: msgspec.Raw) -> None:
+        self.by_hash.setdefault(key_hash, []).append(len(self.keys))
+        self.keys.append(key_hash)
+        self.starts.append(start)
+        self.raws.append(raw)
+
+    def prune(self, since: float) -> None:
+        """Drop the woken and those whose duplicate window has gone by at `since`, once
+        the lists have doubled since the last prune (a pass over them costs as much as
+        rebuilding them: each window would pay it)."""
+        if len(self.keys) < max(2 * self.kept, DORMANT_PRUNE_AT):
+            return
+        self._hold(*self.alive(since))
 
     def take(self, key: duplicate.WriteKey) -> tuple[Exchange, Arrival | None] | None:
         for i in self.by_hash.get(write_key_hash(key), ()):
