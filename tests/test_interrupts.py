@@ -190,6 +190,11 @@ def test_ctrl_c_during_an_import(big, tmp_path, workers, moment):
         # Python has given SIGINT back to the system: a shell reports that as 130 too)
         assert exchanges_in(db) == 2 + ENTRIES
         return
+    if code == -signal.SIGINT and not out.strip():
+        # so early (a loaded machine, 0.1 s in) that the new interpreter had not set its
+        # handler yet: the signal's default ended it, a shell's 130, before anything began
+        assert not db.exists() or exchanges_in(db) == 0
+        return
     assert code == 130, out[-2000:]
     stored = exchanges_in(db) if db.exists() else 0  # a store interrupted while being created is removed
     if stored == 2 + ENTRIES:  # the signal came after the big file's commit: the message must say so
