@@ -37,7 +37,15 @@ from markupsafe import Markup, escape
 from analyzer import __version__
 from analyzer.clientnames import client_name
 from analyzer.detectors import RULES, RULES_BY_SLUG
-from analyzer.report import Record, body_text, capture_records, chain_records, header_lines, hop_text
+from analyzer.report import (
+    Record,
+    body_text,
+    capture_records,
+    chain_records,
+    header_lines,
+    hop_text,
+    where_chains,
+)
 from analyzer.storeread import (
     ANALYSIS_OPTIONS,
     ANALYZED_GENERATION,
@@ -116,19 +124,16 @@ SELECT h.chain_id, h.status, h.to_exchange_id, a.method, b.method, a.url_norm,
 FROM hops h JOIN exchanges a ON a.id = h.from_exchange_id
 LEFT JOIN exchanges b ON b.id = h.to_exchange_id
 JOIN captures c ON c.id = a.capture_id
-WHERE h.chain_id IN ({ids})
+{where}
 ORDER BY h.chain_id, h.idx
 """
-CHAIN_CHUNK = 500
 
 
 def _chains(reader: Reader, chain_ids: set[int]) -> tuple[dict[int, list[str]], dict[int, str]]:
     """The findings' chains hop by hop, one line per hop; and the client each is named by."""
     lines: dict[int, list[str]] = {}
     names: dict[int, str] = {}
-    wanted = sorted(chain_ids)
-    for start in range(0, len(wanted), CHAIN_CHUNK):
-        ids = ",".join(str(int(i)) for i in wanted[start : start + CHAIN_CHUNK])
+    for query in where_chains(HOPS_SQL, "h.chain_id", sorted(chain_ids)):
         for (
             chain,
             status,
@@ -141,7 +146,7 @@ def _chains(reader: Reader, chain_ids: set[int]) -> tuple[dict[int, list[str]], 
             creator,
             browser,
             source,
-        ) in reader.rows(HOPS_SQL.format(ids=ids)):
+        ) in reader.rows(query):
             if target is not None:
                 follow = f"{after} {to_url}"
             else:

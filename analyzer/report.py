@@ -220,7 +220,7 @@ def chain_records(
 CHAIN_CHUNK = 500
 
 
-def _where_chains(sql: str, column: str, chain_ids: list[int] | None, also: str = "") -> Iterator[str]:
+def where_chains(sql: str, column: str, chain_ids: list[int] | None, also: str = "") -> Iterator[str]:
     """`sql` with its `{where}` made of `also` and, given chain_ids, `column` in them: once
     per chunk of ids (integers, written into the text; a chunk keeps under every driver's
     limits on parameters and statement length)."""
@@ -248,7 +248,7 @@ def _chain_records(
             f"SELECT {cols} FROM hops h JOIN exchanges e ON e.id = h.{side} "
             "JOIN captures c ON c.id = e.capture_id{where}"
         )
-        for row in (row for query in _where_chains(sql, "h.chain_id", wanted) for row in reader.rows(query)):
+        for row in (row for query in where_chains(sql, "h.chain_id", wanted) for row in reader.rows(query)):
             record = _exchange_record(row)
             if headers:
                 request, response = row[-2:]
@@ -258,7 +258,7 @@ def _chain_records(
     evidence: dict[tuple[int, int], list[tuple[str, str, set[str]]]] = {}
     if headers:
         sql = "SELECT chain_id, hop, rule_id, rule, evidence FROM findings{where} ORDER BY id"
-        queries = _where_chains(sql, "chain_id", wanted, also="chain_id IS NOT NULL")
+        queries = where_chains(sql, "chain_id", wanted, also="chain_id IS NOT NULL")
         for chain_id, hop, rule_id, rule, found in (row for query in queries for row in reader.rows(query)):
             evidence.setdefault((chain_id, hop), []).append((rule_id, rule, _evidence_headers(found)))
     out: dict[int, Record] = {}
@@ -267,7 +267,7 @@ def _chain_records(
         "COALESCE(r.started_at, -1), r.capture_id, r.seq FROM chains c "
         "JOIN exchanges r ON r.id = c.root_exchange_id{where}"
     )
-    chain_rows = [row for query in _where_chains(chain_sql, "c.id", wanted) for row in reader.rows(query)]
+    chain_rows = [row for query in where_chains(chain_sql, "c.id", wanted) for row in reader.rows(query)]
     chain_rows.sort(key=lambda row: (row[5], row[6], row[7]))
     for chain_id, client, end, started, third_party, *_order in chain_rows:
         out[chain_id] = {
@@ -282,7 +282,7 @@ def _chain_records(
     hop_sql = (
         "SELECT chain_id, idx, from_exchange_id, to_exchange_id, status, link, confidence FROM hops{where}"
     )
-    hop_rows = [row for query in _where_chains(hop_sql, "chain_id", wanted) for row in reader.rows(query)]
+    hop_rows = [row for query in where_chains(hop_sql, "chain_id", wanted) for row in reader.rows(query)]
     hop_rows.sort(key=lambda row: (row[0], row[1]))
     for chain_id, idx, source_id, target_id, status, link, confidence in hop_rows:
         source, target = by_id[source_id], by_id.get(target_id)
